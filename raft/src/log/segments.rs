@@ -1,0 +1,391 @@
+//! The segment files of one group's log, their in-memory index, and start-up recovery.
+//!
+//! A log is a directory of segment files named after the index of their first entry
+//! (`00000000000000000042.seg`), each a sequence of [frames](super::frame). Entries are contiguous
+//! across segments. This type does the synchronous work (writes into the page cache, reads,
+//! truncation); making writes durable is the flusher's job (see [`super::store`]), which asks
+//! [`Segments::take_dirty`] what to sync.
+
+use std::io;
+use std::ops::Range;
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::frame;
+use super::frame::FrameError;
+use crate::types::Entry;
+use crate::types::LogId;
+use crate::vfs::VFile;
+use crate::vfs::Vfs;
+
+const SUFFIX: &str = ".seg";
+
+struct Segment {
+    first_index: u64,
+    path: PathBuf,
+    file: Arc<dyn VFile>,
+    /// Byte position of entry `first_index + i` is `positions[i]`.
+    positions: Vec<u64>,
+    /// End of the last entry.
+    end: u64,
+}
+
+impl Segment {
+    fn next_index(&self) -> u64 {
+        self.first_index + self.positions.len() as u64
+    }
+
+    /// Byte range of entries `[a, b)` of this segment (indexes relative to `first_index`).
+    fn byte_range(&self, a: usize, b: usize) -> Range<u64> {
+        let start = self.positions[a];
+        let end = if b < self.positions.len() { self.positions[b] } else { self.end };
+        start..end
+    }
+}
+
+/// What recovery found and did, for logs and tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub entries: u64,
+    /// Bytes cut from the end of the log because they did not form valid, contiguous frames.
+    pub truncated_bytes: u64,
+    /// Why the tail was cut, if it was.
+    pub reason: Option<String>,
+}
+
+/// The segments of one log.
+pub struct Segments {
+    vfs: Arc<dyn Vfs>,
+    dir: PathBuf,
+    segments: Vec<Segment>,
+    segment_bytes_max: u64,
+    /// Entries at or below this are purged: never returned, even while their segment remains.
+    last_purged: Option<LogId>,
+    last_log_id: Option<LogId>,
+    /// Files written since the last [`Segments::take_dirty`].
+    dirty: Vec<Arc<dyn VFile>>,
+    /// Whether files were created since the last `take_dirty` (the directory needs a sync).
+    dir_dirty: bool,
+}
+
+fn segment_name(first_index: u64) -> String {
+    format!("{first_index:020}{SUFFIX}")
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    name.strip_suffix(SUFFIX)?.parse().ok()
+}
+
+fn read_all(file: &dyn VFile) -> io::Result<Bytes> {
+    let len = usize::try_from(file.len()?).map_err(io::Error::other)?;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, 0)?;
+    Ok(Bytes::from(buf))
+}
+
+impl Segments {
+    /// Opens the log in `dir`, cutting a torn or corrupt tail. Cuts are made durable before this
+    /// returns, so a later crash cannot resurrect them.
+    pub async fn recover(
+        vfs: Arc<dyn Vfs>,
+        dir: &Path,
+        segment_bytes_max: u64,
+        last_purged: Option<LogId>,
+    ) -> io::Result<(Self, RecoveryReport)> {
+        vfs.create_dir_all(dir)?;
+        let mut report = RecoveryReport::default();
+        let mut found: Vec<(u64, String)> =
+            vfs.list_dir(dir)?.into_iter().filter_map(|n| parse_segment_name(&n).map(|i| (i, n))).collect();
+        found.sort();
+        let purged_index = last_purged.map(|l| l.index);
+
+        let mut segments: Vec<Segment> = Vec::new();
+        let mut last_log_id: Option<LogId> = None;
+        let mut cut = false;
+        let mut removed_any = false;
+        for (first_index, name) in found {
+            let path = dir.join(&name);
+            if cut {
+                vfs.remove_file(&path)?;
+                removed_any = true;
+                continue;
+            }
+            // A gap between segments is allowed only where everything before it is purged.
+            if let Some(prev) = segments.last()
+                && prev.next_index() != first_index
+            {
+                let prev_last = prev.next_index().saturating_sub(1);
+                if purged_index.is_some_and(|p| p >= prev_last) && first_index <= purged_index.unwrap_or(0) + 1 {
+                    for s in segments.drain(..) {
+                        vfs.remove_file(&s.path)?;
+                        removed_any = true;
+                    }
+                    last_log_id = None;
+                } else {
+                    report.reason = Some(format!(
+                        "segment {name} starts at {first_index}, expected {}",
+                        prev.next_index()
+                    ));
+                    cut = true;
+                    vfs.remove_file(&path)?;
+                    removed_any = true;
+                    continue;
+                }
+            }
+            let file = vfs.open(&path, false)?;
+            let data = read_all(file.as_ref())?;
+            let mut positions = Vec::new();
+            let mut pos = 0usize;
+            let mut bad: Option<String> = None;
+            while pos < data.len() {
+                match frame::decode(&data.slice(pos..)) {
+                    Ok((entry, len)) => {
+                        let expected = first_index + positions.len() as u64;
+                        if entry.log_id.index != expected {
+                            bad = Some(format!("entry at byte {pos} of {name} has index {}, expected {expected}", entry.log_id.index));
+                            break;
+                        }
+                        positions.push(pos as u64);
+                        last_log_id = Some(entry.log_id);
+                        pos += len;
+                    }
+                    Err(e @ (FrameError::Truncated { .. } | FrameError::Corrupt(_))) => {
+                        bad = Some(format!("{name} at byte {pos}: {e}"));
+                        break;
+                    }
+                }
+            }
+            if let Some(reason) = bad {
+                report.truncated_bytes += (data.len() - pos) as u64;
+                report.reason = Some(reason);
+                file.set_len(pos as u64)?;
+                file.sync_data().await?;
+                cut = true;
+            }
+            report.entries += positions.len() as u64;
+            if positions.is_empty() {
+                drop(file);
+                vfs.remove_file(&path)?;
+                removed_any = true;
+                continue;
+            }
+            segments.push(Segment { first_index, path, file, positions, end: pos as u64 });
+        }
+
+        // Segments wholly at or below the purge point are no longer needed.
+        if let Some(p) = purged_index {
+            while segments.first().is_some_and(|s| s.next_index() <= p + 1) {
+                let s = segments.remove(0);
+                vfs.remove_file(&s.path)?;
+                removed_any = true;
+            }
+        }
+        if removed_any {
+            vfs.sync_dir(dir).await?;
+        }
+        if segments.is_empty() {
+            last_log_id = None;
+        }
+        let last_log_id = last_log_id.max(last_purged);
+        report.segments = segments.len();
+        Ok((
+            Self {
+                vfs,
+                dir: dir.to_owned(),
+                segments,
+                segment_bytes_max,
+                last_purged,
+                last_log_id,
+                dirty: Vec::new(),
+                dir_dirty: false,
+            },
+            report,
+        ))
+    }
+
+    pub fn last_log_id(&self) -> Option<LogId> {
+        self.last_log_id
+    }
+
+    pub fn last_purged(&self) -> Option<LogId> {
+        self.last_purged
+    }
+
+    /// Index of the first readable entry.
+    pub fn first_index(&self) -> Option<u64> {
+        let first = self.segments.first()?.first_index;
+        let from = self.last_purged.map_or(first, |p| (p.index + 1).max(first));
+        (self.last_log_id.is_some_and(|l| l.index >= from)).then_some(from)
+    }
+
+    /// Writes `entries` (which must follow the last entry) into the page cache.
+    pub fn append(&mut self, entries: &[Entry]) -> io::Result<()> {
+        let Some(first) = entries.first() else { return Ok(()) };
+        let first_index = first.log_id.index;
+        if let Some(last) = self.last_log_id
+            && first_index != last.index + 1
+        {
+            return Err(io::Error::other(format!(
+                "append at index {first_index} does not follow the last entry {}",
+                last.index
+            )));
+        }
+        let mut buf = Vec::new();
+        let mut rel_positions = Vec::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            assert_eq!(e.log_id.index, first_index + i as u64, "appended entries must be contiguous");
+            rel_positions.push(buf.len() as u64);
+            frame::encode(e, &mut buf);
+        }
+        let need_new = match self.segments.last() {
+            None => true,
+            Some(s) => s.next_index() != first_index || (s.end > 0 && s.end + buf.len() as u64 > self.segment_bytes_max),
+        };
+        if need_new {
+            let path = self.dir.join(segment_name(first_index));
+            let file = self.vfs.open(&path, true)?;
+            // A leftover file of that name (from a cut tail) must not keep stale bytes.
+            file.set_len(0)?;
+            self.segments.push(Segment { first_index, path, file, positions: Vec::new(), end: 0 });
+            self.dir_dirty = true;
+        }
+        let seg = self.segments.last_mut().expect("a segment exists");
+        seg.file.write_all_at(&buf, seg.end)?;
+        seg.positions.extend(rel_positions.iter().map(|p| seg.end + p));
+        seg.end += buf.len() as u64;
+        if !self.dirty.last().is_some_and(|f| Arc::ptr_eq(f, &seg.file)) {
+            self.dirty.push(seg.file.clone());
+        }
+        self.last_log_id = Some(entries.last().expect("non-empty").log_id);
+        Ok(())
+    }
+
+    /// The files to sync (and whether the directory must be synced) to make every write so
+    /// far durable.
+    pub fn take_dirty(&mut self) -> (Vec<Arc<dyn VFile>>, Option<(Arc<dyn Vfs>, PathBuf)>) {
+        let dir = std::mem::take(&mut self.dir_dirty).then(|| (self.vfs.clone(), self.dir.clone()));
+        (std::mem::take(&mut self.dirty), dir)
+    }
+
+    /// Removes every entry after `last` (all of them for `None`). Returns the files to sync.
+    pub fn truncate_after(&mut self, last: Option<LogId>) -> io::Result<(Vec<Arc<dyn VFile>>, bool)> {
+        let keep_next = last.map_or(0, |l| l.index + 1);
+        let mut synced = Vec::new();
+        let mut removed = false;
+        while let Some(seg) = self.segments.last_mut() {
+            if seg.first_index >= keep_next {
+                let seg = self.segments.pop().expect("checked");
+                self.vfs.remove_file(&seg.path)?;
+                removed = true;
+                continue;
+            }
+            let keep = (keep_next - seg.first_index) as usize;
+            if keep < seg.positions.len() {
+                let new_end = seg.positions[keep];
+                seg.file.set_len(new_end)?;
+                seg.positions.truncate(keep);
+                seg.end = new_end;
+                synced.push(seg.file.clone());
+            }
+            break;
+        }
+        self.last_log_id = match last {
+            Some(l) if self.last_purged.is_none_or(|p| l > p) => Some(l),
+            _ => self.last_purged,
+        };
+        Ok((synced, removed))
+    }
+
+    /// Forgets entries up to and including `upto` and deletes segments holding nothing else.
+    /// Returns whether a file was removed (the directory then needs a sync).
+    pub fn purge(&mut self, upto: LogId) -> io::Result<bool> {
+        self.last_purged = Some(upto);
+        let mut removed = false;
+        while self.segments.first().is_some_and(|s| s.next_index() <= upto.index + 1) {
+            let seg = self.segments.remove(0);
+            self.vfs.remove_file(&seg.path)?;
+            removed = true;
+        }
+        if self.last_log_id.is_none_or(|l| l < upto) {
+            self.last_log_id = Some(upto);
+        }
+        Ok(removed)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn vfs(&self) -> &Arc<dyn Vfs> {
+        &self.vfs
+    }
+
+    /// Reads entries in `[start, end)`, stopping early (after at least one entry) once
+    /// `bytes_max` bytes are read. Entries outside the readable range are an error.
+    pub fn read(&self, start: u64, end: u64, bytes_max: usize) -> io::Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        if start >= end {
+            return Ok(out);
+        }
+        let first = self.first_index();
+        let last = self.last_log_id.map(|l| l.index);
+        match (first, last) {
+            (Some(f), Some(l)) if start >= f && end <= l + 1 => {}
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("log entries [{start}, {end}) are not in the log (first {first:?}, last {last:?})"),
+                ));
+            }
+        }
+        let mut next = start;
+        let mut bytes = 0usize;
+        // The first segment whose first index is <= start.
+        let mut si = self.segments.partition_point(|s| s.first_index <= start).saturating_sub(1);
+        while next < end && si < self.segments.len() {
+            let seg = &self.segments[si];
+            let a = (next - seg.first_index) as usize;
+            let mut b = ((end - seg.first_index) as usize).min(seg.positions.len());
+            // Bound the read by bytes, but read at least one entry.
+            let budget = bytes_max.saturating_sub(bytes) as u64;
+            let mut range = seg.byte_range(a, b);
+            while b > a + 1 && range.end - range.start > budget {
+                b = a + (b - a).div_ceil(2);
+                range = seg.byte_range(a, b);
+            }
+            let mut buf = vec![0u8; (range.end - range.start) as usize];
+            seg.file.read_exact_at(&mut buf, range.start)?;
+            let mut buf = Bytes::from(buf);
+            for i in a..b {
+                let (entry, len) = frame::decode(&buf).map_err(|e| {
+                    io::Error::new(io::ErrorKind::InvalidData, format!("log entry {}: {e}", seg.first_index + i as u64))
+                })?;
+                let want = seg.first_index + i as u64;
+                if entry.log_id.index != want {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("log entry at index {want} claims index {}", entry.log_id.index),
+                    ));
+                }
+                out.push(entry);
+                buf = buf.slice(len..);
+            }
+            bytes += (range.end - range.start) as usize;
+            next = seg.first_index + b as u64;
+            if bytes >= bytes_max {
+                break;
+            }
+            si += 1;
+        }
+        Ok(out)
+    }
+
+    /// Total bytes in segment files.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.end).sum()
+    }
+}

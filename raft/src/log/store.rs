@@ -1,0 +1,266 @@
+//! [`LogStore`]: openraft's `RaftLogStorage` over [`Segments`], with group commit.
+//!
+//! `append` writes entries into the page cache and hands openraft's completion callback to the
+//! group's flusher task. The flusher drains every callback queued so far, syncs every file
+//! written so far with one `fdatasync` each, and only then completes the callbacks. Appends that
+//! arrive while a sync runs share the next one. openraft counts an entry toward a commit quorum
+//! only after its callback completes, so an acknowledged event is always on a quorum's disks.
+//!
+//! An `fdatasync` failure is fatal for the group: the flusher fails every later callback too,
+//! because after a failed sync the kernel may have dropped the dirty pages (the "fsyncgate"
+//! lesson), and retrying would report data durable that is not.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::Bound;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::RwLock;
+
+use openraft::OptionalSend;
+use openraft::RaftLogReader;
+use openraft::storage::IOFlushed;
+use openraft::storage::LogState;
+use openraft::storage::RaftLogStorage;
+use tokio::sync::mpsc;
+use tracing::error;
+use tracing::warn;
+
+use super::segments::RecoveryReport;
+use super::segments::Segments;
+use super::state_file;
+use super::state_file::StateFile;
+use crate::types::C;
+use crate::types::Entry;
+use crate::types::LogId;
+use crate::types::Vote;
+use crate::vfs::Vfs;
+
+/// Appends queued for the flusher before `append` waits.
+const FLUSH_QUEUE_MAX: usize = 4096;
+/// Upper bound on the bytes one replication read returns.
+pub const REPLICATION_READ_BYTES_MAX: usize = 8 << 20;
+
+/// Settings of one group's log.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A segment is closed and a new one started once it would grow past this.
+    pub segment_bytes_max: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { segment_bytes_max: 64 << 20 }
+    }
+}
+
+struct Shared {
+    segments: RwLock<Segments>,
+    vote: RwLock<Option<Vote>>,
+}
+
+/// The log of one Raft group.
+pub struct LogStore {
+    shared: Arc<Shared>,
+    state: StateFile,
+    flush_tx: mpsc::Sender<IOFlushed<C>>,
+}
+
+/// A cheap, cloneable reader of a [`LogStore`]; also what fetches read records through.
+#[derive(Clone)]
+pub struct LogReader {
+    shared: Arc<Shared>,
+}
+
+impl LogStore {
+    /// Opens (or creates) the log in `dir` and starts its flusher. The flusher stops when the
+    /// store is dropped.
+    pub async fn open(vfs: Arc<dyn Vfs>, dir: &Path, config: LogConfig) -> io::Result<(Self, RecoveryReport)> {
+        vfs.create_dir_all(dir)?;
+        let state = StateFile::open(vfs.as_ref(), dir).await?;
+        let (segments, report) =
+            Segments::recover(vfs.clone(), dir, config.segment_bytes_max, state.state().last_purged).await?;
+        if let Some(reason) = &report.reason {
+            warn!(dir = %dir.display(), truncated_bytes = report.truncated_bytes, "cut the log's tail on recovery: {reason}");
+        }
+        let shared = Arc::new(Shared {
+            segments: RwLock::new(segments),
+            vote: RwLock::new(state.state().vote),
+        });
+        let (flush_tx, flush_rx) = mpsc::channel(FLUSH_QUEUE_MAX);
+        tokio::spawn(flusher(flush_rx, shared.clone()));
+        Ok((Self { shared, state, flush_tx }, report))
+    }
+
+    pub fn reader(&self) -> LogReader {
+        LogReader { shared: self.shared.clone() }
+    }
+
+    /// True if the log holds no vote and no entry: a group never started on this node.
+    pub fn is_pristine(&self) -> bool {
+        let st = self.state.state();
+        st.vote.is_none() && st.last_purged.is_none() && self.reader().last_log_id().is_none()
+    }
+}
+
+async fn flusher(mut rx: mpsc::Receiver<IOFlushed<C>>, shared: Arc<Shared>) {
+    let mut failed: Option<String> = None;
+    let mut batch = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < FLUSH_QUEUE_MAX {
+            match rx.try_recv() {
+                Ok(cb) => batch.push(cb),
+                Err(_) => break,
+            }
+        }
+        if failed.is_none() {
+            let (files, dir) = shared.segments.write().expect("log lock poisoned").take_dirty();
+            let result = async {
+                for f in files {
+                    f.sync_data().await?;
+                }
+                if let Some((vfs, dir)) = dir {
+                    vfs.sync_dir(&dir).await?;
+                }
+                Ok::<(), io::Error>(())
+            }
+            .await;
+            if let Err(e) = result {
+                error!("log fsync failed; the group stops accepting writes: {e}");
+                failed = Some(e.to_string());
+            }
+        }
+        for cb in batch.drain(..) {
+            match &failed {
+                None => cb.io_completed(Ok(())),
+                Some(msg) => cb.io_completed(Err(io::Error::other(format!("log fsync failed earlier: {msg}")))),
+            }
+        }
+    }
+}
+
+impl LogReader {
+    pub fn last_log_id(&self) -> Option<LogId> {
+        self.shared.segments.read().expect("log lock poisoned").last_log_id()
+    }
+
+    pub fn first_index(&self) -> Option<u64> {
+        self.shared.segments.read().expect("log lock poisoned").first_index()
+    }
+
+    /// Reads entries in `[start, end)`, at least one and about `bytes_max` bytes at most.
+    pub fn read(&self, start: u64, end: u64, bytes_max: usize) -> io::Result<Vec<Entry>> {
+        self.shared.segments.read().expect("log lock poisoned").read(start, end, bytes_max)
+    }
+
+    /// Bytes in the log's segment files.
+    pub fn bytes(&self) -> u64 {
+        self.shared.segments.read().expect("log lock poisoned").bytes()
+    }
+}
+
+fn to_range(range: impl RangeBounds<u64>) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(s) => *s,
+        Bound::Excluded(s) => s + 1,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(e) => e + 1,
+        Bound::Excluded(e) => *e,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+impl RaftLogReader<C> for LogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let (start, end) = to_range(range);
+        let segs = self.shared.segments.read().expect("log lock poisoned");
+        // openraft may ask beyond the ends; return the part that exists.
+        let first = segs.first_index().unwrap_or(u64::MAX);
+        let last_next = segs.last_log_id().map_or(0, |l| l.index + 1);
+        let (start, end) = (start.max(first), end.min(last_next));
+        segs.read(start, end, usize::MAX)
+    }
+
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
+        self.shared.segments.read().expect("log lock poisoned").read(start, end, REPLICATION_READ_BYTES_MAX)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(*self.shared.vote.read().expect("vote lock poisoned"))
+    }
+}
+
+impl RaftLogStorage<C> for LogStore {
+    type LogReader = LogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
+        let segs = self.shared.segments.read().expect("log lock poisoned");
+        Ok(LogState { last_purged_log_id: segs.last_purged(), last_log_id: segs.last_log_id() })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.reader()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        let mut st = self.state.state().clone();
+        st.vote = Some(*vote);
+        self.state.save(st).await?;
+        *self.shared.vote.write().expect("vote lock poisoned") = Some(*vote);
+        Ok(())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        self.shared.segments.write().expect("log lock poisoned").append(&entries)?;
+        self.flush_tx.send(callback).await.map_err(|_| io::Error::other("log flusher stopped"))?;
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let (files, removed, vfs, dir) = {
+            let mut segs = self.shared.segments.write().expect("log lock poisoned");
+            let (files, removed) = segs.truncate_after(last_log_id)?;
+            (files, removed, segs.vfs().clone(), segs.dir().to_owned())
+        };
+        for f in files {
+            f.sync_data().await?;
+        }
+        if removed {
+            vfs.sync_dir(&dir).await?;
+        }
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        // Record the purge point durably before deleting anything, so recovery never finds a
+        // log that starts later than the state says.
+        let mut st: state_file::LogState = self.state.state().clone();
+        if st.last_purged.is_some_and(|p| p >= log_id) {
+            return Ok(());
+        }
+        st.last_purged = Some(log_id);
+        self.state.save(st).await?;
+        let (removed, vfs, dir) = {
+            let mut segs = self.shared.segments.write().expect("log lock poisoned");
+            let removed = segs.purge(log_id)?;
+            (removed, segs.vfs().clone(), segs.dir().to_owned())
+        };
+        if removed {
+            vfs.sync_dir(&dir).await?;
+        }
+        Ok(())
+    }
+}
