@@ -1,1 +1,18 @@
+//! The Eddy broker node.
+//!
+//! A node hosts the metadata group (Raft group 0) and the partition groups placed on it, and
+//! serves `eddy.v1.Broker` to clients and `eddy.v1.Raft` to peers. [`node::start`] wires it
+//! together from a config and the injected seams of [`env::NodeEnv`].
 
+pub mod broker;
+pub mod config;
+pub mod env;
+pub mod error;
+pub mod http;
+pub mod limits;
+pub mod manager;
+pub mod meta;
+pub mod node;
+pub mod partition;
+pub mod raft_config;
+pub mod sm_common;

@@ -1,1 +1,17 @@
+//! The Eddy client library and the building blocks of `eddyctl`.
+//!
+//! [`Client`] talks to any node of a cluster, caches its metadata, routes produce requests to
+//! partition leaders and reads from the replica of your choice. [`Producer`] adds batching and
+//! idempotence on top.
 
+pub mod client;
+pub mod error;
+pub mod output;
+pub mod producer;
+
+pub use client::Client;
+pub use client::ClientConfig;
+pub use client::ReplicaChoice;
+pub use error::ClientError;
+pub use producer::Ack;
+pub use producer::Producer;

@@ -5,9 +5,14 @@
 //! This crate opens no sockets and reads no clock: listeners, connectors, files and state stores
 //! are handed in by the caller, so the simulator can run it unchanged.
 
+pub mod codec;
 pub mod kv;
 pub mod log;
 pub mod mem;
+pub mod network;
+pub mod registry;
+pub mod service;
+pub mod transport;
 pub mod types;
 pub mod vfs;
 

@@ -376,7 +376,9 @@ impl Segments {
             }
             bytes += (range.end - range.start) as usize;
             next = seg.first_index + b as u64;
-            if bytes >= bytes_max {
+            // Stop when the budget is spent or it cut this segment's read short: moving on to
+            // the next segment would skip the rest of this one.
+            if bytes >= bytes_max || next < seg.next_index() {
                 break;
             }
             si += 1;

@@ -1,0 +1,143 @@
+//! The node's configuration file (TOML). Every field has a default and unknown keys are errors,
+//! so a typo is reported instead of silently ignored.
+
+use std::path::Path;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use anyhow::bail;
+use eddy_raft::NodeAddr;
+use eddy_raft::NodeId;
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::limits::Limits;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    pub id: NodeId,
+    pub client_addr: String,
+    pub raft_addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// This node's id, unique in the cluster and never reused. Must be at least 1.
+    pub node_id: NodeId,
+    pub data_dir: PathBuf,
+    /// `eddy.v1.Broker` for clients and `eddyctl`; also the address other nodes give clients.
+    pub client_addr: String,
+    /// `eddy.v1.Raft`, between nodes.
+    pub raft_addr: String,
+    /// `/metrics` and `/health`.
+    pub http_addr: String,
+    /// The nodes that form a new cluster, this one included. Ignored once `data_dir` holds
+    /// state. The member with the lowest id creates the metadata group.
+    pub initial_members: Vec<MemberConfig>,
+    /// A partition log starts a new segment file past this size.
+    pub segment_bytes: u64,
+    pub limits: Limits,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            node_id: 0,
+            data_dir: PathBuf::from("./data/node"),
+            client_addr: "127.0.0.1:9091".into(),
+            raft_addr: "127.0.0.1:9191".into(),
+            http_addr: "127.0.0.1:9291".into(),
+            initial_members: Vec::new(),
+            segment_bytes: 64 << 20,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("read config file {}", path.display()))?;
+        let c: Self = toml::from_str(&text).with_context(|| format!("parse config file {}", path.display()))?;
+        Ok(c)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config always serializes")
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.node_id == 0 {
+            bail!("node_id: must be set to a number of at least 1");
+        }
+        for (name, addr) in [("client_addr", &self.client_addr), ("raft_addr", &self.raft_addr), ("http_addr", &self.http_addr)] {
+            if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
+                bail!("{name}: {addr:?} is not a host:port address");
+            }
+        }
+        if !self.initial_members.is_empty() {
+            let me = self.initial_members.iter().find(|m| m.id == self.node_id);
+            let Some(me) = me else {
+                bail!("initial_members: must include this node (node_id {})", self.node_id);
+            };
+            if me.client_addr != self.client_addr || me.raft_addr != self.raft_addr {
+                bail!(
+                    "initial_members: the entry for node {} must have the same addresses as client_addr and raft_addr",
+                    self.node_id
+                );
+            }
+            let mut ids: Vec<_> = self.initial_members.iter().map(|m| m.id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            if ids.len() != self.initial_members.len() || ids.contains(&0) {
+                bail!("initial_members: ids must be distinct and at least 1");
+            }
+        }
+        if self.segment_bytes < 1 << 20 {
+            bail!("segment_bytes: {} is below the minimum of 1 MiB", self.segment_bytes);
+        }
+        if self.limits.max_event_bytes == 0 || self.limits.max_event_bytes > self.limits.max_request_bytes {
+            bail!("limits.max_event_bytes: must be between 1 and limits.max_request_bytes");
+        }
+        Ok(())
+    }
+
+    pub fn addr(&self) -> NodeAddr {
+        NodeAddr { raft_addr: self.raft_addr.clone(), client_addr: self.client_addr.clone() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_example_and_rejects_typos() {
+        let text = r#"
+node_id = 1
+data_dir = "/var/lib/eddy/1"
+client_addr = "127.0.0.1:9091"
+raft_addr   = "127.0.0.1:9191"
+http_addr   = "127.0.0.1:9291"
+[[initial_members]]
+id = 1
+client_addr = "127.0.0.1:9091"
+raft_addr = "127.0.0.1:9191"
+[[initial_members]]
+id = 2
+client_addr = "127.0.0.1:9092"
+raft_addr = "127.0.0.1:9192"
+"#;
+        let c: NodeConfig = toml::from_str(text).expect("parses");
+        c.validate().expect("valid");
+        assert_eq!(c.initial_members.len(), 2);
+        assert_eq!(c.limits, Limits::default());
+        let round: NodeConfig = toml::from_str(&c.to_toml()).expect("round trip");
+        assert_eq!(round, c);
+        let typo = toml::from_str::<NodeConfig>("node_idd = 1");
+        assert!(typo.is_err_and(|e| e.to_string().contains("node_idd")));
+        let missing_me = NodeConfig { node_id: 3, ..c };
+        assert!(missing_me.validate().is_err());
+    }
+}

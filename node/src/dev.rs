@@ -1,0 +1,149 @@
+//! `eddy-node dev`: a local cluster for development, as child processes of this one.
+//!
+//! Node `i` (from 1) gets client port `base + i - 1`, Raft port `base + 100 + i - 1` and HTTP
+//! port `base + 200 + i - 1`, and its data under `<data-dir>/node-<i>`. Run again with the same
+//! data directory, the cluster resumes where it stopped. Ctrl-C (or SIGTERM) stops every child
+//! with SIGTERM, and with SIGKILL any that has not stopped after a grace period.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use eddy_node::config::MemberConfig;
+use eddy_node::config::NodeConfig;
+use nix::sys::signal::Signal;
+use nix::sys::signal::kill;
+use nix::unistd::Pid;
+use tokio::process::Child;
+use tokio::process::Command;
+
+/// How long children get to stop after SIGTERM before they are killed.
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
+#[derive(clap::Args, Debug)]
+pub struct DevArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: u16,
+    /// Where the nodes keep their data, configs and logs.
+    #[arg(long, default_value = "./data/dev")]
+    data_dir: PathBuf,
+    /// Client port of node 1; see the module docs for the others.
+    #[arg(long, default_value_t = 9091)]
+    base_port: u16,
+}
+
+fn configs(args: &DevArgs) -> anyhow::Result<Vec<NodeConfig>> {
+    anyhow::ensure!((1..=99).contains(&args.nodes), "--nodes: must be between 1 and 99");
+    anyhow::ensure!(args.base_port.checked_add(200 + args.nodes).is_some(), "--base-port: too high for {} nodes", args.nodes);
+    let port = |offset: u16, i: u16| format!("127.0.0.1:{}", args.base_port + offset + i - 1);
+    let members: Vec<MemberConfig> = (1..=args.nodes)
+        .map(|i| MemberConfig { id: u64::from(i), client_addr: port(0, i), raft_addr: port(100, i) })
+        .collect();
+    Ok((1..=args.nodes)
+        .map(|i| NodeConfig {
+            node_id: u64::from(i),
+            data_dir: args.data_dir.join(format!("node-{i}")),
+            client_addr: port(0, i),
+            raft_addr: port(100, i),
+            http_addr: port(200, i),
+            initial_members: members.clone(),
+            ..NodeConfig::default()
+        })
+        .collect())
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let configs = configs(&args)?;
+    let stop_signal = signal()?;
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("create {}", args.data_dir.display()))?;
+    let exe = std::env::current_exe().context("find the eddy-node executable")?;
+    let mut children: Vec<(u64, Child)> = Vec::new();
+    for c in &configs {
+        let path = args.data_dir.join(format!("node-{}.toml", c.node_id));
+        std::fs::write(&path, c.to_toml()).with_context(|| format!("write {}", path.display()))?;
+        let log_path = args.data_dir.join(format!("node-{}.log", c.node_id));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("open {}", log_path.display()))?;
+        let child = Command::new(&exe)
+            .arg("--config")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start node {}", c.node_id))?;
+        children.push((c.node_id, child));
+    }
+    let brokers: Vec<&str> = configs.iter().map(|c| c.client_addr.as_str()).collect();
+    let brokers = brokers.join(",");
+    println!("Eddy dev cluster: {} nodes, data in {}", configs.len(), args.data_dir.display());
+    for c in &configs {
+        println!(
+            "  node {}: client {}  raft {}  http {}  log {}",
+            c.node_id,
+            c.client_addr,
+            c.raft_addr,
+            c.http_addr,
+            args.data_dir.join(format!("node-{}.log", c.node_id)).display()
+        );
+    }
+    println!("brokers: {brokers}");
+    println!("  export EDDY_BROKERS={brokers}");
+    println!("  eddyctl cluster status");
+    println!("Press Ctrl-C to stop.");
+
+    let exited = wait_first_exit(&mut children);
+    tokio::select! {
+        () = stop_signal => {}
+        (id, status) = exited => eprintln!("node {id} exited ({status}); stopping the others"),
+    }
+    stop_all(&mut children).await;
+    Ok(())
+}
+
+async fn wait_first_exit(children: &mut [(u64, Child)]) -> (u64, String) {
+    let waits = children.iter_mut().map(|(id, c)| {
+        let id = *id;
+        Box::pin(async move {
+            let s = c.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+            (id, s)
+        })
+    });
+    futures::future::select_all(waits).await.0
+}
+
+/// Installs SIGTERM and SIGINT handlers now; the future resolves on the first of them.
+fn signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::SignalKind;
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+async fn stop_all(children: &mut [(u64, Child)]) {
+    for (_, c) in children.iter() {
+        if let Some(pid) = c.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+    }
+    for (id, c) in children.iter_mut() {
+        match tokio::time::timeout(STOP_GRACE, c.wait()).await {
+            Ok(_) => eprintln!("node {id} stopped"),
+            Err(_) => {
+                eprintln!("node {id} did not stop within {STOP_GRACE:?}; killing it");
+                let _ = c.kill().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! What a node takes from the outside: files, state store, clock, connections and randomness.
+//! Production passes the real ones (see `main.rs`); the simulator passes simulated ones, and the
+//! node code cannot tell the difference.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Context;
+use std::task::Poll;
+
+use eddy_raft::kv::StateStore;
+use eddy_raft::transport::Connector;
+use eddy_raft::vfs::Vfs;
+use futures::stream::BoxStream;
+use tokio::io::AsyncRead;
+use tokio::io::AsyncWrite;
+use tokio::io::ReadBuf;
+
+/// Wall-clock time, for record timestamps only; durations always come from `tokio::time`.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64;
+}
+
+/// The operating system's clock.
+#[derive(Debug, Default, Clone)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    #[allow(clippy::disallowed_methods)] // The one place production reads the wall clock.
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    }
+}
+
+/// The seams of one node.
+#[derive(Clone)]
+pub struct NodeEnv {
+    pub vfs: Arc<dyn Vfs>,
+    pub state_store: Arc<dyn StateStore>,
+    pub clock: Arc<dyn Clock>,
+    pub connector: Arc<dyn Connector>,
+    /// Seeds openraft's randomness (election timeouts) on this node.
+    pub seed: u64,
+}
+
+/// Any byte stream a server can accept connections on.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// An accepted connection, whatever its transport.
+pub struct BoxedIo(pub Pin<Box<dyn Io>>);
+
+impl BoxedIo {
+    pub fn new(io: impl Io) -> Self {
+        Self(Box::pin(io))
+    }
+}
+
+impl tonic::transport::server::Connected for BoxedIo {
+    type ConnectInfo = ();
+
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl AsyncRead for BoxedIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        self.0.as_mut().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for BoxedIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.0.as_mut().poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.as_mut().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.as_mut().poll_shutdown(cx)
+    }
+}
+
+/// A stream of accepted connections: a server's listener.
+pub type Incoming = BoxStream<'static, io::Result<BoxedIo>>;
+
+/// Accepts connections from a real TCP listener.
+pub fn tcp_incoming(listener: tokio::net::TcpListener) -> Incoming {
+    Box::pin(futures::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            BoxedIo::new(s)
+        });
+        Some((r, l))
+    }))
+}

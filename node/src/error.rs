@@ -1,0 +1,126 @@
+//! The broker's error type and its mapping to gRPC statuses.
+//!
+//! Every status carries a stable `eddy-error` code in its metadata (see `broker.proto`), and a
+//! message that names the field or the reason, so both people and programs can act on it.
+
+use eddy_proto::error_keys;
+use eddy_raft::NodeId;
+use tonic::Code;
+use tonic::Status;
+use tonic::metadata::MetadataValue;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// The request is malformed; the message names the field.
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("topic \"{0}\" does not exist")]
+    UnknownTopic(String),
+    #[error("topic \"{topic}\" has {count} partitions; partition {partition} does not exist")]
+    UnknownPartition { topic: String, partition: u32, count: u32 },
+    #[error("topic \"{0}\" already exists")]
+    TopicExists(String),
+    /// This node does not lead the partition (or the metadata group).
+    #[error("{what}: node {me} is not the leader{}", leader_hint(*.leader, .leader_addr))]
+    NotLeader { what: String, me: NodeId, leader: Option<NodeId>, leader_addr: Option<String> },
+    /// This node holds no replica of the partition.
+    #[error("node {me} holds no replica of {what} (replicas: {replicas:?})")]
+    NotReplica { what: String, me: NodeId, replicas: Vec<NodeId> },
+    #[error(
+        "out-of-order sequence for producer {producer_id}: expected base_sequence {expected}, got {got}"
+    )]
+    OutOfOrderSequence { producer_id: u64, expected: u64, got: u64 },
+    #[error("offset {offset} is out of range: the log of {what} starts at {log_start}")]
+    OffsetOutOfRange { what: String, offset: u64, log_start: u64 },
+    #[error("{0}")]
+    NotEnoughNodes(String),
+    /// The outcome is unknown: the write may or may not have been applied. Idempotent producers
+    /// retry with the same sequence.
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn leader_hint(leader: Option<NodeId>, addr: &Option<String>) -> String {
+    match (leader, addr) {
+        (Some(l), Some(a)) => format!("; the leader is node {l} at {a}"),
+        (Some(l), None) => format!("; the leader is node {l}"),
+        _ => "; the leader is not known yet".to_string(),
+    }
+}
+
+impl BrokerError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument(_) => "invalid_argument",
+            Self::UnknownTopic(_) => "unknown_topic",
+            Self::UnknownPartition { .. } => "unknown_partition",
+            Self::TopicExists(_) => "topic_exists",
+            Self::NotLeader { .. } => "not_leader",
+            Self::NotReplica { .. } => "not_replica",
+            Self::OutOfOrderSequence { .. } => "out_of_order_sequence",
+            Self::OffsetOutOfRange { .. } => "offset_out_of_range",
+            Self::NotEnoughNodes(_) => "not_enough_nodes",
+            Self::Timeout(_) => "timeout",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    fn grpc_code(&self) -> Code {
+        match self {
+            Self::InvalidArgument(_) | Self::NotEnoughNodes(_) => Code::InvalidArgument,
+            Self::UnknownTopic(_) | Self::UnknownPartition { .. } => Code::NotFound,
+            Self::TopicExists(_) => Code::AlreadyExists,
+            Self::NotLeader { .. } | Self::NotReplica { .. } | Self::OutOfOrderSequence { .. } => {
+                Code::FailedPrecondition
+            }
+            Self::OffsetOutOfRange { .. } => Code::OutOfRange,
+            Self::Timeout(_) => Code::DeadlineExceeded,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Self {
+        let mut status = Status::new(e.grpc_code(), e.to_string());
+        let md = status.metadata_mut();
+        md.insert(error_keys::CODE, MetadataValue::from_static(e.code()));
+        if let BrokerError::NotLeader { leader, leader_addr, .. } = &e {
+            if let Some(l) = leader {
+                md.insert(error_keys::LEADER_ID, MetadataValue::from(*l));
+            }
+            if let Some(a) = leader_addr.as_deref().and_then(|a| MetadataValue::try_from(a).ok()) {
+                md.insert(error_keys::LEADER_ADDR, a);
+            }
+        }
+        status
+    }
+}
+
+pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_leader_names_the_leader_in_message_and_metadata() {
+        let e = BrokerError::NotLeader {
+            what: "orders/0".into(),
+            me: 1,
+            leader: Some(2),
+            leader_addr: Some("127.0.0.1:9092".into()),
+        };
+        let s = Status::from(e);
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert!(s.message().contains("node 2 at 127.0.0.1:9092"), "{}", s.message());
+        assert_eq!(s.metadata().get(error_keys::CODE).and_then(|v| v.to_str().ok()), Some("not_leader"));
+        assert_eq!(s.metadata().get(error_keys::LEADER_ID).and_then(|v| v.to_str().ok()), Some("2"));
+    }
+}

@@ -1,0 +1,122 @@
+//! Input limits and validation of client requests. Every bound is named and every violation is
+//! an `INVALID_ARGUMENT` whose message names the field.
+
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::error::BrokerError;
+use crate::error::Result;
+
+pub const TOPIC_NAME_BYTES_MAX: usize = 249;
+pub const PARTITIONS_MAX: u32 = 10_000;
+pub const REPLICATION_FACTOR_MAX: u32 = 5;
+/// Produce timeouts are clamped to this.
+pub const PRODUCE_TIMEOUT_MS_MAX: u32 = 60_000;
+pub const PRODUCE_TIMEOUT_MS_DEFAULT: u32 = 10_000;
+pub const FETCH_WAIT_MS_MAX: u32 = 30_000;
+/// gRPC messages up to this size are decoded, so that oversized fields get a precise error.
+pub const GRPC_MESSAGE_BYTES_MAX: usize = 64 << 20;
+
+/// Limits a node enforces on client requests (part of its config, reported in metadata).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest record (key + value + headers), unless a topic sets `max.event.bytes`.
+    pub max_event_bytes: u32,
+    /// Most records in one produce request.
+    pub max_batch_records: u32,
+    /// Largest produce request (sum of its records).
+    pub max_request_bytes: u32,
+    /// Most bytes one fetch returns.
+    pub max_fetch_bytes: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: 1 << 20,
+            max_batch_records: 10_000,
+            max_request_bytes: 8 << 20,
+            max_fetch_bytes: 8 << 20,
+        }
+    }
+}
+
+impl Limits {
+    pub fn to_proto(&self) -> eddy_proto::v1::Limits {
+        eddy_proto::v1::Limits {
+            max_event_bytes: self.max_event_bytes,
+            max_batch_records: self.max_batch_records,
+            max_request_bytes: self.max_request_bytes,
+            max_fetch_bytes: self.max_fetch_bytes,
+        }
+    }
+}
+
+fn invalid(msg: String) -> BrokerError {
+    BrokerError::InvalidArgument(msg)
+}
+
+/// Topic names: `[A-Za-z0-9._-]{1,249}`, and not `.` or `..`.
+pub fn validate_topic_name(field: &str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(invalid(format!("{field}: must not be empty")));
+    }
+    if name.len() > TOPIC_NAME_BYTES_MAX {
+        return Err(invalid(format!(
+            "{field}: {} characters is too long; at most {TOPIC_NAME_BYTES_MAX} allowed",
+            name.len()
+        )));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(invalid(format!("{field}: character {c:?} is not allowed; names match [A-Za-z0-9._-]{{1,249}}")));
+    }
+    if name == "." || name == ".." {
+        return Err(invalid(format!("{field}: \"{name}\" is not a valid topic name")));
+    }
+    Ok(())
+}
+
+/// Topic config keys the broker understands, with their validation.
+pub fn validate_topic_config(config: &std::collections::BTreeMap<String, String>) -> Result<()> {
+    for (k, v) in config {
+        match k.as_str() {
+            "max.event.bytes" => {
+                let n: u32 = v
+                    .parse()
+                    .map_err(|_| invalid(format!("config.max.event.bytes: {v:?} is not a whole number of bytes")))?;
+                if n == 0 || n > 64 << 20 {
+                    return Err(invalid(format!("config.max.event.bytes: {n} must be between 1 and {}", 64 << 20)));
+                }
+            }
+            other => return Err(invalid(format!("config: unknown topic setting {other:?}; known: max.event.bytes"))),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(name: &str, ok: bool) {
+        assert_eq!(validate_topic_name("name", name).is_ok(), ok, "{name:?}");
+    }
+
+    #[test]
+    fn topic_names() {
+        check("orders", true);
+        check("a.b_c-D9", true);
+        check(&"x".repeat(249), true);
+        check(&"x".repeat(250), false);
+        check(&"x".repeat(300), false);
+        check("", false);
+        check("a/b", false);
+        check("a b", false);
+        check("é", false);
+        check(".", false);
+        check("..", false);
+        let e = validate_topic_name("name", "a/b").unwrap_err().to_string();
+        assert!(e.starts_with("name:") && e.contains("'/'"), "{e}");
+    }
+}

@@ -1,0 +1,166 @@
+//! `eddy-node`: runs one broker node (`--config FILE`), or a local development cluster of
+//! several nodes as child processes (`eddy-node dev`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use clap::Subcommand;
+use eddy_node::config::NodeConfig;
+use eddy_node::env::NodeEnv;
+use eddy_node::env::SystemClock;
+use eddy_node::env::tcp_incoming;
+use eddy_raft::kv::SledStateStore;
+use eddy_raft::transport::TcpConnector;
+use eddy_raft::vfs::RealVfs;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use tracing::warn;
+
+mod dev;
+
+#[derive(Parser, Debug)]
+#[command(name = "eddy-node", version, about = "An Eddy broker node")]
+struct Cli {
+    /// The node's TOML config file.
+    #[arg(long, env = "EDDY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Overrides `node_id`.
+    #[arg(long, env = "EDDY_NODE_ID")]
+    node_id: Option<u64>,
+    /// Overrides `data_dir`.
+    #[arg(long, env = "EDDY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Overrides `client_addr`.
+    #[arg(long, env = "EDDY_CLIENT_ADDR")]
+    client_addr: Option<String>,
+    /// Overrides `raft_addr`.
+    #[arg(long, env = "EDDY_RAFT_ADDR")]
+    raft_addr: Option<String>,
+    /// Overrides `http_addr`.
+    #[arg(long, env = "EDDY_HTTP_ADDR")]
+    http_addr: Option<String>,
+    /// Log format.
+    #[arg(long, env = "EDDY_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Starts a local cluster of several nodes as child processes; Ctrl-C stops them all.
+    Dev(dev::DevArgs),
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,hyper=warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start the async runtime")?;
+    match cli.command {
+        Some(Command::Dev(args)) => rt.block_on(dev::run(args)),
+        None => rt.block_on(run_node(cli)),
+    }
+}
+
+async fn bind(what: &str, addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("bind {what} {addr}"))
+}
+
+async fn run_node(cli: Cli) -> anyhow::Result<()> {
+    let mut signals = Signals::new()?;
+    let mut config = match &cli.config {
+        Some(path) => NodeConfig::load(path)?,
+        None => NodeConfig::default(),
+    };
+    if let Some(v) = cli.node_id {
+        config.node_id = v;
+    }
+    if let Some(v) = cli.data_dir {
+        config.data_dir = v;
+    }
+    if let Some(v) = cli.client_addr {
+        config.client_addr = v;
+    }
+    if let Some(v) = cli.raft_addr {
+        config.raft_addr = v;
+    }
+    if let Some(v) = cli.http_addr {
+        config.http_addr = v;
+    }
+    config.validate().context("invalid configuration")?;
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("create data_dir {}", config.data_dir.display()))?;
+    let state_store = SledStateStore::open(&config.data_dir.join("state")).context("open the state store")?;
+    let mut seed = [0u8; 8];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("read OS randomness: {e}"))?;
+    let env = NodeEnv {
+        vfs: Arc::new(RealVfs),
+        state_store: Arc::new(state_store),
+        clock: Arc::new(SystemClock),
+        connector: Arc::new(TcpConnector),
+        seed: u64::from_le_bytes(seed),
+    };
+    let client = bind("client_addr", &config.client_addr).await?;
+    let raft = bind("raft_addr", &config.raft_addr).await?;
+    let http = bind("http_addr", &config.http_addr).await?;
+    info!(node = config.node_id, client = %config.client_addr, raft = %config.raft_addr, http = %config.http_addr, data_dir = %config.data_dir.display(), "starting");
+    let node = eddy_node::node::start(config, env, tcp_incoming(client), tcp_incoming(raft)).await?;
+    let http_cancel = CancellationToken::new();
+    let http_task = tokio::spawn(eddy_node::http::serve(http, node.broker.clone(), http_cancel.clone()));
+
+    signals.recv().await;
+    info!("shutting down");
+    http_cancel.cancel();
+    let stop = async {
+        node.shutdown().await;
+        let _ = http_task.await;
+    };
+    tokio::select! {
+        () = stop => info!("stopped"),
+        () = signals.recv() => warn!("second signal: exiting without a clean shutdown"),
+    }
+    Ok(())
+}
+
+/// SIGTERM and SIGINT, installed once so that no signal is missed between waits.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::SignalKind;
+        use tokio::signal::unix::signal;
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("install SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("install SIGINT handler")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The partition manager: keeps the Raft groups running on this node in line with the
+//! partition assignment in the metadata.
+//!
+//! It watches the applied metadata and starts a group for every partition that lists this node
+//! as a replica. A group is initialized (its first membership written) only on a pristine log,
+//! and only by a replica the group was created with: the preferred leader does it at once and
+//! campaigns; the other initial replicas wait [`INIT_GRACE`] and then initialize only if nothing
+//! reached them, so a partition whose preferred leader is down still forms. Initializing with
+//! the same membership on several replicas is safe (openraft writes the same entry).
+
+use openraft::async_runtime::WatchReceiver;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use anyhow::Context;
+use eddy_raft::GroupId;
+use eddy_raft::NodeAddr;
+use eddy_raft::NodeId;
+use eddy_raft::Runtime;
+use eddy_raft::log::LogConfig;
+use eddy_raft::log::LogStore;
+use eddy_raft::network::GroupNetwork;
+use eddy_raft::registry::Registry;
+use eddy_raft::transport::Peers;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use tracing::info;
+use tracing::info_span;
+use tracing::warn;
+
+use crate::env::NodeEnv;
+use crate::meta::MetaHandle;
+use crate::meta::MetaView;
+use crate::partition::PartitionHandle;
+use crate::partition::PartitionStateMachine;
+use crate::partition::handle::PartitionRaft;
+use crate::raft_config;
+
+/// How long a non-preferred initial replica waits before initializing a pristine group itself.
+pub const INIT_GRACE: Duration = Duration::from_secs(3);
+/// How often reconciliation runs even without a metadata change (to retry failures).
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The partition replicas running on this node.
+#[derive(Default)]
+pub struct Groups {
+    map: RwLock<BTreeMap<GroupId, PartitionHandle>>,
+}
+
+impl Groups {
+    pub fn get(&self, group: GroupId) -> Option<PartitionHandle> {
+        self.map.read().expect("groups lock poisoned").get(&group).cloned()
+    }
+
+    pub fn all(&self) -> Vec<PartitionHandle> {
+        self.map.read().expect("groups lock poisoned").values().cloned().collect()
+    }
+
+    fn insert(&self, h: PartitionHandle) {
+        self.map.write().expect("groups lock poisoned").insert(h.group(), h);
+    }
+
+    fn take_all(&self) -> Vec<PartitionHandle> {
+        std::mem::take(&mut *self.map.write().expect("groups lock poisoned")).into_values().collect()
+    }
+}
+
+pub struct PartitionManager {
+    pub me: NodeId,
+    pub env: NodeEnv,
+    pub data_dir: PathBuf,
+    pub segment_bytes: u64,
+    pub meta: MetaHandle,
+    pub groups: Arc<Groups>,
+    pub registry: Arc<Registry>,
+    pub peers: Arc<Peers>,
+    pub tasks: TaskTracker,
+}
+
+/// The seed of a group's Raft randomness on a node: distinct per group, fixed per node seed.
+pub fn group_seed(node_seed: u64, group: GroupId) -> u64 {
+    node_seed ^ group.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+impl PartitionManager {
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut rx = self.meta.subscribe();
+        loop {
+            let view = rx.borrow_and_update().clone();
+            self.reconcile(&view, &cancel).await;
+            tokio::select! {
+                // Each arm only waits; none leaves work half done when another wins.
+                _ = cancel.cancelled() => break,
+                changed = rx.changed() => if changed.is_err() { break },
+                _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+            }
+        }
+        for g in self.groups.take_all() {
+            self.registry.remove(g.group());
+            if let Err(e) = g.raft().shutdown().await {
+                warn!(group = g.group(), "stopping partition group: {e}");
+            }
+        }
+    }
+
+    async fn reconcile(&self, view: &MetaView, cancel: &CancellationToken) {
+        for topic in view.state.topics.values() {
+            for (i, p) in topic.partitions.iter().enumerate() {
+                if cancel.is_cancelled() {
+                    return;
+                }
+                if !p.replicas.contains(&self.me) || self.groups.get(p.group_id).is_some() {
+                    continue;
+                }
+                let span = info_span!("partition", node = self.me, group = p.group_id, topic = %topic.name, partition = i);
+                match self.start_group(view, &topic.name, i as u32, p.group_id, &p.initial_replicas).instrument(span).await {
+                    Ok(h) => self.groups.insert(h),
+                    Err(e) => warn!(group = p.group_id, "failed to start partition {}/{i}: {e:#}", topic.name),
+                }
+            }
+        }
+    }
+
+    async fn start_group(
+        &self,
+        view: &MetaView,
+        topic: &str,
+        partition: u32,
+        group: GroupId,
+        initial_replicas: &[NodeId],
+    ) -> anyhow::Result<PartitionHandle> {
+        let dir = self.data_dir.join("groups").join(group.to_string());
+        let (log, report) = LogStore::open(self.env.vfs.clone(), &dir, LogConfig { segment_bytes_max: self.segment_bytes })
+            .await
+            .with_context(|| format!("open the log of group {group}"))?;
+        let pristine = log.is_pristine();
+        let reader = log.reader();
+        let (sm, progress, index) = PartitionStateMachine::open(self.env.state_store.clone(), group)
+            .with_context(|| format!("open the state of group {group}"))?;
+        let network = GroupNetwork::new(group, self.me, self.peers.clone());
+        let raft: PartitionRaft = Runtime::scope(
+            group_seed(self.env.seed, group),
+            PartitionRaft::new(self.me, raft_config::partition_group(), network, log, sm),
+        )
+        .await
+        .with_context(|| format!("start the Raft node of group {group}"))?;
+        self.registry.insert(group, Arc::new(raft.clone()));
+        info!(entries = report.entries, pristine, "partition replica started");
+        if pristine && initial_replicas.contains(&self.me) {
+            let members: BTreeMap<NodeId, NodeAddr> = initial_replicas
+                .iter()
+                .filter_map(|id| view.state.nodes.get(id).map(|n| (*id, n.addr.clone())))
+                .collect();
+            if members.len() == initial_replicas.len() {
+                let preferred = initial_replicas.first() == Some(&self.me);
+                let raft = raft.clone();
+                let seed = group_seed(self.env.seed, group);
+                self.tasks.spawn(
+                    Runtime::scope(seed, async move {
+                        if !preferred {
+                            tokio::time::sleep(INIT_GRACE).await;
+                            let m = raft.metrics().borrow_watched().clone();
+                            if m.current_term > 0 || m.last_log_index.is_some() {
+                                return;
+                            }
+                        }
+                        match raft.initialize(members).await {
+                            Ok(()) => info!("initialized the partition group"),
+                            Err(e) => info!("partition group already initialized: {e}"),
+                        }
+                    })
+                    .in_current_span(),
+                );
+            }
+        }
+        Ok(PartitionHandle::new(topic.to_owned(), partition, group, self.me, raft, progress, index, reader, self.meta.clone()))
+    }
+}

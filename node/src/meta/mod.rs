@@ -1,0 +1,15 @@
+//! The metadata (controller) group, Raft group 0: nodes, topics, partition placement and
+//! producer ids.
+
+pub mod command;
+pub mod handle;
+pub mod sm;
+pub mod state;
+
+pub use command::MetaCommand;
+pub use command::MetaError;
+pub use command::MetaReply;
+pub use handle::MetaHandle;
+pub use sm::MetaStateMachine;
+pub use sm::MetaView;
+pub use state::MetaState;

@@ -1,0 +1,159 @@
+//! The metadata group's state machine: applies [`MetaCommand`]s to [`MetaState`], persists the
+//! result in the state store together with the last applied log id, and publishes every new
+//! state on a watch channel for the partition manager and the client services.
+
+use std::io;
+use std::sync::Arc;
+
+use eddy_raft::C;
+use eddy_raft::LogId;
+use eddy_raft::Reply;
+use eddy_raft::Snapshot;
+use eddy_raft::SnapshotData;
+use eddy_raft::SnapshotMeta;
+use eddy_raft::StoredMembership;
+use eddy_raft::kv::KvBatch;
+use eddy_raft::kv::KvTree;
+use eddy_raft::kv::StateStore;
+use futures::Stream;
+use futures::StreamExt;
+use openraft::EntryPayload;
+use openraft::OptionalSend;
+use openraft::RaftSnapshotBuilder;
+use openraft::storage::EntryResponder;
+use openraft::storage::RaftStateMachine;
+use serde::Deserialize;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::command::MetaCommand;
+use super::command::MetaError;
+use super::command::MetaReply;
+use super::state::MetaState;
+use crate::sm_common;
+
+const STATE_KEY: &[u8] = b"state";
+
+/// A consistent view of the metadata: the state as of `last_applied`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaView {
+    pub state: MetaState,
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+}
+
+pub struct MetaStateMachine {
+    view: MetaView,
+    tree: Arc<dyn KvTree>,
+    store: Arc<dyn StateStore>,
+    tx: watch::Sender<Arc<MetaView>>,
+}
+
+impl MetaStateMachine {
+    /// Opens the state machine from the state store (tree `meta`).
+    pub fn open(store: Arc<dyn StateStore>) -> io::Result<(Self, watch::Receiver<Arc<MetaView>>)> {
+        let tree = store.tree("meta")?;
+        let view = match tree.get(STATE_KEY)? {
+            Some(b) => sm_common::decode(&b, "metadata state")?,
+            None => MetaView::default(),
+        };
+        let (tx, rx) = watch::channel(Arc::new(view.clone()));
+        Ok((Self { view, tree, store, tx }, rx))
+    }
+
+    fn persist(&self, batch: &mut KvBatch) {
+        batch.put(STATE_KEY, sm_common::encode(&self.view));
+    }
+
+    fn publish(&self) {
+        self.tx.send_replace(Arc::new(self.view.clone()));
+    }
+}
+
+impl RaftStateMachine<C> for MetaStateMachine {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = MetaSnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        Ok((self.view.last_applied, self.view.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<C>, io::Error>> + Unpin + OptionalSend,
+    {
+        let mut replies = Vec::new();
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            self.view.last_applied = Some(entry.log_id);
+            let reply = match entry.payload {
+                EntryPayload::Blank => MetaReply::Done,
+                EntryPayload::Normal(p) => match MetaCommand::decode(&p.0) {
+                    Ok(cmd) => self.view.state.apply(cmd),
+                    // Every replica decodes the same bytes the same way, so replying with an
+                    // error keeps them in agreement.
+                    Err(e) => MetaReply::Error(MetaError::Invalid(format!("undecodable metadata command: {e}"))),
+                },
+                EntryPayload::Membership(m) => {
+                    self.view.state.apply_membership(&m);
+                    self.view.membership = StoredMembership::new(Some(entry.log_id), m);
+                    MetaReply::Done
+                }
+            };
+            if let Some(r) = responder {
+                replies.push((r, reply));
+            }
+        }
+        let mut batch = KvBatch::default();
+        self.persist(&mut batch);
+        self.tree.apply(batch)?;
+        self.publish();
+        for (r, reply) in replies {
+            r.send(Reply(reply.encode()));
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        MetaSnapshotBuilder { view: self.view.clone(), tree: self.tree.clone(), store: self.store.clone() }
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+        let view: MetaView = sm_common::decode(&snapshot, "metadata snapshot")?;
+        self.view = MetaView { state: view.state, last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
+        let mut batch = KvBatch::default();
+        self.persist(&mut batch);
+        sm_common::put_snapshot(&mut batch, meta, &snapshot);
+        self.tree.apply(batch)?;
+        self.store.flush().await?;
+        self.publish();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        sm_common::load_snapshot(self.tree.as_ref())
+    }
+}
+
+/// Builds a snapshot of the metadata as of the moment it was created.
+pub struct MetaSnapshotBuilder {
+    view: MetaView,
+    tree: Arc<dyn KvTree>,
+    store: Arc<dyn StateStore>,
+}
+
+impl RaftSnapshotBuilder<C> for MetaSnapshotBuilder {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let data = sm_common::encode(&self.view);
+        let meta = SnapshotMeta { last_log_id: self.view.last_applied, last_membership: self.view.membership.clone() };
+        let mut batch = KvBatch::default();
+        sm_common::put_snapshot(&mut batch, &meta, &data);
+        self.tree.apply(batch)?;
+        // openraft purges the log up to the snapshot once this returns, so the snapshot and the
+        // state it covers must be durable first.
+        self.store.flush().await?;
+        Ok(Snapshot { meta, snapshot: data })
+    }
+}

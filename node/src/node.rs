@@ -1,0 +1,205 @@
+//! Wiring of one broker node: the metadata group, the partition manager, and the gRPC servers,
+//! all built from a [`NodeConfig`] and the seams in [`NodeEnv`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+use anyhow::bail;
+use eddy_proto::v1::broker_server::BrokerServer;
+use eddy_raft::META_GROUP;
+use eddy_raft::NodeAddr;
+use eddy_raft::NodeId;
+use eddy_raft::Runtime;
+use eddy_raft::kv::KvBatch;
+use eddy_raft::log::LogConfig;
+use eddy_raft::log::LogStore;
+use eddy_raft::network::GroupNetwork;
+use eddy_raft::registry::Registry;
+use eddy_raft::service::RaftService;
+use eddy_raft::transport::Peers;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use tracing::info;
+use tracing::info_span;
+use tracing::warn;
+
+use crate::broker::BrokerService;
+use crate::broker::BrokerState;
+use crate::config::NodeConfig;
+use crate::env::Incoming;
+use crate::env::NodeEnv;
+use crate::limits::GRPC_MESSAGE_BYTES_MAX;
+use crate::manager::Groups;
+use crate::manager::PartitionManager;
+use crate::manager::group_seed;
+use crate::meta::MetaHandle;
+use crate::meta::MetaStateMachine;
+use crate::meta::handle::MetaForwardService;
+use crate::meta::handle::MetaRaft;
+use crate::raft_config;
+
+/// A running node. Dropping it does not stop it; call [`NodeHandle::shutdown`].
+pub struct NodeHandle {
+    pub me: NodeId,
+    pub meta: MetaHandle,
+    pub groups: Arc<Groups>,
+    pub broker: Arc<BrokerState>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl NodeHandle {
+    /// Stops serving, stops every Raft group, and waits for all of the node's tasks.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        if let Err(e) = self.meta.raft().shutdown().await {
+            warn!("stopping the metadata group: {e}");
+        }
+    }
+
+    /// True once the node takes part in the metadata group (knows its leader).
+    pub fn is_ready(&self) -> bool {
+        self.meta.is_ready()
+    }
+}
+
+/// Checks that `data_dir` belongs to this node id, recording the id on first start.
+async fn check_identity(env: &NodeEnv, me: NodeId) -> anyhow::Result<()> {
+    let tree = env.state_store.tree("node").context("open the node identity")?;
+    match tree.get(b"id").context("read the node identity")? {
+        Some(v) => {
+            let stored = u64::from_be_bytes(v.as_slice().try_into().context("node identity is corrupt")?);
+            if stored != me {
+                bail!("data_dir belongs to node {stored}, but this node is configured as node_id {me}");
+            }
+        }
+        None => {
+            let mut b = KvBatch::default();
+            b.put(*b"id", me.to_be_bytes());
+            tree.apply(b).context("write the node identity")?;
+            env.state_store.flush().await.context("flush the node identity")?;
+        }
+    }
+    Ok(())
+}
+
+/// Starts a node: opens its storage, joins (or forms) the metadata group, and serves clients on
+/// `client_incoming` and peers on `raft_incoming`.
+pub async fn start(
+    config: NodeConfig,
+    env: NodeEnv,
+    client_incoming: Incoming,
+    raft_incoming: Incoming,
+) -> anyhow::Result<NodeHandle> {
+    config.validate()?;
+    let me = config.node_id;
+    check_identity(&env, me).await?;
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let peers = Arc::new(Peers::new(env.connector.clone()));
+    let client_peers = Arc::new(Peers::new(env.connector.clone()));
+    let registry = Arc::new(Registry::default());
+
+    // The metadata group.
+    let meta_dir = config.data_dir.join("groups").join(META_GROUP.to_string());
+    let (log, _) = LogStore::open(env.vfs.clone(), &meta_dir, LogConfig { segment_bytes_max: 16 << 20 })
+        .await
+        .context("open the metadata log")?;
+    let pristine = log.is_pristine();
+    let (sm, view) = MetaStateMachine::open(env.state_store.clone()).context("open the metadata state")?;
+    let network = GroupNetwork::new(META_GROUP, me, peers.clone());
+    let raft: MetaRaft = Runtime::scope(
+        group_seed(env.seed, META_GROUP),
+        MetaRaft::new(me, raft_config::metadata_group(), network, log, sm),
+    )
+    .await
+    .context("start the metadata group")?;
+    registry.insert(META_GROUP, Arc::new(raft.clone()));
+    let meta = MetaHandle::new(raft.clone(), view, peers.clone(), me);
+    registry.set_forwarder(Arc::new(MetaForwardService { handle: meta.clone() }));
+
+    let lowest = config.initial_members.iter().map(|m| m.id).min();
+    if pristine && lowest == Some(me) {
+        let members: BTreeMap<NodeId, NodeAddr> = config
+            .initial_members
+            .iter()
+            .map(|m| (m.id, NodeAddr { raft_addr: m.raft_addr.clone(), client_addr: m.client_addr.clone() }))
+            .collect();
+        info!(node = me, ?members, "forming a new cluster");
+        Runtime::scope(group_seed(env.seed, META_GROUP), raft.initialize(members))
+            .await
+            .context("initialize the metadata group")?;
+    }
+
+    let groups = Arc::new(Groups::default());
+    let broker = Arc::new(BrokerState {
+        me,
+        limits: config.limits.clone(),
+        meta: meta.clone(),
+        groups: groups.clone(),
+        clock: env.clock.clone(),
+        client_peers,
+    });
+
+    // Peers' Raft traffic.
+    let raft_service = RaftService::new(registry.clone(), me, env.seed).into_server();
+    let shutdown = cancel.clone();
+    tasks.spawn(
+        async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(raft_service)
+                .serve_with_incoming_shutdown(raft_incoming, shutdown.cancelled_owned())
+                .await;
+            if let Err(e) = r {
+                warn!("Raft server stopped: {e}");
+            }
+        }
+        .instrument(info_span!("raft_server", node = me)),
+    );
+
+    // Clients, with health checking and reflection (so `grpcurl list` works).
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<BrokerServer<BrokerService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(eddy_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("build the reflection service")?;
+    let broker_service = BrokerServer::new(BrokerService::new(broker.clone()))
+        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    let shutdown = cancel.clone();
+    tasks.spawn(
+        async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(reflection)
+                .add_service(broker_service)
+                .serve_with_incoming_shutdown(client_incoming, shutdown.cancelled_owned())
+                .await;
+            if let Err(e) = r {
+                warn!("client server stopped: {e}");
+            }
+        }
+        .instrument(info_span!("client_server", node = me)),
+    );
+
+    let manager = PartitionManager {
+        me,
+        env: env.clone(),
+        data_dir: config.data_dir.clone(),
+        segment_bytes: config.segment_bytes,
+        meta: meta.clone(),
+        groups: groups.clone(),
+        registry: registry.clone(),
+        peers,
+        tasks: tasks.clone(),
+    };
+    tasks.spawn(manager.run(cancel.clone()).instrument(info_span!("partition_manager", node = me)));
+
+    Ok(NodeHandle { me, meta, groups, broker, cancel, tasks })
+}

@@ -1,0 +1,268 @@
+//! [`PartitionHandle`]: a running partition replica as the client services see it.
+//!
+//! Produce goes through Raft on the leader and returns once the batch is committed (on a quorum
+//! of disks) and applied. Fetch reads this replica's own log through the offset index, never
+//! past the applied high watermark, so any replica can serve it without talking to the leader.
+
+use openraft::async_runtime::WatchReceiver;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eddy_raft::C;
+use eddy_raft::GroupId;
+use eddy_raft::NodeId;
+use eddy_raft::Payload;
+use eddy_raft::kv::KvTree;
+use eddy_raft::log::LogReader;
+use openraft::EntryPayload;
+use openraft::errors::ClientWriteError;
+use openraft::errors::RaftError;
+use tokio::sync::watch;
+
+use super::command::PartitionCommand;
+use super::command::PartitionReply;
+use super::command::ProduceBatch;
+use super::command::StoredRecord;
+use super::sm::PartitionStateMachine;
+use super::sm::Progress;
+use super::state::IndexEntry;
+use super::state::offset_key;
+use crate::error::BrokerError;
+use crate::error::Result;
+use crate::meta::MetaHandle;
+
+pub type PartitionRaft = openraft::Raft<C, PartitionStateMachine>;
+
+/// Offset-index entries read per scan while serving a fetch.
+const INDEX_SCAN_MAX: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Produced {
+    pub base_offset: u64,
+    pub count: u32,
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedRecord {
+    pub offset: u64,
+    pub record: StoredRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    pub records: Vec<FetchedRecord>,
+    pub high_watermark: u64,
+    pub log_start_offset: u64,
+    pub next_offset: u64,
+}
+
+/// A partition's status on this replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub is_leader: bool,
+    pub progress: Progress,
+}
+
+struct Inner {
+    topic: String,
+    partition: u32,
+    group: GroupId,
+    me: NodeId,
+    raft: PartitionRaft,
+    progress: watch::Receiver<Progress>,
+    index: Arc<dyn KvTree>,
+    log: LogReader,
+    meta: MetaHandle,
+}
+
+#[derive(Clone)]
+pub struct PartitionHandle {
+    inner: Arc<Inner>,
+}
+
+impl PartitionHandle {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        topic: String,
+        partition: u32,
+        group: GroupId,
+        me: NodeId,
+        raft: PartitionRaft,
+        progress: watch::Receiver<Progress>,
+        index: Arc<dyn KvTree>,
+        log: LogReader,
+        meta: MetaHandle,
+    ) -> Self {
+        Self { inner: Arc::new(Inner { topic, partition, group, me, raft, progress, index, log, meta }) }
+    }
+
+    pub fn raft(&self) -> &PartitionRaft {
+        &self.inner.raft
+    }
+
+    pub fn group(&self) -> GroupId {
+        self.inner.group
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.inner.topic
+    }
+
+    pub fn partition(&self) -> u32 {
+        self.inner.partition
+    }
+
+    fn what(&self) -> String {
+        format!("{}/{}", self.inner.topic, self.inner.partition)
+    }
+
+    pub fn status(&self) -> ReplicaStatus {
+        let m = self.inner.raft.metrics().borrow_watched().clone();
+        ReplicaStatus {
+            leader: m.current_leader,
+            term: m.current_term,
+            is_leader: m.current_leader == Some(self.inner.me),
+            progress: *self.inner.progress.borrow(),
+        }
+    }
+
+    pub fn log_bytes(&self) -> u64 {
+        self.inner.log.bytes()
+    }
+
+    fn not_leader(&self, leader: Option<NodeId>) -> BrokerError {
+        let leader = leader.filter(|l| *l != self.inner.me);
+        let leader_addr =
+            leader.and_then(|l| self.inner.meta.view().state.nodes.get(&l).map(|n| n.addr.client_addr.clone()));
+        BrokerError::NotLeader { what: self.what(), me: self.inner.me, leader, leader_addr }
+    }
+
+    /// Appends a batch; returns once it is committed and applied (or refused).
+    pub async fn produce(&self, batch: ProduceBatch, timeout: Duration) -> Result<Produced> {
+        let producer_id = batch.producer_id;
+        let payload = Payload(PartitionCommand::Produce(batch).encode());
+        let write = self.inner.raft.client_write(payload);
+        let resp = match tokio::time::timeout(timeout, write).await {
+            Err(_) => {
+                return Err(BrokerError::Timeout(format!(
+                    "{}: the batch was not committed within {timeout:?}; it may or may not be written \
+                     (an idempotent producer can retry safely)",
+                    self.what()
+                )));
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                return Err(self.not_leader(f.leader_id));
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)))) => {
+                // The entry was dropped by a new leader: it may or may not have committed.
+                let _ = f;
+                return Err(BrokerError::Unavailable(format!(
+                    "{}: leadership changed while the batch was in flight; it may or may not be written \
+                     (an idempotent producer can retry safely)",
+                    self.what()
+                )));
+            }
+            Ok(Err(e)) => return Err(BrokerError::Unavailable(format!("{}: {e}", self.what()))),
+            Ok(Ok(r)) => r,
+        };
+        match PartitionReply::decode(&resp.data.0) {
+            Ok(PartitionReply::Produced { base_offset, count, duplicate }) => Ok(Produced { base_offset, count, duplicate }),
+            Ok(PartitionReply::OutOfOrderSequence { expected, got }) => {
+                Err(BrokerError::OutOfOrderSequence { producer_id, expected, got })
+            }
+            Ok(PartitionReply::Invalid(msg)) => Err(BrokerError::InvalidArgument(msg)),
+            Ok(PartitionReply::Done) => Err(BrokerError::Internal("produce applied without a result".into())),
+            Err(e) => Err(BrokerError::Internal(format!("undecodable partition reply: {e}"))),
+        }
+    }
+
+    /// Reads committed records from `offset`, waiting up to `max_wait` for one to exist.
+    pub async fn fetch(&self, offset: u64, max_bytes: usize, max_records: usize, max_wait: Duration) -> Result<Fetched> {
+        let mut rx = self.inner.progress.clone();
+        let p = *rx.borrow_and_update();
+        if offset < p.log_start_offset {
+            return Err(BrokerError::OffsetOutOfRange { what: self.what(), offset, log_start: p.log_start_offset });
+        }
+        if offset >= p.next_offset && !max_wait.is_zero() {
+            // Cancel-safe: waiting on a watch only observes values.
+            let _ = tokio::time::timeout(max_wait, rx.wait_for(|p| p.next_offset > offset)).await;
+        }
+        let p = *rx.borrow();
+        let mut out = Fetched {
+            records: Vec::new(),
+            high_watermark: p.next_offset,
+            log_start_offset: p.log_start_offset,
+            next_offset: offset,
+        };
+        if offset >= p.next_offset {
+            return Ok(out);
+        }
+        self.read(offset, p.next_offset, max_bytes, max_records, &mut out)?;
+        Ok(out)
+    }
+
+    fn read(&self, offset: u64, hw: u64, max_bytes: usize, max_records: usize, out: &mut Fetched) -> Result<()> {
+        let internal = |e: std::io::Error| BrokerError::Internal(format!("{}: reading the log: {e}", self.what()));
+        let Some((k, _)) = self.inner.index.floor(&offset_key(offset)).map_err(internal)? else {
+            return Err(BrokerError::Internal(format!("{}: no index entry at or below offset {offset}", self.what())));
+        };
+        let mut from = k;
+        let mut bytes = 0usize;
+        'scan: loop {
+            let entries: Vec<IndexEntry> = self
+                .inner
+                .index
+                .scan(&from, &offset_key(hw), INDEX_SCAN_MAX)
+                .map_err(internal)?
+                .into_iter()
+                .filter_map(|(k, v)| IndexEntry::decode(&k, &v))
+                .collect();
+            let Some(last) = entries.last().copied() else { break };
+            // Read runs of consecutive log entries with one read each.
+            let mut i = 0;
+            while i < entries.len() {
+                let mut j = i + 1;
+                while j < entries.len() && entries[j].log_index == entries[j - 1].log_index + 1 {
+                    j += 1;
+                }
+                let run = &entries[i..j];
+                let start = run[0].log_index;
+                let end = run[run.len() - 1].log_index + 1;
+                let logs = self.inner.log.read(start, end, max_bytes.saturating_sub(bytes).max(1)).map_err(internal)?;
+                for (e, log_entry) in run.iter().zip(logs.iter()) {
+                    let EntryPayload::Normal(p) = &log_entry.payload else {
+                        return Err(BrokerError::Internal(format!("{}: index points at a non-data entry", self.what())));
+                    };
+                    let PartitionCommand::Produce(batch) = PartitionCommand::decode(&p.0)
+                        .map_err(|err| BrokerError::Internal(format!("{}: undecodable batch: {err}", self.what())))?;
+                    assert_eq!(batch.records.len(), e.count as usize, "index count matches the batch");
+                    for (k, record) in batch.records.into_iter().enumerate() {
+                        let o = e.base_offset + k as u64;
+                        if o < offset {
+                            continue;
+                        }
+                        if o >= hw || out.records.len() >= max_records || (bytes >= max_bytes && !out.records.is_empty()) {
+                            break 'scan;
+                        }
+                        bytes += record.size();
+                        out.records.push(FetchedRecord { offset: o, record });
+                        out.next_offset = o + 1;
+                    }
+                }
+                if logs.len() < run.len() {
+                    // The byte budget cut the read short.
+                    break 'scan;
+                }
+                i = j;
+            }
+            if entries.len() < INDEX_SCAN_MAX {
+                break;
+            }
+            from = offset_key(last.base_offset + 1).to_vec();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,203 @@
+//! A partition group's state machine: applies produce batches (assigning offsets, deduplicating
+//! idempotent retries), persists the partition state and offset index in the state store with
+//! the last applied log id, and publishes the new high watermark.
+
+use std::io;
+use std::sync::Arc;
+
+use eddy_raft::C;
+use eddy_raft::GroupId;
+use eddy_raft::LogId;
+use eddy_raft::Reply;
+use eddy_raft::Snapshot;
+use eddy_raft::SnapshotData;
+use eddy_raft::SnapshotMeta;
+use eddy_raft::StoredMembership;
+use eddy_raft::kv::KvBatch;
+use eddy_raft::kv::KvTree;
+use eddy_raft::kv::StateStore;
+use futures::Stream;
+use futures::StreamExt;
+use openraft::EntryPayload;
+use openraft::OptionalSend;
+use openraft::RaftSnapshotBuilder;
+use openraft::storage::EntryResponder;
+use openraft::storage::RaftStateMachine;
+use serde::Deserialize;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::command::PartitionCommand;
+use super::command::PartitionReply;
+use super::producers::PRODUCERS_MAX;
+use super::producers::ProducerEntry;
+use super::producers::ProducerTable;
+use super::state::META_KEY;
+use super::state::PartitionMeta;
+use super::state::PartitionState;
+use super::state::producer_key;
+use super::state::producer_key_range;
+use crate::sm_common;
+
+/// What readers need to know about the applied state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The high watermark: records below it are committed and readable.
+    pub next_offset: u64,
+    pub log_start_offset: u64,
+    pub last_applied: Option<LogId>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PartitionSnapshot {
+    meta: PartitionMeta,
+    producers: Vec<(u64, ProducerEntry)>,
+}
+
+pub struct PartitionStateMachine {
+    state: PartitionState,
+    tree: Arc<dyn KvTree>,
+    store: Arc<dyn StateStore>,
+    progress: watch::Sender<Progress>,
+}
+
+/// The state-store tree of a partition group.
+pub fn tree_name(group: GroupId) -> String {
+    format!("g{group}")
+}
+
+impl PartitionStateMachine {
+    pub fn open(
+        store: Arc<dyn StateStore>,
+        group: GroupId,
+    ) -> io::Result<(Self, watch::Receiver<Progress>, Arc<dyn KvTree>)> {
+        let tree = store.tree(&tree_name(group))?;
+        let meta: PartitionMeta = match tree.get(META_KEY)? {
+            Some(b) => sm_common::decode(&b, "partition state")?,
+            None => PartitionMeta::default(),
+        };
+        let (from, to) = producer_key_range();
+        let mut producers = Vec::new();
+        for (k, v) in tree.scan(&from, &to, PRODUCERS_MAX + 1)? {
+            let id = u64::from_be_bytes(k[1..].try_into().map_err(io::Error::other)?);
+            producers.push((id, sm_common::decode::<ProducerEntry>(&v, "producer entry")?));
+        }
+        let state = PartitionState { meta, producers: ProducerTable::from_entries(producers) };
+        let (progress, rx) = watch::channel(progress_of(&state.meta));
+        Ok((Self { state, tree: tree.clone(), store, progress }, rx, tree))
+    }
+}
+
+fn progress_of(m: &PartitionMeta) -> Progress {
+    Progress { next_offset: m.next_offset, log_start_offset: m.log_start_offset, last_applied: m.last_applied }
+}
+
+impl RaftStateMachine<C> for PartitionStateMachine {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = PartitionSnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        Ok((self.state.meta.last_applied, self.state.meta.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<C>, io::Error>> + Unpin + OptionalSend,
+    {
+        let mut batch = KvBatch::default();
+        let mut replies = Vec::new();
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            self.state.meta.last_applied = Some(entry.log_id);
+            let reply = match entry.payload {
+                EntryPayload::Blank => PartitionReply::Done,
+                EntryPayload::Normal(p) => match PartitionCommand::decode(&p.0) {
+                    Ok(cmd) => self.state.apply(entry.log_id.index, cmd, &mut batch),
+                    Err(e) => PartitionReply::Invalid(format!("undecodable partition command: {e}")),
+                },
+                EntryPayload::Membership(m) => {
+                    self.state.meta.membership = StoredMembership::new(Some(entry.log_id), m);
+                    PartitionReply::Done
+                }
+            };
+            if let Some(r) = responder {
+                replies.push((r, reply));
+            }
+        }
+        batch.put(META_KEY, sm_common::encode(&self.state.meta));
+        // The index entries are written before the high watermark moves, so a reader that sees
+        // the new watermark finds every record below it.
+        self.tree.apply(batch)?;
+        self.progress.send_replace(progress_of(&self.state.meta));
+        for (r, reply) in replies {
+            r.send(Reply(reply.encode()));
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let snapshot = PartitionSnapshot {
+            meta: self.state.meta.clone(),
+            producers: self.state.producers.entries().map(|(k, v)| (*k, v.clone())).collect(),
+        };
+        PartitionSnapshotBuilder { snapshot: Some(snapshot), tree: self.tree.clone(), store: self.store.clone() }
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: SnapshotData) -> Result<(), io::Error> {
+        let snap: PartitionSnapshot = sm_common::decode(&data, "partition snapshot")?;
+        // This replica's log restarts after the snapshot, so the records before it are gone
+        // here: the log starts at the snapshot's high watermark.
+        let mut m = snap.meta;
+        m.last_applied = meta.last_log_id;
+        m.membership = meta.last_membership.clone();
+        m.log_start_offset = m.next_offset;
+        let mut batch = KvBatch::default();
+        loop {
+            let keys = self.tree.scan(&[], &[0xff; 10], 4096)?;
+            if keys.is_empty() {
+                break;
+            }
+            let mut del = KvBatch::default();
+            for (k, _) in keys {
+                del.delete(k);
+            }
+            self.tree.apply(del)?;
+        }
+        for (id, e) in &snap.producers {
+            batch.put(producer_key(*id), sm_common::encode(e));
+        }
+        batch.put(META_KEY, sm_common::encode(&m));
+        sm_common::put_snapshot(&mut batch, meta, &data);
+        self.tree.apply(batch)?;
+        self.store.flush().await?;
+        self.state = PartitionState { meta: m, producers: ProducerTable::from_entries(snap.producers) };
+        self.progress.send_replace(progress_of(&self.state.meta));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        sm_common::load_snapshot(self.tree.as_ref())
+    }
+}
+
+/// Builds a snapshot of the partition's state (not its records) as of its creation.
+pub struct PartitionSnapshotBuilder {
+    snapshot: Option<PartitionSnapshot>,
+    tree: Arc<dyn KvTree>,
+    store: Arc<dyn StateStore>,
+}
+
+impl RaftSnapshotBuilder<C> for PartitionSnapshotBuilder {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let snap = self.snapshot.take().ok_or_else(|| io::Error::other("snapshot builder used twice"))?;
+        let data = sm_common::encode(&snap);
+        let meta = SnapshotMeta { last_log_id: snap.meta.last_applied, last_membership: snap.meta.membership.clone() };
+        let mut batch = KvBatch::default();
+        sm_common::put_snapshot(&mut batch, &meta, &data);
+        self.tree.apply(batch)?;
+        self.store.flush().await?;
+        Ok(Snapshot { meta, snapshot: data })
+    }
+}

@@ -1,0 +1,438 @@
+//! [`Client`]: a connection to an Eddy cluster. It keeps one channel per broker address and a
+//! cache of the cluster's metadata, routes produce requests to partition leaders, and retries
+//! what can be retried.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use eddy_proto::v1 as pb;
+use eddy_proto::v1::broker_client::BrokerClient;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic::transport::Endpoint;
+
+use crate::error::ClientError;
+use crate::error::Result;
+
+/// Largest response the client accepts (fetches are bounded well below this by the server).
+const RESPONSE_BYTES_MAX: usize = 64 << 20;
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Deadline of each RPC (long polls add their wait).
+    pub request_timeout: Duration,
+    /// First and last pause between retries (doubling in between).
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// How long a produce keeps retrying before it fails.
+    pub delivery_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(10),
+            backoff_min: Duration::from_millis(25),
+            backoff_max: Duration::from_secs(1),
+            delivery_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A doubling pause between retries, within the config's bounds.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(config: &ClientConfig) -> Self {
+        Self { next: config.backoff_min, max: config.backoff_max }
+    }
+
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(self.max);
+    }
+}
+
+/// Where to read a partition from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaChoice {
+    Leader,
+    /// A replica other than the leader when one is reachable, else the leader.
+    Follower,
+    /// Exactly this node's replica.
+    Node(u64),
+}
+
+/// The cluster as the client last saw it.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterMetadata {
+    pub nodes: BTreeMap<u64, pb::NodeInfo>,
+    pub metadata_leader: Option<u64>,
+    pub topics: BTreeMap<String, pb::TopicMetadata>,
+    pub limits: pb::Limits,
+    /// The node that answered.
+    pub answered_by: u64,
+}
+
+impl ClusterMetadata {
+    pub fn client_addr(&self, node: u64) -> Option<&str> {
+        self.nodes.get(&node).map(|n| n.client_addr.as_str())
+    }
+
+    pub fn partition(&self, topic: &str, partition: u32) -> Option<&pb::PartitionMetadata> {
+        self.topics.get(topic)?.partitions.get(partition as usize)
+    }
+}
+
+struct Inner {
+    bootstrap: Vec<String>,
+    config: ClientConfig,
+    channels: Mutex<BTreeMap<String, Channel>>,
+    metadata: RwLock<Arc<ClusterMetadata>>,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// Connects to the cluster through any of `brokers` (`host:port`), loading its metadata.
+    pub async fn connect(brokers: &[String], config: ClientConfig) -> Result<Self> {
+        if brokers.is_empty() {
+            return Err(ClientError::Invalid("--brokers: at least one broker address is needed".into()));
+        }
+        let client = Self {
+            inner: Arc::new(Inner {
+                bootstrap: brokers.to_vec(),
+                config,
+                channels: Mutex::new(BTreeMap::new()),
+                metadata: RwLock::new(Arc::new(ClusterMetadata::default())),
+            }),
+        };
+        client.refresh_metadata().await?;
+        Ok(client)
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// A gRPC client for the broker at `addr`.
+    pub fn broker(&self, addr: &str) -> Result<BrokerClient<Channel>> {
+        let mut channels = self.inner.channels.lock().expect("channel lock poisoned");
+        let ch = match channels.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let ep = Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|e| ClientError::Invalid(format!("--brokers: {addr:?} is not a valid address: {e}")))?
+                    .connect_timeout(Duration::from_secs(2))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(5))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .http2_adaptive_window(true);
+                let ch = ep.connect_lazy();
+                channels.insert(addr.to_owned(), ch.clone());
+                ch
+            }
+        };
+        Ok(BrokerClient::new(ch).max_decoding_message_size(RESPONSE_BYTES_MAX).max_encoding_message_size(RESPONSE_BYTES_MAX))
+    }
+
+    /// The addresses to try for a cluster-wide request: known nodes first, then the bootstrap list.
+    fn candidates(&self) -> Vec<String> {
+        let md = self.metadata();
+        let mut out: Vec<String> = Vec::new();
+        if let Some(l) = md.metadata_leader.and_then(|l| md.client_addr(l)) {
+            out.push(l.to_owned());
+        }
+        for n in md.nodes.values() {
+            if !out.contains(&n.client_addr) {
+                out.push(n.client_addr.clone());
+            }
+        }
+        for b in &self.inner.bootstrap {
+            if !out.contains(b) {
+                out.push(b.clone());
+            }
+        }
+        out
+    }
+
+    /// Runs `f` against brokers in turn until one answers (with success or a non-retriable
+    /// error), backing off between rounds, for at most the request timeout.
+    pub async fn call_any<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T>
+    where
+        F: FnMut(BrokerClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        let mut backoff = Backoff::new(&self.inner.config);
+        let mut last = ClientError::Unavailable(format!("{what}: no broker answered"));
+        loop {
+            for addr in self.candidates() {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    return Err(last);
+                }
+                let client = self.broker(&addr)?;
+                match tokio::time::timeout(remaining, f(client)).await {
+                    Ok(Ok(r)) => return Ok(r.into_inner()),
+                    Ok(Err(status)) => {
+                        let e = ClientError::from_status(&status);
+                        if !e.is_retriable() {
+                            return Err(e);
+                        }
+                        last = ClientError::Unavailable(format!("{what}: broker {addr}: {e}"));
+                    }
+                    Err(_) => last = ClientError::Unavailable(format!("{what}: broker {addr} did not answer in time")),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(last);
+            }
+            backoff.wait().await;
+        }
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(self.inner.config.request_timeout);
+        r
+    }
+
+    /// The cached metadata.
+    pub fn metadata(&self) -> Arc<ClusterMetadata> {
+        self.inner.metadata.read().expect("metadata lock poisoned").clone()
+    }
+
+    /// Reloads the metadata from the cluster.
+    pub async fn refresh_metadata(&self) -> Result<Arc<ClusterMetadata>> {
+        let resp = self
+            .call_any("metadata", |mut c| {
+                let req = self.request(pb::MetadataRequest { topics: vec![] });
+                async move { c.metadata(req).await }
+            })
+            .await?;
+        let md = Arc::new(ClusterMetadata {
+            nodes: resp.nodes.into_iter().map(|n| (n.id, n)).collect(),
+            metadata_leader: resp.metadata_leader,
+            topics: resp.topics.into_iter().map(|t| (t.name.clone(), t)).collect(),
+            limits: resp.limits.unwrap_or_default(),
+            answered_by: resp.node_id,
+        });
+        *self.inner.metadata.write().expect("metadata lock poisoned") = md.clone();
+        Ok(md)
+    }
+
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u32,
+        config: BTreeMap<String, String>,
+    ) -> Result<pb::TopicMetadata> {
+        let req = pb::CreateTopicRequest { name: name.to_owned(), partitions, replication_factor, config: config.into_iter().collect() };
+        let resp = self
+            .call_any("create topic", |mut c| {
+                let r = self.request(req.clone());
+                async move { c.create_topic(r).await }
+            })
+            .await?;
+        resp.topic.ok_or_else(|| ClientError::Unavailable("create topic: empty answer".into()))
+    }
+
+    pub async fn list_topics(&self) -> Result<Vec<pb::TopicSummary>> {
+        let resp = self
+            .call_any("list topics", |mut c| {
+                let r = self.request(pb::ListTopicsRequest {});
+                async move { c.list_topics(r).await }
+            })
+            .await?;
+        Ok(resp.topics)
+    }
+
+    pub async fn describe_topic(&self, name: &str) -> Result<pb::TopicMetadata> {
+        let resp = self
+            .call_any("describe topic", |mut c| {
+                let r = self.request(pb::DescribeTopicRequest { name: name.to_owned() });
+                async move { c.describe_topic(r).await }
+            })
+            .await?;
+        resp.topic.ok_or_else(|| ClientError::Unavailable("describe topic: empty answer".into()))
+    }
+
+    /// Asks one node about itself, with a short deadline: a liveness probe.
+    pub async fn node_status(&self, addr: &str, timeout: Duration) -> Result<pb::NodeStatusResponse> {
+        let mut c = self.broker(addr)?;
+        let mut r = tonic::Request::new(pb::NodeStatusRequest {});
+        r.set_timeout(timeout);
+        match tokio::time::timeout(timeout, c.node_status(r)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(ClientError::from_status(&s)),
+            Err(_) => Err(ClientError::Unavailable(format!("{addr} did not answer within {timeout:?}"))),
+        }
+    }
+
+    pub async fn init_producer(&self) -> Result<u64> {
+        let resp = self
+            .call_any("init producer", |mut c| {
+                let r = self.request(pb::InitProducerRequest {});
+                async move { c.init_producer(r).await }
+            })
+            .await?;
+        Ok(resp.producer_id)
+    }
+
+    /// The number of partitions of `topic`, refreshing the metadata once if it is unknown.
+    pub async fn partition_count(&self, topic: &str) -> Result<u32> {
+        if let Some(t) = self.metadata().topics.get(topic) {
+            return Ok(t.partitions.len() as u32);
+        }
+        let md = self.refresh_metadata().await?;
+        md.topics
+            .get(topic)
+            .map(|t| t.partitions.len() as u32)
+            .ok_or_else(|| ClientError::NotFound(format!("topic \"{topic}\" does not exist")))
+    }
+
+    /// Sends one produce request to the partition's leader, following leader hints and
+    /// retrying until the delivery timeout. The same `base_sequence` is used on every attempt,
+    /// so with a producer id a retry is never written twice.
+    pub async fn produce(&self, req: pb::ProduceRequest) -> Result<pb::ProduceResponse> {
+        let partition = req.partition.unwrap_or(0);
+        let deadline = Instant::now() + self.inner.config.delivery_timeout;
+        let mut backoff = Backoff::new(&self.inner.config);
+        let mut target: Option<String> = None;
+        let mut last = ClientError::Unavailable("produce: no attempt made".into());
+        loop {
+            if Instant::now() >= deadline {
+                return Err(last);
+            }
+            let addr = match target.take() {
+                Some(a) => a,
+                None => self.leader_addr(&req.topic, partition).await,
+            };
+            let mut c = self.broker(&addr)?;
+            let mut r = tonic::Request::new(req.clone());
+            let attempt_timeout = self.inner.config.request_timeout.min(deadline.saturating_duration_since(Instant::now()));
+            r.set_timeout(attempt_timeout);
+            let result = tokio::time::timeout(attempt_timeout, c.produce(r)).await;
+            let err = match result {
+                Ok(Ok(resp)) => return Ok(resp.into_inner()),
+                Ok(Err(status)) => ClientError::from_status(&status),
+                Err(_) => ClientError::Unavailable(format!("produce: {addr} did not answer in time")),
+            };
+            match &err {
+                ClientError::Server { code, leader_addr: Some(l), .. } if code == "not_leader" => {
+                    target = Some(l.clone());
+                    last = err;
+                    // The hint may be fresher than our metadata; go there without a long pause.
+                    tokio::time::sleep(self.inner.config.backoff_min).await;
+                    continue;
+                }
+                // A topic created moments ago may not have reached every node yet.
+                ClientError::NotFound(_) if err.to_string().contains("does not exist") => {}
+                e if e.is_retriable() => {}
+                _ => return Err(err),
+            }
+            last = err;
+            backoff.wait().await;
+            let _ = self.refresh_metadata().await;
+        }
+    }
+
+    /// The client address of the partition's leader as far as known, else any broker.
+    async fn leader_addr(&self, topic: &str, partition: u32) -> String {
+        let md = self.metadata();
+        if let Some(a) = md.partition(topic, partition).and_then(|p| p.leader).and_then(|l| md.client_addr(l)) {
+            return a.to_owned();
+        }
+        if let Some(a) = md.partition(topic, partition).and_then(|p| p.replicas.first()).and_then(|l| md.client_addr(*l)) {
+            return a.to_owned();
+        }
+        self.candidates().into_iter().next().unwrap_or_else(|| self.inner.bootstrap[0].clone())
+    }
+
+    /// The replicas to try for a fetch, best first.
+    fn fetch_targets(&self, topic: &str, partition: u32, choice: ReplicaChoice) -> Vec<String> {
+        let md = self.metadata();
+        let Some(p) = md.partition(topic, partition) else { return self.candidates() };
+        let addr = |n: u64| md.client_addr(n).map(str::to_owned);
+        match choice {
+            ReplicaChoice::Node(n) => addr(n).into_iter().collect(),
+            ReplicaChoice::Leader => {
+                let mut v: Vec<String> = p.leader.and_then(addr).into_iter().collect();
+                v.extend(p.replicas.iter().filter_map(|r| addr(*r)).filter(|a| !v.contains(a)).collect::<Vec<_>>());
+                v
+            }
+            ReplicaChoice::Follower => {
+                let mut v: Vec<String> = p.replicas.iter().filter(|r| Some(**r) != p.leader).filter_map(|r| addr(*r)).collect();
+                v.extend(p.leader.and_then(addr));
+                v
+            }
+        }
+    }
+
+    /// Reads from `offset`. Tries the chosen replicas in order; a replica that cannot answer is
+    /// skipped (for [`ReplicaChoice::Node`] there is no other, so it is retried until timeout).
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        choice: ReplicaChoice,
+        max_bytes: u32,
+        max_wait: Duration,
+    ) -> Result<pb::FetchResponse> {
+        if let ReplicaChoice::Node(n) = choice
+            && !self.metadata().nodes.contains_key(&n)
+        {
+            return Err(ClientError::Invalid(format!("--replica: node {n} is not a node of this cluster")));
+        }
+        let deadline = Instant::now() + self.inner.config.request_timeout + max_wait;
+        let mut backoff = Backoff::new(&self.inner.config);
+        let mut last = ClientError::Unavailable("fetch: no replica answered".into());
+        loop {
+            for addr in self.fetch_targets(topic, partition, choice) {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    return Err(last);
+                }
+                let mut c = self.broker(&addr)?;
+                let mut r = tonic::Request::new(pb::FetchRequest {
+                    topic: topic.to_owned(),
+                    partition,
+                    offset,
+                    max_bytes,
+                    max_wait_ms: max_wait.as_millis() as u32,
+                    max_records: 0,
+                });
+                r.set_timeout(remaining);
+                match tokio::time::timeout(remaining, c.fetch(r)).await {
+                    Ok(Ok(resp)) => return Ok(resp.into_inner()),
+                    Ok(Err(status)) => {
+                        let e = ClientError::from_status(&status);
+                        if !e.is_retriable() {
+                            return Err(e);
+                        }
+                        last = ClientError::Unavailable(format!("fetch from {addr}: {e}"));
+                    }
+                    Err(_) => last = ClientError::Unavailable(format!("fetch from {addr}: no answer in time")),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(last);
+            }
+            backoff.wait().await;
+            let _ = self.refresh_metadata().await;
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! Client errors, classified by what a caller can do about them.
+
+use eddy_proto::error_keys;
+use tonic::Code;
+use tonic::Status;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The request is wrong and retrying will not help; the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Nothing answered, or the cluster could not complete the request in time.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The server reported an error; `code` is its `eddy-error` code.
+    #[error("{message}")]
+    Server { code: String, message: String, leader_addr: Option<String> },
+}
+
+impl ClientError {
+    pub fn from_status(s: &Status) -> Self {
+        let md = s.metadata();
+        let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let code = get(error_keys::CODE);
+        let message = s.message().to_owned();
+        match (s.code(), code) {
+            (_, Some(code)) => {
+                let leader_addr = get(error_keys::LEADER_ADDR);
+                match code.as_str() {
+                    "invalid_argument" | "not_enough_nodes" => Self::Invalid(message),
+                    "unknown_topic" | "unknown_partition" => Self::NotFound(message),
+                    "topic_exists" => Self::AlreadyExists(message),
+                    _ => Self::Server { code, message, leader_addr },
+                }
+            }
+            (Code::InvalidArgument | Code::OutOfRange, None) => Self::Invalid(message),
+            (Code::NotFound, None) => Self::NotFound(message),
+            (Code::AlreadyExists, None) => Self::AlreadyExists(message),
+            (c, None) => Self::Unavailable(format!("{c:?}: {message}")),
+        }
+    }
+
+    /// The server's `eddy-error` code, if any.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// Whether the same request may succeed later or elsewhere.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Self::Unavailable(_) => true,
+            Self::Server { code, .. } => matches!(code.as_str(), "not_leader" | "not_replica" | "unavailable" | "timeout"),
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

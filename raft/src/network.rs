@@ -1,0 +1,311 @@
+//! The client half of the Raft transport: openraft's `RaftNetworkV2` over `eddy.v1.Raft`.
+//!
+//! Every call has a deadline. Pipelined replication (`stream_append`) has no deadline as a
+//! whole, since a stream lives as long as the leader replicates to that follower, so it is
+//! watched instead: when a request is outstanding and no response arrives for
+//! [`STREAM_RESPONSE_TIMEOUT_MIN`] (or four times openraft's per-RPC timeout, if larger), the
+//! stream fails with a timeout and openraft opens a new one.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use eddy_proto::RAFT_WIRE_VERSION;
+use eddy_proto::v1::RaftReply;
+use eddy_proto::v1::RaftRequest;
+use eddy_proto::v1::raft_client::RaftClient;
+use futures::StreamExt;
+use openraft::AnyError;
+use openraft::OptionalSend;
+use openraft::RPCTypes;
+use openraft::RaftNetworkFactory;
+use openraft::base::BoxFuture;
+use openraft::base::BoxStream;
+use openraft::errors::NetworkError;
+use openraft::errors::RPCError;
+use openraft::errors::ReplicationClosed;
+use openraft::errors::StreamingError;
+use openraft::errors::Timeout;
+use openraft::errors::Unreachable;
+use openraft::network::RPCOption;
+use openraft::network::v2::RaftNetworkV2;
+use openraft::raft::AppendEntriesRequest;
+use openraft::raft::AppendEntriesResponse;
+use openraft::raft::SnapshotResponse;
+use openraft::raft::StreamAppendResult;
+use openraft::raft::TransferLeaderRequest;
+use openraft::raft::TransferLeaderResponse;
+use openraft::raft::VoteRequest;
+use openraft::raft::VoteResponse;
+use serde::Deserialize;
+use serde::Serialize;
+use tonic::Code;
+use tonic::Status;
+use tonic::transport::Channel;
+
+use crate::codec;
+use crate::transport::Peers;
+use crate::types::C;
+use crate::types::GroupId;
+use crate::types::NodeAddr;
+use crate::types::NodeId;
+use crate::types::Snapshot;
+use crate::types::SnapshotData;
+use crate::types::SnapshotMeta;
+use crate::types::Vote;
+
+/// A replication stream with outstanding requests fails if no response comes for this long.
+pub const STREAM_RESPONSE_TIMEOUT_MIN: Duration = Duration::from_secs(2);
+/// gRPC metadata key naming the group of a `StreamAppend` stream.
+pub const GROUP_HEADER: &str = "eddy-group-id";
+/// Largest Raft message, in bytes. Entries are bounded by the produce request limit, and
+/// replication reads are bounded well below this (see `REPLICATION_READ_BYTES_MAX`).
+pub const RAFT_MESSAGE_BYTES_MAX: usize = 256 << 20;
+
+/// A snapshot and the vote of the leader sending it, as one message.
+#[derive(Serialize, Deserialize)]
+pub struct SnapshotEnvelope {
+    pub vote: Vote,
+    pub meta: SnapshotMeta,
+    pub data: SnapshotData,
+}
+
+/// Creates the connections of one group to its peers.
+pub struct GroupNetwork {
+    group: GroupId,
+    me: NodeId,
+    peers: Arc<Peers>,
+}
+
+impl GroupNetwork {
+    pub fn new(group: GroupId, me: NodeId, peers: Arc<Peers>) -> Self {
+        Self { group, me, peers }
+    }
+}
+
+impl RaftNetworkFactory<C> for GroupNetwork {
+    type Network = PeerLink;
+
+    async fn new_client(&mut self, target: NodeId, node: &NodeAddr) -> PeerLink {
+        let channel = self.peers.channel(target, &node.raft_addr);
+        let client = RaftClient::new(channel)
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+        PeerLink { group: self.group, me: self.me, target, client }
+    }
+}
+
+/// One group's connection to one peer (sharing the peer's channel with other groups).
+pub struct PeerLink {
+    group: GroupId,
+    me: NodeId,
+    target: NodeId,
+    client: RaftClient<Channel>,
+}
+
+impl PeerLink {
+    fn envelope(&self, payload: Vec<u8>) -> RaftRequest {
+        RaftRequest { group_id: self.group, version: RAFT_WIRE_VERSION, payload: payload.into(), from: self.me }
+    }
+
+    fn request(&self, payload: Vec<u8>, ttl: Duration) -> tonic::Request<RaftRequest> {
+        let mut req = tonic::Request::new(self.envelope(payload));
+        req.set_timeout(ttl);
+        req
+    }
+
+    fn rpc_error(&self, status: Status, action: RPCTypes, ttl: Duration) -> RPCError<C> {
+        status_to_rpc_error(status, action, self.me, self.target, ttl)
+    }
+
+    /// Runs a unary call with a deadline enforced on both sides (the server sees the
+    /// `grpc-timeout`; the local timer covers a peer that never answers).
+    async fn unary<T, Fut>(
+        &mut self,
+        action: RPCTypes,
+        ttl: Duration,
+        call: impl FnOnce(RaftClient<Channel>, tonic::Request<RaftRequest>) -> Fut,
+        payload: Vec<u8>,
+        what: &str,
+    ) -> Result<T, RPCError<C>>
+    where
+        T: serde::de::DeserializeOwned,
+        Fut: Future<Output = Result<tonic::Response<RaftReply>, Status>>,
+    {
+        let req = self.request(payload, ttl);
+        let reply = match tokio::time::timeout(ttl, call(self.client.clone(), req)).await {
+            Err(_) => return Err(timeout(action, self.me, self.target, ttl)),
+            Ok(Err(status)) => return Err(self.rpc_error(status, action, ttl)),
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        codec::decode(&reply.payload, what).map_err(|s| self.rpc_error(s, action, ttl))
+    }
+}
+
+fn timeout(action: RPCTypes, me: NodeId, target: NodeId, ttl: Duration) -> RPCError<C> {
+    RPCError::Timeout(Timeout { action, id: me, target, timeout: ttl })
+}
+
+fn status_to_rpc_error(status: Status, action: RPCTypes, me: NodeId, target: NodeId, ttl: Duration) -> RPCError<C> {
+    match status.code() {
+        Code::DeadlineExceeded | Code::Cancelled => timeout(action, me, target, ttl),
+        // A peer that is down, restarting, or not (yet) hosting the group: back off.
+        Code::Unavailable | Code::NotFound | Code::Unknown | Code::Internal | Code::FailedPrecondition => {
+            RPCError::Unreachable(Unreachable::new(&status))
+        }
+        _ => RPCError::Network(NetworkError::new(&status)),
+    }
+}
+
+impl RaftNetworkV2<C> for PeerLink {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<C>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
+        let payload = codec::encode(&rpc);
+        self.unary(
+            RPCTypes::AppendEntries,
+            option.hard_ttl(),
+            |mut c, r| async move { c.append_entries(r).await },
+            payload,
+            "AppendEntriesResponse",
+        )
+        .await
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<C>, RPCError<C>>>, RPCError<C>>>
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<C>> + OptionalSend + Unpin + 'static,
+    {
+        let ttl = option.hard_ttl();
+        let response_timeout = STREAM_RESPONSE_TIMEOUT_MIN.max(ttl * 4);
+        let (me, target, group) = (self.me, self.target, self.group);
+        let outstanding = Arc::new(AtomicU64::new(0));
+        let sent = outstanding.clone();
+        let requests = input.map(move |r| {
+            sent.fetch_add(1, Ordering::Relaxed);
+            RaftRequest {
+                group_id: group,
+                version: RAFT_WIRE_VERSION,
+                payload: codec::encode(&r).into(),
+                from: me,
+            }
+        });
+        let mut req = tonic::Request::new(requests);
+        req.metadata_mut().insert(GROUP_HEADER, group.into());
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let established = tokio::time::timeout(response_timeout, client.stream_append(req)).await;
+            let responses = match established {
+                Err(_) => return Err(timeout(RPCTypes::AppendEntries, me, target, response_timeout)),
+                Ok(Err(status)) => {
+                    return Err(status_to_rpc_error(status, RPCTypes::AppendEntries, me, target, ttl));
+                }
+                Ok(Ok(r)) => r.into_inner(),
+            };
+            let stream = futures::stream::unfold(Some(responses), move |state| {
+                let outstanding = outstanding.clone();
+                async move {
+                    let mut responses = state?;
+                    loop {
+                        match tokio::time::timeout(response_timeout, responses.message()).await {
+                            Err(_) if outstanding.load(Ordering::Relaxed) == 0 => continue,
+                            Err(_) => {
+                                let e = timeout(RPCTypes::AppendEntries, me, target, response_timeout);
+                                return Some((Err(e), None));
+                            }
+                            Ok(Ok(None)) => return None,
+                            Ok(Err(status)) => {
+                                let e = status_to_rpc_error(status, RPCTypes::AppendEntries, me, target, ttl);
+                                return Some((Err(e), None));
+                            }
+                            Ok(Ok(Some(reply))) => {
+                                outstanding.fetch_sub(1, Ordering::Relaxed);
+                                return match codec::decode::<StreamAppendResult<C>>(&reply.payload, "StreamAppendResult") {
+                                    Ok(r) => Some((Ok(r), Some(responses))),
+                                    Err(s) => Some((
+                                        Err(status_to_rpc_error(s, RPCTypes::AppendEntries, me, target, ttl)),
+                                        None,
+                                    )),
+                                };
+                            }
+                        }
+                    }
+                }
+            });
+            Ok(Box::pin(stream) as BoxStream<'s, _>)
+        })
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
+        let payload = codec::encode(&rpc);
+        self.unary(RPCTypes::Vote, option.hard_ttl(), |mut c, r| async move { c.vote(r).await }, payload, "VoteResponse")
+            .await
+    }
+
+    async fn pre_vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
+        let payload = codec::encode(&rpc);
+        self.unary(
+            RPCTypes::Vote,
+            option.hard_ttl(),
+            |mut c, r| async move { c.pre_vote(r).await },
+            payload,
+            "VoteResponse",
+        )
+        .await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
+        let payload = codec::encode(&SnapshotEnvelope { vote, meta: snapshot.meta, data: snapshot.snapshot });
+        let ttl = option.hard_ttl();
+        let call = self.unary::<SnapshotResponse<C>, _>(
+            RPCTypes::InstallSnapshot,
+            ttl,
+            |mut c, r| async move { c.install_snapshot(r).await },
+            payload,
+            "SnapshotResponse",
+        );
+        tokio::select! {
+            // Safe to cancel: dropping an unanswered call only abandons it; the follower treats
+            // a snapshot as installed only after receiving it whole.
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            r = call => r.map_err(|e| match e {
+                RPCError::Timeout(t) => StreamingError::Timeout(t),
+                RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                RPCError::Network(n) => StreamingError::Network(n),
+                RPCError::RemoteError(r) => StreamingError::Network(NetworkError::new(&AnyError::error(r.to_string()))),
+            }),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<C>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<C>, RPCError<C>> {
+        let payload = codec::encode(&req);
+        self.unary(
+            RPCTypes::TransferLeader,
+            option.hard_ttl(),
+            |mut c, r| async move { c.transfer_leader(r).await },
+            payload,
+            "TransferLeaderResponse",
+        )
+        .await
+    }
+}

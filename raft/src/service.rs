@@ -1,0 +1,185 @@
+//! The server half of the Raft transport: `eddy.v1.Raft`, routing each message to its group.
+//!
+//! A message for a group this node does not host is answered `NOT_FOUND`; the sender treats that
+//! as unreachable and backs off (the group may not have started here yet).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use eddy_proto::RAFT_WIRE_VERSION;
+use eddy_proto::v1::RaftReply;
+use eddy_proto::v1::RaftRequest;
+use eddy_proto::v1::raft_server;
+use futures::Stream;
+use futures::StreamExt;
+use openraft::raft::AppendEntriesRequest;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+use tonic::Streaming;
+use tracing::debug;
+
+use crate::codec;
+use crate::network::GROUP_HEADER;
+use crate::network::RAFT_MESSAGE_BYTES_MAX;
+use crate::network::SnapshotEnvelope;
+use crate::registry::RaftRpc;
+use crate::registry::Registry;
+use crate::types::C;
+use crate::types::GroupId;
+use crate::types::NodeId;
+use crate::types::Runtime;
+use crate::types::Snapshot;
+
+/// `eddy.v1.Raft` for one node.
+pub struct RaftService {
+    registry: Arc<Registry>,
+    me: NodeId,
+    /// Seeds the task openraft spawns for each incoming replication stream.
+    seed: u64,
+}
+
+impl RaftService {
+    pub fn new(registry: Arc<Registry>, me: NodeId, seed: u64) -> Self {
+        Self { registry, me, seed }
+    }
+
+    /// The tonic server for this service, with Eddy's message limits.
+    pub fn into_server(self) -> raft_server::RaftServer<Self> {
+        raft_server::RaftServer::new(self)
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+    }
+
+    fn group(&self, group: GroupId) -> Result<Arc<dyn RaftRpc>, Status> {
+        self.registry.get(group).ok_or_else(|| Status::not_found(format!("node {} does not host group {group}", self.me)))
+    }
+
+    fn open(&self, req: &RaftRequest) -> Result<Arc<dyn RaftRpc>, Status> {
+        check_version(req)?;
+        self.group(req.group_id)
+    }
+}
+
+fn check_version(req: &RaftRequest) -> Result<(), Status> {
+    if req.version != RAFT_WIRE_VERSION {
+        return Err(Status::invalid_argument(format!(
+            "version: Raft wire version {} is not supported (this node speaks {RAFT_WIRE_VERSION})",
+            req.version
+        )));
+    }
+    Ok(())
+}
+
+fn reply<T: serde::Serialize>(value: &T) -> Response<RaftReply> {
+    Response::new(RaftReply { payload: codec::encode(value).into() })
+}
+
+fn fatal(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("raft group stopped: {e}"))
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<RaftReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        let g = self.open(&req)?;
+        let resp = g.vote(codec::decode(&req.payload, "VoteRequest")?).await.map_err(fatal)?;
+        Ok(reply(&resp))
+    }
+
+    async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        let g = self.open(&req)?;
+        let resp = g.pre_vote(codec::decode(&req.payload, "VoteRequest")?).await.map_err(fatal)?;
+        Ok(reply(&resp))
+    }
+
+    async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        let g = self.open(&req)?;
+        let resp = g.append_entries(codec::decode(&req.payload, "AppendEntriesRequest")?).await.map_err(fatal)?;
+        Ok(reply(&resp))
+    }
+
+    type StreamAppendStream = ReplyStream;
+
+    async fn stream_append(
+        &self,
+        request: Request<Streaming<RaftRequest>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        let group: GroupId = request
+            .metadata()
+            .get(GROUP_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Status::invalid_argument(format!("{GROUP_HEADER}: missing or not a group id")))?;
+        let g = self.group(group)?;
+        // Requests that fail to decode end the input; the leader sees the stream end and retries.
+        let input: futures::stream::BoxStream<'static, AppendEntriesRequest<C>> =
+            Box::pin(decode_requests(request.into_inner(), group));
+        // openraft spawns a task per stream; its randomness must come from a seeded scope.
+        let output = Runtime::scope(self.seed ^ group, async move { g.stream_append(input) }).await;
+        let output = output.map(|r| match r {
+            Ok(result) => Ok(RaftReply { payload: codec::encode(&result).into() }),
+            Err(e) => Err(fatal(e)),
+        });
+        Ok(Response::new(Box::pin(output)))
+    }
+
+    async fn install_snapshot(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        let g = self.open(&req)?;
+        let env: SnapshotEnvelope = codec::decode(&req.payload, "snapshot")?;
+        let snapshot = Snapshot { meta: env.meta, snapshot: env.data };
+        let resp = g.install_snapshot(env.vote, snapshot).await.map_err(fatal)?;
+        Ok(reply(&resp))
+    }
+
+    async fn transfer_leader(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        let g = self.open(&req)?;
+        let resp = g.transfer_leader(codec::decode(&req.payload, "TransferLeaderRequest")?).await.map_err(fatal)?;
+        Ok(reply(&resp))
+    }
+
+    async fn forward_meta(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        check_version(&req)?;
+        let f = self.registry.forwarder().ok_or_else(|| Status::unavailable("metadata service is starting"))?;
+        let payload = f.forward(req.payload).await?;
+        Ok(Response::new(RaftReply { payload }))
+    }
+}
+
+/// Decodes the requests of a replication stream, ending it at the first bad one.
+fn decode_requests(
+    input: Streaming<RaftRequest>,
+    group: GroupId,
+) -> impl Stream<Item = AppendEntriesRequest<C>> + Send + 'static {
+    futures::stream::unfold(Some(input), move |state| async move {
+        let mut input = state?;
+        match input.message().await {
+            Ok(Some(req)) if req.group_id == group && req.version == RAFT_WIRE_VERSION => {
+                match codec::decode::<AppendEntriesRequest<C>>(&req.payload, "AppendEntriesRequest") {
+                    Ok(r) => Some((r, Some(input))),
+                    Err(e) => {
+                        debug!(group, "dropping replication stream: {e}");
+                        None
+                    }
+                }
+            }
+            Ok(Some(req)) => {
+                debug!(group, got = req.group_id, "dropping replication stream: message for another group or version");
+                None
+            }
+            Ok(None) => None,
+            Err(e) => {
+                debug!(group, "replication stream ended: {e}");
+                None
+            }
+        }
+    })
+}

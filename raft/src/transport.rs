@@ -1,0 +1,83 @@
+//! The connection seam: how a node reaches its peers. [`Connector`] turns an address into a
+//! gRPC channel; production uses [`TcpConnector`], the simulator a connector over turmoil's TCP.
+//! [`Peers`] keeps one channel per peer node, shared by every Raft group, so all groups'
+//! traffic to a peer is multiplexed on one HTTP/2 connection.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tonic::transport::Channel;
+use tonic::transport::Endpoint;
+
+use crate::types::NodeId;
+
+/// How long to wait for a TCP connection to a peer.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// HTTP/2 keep-alive: a connection whose PING is not answered in time is closed, so a silently
+/// dead peer (or a lost segment on a simulated network) is noticed and a new connection made.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Makes lazily connecting gRPC channels.
+pub trait Connector: Send + Sync + 'static {
+    /// A channel to `addr` (`host:port`). It connects on first use and reconnects after a
+    /// failure; every call on it must still carry its own deadline.
+    fn channel(&self, addr: &str) -> Channel;
+}
+
+/// The standard endpoint settings for Eddy's channels, for any connector.
+pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .http2_adaptive_window(true))
+}
+
+/// Real TCP.
+#[derive(Debug, Default, Clone)]
+pub struct TcpConnector;
+
+impl Connector for TcpConnector {
+    fn channel(&self, addr: &str) -> Channel {
+        match endpoint(addr) {
+            Ok(ep) => ep.connect_lazy(),
+            // An unparsable address yields a channel whose every call fails with that error.
+            Err(_) => Endpoint::from_static("http://invalid.invalid:1").connect_lazy(),
+        }
+    }
+}
+
+/// One channel per peer, keyed by node id and address.
+pub struct Peers {
+    connector: Arc<dyn Connector>,
+    channels: Mutex<BTreeMap<NodeId, (String, Channel)>>,
+}
+
+impl Peers {
+    pub fn new(connector: Arc<dyn Connector>) -> Self {
+        Self { connector, channels: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// The channel to `node` at `addr`; a new one if the address changed.
+    pub fn channel(&self, node: NodeId, addr: &str) -> Channel {
+        let mut channels = self.channels.lock().expect("peers lock poisoned");
+        if let Some((a, ch)) = channels.get(&node)
+            && a == addr
+        {
+            return ch.clone();
+        }
+        let ch = self.connector.channel(addr);
+        channels.insert(node, (addr.to_owned(), ch.clone()));
+        ch
+    }
+
+    /// A channel to an address that is not (yet) a known node, e.g. a broker's client port.
+    pub fn connector(&self) -> &Arc<dyn Connector> {
+        &self.connector
+    }
+}
