@@ -107,6 +107,10 @@ impl Segments {
         let mut last_log_id: Option<LogId> = None;
         let mut cut = false;
         let mut removed_any = false;
+        // The index the next segment must start at. A segment that recovery finds empty still
+        // sets it: its entries were lost, so a later segment (whose entries a truncation's sync
+        // may have made durable) would start after a hole.
+        let mut next_expected: Option<u64> = None;
         for (first_index, name) in found {
             let path = dir.join(&name);
             if cut {
@@ -115,10 +119,10 @@ impl Segments {
                 continue;
             }
             // A gap between segments is allowed only where everything before it is purged.
-            if let Some(prev) = segments.last()
-                && prev.next_index() != first_index
+            if let Some(expected) = next_expected
+                && expected != first_index
             {
-                let prev_last = prev.next_index().saturating_sub(1);
+                let prev_last = expected.saturating_sub(1);
                 if purged_index.is_some_and(|p| p >= prev_last) && first_index <= purged_index.unwrap_or(0) + 1 {
                     for s in segments.drain(..) {
                         vfs.remove_file(&s.path)?;
@@ -126,10 +130,8 @@ impl Segments {
                     }
                     last_log_id = None;
                 } else {
-                    report.reason = Some(format!(
-                        "segment {name} starts at {first_index}, expected {}",
-                        prev.next_index()
-                    ));
+                    report.reason =
+                        Some(format!("segment {name} starts at {first_index}, expected {expected}"));
                     cut = true;
                     vfs.remove_file(&path)?;
                     removed_any = true;
@@ -167,6 +169,7 @@ impl Segments {
                 cut = true;
             }
             report.entries += positions.len() as u64;
+            next_expected = Some(first_index + positions.len() as u64);
             if positions.is_empty() {
                 drop(file);
                 vfs.remove_file(&path)?;

@@ -1,0 +1,235 @@
+//! The acceptance scenario of the replicated partitioned log, on three real `eddy-node`
+//! processes driven by `eddyctl`: produce to every partition, SIGKILL a partition leader and keep
+//! producing, read everything back from the surviving followers, restart the killed node, then
+//! SIGKILL and restart the whole cluster; no acknowledged event may be lost, moved or duplicated.
+//! Finally, bad input is refused with messages that name the problem, and no node is harmed.
+
+#![allow(clippy::disallowed_methods)] // Tests measure real time.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+use std::time::Instant;
+
+use anyhow::Context;
+use anyhow::ensure;
+use eddy_tests::Cluster;
+use eddy_tests::CtlOutput;
+use eddy_tests::wait_for;
+use serde_json::Value;
+
+const TOPIC: &str = "orders";
+const PARTITIONS: u32 = 3;
+const EVENTS: usize = 1000;
+const CTL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Acknowledged events: partition -> offset -> value.
+type Acked = BTreeMap<u32, BTreeMap<u64, String>>;
+
+fn ctl(c: &Cluster, args: &[&str]) -> anyhow::Result<CtlOutput> {
+    c.ctl(args, None, CTL_TIMEOUT)
+}
+
+fn describe(c: &Cluster) -> anyhow::Result<Value> {
+    let out = ctl(c, &["topic", "describe", TOPIC])?;
+    ensure!(out.ok(), "describe failed: {out:?}");
+    out.json()
+}
+
+fn partition_info(topic: &Value, p: u32) -> anyhow::Result<&Value> {
+    topic["partitions"].as_array().and_then(|a| a.get(p as usize)).context("partition missing")
+}
+
+/// Produces `values` to partition `p` and records the acknowledged offsets.
+fn produce(c: &Cluster, p: u32, values: &[String], acked: &mut Acked) -> anyhow::Result<()> {
+    let input = values.iter().map(|v| format!("{v}\n")).collect::<String>();
+    let out = c.ctl(&["produce", TOPIC, "--partition", &p.to_string()], Some(input.as_bytes()), CTL_TIMEOUT)?;
+    ensure!(out.ok(), "produce to partition {p} failed: {}", out.stderr);
+    let lines = out.json_lines()?;
+    ensure!(lines.len() == values.len(), "expected {} acks, got {}", values.len(), lines.len());
+    for (v, line) in values.iter().zip(lines) {
+        ensure!(line["partition"] == p, "ack for the wrong partition: {line}");
+        let offset = line["offset"].as_u64().context("offset")?;
+        let prev = acked.entry(p).or_default().insert(offset, v.clone());
+        ensure!(prev.is_none(), "offset {offset} of partition {p} acknowledged twice ({prev:?} and {v})");
+    }
+    Ok(())
+}
+
+/// Reads partition `p` from node `replica` up to `count` records and checks that every
+/// acknowledged event is there, once, at its offset.
+fn check_replica(c: &Cluster, p: u32, replica: u64, count: u64, acked: &Acked) -> anyhow::Result<()> {
+    let out = c.ctl(
+        &["consume", TOPIC, "--partition", &p.to_string(), "--replica", &replica.to_string(), "--count", &count.to_string()],
+        None,
+        CTL_TIMEOUT,
+    )?;
+    ensure!(out.ok(), "consume of partition {p} from node {replica} failed: {}", out.stderr);
+    let records = out.json_lines()?;
+    ensure!(records.len() as u64 == count, "node {replica} returned {} of {count} records of partition {p}", records.len());
+    let mut seen: BTreeMap<u64, String> = BTreeMap::new();
+    for (i, r) in records.iter().enumerate() {
+        let offset = r["offset"].as_u64().context("offset")?;
+        ensure!(offset == i as u64, "partition {p} on node {replica}: offset {offset} at position {i} (offsets must be dense)");
+        seen.insert(offset, r["value"].as_str().context("value")?.to_owned());
+    }
+    let mut values_seen: BTreeMap<&str, u64> = BTreeMap::new();
+    for (o, v) in &seen {
+        if let Some(prev) = values_seen.insert(v.as_str(), *o)
+            && acked[&p].values().any(|a| a == v)
+        {
+            anyhow::bail!("acknowledged event {v:?} appears twice in partition {p} on node {replica}: offsets {prev} and {o}");
+        }
+    }
+    for (o, v) in &acked[&p] {
+        ensure!(
+            seen.get(o) == Some(v),
+            "partition {p} on node {replica}: acknowledged {v:?} at offset {o}, found {:?}",
+            seen.get(o)
+        );
+    }
+    Ok(())
+}
+
+fn high_watermark(c: &Cluster, p: u32) -> anyhow::Result<u64> {
+    partition_info(&describe(c)?, p)?["high_watermark"].as_u64().context("high_watermark")
+}
+
+fn values(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:05}")).collect()
+}
+
+#[test]
+fn replicated_log_acceptance() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3)?;
+    let result = scenario(&mut c);
+    if result.is_err() {
+        for id in 1..=3 {
+            eprintln!("--- node {id} log tail ---\n{}", c.log_tail(id, 40));
+        }
+    }
+    result
+}
+
+fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
+    // 1. All three nodes up.
+    wait_for("all three nodes up", Duration::from_secs(20), || {
+        let out = ctl(c, &["cluster", "status"]).ok()?;
+        let v = out.json().ok()?;
+        let nodes = v["nodes"].as_array()?;
+        (nodes.len() == 3 && nodes.iter().all(|n| n["up"] == true)).then_some(())
+    })?;
+
+    // 2. A topic with three partitions, each with a leader and three replicas.
+    let out = ctl(c, &["topic", "create", TOPIC, "--partitions", "3", "--replication-factor", "3"])?;
+    ensure!(out.ok(), "topic create failed: {out:?}");
+    let topic = wait_for("a leader for every partition", Duration::from_secs(30), || {
+        let t = describe(c).ok()?;
+        let parts = t["partitions"].as_array()?;
+        let ready = parts.len() == PARTITIONS as usize
+            && parts.iter().all(|p| p["leader"].is_u64() && p["replicas"].as_array().is_some_and(|r| r.len() == 3));
+        ready.then_some(t)
+    })?;
+    for p in 0..PARTITIONS {
+        let replicas = partition_info(&topic, p)?["replicas"].as_array().context("replicas")?.clone();
+        let mut ids: Vec<u64> = replicas.iter().filter_map(Value::as_u64).collect();
+        ids.sort_unstable();
+        ensure!(ids == vec![1, 2, 3], "partition {p} replicas {replicas:?}");
+    }
+
+    // 3. 1,000 distinct events to each partition.
+    let mut acked = Acked::new();
+    for p in 0..PARTITIONS {
+        produce(c, p, &values(&format!("first-p{p}"), EVENTS), &mut acked)?;
+    }
+
+    // 4. SIGKILL the leader of partition 0, then produce to it again.
+    let leader = partition_info(&describe(c)?, 0)?["leader"].as_u64().context("leader of partition 0")?;
+    c.kill_node(leader)?;
+    let killed_at = Instant::now();
+    let mut attempt = 0;
+    wait_for("partition 0 to accept writes after its leader died", Duration::from_secs(30), || {
+        attempt += 1;
+        let v = vec![format!("probe-{attempt}")];
+        let survivors = c.nodes.values().filter(|n| n.is_running()).map(|n| n.client_addr.clone()).collect::<Vec<_>>();
+        let input = format!("{}\n", v[0]);
+        let out = eddy_tests::run_ctl(
+            &survivors.join(","),
+            &["--timeout", "2s", "produce", TOPIC, "--partition", "0"],
+            Some(input.as_bytes()),
+            Duration::from_secs(40),
+        )
+        .ok()?;
+        if !out.ok() {
+            return None;
+        }
+        let line = out.json_lines().ok()?.pop()?;
+        let offset = line["offset"].as_u64()?;
+        acked.entry(0).or_default().insert(offset, v[0].clone());
+        Some(())
+    })?;
+    eprintln!("partition 0 writable again {:?} after SIGKILL of its leader (node {leader})", killed_at.elapsed());
+    produce(c, 0, &values("second-p0", EVENTS), &mut acked)?;
+
+    // 5. Every surviving follower of every partition has every acknowledged event.
+    let survivors: Vec<u64> = c.nodes.values().filter(|n| n.is_running()).map(|n| n.id).collect();
+    for p in 0..PARTITIONS {
+        let info = describe(c)?;
+        let part = partition_info(&info, p)?;
+        let hw = part["high_watermark"].as_u64().context("hw")?;
+        let leader = part["leader"].as_u64();
+        for &r in &survivors {
+            if Some(r) != leader {
+                check_replica(c, p, r, hw, &acked)?;
+            }
+        }
+    }
+
+    // 6. The killed node, restarted on its data, catches up and serves everything.
+    c.start_node(leader)?;
+    for p in 0..PARTITIONS {
+        let hw = high_watermark(c, p)?;
+        wait_for("the restarted node to serve every acknowledged event", Duration::from_secs(20), || {
+            check_replica(c, p, leader, hw, &acked).ok()
+        })?;
+    }
+
+    // 7. SIGKILL every node, start them again: nothing acknowledged is lost or moved.
+    for id in 1..=3 {
+        c.kill_node(id)?;
+    }
+    for id in 1..=3 {
+        c.start_node(id)?;
+    }
+    for p in 0..PARTITIONS {
+        let hw = wait_for("the partition to have a leader again", Duration::from_secs(30), || high_watermark(c, p).ok())?;
+        for r in 1..=3 {
+            wait_for("every replica to serve every acknowledged event", Duration::from_secs(30), || {
+                check_replica(c, p, r, hw, &acked).ok()
+            })?;
+        }
+    }
+
+    // 8. Bad input: each refused with a message naming the problem; the cluster stays healthy.
+    let long = "x".repeat(300);
+    let cases: Vec<(Vec<&str>, Option<Vec<u8>>, &str)> = vec![
+        (vec!["topic", "create", "a/b", "--partitions", "1", "--replication-factor", "1"], None, "'/'"),
+        (vec!["topic", "create", &long, "--partitions", "1", "--replication-factor", "1"], None, "too long"),
+        (vec!["topic", "create", "zero", "--partitions", "0", "--replication-factor", "1"], None, "partitions"),
+        (vec!["topic", "create", "wide", "--partitions", "1", "--replication-factor", "4"], None, "replication_factor"),
+        (vec!["consume", "missing", "--partition", "0", "--count", "1"], None, "does not exist"),
+        (vec!["produce", TOPIC, "--partition", "1"], Some(vec![b'v'; 16 << 20]), "maximum event size"),
+    ];
+    for (args, stdin, needle) in cases {
+        let out = c.ctl(&args, stdin.as_deref(), CTL_TIMEOUT)?;
+        ensure!(!out.ok(), "{args:?} should fail: {out:?}");
+        ensure!(out.stderr.contains(needle), "{args:?}: the error should mention {needle:?}: {}", out.stderr);
+    }
+    let out = ctl(c, &["cluster", "status"])?;
+    let nodes = out.json()?["nodes"].as_array().cloned().unwrap_or_default();
+    ensure!(nodes.len() == 3 && nodes.iter().all(|n| n["up"] == true), "a node was harmed: {nodes:?}");
+    for p in 0..PARTITIONS {
+        let hw = high_watermark(c, p)?;
+        check_replica(c, p, 1 + u64::from(p), hw, &acked)?;
+    }
+    Ok(())
+}
