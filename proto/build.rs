@@ -8,7 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(protos, ["proto"])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out_dir.join("eddy_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
+    std::fs::write(
+        out_dir.join("eddy_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
     tonic_prost_build::configure()
         .bytes(".eddy.v1")
         .compile_fds(fds)?;

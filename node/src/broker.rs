@@ -67,7 +67,13 @@ struct Merged {
 
 impl BrokerState {
     fn topic(&self, name: &str) -> Result<TopicRecord, BrokerError> {
-        self.meta.view().state.topics.get(name).cloned().ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))
+        self.meta
+            .view()
+            .state
+            .topics
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))
     }
 
     fn local_status(&self) -> pb::NodeStatusResponse {
@@ -161,10 +167,16 @@ impl BrokerState {
         }
     }
 
-    fn to_stored(&self, topic: &TopicRecord, records: Vec<pb::Record>) -> Result<Vec<StoredRecord>, BrokerError> {
+    fn to_stored(
+        &self,
+        topic: &TopicRecord,
+        records: Vec<pb::Record>,
+    ) -> Result<Vec<StoredRecord>, BrokerError> {
         let max_event = topic.max_event_bytes().unwrap_or(self.limits.max_event_bytes) as usize;
         if records.is_empty() {
-            return Err(BrokerError::InvalidArgument("records: a produce request needs at least one record".into()));
+            return Err(BrokerError::InvalidArgument(
+                "records: a produce request needs at least one record".into(),
+            ));
         }
         if records.len() > self.limits.max_batch_records as usize {
             return Err(BrokerError::InvalidArgument(format!(
@@ -205,7 +217,10 @@ impl BrokerState {
 fn meta_error(e: MetaError) -> BrokerError {
     match e {
         MetaError::TopicExists(t) => BrokerError::TopicExists(t),
-        MetaError::NotEnoughNodes { replication_factor, nodes } => BrokerError::NotEnoughNodes(format!(
+        MetaError::NotEnoughNodes {
+            replication_factor,
+            nodes,
+        } => BrokerError::NotEnoughNodes(format!(
             "replication_factor: {replication_factor} exceeds the {nodes} nodes in the cluster"
         )),
         MetaError::Invalid(m) => BrokerError::InvalidArgument(m),
@@ -216,13 +231,20 @@ fn partition_index(topic: &TopicRecord, p: u32) -> Result<usize, BrokerError> {
     if (p as usize) < topic.partitions.len() {
         Ok(p as usize)
     } else {
-        Err(BrokerError::UnknownPartition { topic: topic.name.clone(), partition: p, count: topic.partitions.len() as u32 })
+        Err(BrokerError::UnknownPartition {
+            topic: topic.name.clone(),
+            partition: p,
+            count: topic.partitions.len() as u32,
+        })
     }
 }
 
 #[tonic::async_trait]
 impl Broker for BrokerService {
-    async fn create_topic(&self, request: Request<pb::CreateTopicRequest>) -> Result<Response<pb::CreateTopicResponse>, Status> {
+    async fn create_topic(
+        &self,
+        request: Request<pb::CreateTopicRequest>,
+    ) -> Result<Response<pb::CreateTopicResponse>, Status> {
         let req = request.into_inner();
         limits::validate_topic_name("name", &req.name)?;
         if req.partitions == 0 || req.partitions > limits::PARTITIONS_MAX {
@@ -250,15 +272,18 @@ impl Broker for BrokerService {
             config,
         };
         match self.state.meta.write(cmd, META_WRITE_TIMEOUT).await? {
-            MetaReply::TopicCreated(t) => {
-                Ok(Response::new(pb::CreateTopicResponse { topic: Some(BrokerState::topic_metadata(&t, &BTreeMap::new())) }))
-            }
+            MetaReply::TopicCreated(t) => Ok(Response::new(pb::CreateTopicResponse {
+                topic: Some(BrokerState::topic_metadata(&t, &BTreeMap::new())),
+            })),
             MetaReply::Error(e) => Err(meta_error(e).into()),
             other => Err(BrokerError::Internal(format!("unexpected reply {other:?}")).into()),
         }
     }
 
-    async fn list_topics(&self, _: Request<pb::ListTopicsRequest>) -> Result<Response<pb::ListTopicsResponse>, Status> {
+    async fn list_topics(
+        &self,
+        _: Request<pb::ListTopicsRequest>,
+    ) -> Result<Response<pb::ListTopicsResponse>, Status> {
         let view = self.state.meta.view();
         let topics = view
             .state
@@ -281,10 +306,15 @@ impl Broker for BrokerService {
         limits::validate_topic_name("name", &req.name)?;
         let t = self.state.topic(&req.name)?;
         let merged = self.state.cluster_partitions().await;
-        Ok(Response::new(pb::DescribeTopicResponse { topic: Some(BrokerState::topic_metadata(&t, &merged)) }))
+        Ok(Response::new(pb::DescribeTopicResponse {
+            topic: Some(BrokerState::topic_metadata(&t, &merged)),
+        }))
     }
 
-    async fn metadata(&self, request: Request<pb::MetadataRequest>) -> Result<Response<pb::MetadataResponse>, Status> {
+    async fn metadata(
+        &self,
+        request: Request<pb::MetadataRequest>,
+    ) -> Result<Response<pb::MetadataResponse>, Status> {
         let req = request.into_inner();
         let view = self.state.meta.view();
         let mut topics = Vec::new();
@@ -324,15 +354,26 @@ impl Broker for BrokerService {
         }))
     }
 
-    async fn init_producer(&self, _: Request<pb::InitProducerRequest>) -> Result<Response<pb::InitProducerResponse>, Status> {
-        match self.state.meta.write(MetaCommand::AllocateProducerId, META_WRITE_TIMEOUT).await? {
+    async fn init_producer(
+        &self,
+        _: Request<pb::InitProducerRequest>,
+    ) -> Result<Response<pb::InitProducerResponse>, Status> {
+        match self
+            .state
+            .meta
+            .write(MetaCommand::AllocateProducerId, META_WRITE_TIMEOUT)
+            .await?
+        {
             MetaReply::ProducerId(id) => Ok(Response::new(pb::InitProducerResponse { producer_id: id })),
             MetaReply::Error(e) => Err(meta_error(e).into()),
             other => Err(BrokerError::Internal(format!("unexpected reply {other:?}")).into()),
         }
     }
 
-    async fn produce(&self, request: Request<pb::ProduceRequest>) -> Result<Response<pb::ProduceResponse>, Status> {
+    async fn produce(
+        &self,
+        request: Request<pb::ProduceRequest>,
+    ) -> Result<Response<pb::ProduceResponse>, Status> {
         let req = request.into_inner();
         limits::validate_topic_name("topic", &req.topic)?;
         let topic = self.state.topic(&req.topic)?;
@@ -360,8 +401,14 @@ impl Broker for BrokerService {
             0 => limits::PRODUCE_TIMEOUT_MS_DEFAULT,
             t => t.min(limits::PRODUCE_TIMEOUT_MS_MAX),
         };
-        let batch = ProduceBatch { producer_id: req.producer_id, base_sequence: req.base_sequence, records };
-        let r = h.produce(batch, Duration::from_millis(u64::from(timeout_ms))).await?;
+        let batch = ProduceBatch {
+            producer_id: req.producer_id,
+            base_sequence: req.base_sequence,
+            records,
+        };
+        let r = h
+            .produce(batch, Duration::from_millis(u64::from(timeout_ms)))
+            .await?;
         Ok(Response::new(pb::ProduceResponse {
             partition,
             base_offset: r.base_offset,
@@ -402,7 +449,12 @@ impl Broker for BrokerService {
                 offset: r.offset,
                 key: r.record.key,
                 value: r.record.value,
-                headers: r.record.headers.into_iter().map(|(key, value)| pb::Header { key, value }).collect(),
+                headers: r
+                    .record
+                    .headers
+                    .into_iter()
+                    .map(|(key, value)| pb::Header { key, value })
+                    .collect(),
                 timestamp_ms: r.record.timestamp_ms,
             })
             .collect();
@@ -415,7 +467,10 @@ impl Broker for BrokerService {
         }))
     }
 
-    async fn node_status(&self, _: Request<pb::NodeStatusRequest>) -> Result<Response<pb::NodeStatusResponse>, Status> {
+    async fn node_status(
+        &self,
+        _: Request<pb::NodeStatusRequest>,
+    ) -> Result<Response<pb::NodeStatusResponse>, Status> {
         Ok(Response::new(self.state.local_status()))
     }
 }

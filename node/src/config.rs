@@ -58,8 +58,10 @@ impl Default for NodeConfig {
 
 impl NodeConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("read config file {}", path.display()))?;
-        let c: Self = toml::from_str(&text).with_context(|| format!("parse config file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read config file {}", path.display()))?;
+        let c: Self =
+            toml::from_str(&text).with_context(|| format!("parse config file {}", path.display()))?;
         Ok(c)
     }
 
@@ -71,7 +73,11 @@ impl NodeConfig {
         if self.node_id == 0 {
             bail!("node_id: must be set to a number of at least 1");
         }
-        for (name, addr) in [("client_addr", &self.client_addr), ("raft_addr", &self.raft_addr), ("http_addr", &self.http_addr)] {
+        for (name, addr) in [
+            ("client_addr", &self.client_addr),
+            ("raft_addr", &self.raft_addr),
+            ("http_addr", &self.http_addr),
+        ] {
             if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
                 bail!("{name}: {addr:?} is not a host:port address");
             }
@@ -79,7 +85,10 @@ impl NodeConfig {
         if !self.initial_members.is_empty() {
             let me = self.initial_members.iter().find(|m| m.id == self.node_id);
             let Some(me) = me else {
-                bail!("initial_members: must include this node (node_id {})", self.node_id);
+                bail!(
+                    "initial_members: must include this node (node_id {})",
+                    self.node_id
+                );
             };
             if me.client_addr != self.client_addr || me.raft_addr != self.raft_addr {
                 bail!(
@@ -95,7 +104,10 @@ impl NodeConfig {
             }
         }
         if self.segment_bytes < 1 << 20 {
-            bail!("segment_bytes: {} is below the minimum of 1 MiB", self.segment_bytes);
+            bail!(
+                "segment_bytes: {} is below the minimum of 1 MiB",
+                self.segment_bytes
+            );
         }
         if self.limits.max_event_bytes == 0 || self.limits.max_event_bytes > self.limits.max_request_bytes {
             bail!("limits.max_event_bytes: must be between 1 and limits.max_request_bytes");
@@ -104,7 +116,10 @@ impl NodeConfig {
     }
 
     pub fn addr(&self) -> NodeAddr {
-        NodeAddr { raft_addr: self.raft_addr.clone(), client_addr: self.client_addr.clone() }
+        NodeAddr {
+            raft_addr: self.raft_addr.clone(),
+            client_addr: self.client_addr.clone(),
+        }
     }
 }
 

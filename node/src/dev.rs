@@ -35,11 +35,22 @@ pub struct DevArgs {
 }
 
 fn configs(args: &DevArgs) -> anyhow::Result<Vec<NodeConfig>> {
-    anyhow::ensure!((1..=99).contains(&args.nodes), "--nodes: must be between 1 and 99");
-    anyhow::ensure!(args.base_port.checked_add(200 + args.nodes).is_some(), "--base-port: too high for {} nodes", args.nodes);
+    anyhow::ensure!(
+        (1..=99).contains(&args.nodes),
+        "--nodes: must be between 1 and 99"
+    );
+    anyhow::ensure!(
+        args.base_port.checked_add(200 + args.nodes).is_some(),
+        "--base-port: too high for {} nodes",
+        args.nodes
+    );
     let port = |offset: u16, i: u16| format!("127.0.0.1:{}", args.base_port + offset + i - 1);
     let members: Vec<MemberConfig> = (1..=args.nodes)
-        .map(|i| MemberConfig { id: u64::from(i), client_addr: port(0, i), raft_addr: port(100, i) })
+        .map(|i| MemberConfig {
+            id: u64::from(i),
+            client_addr: port(0, i),
+            raft_addr: port(100, i),
+        })
         .collect();
     Ok((1..=args.nodes)
         .map(|i| NodeConfig {
@@ -82,7 +93,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let brokers: Vec<&str> = configs.iter().map(|c| c.client_addr.as_str()).collect();
     let brokers = brokers.join(",");
-    println!("Eddy dev cluster: {} nodes, data in {}", configs.len(), args.data_dir.display());
+    println!(
+        "Eddy dev cluster: {} nodes, data in {}",
+        configs.len(),
+        args.data_dir.display()
+    );
     for c in &configs {
         println!(
             "  node {}: client {}  raft {}  http {}  log {}",
@@ -111,7 +126,11 @@ async fn wait_first_exit(children: &mut [(u64, Child)]) -> (u64, String) {
     let waits = children.iter_mut().map(|(id, c)| {
         let id = *id;
         Box::pin(async move {
-            let s = c.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+            let s = c
+                .wait()
+                .await
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| e.to_string());
             (id, s)
         })
     });

@@ -67,7 +67,11 @@ impl tonic::transport::server::Connected for BoxedIo {
 }
 
 impl AsyncRead for BoxedIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         self.0.as_mut().poll_read(cx, buf)
     }
 }

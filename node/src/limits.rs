@@ -68,8 +68,13 @@ pub fn validate_topic_name(field: &str, name: &str) -> Result<()> {
             name.len()
         )));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(invalid(format!("{field}: character {c:?} is not allowed; names match [A-Za-z0-9._-]{{1,249}}")));
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(invalid(format!(
+            "{field}: character {c:?} is not allowed; names match [A-Za-z0-9._-]{{1,249}}"
+        )));
     }
     if name == "." || name == ".." {
         return Err(invalid(format!("{field}: \"{name}\" is not a valid topic name")));
@@ -82,14 +87,23 @@ pub fn validate_topic_config(config: &std::collections::BTreeMap<String, String>
     for (k, v) in config {
         match k.as_str() {
             "max.event.bytes" => {
-                let n: u32 = v
-                    .parse()
-                    .map_err(|_| invalid(format!("config.max.event.bytes: {v:?} is not a whole number of bytes")))?;
+                let n: u32 = v.parse().map_err(|_| {
+                    invalid(format!(
+                        "config.max.event.bytes: {v:?} is not a whole number of bytes"
+                    ))
+                })?;
                 if n == 0 || n > 64 << 20 {
-                    return Err(invalid(format!("config.max.event.bytes: {n} must be between 1 and {}", 64 << 20)));
+                    return Err(invalid(format!(
+                        "config.max.event.bytes: {n} must be between 1 and {}",
+                        64 << 20
+                    )));
                 }
             }
-            other => return Err(invalid(format!("config: unknown topic setting {other:?}; known: max.event.bytes"))),
+            other => {
+                return Err(invalid(format!(
+                    "config: unknown topic setting {other:?}; known: max.event.bytes"
+                )));
+            }
         }
     }
     Ok(())

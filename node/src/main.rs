@@ -43,7 +43,13 @@ struct Cli {
     #[arg(long, env = "EDDY_HTTP_ADDR")]
     http_addr: Option<String>,
     /// Log format.
-    #[arg(long, env = "EDDY_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "EDDY_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
@@ -62,10 +68,14 @@ enum Command {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,hyper=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,hyper=warn")
+    });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -75,7 +85,10 @@ fn init_logging(format: LogFormat) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start the async runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
     match cli.command {
         Some(Command::Dev(args)) => rt.block_on(dev::run(args)),
         None => rt.block_on(run_node(cli)),
@@ -83,7 +96,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn bind(what: &str, addr: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("bind {what} {addr}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind {what} {addr}"))
 }
 
 async fn run_node(cli: Cli) -> anyhow::Result<()> {
@@ -108,7 +123,8 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
         config.http_addr = v;
     }
     config.validate().context("invalid configuration")?;
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("create data_dir {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("create data_dir {}", config.data_dir.display()))?;
     let state_store = SledStateStore::open(&config.data_dir.join("state")).context("open the state store")?;
     let mut seed = [0u8; 8];
     getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("read OS randomness: {e}"))?;
@@ -125,7 +141,11 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
     info!(node = config.node_id, client = %config.client_addr, raft = %config.raft_addr, http = %config.http_addr, data_dir = %config.data_dir.display(), "starting");
     let node = eddy_node::node::start(config, env, tcp_incoming(client), tcp_incoming(raft)).await?;
     let http_cancel = CancellationToken::new();
-    let http_task = tokio::spawn(eddy_node::http::serve(http, node.broker.clone(), http_cancel.clone()));
+    let http_task = tokio::spawn(eddy_node::http::serve(
+        http,
+        node.broker.clone(),
+        http_cancel.clone(),
+    ));
 
     signals.recv().await;
     info!("shutting down");

@@ -53,19 +53,33 @@ pub struct Groups {
 
 impl Groups {
     pub fn get(&self, group: GroupId) -> Option<PartitionHandle> {
-        self.map.read().expect("groups lock poisoned").get(&group).cloned()
+        self.map
+            .read()
+            .expect("groups lock poisoned")
+            .get(&group)
+            .cloned()
     }
 
     pub fn all(&self) -> Vec<PartitionHandle> {
-        self.map.read().expect("groups lock poisoned").values().cloned().collect()
+        self.map
+            .read()
+            .expect("groups lock poisoned")
+            .values()
+            .cloned()
+            .collect()
     }
 
     fn insert(&self, h: PartitionHandle) {
-        self.map.write().expect("groups lock poisoned").insert(h.group(), h);
+        self.map
+            .write()
+            .expect("groups lock poisoned")
+            .insert(h.group(), h);
     }
 
     fn take_all(&self) -> Vec<PartitionHandle> {
-        std::mem::take(&mut *self.map.write().expect("groups lock poisoned")).into_values().collect()
+        std::mem::take(&mut *self.map.write().expect("groups lock poisoned"))
+            .into_values()
+            .collect()
     }
 }
 
@@ -117,9 +131,16 @@ impl PartitionManager {
                     continue;
                 }
                 let span = info_span!("partition", node = self.me, group = p.group_id, topic = %topic.name, partition = i);
-                match self.start_group(view, &topic.name, i as u32, p.group_id, &p.initial_replicas).instrument(span).await {
+                match self
+                    .start_group(view, &topic.name, i as u32, p.group_id, &p.initial_replicas)
+                    .instrument(span)
+                    .await
+                {
                     Ok(h) => self.groups.insert(h),
-                    Err(e) => warn!(group = p.group_id, "failed to start partition {}/{i}: {e:#}", topic.name),
+                    Err(e) => warn!(
+                        group = p.group_id,
+                        "failed to start partition {}/{i}: {e:#}", topic.name
+                    ),
                 }
             }
         }
@@ -134,9 +155,15 @@ impl PartitionManager {
         initial_replicas: &[NodeId],
     ) -> anyhow::Result<PartitionHandle> {
         let dir = self.data_dir.join("groups").join(group.to_string());
-        let (log, report) = LogStore::open(self.env.vfs.clone(), &dir, LogConfig { segment_bytes_max: self.segment_bytes })
-            .await
-            .with_context(|| format!("open the log of group {group}"))?;
+        let (log, report) = LogStore::open(
+            self.env.vfs.clone(),
+            &dir,
+            LogConfig {
+                segment_bytes_max: self.segment_bytes,
+            },
+        )
+        .await
+        .with_context(|| format!("open the log of group {group}"))?;
         let pristine = log.is_pristine();
         let reader = log.reader();
         let (sm, progress, index) = PartitionStateMachine::open(self.env.state_store.clone(), group)
@@ -177,6 +204,16 @@ impl PartitionManager {
                 );
             }
         }
-        Ok(PartitionHandle::new(topic.to_owned(), partition, group, self.me, raft, progress, index, reader, self.meta.clone()))
+        Ok(PartitionHandle::new(
+            topic.to_owned(),
+            partition,
+            group,
+            self.me,
+            raft,
+            progress,
+            index,
+            reader,
+            self.meta.clone(),
+        ))
     }
 }

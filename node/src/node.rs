@@ -106,9 +106,15 @@ pub async fn start(
 
     // The metadata group.
     let meta_dir = config.data_dir.join("groups").join(META_GROUP.to_string());
-    let (log, _) = LogStore::open(env.vfs.clone(), &meta_dir, LogConfig { segment_bytes_max: 16 << 20 })
-        .await
-        .context("open the metadata log")?;
+    let (log, _) = LogStore::open(
+        env.vfs.clone(),
+        &meta_dir,
+        LogConfig {
+            segment_bytes_max: 16 << 20,
+        },
+    )
+    .await
+    .context("open the metadata log")?;
     let pristine = log.is_pristine();
     let (sm, view) = MetaStateMachine::open(env.state_store.clone()).context("open the metadata state")?;
     let network = GroupNetwork::new(META_GROUP, me, peers.clone());
@@ -127,7 +133,15 @@ pub async fn start(
         let members: BTreeMap<NodeId, NodeAddr> = config
             .initial_members
             .iter()
-            .map(|m| (m.id, NodeAddr { raft_addr: m.raft_addr.clone(), client_addr: m.client_addr.clone() }))
+            .map(|m| {
+                (
+                    m.id,
+                    NodeAddr {
+                        raft_addr: m.raft_addr.clone(),
+                        client_addr: m.client_addr.clone(),
+                    },
+                )
+            })
             .collect();
         info!(node = me, ?members, "forming a new cluster");
         Runtime::scope(group_seed(env.seed, META_GROUP), raft.initialize(members))
@@ -199,7 +213,18 @@ pub async fn start(
         peers,
         tasks: tasks.clone(),
     };
-    tasks.spawn(manager.run(cancel.clone()).instrument(info_span!("partition_manager", node = me)));
+    tasks.spawn(
+        manager
+            .run(cancel.clone())
+            .instrument(info_span!("partition_manager", node = me)),
+    );
 
-    Ok(NodeHandle { me, meta, groups, broker, cancel, tasks })
+    Ok(NodeHandle {
+        me,
+        meta,
+        groups,
+        broker,
+        cancel,
+        tasks,
+    })
 }

@@ -20,14 +20,22 @@ struct StoredSnapshot {
 }
 
 pub fn put_snapshot(batch: &mut KvBatch, meta: &SnapshotMeta, data: &[u8]) {
-    let stored = StoredSnapshot { meta: meta.clone(), data: data.to_vec() };
+    let stored = StoredSnapshot {
+        meta: meta.clone(),
+        data: data.to_vec(),
+    };
     batch.put(SNAPSHOT_KEY, encode(&stored));
 }
 
 pub fn load_snapshot(tree: &dyn KvTree) -> io::Result<Option<Snapshot>> {
-    let Some(bytes) = tree.get(SNAPSHOT_KEY)? else { return Ok(None) };
+    let Some(bytes) = tree.get(SNAPSHOT_KEY)? else {
+        return Ok(None);
+    };
     let s: StoredSnapshot = decode(&bytes, "stored snapshot")?;
-    Ok(Some(Snapshot { meta: s.meta, snapshot: s.data }))
+    Ok(Some(Snapshot {
+        meta: s.meta,
+        snapshot: s.data,
+    }))
 }
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {

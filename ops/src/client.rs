@@ -51,7 +51,10 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(config: &ClientConfig) -> Self {
-        Self { next: config.backoff_min, max: config.backoff_max }
+        Self {
+            next: config.backoff_min,
+            max: config.backoff_max,
+        }
     }
 
     pub async fn wait(&mut self) {
@@ -107,7 +110,9 @@ impl Client {
     /// Connects to the cluster through any of `brokers` (`host:port`), loading its metadata.
     pub async fn connect(brokers: &[String], config: ClientConfig) -> Result<Self> {
         if brokers.is_empty() {
-            return Err(ClientError::Invalid("--brokers: at least one broker address is needed".into()));
+            return Err(ClientError::Invalid(
+                "--brokers: at least one broker address is needed".into(),
+            ));
         }
         let client = Self {
             inner: Arc::new(Inner {
@@ -132,7 +137,9 @@ impl Client {
             Some(c) => c.clone(),
             None => {
                 let ep = Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|e| ClientError::Invalid(format!("--brokers: {addr:?} is not a valid address: {e}")))?
+                    .map_err(|e| {
+                        ClientError::Invalid(format!("--brokers: {addr:?} is not a valid address: {e}"))
+                    })?
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(5))
@@ -143,7 +150,9 @@ impl Client {
                 ch
             }
         };
-        Ok(BrokerClient::new(ch).max_decoding_message_size(RESPONSE_BYTES_MAX).max_encoding_message_size(RESPONSE_BYTES_MAX))
+        Ok(BrokerClient::new(ch)
+            .max_decoding_message_size(RESPONSE_BYTES_MAX)
+            .max_encoding_message_size(RESPONSE_BYTES_MAX))
     }
 
     /// The addresses to try for a cluster-wide request: known nodes first, then the bootstrap list.
@@ -192,7 +201,10 @@ impl Client {
                         }
                         last = ClientError::Unavailable(format!("{what}: broker {addr}: {e}"));
                     }
-                    Err(_) => last = ClientError::Unavailable(format!("{what}: broker {addr} did not answer in time")),
+                    Err(_) => {
+                        last =
+                            ClientError::Unavailable(format!("{what}: broker {addr} did not answer in time"))
+                    }
                 }
             }
             if Instant::now() >= deadline {
@@ -210,7 +222,11 @@ impl Client {
 
     /// The cached metadata.
     pub fn metadata(&self) -> Arc<ClusterMetadata> {
-        self.inner.metadata.read().expect("metadata lock poisoned").clone()
+        self.inner
+            .metadata
+            .read()
+            .expect("metadata lock poisoned")
+            .clone()
     }
 
     /// Reloads the metadata from the cluster.
@@ -239,14 +255,20 @@ impl Client {
         replication_factor: u32,
         config: BTreeMap<String, String>,
     ) -> Result<pb::TopicMetadata> {
-        let req = pb::CreateTopicRequest { name: name.to_owned(), partitions, replication_factor, config: config.into_iter().collect() };
+        let req = pb::CreateTopicRequest {
+            name: name.to_owned(),
+            partitions,
+            replication_factor,
+            config: config.into_iter().collect(),
+        };
         let resp = self
             .call_any("create topic", |mut c| {
                 let r = self.request(req.clone());
                 async move { c.create_topic(r).await }
             })
             .await?;
-        resp.topic.ok_or_else(|| ClientError::Unavailable("create topic: empty answer".into()))
+        resp.topic
+            .ok_or_else(|| ClientError::Unavailable("create topic: empty answer".into()))
     }
 
     pub async fn list_topics(&self) -> Result<Vec<pb::TopicSummary>> {
@@ -262,11 +284,14 @@ impl Client {
     pub async fn describe_topic(&self, name: &str) -> Result<pb::TopicMetadata> {
         let resp = self
             .call_any("describe topic", |mut c| {
-                let r = self.request(pb::DescribeTopicRequest { name: name.to_owned() });
+                let r = self.request(pb::DescribeTopicRequest {
+                    name: name.to_owned(),
+                });
                 async move { c.describe_topic(r).await }
             })
             .await?;
-        resp.topic.ok_or_else(|| ClientError::Unavailable("describe topic: empty answer".into()))
+        resp.topic
+            .ok_or_else(|| ClientError::Unavailable("describe topic: empty answer".into()))
     }
 
     /// Asks one node about itself, with a short deadline: a liveness probe.
@@ -277,7 +302,9 @@ impl Client {
         match tokio::time::timeout(timeout, c.node_status(r)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(s)) => Err(ClientError::from_status(&s)),
-            Err(_) => Err(ClientError::Unavailable(format!("{addr} did not answer within {timeout:?}"))),
+            Err(_) => Err(ClientError::Unavailable(format!(
+                "{addr} did not answer within {timeout:?}"
+            ))),
         }
     }
 
@@ -322,7 +349,11 @@ impl Client {
             };
             let mut c = self.broker(&addr)?;
             let mut r = tonic::Request::new(req.clone());
-            let attempt_timeout = self.inner.config.request_timeout.min(deadline.saturating_duration_since(Instant::now()));
+            let attempt_timeout = self
+                .inner
+                .config
+                .request_timeout
+                .min(deadline.saturating_duration_since(Instant::now()));
             r.set_timeout(attempt_timeout);
             let result = tokio::time::timeout(attempt_timeout, c.produce(r)).await;
             let err = match result {
@@ -331,7 +362,11 @@ impl Client {
                 Err(_) => ClientError::Unavailable(format!("produce: {addr} did not answer in time")),
             };
             match &err {
-                ClientError::Server { code, leader_addr: Some(l), .. } if code == "not_leader" => {
+                ClientError::Server {
+                    code,
+                    leader_addr: Some(l),
+                    ..
+                } if code == "not_leader" => {
                     target = Some(l.clone());
                     last = err;
                     // The hint may be fresher than our metadata; go there without a long pause.
@@ -352,29 +387,53 @@ impl Client {
     /// The client address of the partition's leader as far as known, else any broker.
     async fn leader_addr(&self, topic: &str, partition: u32) -> String {
         let md = self.metadata();
-        if let Some(a) = md.partition(topic, partition).and_then(|p| p.leader).and_then(|l| md.client_addr(l)) {
+        if let Some(a) = md
+            .partition(topic, partition)
+            .and_then(|p| p.leader)
+            .and_then(|l| md.client_addr(l))
+        {
             return a.to_owned();
         }
-        if let Some(a) = md.partition(topic, partition).and_then(|p| p.replicas.first()).and_then(|l| md.client_addr(*l)) {
+        if let Some(a) = md
+            .partition(topic, partition)
+            .and_then(|p| p.replicas.first())
+            .and_then(|l| md.client_addr(*l))
+        {
             return a.to_owned();
         }
-        self.candidates().into_iter().next().unwrap_or_else(|| self.inner.bootstrap[0].clone())
+        self.candidates()
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| self.inner.bootstrap[0].clone())
     }
 
     /// The replicas to try for a fetch, best first.
     fn fetch_targets(&self, topic: &str, partition: u32, choice: ReplicaChoice) -> Vec<String> {
         let md = self.metadata();
-        let Some(p) = md.partition(topic, partition) else { return self.candidates() };
+        let Some(p) = md.partition(topic, partition) else {
+            return self.candidates();
+        };
         let addr = |n: u64| md.client_addr(n).map(str::to_owned);
         match choice {
             ReplicaChoice::Node(n) => addr(n).into_iter().collect(),
             ReplicaChoice::Leader => {
                 let mut v: Vec<String> = p.leader.and_then(addr).into_iter().collect();
-                v.extend(p.replicas.iter().filter_map(|r| addr(*r)).filter(|a| !v.contains(a)).collect::<Vec<_>>());
+                v.extend(
+                    p.replicas
+                        .iter()
+                        .filter_map(|r| addr(*r))
+                        .filter(|a| !v.contains(a))
+                        .collect::<Vec<_>>(),
+                );
                 v
             }
             ReplicaChoice::Follower => {
-                let mut v: Vec<String> = p.replicas.iter().filter(|r| Some(**r) != p.leader).filter_map(|r| addr(*r)).collect();
+                let mut v: Vec<String> = p
+                    .replicas
+                    .iter()
+                    .filter(|r| Some(**r) != p.leader)
+                    .filter_map(|r| addr(*r))
+                    .collect();
                 v.extend(p.leader.and_then(addr));
                 v
             }
@@ -395,7 +454,9 @@ impl Client {
         if let ReplicaChoice::Node(n) = choice
             && !self.metadata().nodes.contains_key(&n)
         {
-            return Err(ClientError::Invalid(format!("--replica: node {n} is not a node of this cluster")));
+            return Err(ClientError::Invalid(format!(
+                "--replica: node {n} is not a node of this cluster"
+            )));
         }
         let deadline = Instant::now() + self.inner.config.request_timeout + max_wait;
         let mut backoff = Backoff::new(&self.inner.config);
@@ -425,7 +486,9 @@ impl Client {
                         }
                         last = ClientError::Unavailable(format!("fetch from {addr}: {e}"));
                     }
-                    Err(_) => last = ClientError::Unavailable(format!("fetch from {addr}: no answer in time")),
+                    Err(_) => {
+                        last = ClientError::Unavailable(format!("fetch from {addr}: no answer in time"))
+                    }
                 }
             }
             if Instant::now() >= deadline {

@@ -24,7 +24,10 @@ fn put_bytes(obj: &mut serde_json::Map<String, Value>, name: &str, bytes: Option
                 obj.insert(name.to_owned(), Value::String(s.to_owned()));
             }
             Err(_) => {
-                obj.insert(format!("{name}_base64"), Value::String(base64::engine::general_purpose::STANDARD.encode(b)));
+                obj.insert(
+                    format!("{name}_base64"),
+                    Value::String(base64::engine::general_purpose::STANDARD.encode(b)),
+                );
             }
         },
     }
@@ -64,13 +67,28 @@ mod tests {
 
     #[test]
     fn binary_values_are_base64() {
-        let r = pb::FetchedRecord { offset: 3, key: None, value: vec![0xff, 0x00].into(), headers: vec![], timestamp_ms: 1 };
+        let r = pb::FetchedRecord {
+            offset: 3,
+            key: None,
+            value: vec![0xff, 0x00].into(),
+            headers: vec![],
+            timestamp_ms: 1,
+        };
         let v = record_json(1, &r);
         assert_eq!(v["key"], Value::Null);
         assert_eq!(v["value_base64"], "/wA=");
         assert!(v.get("value").is_none());
-        let r = pb::FetchedRecord { offset: 4, key: Some("k".into()), value: "hello".into(), headers: vec![], timestamp_ms: 1 };
+        let r = pb::FetchedRecord {
+            offset: 4,
+            key: Some("k".into()),
+            value: "hello".into(),
+            headers: vec![],
+            timestamp_ms: 1,
+        };
         let v = record_json(0, &r);
-        assert_eq!((v["key"].as_str(), v["value"].as_str(), v["offset"].as_u64()), (Some("k"), Some("hello"), Some(4)));
+        assert_eq!(
+            (v["key"].as_str(), v["value"].as_str(), v["offset"].as_u64()),
+            (Some("k"), Some("hello"), Some(4))
+        );
     }
 }

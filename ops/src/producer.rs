@@ -53,7 +53,10 @@ pub struct AckFuture(oneshot::Receiver<Result<Ack>>);
 impl std::future::Future for AckFuture {
     type Output = Result<Ack>;
 
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
         std::pin::Pin::new(&mut self.0)
             .poll(cx)
             .map(|r| r.unwrap_or_else(|_| Err(ClientError::Unavailable("the producer stopped".into()))))
@@ -61,7 +64,12 @@ impl std::future::Future for AckFuture {
 }
 
 fn record_size(r: &pb::Record) -> usize {
-    r.key.as_ref().map_or(0, |k| k.len()) + r.value.len() + r.headers.iter().map(|h| h.key.len() + h.value.len()).sum::<usize>()
+    r.key.as_ref().map_or(0, |k| k.len())
+        + r.value.len()
+        + r.headers
+            .iter()
+            .map(|h| h.key.len() + h.value.len())
+            .sum::<usize>()
 }
 
 impl Producer {
@@ -114,9 +122,13 @@ impl Producer {
         }
         let tx = self.worker(partition);
         let (ack_tx, ack_rx) = oneshot::channel();
-        tx.send(Pending { record, size, tx: ack_tx })
-            .await
-            .map_err(|_| ClientError::Unavailable("the producer stopped".into()))?;
+        tx.send(Pending {
+            record,
+            size,
+            tx: ack_tx,
+        })
+        .await
+        .map_err(|_| ClientError::Unavailable("the producer stopped".into()))?;
         Ok(AckFuture(ack_rx))
     }
 
@@ -126,7 +138,13 @@ impl Producer {
             .entry(partition)
             .or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(QUEUE_RECORDS_MAX);
-                let w = Worker { client: self.client.clone(), topic: self.topic.clone(), partition, producer_id: None, sequence: 0 };
+                let w = Worker {
+                    client: self.client.clone(),
+                    topic: self.topic.clone(),
+                    partition,
+                    producer_id: None,
+                    sequence: 0,
+                };
                 self.tasks.spawn(w.run(rx));
                 tx
             })
@@ -200,7 +218,10 @@ impl Worker {
         match result {
             Ok(base_offset) => {
                 for (i, p) in batch.into_iter().enumerate() {
-                    let _ = p.tx.send(Ok(Ack { partition: self.partition, offset: base_offset + i as u64 }));
+                    let _ = p.tx.send(Ok(Ack {
+                        partition: self.partition,
+                        offset: base_offset + i as u64,
+                    }));
                 }
             }
             Err(e) => {

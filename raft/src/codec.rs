@@ -10,5 +10,6 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, Status> {
-    postcard::from_bytes(bytes).map_err(|e| Status::invalid_argument(format!("payload: not a valid {what}: {e}")))
+    postcard::from_bytes(bytes)
+        .map_err(|e| Status::invalid_argument(format!("payload: not a valid {what}: {e}")))
 }

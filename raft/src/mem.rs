@@ -109,7 +109,10 @@ impl MemDisk {
 }
 
 fn not_found(path: &Path) -> io::Error {
-    io::Error::new(io::ErrorKind::NotFound, format!("{}: no such file", path.display()))
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{}: no such file", path.display()),
+    )
 }
 
 impl Vfs for MemDisk {
@@ -160,7 +163,10 @@ impl Vfs for MemDisk {
             }
             None => return Err(not_found(path)),
         };
-        Ok(Arc::new(MemFile { disk: self.clone(), ino }))
+        Ok(Arc::new(MemFile {
+            disk: self.clone(),
+            ino,
+        }))
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
@@ -183,7 +189,11 @@ impl Vfs for MemDisk {
             // What the directory holds when the call starts is what becomes durable.
             let entries: Vec<(PathBuf, Inode)> = {
                 let st = disk.lock();
-                st.names.iter().filter(|(p, _)| p.parent() == Some(&path)).map(|(p, i)| (p.clone(), *i)).collect()
+                st.names
+                    .iter()
+                    .filter(|(p, _)| p.parent() == Some(&path))
+                    .map(|(p, i)| (p.clone(), *i))
+                    .collect()
             };
             if !latency.is_zero() {
                 tokio::time::sleep(latency).await;
@@ -216,9 +226,14 @@ impl VFile for MemFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.with(|f| {
             let start = usize::try_from(offset).map_err(io::Error::other)?;
-            let end = start.checked_add(buf.len()).ok_or_else(|| io::Error::other("offset overflow"))?;
+            let end = start
+                .checked_add(buf.len())
+                .ok_or_else(|| io::Error::other("offset overflow"))?;
             if end > f.current.len() {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past end of file"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "read past end of file",
+                ));
             }
             buf.copy_from_slice(&f.current[start..end]);
             Ok(())
@@ -243,7 +258,8 @@ impl VFile for MemFile {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.with(|f| {
-            f.current.resize(usize::try_from(len).map_err(io::Error::other)?, 0);
+            f.current
+                .resize(usize::try_from(len).map_err(io::Error::other)?, 0);
             Ok(())
         })
     }
@@ -253,7 +269,11 @@ impl VFile for MemFile {
         let ino = self.ino;
         let (snapshot, latency, lies) = {
             let st = disk.lock();
-            (st.inodes.get(&ino).map(|f| f.current.clone()), st.sync_latency, st.fsync_lies)
+            (
+                st.inodes.get(&ino).map(|f| f.current.clone()),
+                st.sync_latency,
+                st.fsync_lies,
+            )
         };
         Box::pin(async move {
             if !latency.is_zero() {
@@ -312,7 +332,10 @@ fn apply_batch(tree: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: &KvBatch) {
 impl StateStore for MemStateStore {
     fn tree(&self, name: &str) -> io::Result<Arc<dyn KvTree>> {
         self.lock().current.entry(name.to_owned()).or_default();
-        Ok(Arc::new(MemTree { store: self.clone(), name: name.to_owned() }))
+        Ok(Arc::new(MemTree {
+            store: self.clone(),
+            name: name.to_owned(),
+        }))
     }
 
     fn drop_tree(&self, name: &str) -> io::Result<()> {
@@ -365,7 +388,11 @@ impl KvTree for MemTree {
     }
 
     fn floor(&self, key: &[u8]) -> io::Result<Option<KvPair>> {
-        Ok(self.with(|t| t.range(..=key.to_vec()).next_back().map(|(k, v)| (k.clone(), v.clone()))))
+        Ok(self.with(|t| {
+            t.range(..=key.to_vec())
+                .next_back()
+                .map(|(k, v)| (k.clone(), v.clone()))
+        }))
     }
 
     fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> io::Result<Vec<KvPair>> {
@@ -373,7 +400,10 @@ impl KvTree for MemTree {
             return Ok(Vec::new());
         }
         Ok(self.with(|t| {
-            t.range(from.to_vec()..to.to_vec()).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect()
+            t.range(from.to_vec()..to.to_vec())
+                .take(limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
         }))
     }
 }

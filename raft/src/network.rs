@@ -93,7 +93,12 @@ impl RaftNetworkFactory<C> for GroupNetwork {
         let client = RaftClient::new(channel)
             .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
-        PeerLink { group: self.group, me: self.me, target, client }
+        PeerLink {
+            group: self.group,
+            me: self.me,
+            target,
+            client,
+        }
     }
 }
 
@@ -107,7 +112,12 @@ pub struct PeerLink {
 
 impl PeerLink {
     fn envelope(&self, payload: Vec<u8>) -> RaftRequest {
-        RaftRequest { group_id: self.group, version: RAFT_WIRE_VERSION, payload: payload.into(), from: self.me }
+        RaftRequest {
+            group_id: self.group,
+            version: RAFT_WIRE_VERSION,
+            payload: payload.into(),
+            from: self.me,
+        }
     }
 
     fn request(&self, payload: Vec<u8>, ttl: Duration) -> tonic::Request<RaftRequest> {
@@ -145,10 +155,21 @@ impl PeerLink {
 }
 
 fn timeout(action: RPCTypes, me: NodeId, target: NodeId, ttl: Duration) -> RPCError<C> {
-    RPCError::Timeout(Timeout { action, id: me, target, timeout: ttl })
+    RPCError::Timeout(Timeout {
+        action,
+        id: me,
+        target,
+        timeout: ttl,
+    })
 }
 
-fn status_to_rpc_error(status: Status, action: RPCTypes, me: NodeId, target: NodeId, ttl: Duration) -> RPCError<C> {
+fn status_to_rpc_error(
+    status: Status,
+    action: RPCTypes,
+    me: NodeId,
+    target: NodeId,
+    ttl: Duration,
+) -> RPCError<C> {
     match status.code() {
         Code::DeadlineExceeded | Code::Cancelled => timeout(action, me, target, ttl),
         // A peer that is down, restarting, or not (yet) hosting the group: back off.
@@ -208,7 +229,13 @@ impl RaftNetworkV2<C> for PeerLink {
             let responses = match established {
                 Err(_) => return Err(timeout(RPCTypes::AppendEntries, me, target, response_timeout)),
                 Ok(Err(status)) => {
-                    return Err(status_to_rpc_error(status, RPCTypes::AppendEntries, me, target, ttl));
+                    return Err(status_to_rpc_error(
+                        status,
+                        RPCTypes::AppendEntries,
+                        me,
+                        target,
+                        ttl,
+                    ));
                 }
                 Ok(Ok(r)) => r.into_inner(),
             };
@@ -230,7 +257,10 @@ impl RaftNetworkV2<C> for PeerLink {
                             }
                             Ok(Ok(Some(reply))) => {
                                 outstanding.fetch_sub(1, Ordering::Relaxed);
-                                return match codec::decode::<StreamAppendResult<C>>(&reply.payload, "StreamAppendResult") {
+                                return match codec::decode::<StreamAppendResult<C>>(
+                                    &reply.payload,
+                                    "StreamAppendResult",
+                                ) {
                                     Ok(r) => Some((Ok(r), Some(responses))),
                                     Err(s) => Some((
                                         Err(status_to_rpc_error(s, RPCTypes::AppendEntries, me, target, ttl)),
@@ -248,11 +278,21 @@ impl RaftNetworkV2<C> for PeerLink {
 
     async fn vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
         let payload = codec::encode(&rpc);
-        self.unary(RPCTypes::Vote, option.hard_ttl(), |mut c, r| async move { c.vote(r).await }, payload, "VoteResponse")
-            .await
+        self.unary(
+            RPCTypes::Vote,
+            option.hard_ttl(),
+            |mut c, r| async move { c.vote(r).await },
+            payload,
+            "VoteResponse",
+        )
+        .await
     }
 
-    async fn pre_vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<C>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<C>, RPCError<C>> {
         let payload = codec::encode(&rpc);
         self.unary(
             RPCTypes::Vote,
@@ -271,7 +311,11 @@ impl RaftNetworkV2<C> for PeerLink {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
-        let payload = codec::encode(&SnapshotEnvelope { vote, meta: snapshot.meta, data: snapshot.snapshot });
+        let payload = codec::encode(&SnapshotEnvelope {
+            vote,
+            meta: snapshot.meta,
+            data: snapshot.snapshot,
+        });
         let ttl = option.hard_ttl();
         let call = self.unary::<SnapshotResponse<C>, _>(
             RPCTypes::InstallSnapshot,

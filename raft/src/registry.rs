@@ -12,8 +12,8 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use openraft::Raft;
-use openraft::errors::RaftError;
 use openraft::errors::Fatal;
+use openraft::errors::RaftError;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
@@ -43,7 +43,11 @@ pub trait RaftRpc: Send + Sync + 'static {
         &self,
         input: BoxStream<'static, AppendEntriesRequest<C>>,
     ) -> BoxStream<'static, Result<StreamAppendResult<C>, Fatal<C>>>;
-    fn install_snapshot(&self, vote: Vote, snapshot: Snapshot) -> BoxFuture<'_, Result<SnapshotResponse<C>, Fatal<C>>>;
+    fn install_snapshot(
+        &self,
+        vote: Vote,
+        snapshot: Snapshot,
+    ) -> BoxFuture<'_, Result<SnapshotResponse<C>, Fatal<C>>>;
     fn transfer_leader(
         &self,
         req: TransferLeaderRequest<C>,
@@ -76,7 +80,11 @@ where
         Box::pin(Raft::stream_append(self, input))
     }
 
-    fn install_snapshot(&self, vote: Vote, snapshot: Snapshot) -> BoxFuture<'_, Result<SnapshotResponse<C>, Fatal<C>>> {
+    fn install_snapshot(
+        &self,
+        vote: Vote,
+        snapshot: Snapshot,
+    ) -> BoxFuture<'_, Result<SnapshotResponse<C>, Fatal<C>>> {
         Box::pin(Raft::install_full_snapshot(self, vote, snapshot))
     }
 
@@ -103,19 +111,34 @@ pub struct Registry {
 
 impl Registry {
     pub fn insert(&self, group: GroupId, raft: Arc<dyn RaftRpc>) {
-        self.groups.write().expect("registry lock poisoned").insert(group, raft);
+        self.groups
+            .write()
+            .expect("registry lock poisoned")
+            .insert(group, raft);
     }
 
     pub fn remove(&self, group: GroupId) -> Option<Arc<dyn RaftRpc>> {
-        self.groups.write().expect("registry lock poisoned").remove(&group)
+        self.groups
+            .write()
+            .expect("registry lock poisoned")
+            .remove(&group)
     }
 
     pub fn get(&self, group: GroupId) -> Option<Arc<dyn RaftRpc>> {
-        self.groups.read().expect("registry lock poisoned").get(&group).cloned()
+        self.groups
+            .read()
+            .expect("registry lock poisoned")
+            .get(&group)
+            .cloned()
     }
 
     pub fn group_ids(&self) -> Vec<GroupId> {
-        self.groups.read().expect("registry lock poisoned").keys().copied().collect()
+        self.groups
+            .read()
+            .expect("registry lock poisoned")
+            .keys()
+            .copied()
+            .collect()
     }
 
     /// Installs the metadata forwarder; only the first call has an effect.

@@ -52,7 +52,9 @@ impl RaftService {
     }
 
     fn group(&self, group: GroupId) -> Result<Arc<dyn RaftRpc>, Status> {
-        self.registry.get(group).ok_or_else(|| Status::not_found(format!("node {} does not host group {group}", self.me)))
+        self.registry
+            .get(group)
+            .ok_or_else(|| Status::not_found(format!("node {} does not host group {group}", self.me)))
     }
 
     fn open(&self, req: &RaftRequest) -> Result<Arc<dyn RaftRpc>, Status> {
@@ -72,7 +74,9 @@ fn check_version(req: &RaftRequest) -> Result<(), Status> {
 }
 
 fn reply<T: serde::Serialize>(value: &T) -> Response<RaftReply> {
-    Response::new(RaftReply { payload: codec::encode(value).into() })
+    Response::new(RaftReply {
+        payload: codec::encode(value).into(),
+    })
 }
 
 fn fatal(e: impl std::fmt::Display) -> Status {
@@ -86,21 +90,30 @@ impl raft_server::Raft for RaftService {
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         let g = self.open(&req)?;
-        let resp = g.vote(codec::decode(&req.payload, "VoteRequest")?).await.map_err(fatal)?;
+        let resp = g
+            .vote(codec::decode(&req.payload, "VoteRequest")?)
+            .await
+            .map_err(fatal)?;
         Ok(reply(&resp))
     }
 
     async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         let g = self.open(&req)?;
-        let resp = g.pre_vote(codec::decode(&req.payload, "VoteRequest")?).await.map_err(fatal)?;
+        let resp = g
+            .pre_vote(codec::decode(&req.payload, "VoteRequest")?)
+            .await
+            .map_err(fatal)?;
         Ok(reply(&resp))
     }
 
     async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         let g = self.open(&req)?;
-        let resp = g.append_entries(codec::decode(&req.payload, "AppendEntriesRequest")?).await.map_err(fatal)?;
+        let resp = g
+            .append_entries(codec::decode(&req.payload, "AppendEntriesRequest")?)
+            .await
+            .map_err(fatal)?;
         Ok(reply(&resp))
     }
 
@@ -123,7 +136,9 @@ impl raft_server::Raft for RaftService {
         // openraft spawns a task per stream; its randomness must come from a seeded scope.
         let output = Runtime::scope(self.seed ^ group, async move { g.stream_append(input) }).await;
         let output = output.map(|r| match r {
-            Ok(result) => Ok(RaftReply { payload: codec::encode(&result).into() }),
+            Ok(result) => Ok(RaftReply {
+                payload: codec::encode(&result).into(),
+            }),
             Err(e) => Err(fatal(e)),
         });
         Ok(Response::new(Box::pin(output)))
@@ -133,7 +148,10 @@ impl raft_server::Raft for RaftService {
         let req = request.into_inner();
         let g = self.open(&req)?;
         let env: SnapshotEnvelope = codec::decode(&req.payload, "snapshot")?;
-        let snapshot = Snapshot { meta: env.meta, snapshot: env.data };
+        let snapshot = Snapshot {
+            meta: env.meta,
+            snapshot: env.data,
+        };
         let resp = g.install_snapshot(env.vote, snapshot).await.map_err(fatal)?;
         Ok(reply(&resp))
     }
@@ -141,14 +159,20 @@ impl raft_server::Raft for RaftService {
     async fn transfer_leader(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         let g = self.open(&req)?;
-        let resp = g.transfer_leader(codec::decode(&req.payload, "TransferLeaderRequest")?).await.map_err(fatal)?;
+        let resp = g
+            .transfer_leader(codec::decode(&req.payload, "TransferLeaderRequest")?)
+            .await
+            .map_err(fatal)?;
         Ok(reply(&resp))
     }
 
     async fn forward_meta(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         check_version(&req)?;
-        let f = self.registry.forwarder().ok_or_else(|| Status::unavailable("metadata service is starting"))?;
+        let f = self
+            .registry
+            .forwarder()
+            .ok_or_else(|| Status::unavailable("metadata service is starting"))?;
         let payload = f.forward(req.payload).await?;
         Ok(Response::new(RaftReply { payload }))
     }
@@ -172,7 +196,11 @@ fn decode_requests(
                 }
             }
             Ok(Some(req)) => {
-                debug!(group, got = req.group_id, "dropping replication stream: message for another group or version");
+                debug!(
+                    group,
+                    got = req.group_id,
+                    "dropping replication stream: message for another group or version"
+                );
                 None
             }
             Ok(None) => None,

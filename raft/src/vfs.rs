@@ -37,6 +37,7 @@ pub trait Vfs: Send + Sync + 'static {
 }
 
 /// An open file.
+#[allow(clippy::len_without_is_empty)]
 pub trait VFile: Send + Sync + 'static {
     /// Fills `buf` from `offset`; fails with `UnexpectedEof` if the file is shorter.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
@@ -74,7 +75,12 @@ impl Vfs for RealVfs {
     }
 
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn VFile>> {
-        let file = OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .open(path)?;
         Ok(Arc::new(RealFile { file: Arc::new(file) }))
     }
 
@@ -150,7 +156,10 @@ mod tests {
         assert_eq!(&buf, b"hello!");
         f.set_len(2)?;
         assert_eq!(f.len()?, 2);
-        assert!(f.read_exact_at(&mut buf, 0).is_err(), "reading past the end must fail");
+        assert!(
+            f.read_exact_at(&mut buf, 0).is_err(),
+            "reading past the end must fail"
+        );
         assert_eq!(vfs.list_dir(&sub)?, vec!["x".to_string()]);
         vfs.sync_dir(&sub).await?;
         vfs.remove_file(&sub.join("x"))?;

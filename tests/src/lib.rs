@@ -42,7 +42,10 @@ pub fn binary(name: &str) -> PathBuf {
         assert!(status.success(), "cargo build of the Eddy binaries failed");
         // This test binary lives in target/<profile>/deps.
         let exe = std::env::current_exe().expect("test executable path");
-        exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
+        exe.parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_path_buf()
     });
     dir.join(name)
 }
@@ -104,7 +107,10 @@ impl CtlOutput {
     }
 
     pub fn json_lines(&self) -> anyhow::Result<Vec<Value>> {
-        self.stdout.lines().map(|l| serde_json::from_str(l).with_context(|| format!("parse line {l:?}"))).collect()
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("parse line {l:?}")))
+            .collect()
     }
 }
 
@@ -160,7 +166,11 @@ impl Cluster {
     }
 
     pub fn brokers(&self) -> String {
-        self.nodes.values().map(|n| n.client_addr.as_str()).collect::<Vec<_>>().join(",")
+        self.nodes
+            .values()
+            .map(|n| n.client_addr.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     pub fn node(&self, id: u64) -> &NodeProc {
@@ -170,7 +180,10 @@ impl Cluster {
     pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
         let node = self.nodes.get_mut(&id).context("no such node")?;
         anyhow::ensure!(node.child.is_none(), "node {id} is already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log_path)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log_path)?;
         let child = Command::new(binary("eddy-node"))
             .arg("--config")
             .arg(&node.config_path)
@@ -197,7 +210,9 @@ impl Cluster {
     /// SIGTERM, then waits up to `timeout` for the node to exit; returns whether it did.
     pub fn stop_node(&mut self, id: u64, timeout: Duration) -> anyhow::Result<bool> {
         let node = self.nodes.get_mut(&id).context("no such node")?;
-        let Some(mut child) = node.child.take() else { return Ok(true) };
+        let Some(mut child) = node.child.take() else {
+            return Ok(true);
+        };
         let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
         let deadline = Instant::now() + timeout;
@@ -228,14 +243,23 @@ impl Cluster {
 }
 
 /// Runs `eddyctl` against `brokers`, killing it (by its PID) if it runs past `timeout`.
-pub fn run_ctl(brokers: &str, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> anyhow::Result<CtlOutput> {
+pub fn run_ctl(
+    brokers: &str,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+) -> anyhow::Result<CtlOutput> {
     let mut child = Command::new(binary("eddyctl"))
         .arg("--brokers")
         .arg(brokers)
         .arg("--output")
         .arg("json")
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -267,7 +291,11 @@ pub fn run_ctl(brokers: &str, args: &[&str], stdin: Option<&[u8]>, timeout: Dura
     let stdout = out_t.join().unwrap_or_default();
     let stderr = err_t.join().unwrap_or_default();
     match status {
-        Some(s) => Ok(CtlOutput { code: s.code(), stdout, stderr }),
+        Some(s) => Ok(CtlOutput {
+            code: s.code(),
+            stdout,
+            stderr,
+        }),
         None => bail!("eddyctl {args:?} did not finish within {timeout:?}; stderr: {stderr}"),
     }
 }
@@ -285,5 +313,10 @@ impl Drop for Cluster {
 
 /// Output of a command, for messages.
 pub fn describe(o: &Output) -> String {
-    format!("status {:?}\nstdout: {}\nstderr: {}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }

@@ -36,21 +36,36 @@ fn describe(c: &Cluster) -> anyhow::Result<Value> {
 }
 
 fn partition_info(topic: &Value, p: u32) -> anyhow::Result<&Value> {
-    topic["partitions"].as_array().and_then(|a| a.get(p as usize)).context("partition missing")
+    topic["partitions"]
+        .as_array()
+        .and_then(|a| a.get(p as usize))
+        .context("partition missing")
 }
 
 /// Produces `values` to partition `p` and records the acknowledged offsets.
 fn produce(c: &Cluster, p: u32, values: &[String], acked: &mut Acked) -> anyhow::Result<()> {
     let input = values.iter().map(|v| format!("{v}\n")).collect::<String>();
-    let out = c.ctl(&["produce", TOPIC, "--partition", &p.to_string()], Some(input.as_bytes()), CTL_TIMEOUT)?;
+    let out = c.ctl(
+        &["produce", TOPIC, "--partition", &p.to_string()],
+        Some(input.as_bytes()),
+        CTL_TIMEOUT,
+    )?;
     ensure!(out.ok(), "produce to partition {p} failed: {}", out.stderr);
     let lines = out.json_lines()?;
-    ensure!(lines.len() == values.len(), "expected {} acks, got {}", values.len(), lines.len());
+    ensure!(
+        lines.len() == values.len(),
+        "expected {} acks, got {}",
+        values.len(),
+        lines.len()
+    );
     for (v, line) in values.iter().zip(lines) {
         ensure!(line["partition"] == p, "ack for the wrong partition: {line}");
         let offset = line["offset"].as_u64().context("offset")?;
         let prev = acked.entry(p).or_default().insert(offset, v.clone());
-        ensure!(prev.is_none(), "offset {offset} of partition {p} acknowledged twice ({prev:?} and {v})");
+        ensure!(
+            prev.is_none(),
+            "offset {offset} of partition {p} acknowledged twice ({prev:?} and {v})"
+        );
     }
     Ok(())
 }
@@ -59,17 +74,37 @@ fn produce(c: &Cluster, p: u32, values: &[String], acked: &mut Acked) -> anyhow:
 /// acknowledged event is there, once, at its offset.
 fn check_replica(c: &Cluster, p: u32, replica: u64, count: u64, acked: &Acked) -> anyhow::Result<()> {
     let out = c.ctl(
-        &["consume", TOPIC, "--partition", &p.to_string(), "--replica", &replica.to_string(), "--count", &count.to_string()],
+        &[
+            "consume",
+            TOPIC,
+            "--partition",
+            &p.to_string(),
+            "--replica",
+            &replica.to_string(),
+            "--count",
+            &count.to_string(),
+        ],
         None,
         CTL_TIMEOUT,
     )?;
-    ensure!(out.ok(), "consume of partition {p} from node {replica} failed: {}", out.stderr);
+    ensure!(
+        out.ok(),
+        "consume of partition {p} from node {replica} failed: {}",
+        out.stderr
+    );
     let records = out.json_lines()?;
-    ensure!(records.len() as u64 == count, "node {replica} returned {} of {count} records of partition {p}", records.len());
+    ensure!(
+        records.len() as u64 == count,
+        "node {replica} returned {} of {count} records of partition {p}",
+        records.len()
+    );
     let mut seen: BTreeMap<u64, String> = BTreeMap::new();
     for (i, r) in records.iter().enumerate() {
         let offset = r["offset"].as_u64().context("offset")?;
-        ensure!(offset == i as u64, "partition {p} on node {replica}: offset {offset} at position {i} (offsets must be dense)");
+        ensure!(
+            offset == i as u64,
+            "partition {p} on node {replica}: offset {offset} at position {i} (offsets must be dense)"
+        );
         seen.insert(offset, r["value"].as_str().context("value")?.to_owned());
     }
     let mut values_seen: BTreeMap<&str, u64> = BTreeMap::new();
@@ -77,7 +112,9 @@ fn check_replica(c: &Cluster, p: u32, replica: u64, count: u64, acked: &Acked) -
         if let Some(prev) = values_seen.insert(v.as_str(), *o)
             && acked[&p].values().any(|a| a == v)
         {
-            anyhow::bail!("acknowledged event {v:?} appears twice in partition {p} on node {replica}: offsets {prev} and {o}");
+            anyhow::bail!(
+                "acknowledged event {v:?} appears twice in partition {p} on node {replica}: offsets {prev} and {o}"
+            );
         }
     }
     for (o, v) in &acked[&p] {
@@ -91,7 +128,9 @@ fn check_replica(c: &Cluster, p: u32, replica: u64, count: u64, acked: &Acked) -
 }
 
 fn high_watermark(c: &Cluster, p: u32) -> anyhow::Result<u64> {
-    partition_info(&describe(c)?, p)?["high_watermark"].as_u64().context("high_watermark")
+    partition_info(&describe(c)?, p)?["high_watermark"]
+        .as_u64()
+        .context("high_watermark")
 }
 
 fn values(prefix: &str, n: usize) -> Vec<String> {
@@ -120,17 +159,33 @@ fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
     })?;
 
     // 2. A topic with three partitions, each with a leader and three replicas.
-    let out = ctl(c, &["topic", "create", TOPIC, "--partitions", "3", "--replication-factor", "3"])?;
+    let out = ctl(
+        c,
+        &[
+            "topic",
+            "create",
+            TOPIC,
+            "--partitions",
+            "3",
+            "--replication-factor",
+            "3",
+        ],
+    )?;
     ensure!(out.ok(), "topic create failed: {out:?}");
     let topic = wait_for("a leader for every partition", Duration::from_secs(30), || {
         let t = describe(c).ok()?;
         let parts = t["partitions"].as_array()?;
         let ready = parts.len() == PARTITIONS as usize
-            && parts.iter().all(|p| p["leader"].is_u64() && p["replicas"].as_array().is_some_and(|r| r.len() == 3));
+            && parts
+                .iter()
+                .all(|p| p["leader"].is_u64() && p["replicas"].as_array().is_some_and(|r| r.len() == 3));
         ready.then_some(t)
     })?;
     for p in 0..PARTITIONS {
-        let replicas = partition_info(&topic, p)?["replicas"].as_array().context("replicas")?.clone();
+        let replicas = partition_info(&topic, p)?["replicas"]
+            .as_array()
+            .context("replicas")?
+            .clone();
         let mut ids: Vec<u64> = replicas.iter().filter_map(Value::as_u64).collect();
         ids.sort_unstable();
         ensure!(ids == vec![1, 2, 3], "partition {p} replicas {replicas:?}");
@@ -143,35 +198,54 @@ fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
     }
 
     // 4. SIGKILL the leader of partition 0, then produce to it again.
-    let leader = partition_info(&describe(c)?, 0)?["leader"].as_u64().context("leader of partition 0")?;
+    let leader = partition_info(&describe(c)?, 0)?["leader"]
+        .as_u64()
+        .context("leader of partition 0")?;
     c.kill_node(leader)?;
     let killed_at = Instant::now();
     let mut attempt = 0;
-    wait_for("partition 0 to accept writes after its leader died", Duration::from_secs(30), || {
-        attempt += 1;
-        let v = vec![format!("probe-{attempt}")];
-        let survivors = c.nodes.values().filter(|n| n.is_running()).map(|n| n.client_addr.clone()).collect::<Vec<_>>();
-        let input = format!("{}\n", v[0]);
-        let out = eddy_tests::run_ctl(
-            &survivors.join(","),
-            &["--timeout", "2s", "produce", TOPIC, "--partition", "0"],
-            Some(input.as_bytes()),
-            Duration::from_secs(40),
-        )
-        .ok()?;
-        if !out.ok() {
-            return None;
-        }
-        let line = out.json_lines().ok()?.pop()?;
-        let offset = line["offset"].as_u64()?;
-        acked.entry(0).or_default().insert(offset, v[0].clone());
-        Some(())
-    })?;
-    eprintln!("partition 0 writable again {:?} after SIGKILL of its leader (node {leader})", killed_at.elapsed());
+    wait_for(
+        "partition 0 to accept writes after its leader died",
+        Duration::from_secs(30),
+        || {
+            attempt += 1;
+            let v = [format!("probe-{attempt}")];
+            let survivors = c
+                .nodes
+                .values()
+                .filter(|n| n.is_running())
+                .map(|n| n.client_addr.clone())
+                .collect::<Vec<_>>();
+            let input = format!("{}\n", v[0]);
+            let out = eddy_tests::run_ctl(
+                &survivors.join(","),
+                &["--timeout", "2s", "produce", TOPIC, "--partition", "0"],
+                Some(input.as_bytes()),
+                Duration::from_secs(40),
+            )
+            .ok()?;
+            if !out.ok() {
+                return None;
+            }
+            let line = out.json_lines().ok()?.pop()?;
+            let offset = line["offset"].as_u64()?;
+            acked.entry(0).or_default().insert(offset, v[0].clone());
+            Some(())
+        },
+    )?;
+    eprintln!(
+        "partition 0 writable again {:?} after SIGKILL of its leader (node {leader})",
+        killed_at.elapsed()
+    );
     produce(c, 0, &values("second-p0", EVENTS), &mut acked)?;
 
     // 5. Every surviving follower of every partition has every acknowledged event.
-    let survivors: Vec<u64> = c.nodes.values().filter(|n| n.is_running()).map(|n| n.id).collect();
+    let survivors: Vec<u64> = c
+        .nodes
+        .values()
+        .filter(|n| n.is_running())
+        .map(|n| n.id)
+        .collect();
     for p in 0..PARTITIONS {
         let info = describe(c)?;
         let part = partition_info(&info, p)?;
@@ -188,9 +262,11 @@ fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
     c.start_node(leader)?;
     for p in 0..PARTITIONS {
         let hw = high_watermark(c, p)?;
-        wait_for("the restarted node to serve every acknowledged event", Duration::from_secs(20), || {
-            check_replica(c, p, leader, hw, &acked).ok()
-        })?;
+        wait_for(
+            "the restarted node to serve every acknowledged event",
+            Duration::from_secs(20),
+            || check_replica(c, p, leader, hw, &acked).ok(),
+        )?;
     }
 
     // 7. SIGKILL every node, start them again: nothing acknowledged is lost or moved.
@@ -201,32 +277,103 @@ fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
         c.start_node(id)?;
     }
     for p in 0..PARTITIONS {
-        let hw = wait_for("the partition to have a leader again", Duration::from_secs(30), || high_watermark(c, p).ok())?;
+        let hw = wait_for(
+            "the partition to have a leader again",
+            Duration::from_secs(30),
+            || high_watermark(c, p).ok(),
+        )?;
         for r in 1..=3 {
-            wait_for("every replica to serve every acknowledged event", Duration::from_secs(30), || {
-                check_replica(c, p, r, hw, &acked).ok()
-            })?;
+            wait_for(
+                "every replica to serve every acknowledged event",
+                Duration::from_secs(30),
+                || check_replica(c, p, r, hw, &acked).ok(),
+            )?;
         }
     }
 
     // 8. Bad input: each refused with a message naming the problem; the cluster stays healthy.
     let long = "x".repeat(300);
-    let cases: Vec<(Vec<&str>, Option<Vec<u8>>, &str)> = vec![
-        (vec!["topic", "create", "a/b", "--partitions", "1", "--replication-factor", "1"], None, "'/'"),
-        (vec!["topic", "create", &long, "--partitions", "1", "--replication-factor", "1"], None, "too long"),
-        (vec!["topic", "create", "zero", "--partitions", "0", "--replication-factor", "1"], None, "partitions"),
-        (vec!["topic", "create", "wide", "--partitions", "1", "--replication-factor", "4"], None, "replication_factor"),
-        (vec!["consume", "missing", "--partition", "0", "--count", "1"], None, "does not exist"),
-        (vec!["produce", TOPIC, "--partition", "1"], Some(vec![b'v'; 16 << 20]), "maximum event size"),
+    // (arguments, stdin, a phrase the error must contain)
+    type Case<'a> = (Vec<&'a str>, Option<Vec<u8>>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            vec![
+                "topic",
+                "create",
+                "a/b",
+                "--partitions",
+                "1",
+                "--replication-factor",
+                "1",
+            ],
+            None,
+            "'/'",
+        ),
+        (
+            vec![
+                "topic",
+                "create",
+                &long,
+                "--partitions",
+                "1",
+                "--replication-factor",
+                "1",
+            ],
+            None,
+            "too long",
+        ),
+        (
+            vec![
+                "topic",
+                "create",
+                "zero",
+                "--partitions",
+                "0",
+                "--replication-factor",
+                "1",
+            ],
+            None,
+            "partitions",
+        ),
+        (
+            vec![
+                "topic",
+                "create",
+                "wide",
+                "--partitions",
+                "1",
+                "--replication-factor",
+                "4",
+            ],
+            None,
+            "replication_factor",
+        ),
+        (
+            vec!["consume", "missing", "--partition", "0", "--count", "1"],
+            None,
+            "does not exist",
+        ),
+        (
+            vec!["produce", TOPIC, "--partition", "1"],
+            Some(vec![b'v'; 16 << 20]),
+            "maximum event size",
+        ),
     ];
     for (args, stdin, needle) in cases {
         let out = c.ctl(&args, stdin.as_deref(), CTL_TIMEOUT)?;
         ensure!(!out.ok(), "{args:?} should fail: {out:?}");
-        ensure!(out.stderr.contains(needle), "{args:?}: the error should mention {needle:?}: {}", out.stderr);
+        ensure!(
+            out.stderr.contains(needle),
+            "{args:?}: the error should mention {needle:?}: {}",
+            out.stderr
+        );
     }
     let out = ctl(c, &["cluster", "status"])?;
     let nodes = out.json()?["nodes"].as_array().cloned().unwrap_or_default();
-    ensure!(nodes.len() == 3 && nodes.iter().all(|n| n["up"] == true), "a node was harmed: {nodes:?}");
+    ensure!(
+        nodes.len() == 3 && nodes.iter().all(|n| n["up"] == true),
+        "a node was harmed: {nodes:?}"
+    );
     for p in 0..PARTITIONS {
         let hw = high_watermark(c, p)?;
         check_replica(c, p, 1 + u64::from(p), hw, &acked)?;

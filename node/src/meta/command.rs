@@ -11,7 +11,12 @@ use super::state::TopicRecord;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaCommand {
     /// Create a topic; the state machine chooses the placement.
-    CreateTopic { name: String, partitions: u32, replication_factor: u32, config: BTreeMap<String, String> },
+    CreateTopic {
+        name: String,
+        partitions: u32,
+        replication_factor: u32,
+        config: BTreeMap<String, String>,
+    },
     AllocateProducerId,
 }
 
@@ -36,7 +41,9 @@ pub enum MetaError {
 
 impl MetaCommand {
     pub fn encode(&self) -> Bytes {
-        postcard::to_stdvec(self).expect("metadata commands always encode").into()
+        postcard::to_stdvec(self)
+            .expect("metadata commands always encode")
+            .into()
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, postcard::Error> {
@@ -46,7 +53,9 @@ impl MetaCommand {
 
 impl MetaReply {
     pub fn encode(&self) -> Bytes {
-        postcard::to_stdvec(self).expect("metadata replies always encode").into()
+        postcard::to_stdvec(self)
+            .expect("metadata replies always encode")
+            .into()
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, postcard::Error> {

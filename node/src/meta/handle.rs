@@ -52,7 +52,12 @@ enum Attempt {
 
 impl MetaHandle {
     pub fn new(raft: MetaRaft, view: watch::Receiver<Arc<MetaView>>, peers: Arc<Peers>, me: NodeId) -> Self {
-        Self { raft, view, peers, me }
+        Self {
+            raft,
+            view,
+            peers,
+            me,
+        }
     }
 
     pub fn raft(&self) -> &MetaRaft {
@@ -83,12 +88,16 @@ impl MetaHandle {
         match self.raft.client_write(Payload(payload)).await {
             Ok(resp) => match MetaReply::decode(&resp.data.0) {
                 Ok(r) => Attempt::Done(r),
-                Err(e) => Attempt::Done(MetaReply::Error(super::MetaError::Invalid(format!("undecodable reply: {e}")))),
+                Err(e) => Attempt::Done(MetaReply::Error(super::MetaError::Invalid(format!(
+                    "undecodable reply: {e}"
+                )))),
             },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match (f.leader_id, f.leader_node) {
-                (Some(id), Some(node)) if id != self.me => Attempt::Forward(id, node.raft_addr),
-                _ => Attempt::Retry("the metadata group has no leader yet".into()),
-            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                match (f.leader_id, f.leader_node) {
+                    (Some(id), Some(node)) if id != self.me => Attempt::Forward(id, node.raft_addr),
+                    _ => Attempt::Retry("the metadata group has no leader yet".into()),
+                }
+            }
             Err(e) => Attempt::Retry(format!("metadata write failed: {e}")),
         }
     }
@@ -111,23 +120,42 @@ impl MetaHandle {
                 Err(_) => last = "timed out waiting for the metadata group".into(),
                 Ok(Attempt::Done(r)) => return Ok(r),
                 Ok(Attempt::Retry(why)) => last = why,
-                Ok(Attempt::Forward(leader, addr)) => match self.forward(leader, &addr, payload.clone(), remaining).await {
-                    Ok(r) => return Ok(r),
-                    Err(status) => last = format!("forwarding to metadata leader {leader} failed: {}", status.message()),
-                },
+                Ok(Attempt::Forward(leader, addr)) => {
+                    match self.forward(leader, &addr, payload.clone(), remaining).await {
+                        Ok(r) => return Ok(r),
+                        Err(status) => {
+                            last = format!(
+                                "forwarding to metadata leader {leader} failed: {}",
+                                status.message()
+                            )
+                        }
+                    }
+                }
             }
             tokio::time::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now()))).await;
         }
     }
 
-    async fn forward(&self, leader: NodeId, addr: &str, payload: Bytes, ttl: Duration) -> Result<MetaReply, Status> {
+    async fn forward(
+        &self,
+        leader: NodeId,
+        addr: &str,
+        payload: Bytes,
+        ttl: Duration,
+    ) -> Result<MetaReply, Status> {
         let mut client = RaftClient::new(self.peers.channel(leader, addr));
-        let mut req = tonic::Request::new(RaftRequest { group_id: META_GROUP, version: RAFT_WIRE_VERSION, payload, from: self.me });
+        let mut req = tonic::Request::new(RaftRequest {
+            group_id: META_GROUP,
+            version: RAFT_WIRE_VERSION,
+            payload,
+            from: self.me,
+        });
         req.set_timeout(ttl);
         let reply = tokio::time::timeout(ttl, client.forward_meta(req))
             .await
             .map_err(|_| Status::deadline_exceeded("ForwardMeta timed out"))??;
-        MetaReply::decode(&reply.into_inner().payload).map_err(|e| Status::internal(format!("undecodable reply: {e}")))
+        MetaReply::decode(&reply.into_inner().payload)
+            .map_err(|e| Status::internal(format!("undecodable reply: {e}")))
     }
 }
 
@@ -142,11 +170,16 @@ impl MetaForwarder for MetaForwardService {
         let handle = self.handle.clone();
         Box::pin(async move {
             if let Err(e) = MetaCommand::decode(&payload) {
-                return Err(Status::invalid_argument(format!("payload: not a metadata command: {e}")));
+                return Err(Status::invalid_argument(format!(
+                    "payload: not a metadata command: {e}"
+                )));
             }
             match handle.attempt_local(payload).await {
                 Attempt::Done(r) => Ok(r.encode()),
-                Attempt::Forward(l, _) => Err(Status::unavailable(format!("node {} is not the metadata leader; node {l} is", handle.me))),
+                Attempt::Forward(l, _) => Err(Status::unavailable(format!(
+                    "node {} is not the metadata leader; node {l} is",
+                    handle.me
+                ))),
                 Attempt::Retry(why) => Err(Status::unavailable(why)),
             }
         })

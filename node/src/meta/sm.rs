@@ -58,7 +58,15 @@ impl MetaStateMachine {
             None => MetaView::default(),
         };
         let (tx, rx) = watch::channel(Arc::new(view.clone()));
-        Ok((Self { view, tree, store, tx }, rx))
+        Ok((
+            Self {
+                view,
+                tree,
+                store,
+                tx,
+            },
+            rx,
+        ))
     }
 
     fn persist(&self, batch: &mut KvBatch) {
@@ -92,7 +100,9 @@ impl RaftStateMachine<C> for MetaStateMachine {
                     Ok(cmd) => self.view.state.apply(cmd),
                     // Every replica decodes the same bytes the same way, so replying with an
                     // error keeps them in agreement.
-                    Err(e) => MetaReply::Error(MetaError::Invalid(format!("undecodable metadata command: {e}"))),
+                    Err(e) => {
+                        MetaReply::Error(MetaError::Invalid(format!("undecodable metadata command: {e}")))
+                    }
                 },
                 EntryPayload::Membership(m) => {
                     self.view.state.apply_membership(&m);
@@ -115,12 +125,24 @@ impl RaftStateMachine<C> for MetaStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        MetaSnapshotBuilder { view: self.view.clone(), tree: self.tree.clone(), store: self.store.clone() }
+        MetaSnapshotBuilder {
+            view: self.view.clone(),
+            tree: self.tree.clone(),
+            store: self.store.clone(),
+        }
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> Result<(), io::Error> {
         let view: MetaView = sm_common::decode(&snapshot, "metadata snapshot")?;
-        self.view = MetaView { state: view.state, last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
+        self.view = MetaView {
+            state: view.state,
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        };
         let mut batch = KvBatch::default();
         self.persist(&mut batch);
         sm_common::put_snapshot(&mut batch, meta, &snapshot);
@@ -147,7 +169,10 @@ impl RaftSnapshotBuilder<C> for MetaSnapshotBuilder {
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let data = sm_common::encode(&self.view);
-        let meta = SnapshotMeta { last_log_id: self.view.last_applied, last_membership: self.view.membership.clone() };
+        let meta = SnapshotMeta {
+            last_log_id: self.view.last_applied,
+            last_membership: self.view.membership.clone(),
+        };
         let mut batch = KvBatch::default();
         sm_common::put_snapshot(&mut batch, &meta, &data);
         self.tree.apply(batch)?;

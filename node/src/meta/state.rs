@@ -71,7 +71,12 @@ pub struct MetaState {
 
 impl Default for MetaState {
     fn default() -> Self {
-        Self { nodes: BTreeMap::new(), topics: BTreeMap::new(), next_group_id: 1, next_producer_id: 1 }
+        Self {
+            nodes: BTreeMap::new(),
+            topics: BTreeMap::new(),
+            next_group_id: 1,
+            next_producer_id: 1,
+        }
     }
 }
 
@@ -83,18 +88,24 @@ impl MetaState {
             self.nodes
                 .entry(*id)
                 .and_modify(|n| n.addr = addr.clone())
-                .or_insert_with(|| NodeRecord { addr: addr.clone(), state: NodeState::Active });
+                .or_insert_with(|| NodeRecord {
+                    addr: addr.clone(),
+                    state: NodeState::Active,
+                });
         }
     }
 
     pub fn apply(&mut self, cmd: MetaCommand) -> MetaReply {
         match cmd {
-            MetaCommand::CreateTopic { name, partitions, replication_factor, config } => {
-                match self.create_topic(name, partitions, replication_factor, config) {
-                    Ok(t) => MetaReply::TopicCreated(t),
-                    Err(e) => MetaReply::Error(e),
-                }
-            }
+            MetaCommand::CreateTopic {
+                name,
+                partitions,
+                replication_factor,
+                config,
+            } => match self.create_topic(name, partitions, replication_factor, config) {
+                Ok(t) => MetaReply::TopicCreated(t),
+                Err(e) => MetaReply::Error(e),
+            },
             MetaCommand::AllocateProducerId => {
                 let id = self.next_producer_id;
                 self.next_producer_id += 1;
@@ -114,7 +125,9 @@ impl MetaState {
             return Err(MetaError::TopicExists(name));
         }
         if partitions == 0 || replication_factor == 0 {
-            return Err(MetaError::Invalid("partitions and replication_factor must be at least 1".into()));
+            return Err(MetaError::Invalid(
+                "partitions and replication_factor must be at least 1".into(),
+            ));
         }
         let placement = self.place(partitions, replication_factor)?;
         let partitions = placement
@@ -122,16 +135,29 @@ impl MetaState {
             .map(|replicas| {
                 let group_id = self.next_group_id;
                 self.next_group_id += 1;
-                PartitionRecord { group_id, initial_replicas: replicas.clone(), replicas }
+                PartitionRecord {
+                    group_id,
+                    initial_replicas: replicas.clone(),
+                    replicas,
+                }
             })
             .collect();
-        let topic = TopicRecord { name: name.clone(), partitions, replication_factor, config };
+        let topic = TopicRecord {
+            name: name.clone(),
+            partitions,
+            replication_factor,
+            config,
+        };
         self.topics.insert(name, topic.clone());
         Ok(topic)
     }
 
     fn active_nodes(&self) -> Vec<NodeId> {
-        self.nodes.iter().filter(|(_, n)| n.state == NodeState::Active).map(|(id, _)| *id).collect()
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.state == NodeState::Active)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Chooses replicas for `n_partitions` new partitions: each partition's preferred leader is
@@ -141,7 +167,10 @@ impl MetaState {
     fn place(&self, n_partitions: u32, rf: u32) -> Result<Vec<Vec<NodeId>>, MetaError> {
         let nodes = self.active_nodes();
         if rf as usize > nodes.len() {
-            return Err(MetaError::NotEnoughNodes { replication_factor: rf, nodes: nodes.len() as u32 });
+            return Err(MetaError::NotEnoughNodes {
+                replication_factor: rf,
+                nodes: nodes.len() as u32,
+            });
         }
         let mut leaders: BTreeMap<NodeId, u64> = nodes.iter().map(|n| (*n, 0)).collect();
         let mut replicas: BTreeMap<NodeId, u64> = leaders.clone();
@@ -181,7 +210,11 @@ impl MetaState {
     /// The topic and partition of a group, if it is a partition group.
     pub fn partition_of(&self, group: GroupId) -> Option<(&TopicRecord, u32, &PartitionRecord)> {
         self.topics.values().find_map(|t| {
-            t.partitions.iter().enumerate().find(|(_, p)| p.group_id == group).map(|(i, p)| (t, i as u32, p))
+            t.partitions
+                .iter()
+                .enumerate()
+                .find(|(_, p)| p.group_id == group)
+                .map(|(i, p)| (t, i as u32, p))
         })
     }
 }
@@ -195,9 +228,18 @@ mod tests {
     fn cluster(n: u64) -> MetaState {
         let mut s = MetaState::default();
         let nodes: BTreeMap<NodeId, NodeAddr> = (1..=n)
-            .map(|i| (i, NodeAddr { raft_addr: format!("r{i}"), client_addr: format!("c{i}") }))
+            .map(|i| {
+                (
+                    i,
+                    NodeAddr {
+                        raft_addr: format!("r{i}"),
+                        client_addr: format!("c{i}"),
+                    },
+                )
+            })
             .collect();
-        let m = Membership::new(vec![nodes.keys().copied().collect::<BTreeSet<_>>()], nodes).expect("membership");
+        let m =
+            Membership::new(vec![nodes.keys().copied().collect::<BTreeSet<_>>()], nodes).expect("membership");
         s.apply_membership(&m);
         s
     }
@@ -224,7 +266,9 @@ mod tests {
     #[test]
     fn placement_spreads_leaders_and_replicas() {
         let mut s = cluster(3);
-        let MetaReply::TopicCreated(t) = create(&mut s, "orders", 3, 3) else { panic!("created") };
+        let MetaReply::TopicCreated(t) = create(&mut s, "orders", 3, 3) else {
+            panic!("created")
+        };
         let leaders: Vec<_> = t.partitions.iter().map(|p| p.replicas[0]).collect();
         assert_eq!(leaders, vec![1, 2, 3]);
         for p in &t.partitions {
@@ -236,7 +280,10 @@ mod tests {
         create(&mut s, "b", 6, 2);
         let counts = leader_counts(&s);
         let (min, max) = (counts.values().min().copied(), counts.values().max().copied());
-        assert!(max.zip(min).is_some_and(|(max, min)| max - min <= 1), "{counts:?}");
+        assert!(
+            max.zip(min).is_some_and(|(max, min)| max - min <= 1),
+            "{counts:?}"
+        );
         let mut replicas: BTreeMap<NodeId, usize> = BTreeMap::new();
         for t in s.topics.values() {
             for p in &t.partitions {
@@ -246,7 +293,10 @@ mod tests {
             }
         }
         let (min, max) = (replicas.values().min().copied(), replicas.values().max().copied());
-        assert!(max.zip(min).is_some_and(|(max, min)| max - min <= 1), "{replicas:?}");
+        assert!(
+            max.zip(min).is_some_and(|(max, min)| max - min <= 1),
+            "{replicas:?}"
+        );
     }
 
     #[test]
@@ -254,14 +304,23 @@ mod tests {
         let mut s = cluster(3);
         assert_eq!(
             create(&mut s, "t", 1, 4),
-            MetaReply::Error(MetaError::NotEnoughNodes { replication_factor: 4, nodes: 3 })
+            MetaReply::Error(MetaError::NotEnoughNodes {
+                replication_factor: 4,
+                nodes: 3
+            })
         );
         assert!(matches!(create(&mut s, "t", 2, 1), MetaReply::TopicCreated(_)));
-        assert_eq!(create(&mut s, "t", 1, 1), MetaReply::Error(MetaError::TopicExists("t".into())));
+        assert_eq!(
+            create(&mut s, "t", 1, 1),
+            MetaReply::Error(MetaError::TopicExists("t".into()))
+        );
         let groups: Vec<_> = s.topics["t"].partitions.iter().map(|p| p.group_id).collect();
         assert_eq!(groups, vec![1, 2]);
         assert_eq!(s.apply(MetaCommand::AllocateProducerId), MetaReply::ProducerId(1));
         assert_eq!(s.apply(MetaCommand::AllocateProducerId), MetaReply::ProducerId(2));
-        assert_eq!(s.partition_of(2).map(|(t, i, _)| (t.name.as_str(), i)), Some(("t", 1)));
+        assert_eq!(
+            s.partition_of(2).map(|(t, i, _)| (t.name.as_str(), i)),
+            Some(("t", 1))
+        );
     }
 }

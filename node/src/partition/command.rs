@@ -41,14 +41,23 @@ pub enum PartitionCommand {
 pub enum PartitionReply {
     /// For blank and membership entries.
     Done,
-    Produced { base_offset: u64, count: u32, duplicate: bool },
-    OutOfOrderSequence { expected: u64, got: u64 },
+    Produced {
+        base_offset: u64,
+        count: u32,
+        duplicate: bool,
+    },
+    OutOfOrderSequence {
+        expected: u64,
+        got: u64,
+    },
     Invalid(String),
 }
 
 impl PartitionCommand {
     pub fn encode(&self) -> Bytes {
-        postcard::to_stdvec(self).expect("partition commands always encode").into()
+        postcard::to_stdvec(self)
+            .expect("partition commands always encode")
+            .into()
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, postcard::Error> {
@@ -58,7 +67,9 @@ impl PartitionCommand {
 
 impl PartitionReply {
     pub fn encode(&self) -> Bytes {
-        postcard::to_stdvec(self).expect("partition replies always encode").into()
+        postcard::to_stdvec(self)
+            .expect("partition replies always encode")
+            .into()
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, postcard::Error> {

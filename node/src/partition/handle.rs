@@ -96,7 +96,19 @@ impl PartitionHandle {
         log: LogReader,
         meta: MetaHandle,
     ) -> Self {
-        Self { inner: Arc::new(Inner { topic, partition, group, me, raft, progress, index, log, meta }) }
+        Self {
+            inner: Arc::new(Inner {
+                topic,
+                partition,
+                group,
+                me,
+                raft,
+                progress,
+                index,
+                log,
+                meta,
+            }),
+        }
     }
 
     pub fn raft(&self) -> &PartitionRaft {
@@ -135,9 +147,21 @@ impl PartitionHandle {
 
     fn not_leader(&self, leader: Option<NodeId>) -> BrokerError {
         let leader = leader.filter(|l| *l != self.inner.me);
-        let leader_addr =
-            leader.and_then(|l| self.inner.meta.view().state.nodes.get(&l).map(|n| n.addr.client_addr.clone()));
-        BrokerError::NotLeader { what: self.what(), me: self.inner.me, leader, leader_addr }
+        let leader_addr = leader.and_then(|l| {
+            self.inner
+                .meta
+                .view()
+                .state
+                .nodes
+                .get(&l)
+                .map(|n| n.addr.client_addr.clone())
+        });
+        BrokerError::NotLeader {
+            what: self.what(),
+            me: self.inner.me,
+            leader,
+            leader_addr,
+        }
     }
 
     /// Appends a batch; returns once it is committed and applied (or refused).
@@ -169,9 +193,21 @@ impl PartitionHandle {
             Ok(Ok(r)) => r,
         };
         match PartitionReply::decode(&resp.data.0) {
-            Ok(PartitionReply::Produced { base_offset, count, duplicate }) => Ok(Produced { base_offset, count, duplicate }),
+            Ok(PartitionReply::Produced {
+                base_offset,
+                count,
+                duplicate,
+            }) => Ok(Produced {
+                base_offset,
+                count,
+                duplicate,
+            }),
             Ok(PartitionReply::OutOfOrderSequence { expected, got }) => {
-                Err(BrokerError::OutOfOrderSequence { producer_id, expected, got })
+                Err(BrokerError::OutOfOrderSequence {
+                    producer_id,
+                    expected,
+                    got,
+                })
             }
             Ok(PartitionReply::Invalid(msg)) => Err(BrokerError::InvalidArgument(msg)),
             Ok(PartitionReply::Done) => Err(BrokerError::Internal("produce applied without a result".into())),
@@ -180,11 +216,21 @@ impl PartitionHandle {
     }
 
     /// Reads committed records from `offset`, waiting up to `max_wait` for one to exist.
-    pub async fn fetch(&self, offset: u64, max_bytes: usize, max_records: usize, max_wait: Duration) -> Result<Fetched> {
+    pub async fn fetch(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+        max_records: usize,
+        max_wait: Duration,
+    ) -> Result<Fetched> {
         let mut rx = self.inner.progress.clone();
         let p = *rx.borrow_and_update();
         if offset < p.log_start_offset {
-            return Err(BrokerError::OffsetOutOfRange { what: self.what(), offset, log_start: p.log_start_offset });
+            return Err(BrokerError::OffsetOutOfRange {
+                what: self.what(),
+                offset,
+                log_start: p.log_start_offset,
+            });
         }
         if offset >= p.next_offset && !max_wait.is_zero() {
             // Cancel-safe: waiting on a watch only observes values.
@@ -204,10 +250,21 @@ impl PartitionHandle {
         Ok(out)
     }
 
-    fn read(&self, offset: u64, hw: u64, max_bytes: usize, max_records: usize, out: &mut Fetched) -> Result<()> {
-        let internal = |e: std::io::Error| BrokerError::Internal(format!("{}: reading the log: {e}", self.what()));
+    fn read(
+        &self,
+        offset: u64,
+        hw: u64,
+        max_bytes: usize,
+        max_records: usize,
+        out: &mut Fetched,
+    ) -> Result<()> {
+        let internal =
+            |e: std::io::Error| BrokerError::Internal(format!("{}: reading the log: {e}", self.what()));
         let Some((k, _)) = self.inner.index.floor(&offset_key(offset)).map_err(internal)? else {
-            return Err(BrokerError::Internal(format!("{}: no index entry at or below offset {offset}", self.what())));
+            return Err(BrokerError::Internal(format!(
+                "{}: no index entry at or below offset {offset}",
+                self.what()
+            )));
         };
         let mut from = k;
         let mut bytes = 0usize;
@@ -220,7 +277,9 @@ impl PartitionHandle {
                 .into_iter()
                 .filter_map(|(k, v)| IndexEntry::decode(&k, &v))
                 .collect();
-            let Some(last) = entries.last().copied() else { break };
+            let Some(last) = entries.last().copied() else {
+                break;
+            };
             // Read runs of consecutive log entries with one read each.
             let mut i = 0;
             while i < entries.len() {
@@ -231,20 +290,35 @@ impl PartitionHandle {
                 let run = &entries[i..j];
                 let start = run[0].log_index;
                 let end = run[run.len() - 1].log_index + 1;
-                let logs = self.inner.log.read(start, end, max_bytes.saturating_sub(bytes).max(1)).map_err(internal)?;
+                let logs = self
+                    .inner
+                    .log
+                    .read(start, end, max_bytes.saturating_sub(bytes).max(1))
+                    .map_err(internal)?;
                 for (e, log_entry) in run.iter().zip(logs.iter()) {
                     let EntryPayload::Normal(p) = &log_entry.payload else {
-                        return Err(BrokerError::Internal(format!("{}: index points at a non-data entry", self.what())));
+                        return Err(BrokerError::Internal(format!(
+                            "{}: index points at a non-data entry",
+                            self.what()
+                        )));
                     };
-                    let PartitionCommand::Produce(batch) = PartitionCommand::decode(&p.0)
-                        .map_err(|err| BrokerError::Internal(format!("{}: undecodable batch: {err}", self.what())))?;
-                    assert_eq!(batch.records.len(), e.count as usize, "index count matches the batch");
+                    let PartitionCommand::Produce(batch) = PartitionCommand::decode(&p.0).map_err(|err| {
+                        BrokerError::Internal(format!("{}: undecodable batch: {err}", self.what()))
+                    })?;
+                    assert_eq!(
+                        batch.records.len(),
+                        e.count as usize,
+                        "index count matches the batch"
+                    );
                     for (k, record) in batch.records.into_iter().enumerate() {
                         let o = e.base_offset + k as u64;
                         if o < offset {
                             continue;
                         }
-                        if o >= hw || out.records.len() >= max_records || (bytes >= max_bytes && !out.records.is_empty()) {
+                        if o >= hw
+                            || out.records.len() >= max_records
+                            || (bytes >= max_bytes && !out.records.is_empty())
+                        {
                             break 'scan;
                         }
                         bytes += record.size();

@@ -35,9 +35,14 @@ pub struct ProducerEntry {
 pub enum SequenceCheck {
     Accept,
     /// Already written at these offsets.
-    Duplicate { base_offset: u64, count: u32 },
+    Duplicate {
+        base_offset: u64,
+        count: u32,
+    },
     /// Not the next sequence and not a remembered batch.
-    OutOfOrder { expected: u64 },
+    OutOfOrder {
+        expected: u64,
+    },
 }
 
 /// A change to persist.
@@ -76,20 +81,37 @@ impl ProducerTable {
     }
 
     pub fn check(&self, producer_id: u64, base_sequence: u64, count: u32) -> SequenceCheck {
-        let Some(e) = self.producers.get(&producer_id) else { return SequenceCheck::Accept };
-        let Some(last) = e.batches.back() else { return SequenceCheck::Accept };
+        let Some(e) = self.producers.get(&producer_id) else {
+            return SequenceCheck::Accept;
+        };
+        let Some(last) = e.batches.back() else {
+            return SequenceCheck::Accept;
+        };
         let expected = last.base_sequence + u64::from(last.count);
         if base_sequence == expected {
             return SequenceCheck::Accept;
         }
-        match e.batches.iter().find(|b| b.base_sequence == base_sequence && b.count == count) {
-            Some(b) => SequenceCheck::Duplicate { base_offset: b.base_offset, count: b.count },
+        match e
+            .batches
+            .iter()
+            .find(|b| b.base_sequence == base_sequence && b.count == count)
+        {
+            Some(b) => SequenceCheck::Duplicate {
+                base_offset: b.base_offset,
+                count: b.count,
+            },
             None => SequenceCheck::OutOfOrder { expected },
         }
     }
 
     /// Records an accepted batch written at `base_offset` by the entry at `log_index`.
-    pub fn record(&mut self, producer_id: u64, batch: BatchRecord, log_index: u64, changes: &mut Vec<ProducerChange>) {
+    pub fn record(
+        &mut self,
+        producer_id: u64,
+        batch: BatchRecord,
+        log_index: u64,
+        changes: &mut Vec<ProducerChange>,
+    ) {
         let e = self.producers.entry(producer_id).or_default();
         self.by_recency.remove(&(e.last_index, producer_id));
         e.last_index = log_index;
@@ -115,7 +137,16 @@ mod tests {
     use super::*;
 
     fn rec(t: &mut ProducerTable, pid: u64, seq: u64, count: u32, off: u64, idx: u64) {
-        t.record(pid, BatchRecord { base_sequence: seq, count, base_offset: off }, idx, &mut Vec::new());
+        t.record(
+            pid,
+            BatchRecord {
+                base_sequence: seq,
+                count,
+                base_offset: off,
+            },
+            idx,
+            &mut Vec::new(),
+        );
     }
 
     #[test]
@@ -124,7 +155,13 @@ mod tests {
         assert_eq!(t.check(7, 0, 3), SequenceCheck::Accept);
         rec(&mut t, 7, 0, 3, 100, 1);
         assert_eq!(t.check(7, 3, 2), SequenceCheck::Accept);
-        assert_eq!(t.check(7, 0, 3), SequenceCheck::Duplicate { base_offset: 100, count: 3 });
+        assert_eq!(
+            t.check(7, 0, 3),
+            SequenceCheck::Duplicate {
+                base_offset: 100,
+                count: 3
+            }
+        );
         assert_eq!(t.check(7, 5, 1), SequenceCheck::OutOfOrder { expected: 3 });
         assert_eq!(t.check(7, 1, 3), SequenceCheck::OutOfOrder { expected: 3 });
         for i in 0..10 {
@@ -132,7 +169,13 @@ mod tests {
         }
         // Only the last five batches are remembered.
         assert_eq!(t.check(7, 0, 3), SequenceCheck::OutOfOrder { expected: 13 });
-        assert_eq!(t.check(7, 12, 1), SequenceCheck::Duplicate { base_offset: 112, count: 1 });
+        assert_eq!(
+            t.check(7, 12, 1),
+            SequenceCheck::Duplicate {
+                base_offset: 112,
+                count: 1
+            }
+        );
     }
 
     proptest! {

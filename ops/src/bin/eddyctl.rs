@@ -33,7 +33,13 @@ const PRODUCE_INFLIGHT_MAX: usize = 16_384;
 #[command(name = "eddyctl", version, about = "Operate an Eddy cluster")]
 struct Cli {
     /// Broker client addresses, comma-separated.
-    #[arg(long, env = "EDDY_BROKERS", default_value = "127.0.0.1:9091", value_delimiter = ',', global = true)]
+    #[arg(
+        long,
+        env = "EDDY_BROKERS",
+        default_value = "127.0.0.1:9091",
+        value_delimiter = ',',
+        global = true
+    )]
     brokers: Vec<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table, global = true)]
@@ -46,8 +52,12 @@ struct Cli {
 }
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 10s or 500ms"))?;
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 10s or 500ms"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
@@ -102,7 +112,10 @@ fn parse_replica(s: &str) -> Result<ReplicaChoice, String> {
     match s {
         "leader" => Ok(ReplicaChoice::Leader),
         "follower" => Ok(ReplicaChoice::Follower),
-        n => n.parse().map(ReplicaChoice::Node).map_err(|_| format!("{s:?}: expected leader, follower or a node id")),
+        n => n
+            .parse()
+            .map(ReplicaChoice::Node)
+            .map_err(|_| format!("{s:?}: expected leader, follower or a node id")),
     }
 }
 
@@ -131,14 +144,23 @@ enum TopicCommand {
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("{s:?}: expected key=value"))
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?}: expected key=value"))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDDYCTL_LOG").unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: start the async runtime: {e}");
@@ -159,15 +181,31 @@ fn print_json(v: &serde_json::Value) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = ClientConfig { request_timeout: cli.timeout, ..ClientConfig::default() };
-    let client = Client::connect(&cli.brokers, config).await.context("connect to the cluster")?;
+    let config = ClientConfig {
+        request_timeout: cli.timeout,
+        ..ClientConfig::default()
+    };
+    let client = Client::connect(&cli.brokers, config)
+        .await
+        .context("connect to the cluster")?;
     match cli.command {
-        Command::Cluster { command: ClusterCommand::Status } => cluster_status(&client, cli.output).await,
+        Command::Cluster {
+            command: ClusterCommand::Status,
+        } => cluster_status(&client, cli.output).await,
         Command::Topic { command } => topic(&client, cli.output, command).await,
-        Command::Produce { topic, partition, key } => produce(client, &topic, partition, key).await,
-        Command::Consume { topic, partition, from, count, replica, wait_ms } => {
-            consume(&client, &topic, partition, from, count, replica, wait_ms).await
-        }
+        Command::Produce {
+            topic,
+            partition,
+            key,
+        } => produce(client, &topic, partition, key).await,
+        Command::Consume {
+            topic,
+            partition,
+            from,
+            count,
+            replica,
+            wait_ms,
+        } => consume(&client, &topic, partition, from, count, replica, wait_ms).await,
     }
 }
 
@@ -180,8 +218,10 @@ async fn cluster_status(client: &Client, format: Format) -> anyhow::Result<ExitC
     let nodes = futures::future::join_all(probes).await;
     match format {
         Format::Json => {
-            let nodes: Vec<_> =
-                nodes.iter().map(|(n, up)| json!({"id": n.id, "client_addr": n.client_addr, "up": up, "state": n.state})).collect();
+            let nodes: Vec<_> = nodes
+                .iter()
+                .map(|(n, up)| json!({"id": n.id, "client_addr": n.client_addr, "up": up, "state": n.state}))
+                .collect();
             print_json(&json!({"nodes": nodes, "metadata_leader": md.metadata_leader}));
         }
         Format::Table => {
@@ -193,11 +233,19 @@ async fn cluster_status(client: &Client, format: Format) -> anyhow::Result<ExitC
                         n.client_addr.clone(),
                         if *up { "up" } else { "DOWN" }.to_string(),
                         n.state.clone(),
-                        if md.metadata_leader == Some(n.id) { "metadata leader" } else { "" }.to_string(),
+                        if md.metadata_leader == Some(n.id) {
+                            "metadata leader"
+                        } else {
+                            ""
+                        }
+                        .to_string(),
                     ]
                 })
                 .collect();
-            println!("{}", table(&["ID", "CLIENT ADDR", "STATUS", "STATE", "ROLE"], rows));
+            println!(
+                "{}",
+                table(&["ID", "CLIENT ADDR", "STATUS", "STATE", "ROLE"], rows)
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -232,21 +280,35 @@ fn print_topic(t: &pb::TopicMetadata, format: Format) {
                     vec![
                         p.partition.to_string(),
                         p.leader.map_or("-".into(), |l| l.to_string()),
-                        p.replicas.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","),
+                        p.replicas
+                            .iter()
+                            .map(|r| r.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
                         p.high_watermark.to_string(),
                     ]
                 })
                 .collect();
-            println!("{}", table(&["PARTITION", "LEADER", "REPLICAS", "HIGH WATERMARK"], rows));
+            println!(
+                "{}",
+                table(&["PARTITION", "LEADER", "REPLICAS", "HIGH WATERMARK"], rows)
+            );
         }
     }
 }
 
 async fn topic(client: &Client, format: Format, command: TopicCommand) -> anyhow::Result<ExitCode> {
     match command {
-        TopicCommand::Create { name, partitions, replication_factor, config } => {
+        TopicCommand::Create {
+            name,
+            partitions,
+            replication_factor,
+            config,
+        } => {
             let config: BTreeMap<String, String> = config.into_iter().collect();
-            let t = client.create_topic(&name, partitions, replication_factor, config).await?;
+            let t = client
+                .create_topic(&name, partitions, replication_factor, config)
+                .await?;
             match format {
                 Format::Json => print_json(&topic_json(&t)),
                 Format::Table => println!("created topic {} with {} partitions", t.name, t.partitions.len()),
@@ -265,7 +327,13 @@ async fn topic(client: &Client, format: Format, command: TopicCommand) -> anyhow
                 Format::Table => {
                     let rows = topics
                         .iter()
-                        .map(|t| vec![t.name.clone(), t.partitions.to_string(), t.replication_factor.to_string()])
+                        .map(|t| {
+                            vec![
+                                t.name.clone(),
+                                t.partitions.to_string(),
+                                t.replication_factor.to_string(),
+                            ]
+                        })
                         .collect();
                     println!("{}", table(&["NAME", "PARTITIONS", "REPLICATION FACTOR"], rows));
                 }
@@ -276,12 +344,20 @@ async fn topic(client: &Client, format: Format, command: TopicCommand) -> anyhow
     Ok(ExitCode::SUCCESS)
 }
 
-async fn produce(client: Client, topic: &str, partition: Option<u32>, key: Option<String>) -> anyhow::Result<ExitCode> {
+async fn produce(
+    client: Client,
+    topic: &str,
+    partition: Option<u32>,
+    key: Option<String>,
+) -> anyhow::Result<ExitCode> {
     let producer = Producer::new(client, topic).await?;
     if let Some(p) = partition
         && p >= producer.partitions()
     {
-        bail!("--partition: topic \"{topic}\" has {} partitions; partition {p} does not exist", producer.partitions());
+        bail!(
+            "--partition: topic \"{topic}\" has {} partitions; partition {p} does not exist",
+            producer.partitions()
+        );
     }
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut pending = FuturesOrdered::new();
@@ -291,7 +367,11 @@ async fn produce(client: Client, topic: &str, partition: Option<u32>, key: Optio
     let mut handle_ack = |i: u64, r: Result<eddy_ops::Ack, eddy_ops::ClientError>| match r {
         Ok(ack) => {
             let mut out = stdout.lock();
-            let _ = writeln!(out, "{}", json!({"partition": ack.partition, "offset": ack.offset}));
+            let _ = writeln!(
+                out,
+                "{}",
+                json!({"partition": ack.partition, "offset": ack.offset})
+            );
         }
         Err(e) => {
             failed += 1;
@@ -356,7 +436,14 @@ async fn consume(
     let stdout = std::io::stdout();
     while count.is_none_or(|c| printed < c) {
         let resp = client
-            .fetch(topic, partition, offset, replica, 1 << 20, Duration::from_millis(u64::from(wait_ms)))
+            .fetch(
+                topic,
+                partition,
+                offset,
+                replica,
+                1 << 20,
+                Duration::from_millis(u64::from(wait_ms)),
+            )
             .await
             .with_context(|| format!("fetch {topic}/{partition} at offset {offset}"))?;
         if from.is_none() && offset < resp.log_start_offset {

@@ -23,6 +23,9 @@ use crate::vfs::Vfs;
 
 const SUFFIX: &str = ".seg";
 
+/// A directory whose entries changed and must be synced, with the file system it lives on.
+pub type DirToSync = (Arc<dyn Vfs>, PathBuf);
+
 struct Segment {
     first_index: u64,
     path: PathBuf,
@@ -41,7 +44,11 @@ impl Segment {
     /// Byte range of entries `[a, b)` of this segment (indexes relative to `first_index`).
     fn byte_range(&self, a: usize, b: usize) -> Range<u64> {
         let start = self.positions[a];
-        let end = if b < self.positions.len() { self.positions[b] } else { self.end };
+        let end = if b < self.positions.len() {
+            self.positions[b]
+        } else {
+            self.end
+        };
         start..end
     }
 }
@@ -98,8 +105,11 @@ impl Segments {
     ) -> io::Result<(Self, RecoveryReport)> {
         vfs.create_dir_all(dir)?;
         let mut report = RecoveryReport::default();
-        let mut found: Vec<(u64, String)> =
-            vfs.list_dir(dir)?.into_iter().filter_map(|n| parse_segment_name(&n).map(|i| (i, n))).collect();
+        let mut found: Vec<(u64, String)> = vfs
+            .list_dir(dir)?
+            .into_iter()
+            .filter_map(|n| parse_segment_name(&n).map(|i| (i, n)))
+            .collect();
         found.sort();
         let purged_index = last_purged.map(|l| l.index);
 
@@ -123,15 +133,18 @@ impl Segments {
                 && expected != first_index
             {
                 let prev_last = expected.saturating_sub(1);
-                if purged_index.is_some_and(|p| p >= prev_last) && first_index <= purged_index.unwrap_or(0) + 1 {
+                if purged_index.is_some_and(|p| p >= prev_last)
+                    && first_index <= purged_index.unwrap_or(0) + 1
+                {
                     for s in segments.drain(..) {
                         vfs.remove_file(&s.path)?;
                         removed_any = true;
                     }
                     last_log_id = None;
                 } else {
-                    report.reason =
-                        Some(format!("segment {name} starts at {first_index}, expected {expected}"));
+                    report.reason = Some(format!(
+                        "segment {name} starts at {first_index}, expected {expected}"
+                    ));
                     cut = true;
                     vfs.remove_file(&path)?;
                     removed_any = true;
@@ -148,7 +161,10 @@ impl Segments {
                     Ok((entry, len)) => {
                         let expected = first_index + positions.len() as u64;
                         if entry.log_id.index != expected {
-                            bad = Some(format!("entry at byte {pos} of {name} has index {}, expected {expected}", entry.log_id.index));
+                            bad = Some(format!(
+                                "entry at byte {pos} of {name} has index {}, expected {expected}",
+                                entry.log_id.index
+                            ));
                             break;
                         }
                         positions.push(pos as u64);
@@ -176,7 +192,13 @@ impl Segments {
                 removed_any = true;
                 continue;
             }
-            segments.push(Segment { first_index, path, file, positions, end: pos as u64 });
+            segments.push(Segment {
+                first_index,
+                path,
+                file,
+                positions,
+                end: pos as u64,
+            });
         }
 
         // Segments wholly at or below the purge point are no longer needed.
@@ -227,7 +249,9 @@ impl Segments {
 
     /// Writes `entries` (which must follow the last entry) into the page cache.
     pub fn append(&mut self, entries: &[Entry]) -> io::Result<()> {
-        let Some(first) = entries.first() else { return Ok(()) };
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
         let first_index = first.log_id.index;
         if let Some(last) = self.last_log_id
             && first_index != last.index + 1
@@ -240,20 +264,33 @@ impl Segments {
         let mut buf = Vec::new();
         let mut rel_positions = Vec::with_capacity(entries.len());
         for (i, e) in entries.iter().enumerate() {
-            assert_eq!(e.log_id.index, first_index + i as u64, "appended entries must be contiguous");
+            assert_eq!(
+                e.log_id.index,
+                first_index + i as u64,
+                "appended entries must be contiguous"
+            );
             rel_positions.push(buf.len() as u64);
             frame::encode(e, &mut buf);
         }
         let need_new = match self.segments.last() {
             None => true,
-            Some(s) => s.next_index() != first_index || (s.end > 0 && s.end + buf.len() as u64 > self.segment_bytes_max),
+            Some(s) => {
+                s.next_index() != first_index
+                    || (s.end > 0 && s.end + buf.len() as u64 > self.segment_bytes_max)
+            }
         };
         if need_new {
             let path = self.dir.join(segment_name(first_index));
             let file = self.vfs.open(&path, true)?;
             // A leftover file of that name (from a cut tail) must not keep stale bytes.
             file.set_len(0)?;
-            self.segments.push(Segment { first_index, path, file, positions: Vec::new(), end: 0 });
+            self.segments.push(Segment {
+                first_index,
+                path,
+                file,
+                positions: Vec::new(),
+                end: 0,
+            });
             self.dir_dirty = true;
         }
         let seg = self.segments.last_mut().expect("a segment exists");
@@ -269,7 +306,7 @@ impl Segments {
 
     /// The files to sync (and whether the directory must be synced) to make every write so
     /// far durable.
-    pub fn take_dirty(&mut self) -> (Vec<Arc<dyn VFile>>, Option<(Arc<dyn Vfs>, PathBuf)>) {
+    pub fn take_dirty(&mut self) -> (Vec<Arc<dyn VFile>>, Option<DirToSync>) {
         let dir = std::mem::take(&mut self.dir_dirty).then(|| (self.vfs.clone(), self.dir.clone()));
         (std::mem::take(&mut self.dirty), dir)
     }
@@ -308,7 +345,11 @@ impl Segments {
     pub fn purge(&mut self, upto: LogId) -> io::Result<bool> {
         self.last_purged = Some(upto);
         let mut removed = false;
-        while self.segments.first().is_some_and(|s| s.next_index() <= upto.index + 1) {
+        while self
+            .segments
+            .first()
+            .is_some_and(|s| s.next_index() <= upto.index + 1)
+        {
             let seg = self.segments.remove(0);
             self.vfs.remove_file(&seg.path)?;
             removed = true;
@@ -341,14 +382,19 @@ impl Segments {
             _ => {
                 return Err(io::Error::new(
                     io::ErrorKind::NotFound,
-                    format!("log entries [{start}, {end}) are not in the log (first {first:?}, last {last:?})"),
+                    format!(
+                        "log entries [{start}, {end}) are not in the log (first {first:?}, last {last:?})"
+                    ),
                 ));
             }
         }
         let mut next = start;
         let mut bytes = 0usize;
         // The first segment whose first index is <= start.
-        let mut si = self.segments.partition_point(|s| s.first_index <= start).saturating_sub(1);
+        let mut si = self
+            .segments
+            .partition_point(|s| s.first_index <= start)
+            .saturating_sub(1);
         while next < end && si < self.segments.len() {
             let seg = &self.segments[si];
             let a = (next - seg.first_index) as usize;
@@ -365,7 +411,10 @@ impl Segments {
             let mut buf = Bytes::from(buf);
             for i in a..b {
                 let (entry, len) = frame::decode(&buf).map_err(|e| {
-                    io::Error::new(io::ErrorKind::InvalidData, format!("log entry {}: {e}", seg.first_index + i as u64))
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("log entry {}: {e}", seg.first_index + i as u64),
+                    )
                 })?;
                 let want = seg.first_index + i as u64;
                 if entry.log_id.index != want {

@@ -51,7 +51,9 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { segment_bytes_max: 64 << 20 }
+        Self {
+            segment_bytes_max: 64 << 20,
+        }
     }
 }
 
@@ -76,11 +78,20 @@ pub struct LogReader {
 impl LogStore {
     /// Opens (or creates) the log in `dir` and starts its flusher. The flusher stops when the
     /// store is dropped.
-    pub async fn open(vfs: Arc<dyn Vfs>, dir: &Path, config: LogConfig) -> io::Result<(Self, RecoveryReport)> {
+    pub async fn open(
+        vfs: Arc<dyn Vfs>,
+        dir: &Path,
+        config: LogConfig,
+    ) -> io::Result<(Self, RecoveryReport)> {
         vfs.create_dir_all(dir)?;
         let state = StateFile::open(vfs.as_ref(), dir).await?;
-        let (segments, report) =
-            Segments::recover(vfs.clone(), dir, config.segment_bytes_max, state.state().last_purged).await?;
+        let (segments, report) = Segments::recover(
+            vfs.clone(),
+            dir,
+            config.segment_bytes_max,
+            state.state().last_purged,
+        )
+        .await?;
         if let Some(reason) = &report.reason {
             warn!(dir = %dir.display(), truncated_bytes = report.truncated_bytes, "cut the log's tail on recovery: {reason}");
         }
@@ -90,11 +101,20 @@ impl LogStore {
         });
         let (flush_tx, flush_rx) = mpsc::channel(FLUSH_QUEUE_MAX);
         tokio::spawn(flusher(flush_rx, shared.clone()));
-        Ok((Self { shared, state, flush_tx }, report))
+        Ok((
+            Self {
+                shared,
+                state,
+                flush_tx,
+            },
+            report,
+        ))
     }
 
     pub fn reader(&self) -> LogReader {
-        LogReader { shared: self.shared.clone() }
+        LogReader {
+            shared: self.shared.clone(),
+        }
     }
 
     /// True if the log holds no vote and no entry: a group never started on this node.
@@ -135,7 +155,9 @@ async fn flusher(mut rx: mpsc::Receiver<IOFlushed<C>>, shared: Arc<Shared>) {
         for cb in batch.drain(..) {
             match &failed {
                 None => cb.io_completed(Ok(())),
-                Some(msg) => cb.io_completed(Err(io::Error::other(format!("log fsync failed earlier: {msg}")))),
+                Some(msg) => {
+                    cb.io_completed(Err(io::Error::other(format!("log fsync failed earlier: {msg}"))))
+                }
             }
         }
     }
@@ -143,16 +165,28 @@ async fn flusher(mut rx: mpsc::Receiver<IOFlushed<C>>, shared: Arc<Shared>) {
 
 impl LogReader {
     pub fn last_log_id(&self) -> Option<LogId> {
-        self.shared.segments.read().expect("log lock poisoned").last_log_id()
+        self.shared
+            .segments
+            .read()
+            .expect("log lock poisoned")
+            .last_log_id()
     }
 
     pub fn first_index(&self) -> Option<u64> {
-        self.shared.segments.read().expect("log lock poisoned").first_index()
+        self.shared
+            .segments
+            .read()
+            .expect("log lock poisoned")
+            .first_index()
     }
 
     /// Reads entries in `[start, end)`, at least one and about `bytes_max` bytes at most.
     pub fn read(&self, start: u64, end: u64, bytes_max: usize) -> io::Result<Vec<Entry>> {
-        self.shared.segments.read().expect("log lock poisoned").read(start, end, bytes_max)
+        self.shared
+            .segments
+            .read()
+            .expect("log lock poisoned")
+            .read(start, end, bytes_max)
     }
 
     /// Bytes in the log's segment files.
@@ -190,7 +224,11 @@ impl RaftLogReader<C> for LogReader {
     }
 
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
-        self.shared.segments.read().expect("log lock poisoned").read(start, end, REPLICATION_READ_BYTES_MAX)
+        self.shared
+            .segments
+            .read()
+            .expect("log lock poisoned")
+            .read(start, end, REPLICATION_READ_BYTES_MAX)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -203,7 +241,10 @@ impl RaftLogStorage<C> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
         let segs = self.shared.segments.read().expect("log lock poisoned");
-        Ok(LogState { last_purged_log_id: segs.last_purged(), last_log_id: segs.last_log_id() })
+        Ok(LogState {
+            last_purged_log_id: segs.last_purged(),
+            last_log_id: segs.last_log_id(),
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -224,8 +265,15 @@ impl RaftLogStorage<C> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        self.shared.segments.write().expect("log lock poisoned").append(&entries)?;
-        self.flush_tx.send(callback).await.map_err(|_| io::Error::other("log flusher stopped"))?;
+        self.shared
+            .segments
+            .write()
+            .expect("log lock poisoned")
+            .append(&entries)?;
+        self.flush_tx
+            .send(callback)
+            .await
+            .map_err(|_| io::Error::other("log flusher stopped"))?;
         Ok(())
     }
 
