@@ -334,6 +334,8 @@ impl Segments {
             break;
         }
         self.last_log_id = match last {
+            // Truncating after a point at or past the end removes nothing.
+            Some(l) if self.last_log_id.is_some_and(|cur| l.index >= cur.index) => self.last_log_id,
             Some(l) if self.last_purged.is_none_or(|p| l > p) => Some(l),
             _ => self.last_purged,
         };
