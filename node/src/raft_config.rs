@@ -1,7 +1,7 @@
 //! openraft settings for Eddy's two kinds of group.
 //!
 //! The metadata group uses fast timers: it is one group per cluster and everything waits on it.
-//! Partition groups use slower timers (heartbeat 300 ms, election 1.5–3 s) so that hundreds of
+//! Partition groups use slower timers (heartbeat 250 ms, election 1–2 s) so that hundreds of
 //! them per node stay cheap; a partition's failover still completes within a few seconds.
 
 use std::sync::Arc;
@@ -27,8 +27,8 @@ fn base(name: &str) -> Config {
 pub fn metadata_group() -> Arc<Config> {
     let c = Config {
         heartbeat_interval: 100,
-        election_timeout_min: 800,
-        election_timeout_max: 1600,
+        election_timeout_min: 600,
+        election_timeout_max: 1200,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(5000),
         max_in_snapshot_log_to_keep: 1000,
         ..base("eddy-metadata")
@@ -38,9 +38,9 @@ pub fn metadata_group() -> Arc<Config> {
 
 pub fn partition_group() -> Arc<Config> {
     let c = Config {
-        heartbeat_interval: 300,
-        election_timeout_min: 1500,
-        election_timeout_max: 3000,
+        heartbeat_interval: 250,
+        election_timeout_min: 1000,
+        election_timeout_max: 2000,
         // The partition log is the data: it is only ever purged by retention, which builds a
         // snapshot of the partition state first. openraft never snapshots or purges on its own.
         snapshot_policy: SnapshotPolicy::Never,

@@ -36,7 +36,7 @@ impl Default for ClientConfig {
         Self {
             request_timeout: Duration::from_secs(10),
             backoff_min: Duration::from_millis(25),
-            backoff_max: Duration::from_secs(1),
+            backoff_max: Duration::from_millis(250),
             delivery_timeout: Duration::from_secs(30),
         }
     }
@@ -94,8 +94,32 @@ impl ClusterMetadata {
     }
 }
 
+/// Makes gRPC channels to broker addresses. [`TcpConnect`] is the real network; the simulator
+/// supplies one over its simulated network.
+pub trait Connect: Send + Sync + 'static {
+    fn channel(&self, addr: &str) -> Result<Channel>;
+}
+
+/// Channels over real TCP.
+#[derive(Debug, Default, Clone)]
+pub struct TcpConnect;
+
+impl Connect for TcpConnect {
+    fn channel(&self, addr: &str) -> Result<Channel> {
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| ClientError::Invalid(format!("--brokers: {addr:?} is not a valid address: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .http2_adaptive_window(true);
+        Ok(ep.connect_lazy())
+    }
+}
+
 struct Inner {
     bootstrap: Vec<String>,
+    connect: Arc<dyn Connect>,
     config: ClientConfig,
     channels: Mutex<BTreeMap<String, Channel>>,
     metadata: RwLock<Arc<ClusterMetadata>>,
@@ -109,6 +133,15 @@ pub struct Client {
 impl Client {
     /// Connects to the cluster through any of `brokers` (`host:port`), loading its metadata.
     pub async fn connect(brokers: &[String], config: ClientConfig) -> Result<Self> {
+        Self::connect_with(brokers, config, Arc::new(TcpConnect)).await
+    }
+
+    /// Like [`Client::connect`], over the network `connect` provides.
+    pub async fn connect_with(
+        brokers: &[String],
+        config: ClientConfig,
+        connect: Arc<dyn Connect>,
+    ) -> Result<Self> {
         if brokers.is_empty() {
             return Err(ClientError::Invalid(
                 "--brokers: at least one broker address is needed".into(),
@@ -117,6 +150,7 @@ impl Client {
         let client = Self {
             inner: Arc::new(Inner {
                 bootstrap: brokers.to_vec(),
+                connect,
                 config,
                 channels: Mutex::new(BTreeMap::new()),
                 metadata: RwLock::new(Arc::new(ClusterMetadata::default())),
@@ -136,16 +170,7 @@ impl Client {
         let ch = match channels.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let ep = Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|e| {
-                        ClientError::Invalid(format!("--brokers: {addr:?} is not a valid address: {e}"))
-                    })?
-                    .connect_timeout(Duration::from_secs(2))
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(5))
-                    .keep_alive_timeout(Duration::from_secs(5))
-                    .http2_adaptive_window(true);
-                let ch = ep.connect_lazy();
+                let ch = self.inner.connect.channel(addr)?;
                 channels.insert(addr.to_owned(), ch.clone());
                 ch
             }

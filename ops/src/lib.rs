@@ -11,7 +11,9 @@ pub mod producer;
 
 pub use client::Client;
 pub use client::ClientConfig;
+pub use client::Connect;
 pub use client::ReplicaChoice;
+pub use client::TcpConnect;
 pub use error::ClientError;
 pub use producer::Ack;
 pub use producer::Producer;
