@@ -69,7 +69,7 @@ enum Command {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,hyper=warn")
+        tracing_subscriber::EnvFilter::new("info,openraft=error,sled=warn,h2=warn,hyper=warn")
     });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()

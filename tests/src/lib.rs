@@ -64,6 +64,24 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// Retries `f` until it succeeds, or fails after `timeout` with the last error.
+pub fn retry<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context(format!("timed out after {timeout:?} waiting for {what}")));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
 fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().expect("local addr").port()
@@ -187,7 +205,7 @@ impl Cluster {
         let child = Command::new(binary("eddy-node"))
             .arg("--config")
             .arg(&node.config_path)
-            .env("RUST_LOG", "info,openraft=warn,h2=warn,hyper=warn,sled=warn")
+            .env("RUST_LOG", "info,openraft=error,h2=warn,hyper=warn,sled=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -14,6 +14,7 @@ use anyhow::Context;
 use anyhow::ensure;
 use eddy_tests::Cluster;
 use eddy_tests::CtlOutput;
+use eddy_tests::retry;
 use eddy_tests::wait_for;
 use serde_json::Value;
 
@@ -127,10 +128,22 @@ fn check_replica(c: &Cluster, p: u32, replica: u64, count: u64, acked: &Acked) -
     Ok(())
 }
 
-fn high_watermark(c: &Cluster, p: u32) -> anyhow::Result<u64> {
-    partition_info(&describe(c)?, p)?["high_watermark"]
-        .as_u64()
-        .context("high_watermark")
+/// The partition's high watermark as its current leader reports it, once the leader has
+/// applied at least every acknowledged event.
+fn high_watermark(c: &Cluster, p: u32, acked: &Acked) -> anyhow::Result<u64> {
+    let info = describe(c)?;
+    let part = partition_info(&info, p)?;
+    ensure!(part["leader"].is_u64(), "partition {p} has no leader yet");
+    let hw = part["high_watermark"].as_u64().context("high_watermark")?;
+    let needed = acked
+        .get(&p)
+        .and_then(|a| a.keys().next_back())
+        .map_or(0, |o| o + 1);
+    ensure!(
+        hw >= needed,
+        "partition {p}: the leader's high watermark {hw} is below the acknowledged {needed}"
+    );
+    Ok(hw)
 }
 
 fn values(prefix: &str, n: usize) -> Vec<String> {
@@ -247,10 +260,12 @@ fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
         .map(|n| n.id)
         .collect();
     for p in 0..PARTITIONS {
-        let info = describe(c)?;
-        let part = partition_info(&info, p)?;
-        let hw = part["high_watermark"].as_u64().context("hw")?;
-        let leader = part["leader"].as_u64();
+        let hw = retry(
+            "the partition's leader to be known",
+            Duration::from_secs(30),
+            || high_watermark(c, p, &acked),
+        )?;
+        let leader = partition_info(&describe(c)?, p)?["leader"].as_u64();
         for &r in &survivors {
             if Some(r) != leader {
                 check_replica(c, p, r, hw, &acked)?;
@@ -261,11 +276,15 @@ fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
     // 6. The killed node, restarted on its data, catches up and serves everything.
     c.start_node(leader)?;
     for p in 0..PARTITIONS {
-        let hw = high_watermark(c, p)?;
-        wait_for(
+        let hw = retry(
+            "the partition's leader to be known",
+            Duration::from_secs(30),
+            || high_watermark(c, p, &acked),
+        )?;
+        retry(
             "the restarted node to serve every acknowledged event",
             Duration::from_secs(20),
-            || check_replica(c, p, leader, hw, &acked).ok(),
+            || check_replica(c, p, leader, hw, &acked),
         )?;
     }
 
@@ -277,16 +296,16 @@ fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
         c.start_node(id)?;
     }
     for p in 0..PARTITIONS {
-        let hw = wait_for(
-            "the partition to have a leader again",
+        let hw = retry(
+            "the partition's leader to have applied its log",
             Duration::from_secs(30),
-            || high_watermark(c, p).ok(),
+            || high_watermark(c, p, &acked),
         )?;
         for r in 1..=3 {
-            wait_for(
+            retry(
                 "every replica to serve every acknowledged event",
                 Duration::from_secs(30),
-                || check_replica(c, p, r, hw, &acked).ok(),
+                || check_replica(c, p, r, hw, &acked),
             )?;
         }
     }
@@ -375,7 +394,7 @@ fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
         "a node was harmed: {nodes:?}"
     );
     for p in 0..PARTITIONS {
-        let hw = high_watermark(c, p)?;
+        let hw = high_watermark(c, p, &acked)?;
         check_replica(c, p, 1 + u64::from(p), hw, &acked)?;
     }
     Ok(())
