@@ -25,6 +25,7 @@ use crate::meta::MetaCommand;
 use crate::meta::MetaError;
 use crate::meta::MetaHandle;
 use crate::meta::MetaReply;
+use crate::meta::state::PartitionRecord;
 use crate::meta::state::TopicRecord;
 use crate::partition::command::ProduceBatch;
 use crate::partition::command::StoredRecord;
@@ -66,6 +67,18 @@ struct Merged {
 }
 
 impl BrokerState {
+    /// A topic and one of its partitions, or the error naming which does not exist.
+    pub fn partition(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<(TopicRecord, PartitionRecord), BrokerError> {
+        let t = self.topic(topic)?;
+        let i = partition_index(&t, partition)?;
+        let p = t.partitions[i].clone();
+        Ok((t, p))
+    }
+
     fn topic(&self, name: &str) -> Result<TopicRecord, BrokerError> {
         self.meta
             .view()
@@ -421,9 +434,7 @@ impl Broker for BrokerService {
     async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
         let req = request.into_inner();
         limits::validate_topic_name("topic", &req.topic)?;
-        let topic = self.state.topic(&req.topic)?;
-        let pi = partition_index(&topic, req.partition)?;
-        let p = &topic.partitions[pi];
+        let (topic, p) = self.state.partition(&req.topic, req.partition)?;
         let Some(h) = self.state.groups.get(p.group_id) else {
             return Err(BrokerError::NotReplica {
                 what: format!("{}/{}", topic.name, req.partition),

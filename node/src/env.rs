@@ -45,6 +45,17 @@ pub struct NodeEnv {
     pub connector: Arc<dyn Connector>,
     /// Seeds openraft's randomness (election timeouts) on this node.
     pub seed: u64,
+    /// Bugs planted by the simulator; all off unless `eddy-sim --inject-bug` says otherwise.
+    #[cfg(feature = "planted-bugs")]
+    pub bugs: PlantedBugs,
+}
+
+/// Deliberate bugs the simulator can plant in the node to prove its checker finds them.
+#[cfg(feature = "planted-bugs")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlantedBugs {
+    /// A follower serves records past its commit point.
+    pub follower_reads_uncommitted: bool,
 }
 
 /// Any byte stream a server can accept connections on.

@@ -4,6 +4,7 @@
 //! serves `eddy.v1.Broker` to clients and `eddy.v1.Raft` to peers. [`node::start`] wires it
 //! together from a config and the injected seams of [`env::NodeEnv`].
 
+pub mod admin;
 pub mod broker;
 pub mod config;
 pub mod env;

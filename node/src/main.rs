@@ -134,6 +134,8 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
         clock: Arc::new(SystemClock),
         connector: Arc::new(TcpConnector),
         seed: u64::from_le_bytes(seed),
+        #[cfg(feature = "planted-bugs")]
+        bugs: Default::default(),
     };
     let client = bind("client_addr", &config.client_addr).await?;
     let raft = bind("raft_addr", &config.raft_addr).await?;

@@ -37,6 +37,7 @@ use crate::meta::MetaHandle;
 use crate::meta::MetaView;
 use crate::partition::PartitionHandle;
 use crate::partition::PartitionStateMachine;
+use crate::partition::handle::PartitionParts;
 use crate::partition::handle::PartitionRaft;
 use crate::raft_config;
 
@@ -204,16 +205,18 @@ impl PartitionManager {
                 );
             }
         }
-        Ok(PartitionHandle::new(
-            topic.to_owned(),
+        Ok(PartitionHandle::new(PartitionParts {
+            topic: topic.to_owned(),
             partition,
             group,
-            self.me,
+            me: self.me,
             raft,
             progress,
             index,
-            reader,
-            self.meta.clone(),
-        ))
+            log: reader,
+            meta: self.meta.clone(),
+            #[cfg(feature = "planted-bugs")]
+            bugs: self.env.bugs,
+        }))
     }
 }

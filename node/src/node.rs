@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use anyhow::bail;
+use eddy_proto::v1::admin_server::AdminServer;
 use eddy_proto::v1::broker_server::BrokerServer;
 use eddy_raft::META_GROUP;
 use eddy_raft::NodeAddr;
@@ -25,6 +26,7 @@ use tracing::info;
 use tracing::info_span;
 use tracing::warn;
 
+use crate::admin::AdminService;
 use crate::broker::BrokerService;
 use crate::broker::BrokerState;
 use crate::config::NodeConfig;
@@ -106,7 +108,7 @@ pub async fn start(
 
     // The metadata group.
     let meta_dir = config.data_dir.join("groups").join(META_GROUP.to_string());
-    let (log, _) = LogStore::open(
+    let (log, report) = LogStore::open(
         env.vfs.clone(),
         &meta_dir,
         LogConfig {
@@ -115,6 +117,7 @@ pub async fn start(
     )
     .await
     .context("open the metadata log")?;
+    info!(node = me, entries = report.entries, "opened the metadata log");
     let pristine = log.is_pristine();
     let (sm, view) = MetaStateMachine::open(env.state_store.clone()).context("open the metadata state")?;
     let network = GroupNetwork::new(META_GROUP, me, peers.clone());
@@ -178,11 +181,13 @@ pub async fn start(
     // Clients, with health checking and reflection (so `grpcurl list` works).
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<BrokerServer<BrokerService>>().await;
+    health.set_serving::<AdminServer<AdminService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(eddy_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("build the reflection service")?;
+    let admin_service = AdminServer::new(AdminService::new(broker.clone()));
     let broker_service = BrokerServer::new(BrokerService::new(broker.clone()))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
@@ -193,6 +198,7 @@ pub async fn start(
                 .add_service(health_service)
                 .add_service(reflection)
                 .add_service(broker_service)
+                .add_service(admin_service)
                 .serve_with_incoming_shutdown(client_incoming, shutdown.cancelled_owned())
                 .await;
             if let Err(e) = r {
@@ -219,6 +225,7 @@ pub async fn start(
             .instrument(info_span!("partition_manager", node = me)),
     );
 
+    info!(node = me, "node started");
     Ok(NodeHandle {
         me,
         meta,

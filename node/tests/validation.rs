@@ -45,6 +45,8 @@ async fn one_node() -> anyhow::Result<(
         clock: Arc::new(SystemClock),
         connector: Arc::new(TcpConnector),
         seed: 7,
+        #[cfg(feature = "planted-bugs")]
+        bugs: Default::default(),
     };
     let node = eddy_node::node::start(config, env, tcp_incoming(client), tcp_incoming(raft)).await?;
     let channel = eddy_raft::transport::endpoint(&client_addr)?.connect_lazy();

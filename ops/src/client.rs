@@ -9,6 +9,7 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use eddy_proto::v1 as pb;
+use eddy_proto::v1::admin_client::AdminClient;
 use eddy_proto::v1::broker_client::BrokerClient;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -166,6 +167,13 @@ impl Client {
 
     /// A gRPC client for the broker at `addr`.
     pub fn broker(&self, addr: &str) -> Result<BrokerClient<Channel>> {
+        Ok(BrokerClient::new(self.channel(addr)?)
+            .max_decoding_message_size(RESPONSE_BYTES_MAX)
+            .max_encoding_message_size(RESPONSE_BYTES_MAX))
+    }
+
+    /// The channel to the broker at `addr`, shared by every call to it.
+    pub fn channel(&self, addr: &str) -> Result<Channel> {
         let mut channels = self.inner.channels.lock().expect("channel lock poisoned");
         let ch = match channels.get(addr) {
             Some(c) => c.clone(),
@@ -175,9 +183,7 @@ impl Client {
                 ch
             }
         };
-        Ok(BrokerClient::new(ch)
-            .max_decoding_message_size(RESPONSE_BYTES_MAX)
-            .max_encoding_message_size(RESPONSE_BYTES_MAX))
+        Ok(ch)
     }
 
     /// The addresses to try for a cluster-wide request: known nodes first, then the bootstrap list.
@@ -359,32 +365,85 @@ impl Client {
     /// retrying until the delivery timeout. The same `base_sequence` is used on every attempt,
     /// so with a producer id a retry is never written twice.
     pub async fn produce(&self, req: pb::ProduceRequest) -> Result<pb::ProduceResponse> {
-        let partition = req.partition.unwrap_or(0);
-        let deadline = Instant::now() + self.inner.config.delivery_timeout;
+        let (topic, partition) = (req.topic.clone(), req.partition.unwrap_or(0));
+        self.leader_call(
+            &topic,
+            partition,
+            "produce",
+            self.inner.config.delivery_timeout,
+            |ch, timeout| {
+                let mut r = tonic::Request::new(req.clone());
+                r.set_timeout(timeout);
+                async move {
+                    BrokerClient::new(ch)
+                        .max_encoding_message_size(RESPONSE_BYTES_MAX)
+                        .produce(r)
+                        .await
+                }
+            },
+        )
+        .await
+    }
+
+    /// Moves the leadership of a partition to node `to`; returns the new leader.
+    pub async fn transfer_leadership(&self, topic: &str, partition: u32, to: u64) -> Result<u64> {
+        let req = pb::TransferLeadershipRequest {
+            topic: topic.to_owned(),
+            partition,
+            to_node: to,
+        };
+        let resp = self
+            .leader_call(
+                topic,
+                partition,
+                "transfer leadership",
+                self.inner.config.request_timeout,
+                |ch, timeout| {
+                    let mut r = tonic::Request::new(req.clone());
+                    r.set_timeout(timeout);
+                    async move { AdminClient::new(ch).transfer_leadership(r).await }
+                },
+            )
+            .await?;
+        Ok(resp.leader)
+    }
+
+    /// Runs `call` on the partition's leader: follows `not_leader` hints at once, and retries
+    /// other retriable errors with backoff and fresh metadata, until `budget` has passed.
+    async fn leader_call<T, F, Fut>(
+        &self,
+        topic: &str,
+        partition: u32,
+        what: &str,
+        budget: Duration,
+        mut call: F,
+    ) -> Result<T>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = Instant::now() + budget;
         let mut backoff = Backoff::new(&self.inner.config);
         let mut target: Option<String> = None;
-        let mut last = ClientError::Unavailable("produce: no attempt made".into());
+        let mut last = ClientError::Unavailable(format!("{what}: no attempt made"));
         loop {
             if Instant::now() >= deadline {
                 return Err(last);
             }
             let addr = match target.take() {
                 Some(a) => a,
-                None => self.leader_addr(&req.topic, partition).await,
+                None => self.leader_addr(topic, partition).await,
             };
-            let mut c = self.broker(&addr)?;
-            let mut r = tonic::Request::new(req.clone());
+            let channel = self.channel(&addr)?;
             let attempt_timeout = self
                 .inner
                 .config
                 .request_timeout
                 .min(deadline.saturating_duration_since(Instant::now()));
-            r.set_timeout(attempt_timeout);
-            let result = tokio::time::timeout(attempt_timeout, c.produce(r)).await;
-            let err = match result {
+            let err = match tokio::time::timeout(attempt_timeout, call(channel, attempt_timeout)).await {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
                 Ok(Err(status)) => ClientError::from_status(&status),
-                Err(_) => ClientError::Unavailable(format!("produce: {addr} did not answer in time")),
+                Err(_) => ClientError::Unavailable(format!("{what}: {addr} did not answer in time")),
             };
             match &err {
                 ClientError::Server {
@@ -399,7 +458,7 @@ impl Client {
                     continue;
                 }
                 // A topic created moments ago may not have reached every node yet.
-                ClientError::NotFound(_) if err.to_string().contains("does not exist") => {}
+                ClientError::NotFound(m) if m.contains("does not exist") => {}
                 e if e.is_retriable() => {}
                 _ => return Err(err),
             }

@@ -66,49 +66,36 @@ pub struct ReplicaStatus {
     pub progress: Progress,
 }
 
-struct Inner {
-    topic: String,
-    partition: u32,
-    group: GroupId,
-    me: NodeId,
-    raft: PartitionRaft,
-    progress: watch::Receiver<Progress>,
-    index: Arc<dyn KvTree>,
-    log: LogReader,
-    meta: MetaHandle,
+/// Everything a partition replica's handle is made of.
+pub struct PartitionParts {
+    pub topic: String,
+    pub partition: u32,
+    pub group: GroupId,
+    pub me: NodeId,
+    pub raft: PartitionRaft,
+    pub progress: watch::Receiver<Progress>,
+    pub index: Arc<dyn KvTree>,
+    pub log: LogReader,
+    pub meta: MetaHandle,
+    #[cfg(feature = "planted-bugs")]
+    pub bugs: crate::env::PlantedBugs,
 }
 
 #[derive(Clone)]
 pub struct PartitionHandle {
-    inner: Arc<Inner>,
+    inner: Arc<PartitionParts>,
 }
 
 impl PartitionHandle {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        topic: String,
-        partition: u32,
-        group: GroupId,
-        me: NodeId,
-        raft: PartitionRaft,
-        progress: watch::Receiver<Progress>,
-        index: Arc<dyn KvTree>,
-        log: LogReader,
-        meta: MetaHandle,
-    ) -> Self {
+    pub fn new(parts: PartitionParts) -> Self {
         Self {
-            inner: Arc::new(Inner {
-                topic,
-                partition,
-                group,
-                me,
-                raft,
-                progress,
-                index,
-                log,
-                meta,
-            }),
+            inner: Arc::new(parts),
         }
+    }
+
+    /// The replica's Raft log, for inspection (the simulator's checker compares replicas).
+    pub fn log_reader(&self) -> &LogReader {
+        &self.inner.log
     }
 
     pub fn raft(&self) -> &PartitionRaft {
@@ -145,7 +132,8 @@ impl PartitionHandle {
         self.inner.log.bytes()
     }
 
-    fn not_leader(&self, leader: Option<NodeId>) -> BrokerError {
+    /// The `not_leader` error for this partition, naming `leader` (if it is another node).
+    pub fn not_leader(&self, leader: Option<NodeId>) -> BrokerError {
         let leader = leader.filter(|l| *l != self.inner.me);
         let leader_addr = leader.and_then(|l| {
             self.inner
@@ -243,11 +231,58 @@ impl PartitionHandle {
             log_start_offset: p.log_start_offset,
             next_offset: offset,
         };
-        if offset >= p.next_offset {
-            return Ok(out);
+        if offset < p.next_offset {
+            self.read(offset, p.next_offset, max_bytes, max_records, &mut out)?;
         }
-        self.read(offset, p.next_offset, max_bytes, max_records, &mut out)?;
+        #[cfg(feature = "planted-bugs")]
+        if self.inner.bugs.follower_reads_uncommitted && !self.status().is_leader {
+            self.read_uncommitted(offset, p, max_records, &mut out)?;
+        }
         Ok(out)
+    }
+
+    /// The planted bug `follower-reads-uncommitted`: serve the entries past the applied point as
+    /// if they were committed, numbering their records as if every batch were accepted.
+    #[cfg(feature = "planted-bugs")]
+    fn read_uncommitted(
+        &self,
+        offset: u64,
+        p: Progress,
+        max_records: usize,
+        out: &mut Fetched,
+    ) -> Result<()> {
+        let internal =
+            |e: std::io::Error| BrokerError::Internal(format!("{}: reading the log: {e}", self.what()));
+        let start = p.last_applied.map_or(0, |l| l.index + 1);
+        let Some(last) = self.inner.log.last_log_id() else {
+            return Ok(());
+        };
+        if last.index < start || out.next_offset < p.next_offset && !out.records.is_empty() {
+            return Ok(());
+        }
+        let entries = self
+            .inner
+            .log
+            .read(start, last.index + 1, 1 << 20)
+            .map_err(internal)?;
+        let mut o = p.next_offset;
+        for e in entries {
+            let EntryPayload::Normal(payload) = &e.payload else {
+                continue;
+            };
+            let Ok(PartitionCommand::Produce(batch)) = PartitionCommand::decode(&payload.0) else {
+                continue;
+            };
+            for record in batch.records {
+                if o >= offset.max(out.next_offset) && out.records.len() < max_records {
+                    out.records.push(FetchedRecord { offset: o, record });
+                    out.next_offset = o + 1;
+                }
+                o += 1;
+            }
+        }
+        out.high_watermark = out.high_watermark.max(o);
+        Ok(())
     }
 
     fn read(

@@ -1,0 +1,46 @@
+//! No acknowledged event is lost: after healing, every acknowledged (partition, offset) holds
+//! its payload on every replica.
+//!
+//! Source: Raft §5.4 (Leader Completeness: a committed entry is in the log of every later
+//! leader) and Jepsen's "lost writes" anomaly.
+
+use super::Evidence;
+use super::Invariant;
+use crate::history::Outcome;
+
+pub const INVARIANT: Invariant = Invariant {
+    name: "acked-not-lost",
+    source: "Raft §5.4 Leader Completeness; Jepsen 'lost writes'",
+    check,
+};
+
+fn check(e: &Evidence) -> Vec<String> {
+    let mut problems = Vec::new();
+    for op in &e.produces {
+        let Outcome::Ok { offset } = op.outcome else {
+            continue;
+        };
+        let key = (op.topic.clone(), op.partition);
+        let Some(replicas) = e.audit.replicas.get(&key) else {
+            // Not audited: the liveness invariant reports why.
+            continue;
+        };
+        for (node, records) in replicas {
+            let found = records
+                .get(offset as usize)
+                .filter(|(o, _)| *o == offset)
+                .map(|(_, v)| v.as_str());
+            if found != Some(op.payload.as_str()) {
+                problems.push(format!(
+                    "{}/{} offset {offset}: acknowledged {:?} (by {} at {} ms), node {node} has {found:?}",
+                    op.topic,
+                    op.partition,
+                    op.payload,
+                    op.client,
+                    op.complete_ms.unwrap_or(0)
+                ));
+            }
+        }
+    }
+    problems
+}

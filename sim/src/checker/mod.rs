@@ -1,0 +1,191 @@
+//! The checker: after a run, judges the client history together with the final state of every
+//! replica. One invariant per file, each naming where the property comes from.
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+
+use eddy_raft::GroupId;
+use eddy_raft::NodeId;
+use serde::Serialize;
+
+use crate::history::FetchObservation;
+use crate::history::ProduceOp;
+use crate::workload::Audit;
+
+pub mod acked_not_lost;
+pub mod consumer_reads;
+pub mod election_safety;
+pub mod liveness;
+pub mod log_matching;
+pub mod metadata_agreement;
+pub mod no_duplicates;
+pub mod offsets;
+
+/// One replica's Raft log as the checker sees it.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaLog {
+    pub committed: Option<u64>,
+    /// (index, term, xxh3 of the payload).
+    pub entries: BTreeMap<u64, (u64, u64)>,
+}
+
+/// Everything the checker judges.
+#[derive(Debug, Default)]
+pub struct Evidence {
+    pub produces: Vec<ProduceOp>,
+    pub fetches: Vec<FetchObservation>,
+    pub audit: Audit,
+    pub leaders: BTreeMap<(GroupId, u64), BTreeSet<NodeId>>,
+    pub logs: BTreeMap<GroupId, BTreeMap<NodeId, ReplicaLog>>,
+    /// Node -> (last applied index, a rendering of its metadata state).
+    pub metadata: BTreeMap<NodeId, (Option<u64>, String)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Violation {
+    pub invariant: &'static str,
+    pub source: &'static str,
+    pub count: usize,
+    /// The first few problems found.
+    pub examples: Vec<String>,
+}
+
+/// An invariant: its name, where it comes from, and the check.
+pub struct Invariant {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub check: fn(&Evidence) -> Vec<String>,
+}
+
+pub const INVARIANTS: [Invariant; 8] = [
+    acked_not_lost::INVARIANT,
+    no_duplicates::INVARIANT,
+    offsets::INVARIANT,
+    consumer_reads::INVARIANT,
+    log_matching::INVARIANT,
+    election_safety::INVARIANT,
+    metadata_agreement::INVARIANT,
+    liveness::INVARIANT,
+];
+
+const EXAMPLES_MAX: usize = 8;
+
+/// Runs every invariant; returns the names of those that held and the violations.
+pub fn check_all(e: &Evidence) -> (Vec<&'static str>, Vec<Violation>) {
+    let mut held = Vec::new();
+    let mut violations = Vec::new();
+    for inv in &INVARIANTS {
+        let problems = (inv.check)(e);
+        if problems.is_empty() {
+            held.push(inv.name);
+        } else {
+            violations.push(Violation {
+                invariant: inv.name,
+                source: inv.source,
+                count: problems.len(),
+                examples: problems.into_iter().take(EXAMPLES_MAX).collect(),
+            });
+        }
+    }
+    (held, violations)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::Outcome;
+
+    fn op(payload: &str, offset: Option<u64>) -> ProduceOp {
+        ProduceOp {
+            client: "c".into(),
+            topic: "t".into(),
+            partition: 0,
+            payload: payload.into(),
+            invoke_ms: 0,
+            complete_ms: Some(1),
+            outcome: offset.map_or(
+                Outcome::Unknown {
+                    error: "timeout".into(),
+                },
+                |o| Outcome::Ok { offset: o },
+            ),
+        }
+    }
+
+    fn audit(replicas: &[(u64, &[&str])]) -> Audit {
+        let mut a = Audit {
+            done: true,
+            ..Default::default()
+        };
+        let mut m = BTreeMap::new();
+        for (node, values) in replicas {
+            m.insert(
+                *node,
+                values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (i as u64, v.to_string()))
+                    .collect(),
+            );
+        }
+        a.replicas.insert(("t".into(), 0), m);
+        a
+    }
+
+    fn violated(e: &Evidence) -> Vec<&'static str> {
+        check_all(e).1.into_iter().map(|v| v.invariant).collect()
+    }
+
+    #[test]
+    fn a_consistent_run_passes() {
+        let e = Evidence {
+            produces: vec![op("a", Some(0)), op("b", Some(1)), op("c", None)],
+            audit: audit(&[(1, &["a", "b", "c"]), (2, &["a", "b", "c"])]),
+            ..Default::default()
+        };
+        assert_eq!(violated(&e), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn each_anomaly_is_caught_by_its_invariant() {
+        // Lost write: acknowledged at 1, missing on node 2.
+        let e = Evidence {
+            produces: vec![op("a", Some(0)), op("b", Some(1))],
+            audit: audit(&[(1, &["a", "b"]), (2, &["a"])]),
+            ..Default::default()
+        };
+        assert!(violated(&e).contains(&acked_not_lost::INVARIANT.name));
+        // Duplicate and inconsistent offsets.
+        let e = Evidence {
+            produces: vec![op("a", Some(0)), op("b", Some(1))],
+            audit: audit(&[(1, &["a", "b", "a"]), (2, &["a", "x", "a"])]),
+            ..Default::default()
+        };
+        let v = violated(&e);
+        assert!(v.contains(&no_duplicates::INVARIANT.name), "{v:?}");
+        assert!(v.contains(&offsets::INVARIANT.name), "{v:?}");
+        // A consumer read something that is not in the final log there.
+        let mut e = Evidence {
+            produces: vec![op("a", Some(0))],
+            audit: audit(&[(1, &["a"]), (2, &["a"])]),
+            ..Default::default()
+        };
+        e.fetches.push(FetchObservation {
+            consumer: "k".into(),
+            topic: "t".into(),
+            partition: 0,
+            node: 2,
+            requested: 0,
+            at_ms: 5,
+            records: vec![(0, "ghost".into())],
+        });
+        assert!(violated(&e).contains(&consumer_reads::INVARIANT.name));
+        // Two leaders in one term.
+        let mut e = Evidence {
+            audit: audit(&[]),
+            ..Default::default()
+        };
+        e.leaders.insert((3, 7), [1, 2].into());
+        assert!(violated(&e).contains(&election_safety::INVARIANT.name));
+    }
+}

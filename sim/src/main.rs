@@ -1,0 +1,247 @@
+//! `eddy-sim`: run one seed (`run`) or explore many (`swarm`). See the README's simulator section.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use clap::Subcommand;
+use eddy_sim::profile::FaultClass;
+use eddy_sim::report;
+use eddy_sim::run::Bug;
+use eddy_sim::run::RunOptions;
+use eddy_sim::trace::first_divergence;
+
+mod swarm;
+
+/// Log timestamps in simulated time.
+struct SimTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        match turmoil::sim_elapsed() {
+            Some(d) => write!(w, "{:>10.3}s", d.as_secs_f64()),
+            None => write!(w, "{:>11}", "-"),
+        }
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "eddy-sim",
+    version,
+    about = "Run Eddy under simulated network and disk failures"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Common {
+    /// Nodes in the cluster.
+    #[arg(long, default_value_t = 5)]
+    nodes: u64,
+    /// Topics the workload writes.
+    #[arg(long, default_value_t = 3)]
+    topics: u32,
+    /// Partitions per topic (replication factor 3).
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    /// Simulated duration of the chaos phase, e.g. 120s or 2m.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Fault classes to draw from (comma-separated); default all.
+    #[arg(long, value_delimiter = ',')]
+    faults: Option<Vec<FaultClass>>,
+    /// Plant a bug to show that the checker finds it.
+    #[arg(long)]
+    inject_bug: Option<Bug>,
+    /// Events produced per simulated second.
+    #[arg(long, default_value_t = 400)]
+    rate: u32,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Simulate one seed; exit 0 if every invariant held, 1 if one broke.
+    Run {
+        #[arg(long)]
+        seed: u64,
+        #[command(flatten)]
+        common: Common,
+        /// Write the full trace (JSON lines) to this file.
+        #[arg(long)]
+        trace: Option<std::path::PathBuf>,
+        /// Write a self-contained HTML report to this file.
+        #[arg(long)]
+        report: Option<std::path::PathBuf>,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+        /// Run the seed twice and compare the trace hashes.
+        #[arg(long)]
+        check_determinism: bool,
+        /// Show every event of the timeline (leader changes included).
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Simulate many seeds, each in its own process.
+    Swarm {
+        /// Seeds as A..B (inclusive).
+        #[arg(long, value_parser = parse_range)]
+        seeds: (u64, u64),
+        /// Seeds run at once (default: the number of CPUs).
+        #[arg(long)]
+        jobs: Option<usize>,
+        #[command(flatten)]
+        common: Common,
+        /// Run every seed even after a failure.
+        #[arg(long)]
+        keep_going: bool,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s or 2m"))?;
+    match unit {
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(60 * n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?}")),
+    }
+}
+
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("{s:?}: expected A..B"))?;
+    let (a, b): (u64, u64) = (
+        a.parse().map_err(|_| format!("{a:?} is not a seed"))?,
+        b.parse().map_err(|_| format!("{b:?} is not a seed"))?,
+    );
+    if a > b {
+        return Err(format!("{s:?}: the range is empty"));
+    }
+    Ok((a, b))
+}
+
+impl Common {
+    fn options(&self, seed: u64) -> RunOptions {
+        RunOptions {
+            seed,
+            nodes: self.nodes,
+            topics: self.topics,
+            partitions: self.partitions,
+            duration: self.duration,
+            faults: self.faults.clone(),
+            bug: self.inject_bug,
+            events_per_sec: self.rate,
+            progress: false,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDDY_SIM_LOG").unwrap_or_else(|_| "off".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_timer(SimTime)
+        .init();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run {
+            seed,
+            common,
+            trace,
+            report: report_path,
+            output,
+            check_determinism,
+            verbose,
+        } => {
+            let mut opts = common.options(seed);
+            opts.progress = output == Output::Table;
+            let r = eddy_sim::run::run(&opts)?;
+            let mut json = serde_json::to_value(&r)?;
+            if check_determinism {
+                let again = eddy_sim::run::run(&opts)?;
+                let same = again.trace_hash == r.trace_hash;
+                json["deterministic"] = serde_json::Value::Bool(same);
+                if !same {
+                    let i = first_divergence(&r.trace, &again.trace).unwrap_or(0);
+                    eprintln!(
+                        "NOT deterministic: traces {} and {} first differ at event {i}:\n  first:  {:?}\n  second: {:?}",
+                        r.trace_hash,
+                        again.trace_hash,
+                        r.trace.get(i),
+                        again.trace.get(i)
+                    );
+                } else if output == Output::Table {
+                    println!("deterministic: both runs produced trace {}", r.trace_hash);
+                }
+                if !same {
+                    if output == Output::Json {
+                        println!("{json}");
+                    }
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            if let Some(path) = trace {
+                let lines: Vec<String> = r
+                    .trace
+                    .iter()
+                    .map(|e| serde_json::to_string(e).unwrap_or_default())
+                    .collect();
+                std::fs::write(&path, lines.join("\n") + "\n")
+                    .with_context(|| format!("write {}", path.display()))?;
+            }
+            if let Some(path) = report_path {
+                std::fs::write(&path, report::html(&r))
+                    .with_context(|| format!("write {}", path.display()))?;
+            }
+            match output {
+                Output::Json => println!("{json}"),
+                Output::Table => print!("{}", report::text(&r, verbose)),
+            }
+            Ok(if r.verdict == "pass" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Swarm {
+            seeds,
+            jobs,
+            common,
+            keep_going,
+            output,
+        } => {
+            let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+            swarm::run(seeds, jobs, &common, keep_going, output == Output::Json)
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! The nemesis: injects the faults of the run's profile at random (seeded) times during the
+//! chaos phase, undoes each after its duration, and heals everything when the chaos ends.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use eddy_raft::NodeId;
+use openraft::async_runtime::WatchReceiver;
+use rand::Rng;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+
+use crate::cluster::Cluster;
+use crate::cluster::host_name;
+use crate::profile::FaultClass;
+use crate::profile::Profile;
+use crate::trace::Trace;
+
+/// Message latency of a healthy link.
+pub const BASE_MAX_LATENCY: Duration = Duration::from_millis(2);
+/// At most this many nodes are down at once (a minority of five).
+const DOWN_MAX: usize = 2;
+
+enum Undo {
+    Repair(Vec<(String, String)>),
+    RepairOneWay(String, String),
+    LinkLoss(String, String),
+    LinkLatency(String, String),
+    Restart(NodeId),
+    /// Silent death: crash at `crash_at`, then restart (and repair) at the end.
+    CrashThenRestart {
+        node: NodeId,
+        crash_at: u64,
+        crashed: bool,
+        pairs: Vec<(String, String)>,
+    },
+}
+
+struct Active {
+    class: FaultClass,
+    ends_at: u64,
+    undo: Undo,
+}
+
+pub struct Nemesis {
+    profile: Profile,
+    rng: SmallRng,
+    next_at: BTreeMap<FaultClass, u64>,
+    active: Vec<Active>,
+    /// Every host: nodes and clients.
+    hosts: Vec<String>,
+    /// How many faults of each class were injected.
+    pub injected: BTreeMap<FaultClass, u32>,
+}
+
+impl Nemesis {
+    pub fn new(profile: Profile, seed: u64, hosts: Vec<String>) -> Self {
+        let mut rng = SmallRng::seed_from_u64(seed ^ 0x4e4e_4e4e_0000_0002);
+        let next_at = profile
+            .classes
+            .iter()
+            .map(|(c, s)| (*c, 3_000 + exp_gap(&mut rng, s.mean_gap_ms)))
+            .collect();
+        Self {
+            profile,
+            rng,
+            next_at,
+            active: Vec::new(),
+            hosts,
+            injected: BTreeMap::new(),
+        }
+    }
+
+    /// Injects and undoes faults due at `now` (simulated ms).
+    pub fn tick(&mut self, now: u64, sim: &mut turmoil::Sim<'_>, cluster: &mut Cluster, trace: &Trace) {
+        // Undo what has run its course (and crash silent deaths whose moment has come).
+        let mut i = 0;
+        while i < self.active.len() {
+            if let Undo::CrashThenRestart {
+                node,
+                crash_at,
+                crashed,
+                ..
+            } = &mut self.active[i].undo
+                && !*crashed
+                && now >= *crash_at
+            {
+                *crashed = true;
+                let node = *node;
+                self.crash(now, sim, cluster, trace, node, true);
+            }
+            if self.active[i].ends_at <= now {
+                let a = self.active.swap_remove(i);
+                self.undo(now, sim, cluster, trace, a);
+            } else {
+                i += 1;
+            }
+        }
+        let due: Vec<FaultClass> = self
+            .next_at
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(c, _)| *c)
+            .collect();
+        for class in due {
+            let s = self.profile.classes[&class];
+            self.next_at
+                .insert(class, now + exp_gap(&mut self.rng, s.mean_gap_ms));
+            let duration = self
+                .rng
+                .random_range(s.min_duration_ms..=s.max_duration_ms.max(s.min_duration_ms));
+            if let Some(undo) = self.inject(now, class, duration, sim, cluster, trace) {
+                *self.injected.entry(class).or_default() += 1;
+                self.active.push(Active {
+                    class,
+                    ends_at: now + duration,
+                    undo,
+                });
+            }
+        }
+    }
+
+    fn nodes_up(cluster: &Cluster) -> Vec<NodeId> {
+        cluster.nodes.values().filter(|s| s.up).map(|s| s.id).collect()
+    }
+
+    fn pick<T: Copy>(&mut self, v: &[T]) -> Option<T> {
+        (!v.is_empty()).then(|| v[self.rng.random_range(0..v.len())])
+    }
+
+    /// A leader to isolate: the metadata leader or, as often, a random partition's leader.
+    fn some_leader(&mut self, cluster: &Cluster) -> Option<NodeId> {
+        let up = Self::nodes_up(cluster);
+        let refs: Vec<_> = up
+            .iter()
+            .filter_map(|id| cluster.refs(*id).map(|r| (*id, r)))
+            .collect();
+        if self.rng.random_bool(0.5) {
+            refs.iter().find_map(|(_, r)| r.meta.leader())
+        } else {
+            let mut leaders: Vec<NodeId> = Vec::new();
+            for (id, r) in &refs {
+                for g in r.groups.all() {
+                    if g.raft().metrics().borrow_watched().current_leader == Some(*id) {
+                        leaders.push(*id);
+                    }
+                }
+            }
+            self.pick(&leaders)
+        }
+    }
+
+    fn inject(
+        &mut self,
+        now: u64,
+        class: FaultClass,
+        duration: u64,
+        sim: &mut turmoil::Sim<'_>,
+        cluster: &mut Cluster,
+        trace: &Trace,
+    ) -> Option<Undo> {
+        let up = Self::nodes_up(cluster);
+        let all: Vec<NodeId> = cluster.nodes.keys().copied().collect();
+        let desc;
+        let undo = match class {
+            FaultClass::Partition => {
+                let mut nodes = all.clone();
+                nodes.shuffle(&mut self.rng);
+                let cut = self.rng.random_range(1..nodes.len());
+                let (a, b) = nodes.split_at(cut);
+                let pairs: Vec<(String, String)> = a
+                    .iter()
+                    .flat_map(|x| b.iter().map(move |y| (host_name(*x), host_name(*y))))
+                    .collect();
+                for (x, y) in &pairs {
+                    sim.partition(x.as_str(), y.as_str());
+                }
+                desc = format!("{a:?} | {b:?}");
+                Undo::Repair(pairs)
+            }
+            FaultClass::OneWay => {
+                let a = self.pick(&all)?;
+                let others: Vec<NodeId> = all.iter().copied().filter(|n| *n != a).collect();
+                let b = self.pick(&others)?;
+                sim.partition_oneway(host_name(a), host_name(b));
+                desc = format!("n{a} -/-> n{b}");
+                Undo::RepairOneWay(host_name(a), host_name(b))
+            }
+            FaultClass::IsolateLeader => {
+                let leader = self.some_leader(cluster)?;
+                let me = host_name(leader);
+                let pairs: Vec<(String, String)> = self
+                    .hosts
+                    .iter()
+                    .filter(|h| **h != me)
+                    .map(|h| (me.clone(), h.clone()))
+                    .collect();
+                for (x, y) in &pairs {
+                    sim.partition(x.as_str(), y.as_str());
+                }
+                desc = format!("leader n{leader} cut off");
+                Undo::Repair(pairs)
+            }
+            FaultClass::Loss => {
+                let a = self.pick(&all)?;
+                let others: Vec<NodeId> = all.iter().copied().filter(|n| *n != a).collect();
+                let b = self.pick(&others)?;
+                let rate = self.rng.random_range(0.02..0.3);
+                sim.set_link_fail_rate(host_name(a), host_name(b), rate);
+                desc = format!("n{a} <-> n{b} drops {:.0}% of messages", rate * 100.0);
+                Undo::LinkLoss(host_name(a), host_name(b))
+            }
+            FaultClass::Latency => {
+                let a = self.pick(&all)?;
+                let others: Vec<NodeId> = all.iter().copied().filter(|n| *n != a).collect();
+                let b = self.pick(&others)?;
+                let ms = self.rng.random_range(20..600);
+                sim.set_link_max_message_latency(host_name(a), host_name(b), Duration::from_millis(ms));
+                desc = format!("n{a} <-> n{b} up to {ms} ms");
+                Undo::LinkLatency(host_name(a), host_name(b))
+            }
+            FaultClass::Crash | FaultClass::Bounce | FaultClass::SilentDeath => {
+                if cluster.down().len() >= DOWN_MAX
+                    || self
+                        .active
+                        .iter()
+                        .any(|a| matches!(a.undo, Undo::CrashThenRestart { crashed: false, .. }))
+                {
+                    return None;
+                }
+                let n = self.pick(&up)?;
+                match class {
+                    FaultClass::Crash => {
+                        self.crash(now, sim, cluster, trace, n, true);
+                        desc = format!("n{n} loses power");
+                        Undo::Restart(n)
+                    }
+                    FaultClass::Bounce => {
+                        self.crash(now, sim, cluster, trace, n, false);
+                        desc = format!("n{n} process restarts");
+                        Undo::Restart(n)
+                    }
+                    _ => {
+                        let me = host_name(n);
+                        let pairs: Vec<(String, String)> = self
+                            .hosts
+                            .iter()
+                            .filter(|h| **h != me)
+                            .map(|h| (me.clone(), h.clone()))
+                            .collect();
+                        for (x, y) in &pairs {
+                            sim.partition(x.as_str(), y.as_str());
+                        }
+                        desc = format!("n{n} goes silent, then loses power");
+                        let crash_at = now + self.rng.random_range(100..duration.max(101));
+                        Undo::CrashThenRestart {
+                            node: n,
+                            crash_at,
+                            crashed: false,
+                            pairs,
+                        }
+                    }
+                }
+            }
+        };
+        trace.push(now, "fault", format!("{class}: {desc} for {duration} ms"));
+        Some(undo)
+    }
+
+    fn crash(
+        &mut self,
+        now: u64,
+        sim: &mut turmoil::Sim<'_>,
+        cluster: &mut Cluster,
+        trace: &Trace,
+        n: NodeId,
+        lose: bool,
+    ) {
+        let torn = self.profile.torn_writes;
+        let mut rng = SmallRng::seed_from_u64(self.rng.random());
+        let mut pick = move |len: usize| rng.random_range(0..=len);
+        if lose {
+            cluster.crash(sim, n, Some(&mut pick), torn);
+            trace.push(
+                now,
+                "crash",
+                format!(
+                    "n{n} (unsynced writes lost{})",
+                    if torn { ", last write may tear" } else { "" }
+                ),
+            );
+        } else {
+            cluster.crash(sim, n, None, false);
+            trace.push(now, "crash", format!("n{n} (process only)"));
+        }
+    }
+
+    fn undo(
+        &mut self,
+        now: u64,
+        sim: &mut turmoil::Sim<'_>,
+        cluster: &mut Cluster,
+        trace: &Trace,
+        a: Active,
+    ) {
+        match a.undo {
+            Undo::Repair(pairs) => {
+                for (x, y) in &pairs {
+                    sim.repair(x.as_str(), y.as_str());
+                }
+            }
+            Undo::RepairOneWay(x, y) => sim.repair_oneway(x.as_str(), y.as_str()),
+            Undo::LinkLoss(x, y) => sim.set_link_fail_rate(x.as_str(), y.as_str(), 0.0),
+            Undo::LinkLatency(x, y) => {
+                sim.set_link_max_message_latency(x.as_str(), y.as_str(), BASE_MAX_LATENCY)
+            }
+            Undo::Restart(n) => {
+                cluster.restart(sim, n);
+                trace.push(now, "restart", format!("n{n}"));
+            }
+            Undo::CrashThenRestart {
+                node, crashed, pairs, ..
+            } => {
+                if !crashed {
+                    self.crash(now, sim, cluster, trace, node, true);
+                }
+                for (x, y) in &pairs {
+                    sim.repair(x.as_str(), y.as_str());
+                }
+                cluster.restart(sim, node);
+                trace.push(now, "restart", format!("n{node}"));
+            }
+        }
+        trace.push(now, "heal", format!("{} ended", a.class));
+    }
+
+    /// Ends every fault: repairs every link, resets loss and latency, restarts every node.
+    pub fn heal_all(&mut self, now: u64, sim: &mut turmoil::Sim<'_>, cluster: &mut Cluster, trace: &Trace) {
+        for a in std::mem::take(&mut self.active) {
+            self.undo(now, sim, cluster, trace, a);
+        }
+        for (i, x) in self.hosts.iter().enumerate() {
+            for y in &self.hosts[i + 1..] {
+                sim.repair(x.as_str(), y.as_str());
+                sim.set_link_fail_rate(x.as_str(), y.as_str(), 0.0);
+                sim.set_link_max_message_latency(x.as_str(), y.as_str(), BASE_MAX_LATENCY);
+            }
+        }
+        for n in cluster.down() {
+            cluster.restart(sim, n);
+            trace.push(now, "restart", format!("n{n}"));
+        }
+        self.next_at.clear();
+        trace.push(now, "heal", "all faults healed");
+    }
+}
+
+/// An exponentially distributed gap with the given mean.
+fn exp_gap(rng: &mut SmallRng, mean_ms: u64) -> u64 {
+    (-(mean_ms as f64) * (1.0 - rng.random::<f64>()).ln()) as u64
+}

@@ -1,0 +1,101 @@
+//! The simulated network seen through Eddy's seams: channels whose TCP streams are turmoil's,
+//! and listeners that accept turmoil connections. Every host runs the real gRPC stack on top.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use eddy_node::env::BoxedIo;
+use eddy_node::env::Incoming;
+use hyper_util::rt::TokioIo;
+use tonic::transport::Channel;
+use tonic::transport::Endpoint;
+
+/// An endpoint with the node's timeouts and keep-alives, without adaptive flow control (its
+/// bandwidth estimate reads the real clock, which would break determinism).
+fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(eddy_raft::transport::CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(eddy_raft::transport::KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(eddy_raft::transport::KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true))
+}
+
+/// Pause between connection attempts after failures, doubling up to this. It must stay well
+/// below the connect timeout, which covers the pause too.
+const CONNECT_GAP_MAX: Duration = Duration::from_millis(400);
+const CONNECT_GAP_MIN: Duration = Duration::from_millis(50);
+
+/// When the last attempt started and how long to wait before the next one.
+#[derive(Default)]
+struct ConnectPacing {
+    last: Option<tokio::time::Instant>,
+    gap: Duration,
+}
+
+/// A lazily connecting channel over turmoil TCP.
+///
+/// Connection attempts are paced: after a failure, the next attempt waits (50 ms doubling to
+/// 400 ms). turmoil 0.7 never frees the local port of a
+/// connection attempt that fails or is abandoned, and tonic reconnects without pause, so an
+/// unpaced channel to a dead peer would exhaust the host's ports in a long run.
+fn turmoil_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    let target = addr.to_owned();
+    let pacing = Arc::new(Mutex::new(ConnectPacing::default()));
+    Ok(
+        endpoint(addr)?.connect_with_connector_lazy(tower::service_fn(move |_| {
+            let target = target.clone();
+            let pacing = pacing.clone();
+            async move {
+                // Wait out the pause (rather than failing at once: a caller that retries at once
+                // would spin without simulated time passing).
+                let start = {
+                    let mut p = pacing.lock().expect("pacing lock poisoned");
+                    let now = tokio::time::Instant::now();
+                    let start = p.last.map_or(now, |last| (last + p.gap).max(now));
+                    p.last = Some(start);
+                    // Until this attempt succeeds, the next one waits (also if this one is abandoned).
+                    p.gap = (p.gap * 2).clamp(CONNECT_GAP_MIN, CONNECT_GAP_MAX);
+                    start
+                };
+                tokio::time::sleep_until(start).await;
+                let stream = turmoil::net::TcpStream::connect(target.as_str()).await?;
+                pacing.lock().expect("pacing lock poisoned").gap = Duration::ZERO;
+                Ok::<_, io::Error>(TokioIo::new(stream))
+            }
+        })),
+    )
+}
+
+/// Node-to-node channels.
+pub struct SimConnector;
+
+impl eddy_raft::transport::Connector for SimConnector {
+    fn channel(&self, addr: &str) -> Channel {
+        turmoil_channel(addr).unwrap_or_else(|_| Endpoint::from_static("http://invalid:1").connect_lazy())
+    }
+}
+
+/// Client-to-node channels, for the `ops` client the workload uses.
+pub struct SimConnect;
+
+impl eddy_ops::Connect for SimConnect {
+    fn channel(&self, addr: &str) -> eddy_ops::error::Result<Channel> {
+        turmoil_channel(addr).map_err(|e| eddy_ops::ClientError::Invalid(format!("{addr}: {e}")))
+    }
+}
+
+/// Accepts connections on a turmoil listener.
+pub async fn listen(port: u16) -> io::Result<Incoming> {
+    let listener = turmoil::net::TcpListener::bind(("0.0.0.0", port)).await?;
+    Ok(Box::pin(futures::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| BoxedIo::new(s));
+        Some((r, l))
+    })))
+}
+
+/// A pause that also works outside a host (where turmoil has no clock): for the workload.
+pub async fn pause(d: Duration) {
+    tokio::time::sleep(d).await;
+}

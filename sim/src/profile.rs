@@ -1,0 +1,161 @@
+//! Which faults a run injects and how often, drawn from its seed ("swarm testing": each seed
+//! explores its own mix of faults rather than every seed a bit of everything).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use rand::Rng;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultClass {
+    /// The nodes split into two sides that cannot talk.
+    Partition,
+    /// One node cannot reach another, while the other still reaches it.
+    OneWay,
+    /// The metadata leader or a partition leader is cut off from every other host.
+    IsolateLeader,
+    /// A link drops bursts of messages.
+    Loss,
+    /// A link delays messages by up to hundreds of milliseconds.
+    Latency,
+    /// A node loses power: its host stops and its disk loses what was not synced; it comes back later.
+    Crash,
+    /// A node is cut off, then loses power, so that no peer sees its connections close.
+    SilentDeath,
+    /// A node's process restarts; its disk keeps everything.
+    Bounce,
+}
+
+impl FaultClass {
+    pub const ALL: [FaultClass; 8] = [
+        FaultClass::Partition,
+        FaultClass::OneWay,
+        FaultClass::IsolateLeader,
+        FaultClass::Loss,
+        FaultClass::Latency,
+        FaultClass::Crash,
+        FaultClass::SilentDeath,
+        FaultClass::Bounce,
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            FaultClass::Partition => "partition",
+            FaultClass::OneWay => "one-way",
+            FaultClass::IsolateLeader => "isolate-leader",
+            FaultClass::Loss => "loss",
+            FaultClass::Latency => "latency",
+            FaultClass::Crash => "crash",
+            FaultClass::SilentDeath => "silent-death",
+            FaultClass::Bounce => "bounce",
+        }
+    }
+}
+
+impl fmt::Display for FaultClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How one fault class behaves in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ClassSettings {
+    /// Mean simulated time between injections.
+    pub mean_gap_ms: u64,
+    /// How long a fault lasts, uniformly in this range.
+    pub min_duration_ms: u64,
+    pub max_duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Profile {
+    pub classes: BTreeMap<FaultClass, ClassSettings>,
+    /// Whether a power loss may keep part of the last unsynced write (a torn write).
+    pub torn_writes: bool,
+}
+
+impl Profile {
+    /// Draws the profile of `seed`, from `allowed` classes (all when `None`). At least one
+    /// class is always on.
+    pub fn draw(seed: u64, allowed: Option<&[FaultClass]>) -> Self {
+        let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed_fa17_0000_0001);
+        let allowed: Vec<FaultClass> = allowed.map_or_else(|| FaultClass::ALL.to_vec(), <[_]>::to_vec);
+        let mut classes = BTreeMap::new();
+        for c in &allowed {
+            let on = rng.random_bool(0.5);
+            let settings = ClassSettings {
+                mean_gap_ms: rng.random_range(2_000..10_000),
+                min_duration_ms: 500,
+                max_duration_ms: rng.random_range(1_000..8_000),
+            };
+            if on {
+                classes.insert(*c, settings);
+            }
+        }
+        if classes.is_empty() && !allowed.is_empty() {
+            let c = allowed[rng.random_range(0..allowed.len())];
+            classes.insert(
+                c,
+                ClassSettings {
+                    mean_gap_ms: 4_000,
+                    min_duration_ms: 500,
+                    max_duration_ms: 4_000,
+                },
+            );
+        }
+        Self {
+            classes,
+            torn_writes: rng.random_bool(0.5),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        if self.classes.is_empty() {
+            return "no faults".into();
+        }
+        let parts: Vec<String> = self
+            .classes
+            .iter()
+            .map(|(c, s)| {
+                format!(
+                    "{c} every ~{:.1}s for {:.1}-{:.1}s",
+                    s.mean_gap_ms as f64 / 1e3,
+                    s.min_duration_ms as f64 / 1e3,
+                    s.max_duration_ms as f64 / 1e3
+                )
+            })
+            .collect();
+        format!(
+            "{}{}",
+            parts.join(", "),
+            if self.torn_writes { "; torn writes" } else { "" }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_are_a_function_of_the_seed_and_vary() {
+        assert_eq!(Profile::draw(7, None), Profile::draw(7, None));
+        let distinct: std::collections::BTreeSet<Vec<FaultClass>> = (0..40)
+            .map(|s| Profile::draw(s, None).classes.keys().copied().collect())
+            .collect();
+        assert!(
+            distinct.len() > 10,
+            "40 seeds should give many different mixes: {distinct:?}"
+        );
+        let only = Profile::draw(3, Some(&[FaultClass::Crash]));
+        assert_eq!(
+            only.classes.keys().copied().collect::<Vec<_>>(),
+            vec![FaultClass::Crash]
+        );
+    }
+}

@@ -1,0 +1,469 @@
+//! The clients of a simulated run, each a turmoil client host using the real `ops` client:
+//!
+//! - `setup` creates the topics;
+//! - `producer-N` write unique payloads to random partitions with idempotent, retrying
+//!   producers, and record every operation's outcome;
+//! - `consumer-N` read every partition from leaders and followers and record what they see;
+//! - `admin` creates topics and moves partition leaderships during the chaos;
+//! - `verifier`, after the faults are healed, checks that every partition accepts and serves a
+//!   write (liveness) and reads every partition from every replica for the checker (the audit).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use eddy_ops::Client;
+use eddy_ops::ClientConfig;
+use eddy_ops::ClientError;
+use eddy_ops::Producer;
+use eddy_ops::ReplicaChoice;
+use eddy_proto::v1 as pb;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use rand::Rng;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+use crate::history::FetchObservation;
+use crate::history::History;
+use crate::history::Outcome;
+use crate::history::PartitionKey;
+use crate::net::SimConnect;
+use crate::trace::Trace;
+
+pub const REPLICATION_FACTOR: u32 = 3;
+/// How long after the faults are healed every partition must accept and serve a write.
+pub const LIVENESS_BOUND: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct WorkloadConfig {
+    pub topics: u32,
+    pub partitions: u32,
+    pub producers: u32,
+    pub consumers: u32,
+    /// Events per simulated second, over all producers.
+    pub events_per_sec: u32,
+    /// When the faults stop (simulated time).
+    pub chaos_end: Duration,
+}
+
+/// The audit: every replica's view of every partition after healing.
+#[derive(Debug, Default, Clone)]
+pub struct Audit {
+    /// (topic, partition) -> node -> records from offset 0.
+    pub replicas: BTreeMap<PartitionKey, BTreeMap<u64, Vec<(u64, String)>>>,
+    /// Problems the verifier ran into (liveness failures, unreadable replicas).
+    pub liveness: Vec<String>,
+    pub done: bool,
+}
+
+/// What the clients share.
+#[derive(Clone)]
+pub struct Ctx {
+    pub brokers: Vec<String>,
+    pub config: WorkloadConfig,
+    pub seed: u64,
+    pub history: History,
+    pub trace: Trace,
+    pub ready: Arc<AtomicBool>,
+    pub producers_done: Arc<AtomicUsize>,
+    pub audit: Arc<Mutex<Audit>>,
+    /// Node ids, for the audit.
+    pub nodes: Vec<u64>,
+}
+
+pub fn now_ms() -> u64 {
+    turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as u64)
+}
+
+fn topic_name(i: u32) -> String {
+    format!("t{i}")
+}
+
+impl Ctx {
+    fn topics(&self) -> Vec<String> {
+        (0..self.config.topics).map(topic_name).collect()
+    }
+
+    fn partitions(&self) -> Vec<PartitionKey> {
+        self.topics()
+            .into_iter()
+            .flat_map(|t| (0..self.config.partitions).map(move |p| (t.clone(), p)))
+            .collect()
+    }
+
+    fn rng(&self, salt: u64) -> SmallRng {
+        SmallRng::seed_from_u64(self.seed ^ salt.wrapping_mul(0x2545_f491_4f6c_dd1d))
+    }
+
+    /// A client, retrying until some node answers.
+    async fn connect(&self) -> Client {
+        let config = ClientConfig {
+            request_timeout: Duration::from_secs(2),
+            backoff_min: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(250),
+            delivery_timeout: Duration::from_secs(15),
+        };
+        loop {
+            match Client::connect_with(&self.brokers, config.clone(), Arc::new(SimConnect)).await {
+                Ok(c) => return c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    async fn wait_ready(&self) {
+        while !self.ready.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+pub async fn setup(ctx: Ctx) -> turmoil::Result {
+    let client = ctx.connect().await;
+    for t in ctx.topics() {
+        loop {
+            match client
+                .create_topic(&t, ctx.config.partitions, REPLICATION_FACTOR, BTreeMap::new())
+                .await
+            {
+                Ok(_) | Err(ClientError::AlreadyExists(_)) => break,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    // Ready once every partition has a leader.
+    loop {
+        let md = client.refresh_metadata().await;
+        let all = md.is_ok_and(|md| {
+            ctx.topics().iter().all(|t| {
+                md.topics
+                    .get(t)
+                    .is_some_and(|t| t.partitions.iter().all(|p| p.leader.is_some()))
+            })
+        });
+        if all {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ctx.trace.push(
+        now_ms(),
+        "setup",
+        format!(
+            "{} topics x {} partitions ready",
+            ctx.config.topics, ctx.config.partitions
+        ),
+    );
+    ctx.ready.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+fn outcome(r: Result<eddy_ops::Ack, ClientError>) -> Outcome {
+    match r {
+        Ok(a) => Outcome::Ok { offset: a.offset },
+        // Refused before it was sent: certainly not written.
+        Err(ClientError::Invalid(e)) => Outcome::Fail { error: e },
+        // The producer gave up retrying: it may or may not be in the log.
+        Err(e) => Outcome::Unknown { error: e.to_string() },
+    }
+}
+
+pub async fn producer(ctx: Ctx, i: u32) -> turmoil::Result {
+    ctx.wait_ready().await;
+    let name = format!("producer-{i}");
+    let client = ctx.connect().await;
+    let mut producers = Vec::new();
+    for t in ctx.topics() {
+        loop {
+            match Producer::new(client.clone(), &t).await {
+                Ok(p) => break producers.push(p),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    let mut rng = ctx.rng(1000 + u64::from(i));
+    let mean_gap_us =
+        1_000_000.0 * f64::from(ctx.config.producers) / f64::from(ctx.config.events_per_sec.max(1));
+    let chaos_end = ctx.config.chaos_end.as_millis() as u64;
+    let mut pending = FuturesUnordered::new();
+    let mut n = 0u64;
+    while now_ms() < chaos_end {
+        let t = rng.random_range(0..producers.len());
+        let p = rng.random_range(0..ctx.config.partitions);
+        let payload = format!("{name}-{n}");
+        n += 1;
+        let op = ctx
+            .history
+            .invoke(&name, &topic_name(t as u32), p, payload.clone(), now_ms());
+        let record = pb::Record {
+            key: None,
+            value: payload.into_bytes().into(),
+            headers: vec![],
+            timestamp_ms: None,
+        };
+        match producers[t].send(Some(p), record).await {
+            Ok(ack) => pending.push(async move { (op, ack.await) }),
+            Err(e) => ctx.history.complete(op, outcome(Err(e)), now_ms()),
+        }
+        // Exponential gaps: a Poisson stream of events.
+        let gap = Duration::from_micros((-mean_gap_us * (1.0 - rng.random::<f64>()).ln()) as u64);
+        let sleep = tokio::time::sleep(gap);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                // Both arms only wait; nothing is lost when one wins.
+                () = &mut sleep => break,
+                Some((op, r)) = pending.next(), if !pending.is_empty() => ctx.history.complete(op, outcome(r), now_ms()),
+            }
+        }
+    }
+    while let Some((op, r)) = pending.next().await {
+        ctx.history.complete(op, outcome(r), now_ms());
+    }
+    for p in producers {
+        p.close().await;
+    }
+    ctx.trace
+        .push(now_ms(), "client", format!("{name} done after {n} events"));
+    ctx.producers_done.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+pub async fn consumer(ctx: Ctx, i: u32) -> turmoil::Result {
+    ctx.wait_ready().await;
+    let name = format!("consumer-{i}");
+    let client = ctx.connect().await;
+    let mut rng = ctx.rng(2000 + u64::from(i));
+    let parts = ctx.partitions();
+    let mut next: BTreeMap<PartitionKey, u64> = parts.iter().map(|k| (k.clone(), 0)).collect();
+    let end = ctx.config.chaos_end.as_millis() as u64 + 5_000;
+    let mut k = 0usize;
+    while now_ms() < end {
+        let key = &parts[k % parts.len()];
+        k += 1;
+        let choice = if rng.random_bool(0.5) {
+            ReplicaChoice::Leader
+        } else {
+            ReplicaChoice::Follower
+        };
+        let offset = next[key];
+        let r = client
+            .fetch(&key.0, key.1, offset, choice, 64 << 10, Duration::from_millis(50))
+            .await;
+        if let Ok(resp) = r {
+            let records: Vec<(u64, String)> = resp
+                .records
+                .iter()
+                .map(|r| (r.offset, String::from_utf8_lossy(&r.value).into_owned()))
+                .collect();
+            if let Some((last, _)) = records.last() {
+                next.insert(key.clone(), last + 1);
+            }
+            ctx.history.fetched(FetchObservation {
+                consumer: name.clone(),
+                topic: key.0.clone(),
+                partition: key.1,
+                node: resp.node_id,
+                requested: offset,
+                at_ms: now_ms(),
+                records,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(5..30))).await;
+    }
+    Ok(())
+}
+
+pub async fn admin(ctx: Ctx) -> turmoil::Result {
+    ctx.wait_ready().await;
+    let client = ctx.connect().await;
+    let mut rng = ctx.rng(3000);
+    let chaos_end = ctx.config.chaos_end.as_millis() as u64;
+    let mut created = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(5_000..12_000))).await;
+        if now_ms() >= chaos_end {
+            break;
+        }
+        if rng.random_bool(0.3) {
+            let name = format!("extra{created}");
+            created += 1;
+            let r = client
+                .create_topic(&name, rng.random_range(1..3), REPLICATION_FACTOR, BTreeMap::new())
+                .await;
+            ctx.trace.push(
+                now_ms(),
+                "admin",
+                format!("create topic {name}: {}", if r.is_ok() { "ok" } else { "failed" }),
+            );
+        } else {
+            let t = topic_name(rng.random_range(0..ctx.config.topics));
+            let p = rng.random_range(0..ctx.config.partitions);
+            let Ok(md) = client.refresh_metadata().await else {
+                continue;
+            };
+            let Some(replicas) = md.partition(&t, p).map(|p| p.replicas.clone()) else {
+                continue;
+            };
+            let to = replicas[rng.random_range(0..replicas.len())];
+            let r = client.transfer_leadership(&t, p, to).await;
+            ctx.trace.push(
+                now_ms(),
+                "admin",
+                format!(
+                    "transfer {t}/{p} to node {to}: {}",
+                    if r.is_ok() { "ok" } else { "failed" }
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Reads a partition from node `node` up to and including `last`.
+async fn read_replica(
+    client: &Client,
+    key: &PartitionKey,
+    node: u64,
+    last: u64,
+) -> Result<Vec<(u64, String)>, String> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while offset <= last {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "node {node} served {}/{} offsets of {}/{} before the deadline",
+                out.len(),
+                last + 1,
+                key.0,
+                key.1
+            ));
+        }
+        match client
+            .fetch(
+                &key.0,
+                key.1,
+                offset,
+                ReplicaChoice::Node(node),
+                1 << 20,
+                Duration::from_millis(200),
+            )
+            .await
+        {
+            Ok(resp) => {
+                for r in resp.records {
+                    if r.offset > last {
+                        break;
+                    }
+                    out.push((r.offset, String::from_utf8_lossy(&r.value).into_owned()));
+                    offset = r.offset + 1;
+                }
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    Ok(out)
+}
+
+pub async fn verifier(ctx: Ctx) -> turmoil::Result {
+    let heal_at = ctx.config.chaos_end.as_millis() as u64;
+    while now_ms() < heal_at || ctx.producers_done.load(Ordering::SeqCst) < ctx.config.producers as usize {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let start = now_ms();
+    let client = ctx.connect().await;
+    let deadline = start + LIVENESS_BOUND.as_millis() as u64;
+    let mut markers: BTreeMap<PartitionKey, u64> = BTreeMap::new();
+    // Liveness: every partition accepts a write and serves it back.
+    for t in ctx.topics() {
+        let producer = loop {
+            match Producer::new(client.clone(), &t).await {
+                Ok(p) => break Some(p),
+                Err(_) if now_ms() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(_) => break None,
+            }
+        };
+        let Some(producer) = producer else {
+            ctx.audit
+                .lock()
+                .expect("audit lock")
+                .liveness
+                .push(format!("topic {t} unreachable after healing"));
+            continue;
+        };
+        for p in 0..ctx.config.partitions {
+            loop {
+                let payload = format!("marker-{t}-{p}-{}", now_ms());
+                let op = ctx.history.invoke("verifier", &t, p, payload.clone(), now_ms());
+                let rec = pb::Record {
+                    key: None,
+                    value: payload.into_bytes().into(),
+                    headers: vec![],
+                    timestamp_ms: None,
+                };
+                let r = match producer.send(Some(p), rec).await {
+                    Ok(ack) => ack.await,
+                    Err(e) => Err(e),
+                };
+                let o = outcome(r);
+                ctx.history.complete(op, o.clone(), now_ms());
+                if let Outcome::Ok { offset } = o {
+                    markers.insert((t.clone(), p), offset);
+                    break;
+                }
+                if now_ms() >= deadline {
+                    ctx.audit.lock().expect("audit lock").liveness.push(format!(
+                        "{t}/{p} accepted no write within {LIVENESS_BOUND:?} of healing"
+                    ));
+                    break;
+                }
+            }
+        }
+        producer.close().await;
+    }
+    ctx.trace.push(
+        now_ms(),
+        "verifier",
+        format!("liveness writes done after {} ms", now_ms() - start),
+    );
+    // Audit: every replica serves every offset up to the marker.
+    let md = loop {
+        match client.refresh_metadata().await {
+            Ok(md) => break md,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    for (key, marker) in &markers {
+        let replicas = md
+            .partition(&key.0, key.1)
+            .map(|p| p.replicas.clone())
+            .unwrap_or_default();
+        for node in replicas {
+            match read_replica(&client, key, node, *marker).await {
+                Ok(records) => {
+                    ctx.audit
+                        .lock()
+                        .expect("audit lock")
+                        .replicas
+                        .entry(key.clone())
+                        .or_default()
+                        .insert(node, records);
+                }
+                Err(e) => ctx.audit.lock().expect("audit lock").liveness.push(e),
+            }
+        }
+    }
+    ctx.trace.push(
+        now_ms(),
+        "verifier",
+        format!("audit done after {} ms", now_ms() - start),
+    );
+    ctx.audit.lock().expect("audit lock").done = true;
+    Ok(())
+}
