@@ -27,6 +27,7 @@ fn base(name: &str) -> Config {
 pub fn metadata_group() -> Arc<Config> {
     let c = Config {
         heartbeat_interval: 100,
+        heartbeat_min_interval: Some(100),
         election_timeout_min: 600,
         election_timeout_max: 1200,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(5000),
@@ -39,6 +40,9 @@ pub fn metadata_group() -> Arc<Config> {
 pub fn partition_group() -> Arc<Config> {
     let c = Config {
         heartbeat_interval: 250,
+        // A follower that acknowledged replication recently needs no heartbeat: under load
+        // this removes most heartbeat RPCs (interval + this + a tick < election timeout).
+        heartbeat_min_interval: Some(250),
         election_timeout_min: 1000,
         election_timeout_max: 2000,
         // The partition log is the data: it is only ever purged by retention, which builds a

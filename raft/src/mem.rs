@@ -37,6 +37,32 @@ type Inode = u64;
 struct Inodes {
     current: Vec<u8>,
     durable: Vec<u8>,
+    /// Changes not yet durable, oldest first; the first has sequence number `synced`.
+    pending: std::collections::VecDeque<Change>,
+    /// How many changes have been made durable (or dropped by a lying sync).
+    synced: u64,
+}
+
+/// A change to a file's contents, kept until a sync makes it durable. Syncing replays changes
+/// instead of copying the file, so a sync costs what was written since the last one.
+enum Change {
+    Write(usize, Vec<u8>),
+    SetLen(usize),
+}
+
+impl Change {
+    fn apply(&self, data: &mut Vec<u8>) {
+        match self {
+            Change::Write(start, bytes) => {
+                let end = start + bytes.len();
+                if data.len() < end {
+                    data.resize(end, 0);
+                }
+                data[*start..end].copy_from_slice(bytes);
+            }
+            Change::SetLen(len) => data.resize(*len, 0),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -95,6 +121,8 @@ impl MemDisk {
             }
             f.current = survived.clone();
             f.durable = survived;
+            f.synced += f.pending.len() as u64;
+            f.pending.clear();
         }
     }
 
@@ -242,12 +270,9 @@ impl VFile for MemFile {
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.with(|f| {
-            let start = usize::try_from(offset).map_err(io::Error::other)?;
-            let end = start + buf.len();
-            if f.current.len() < end {
-                f.current.resize(end, 0);
-            }
-            f.current[start..end].copy_from_slice(buf);
+            let change = Change::Write(usize::try_from(offset).map_err(io::Error::other)?, buf.to_vec());
+            change.apply(&mut f.current);
+            f.pending.push_back(change);
             Ok(())
         })
     }
@@ -258,8 +283,9 @@ impl VFile for MemFile {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.with(|f| {
-            f.current
-                .resize(usize::try_from(len).map_err(io::Error::other)?, 0);
+            let change = Change::SetLen(usize::try_from(len).map_err(io::Error::other)?);
+            change.apply(&mut f.current);
+            f.pending.push_back(change);
             Ok(())
         })
     }
@@ -267,10 +293,11 @@ impl VFile for MemFile {
     fn sync_data(&self) -> BoxFuture<'static, io::Result<()>> {
         let disk = self.disk.clone();
         let ino = self.ino;
-        let (snapshot, latency, lies) = {
+        // What was written before the call is what the sync makes durable.
+        let (upto, latency, lies) = {
             let st = disk.lock();
             (
-                st.inodes.get(&ino).map(|f| f.current.clone()),
+                st.inodes.get(&ino).map(|f| f.synced + f.pending.len() as u64),
                 st.sync_latency,
                 st.fsync_lies,
             )
@@ -279,13 +306,20 @@ impl VFile for MemFile {
             if !latency.is_zero() {
                 tokio::time::sleep(latency).await;
             }
-            if lies {
-                return Ok(());
-            }
             let mut st = disk.lock();
-            match (st.inodes.get_mut(&ino), snapshot) {
-                (Some(f), Some(data)) => {
-                    f.durable = data;
+            match (st.inodes.get_mut(&ino), upto) {
+                (Some(f), Some(upto)) => {
+                    while f.synced < upto {
+                        let Some(change) = f.pending.pop_front() else {
+                            break;
+                        };
+                        if !lies {
+                            change.apply(&mut f.durable);
+                        }
+                        f.synced += 1;
+                    }
+                    // A lying sync drops the changes without making them durable: a crash
+                    // then reverts the file to what an honest sync last persisted.
                     Ok(())
                 }
                 _ => Err(io::Error::new(io::ErrorKind::NotFound, "file lost in a crash")),

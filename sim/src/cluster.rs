@@ -184,6 +184,14 @@ impl Cluster {
         slot.up = true;
     }
 
+    /// Flushes the state store of every running node, as sled does in the background.
+    pub fn flush_state_stores(&self) {
+        for slot in self.nodes.values().filter(|s| s.up) {
+            // MemStateStore::flush does its work when called; the future only reports it.
+            drop(eddy_raft::kv::StateStore::flush(&slot.store));
+        }
+    }
+
     pub fn down(&self) -> Vec<NodeId> {
         self.nodes.values().filter(|s| !s.up).map(|s| s.id).collect()
     }

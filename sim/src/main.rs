@@ -66,6 +66,12 @@ pub struct Common {
     /// Events produced per simulated second.
     #[arg(long, default_value_t = 400)]
     rate: u32,
+    /// Producer clients (idempotent, retrying).
+    #[arg(long, default_value_t = 3)]
+    producers: u32,
+    /// Consumer clients (reading from leaders and followers).
+    #[arg(long, default_value_t = 2)]
+    consumers: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -149,6 +155,8 @@ impl Common {
             faults: self.faults.clone(),
             bug: self.inject_bug,
             events_per_sec: self.rate,
+            producers: self.producers,
+            consumers: self.consumers,
             progress: false,
         }
     }
@@ -185,6 +193,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let mut opts = common.options(seed);
             opts.progress = output == Output::Table;
+            eddy_sim::run::report_panics(&opts, output == Output::Json);
             let r = eddy_sim::run::run(&opts)?;
             let mut json = serde_json::to_value(&r)?;
             if check_determinism {

@@ -34,6 +34,10 @@ use crate::workload::Audit;
 use crate::workload::Ctx;
 use crate::workload::WorkloadConfig;
 
+/// How often each node's state store makes its writes durable, like sled's background flush
+/// (`flush_every_ms` in production).
+const STATE_FLUSH_MS: u64 = 1000;
+
 /// Bugs that can be planted to show that the checker catches them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -64,6 +68,8 @@ pub struct RunOptions {
     pub faults: Option<Vec<FaultClass>>,
     pub bug: Option<Bug>,
     pub events_per_sec: u32,
+    pub producers: u32,
+    pub consumers: u32,
     /// Print progress to stderr while running.
     pub progress: bool,
 }
@@ -80,6 +86,12 @@ impl RunOptions {
             self.duration.as_secs(),
             self.events_per_sec
         );
+        if self.producers != 3 || self.consumers != 2 {
+            c.push_str(&format!(
+                " --producers {} --consumers {}",
+                self.producers, self.consumers
+            ));
+        }
         if let Some(f) = &self.faults {
             c.push_str(&format!(
                 " --faults {}",
@@ -151,6 +163,28 @@ fn replica_log(reader: &eddy_raft::log::LogReader, committed: Option<u64>) -> Re
     log
 }
 
+/// Everything replica `g` serves as committed, read in-process without waiting.
+fn replica_view(g: &eddy_node::partition::PartitionHandle) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    loop {
+        let fetched = futures::executor::block_on(g.fetch(offset, 4 << 20, usize::MAX, Duration::ZERO));
+        let Ok(f) = fetched else { break };
+        if f.records.is_empty() {
+            break;
+        }
+        for r in f.records {
+            if r.offset != offset {
+                // A gap: record nothing past it (the offsets invariant judges the audit).
+                return out;
+            }
+            out.push((r.offset, String::from_utf8_lossy(&r.record.value).into_owned()));
+            offset += 1;
+        }
+    }
+    out
+}
+
 fn collect_internals(cluster: &Cluster, e: &mut Evidence) {
     for id in cluster.nodes.keys() {
         let Some(NodeRefs { meta, groups }) = cluster.refs(*id) else {
@@ -162,6 +196,10 @@ fn collect_internals(cluster: &Cluster, e: &mut Evidence) {
             (view.last_applied.map(|l| l.index), format!("{:?}", view.state)),
         );
         for g in groups.all() {
+            e.replica_views
+                .entry((g.topic().to_owned(), g.partition()))
+                .or_default()
+                .insert(*id, replica_view(&g));
             let committed = g
                 .raft()
                 .metrics()
@@ -174,6 +212,37 @@ fn collect_internals(cluster: &Cluster, e: &mut Evidence) {
                 .insert(*id, replica_log(g.log_reader(), committed));
         }
     }
+}
+
+/// Makes a panic anywhere in the simulation (a node, a client, the driver) end the run as a
+/// failure with the replay command, instead of an abort: turmoil shuts a host's runtime down on
+/// an unhandled panic, and unwinding through the simulation cannot be resumed safely. The
+/// default hook still prints the panic and its backtrace to stderr first.
+pub fn report_panics(opts: &RunOptions, json: bool) {
+    let seed = opts.seed;
+    let command = opts.command();
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let msg = info.to_string();
+        if json {
+            let v = serde_json::json!({
+                "seed": seed,
+                "verdict": "fail",
+                "violations": [{
+                    "invariant": crate::checker::no_panics::INVARIANT.name,
+                    "source": crate::checker::no_panics::INVARIANT.source,
+                    "count": 1,
+                    "examples": [msg],
+                }],
+                "command": command,
+            });
+            println!("{v}");
+        } else {
+            println!("FAIL  no-panics: {msg}\nverdict: FAIL\nreplay: {command}");
+        }
+        std::process::exit(1);
+    }));
 }
 
 /// Runs one seed to completion.
@@ -189,7 +258,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         .rng_seed(opts.seed)
         .epoch(epoch())
         .simulation_duration(opts.duration + Duration::from_secs(600))
-        .tick_duration(Duration::from_millis(1))
+        .tick_duration(Duration::from_millis(2))
         .min_message_latency(Duration::from_micros(200))
         .max_message_latency(BASE_MAX_LATENCY)
         // turmoil does not free the ports of failed connection attempts; use them all.
@@ -204,8 +273,8 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
     let config = WorkloadConfig {
         topics: opts.topics,
         partitions: opts.partitions,
-        producers: 3,
-        consumers: 2,
+        producers: opts.producers,
+        consumers: opts.consumers,
         events_per_sec: opts.events_per_sec,
         chaos_end: opts.duration,
     };
@@ -221,18 +290,34 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         audit: audit.clone(),
         nodes: cluster.nodes.keys().copied().collect(),
     };
-    let mut clients: Vec<String> = vec!["setup".into(), "admin".into(), "verifier".into()];
-    sim.client("setup", workload::setup(ctx.clone()));
-    for i in 0..config.producers {
-        clients.push(format!("producer-{i}"));
-        sim.client(format!("producer-{i}"), workload::producer(ctx.clone(), i));
-    }
-    for i in 0..config.consumers {
-        clients.push(format!("consumer-{i}"));
-        sim.client(format!("consumer-{i}"), workload::consumer(ctx.clone(), i));
-    }
-    sim.client("admin", workload::admin(ctx.clone()));
-    sim.client("verifier", workload::verifier(ctx.clone()));
+    // Three client machines: one runs setup, admin actions and the final verification in turn;
+    // one runs every producer; one every consumer. (Fewer hosts make the simulation faster;
+    // each client still has its own connections.)
+    let clients: Vec<String> = vec!["admin".into(), "producers".into(), "consumers".into()];
+    let c = ctx.clone();
+    sim.client("admin", async move {
+        workload::setup(c.clone()).await?;
+        workload::admin(c.clone()).await?;
+        workload::verifier(c).await
+    });
+    let c = ctx.clone();
+    sim.client("producers", async move {
+        for r in
+            futures::future::join_all((0..c.config.producers).map(|i| workload::producer(c.clone(), i))).await
+        {
+            r?;
+        }
+        Ok(())
+    });
+    let c = ctx.clone();
+    sim.client("consumers", async move {
+        for r in
+            futures::future::join_all((0..c.config.consumers).map(|i| workload::consumer(c.clone(), i))).await
+        {
+            r?;
+        }
+        Ok(())
+    });
 
     let mut hosts: Vec<String> = cluster.nodes.keys().map(|id| host_name(*id)).collect();
     hosts.extend(clients);
@@ -258,10 +343,13 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
                 nemesis.tick(now, &mut sim, &mut cluster, &trace);
             }
         }
-        if now % 10 == 0 {
+        if now.is_multiple_of(20) {
             observer.observe(now, &cluster, &trace);
         }
-        if opts.progress && now % 5_000 == 0 && now > 0 {
+        if now.is_multiple_of(STATE_FLUSH_MS) {
+            cluster.flush_state_stores();
+        }
+        if opts.progress && now.is_multiple_of(5_000) && now > 0 {
             eprintln!(
                 "  [{:>6.1}s simulated, {:>5.1}s wall] {} acknowledged, {} down",
                 now as f64 / 1000.0,

@@ -28,6 +28,10 @@ impl Common {
             format!("{}ms", self.duration.as_millis()),
             "--rate".into(),
             self.rate.to_string(),
+            "--producers".into(),
+            self.producers.to_string(),
+            "--consumers".into(),
+            self.consumers.to_string(),
         ];
         if let Some(f) = &self.faults {
             a.push("--faults".into());

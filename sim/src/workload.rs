@@ -274,7 +274,7 @@ pub async fn consumer(ctx: Ctx, i: u32) -> turmoil::Result {
                 records,
             });
         }
-        tokio::time::sleep(Duration::from_millis(rng.random_range(5..30))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(10..50))).await;
     }
     Ok(())
 }

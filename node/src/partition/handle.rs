@@ -270,7 +270,7 @@ impl PartitionHandle {
             let EntryPayload::Normal(payload) = &e.payload else {
                 continue;
             };
-            let Ok(PartitionCommand::Produce(batch)) = PartitionCommand::decode(&payload.0) else {
+            let Ok(batch) = PartitionCommand::decode_batch(&payload.0) else {
                 continue;
             };
             for record in batch.records {
@@ -337,9 +337,8 @@ impl PartitionHandle {
                             self.what()
                         )));
                     };
-                    let PartitionCommand::Produce(batch) = PartitionCommand::decode(&p.0).map_err(|err| {
-                        BrokerError::Internal(format!("{}: undecodable batch: {err}", self.what()))
-                    })?;
+                    let batch = PartitionCommand::decode_batch(&p.0)
+                        .map_err(|err| BrokerError::Internal(format!("{}: {err}", self.what())))?;
                     assert_eq!(
                         batch.records.len(),
                         e.count as usize,

@@ -32,6 +32,7 @@ use super::command::PartitionReply;
 use super::producers::PRODUCERS_MAX;
 use super::producers::ProducerEntry;
 use super::producers::ProducerTable;
+use super::state::MEMBERSHIP_KEY;
 use super::state::META_KEY;
 use super::state::PartitionMeta;
 use super::state::PartitionState;
@@ -72,10 +73,13 @@ impl PartitionStateMachine {
         group: GroupId,
     ) -> io::Result<(Self, watch::Receiver<Progress>, Arc<dyn KvTree>)> {
         let tree = store.tree(&tree_name(group))?;
-        let meta: PartitionMeta = match tree.get(META_KEY)? {
+        let mut meta: PartitionMeta = match tree.get(META_KEY)? {
             Some(b) => sm_common::decode(&b, "partition state")?,
             None => PartitionMeta::default(),
         };
+        if let Some(b) = tree.get(MEMBERSHIP_KEY)? {
+            meta.membership = sm_common::decode(&b, "partition membership")?;
+        }
         let (from, to) = producer_key_range();
         let mut producers = Vec::new();
         for (k, v) in tree.scan(&from, &to, PRODUCERS_MAX + 1)? {
@@ -127,12 +131,14 @@ impl RaftStateMachine<C> for PartitionStateMachine {
             self.state.meta.last_applied = Some(entry.log_id);
             let reply = match entry.payload {
                 EntryPayload::Blank => PartitionReply::Done,
-                EntryPayload::Normal(p) => match PartitionCommand::decode(&p.0) {
-                    Ok(cmd) => self.state.apply(entry.log_id.index, cmd, &mut batch),
-                    Err(e) => PartitionReply::Invalid(format!("undecodable partition command: {e}")),
+                EntryPayload::Normal(p) => match PartitionCommand::decode_header(&p.0) {
+                    Ok(h) => self.state.apply(entry.log_id.index, h, &mut batch),
+                    // Every replica decodes the same bytes the same way, so they agree.
+                    Err(e) => PartitionReply::Invalid(e.to_string()),
                 },
                 EntryPayload::Membership(m) => {
                     self.state.meta.membership = StoredMembership::new(Some(entry.log_id), m);
+                    batch.put(MEMBERSHIP_KEY, sm_common::encode(&self.state.meta.membership));
                     PartitionReply::Done
                 }
             };
@@ -192,6 +198,7 @@ impl RaftStateMachine<C> for PartitionStateMachine {
             batch.put(producer_key(*id), sm_common::encode(e));
         }
         batch.put(META_KEY, sm_common::encode(&m));
+        batch.put(MEMBERSHIP_KEY, sm_common::encode(&m.membership));
         sm_common::put_snapshot(&mut batch, meta, &data);
         self.tree.apply(batch)?;
         self.store.flush().await?;

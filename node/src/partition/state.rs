@@ -12,9 +12,8 @@ use eddy_raft::kv::KvBatch;
 use serde::Deserialize;
 use serde::Serialize;
 
-use super::command::PartitionCommand;
 use super::command::PartitionReply;
-use super::command::ProduceBatch;
+use super::command::ProduceHeader;
 use super::producers::BatchRecord;
 use super::producers::ProducerChange;
 use super::producers::ProducerTable;
@@ -22,6 +21,7 @@ use super::producers::SequenceCheck;
 use crate::sm_common;
 
 pub const META_KEY: &[u8] = b"m";
+pub const MEMBERSHIP_KEY: &[u8] = b"mb";
 const PRODUCER_PREFIX: u8 = b'p';
 const OFFSET_PREFIX: u8 = b'o';
 
@@ -76,6 +76,9 @@ impl IndexEntry {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionMeta {
     pub last_applied: Option<LogId>,
+    /// Stored under its own key ([`MEMBERSHIP_KEY`]): it changes rarely, and the rest of this
+    /// struct is rewritten on every apply.
+    #[serde(skip)]
     pub membership: StoredMembership,
     /// The offset the next accepted record gets; also the high watermark, since only committed
     /// entries are applied.
@@ -91,18 +94,10 @@ pub struct PartitionState {
 }
 
 impl PartitionState {
-    /// Applies a command carried by the entry at `log_index`, adding what must be persisted to
-    /// `batch`.
-    pub fn apply(&mut self, log_index: u64, cmd: PartitionCommand, batch: &mut KvBatch) -> PartitionReply {
-        match cmd {
-            PartitionCommand::Produce(b) => self.produce(log_index, b, batch),
-        }
-    }
-
-    fn produce(&mut self, log_index: u64, b: ProduceBatch, batch: &mut KvBatch) -> PartitionReply {
-        let Ok(count) = u32::try_from(b.records.len()) else {
-            return PartitionReply::Invalid("too many records".into());
-        };
+    /// Applies the produce entry at `log_index` (described by its header), adding what must be
+    /// persisted to `batch`.
+    pub fn apply(&mut self, log_index: u64, b: ProduceHeader, batch: &mut KvBatch) -> PartitionReply {
+        let count = b.count;
         if count == 0 {
             return PartitionReply::Invalid("records: a batch needs at least one record".into());
         }
@@ -160,24 +155,16 @@ impl PartitionState {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
     use proptest::prelude::*;
 
     use super::*;
-    use crate::partition::command::StoredRecord;
 
-    fn batch(pid: u64, seq: u64, n: usize) -> PartitionCommand {
-        let r = StoredRecord {
-            key: None,
-            value: Bytes::from_static(b"v"),
-            headers: vec![],
-            timestamp_ms: 0,
-        };
-        PartitionCommand::Produce(ProduceBatch {
+    fn batch(pid: u64, seq: u64, n: usize) -> ProduceHeader {
+        ProduceHeader {
             producer_id: pid,
             base_sequence: seq,
-            records: vec![r; n],
-        })
+            count: n as u32,
+        }
     }
 
     proptest! {

@@ -1,5 +1,6 @@
 //! No acknowledged event is lost: after healing, every acknowledged (partition, offset) holds
-//! its payload on every replica.
+//! its payload on every replica. And whatever happened to liveness, no replica ever serves a
+//! different record (or none) at an acknowledged offset below its own high watermark.
 //!
 //! Source: Raft §5.4 (Leader Completeness: a committed entry is in the log of every later
 //! leader) and Jepsen's "lost writes" anomaly.
@@ -38,6 +39,26 @@ fn check(e: &Evidence) -> Vec<String> {
                     op.payload,
                     op.client,
                     op.complete_ms.unwrap_or(0)
+                ));
+            }
+        }
+    }
+    for op in &e.produces {
+        let Outcome::Ok { offset } = op.outcome else {
+            continue;
+        };
+        let key = (op.topic.clone(), op.partition);
+        for (node, records) in e.replica_views.get(&key).into_iter().flatten() {
+            let hw = records.len() as u64;
+            if offset < hw
+                && records.get(offset as usize).map(|(_, v)| v.as_str()) != Some(op.payload.as_str())
+            {
+                problems.push(format!(
+                    "{}/{} offset {offset}: acknowledged {:?}, but node {node} serves {:?} there as committed",
+                    op.topic,
+                    op.partition,
+                    op.payload,
+                    records.get(offset as usize).map(|(_, v)| v)
                 ));
             }
         }

@@ -9,6 +9,7 @@ use eddy_raft::NodeId;
 use serde::Serialize;
 
 use crate::history::FetchObservation;
+use crate::history::PartitionKey;
 use crate::history::ProduceOp;
 use crate::workload::Audit;
 
@@ -19,6 +20,7 @@ pub mod liveness;
 pub mod log_matching;
 pub mod metadata_agreement;
 pub mod no_duplicates;
+pub mod no_panics;
 pub mod offsets;
 
 /// One replica's Raft log as the checker sees it.
@@ -39,6 +41,9 @@ pub struct Evidence {
     pub logs: BTreeMap<GroupId, BTreeMap<NodeId, ReplicaLog>>,
     /// Node -> (last applied index, a rendering of its metadata state).
     pub metadata: BTreeMap<NodeId, (Option<u64>, String)>,
+    /// What each running replica serves as committed at the end, read in-process (this works
+    /// even when the cluster is not live and the verifier could not audit over the network).
+    pub replica_views: BTreeMap<PartitionKey, BTreeMap<NodeId, Vec<(u64, String)>>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,7 +62,8 @@ pub struct Invariant {
     pub check: fn(&Evidence) -> Vec<String>,
 }
 
-pub const INVARIANTS: [Invariant; 8] = [
+pub const INVARIANTS: [Invariant; 9] = [
+    no_panics::INVARIANT,
     acked_not_lost::INVARIANT,
     no_duplicates::INVARIANT,
     offsets::INVARIANT,
