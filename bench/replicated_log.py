@@ -103,7 +103,7 @@ def main():
             c.kill(leader)
             t0 = time.monotonic()
             while True:
-                code, _, _ = c.ctl("--timeout", "1s", "produce", "failover", "--partition", "0", stdin=b"probe\n",
+                code, _, _ = c.ctl("--request-timeout", "1s", "produce", "failover", "--partition", "0", stdin=b"probe\n",
                                    brokers=c.brokers(only_running=True))
                 if code == 0: break
             dt = time.monotonic() - t0

@@ -1,29 +1,95 @@
-//! `eddy.v1.Admin`: operations on the cluster's partitions.
+//! `eddy.v1.Admin`: operating the cluster (nodes, leadership, moves, topics, health). Every
+//! call can go to any node; changes go through the metadata group, and the reconcilers on the
+//! partition leaders carry them out.
 
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use eddy_proto::v1 as pb;
+use eddy_proto::v1::admin_client::AdminClient;
 use eddy_proto::v1::admin_server::Admin;
+use eddy_raft::NodeAddr;
+use eddy_raft::NodeId;
+use futures::future::join_all;
 use openraft::async_runtime::WatchReceiver;
 use tonic::Request;
 use tonic::Response;
 use tonic::Status;
 
 use crate::broker::BrokerState;
+use crate::broker::meta_error;
 use crate::error::BrokerError;
 use crate::limits;
+use crate::meta::MetaCommand;
+use crate::meta::MetaReply;
+use crate::meta::state::NodeState;
+use crate::reconciler::Reconciler;
+use crate::status::STATUS_TIMEOUT;
 
 /// How long a leadership transfer may take before the caller is told it did not complete.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an admin change to the metadata may take.
+const META_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct AdminService {
     state: Arc<BrokerState>,
+    reconciler: Arc<Reconciler>,
 }
 
 impl AdminService {
-    pub fn new(state: Arc<BrokerState>) -> Self {
-        Self { state }
+    pub fn new(state: Arc<BrokerState>, reconciler: Arc<Reconciler>) -> Self {
+        Self { state, reconciler }
+    }
+
+    async fn write(&self, cmd: MetaCommand) -> Result<MetaReply, BrokerError> {
+        match self.state.meta.write(cmd, META_WRITE_TIMEOUT).await? {
+            MetaReply::Error(e) => Err(meta_error(e)),
+            r => Ok(r),
+        }
+    }
+
+    async fn node_summaries(&self) -> (Vec<pb::NodeSummary>, Option<NodeId>) {
+        let view = self.state.meta.view();
+        let status = self.state.cluster_status().await;
+        let leaders = status.leader_counts();
+        let replicas = view.state.replica_counts();
+        let voters: BTreeSet<NodeId> = self
+            .state
+            .meta
+            .raft()
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        let nodes = view
+            .state
+            .nodes
+            .iter()
+            .map(|(id, n)| pb::NodeSummary {
+                id: *id,
+                state: n.state.as_str().to_owned(),
+                client_addr: n.addr.client_addr.clone(),
+                raft_addr: n.addr.raft_addr.clone(),
+                leaders: leaders.get(id).copied().unwrap_or(0),
+                replicas: replicas.get(id).copied().unwrap_or(0),
+                up: status.answered.contains_key(id),
+                metadata_voter: voters.contains(id),
+            })
+            .collect();
+        (nodes, self.state.meta.leader())
+    }
+}
+
+fn parse_state(s: &str) -> Result<NodeState, BrokerError> {
+    match NodeState::parse(s) {
+        Some(NodeState::Removed) | None => Err(BrokerError::InvalidArgument(format!(
+            "state: {s:?} is not one of active, draining, decommissioning"
+        ))),
+        Some(st) => Ok(st),
     }
 }
 
@@ -37,10 +103,11 @@ impl Admin for AdminService {
         limits::validate_topic_name("topic", &req.topic)?;
         let (topic, p) = self.state.partition(&req.topic, req.partition)?;
         let what = format!("{}/{}", topic.name, req.partition);
-        if !p.replicas.contains(&req.to_node) {
+        if !p.desired().contains(&req.to_node) {
             return Err(BrokerError::InvalidArgument(format!(
                 "to_node: node {} holds no replica of {what} (replicas: {:?})",
-                req.to_node, p.replicas
+                req.to_node,
+                p.desired()
             ))
             .into());
         }
@@ -70,15 +137,292 @@ impl Admin for AdminService {
         let mut metrics = h.raft().metrics();
         let wait = metrics.wait_until(|m| m.current_leader == Some(req.to_node));
         match tokio::time::timeout(TRANSFER_TIMEOUT, wait).await {
-            Ok(Ok(_)) => Ok(Response::new(pb::TransferLeadershipResponse {
-                leader: req.to_node,
-            })),
+            Ok(Ok(_)) => Ok(Response::new(pb::TransferLeadershipResponse { leader: req.to_node })),
             _ => Err(BrokerError::Timeout(format!(
-                "{what}: node {} did not take over within {TRANSFER_TIMEOUT:?}; the leader is {:?}",
+                "{what}: node {} did not take over within {TRANSFER_TIMEOUT:?} (is it in sync?); the leader is {:?}",
                 req.to_node,
                 h.raft().metrics().borrow_watched().current_leader
             ))
             .into()),
         }
+    }
+
+    async fn list_nodes(
+        &self,
+        _: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let (nodes, metadata_leader) = self.node_summaries().await;
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes,
+            metadata_leader,
+        }))
+    }
+
+    async fn set_node_state(
+        &self,
+        request: Request<pb::SetNodeStateRequest>,
+    ) -> Result<Response<pb::SetNodeStateResponse>, Status> {
+        let req = request.into_inner();
+        let state = parse_state(&req.state)?;
+        let reply = self
+            .write(MetaCommand::SetNodeState {
+                node: req.node_id,
+                state,
+            })
+            .await?;
+        let moving = match reply {
+            MetaReply::Moving(m) => m,
+            _ => Vec::new(),
+        };
+        let (nodes, _) = self.node_summaries().await;
+        let node = nodes.into_iter().find(|n| n.id == req.node_id);
+        Ok(Response::new(pb::SetNodeStateResponse { node, moving }))
+    }
+
+    async fn cluster_health(
+        &self,
+        _: Request<pb::ClusterHealthRequest>,
+    ) -> Result<Response<pb::ClusterHealthResponse>, Status> {
+        let view = self.state.meta.view();
+        let status = self.state.cluster_status().await;
+        let mut problems = Vec::new();
+        let mut partitions = 0;
+        let mut not_preferred = 0;
+        let mut moves = 0;
+        for t in view.state.topics.values() {
+            for (i, p) in t.partitions.iter().enumerate() {
+                partitions += 1;
+                if p.target.is_some() {
+                    moves += 1;
+                }
+                let m = status.partitions.get(&p.group_id).cloned().unwrap_or_default();
+                let desired = p.desired().to_vec();
+                let problem = if m.reporters.is_disjoint(&desired.iter().copied().collect()) {
+                    Some("offline")
+                } else if !m.from_leader {
+                    Some("leaderless")
+                } else if desired.iter().any(|r| !m.in_sync.contains(r)) {
+                    Some("under_replicated")
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    problems.push(pb::PartitionProblem {
+                        topic: t.name.clone(),
+                        partition: i as u32,
+                        problem: problem.to_owned(),
+                        replicas: desired.clone(),
+                        in_sync: m.in_sync.clone(),
+                    });
+                } else if m.leader != desired.first().copied() {
+                    not_preferred += 1;
+                }
+            }
+        }
+        let live: BTreeSet<NodeId> = status.answered.keys().copied().collect();
+        let nodes_down: Vec<NodeId> = view
+            .state
+            .nodes
+            .iter()
+            .filter(|(id, n)| n.state != NodeState::Removed && !live.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        let voters: Vec<NodeId> = self
+            .state
+            .meta
+            .raft()
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        let voters_up = voters.iter().filter(|v| live.contains(v)).count();
+        let metadata_leader = self.state.meta.leader();
+        let metadata_quorum = metadata_leader.is_some() && voters_up * 2 > voters.len();
+        let healthy = metadata_quorum && problems.is_empty() && nodes_down.is_empty();
+        Ok(Response::new(pb::ClusterHealthResponse {
+            healthy,
+            metadata_quorum,
+            metadata_leader,
+            nodes_down,
+            problems,
+            partitions,
+            leaders_not_preferred: not_preferred,
+            moves_in_progress: moves,
+        }))
+    }
+
+    async fn balance_leaders(
+        &self,
+        _: Request<pb::BalanceLeadersRequest>,
+    ) -> Result<Response<pb::BalanceLeadersResponse>, Status> {
+        let view = self.state.meta.view();
+        let calls = view
+            .state
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.state != NodeState::Removed)
+            .map(|(id, n)| {
+                let (id, addr) = (*id, n.addr.client_addr.clone());
+                async move {
+                    if id == self.state.me {
+                        return self.reconciler.round(true).await;
+                    }
+                    let mut client = AdminClient::new(self.state.client_peers.channel(id, &addr));
+                    let mut req = Request::new(pb::BalanceLeadersRequest {});
+                    req.set_timeout(STATUS_TIMEOUT * 4);
+                    match tokio::time::timeout(STATUS_TIMEOUT * 4, client.balance_local(req)).await {
+                        Ok(Ok(r)) => r.into_inner().transfers,
+                        _ => 0,
+                    }
+                }
+            });
+        let transfers = join_all(calls).await.into_iter().sum();
+        Ok(Response::new(pb::BalanceLeadersResponse { transfers }))
+    }
+
+    async fn balance_local(
+        &self,
+        _: Request<pb::BalanceLeadersRequest>,
+    ) -> Result<Response<pb::BalanceLeadersResponse>, Status> {
+        let transfers = self.reconciler.round(true).await;
+        Ok(Response::new(pb::BalanceLeadersResponse { transfers }))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        let req = request.into_inner();
+        limits::validate_topic_name("name", &req.name)?;
+        self.write(MetaCommand::DeleteTopic { name: req.name }).await?;
+        Ok(Response::new(pb::DeleteTopicResponse {}))
+    }
+
+    async fn alter_topic_config(
+        &self,
+        request: Request<pb::AlterTopicConfigRequest>,
+    ) -> Result<Response<pb::AlterTopicConfigResponse>, Status> {
+        let req = request.into_inner();
+        limits::validate_topic_name("name", &req.name)?;
+        let set: BTreeMap<String, String> = req.set.into_iter().collect();
+        if set.is_empty() {
+            return Err(BrokerError::InvalidArgument("set: give at least one key=value".into()).into());
+        }
+        limits::validate_topic_config(&set)?;
+        match self
+            .write(MetaCommand::AlterTopicConfig { name: req.name, set })
+            .await?
+        {
+            MetaReply::Topic(t) => Ok(Response::new(pb::AlterTopicConfigResponse {
+                config: t.config.into_iter().collect(),
+            })),
+            other => Err(BrokerError::Internal(format!("unexpected reply {other:?}")).into()),
+        }
+    }
+
+    async fn add_partitions(
+        &self,
+        request: Request<pb::AddPartitionsRequest>,
+    ) -> Result<Response<pb::AddPartitionsResponse>, Status> {
+        let req = request.into_inner();
+        limits::validate_topic_name("name", &req.name)?;
+        let existing = self.state.topic(&req.name)?.partitions.len() as u32;
+        if req.count == 0 || existing + req.count > limits::PARTITIONS_MAX {
+            return Err(BrokerError::InvalidArgument(format!(
+                "count: {} is out of range; a topic has at most {} partitions and this one has {existing}",
+                req.count,
+                limits::PARTITIONS_MAX
+            ))
+            .into());
+        }
+        match self
+            .write(MetaCommand::AddPartitions {
+                name: req.name,
+                count: req.count,
+            })
+            .await?
+        {
+            MetaReply::Topic(t) => Ok(Response::new(pb::AddPartitionsResponse {
+                partitions: t.partitions.len() as u32,
+            })),
+            other => Err(BrokerError::Internal(format!("unexpected reply {other:?}")).into()),
+        }
+    }
+
+    async fn move_partition(
+        &self,
+        request: Request<pb::MovePartitionRequest>,
+    ) -> Result<Response<pb::MovePartitionResponse>, Status> {
+        let req = request.into_inner();
+        limits::validate_topic_name("topic", &req.topic)?;
+        self.write(MetaCommand::MovePartition {
+            topic: req.topic,
+            partition: req.partition,
+            replicas: req.replicas,
+        })
+        .await?;
+        Ok(Response::new(pb::MovePartitionResponse {}))
+    }
+
+    async fn list_moves(
+        &self,
+        _: Request<pb::ListMovesRequest>,
+    ) -> Result<Response<pb::ListMovesResponse>, Status> {
+        let view = self.state.meta.view();
+        let status = self.state.cluster_status().await;
+        let mut moves = Vec::new();
+        for t in view.state.topics.values() {
+            for (i, p) in t.partitions.iter().enumerate() {
+                let Some(to) = &p.target else { continue };
+                let m = status.partitions.get(&p.group_id).cloned().unwrap_or_default();
+                moves.push(pb::MoveStatus {
+                    topic: t.name.clone(),
+                    partition: i as u32,
+                    from: p.replicas.clone(),
+                    to: to.clone(),
+                    voters: m.voters,
+                    learners: m.learners,
+                });
+            }
+        }
+        Ok(Response::new(pb::ListMovesResponse { moves }))
+    }
+
+    async fn cancel_move(
+        &self,
+        request: Request<pb::CancelMoveRequest>,
+    ) -> Result<Response<pb::CancelMoveResponse>, Status> {
+        let req = request.into_inner();
+        limits::validate_topic_name("topic", &req.topic)?;
+        self.write(MetaCommand::CancelMove {
+            topic: req.topic,
+            partition: req.partition,
+        })
+        .await?;
+        Ok(Response::new(pb::CancelMoveResponse {}))
+    }
+
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        let req = request.into_inner();
+        if req.node_id == 0 {
+            return Err(BrokerError::InvalidArgument("node_id: must be at least 1".into()).into());
+        }
+        if req.client_addr.is_empty() || req.raft_addr.is_empty() {
+            return Err(
+                BrokerError::InvalidArgument("client_addr, raft_addr: both are needed".into()).into(),
+            );
+        }
+        let addr = NodeAddr {
+            raft_addr: req.raft_addr,
+            client_addr: req.client_addr,
+        };
+        let voter = self
+            .state
+            .meta
+            .join(req.node_id, addr, META_WRITE_TIMEOUT)
+            .await?;
+        Ok(Response::new(pb::JoinResponse { voter }))
     }
 }

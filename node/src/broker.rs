@@ -6,12 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eddy_proto::v1 as pb;
-use eddy_proto::v1::broker_client::BrokerClient;
 use eddy_proto::v1::broker_server::Broker;
 use eddy_raft::GroupId;
 use eddy_raft::NodeId;
 use eddy_raft::transport::Peers;
-use futures::future::join_all;
 use tonic::Request;
 use tonic::Response;
 use tonic::Status;
@@ -29,9 +27,8 @@ use crate::meta::state::PartitionRecord;
 use crate::meta::state::TopicRecord;
 use crate::partition::command::ProduceBatch;
 use crate::partition::command::StoredRecord;
+use crate::status::Merged;
 
-/// How long a node waits for a peer's status when assembling cluster metadata.
-const STATUS_TIMEOUT: Duration = Duration::from_millis(800);
 /// How long a metadata write (topic creation, producer id) may take.
 const META_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -56,16 +53,6 @@ impl BrokerService {
     }
 }
 
-/// A partition's leader and watermark, merged from the replicas' own reports.
-#[derive(Debug, Clone, Copy, Default)]
-struct Merged {
-    leader: Option<NodeId>,
-    term: u64,
-    hw: u64,
-    log_start: u64,
-    from_leader: bool,
-}
-
 impl BrokerState {
     /// A topic and one of its partitions, or the error naming which does not exist.
     pub fn partition(
@@ -79,7 +66,7 @@ impl BrokerState {
         Ok((t, p))
     }
 
-    fn topic(&self, name: &str) -> Result<TopicRecord, BrokerError> {
+    pub fn topic(&self, name: &str) -> Result<TopicRecord, BrokerError> {
         self.meta
             .view()
             .state
@@ -89,74 +76,7 @@ impl BrokerState {
             .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))
     }
 
-    fn local_status(&self) -> pb::NodeStatusResponse {
-        let partitions = self
-            .groups
-            .all()
-            .into_iter()
-            .map(|h| {
-                let s = h.status();
-                pb::PartitionStatus {
-                    topic: h.topic().to_owned(),
-                    partition: h.partition(),
-                    group_id: h.group(),
-                    leader: s.leader,
-                    term: s.term,
-                    high_watermark: s.progress.next_offset,
-                    log_start_offset: s.progress.log_start_offset,
-                    is_leader: s.is_leader,
-                }
-            })
-            .collect();
-        pb::NodeStatusResponse {
-            node_id: self.me,
-            metadata_leader: self.meta.leader(),
-            ready: self.meta.is_ready(),
-            partitions,
-        }
-    }
-
-    /// Asks every node for the partitions it hosts and merges the answers: the leader with the
-    /// highest term wins, and the watermark comes from the leader when it answered.
-    async fn cluster_partitions(&self) -> BTreeMap<GroupId, Merged> {
-        let view = self.meta.view();
-        let calls = view.state.nodes.iter().map(|(id, n)| {
-            let (id, addr) = (*id, n.addr.client_addr.clone());
-            async move {
-                if id == self.me {
-                    return Some(self.local_status());
-                }
-                let mut client = BrokerClient::new(self.client_peers.channel(id, &addr));
-                let mut req = Request::new(pb::NodeStatusRequest {});
-                req.set_timeout(STATUS_TIMEOUT);
-                match tokio::time::timeout(STATUS_TIMEOUT, client.node_status(req)).await {
-                    Ok(Ok(r)) => Some(r.into_inner()),
-                    _ => None,
-                }
-            }
-        });
-        let mut merged: BTreeMap<GroupId, Merged> = BTreeMap::new();
-        for status in join_all(calls).await.into_iter().flatten() {
-            for p in status.partitions {
-                let m = merged.entry(p.group_id).or_default();
-                if p.term > m.term || (p.term == m.term && m.leader.is_none()) {
-                    m.term = p.term;
-                    m.leader = p.leader;
-                }
-                if p.is_leader {
-                    m.hw = p.high_watermark;
-                    m.log_start = p.log_start_offset;
-                    m.from_leader = true;
-                } else if !m.from_leader {
-                    m.hw = m.hw.max(p.high_watermark);
-                    m.log_start = m.log_start.max(p.log_start_offset);
-                }
-            }
-        }
-        merged
-    }
-
-    fn topic_metadata(t: &TopicRecord, merged: &BTreeMap<GroupId, Merged>) -> pb::TopicMetadata {
+    pub fn topic_metadata(t: &TopicRecord, merged: &BTreeMap<GroupId, Merged>) -> pb::TopicMetadata {
         pb::TopicMetadata {
             name: t.name.clone(),
             replication_factor: t.replication_factor,
@@ -166,7 +86,7 @@ impl BrokerState {
                 .iter()
                 .enumerate()
                 .map(|(i, p)| {
-                    let m = merged.get(&p.group_id).copied().unwrap_or_default();
+                    let m = merged.get(&p.group_id).cloned().unwrap_or_default();
                     pb::PartitionMetadata {
                         partition: i as u32,
                         group_id: p.group_id,
@@ -227,7 +147,7 @@ impl BrokerState {
     }
 }
 
-fn meta_error(e: MetaError) -> BrokerError {
+pub fn meta_error(e: MetaError) -> BrokerError {
     match e {
         MetaError::TopicExists(t) => BrokerError::TopicExists(t),
         MetaError::NotEnoughNodes {
@@ -237,6 +157,21 @@ fn meta_error(e: MetaError) -> BrokerError {
             "replication_factor: {replication_factor} exceeds the {nodes} nodes in the cluster"
         )),
         MetaError::Invalid(m) => BrokerError::InvalidArgument(m),
+        MetaError::UnknownTopic(t) => BrokerError::UnknownTopic(t),
+        MetaError::UnknownPartition {
+            topic,
+            partition,
+            count,
+        } => BrokerError::UnknownPartition {
+            topic,
+            partition,
+            count,
+        },
+        MetaError::UnknownNode(n) => {
+            BrokerError::InvalidArgument(format!("node {n} is not a member of the cluster"))
+        }
+        MetaError::NowhereToGo(m) => BrokerError::NotEnoughNodes(m),
+        MetaError::Conflict(m) => BrokerError::Conflict(m),
     }
 }
 
@@ -318,7 +253,7 @@ impl Broker for BrokerService {
         let req = request.into_inner();
         limits::validate_topic_name("name", &req.name)?;
         let t = self.state.topic(&req.name)?;
-        let merged = self.state.cluster_partitions().await;
+        let merged = self.state.cluster_status().await.partitions;
         Ok(Response::new(pb::DescribeTopicResponse {
             topic: Some(BrokerState::topic_metadata(&t, &merged)),
         }))
@@ -332,7 +267,7 @@ impl Broker for BrokerService {
         let view = self.state.meta.view();
         let mut topics = Vec::new();
         if !view.state.topics.is_empty() {
-            let merged = self.state.cluster_partitions().await;
+            let merged = self.state.cluster_status().await.partitions;
             for name in &req.topics {
                 limits::validate_topic_name("topics", name)?;
                 if !view.state.topics.contains_key(name) {

@@ -36,6 +36,12 @@ pub struct NodeConfig {
     /// The nodes that form a new cluster, this one included. Ignored once `data_dir` holds
     /// state. The member with the lowest id creates the metadata group.
     pub initial_members: Vec<MemberConfig>,
+    /// Client addresses of existing nodes, for a node that joins a running cluster (instead of
+    /// `initial_members`). Ignored once `data_dir` holds state.
+    pub join: Vec<String>,
+    /// Move partition leaderships back to their preferred replicas automatically (e.g. after a
+    /// node returns). `eddyctl cluster balance` does it on demand either way.
+    pub auto_balance_leaders: bool,
     /// A partition log starts a new segment file past this size.
     pub segment_bytes: u64,
     pub limits: Limits,
@@ -50,6 +56,8 @@ impl Default for NodeConfig {
             raft_addr: "127.0.0.1:9191".into(),
             http_addr: "127.0.0.1:9291".into(),
             initial_members: Vec::new(),
+            join: Vec::new(),
+            auto_balance_leaders: true,
             segment_bytes: 64 << 20,
             limits: Limits::default(),
         }
@@ -102,6 +110,9 @@ impl NodeConfig {
             if ids.len() != self.initial_members.len() || ids.contains(&0) {
                 bail!("initial_members: ids must be distinct and at least 1");
             }
+        }
+        if !self.initial_members.is_empty() && !self.join.is_empty() {
+            bail!("join: a node either forms a cluster (initial_members) or joins one (join), not both");
         }
         if self.segment_bytes < 1 << 20 {
             bail!(

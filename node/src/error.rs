@@ -53,6 +53,9 @@ pub enum BrokerError {
     },
     #[error("{0}")]
     NotEnoughNodes(String),
+    /// The request conflicts with the cluster's state (e.g. a move already in progress).
+    #[error("{0}")]
+    Conflict(String),
     /// The outcome is unknown: the write may or may not have been applied. Idempotent producers
     /// retry with the same sequence.
     #[error("{0}")]
@@ -83,6 +86,7 @@ impl BrokerError {
             Self::OutOfOrderSequence { .. } => "out_of_order_sequence",
             Self::OffsetOutOfRange { .. } => "offset_out_of_range",
             Self::NotEnoughNodes(_) => "not_enough_nodes",
+            Self::Conflict(_) => "conflict",
             Self::Timeout(_) => "timeout",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
@@ -94,6 +98,7 @@ impl BrokerError {
             Self::InvalidArgument(_) | Self::NotEnoughNodes(_) => Code::InvalidArgument,
             Self::UnknownTopic(_) | Self::UnknownPartition { .. } => Code::NotFound,
             Self::TopicExists(_) => Code::AlreadyExists,
+            Self::Conflict(_) => Code::FailedPrecondition,
             Self::NotLeader { .. } | Self::NotReplica { .. } | Self::OutOfOrderSequence { .. } => {
                 Code::FailedPrecondition
             }

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod broker;
 pub mod config;
+pub mod controller;
 pub mod env;
 pub mod error;
 pub mod http;
@@ -16,4 +17,6 @@ pub mod meta;
 pub mod node;
 pub mod partition;
 pub mod raft_config;
+pub mod reconciler;
 pub mod sm_common;
+pub mod status;

@@ -21,6 +21,9 @@ use tracing::warn;
 
 mod dev;
 
+/// How long a graceful shutdown waits for this node's leaderships to move elsewhere.
+const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Parser, Debug)]
 #[command(name = "eddy-node", version, about = "An Eddy broker node")]
 struct Cli {
@@ -150,7 +153,16 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
     ));
 
     signals.recv().await;
-    info!("shutting down");
+    info!("shutting down: handing leaderships to other replicas first");
+    let left = tokio::select! {
+        n = node.hand_over_leadership(HANDOVER_TIMEOUT) => n,
+        () = signals.recv() => usize::MAX,
+    };
+    match left {
+        0 => info!("leaderships handed over"),
+        usize::MAX => warn!("second signal: not waiting for leaderships to move"),
+        n => warn!("{n} groups still led by this node after {HANDOVER_TIMEOUT:?}; stopping anyway"),
+    }
     http_cancel.cancel();
     let stop = async {
         node.shutdown().await;

@@ -77,6 +77,10 @@ impl Groups {
             .insert(h.group(), h);
     }
 
+    fn remove(&self, group: GroupId) -> Option<PartitionHandle> {
+        self.map.write().expect("groups lock poisoned").remove(&group)
+    }
+
     fn take_all(&self) -> Vec<PartitionHandle> {
         std::mem::take(&mut *self.map.write().expect("groups lock poisoned"))
             .into_values()
@@ -123,12 +127,22 @@ impl PartitionManager {
     }
 
     async fn reconcile(&self, view: &MetaView, cancel: &CancellationToken) {
+        // Replicas this node no longer holds: their topic is gone, or a move took them away.
+        for g in self.groups.all() {
+            let keep = view
+                .state
+                .partition_of(g.group())
+                .is_some_and(|(_, _, p)| p.holders().contains(&self.me));
+            if !keep {
+                self.remove_group(g).await;
+            }
+        }
         for topic in view.state.topics.values() {
             for (i, p) in topic.partitions.iter().enumerate() {
                 if cancel.is_cancelled() {
                     return;
                 }
-                if !p.replicas.contains(&self.me) || self.groups.get(p.group_id).is_some() {
+                if !p.holders().contains(&self.me) || self.groups.get(p.group_id).is_some() {
                     continue;
                 }
                 let span = info_span!("partition", node = self.me, group = p.group_id, topic = %topic.name, partition = i);
@@ -144,6 +158,34 @@ impl PartitionManager {
                     ),
                 }
             }
+        }
+    }
+
+    /// Stops a replica and deletes its log and state.
+    async fn remove_group(&self, g: PartitionHandle) {
+        let group = g.group();
+        info!(
+            group,
+            topic = g.topic(),
+            partition = g.partition(),
+            "removing a replica this node no longer holds"
+        );
+        self.groups.remove(group);
+        self.registry.remove(group);
+        if let Err(e) = g.raft().shutdown().await {
+            warn!(group, "stopping the group: {e}");
+        }
+        drop(g);
+        let dir = self.data_dir.join("groups").join(group.to_string());
+        if let Err(e) = self.env.vfs.remove_dir_all(&dir) {
+            warn!(group, "deleting {}: {e}", dir.display());
+        }
+        if let Err(e) = self
+            .env
+            .state_store
+            .drop_tree(&crate::partition::sm::tree_name(group))
+        {
+            warn!(group, "deleting the group's state: {e}");
         }
     }
 

@@ -3,9 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use anyhow::bail;
+use eddy_proto::v1::admin_client::AdminClient;
 use eddy_proto::v1::admin_server::AdminServer;
 use eddy_proto::v1::broker_server::BrokerServer;
 use eddy_raft::META_GROUP;
@@ -19,6 +21,7 @@ use eddy_raft::network::GroupNetwork;
 use eddy_raft::registry::Registry;
 use eddy_raft::service::RaftService;
 use eddy_raft::transport::Peers;
+use openraft::async_runtime::WatchReceiver;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -30,6 +33,7 @@ use crate::admin::AdminService;
 use crate::broker::BrokerService;
 use crate::broker::BrokerState;
 use crate::config::NodeConfig;
+use crate::controller::Controller;
 use crate::env::Incoming;
 use crate::env::NodeEnv;
 use crate::limits::GRPC_MESSAGE_BYTES_MAX;
@@ -41,6 +45,13 @@ use crate::meta::MetaStateMachine;
 use crate::meta::handle::MetaForwardService;
 use crate::meta::handle::MetaRaft;
 use crate::raft_config;
+use crate::reconciler::Reconciler;
+use crate::reconciler::in_sync;
+
+/// How often a graceful shutdown checks whether its leaderships have moved.
+const HANDOVER_POLL: Duration = Duration::from_millis(50);
+/// How long a join request may take before it is retried.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running node. Dropping it does not stop it; call [`NodeHandle::shutdown`].
 pub struct NodeHandle {
@@ -53,6 +64,36 @@ pub struct NodeHandle {
 }
 
 impl NodeHandle {
+    /// Hands every leadership this node holds to an in-sync replica, waiting at most `within`.
+    /// Returns how many groups this node still leads afterwards.
+    pub async fn hand_over_leadership(&self, within: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let mut leading = 0;
+            for g in self.groups.all() {
+                let m = g.raft().metrics().borrow_watched().clone();
+                if m.current_leader != Some(self.me) {
+                    continue;
+                }
+                leading += 1;
+                if let Some(to) = in_sync(&m).into_iter().find(|n| *n != self.me) {
+                    let _ = g.raft().trigger().transfer_leader(to).await;
+                }
+            }
+            let m = self.meta.raft().metrics().borrow_watched().clone();
+            if m.current_leader == Some(self.me) {
+                leading += 1;
+                if let Some(to) = in_sync(&m).into_iter().find(|n| *n != self.me) {
+                    let _ = self.meta.raft().trigger().transfer_leader(to).await;
+                }
+            }
+            if leading == 0 || tokio::time::Instant::now() >= deadline {
+                return leading;
+            }
+            tokio::time::sleep(HANDOVER_POLL).await;
+        }
+    }
+
     /// Stops serving, stops every Raft group, and waits for all of the node's tasks.
     pub async fn shutdown(self) {
         self.cancel.cancel();
@@ -66,6 +107,44 @@ impl NodeHandle {
     /// True once the node takes part in the metadata group (knows its leader).
     pub fn is_ready(&self) -> bool {
         self.meta.is_ready()
+    }
+}
+
+/// Asks the nodes in `join` (in turn, until one succeeds) to make this node a member.
+async fn join_cluster(
+    me: NodeId,
+    addr: NodeAddr,
+    join: Vec<String>,
+    connector: Arc<dyn eddy_raft::transport::Connector>,
+) {
+    let mut attempt = 0u32;
+    loop {
+        for target in &join {
+            let mut client = AdminClient::new(connector.channel(target));
+            let mut req = tonic::Request::new(eddy_proto::v1::JoinRequest {
+                node_id: me,
+                client_addr: addr.client_addr.clone(),
+                raft_addr: addr.raft_addr.clone(),
+            });
+            req.set_timeout(JOIN_TIMEOUT);
+            match tokio::time::timeout(JOIN_TIMEOUT, client.join(req)).await {
+                Ok(Ok(r)) => {
+                    info!(via = %target, voter = r.into_inner().voter, "joined the cluster");
+                    return;
+                }
+                Ok(Err(status))
+                    if status.code() == tonic::Code::InvalidArgument
+                        || status.message().contains("already a member") =>
+                {
+                    warn!(via = %target, "the cluster refused to let this node join: {}", status.message());
+                    return;
+                }
+                Ok(Err(status)) => info!(via = %target, attempt, "join not done yet: {}", status.message()),
+                Err(_) => info!(via = %target, attempt, "join timed out"),
+            }
+        }
+        attempt += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -151,6 +230,11 @@ pub async fn start(
             .await
             .context("initialize the metadata group")?;
     }
+    if pristine && config.initial_members.is_empty() && config.join.is_empty() {
+        bail!(
+            "data_dir holds no state and the config has neither initial_members (to form a cluster) nor join (to join one)"
+        );
+    }
 
     let groups = Arc::new(Groups::default());
     let broker = Arc::new(BrokerState {
@@ -187,7 +271,13 @@ pub async fn start(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("build the reflection service")?;
-    let admin_service = AdminServer::new(AdminService::new(broker.clone()));
+    let reconciler = Arc::new(Reconciler {
+        me,
+        meta: meta.clone(),
+        groups: groups.clone(),
+        auto_balance: config.auto_balance_leaders,
+    });
+    let admin_service = AdminServer::new(AdminService::new(broker.clone(), reconciler.clone()));
     let broker_service = BrokerServer::new(BrokerService::new(broker.clone()))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
@@ -224,6 +314,34 @@ pub async fn start(
             .run(cancel.clone())
             .instrument(info_span!("partition_manager", node = me)),
     );
+
+    tasks.spawn({
+        let r = reconciler.clone();
+        let cancel = cancel.clone();
+        async move { Reconciler::run(&r, cancel).await }.instrument(info_span!("reconciler", node = me))
+    });
+    tasks.spawn(
+        Controller {
+            me,
+            meta: meta.clone(),
+        }
+        .run(cancel.clone())
+        .instrument(info_span!("controller", node = me)),
+    );
+    if pristine && !config.join.is_empty() {
+        let (join, connector, addr) = (config.join.clone(), env.connector.clone(), config.addr());
+        let cancel = cancel.clone();
+        tasks.spawn(
+            async move {
+                tokio::select! {
+                    // Cancel-safe: an interrupted join is retried by the next start.
+                    _ = cancel.cancelled() => {}
+                    () = join_cluster(me, addr, join, connector) => {}
+                }
+            }
+            .instrument(info_span!("join", node = me)),
+        );
+    }
 
     info!(node = me, "node started");
     Ok(NodeHandle {

@@ -213,6 +213,28 @@ impl Client {
         F: FnMut(BrokerClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.call_any_channel(what, |ch| {
+            f(BrokerClient::new(ch)
+                .max_decoding_message_size(RESPONSE_BYTES_MAX)
+                .max_encoding_message_size(RESPONSE_BYTES_MAX))
+        })
+        .await
+    }
+
+    /// Like [`Client::call_any`], for `eddy.v1.Admin`.
+    pub async fn admin_any<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T>
+    where
+        F: FnMut(AdminClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.call_any_channel(what, |ch| f(AdminClient::new(ch))).await
+    }
+
+    async fn call_any_channel<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
         let deadline = Instant::now() + self.inner.config.request_timeout;
         let mut backoff = Backoff::new(&self.inner.config);
         let mut last = ClientError::Unavailable(format!("{what}: no broker answered"));
@@ -222,8 +244,8 @@ impl Client {
                 if remaining.is_zero() {
                     return Err(last);
                 }
-                let client = self.broker(&addr)?;
-                match tokio::time::timeout(remaining, f(client)).await {
+                let channel = self.channel(&addr)?;
+                match tokio::time::timeout(remaining, f(channel)).await {
                     Ok(Ok(r)) => return Ok(r.into_inner()),
                     Ok(Err(status)) => {
                         let e = ClientError::from_status(&status);
@@ -245,7 +267,8 @@ impl Client {
         }
     }
 
-    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+    /// A request with the client's deadline.
+    pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.set_timeout(self.inner.config.request_timeout);
         r
@@ -491,6 +514,118 @@ impl Client {
             .unwrap_or_else(|| self.inner.bootstrap[0].clone())
     }
 
+    pub async fn list_nodes(&self) -> Result<pb::ListNodesResponse> {
+        self.admin_any("list nodes", |mut c| {
+            let r = self.request(pb::ListNodesRequest {});
+            async move { c.list_nodes(r).await }
+        })
+        .await
+    }
+
+    /// Sets a node's state: `active` (undrain), `draining` or `decommissioning`.
+    pub async fn set_node_state(&self, node_id: u64, state: &str) -> Result<pb::SetNodeStateResponse> {
+        let req = pb::SetNodeStateRequest {
+            node_id,
+            state: state.to_owned(),
+        };
+        self.admin_any("set node state", |mut c| {
+            let r = self.request(req.clone());
+            async move { c.set_node_state(r).await }
+        })
+        .await
+    }
+
+    pub async fn cluster_health(&self) -> Result<pb::ClusterHealthResponse> {
+        self.admin_any("cluster health", |mut c| {
+            let r = self.request(pb::ClusterHealthRequest {});
+            async move { c.cluster_health(r).await }
+        })
+        .await
+    }
+
+    pub async fn balance_leaders(&self) -> Result<pb::BalanceLeadersResponse> {
+        self.admin_any("balance leaders", |mut c| {
+            let r = self.request(pb::BalanceLeadersRequest {});
+            async move { c.balance_leaders(r).await }
+        })
+        .await
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        let req = pb::DeleteTopicRequest {
+            name: name.to_owned(),
+        };
+        self.admin_any("delete topic", |mut c| {
+            let r = self.request(req.clone());
+            async move { c.delete_topic(r).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn alter_topic_config(
+        &self,
+        name: &str,
+        set: BTreeMap<String, String>,
+    ) -> Result<pb::AlterTopicConfigResponse> {
+        let req = pb::AlterTopicConfigRequest {
+            name: name.to_owned(),
+            set: set.into_iter().collect(),
+        };
+        self.admin_any("alter topic config", |mut c| {
+            let r = self.request(req.clone());
+            async move { c.alter_topic_config(r).await }
+        })
+        .await
+    }
+
+    pub async fn add_partitions(&self, name: &str, count: u32) -> Result<pb::AddPartitionsResponse> {
+        let req = pb::AddPartitionsRequest {
+            name: name.to_owned(),
+            count,
+        };
+        self.admin_any("add partitions", |mut c| {
+            let r = self.request(req.clone());
+            async move { c.add_partitions(r).await }
+        })
+        .await
+    }
+
+    pub async fn move_partition(&self, topic: &str, partition: u32, replicas: Vec<u64>) -> Result<()> {
+        let req = pb::MovePartitionRequest {
+            topic: topic.to_owned(),
+            partition,
+            replicas,
+        };
+        self.admin_any("move partition", |mut c| {
+            let r = self.request(req.clone());
+            async move { c.move_partition(r).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn list_moves(&self) -> Result<pb::ListMovesResponse> {
+        self.admin_any("list moves", |mut c| {
+            let r = self.request(pb::ListMovesRequest {});
+            async move { c.list_moves(r).await }
+        })
+        .await
+    }
+
+    pub async fn cancel_move(&self, topic: &str, partition: u32) -> Result<()> {
+        let req = pb::CancelMoveRequest {
+            topic: topic.to_owned(),
+            partition,
+        };
+        self.admin_any("cancel move", |mut c| {
+            let r = self.request(req.clone());
+            async move { c.cancel_move(r).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// The replicas to try for a fetch, best first.
     fn fetch_targets(&self, topic: &str, partition: u32, choice: ReplicaChoice) -> Vec<String> {
         let md = self.metadata();
@@ -535,6 +670,22 @@ impl Client {
         max_bytes: u32,
         max_wait: Duration,
     ) -> Result<pb::FetchResponse> {
+        self.fetch_records(topic, partition, offset, choice, max_bytes, 0, max_wait)
+            .await
+    }
+
+    /// [`Client::fetch`] with a bound on the records returned (0: no bound).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn fetch_records(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        choice: ReplicaChoice,
+        max_bytes: u32,
+        max_records: u32,
+        max_wait: Duration,
+    ) -> Result<pb::FetchResponse> {
         if let ReplicaChoice::Node(n) = choice
             && !self.metadata().nodes.contains_key(&n)
         {
@@ -558,7 +709,7 @@ impl Client {
                     offset,
                     max_bytes,
                     max_wait_ms: max_wait.as_millis() as u32,
-                    max_records: 0,
+                    max_records,
                 });
                 r.set_timeout(remaining);
                 match tokio::time::timeout(remaining, c.fetch(r)).await {

@@ -232,7 +232,7 @@ fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
             let input = format!("{}\n", v[0]);
             let out = eddy_tests::run_ctl(
                 &survivors.join(","),
-                &["--timeout", "2s", "produce", TOPIC, "--partition", "0"],
+                &["--request-timeout", "2s", "produce", TOPIC, "--partition", "0"],
                 Some(input.as_bytes()),
                 Duration::from_secs(40),
             )

@@ -3,9 +3,12 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use eddy_raft::GroupId;
+use eddy_raft::NodeId;
 use serde::Deserialize;
 use serde::Serialize;
 
+use super::state::NodeState;
 use super::state::TopicRecord;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,6 +21,39 @@ pub enum MetaCommand {
         config: BTreeMap<String, String>,
     },
     AllocateProducerId,
+    DeleteTopic {
+        name: String,
+    },
+    /// Set (add or replace) topic settings.
+    AlterTopicConfig {
+        name: String,
+        set: BTreeMap<String, String>,
+    },
+    /// Add `count` partitions to a topic.
+    AddPartitions {
+        name: String,
+        count: u32,
+    },
+    /// Start moving a partition to a new replica set.
+    MovePartition {
+        topic: String,
+        partition: u32,
+        replicas: Vec<NodeId>,
+    },
+    /// The partition's leader reports that its group's membership now equals `replicas`.
+    CompleteMove {
+        group: GroupId,
+        replicas: Vec<NodeId>,
+    },
+    CancelMove {
+        topic: String,
+        partition: u32,
+    },
+    /// Drain, undrain, decommission, or (internally, once it holds nothing) remove a node.
+    SetNodeState {
+        node: NodeId,
+        state: NodeState,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +62,13 @@ pub enum MetaReply {
     Done,
     TopicCreated(TopicRecord),
     ProducerId(u64),
+    Topic(TopicRecord),
+    /// For a decommission: the partitions ("topic/partition") that will move.
+    Moving(Vec<String>),
+    /// A node joined the metadata group.
+    Joined {
+        voter: bool,
+    },
     Error(MetaError),
 }
 
@@ -33,8 +76,23 @@ pub enum MetaReply {
 pub enum MetaError {
     #[error("topic \"{0}\" already exists")]
     TopicExists(String),
+    #[error("topic \"{0}\" does not exist")]
+    UnknownTopic(String),
+    #[error("topic \"{topic}\" has {count} partitions; partition {partition} does not exist")]
+    UnknownPartition {
+        topic: String,
+        partition: u32,
+        count: u32,
+    },
+    #[error("node {0} is not a member of the cluster")]
+    UnknownNode(NodeId),
     #[error("replication factor {replication_factor} exceeds the {nodes} nodes available")]
     NotEnoughNodes { replication_factor: u32, nodes: u32 },
+    /// A move or decommission whose replicas would have nowhere to go.
+    #[error("{0}")]
+    NowhereToGo(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     Invalid(String),
 }
@@ -60,5 +118,11 @@ impl MetaReply {
 
     pub fn decode(b: &[u8]) -> Result<Self, postcard::Error> {
         postcard::from_bytes(b)
+    }
+}
+
+impl From<Result<MetaReply, MetaError>> for MetaReply {
+    fn from(r: Result<MetaReply, MetaError>) -> Self {
+        r.unwrap_or_else(MetaReply::Error)
     }
 }

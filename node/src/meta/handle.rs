@@ -1,10 +1,11 @@
 //! [`MetaHandle`]: how the rest of the node reads and changes the metadata.
 //!
-//! Reads come from this node's replica (it may lag the leader briefly). Writes go through the
-//! metadata leader: a node that is not the leader forwards the command over `ForwardMeta` to the
-//! leader, which proposes it and returns the state machine's reply.
+//! Reads come from this node's replica (it may lag the leader briefly). Changes go through the
+//! metadata leader: a node that is not the leader forwards the request over `ForwardMeta` to the
+//! leader, which carries it out (a command is proposed to the group; a join changes the group's
+//! membership) and returns the result.
 
-use openraft::async_runtime::WatchReceiver;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,18 +15,25 @@ use eddy_proto::v1::RaftRequest;
 use eddy_proto::v1::raft_client::RaftClient;
 use eddy_raft::C;
 use eddy_raft::META_GROUP;
+use eddy_raft::NodeAddr;
 use eddy_raft::NodeId;
 use eddy_raft::Payload;
 use eddy_raft::registry::MetaForwarder;
 use eddy_raft::transport::Peers;
 use futures::future::BoxFuture;
+use openraft::ChangeMembers;
+use openraft::async_runtime::WatchReceiver;
 use openraft::errors::ClientWriteError;
+use openraft::errors::ForwardToLeader;
 use openraft::errors::RaftError;
+use serde::Deserialize;
+use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::Status;
 
 use super::command::MetaCommand;
+use super::command::MetaError;
 use super::command::MetaReply;
 use super::sm::MetaStateMachine;
 use super::sm::MetaView;
@@ -33,8 +41,25 @@ use crate::error::BrokerError;
 
 pub type MetaRaft = openraft::Raft<C, MetaStateMachine>;
 
-/// Pause before retrying a metadata write while the leader is unknown or changing.
+/// Pause before retrying while the metadata leader is unknown or changing.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// The metadata group keeps at most this many voters; further nodes are learners.
+pub const META_VOTERS_MAX: usize = 5;
+
+/// What a node asks of the metadata leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MetaRequest {
+    Command(MetaCommand),
+    /// Add a node to the metadata group (as a voter while there are fewer than five).
+    Join {
+        id: NodeId,
+        addr: NodeAddr,
+    },
+    /// Remove a node from the metadata group (after it was decommissioned).
+    Leave {
+        id: NodeId,
+    },
+}
 
 #[derive(Clone)]
 pub struct MetaHandle {
@@ -48,6 +73,13 @@ enum Attempt {
     Done(MetaReply),
     Forward(NodeId, String),
     Retry(String),
+}
+
+fn forward_or_retry(me: NodeId, f: ForwardToLeader<C>) -> Attempt {
+    match (f.leader_id, f.leader_node) {
+        (Some(id), Some(node)) if id != me => Attempt::Forward(id, node.raft_addr),
+        _ => Attempt::Retry("the metadata group has no leader yet".into()),
+    }
 }
 
 impl MetaHandle {
@@ -84,39 +116,104 @@ impl MetaHandle {
         m.current_leader.is_some() && m.last_applied.is_some()
     }
 
-    async fn attempt_local(&self, payload: Bytes) -> Attempt {
-        match self.raft.client_write(Payload(payload)).await {
-            Ok(resp) => match MetaReply::decode(&resp.data.0) {
-                Ok(r) => Attempt::Done(r),
-                Err(e) => Attempt::Done(MetaReply::Error(super::MetaError::Invalid(format!(
-                    "undecodable reply: {e}"
-                )))),
+    async fn attempt_local(&self, req: &MetaRequest) -> Attempt {
+        match req {
+            MetaRequest::Command(cmd) => match self.raft.client_write(Payload(cmd.encode())).await {
+                Ok(resp) => Attempt::Done(MetaReply::decode(&resp.data.0).unwrap_or_else(|e| {
+                    MetaReply::Error(MetaError::Invalid(format!("undecodable reply: {e}")))
+                })),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    forward_or_retry(self.me, f)
+                }
+                Err(e) => Attempt::Retry(format!("metadata write failed: {e}")),
             },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                match (f.leader_id, f.leader_node) {
-                    (Some(id), Some(node)) if id != self.me => Attempt::Forward(id, node.raft_addr),
-                    _ => Attempt::Retry("the metadata group has no leader yet".into()),
+            MetaRequest::Join { id, addr } => self.join_local(*id, addr.clone()).await,
+            MetaRequest::Leave { id } => {
+                let m = self
+                    .raft
+                    .metrics()
+                    .borrow_watched()
+                    .membership_config
+                    .membership()
+                    .clone();
+                if !m.nodes().any(|(n, _)| n == id) {
+                    return Attempt::Done(MetaReply::Done);
+                }
+                let change = ChangeMembers::RemoveNodes(BTreeSet::from([*id]));
+                let change = if m.voter_ids().any(|v| v == *id) {
+                    ChangeMembers::RemoveVoters(BTreeSet::from([*id]))
+                } else {
+                    change
+                };
+                match self.raft.change_membership(change, false).await {
+                    Ok(_) => Attempt::Done(MetaReply::Done),
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                        forward_or_retry(self.me, f)
+                    }
+                    Err(e) => {
+                        Attempt::Retry(format!("removing node {id} from the metadata group failed: {e}"))
+                    }
                 }
             }
-            Err(e) => Attempt::Retry(format!("metadata write failed: {e}")),
         }
     }
 
-    /// Proposes `cmd` to the metadata group and returns the state machine's reply. Retries
-    /// through leader changes until `timeout` has passed.
-    pub async fn write(&self, cmd: MetaCommand, timeout: Duration) -> Result<MetaReply, BrokerError> {
+    /// Adds `id` as a learner (waiting until it caught up), then as a voter while the group has
+    /// fewer than [`META_VOTERS_MAX`].
+    async fn join_local(&self, id: NodeId, addr: NodeAddr) -> Attempt {
+        let m = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .clone();
+        if let Some((_, known)) = m.nodes().find(|(n, _)| **n == id)
+            && *known != addr
+        {
+            return Attempt::Done(MetaReply::Error(MetaError::Conflict(format!(
+                "node id {id} is already a member with other addresses ({known}); every node needs its own id"
+            ))));
+        }
+        let voters: BTreeSet<NodeId> = m.voter_ids().collect();
+        if voters.contains(&id) {
+            return Attempt::Done(MetaReply::Joined { voter: true });
+        }
+        if let Err(e) = self.raft.add_learner(id, addr, true).await {
+            return match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => forward_or_retry(self.me, f),
+                e => Attempt::Retry(format!("adding node {id} as a learner failed: {e}")),
+            };
+        }
+        if voters.len() >= META_VOTERS_MAX {
+            return Attempt::Done(MetaReply::Joined { voter: false });
+        }
+        match self
+            .raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+        {
+            Ok(_) => Attempt::Done(MetaReply::Joined { voter: true }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => forward_or_retry(self.me, f),
+            Err(e) => Attempt::Retry(format!("making node {id} a voter failed: {e}")),
+        }
+    }
+
+    /// Carries out `req` on the metadata leader; retries through leader changes until `timeout`.
+    async fn request(&self, req: MetaRequest, timeout: Duration) -> Result<MetaReply, BrokerError> {
         let deadline = Instant::now() + timeout;
-        let payload = cmd.encode();
+        let payload: Bytes = postcard::to_stdvec(&req)
+            .expect("metadata requests always encode")
+            .into();
         let mut last = String::from("no attempt made");
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(BrokerError::Timeout(format!(
-                    "metadata write not confirmed within {timeout:?} ({last}); it may or may not have been applied"
+                    "metadata change not confirmed within {timeout:?} ({last}); it may or may not have been applied"
                 )));
             }
-            let attempt = tokio::time::timeout(remaining, self.attempt_local(payload.clone())).await;
-            match attempt {
+            match tokio::time::timeout(remaining, self.attempt_local(&req)).await {
                 Err(_) => last = "timed out waiting for the metadata group".into(),
                 Ok(Attempt::Done(r)) => return Ok(r),
                 Ok(Attempt::Retry(why)) => last = why,
@@ -134,6 +231,27 @@ impl MetaHandle {
             }
             tokio::time::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now()))).await;
         }
+    }
+
+    /// Proposes `cmd` to the metadata group and returns the state machine's reply.
+    pub async fn write(&self, cmd: MetaCommand, timeout: Duration) -> Result<MetaReply, BrokerError> {
+        self.request(MetaRequest::Command(cmd), timeout).await
+    }
+
+    /// Makes `id` a member of the metadata group; returns whether it is a voter.
+    pub async fn join(&self, id: NodeId, addr: NodeAddr, timeout: Duration) -> Result<bool, BrokerError> {
+        match self.request(MetaRequest::Join { id, addr }, timeout).await? {
+            MetaReply::Joined { voter } => Ok(voter),
+            MetaReply::Error(e) => Err(crate::broker::meta_error(e)),
+            other => Err(BrokerError::Internal(format!(
+                "unexpected reply to a join: {other:?}"
+            ))),
+        }
+    }
+
+    /// Removes `id` from the metadata group.
+    pub async fn leave(&self, id: NodeId, timeout: Duration) -> Result<(), BrokerError> {
+        self.request(MetaRequest::Leave { id }, timeout).await.map(|_| ())
     }
 
     async fn forward(
@@ -169,12 +287,9 @@ impl MetaForwarder for MetaForwardService {
     fn forward(&self, payload: Bytes) -> BoxFuture<'static, Result<Bytes, Status>> {
         let handle = self.handle.clone();
         Box::pin(async move {
-            if let Err(e) = MetaCommand::decode(&payload) {
-                return Err(Status::invalid_argument(format!(
-                    "payload: not a metadata command: {e}"
-                )));
-            }
-            match handle.attempt_local(payload).await {
+            let req: MetaRequest = postcard::from_bytes(&payload)
+                .map_err(|e| Status::invalid_argument(format!("payload: not a metadata request: {e}")))?;
+            match handle.attempt_local(&req).await {
                 Attempt::Done(r) => Ok(r.encode()),
                 Attempt::Forward(l, _) => Err(Status::unavailable(format!(
                     "node {} is not the metadata leader; node {l} is",

@@ -4,6 +4,7 @@
 //! pure function of the state and the command: no clock, no randomness, ordered maps only.
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
 use eddy_raft::GroupId;
 use eddy_raft::Membership;
@@ -16,16 +17,41 @@ use super::command::MetaCommand;
 use super::command::MetaError;
 use super::command::MetaReply;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum NodeState {
+    /// Takes replicas and leaderships.
     Active,
+    /// Maintenance: keeps its replicas but gives up its leaderships and takes no new ones.
+    Draining,
+    /// Its replicas are being moved away; once it holds none it is removed.
+    Decommissioning,
+    /// No longer a member.
+    Removed,
 }
 
 impl NodeState {
     pub fn as_str(&self) -> &'static str {
         match self {
             NodeState::Active => "active",
+            NodeState::Draining => "draining",
+            NodeState::Decommissioning => "decommissioning",
+            NodeState::Removed => "removed",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(NodeState::Active),
+            "draining" => Some(NodeState::Draining),
+            "decommissioning" => Some(NodeState::Decommissioning),
+            "removed" => Some(NodeState::Removed),
+            _ => None,
+        }
+    }
+
+    /// Whether a node in this state may lead partitions.
+    pub fn may_lead(&self) -> bool {
+        *self == NodeState::Active
     }
 }
 
@@ -43,6 +69,25 @@ pub struct PartitionRecord {
     /// The replicas the group was created with. Only these may initialize the group's Raft
     /// membership; a replica added later joins as a learner of the running group.
     pub initial_replicas: Vec<NodeId>,
+    /// While a move is in progress, the replica set the group is moving to. The group's leader
+    /// changes its membership one step at a time until it matches, then reports the move done.
+    pub target: Option<Vec<NodeId>>,
+}
+
+impl PartitionRecord {
+    /// The replica set the group should converge to.
+    pub fn desired(&self) -> &[NodeId] {
+        self.target.as_deref().unwrap_or(&self.replicas)
+    }
+
+    /// Every node that holds, or is about to hold, a replica.
+    pub fn holders(&self) -> BTreeSet<NodeId> {
+        self.replicas
+            .iter()
+            .chain(self.target.iter().flatten())
+            .copied()
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,7 +156,244 @@ impl MetaState {
                 self.next_producer_id += 1;
                 MetaReply::ProducerId(id)
             }
+            MetaCommand::DeleteTopic { name } => match self.topics.remove(&name) {
+                Some(_) => MetaReply::Done,
+                None => MetaReply::Error(MetaError::UnknownTopic(name)),
+            },
+            MetaCommand::AlterTopicConfig { name, set } => match self.topics.get_mut(&name) {
+                Some(t) => {
+                    t.config.extend(set);
+                    MetaReply::Topic(t.clone())
+                }
+                None => MetaReply::Error(MetaError::UnknownTopic(name)),
+            },
+            MetaCommand::AddPartitions { name, count } => self.add_partitions(name, count).into(),
+            MetaCommand::MovePartition {
+                topic,
+                partition,
+                replicas,
+            } => self
+                .move_partition(&topic, partition, replicas)
+                .map(|()| MetaReply::Done)
+                .into(),
+            MetaCommand::CompleteMove { group, replicas } => {
+                for t in self.topics.values_mut() {
+                    for p in t.partitions.iter_mut() {
+                        if p.group_id == group && p.target.as_ref() == Some(&replicas) {
+                            p.replicas = replicas.clone();
+                            p.target = None;
+                        }
+                    }
+                }
+                MetaReply::Done
+            }
+            MetaCommand::CancelMove { topic, partition } => self
+                .cancel_move(&topic, partition)
+                .map(|()| MetaReply::Done)
+                .into(),
+            MetaCommand::SetNodeState { node, state } => self.set_node_state(node, state).into(),
         }
+    }
+
+    fn partition_mut(&mut self, topic: &str, partition: u32) -> Result<&mut PartitionRecord, MetaError> {
+        let t = self
+            .topics
+            .get_mut(topic)
+            .ok_or_else(|| MetaError::UnknownTopic(topic.to_owned()))?;
+        let count = t.partitions.len() as u32;
+        t.partitions
+            .get_mut(partition as usize)
+            .ok_or_else(|| MetaError::UnknownPartition {
+                topic: topic.to_owned(),
+                partition,
+                count,
+            })
+    }
+
+    fn add_partitions(&mut self, name: String, count: u32) -> Result<MetaReply, MetaError> {
+        let rf = self
+            .topics
+            .get(&name)
+            .ok_or_else(|| MetaError::UnknownTopic(name.clone()))?
+            .replication_factor;
+        if count == 0 {
+            return Err(MetaError::Invalid("count: add at least one partition".into()));
+        }
+        let placement = self.place(count, rf)?;
+        let groups: Vec<PartitionRecord> = placement
+            .into_iter()
+            .map(|replicas| {
+                let group_id = self.next_group_id;
+                self.next_group_id += 1;
+                PartitionRecord {
+                    group_id,
+                    initial_replicas: replicas.clone(),
+                    replicas,
+                    target: None,
+                }
+            })
+            .collect();
+        let t = self.topics.get_mut(&name).expect("checked above");
+        t.partitions.extend(groups);
+        Ok(MetaReply::Topic(t.clone()))
+    }
+
+    fn move_partition(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        replicas: Vec<NodeId>,
+    ) -> Result<(), MetaError> {
+        if replicas.is_empty() || replicas.len() > 5 {
+            return Err(MetaError::Invalid("replicas: give 1 to 5 node ids".into()));
+        }
+        let distinct: BTreeSet<NodeId> = replicas.iter().copied().collect();
+        if distinct.len() != replicas.len() {
+            return Err(MetaError::Invalid(format!(
+                "replicas: {replicas:?} names a node twice"
+            )));
+        }
+        for r in &replicas {
+            match self.nodes.get(r) {
+                None => return Err(MetaError::UnknownNode(*r)),
+                Some(n) if n.state != NodeState::Active && n.state != NodeState::Draining => {
+                    return Err(MetaError::NowhereToGo(format!(
+                        "replicas: node {r} is {}; a partition can only move to active nodes",
+                        n.state.as_str()
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        let p = self.partition_mut(topic, partition)?;
+        if p.desired() == replicas.as_slice() {
+            return Ok(());
+        }
+        if let Some(t) = &p.target {
+            return Err(MetaError::Conflict(format!(
+                "{topic}/{partition} is already moving to {t:?}; cancel that move first"
+            )));
+        }
+        p.target = Some(replicas);
+        Ok(())
+    }
+
+    fn cancel_move(&mut self, topic: &str, partition: u32) -> Result<(), MetaError> {
+        let p = self.partition_mut(topic, partition)?;
+        if p.target.take().is_none() {
+            return Err(MetaError::Conflict(format!(
+                "{topic}/{partition} has no move in progress"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Replicas (assigned or arriving) per node.
+    pub fn replica_counts(&self) -> BTreeMap<NodeId, u32> {
+        let mut counts: BTreeMap<NodeId, u32> = self.nodes.keys().map(|n| (*n, 0)).collect();
+        for t in self.topics.values() {
+            for p in &t.partitions {
+                for n in p.holders() {
+                    *counts.entry(n).or_default() += 1;
+                }
+            }
+        }
+        counts
+    }
+
+    fn set_node_state(&mut self, node: NodeId, state: NodeState) -> Result<MetaReply, MetaError> {
+        let current = self
+            .nodes
+            .get(&node)
+            .map(|n| n.state)
+            .ok_or(MetaError::UnknownNode(node))?;
+        if current == NodeState::Removed {
+            return Err(MetaError::Conflict(format!("node {node} has been removed")));
+        }
+        match state {
+            NodeState::Active | NodeState::Draining => {
+                if current == NodeState::Decommissioning {
+                    // Cancelling a decommission: the moves away from this node stop.
+                    for t in self.topics.values_mut() {
+                        for p in t.partitions.iter_mut() {
+                            if p.replicas.contains(&node)
+                                && p.target.as_ref().is_some_and(|t| !t.contains(&node))
+                            {
+                                p.target = None;
+                            }
+                        }
+                    }
+                }
+                self.set_state(node, state);
+                Ok(MetaReply::Done)
+            }
+            NodeState::Decommissioning => {
+                let moving = self.plan_decommission(node)?;
+                self.set_state(node, state);
+                Ok(MetaReply::Moving(moving))
+            }
+            NodeState::Removed => {
+                if self.replica_counts().get(&node).copied().unwrap_or(0) > 0 {
+                    return Err(MetaError::Conflict(format!("node {node} still holds replicas")));
+                }
+                self.set_state(node, state);
+                Ok(MetaReply::Done)
+            }
+        }
+    }
+
+    fn set_state(&mut self, node: NodeId, state: NodeState) {
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.state = state;
+        }
+    }
+
+    /// Gives every partition on `node` a target without it: the node is replaced by the active
+    /// node holding the fewest replicas that the partition does not already use. Refuses (and
+    /// changes nothing) if some partition has no such node.
+    fn plan_decommission(&mut self, node: NodeId) -> Result<Vec<String>, MetaError> {
+        let mut load = self.replica_counts();
+        let candidates: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(id, n)| **id != node && n.state == NodeState::Active)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut plan: Vec<(String, usize, Vec<NodeId>)> = Vec::new();
+        for t in self.topics.values() {
+            for (i, p) in t.partitions.iter().enumerate() {
+                if !p.desired().contains(&node) {
+                    continue;
+                }
+                let used = p.holders();
+                let Some(&to) = candidates
+                    .iter()
+                    .filter(|c| !used.contains(c))
+                    .min_by_key(|c| (load[c], **c))
+                else {
+                    return Err(MetaError::NowhereToGo(format!(
+                        "cannot decommission node {node}: partition {}/{i} has {} replicas and no other active node                          can take one; add a node or lower the topic's replication factor first",
+                        t.name,
+                        p.desired().len()
+                    )));
+                };
+                *load.entry(to).or_default() += 1;
+                let new: Vec<NodeId> = p
+                    .desired()
+                    .iter()
+                    .map(|r| if *r == node { to } else { *r })
+                    .collect();
+                plan.push((t.name.clone(), i, new));
+            }
+        }
+        let mut moving = Vec::new();
+        for (topic, i, new) in plan {
+            let p = &mut self.topics.get_mut(&topic).expect("planned from it").partitions[i];
+            // A replica set without the node, led by a node other than the one leaving.
+            p.target = Some(new);
+            moving.push(format!("{topic}/{i}"));
+        }
+        Ok(moving)
     }
 
     fn create_topic(
@@ -139,6 +421,7 @@ impl MetaState {
                     group_id,
                     initial_replicas: replicas.clone(),
                     replicas,
+                    target: None,
                 }
             })
             .collect();
@@ -176,13 +459,13 @@ impl MetaState {
         let mut replicas: BTreeMap<NodeId, u64> = leaders.clone();
         for t in self.topics.values() {
             for p in &t.partitions {
-                if let Some(l) = p.replicas.first()
+                if let Some(l) = p.desired().first()
                     && let Some(c) = leaders.get_mut(l)
                 {
                     *c += 1;
                 }
-                for r in &p.replicas {
-                    if let Some(c) = replicas.get_mut(r) {
+                for r in p.holders() {
+                    if let Some(c) = replicas.get_mut(&r) {
                         *c += 1;
                     }
                 }
@@ -322,5 +605,162 @@ mod tests {
             s.partition_of(2).map(|(t, i, _)| (t.name.as_str(), i)),
             Some(("t", 1))
         );
+    }
+
+    #[test]
+    fn decommission_moves_every_replica_or_refuses_at_once() {
+        let mut s = cluster(3);
+        create(&mut s, "orders", 3, 3);
+        let before = s.clone();
+        let r = s.apply(MetaCommand::SetNodeState {
+            node: 2,
+            state: NodeState::Decommissioning,
+        });
+        assert!(
+            matches!(r, MetaReply::Error(MetaError::NowhereToGo(ref m)) if m.contains("add a node")),
+            "{r:?}"
+        );
+        assert_eq!(s, before, "a refused decommission changes nothing");
+
+        let mut s = cluster(4);
+        create(&mut s, "orders", 4, 3);
+        let holding = s.topics["orders"]
+            .partitions
+            .iter()
+            .filter(|p| p.replicas.contains(&1))
+            .count();
+        assert!(holding > 0);
+        let r = s.apply(MetaCommand::SetNodeState {
+            node: 1,
+            state: NodeState::Decommissioning,
+        });
+        let MetaReply::Moving(moving) = r else {
+            panic!("decommission planned: {r:?}")
+        };
+        assert_eq!(moving.len(), holding, "every partition on node 1 moves");
+        for p in &s.topics["orders"].partitions {
+            match &p.target {
+                Some(target) => {
+                    assert!(p.replicas.contains(&1) && !target.contains(&1), "{target:?}");
+                    assert_eq!(target.len(), 3);
+                }
+                None => assert!(!p.replicas.contains(&1)),
+            }
+        }
+        assert_eq!(s.nodes[&1].state, NodeState::Decommissioning);
+        // New topics avoid the node.
+        let MetaReply::TopicCreated(t) = create(&mut s, "more", 2, 3) else {
+            panic!("created")
+        };
+        assert!(t.partitions.iter().all(|p| !p.replicas.contains(&1)));
+        // Moves complete as the leaders report them, and then the node can be removed.
+        let groups: Vec<_> = s.topics["orders"]
+            .partitions
+            .iter()
+            .filter_map(|p| p.target.clone().map(|t| (p.group_id, t)))
+            .collect();
+        let removed = MetaCommand::SetNodeState {
+            node: 1,
+            state: NodeState::Removed,
+        };
+        assert!(
+            matches!(s.apply(removed.clone()), MetaReply::Error(_)),
+            "it still holds replicas"
+        );
+        for (group, replicas) in groups {
+            s.apply(MetaCommand::CompleteMove { group, replicas });
+        }
+        assert_eq!(s.replica_counts()[&1], 0);
+        assert_eq!(s.apply(removed), MetaReply::Done);
+    }
+
+    #[test]
+    fn moves_validate_complete_and_cancel() {
+        let mut s = cluster(4);
+        create(&mut s, "t", 1, 3);
+        let mv = |replicas: Vec<u64>| MetaCommand::MovePartition {
+            topic: "t".into(),
+            partition: 0,
+            replicas,
+        };
+        assert!(matches!(
+            s.apply(mv(vec![2, 2, 3])),
+            MetaReply::Error(MetaError::Invalid(_))
+        ));
+        assert!(matches!(
+            s.apply(mv(vec![2, 9, 3])),
+            MetaReply::Error(MetaError::UnknownNode(9))
+        ));
+        let bad_partition = MetaCommand::MovePartition {
+            topic: "t".into(),
+            partition: 5,
+            replicas: vec![1],
+        };
+        assert!(matches!(
+            s.apply(bad_partition),
+            MetaReply::Error(MetaError::UnknownPartition { .. })
+        ));
+        assert_eq!(s.apply(mv(vec![2, 3, 4])), MetaReply::Done);
+        assert!(matches!(
+            s.apply(mv(vec![1, 3, 4])),
+            MetaReply::Error(MetaError::Conflict(_))
+        ));
+        assert_eq!(
+            s.apply(mv(vec![2, 3, 4])),
+            MetaReply::Done,
+            "repeating the same move is fine"
+        );
+        let g = s.topics["t"].partitions[0].group_id;
+        // A stale completion (for another replica set) changes nothing.
+        s.apply(MetaCommand::CompleteMove {
+            group: g,
+            replicas: vec![1, 2, 3],
+        });
+        assert!(s.topics["t"].partitions[0].target.is_some());
+        let cancel = MetaCommand::CancelMove {
+            topic: "t".into(),
+            partition: 0,
+        };
+        assert_eq!(s.apply(cancel.clone()), MetaReply::Done);
+        assert!(s.topics["t"].partitions[0].target.is_none());
+        assert!(matches!(s.apply(cancel), MetaReply::Error(_)));
+        s.apply(mv(vec![2, 3, 4]));
+        s.apply(MetaCommand::CompleteMove {
+            group: g,
+            replicas: vec![2, 3, 4],
+        });
+        let p = &s.topics["t"].partitions[0];
+        assert_eq!((p.replicas.clone(), p.target.clone()), (vec![2, 3, 4], None));
+    }
+
+    #[test]
+    fn topics_can_be_deleted_altered_and_grown() {
+        let mut s = cluster(3);
+        create(&mut s, "t", 2, 3);
+        let set = [("max.event.bytes".to_string(), "2048".to_string())].into();
+        let MetaReply::Topic(t) = s.apply(MetaCommand::AlterTopicConfig {
+            name: "t".into(),
+            set,
+        }) else {
+            panic!()
+        };
+        assert_eq!(t.max_event_bytes(), Some(2048));
+        let MetaReply::Topic(t) = s.apply(MetaCommand::AddPartitions {
+            name: "t".into(),
+            count: 3,
+        }) else {
+            panic!()
+        };
+        assert_eq!(t.partitions.len(), 5);
+        let groups: std::collections::BTreeSet<_> = t.partitions.iter().map(|p| p.group_id).collect();
+        assert_eq!(groups.len(), 5, "new partitions get new groups");
+        assert_eq!(
+            s.apply(MetaCommand::DeleteTopic { name: "t".into() }),
+            MetaReply::Done
+        );
+        assert!(matches!(
+            s.apply(MetaCommand::DeleteTopic { name: "t".into() }),
+            MetaReply::Error(MetaError::UnknownTopic(_))
+        ));
     }
 }

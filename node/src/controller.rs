@@ -1,0 +1,106 @@
+//! Duties of the metadata leader that no single request triggers: removing a decommissioned
+//! node once it holds no replica, and keeping the metadata group at up to five voters by
+//! promoting learners when voters leave. Runs on every node; acts only on the leader.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use eddy_raft::NodeId;
+use openraft::ChangeMembers;
+use openraft::async_runtime::WatchReceiver;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use tracing::warn;
+
+use crate::meta::MetaCommand;
+use crate::meta::MetaHandle;
+use crate::meta::handle::META_VOTERS_MAX;
+use crate::meta::state::NodeState;
+
+const CONTROLLER_INTERVAL: Duration = Duration::from_secs(1);
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Controller {
+    pub me: NodeId,
+    pub meta: MetaHandle,
+}
+
+impl Controller {
+    pub async fn run(self, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                // Both arms only wait.
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(CONTROLLER_INTERVAL) => {}
+            }
+            if self.meta.leader() == Some(self.me) {
+                self.round().await;
+            }
+        }
+    }
+
+    async fn round(&self) {
+        let view = self.meta.view();
+        let counts = view.state.replica_counts();
+        for (id, n) in &view.state.nodes {
+            if n.state == NodeState::Decommissioning && counts.get(id).copied().unwrap_or(0) == 0 {
+                info!(
+                    node = id,
+                    "decommissioned node holds no replica any more; removing it"
+                );
+                if let Err(e) = self
+                    .meta
+                    .write(
+                        MetaCommand::SetNodeState {
+                            node: *id,
+                            state: NodeState::Removed,
+                        },
+                        STEP_TIMEOUT,
+                    )
+                    .await
+                {
+                    warn!(node = id, "marking the node removed failed: {e}");
+                    continue;
+                }
+            }
+        }
+        let membership = self
+            .meta
+            .raft()
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .clone();
+        let members: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+        for (id, n) in &view.state.nodes {
+            if n.state == NodeState::Removed && members.contains(id) && *id != self.me {
+                info!(node = id, "removing the node from the metadata group");
+                if let Err(e) = self.meta.leave(*id, STEP_TIMEOUT).await {
+                    warn!(node = id, "removing the node from the metadata group failed: {e}");
+                }
+                return;
+            }
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        if voters.len() < META_VOTERS_MAX {
+            let candidate = membership.learner_ids().find(|l| {
+                view.state
+                    .nodes
+                    .get(l)
+                    .is_some_and(|n| n.state == NodeState::Active)
+            });
+            if let Some(l) = candidate {
+                info!(node = l, "promoting a metadata learner to voter");
+                let change = ChangeMembers::AddVoterIds(BTreeSet::from([l]));
+                match tokio::time::timeout(STEP_TIMEOUT, self.meta.raft().change_membership(change, false))
+                    .await
+                {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => warn!(node = l, "promoting the learner failed: {e}"),
+                    Err(_) => warn!(node = l, "promoting the learner timed out"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! The reconciler: on every partition group this node leads, moves the Raft membership toward
+//! the replica set the metadata wants, one membership change at a time, and moves leadership to
+//! where it belongs (away from draining nodes, back to preferred leaders).
+//!
+//! A move runs as: add the new replicas as learners → wait until each has caught up → make them
+//! voters → hand leadership over if this leader is leaving → remove the old replicas → report
+//! the move complete to the metadata group. Each step is one openraft call and the loop starts
+//! over from the observed state, so a leader change, a crash or a cancelled move at any point
+//! simply continues from where the group is. A joint configuration left by a leader that died
+//! mid-change is finished first.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eddy_raft::NodeAddr;
+use eddy_raft::NodeId;
+use eddy_raft::RaftMetrics;
+use openraft::ChangeMembers;
+use openraft::async_runtime::WatchReceiver;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use tracing::warn;
+
+use crate::manager::Groups;
+use crate::meta::MetaCommand;
+use crate::meta::MetaHandle;
+use crate::meta::MetaView;
+use crate::partition::PartitionHandle;
+
+/// How often the reconciler looks at every group it leads.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
+/// A follower within this many entries of the leader's log is caught up (in sync).
+pub const IN_SYNC_LAG_MAX: u64 = 256;
+/// Timeout of one membership change or metadata write.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A group's membership as its leader sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MembershipView {
+    pub voters: BTreeSet<NodeId>,
+    pub learners: BTreeSet<NodeId>,
+    /// The voter set of the last configuration, when the membership is joint.
+    pub joint_target: Option<BTreeSet<NodeId>>,
+}
+
+impl MembershipView {
+    pub fn of(m: &RaftMetrics) -> Self {
+        let membership = m.membership_config.membership();
+        let configs = membership.get_joint_config();
+        Self {
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+            joint_target: (configs.len() > 1).then(|| configs.last().cloned().unwrap_or_default()),
+        }
+    }
+}
+
+/// Followers whose log is within [`IN_SYNC_LAG_MAX`] entries of the leader's (the leader included).
+pub fn in_sync(m: &RaftMetrics) -> BTreeSet<NodeId> {
+    let last = m.last_log_index.unwrap_or(0);
+    let mut out: BTreeSet<NodeId> = m
+        .replication
+        .iter()
+        .flatten()
+        .filter(|(_, matched)| matched.map_or(0, |l| l.index) + IN_SYNC_LAG_MAX >= last)
+        .map(|(id, _)| *id)
+        .collect();
+    out.insert(m.id);
+    out
+}
+
+/// The next step toward `desired` for a group whose leader is `me`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Finish a joint configuration left behind.
+    FinishJoint(BTreeSet<NodeId>),
+    AddLearner(NodeId),
+    Promote(NodeId),
+    /// This leader is not in the desired set: hand leadership to this desired voter.
+    HandOver(NodeId),
+    RemoveVoters(BTreeSet<NodeId>),
+    RemoveLearners(BTreeSet<NodeId>),
+    /// The membership matches: report the move done.
+    Complete,
+    /// Nothing to do now (e.g. waiting for a learner to catch up).
+    Wait,
+}
+
+/// Decides the next membership step. Pure, so it is tested on its own.
+pub fn next_step(me: NodeId, desired: &[NodeId], view: &MembershipView, in_sync: &BTreeSet<NodeId>) -> Step {
+    if let Some(target) = &view.joint_target {
+        return Step::FinishJoint(target.clone());
+    }
+    let desired_set: BTreeSet<NodeId> = desired.iter().copied().collect();
+    let members: BTreeSet<NodeId> = view.voters.union(&view.learners).copied().collect();
+    if let Some(n) = desired.iter().find(|n| !members.contains(n)) {
+        return Step::AddLearner(*n);
+    }
+    let waiting: Vec<NodeId> = view
+        .learners
+        .iter()
+        .filter(|n| desired_set.contains(n))
+        .copied()
+        .collect();
+    if let Some(n) = waiting.iter().find(|n| in_sync.contains(n)) {
+        return Step::Promote(*n);
+    }
+    if !waiting.is_empty() {
+        return Step::Wait;
+    }
+    // Every desired node is a voter now.
+    if !desired_set.contains(&me) {
+        return match desired.iter().find(|n| in_sync.contains(n)) {
+            Some(n) => Step::HandOver(*n),
+            None => Step::Wait,
+        };
+    }
+    let extra_voters: BTreeSet<NodeId> = view.voters.difference(&desired_set).copied().collect();
+    if !extra_voters.is_empty() {
+        return Step::RemoveVoters(extra_voters);
+    }
+    let extra_learners: BTreeSet<NodeId> = view.learners.difference(&desired_set).copied().collect();
+    if !extra_learners.is_empty() {
+        return Step::RemoveLearners(extra_learners);
+    }
+    Step::Complete
+}
+
+/// The replica that should lead: the first of `desired` that may lead and is in sync, if any.
+pub fn preferred_leader(desired: &[NodeId], view: &MetaView, in_sync: &BTreeSet<NodeId>) -> Option<NodeId> {
+    desired
+        .iter()
+        .copied()
+        .find(|n| in_sync.contains(n) && view.state.nodes.get(n).is_some_and(|r| r.state.may_lead()))
+}
+
+pub struct Reconciler {
+    pub me: NodeId,
+    pub meta: MetaHandle,
+    pub groups: Arc<Groups>,
+    /// Move leaderships back to preferred replicas on its own.
+    pub auto_balance: bool,
+}
+
+impl Reconciler {
+    pub async fn run(&self, cancel: CancellationToken) {
+        let mut rx = self.meta.subscribe();
+        loop {
+            self.round(self.auto_balance).await;
+            tokio::select! {
+                // Each arm only waits.
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+                r = rx.changed() => if r.is_err() { break },
+            }
+        }
+    }
+
+    /// One pass over the groups this node leads. Returns how many leadership transfers it
+    /// started.
+    pub async fn round(&self, balance: bool) -> u32 {
+        let view = self.meta.view();
+        let mut transfers = 0;
+        for g in self.groups.all() {
+            let m = g.raft().metrics().borrow_watched().clone();
+            if m.current_leader != Some(self.me) {
+                continue;
+            }
+            let Some((_, _, p)) = view.state.partition_of(g.group()) else {
+                continue;
+            };
+            let desired = p.desired().to_vec();
+            let sync = in_sync(&m);
+            let step = next_step(self.me, &desired, &MembershipView::of(&m), &sync);
+            if step != Step::Complete && step != Step::Wait {
+                self.apply(&g, &view, &desired, step).await;
+                continue;
+            }
+            if step == Step::Complete && p.target.is_some() {
+                let cmd = MetaCommand::CompleteMove {
+                    group: g.group(),
+                    replicas: desired.clone(),
+                };
+                match self.meta.write(cmd, STEP_TIMEOUT).await {
+                    Ok(_) => info!(group = g.group(), ?desired, "partition move complete"),
+                    Err(e) => warn!(group = g.group(), "reporting a completed move failed: {e}"),
+                }
+                continue;
+            }
+            // Leadership: never on a node that may not lead; back to the preferred one when asked.
+            let my_state = view.state.nodes.get(&self.me).map(|n| n.state);
+            let must_leave = my_state.is_some_and(|s| !s.may_lead());
+            if must_leave || balance {
+                let Some(to) = preferred_leader(&desired, &view, &sync) else {
+                    continue;
+                };
+                if to != self.me {
+                    info!(group = g.group(), to, must_leave, "moving leadership");
+                    if g.raft().trigger().transfer_leader(to).await.is_ok() {
+                        transfers += 1;
+                    }
+                }
+            }
+        }
+        transfers
+    }
+
+    async fn apply(&self, g: &PartitionHandle, view: &MetaView, desired: &[NodeId], step: Step) {
+        let group = g.group();
+        let addr = |n: NodeId| -> Option<NodeAddr> { view.state.nodes.get(&n).map(|r| r.addr.clone()) };
+        info!(group, ?step, ?desired, "membership step");
+        let raft = g.raft();
+        let r = match step.clone() {
+            Step::FinishJoint(voters) => tokio::time::timeout(
+                STEP_TIMEOUT,
+                raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), false),
+            )
+            .await
+            .map(|r| r.map(|_| ()).map_err(|e| e.to_string())),
+            Step::AddLearner(n) => {
+                let Some(a) = addr(n) else { return };
+                tokio::time::timeout(STEP_TIMEOUT, raft.add_learner(n, a, false))
+                    .await
+                    .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+            }
+            Step::Promote(n) => tokio::time::timeout(
+                STEP_TIMEOUT,
+                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([n])), false),
+            )
+            .await
+            .map(|r| r.map(|_| ()).map_err(|e| e.to_string())),
+            Step::HandOver(n) => tokio::time::timeout(STEP_TIMEOUT, raft.trigger().transfer_leader(n))
+                .await
+                .map(|r| r.map_err(|e| e.to_string())),
+            Step::RemoveVoters(ids) => tokio::time::timeout(
+                STEP_TIMEOUT,
+                raft.change_membership(ChangeMembers::RemoveVoters(ids), false),
+            )
+            .await
+            .map(|r| r.map(|_| ()).map_err(|e| e.to_string())),
+            Step::RemoveLearners(ids) => tokio::time::timeout(
+                STEP_TIMEOUT,
+                raft.change_membership(ChangeMembers::RemoveNodes(ids), false),
+            )
+            .await
+            .map(|r| r.map(|_| ()).map_err(|e| e.to_string())),
+            Step::Complete | Step::Wait => return,
+        };
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(group, ?step, "membership step failed: {e}"),
+            Err(_) => warn!(group, ?step, "membership step timed out"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(voters: &[u64], learners: &[u64]) -> MembershipView {
+        MembershipView {
+            voters: voters.iter().copied().collect(),
+            learners: learners.iter().copied().collect(),
+            joint_target: None,
+        }
+    }
+
+    fn set(v: &[u64]) -> BTreeSet<u64> {
+        v.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_move_runs_learner_catch_up_promote_handover_remove_complete() {
+        // Move [1,2,3] -> [2,3,4], led by 1.
+        let d = [2, 3, 4];
+        assert_eq!(
+            next_step(1, &d, &view(&[1, 2, 3], &[]), &set(&[1, 2, 3])),
+            Step::AddLearner(4)
+        );
+        assert_eq!(
+            next_step(1, &d, &view(&[1, 2, 3], &[4]), &set(&[1, 2, 3])),
+            Step::Wait,
+            "4 is catching up"
+        );
+        assert_eq!(
+            next_step(1, &d, &view(&[1, 2, 3], &[4]), &set(&[1, 2, 3, 4])),
+            Step::Promote(4)
+        );
+        assert_eq!(
+            next_step(1, &d, &view(&[1, 2, 3, 4], &[]), &set(&[1, 2, 3, 4])),
+            Step::HandOver(2)
+        );
+        // Node 2 now leads.
+        assert_eq!(
+            next_step(2, &d, &view(&[1, 2, 3, 4], &[]), &set(&[1, 2, 3, 4])),
+            Step::RemoveVoters(set(&[1]))
+        );
+        assert_eq!(
+            next_step(2, &d, &view(&[2, 3, 4], &[]), &set(&[2, 3, 4])),
+            Step::Complete
+        );
+        // A cancelled move reverts the same way.
+        assert_eq!(
+            next_step(2, &[1, 2, 3], &view(&[2, 3, 4], &[]), &set(&[2, 3, 4])),
+            Step::AddLearner(1)
+        );
+        assert_eq!(
+            next_step(2, &[1, 2, 3], &view(&[1, 2, 3, 4], &[]), &set(&[1, 2, 3, 4])),
+            Step::RemoveVoters(set(&[4]))
+        );
+        assert_eq!(
+            next_step(2, &[1, 2, 3], &view(&[1, 2, 3], &[4]), &set(&[1, 2, 3])),
+            Step::RemoveLearners(set(&[4]))
+        );
+    }
+
+    #[test]
+    fn a_joint_configuration_is_finished_first() {
+        let mut v = view(&[1, 2, 3, 4], &[]);
+        v.joint_target = Some(set(&[2, 3, 4]));
+        assert_eq!(
+            next_step(2, &[2, 3, 4], &v, &set(&[1, 2, 3, 4])),
+            Step::FinishJoint(set(&[2, 3, 4]))
+        );
+    }
+}

@@ -1,0 +1,152 @@
+//! What every node knows about the partitions it hosts, and the cluster-wide view assembled by
+//! asking every node (`NodeStatus`). Metadata, `topic describe`, health and node lists use it.
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use eddy_proto::v1 as pb;
+use eddy_proto::v1::broker_client::BrokerClient;
+use eddy_raft::GroupId;
+use eddy_raft::NodeId;
+use futures::future::join_all;
+use openraft::async_runtime::WatchReceiver;
+use tonic::Request;
+
+use crate::broker::BrokerState;
+use crate::reconciler::MembershipView;
+use crate::reconciler::in_sync;
+
+/// How long a node waits for a peer's status when assembling the cluster view.
+pub const STATUS_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// A partition, merged from its replicas' own reports.
+#[derive(Debug, Clone, Default)]
+pub struct Merged {
+    /// The leader: a replica that reports leading (highest term), else the newest belief.
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub hw: u64,
+    pub log_start: u64,
+    pub from_leader: bool,
+    /// From the leader's report.
+    pub in_sync: Vec<NodeId>,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    pub joint: bool,
+    /// Replicas that answered.
+    pub reporters: BTreeSet<NodeId>,
+}
+
+/// The cluster as the nodes that answered describe it.
+#[derive(Debug, Default)]
+pub struct ClusterStatus {
+    pub answered: BTreeMap<NodeId, pb::NodeStatusResponse>,
+    pub partitions: BTreeMap<GroupId, Merged>,
+}
+
+impl ClusterStatus {
+    /// Partitions each node leads.
+    pub fn leader_counts(&self) -> BTreeMap<NodeId, u32> {
+        let mut c = BTreeMap::new();
+        for m in self.partitions.values() {
+            if let (Some(l), true) = (m.leader, m.from_leader) {
+                *c.entry(l).or_default() += 1;
+            }
+        }
+        c
+    }
+}
+
+impl BrokerState {
+    /// This node's own report.
+    pub fn local_status(&self) -> pb::NodeStatusResponse {
+        let partitions = self
+            .groups
+            .all()
+            .into_iter()
+            .map(|h| {
+                let s = h.status();
+                let m = h.raft().metrics().borrow_watched().clone();
+                let view = MembershipView::of(&m);
+                pb::PartitionStatus {
+                    topic: h.topic().to_owned(),
+                    partition: h.partition(),
+                    group_id: h.group(),
+                    leader: s.leader,
+                    term: s.term,
+                    high_watermark: s.progress.next_offset,
+                    log_start_offset: s.progress.log_start_offset,
+                    is_leader: s.is_leader,
+                    in_sync: if s.is_leader {
+                        in_sync(&m).into_iter().collect()
+                    } else {
+                        Vec::new()
+                    },
+                    voters: view.voters.into_iter().collect(),
+                    learners: view.learners.into_iter().collect(),
+                    joint: view.joint_target.is_some(),
+                }
+            })
+            .collect();
+        pb::NodeStatusResponse {
+            node_id: self.me,
+            metadata_leader: self.meta.leader(),
+            ready: self.meta.is_ready(),
+            partitions,
+        }
+    }
+
+    /// Asks every node for its report (in parallel, with a deadline) and merges the answers.
+    pub async fn cluster_status(&self) -> ClusterStatus {
+        let view = self.meta.view();
+        let calls = view.state.nodes.iter().map(|(id, n)| {
+            let (id, addr) = (*id, n.addr.client_addr.clone());
+            async move {
+                if id == self.me {
+                    return Some(self.local_status());
+                }
+                let mut client = BrokerClient::new(self.client_peers.channel(id, &addr));
+                let mut req = Request::new(pb::NodeStatusRequest {});
+                req.set_timeout(STATUS_TIMEOUT);
+                match tokio::time::timeout(STATUS_TIMEOUT, client.node_status(req)).await {
+                    Ok(Ok(r)) => Some(r.into_inner()),
+                    _ => None,
+                }
+            }
+        });
+        let mut out = ClusterStatus::default();
+        for status in join_all(calls).await.into_iter().flatten() {
+            for p in &status.partitions {
+                let m = out.partitions.entry(p.group_id).or_default();
+                m.reporters.insert(status.node_id);
+                if p.is_leader {
+                    if !m.from_leader || p.term > m.term {
+                        m.term = p.term;
+                        m.leader = Some(status.node_id);
+                        m.hw = p.high_watermark;
+                        m.log_start = p.log_start_offset;
+                        m.in_sync = p.in_sync.clone();
+                        m.voters = p.voters.clone();
+                        m.learners = p.learners.clone();
+                        m.joint = p.joint;
+                        m.from_leader = true;
+                    }
+                } else if !m.from_leader {
+                    if p.term > m.term || (p.term == m.term && m.leader.is_none()) {
+                        m.term = p.term;
+                        m.leader = p.leader;
+                    }
+                    m.hw = m.hw.max(p.high_watermark);
+                    m.log_start = m.log_start.max(p.log_start_offset);
+                    if m.voters.is_empty() {
+                        m.voters = p.voters.clone();
+                        m.learners = p.learners.clone();
+                    }
+                }
+            }
+            out.answered.insert(status.node_id, status);
+        }
+        out
+    }
+}

@@ -1,0 +1,504 @@
+//! `eddyctl bench`: the workload shapes of `../shared/bench/nats` (produce with a window of
+//! outstanding events, an open-loop latency run with a consumer on another node, and a consume
+//! run from a follower), so Eddy's figures compare side by side with NATS JetStream's.
+
+#![allow(clippy::disallowed_methods)] // Benchmarks measure real time.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+use std::time::Instant;
+
+use anyhow::Context;
+use anyhow::bail;
+use eddy_ops::Client;
+use eddy_ops::ClientError;
+use eddy_ops::Producer;
+use eddy_ops::ReplicaChoice;
+use eddy_ops::output::Format;
+use eddy_proto::v1 as pb;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use hdrhistogram::Histogram;
+use indicatif::ProgressBar;
+use serde_json::Value;
+use serde_json::json;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Produce N events of B bytes with at most W unacknowledged (NATS bench "produce").
+    Produce {
+        #[arg(long)]
+        events: u64,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        #[arg(long, default_value_t = 1)]
+        inflight: usize,
+        #[arg(long, default_value = "bench")]
+        topic: String,
+        /// Keep the topic instead of recreating it (1 partition, replication factor 3).
+        #[arg(long)]
+        no_reset: bool,
+        /// Unmeasured events sent first.
+        #[arg(long, default_value_t = 1000)]
+        warmup: u64,
+        /// Write an SVG latency histogram here.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
+    },
+    /// Open-loop publishing at R events/s for S seconds, with a consumer on a follower measuring
+    /// end-to-end latency (NATS bench "latency").
+    Latency {
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        #[arg(long, default_value = "bench")]
+        topic: String,
+        #[arg(long, default_value_t = 1)]
+        warmup_seconds: u64,
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
+    },
+    /// Read N events from a follower in batches (NATS bench "consume").
+    Consume {
+        #[arg(long)]
+        events: u64,
+        #[arg(long, default_value = "bench")]
+        topic: String,
+        /// Records per fetch.
+        #[arg(long, default_value_t = 1000)]
+        batch: u32,
+    },
+}
+
+fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+fn record(h: &mut Histogram<u64>, d: Duration) {
+    h.saturating_record((d.as_micros() as u64).max(1));
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+fn hist_json(h: &Histogram<u64>) -> Value {
+    json!({
+        "count": h.len(),
+        "p50_ms": ms(h, 0.5),
+        "p99_ms": ms(h, 0.99),
+        "p999_ms": ms(h, 0.999),
+        "max_ms": h.max() as f64 / 1000.0,
+        "mean_ms": h.mean() / 1000.0,
+    })
+}
+
+fn hist_line(name: &str, h: &Histogram<u64>) -> String {
+    format!(
+        "{name}: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms ({} samples)",
+        ms(h, 0.5),
+        ms(h, 0.99),
+        ms(h, 0.999),
+        h.max() as f64 / 1000.0,
+        h.len()
+    )
+}
+
+/// A self-contained SVG bar chart of a latency histogram (log-spaced buckets).
+fn svg_histogram(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
+    let (w, h) = (900.0, 360.0);
+    let mut buckets: Vec<(u64, Vec<u64>)> = Vec::new();
+    let mut edge = 1u64;
+    let max = series.iter().map(|(_, s)| s.max()).max().unwrap_or(1).max(2);
+    while edge <= max * 2 {
+        let next = (edge as f64 * 1.25).ceil() as u64;
+        let counts = series
+            .iter()
+            .map(|(_, s)| s.count_between(edge, next.saturating_sub(1).max(edge)))
+            .collect();
+        buckets.push((edge, counts));
+        edge = next;
+    }
+    let top = buckets
+        .iter()
+        .flat_map(|(_, c)| c.iter())
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let colors = ["#337ab7", "#d9534f", "#5cb85c"];
+    let bw = (w - 80.0) / buckets.len().max(1) as f64;
+    let mut out = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11"><text x="10" y="16" font-size="14">{title}</text>"#
+    );
+    for (i, (edge, counts)) in buckets.iter().enumerate() {
+        for (j, c) in counts.iter().enumerate() {
+            let bh = (*c as f64 / top) * (h - 80.0);
+            let x = 60.0 + i as f64 * bw + j as f64 * bw / counts.len() as f64;
+            out.push_str(&format!(
+                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="{}"><title>{} ms: {c}</title></rect>"#,
+                h - 40.0 - bh,
+                (bw / counts.len() as f64).max(1.0),
+                colors[j % colors.len()],
+                *edge as f64 / 1000.0
+            ));
+        }
+        if i % 6 == 0 {
+            out.push_str(&format!(
+                r#"<text x="{:.1}" y="{}">{:.2}</text>"#,
+                60.0 + i as f64 * bw,
+                h - 22.0,
+                *edge as f64 / 1000.0
+            ));
+        }
+    }
+    for (j, (name, _)) in series.iter().enumerate() {
+        out.push_str(&format!(
+            r#"<rect x="{}" y="26" width="10" height="10" fill="{}"/><text x="{}" y="35">{name}</text>"#,
+            w - 260.0 + j as f64 * 120.0,
+            colors[j % colors.len()],
+            w - 246.0 + j as f64 * 120.0
+        ));
+    }
+    out.push_str(&format!(
+        r#"<text x="{}" y="{}">latency (ms, log scale)</text></svg>"#,
+        w / 2.0 - 60.0,
+        h - 6.0
+    ));
+    out
+}
+
+fn bar(len: u64, format: Format) -> Option<ProgressBar> {
+    (format == Format::Table).then(|| ProgressBar::new(len))
+}
+
+/// (Re)creates the bench topic: one partition, replication factor 3, and waits for a leader.
+async fn prepare_topic(client: &Client, topic: &str, reset: bool) -> anyhow::Result<()> {
+    if reset {
+        match client.delete_topic(topic).await {
+            Ok(()) | Err(ClientError::NotFound(_)) => {}
+            Err(e) => return Err(e).context("delete the bench topic"),
+        }
+        // Deletion propagates asynchronously; creation retries until the name is free.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match client.create_topic(topic, 1, 3, BTreeMap::new()).await {
+                Ok(_) => break,
+                Err(ClientError::AlreadyExists(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => return Err(e).context("create the bench topic"),
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let md = client.refresh_metadata().await?;
+        if md.partition(topic, 0).is_some_and(|p| p.leader.is_some()) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("topic {topic} has no leader after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends `n` events with at most `window` unacknowledged; returns their ack latencies.
+async fn produce_window(
+    producer: &Producer,
+    n: u64,
+    size: usize,
+    window: usize,
+    progress: Option<&ProgressBar>,
+) -> anyhow::Result<Histogram<u64>> {
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
+    let mut h = new_hist();
+    let mut pending = FuturesUnordered::new();
+    for _ in 0..n {
+        while pending.len() >= window.max(1) {
+            let (t0, r): (Instant, Result<eddy_ops::Ack, ClientError>) =
+                pending.next().await.expect("non-empty");
+            r?;
+            record(&mut h, t0.elapsed());
+            if let Some(b) = progress {
+                b.inc(1);
+            }
+        }
+        let t0 = Instant::now();
+        let ack = producer
+            .send(
+                Some(0),
+                pb::Record {
+                    key: None,
+                    value: payload.clone(),
+                    headers: vec![],
+                    timestamp_ms: None,
+                },
+            )
+            .await?;
+        pending.push(async move { (t0, ack.await) });
+    }
+    while let Some((t0, r)) = pending.next().await {
+        r?;
+        record(&mut h, t0.elapsed());
+        if let Some(b) = progress {
+            b.inc(1);
+        }
+    }
+    Ok(h)
+}
+
+pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        BenchCommand::Produce {
+            events,
+            size,
+            inflight,
+            topic,
+            no_reset,
+            warmup,
+            plot,
+        } => {
+            prepare_topic(&client, &topic, !no_reset).await?;
+            let leader = client.metadata().partition(&topic, 0).and_then(|p| p.leader);
+            let producer = Producer::new(client.clone(), &topic).await?;
+            if warmup > 0 {
+                produce_window(&producer, warmup, size, inflight.max(16), None).await?;
+            }
+            let progress = bar(events, format);
+            let t0 = Instant::now();
+            let h = produce_window(&producer, events, size, inflight, progress.as_ref()).await?;
+            let secs = t0.elapsed().as_secs_f64();
+            if let Some(b) = progress {
+                b.finish_and_clear();
+            }
+            producer.close().await;
+            let eps = events as f64 / secs;
+            let mbps = eps * size as f64 / 1e6;
+            if let Some(path) = plot {
+                std::fs::write(
+                    &path,
+                    svg_histogram(
+                        &format!("eddy produce: ack latency, {events} x {size} B, inflight {inflight}"),
+                        &[("ack", &h)],
+                    ),
+                )
+                .with_context(|| format!("write {}", path.display()))?;
+            }
+            let v = json!({
+                "bench": "produce", "events": events, "size": size, "inflight": inflight, "leader": leader,
+                "seconds": secs, "events_per_sec": eps, "mb_per_sec": mbps, "ack": hist_json(&h),
+            });
+            match format {
+                Format::Json => println!("{v}"),
+                Format::Table => {
+                    println!("produce: {events} x {size} B, inflight {inflight}, leader node {leader:?}");
+                    println!("{eps:.0} events/s, {mbps:.1} MB/s in {secs:.2} s");
+                    println!("{}", hist_line("ack latency", &h));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Latency {
+            rate,
+            seconds,
+            size,
+            topic,
+            warmup_seconds,
+            plot,
+        } => {
+            if size < 16 {
+                bail!("--size: at least 16 bytes (the payload carries a timestamp)");
+            }
+            if rate == 0 {
+                bail!("--rate: at least 1 event per second");
+            }
+            prepare_topic(&client, &topic, true).await?;
+            let md = client.metadata();
+            let leader = md.partition(&topic, 0).and_then(|p| p.leader);
+            let follower = md
+                .partition(&topic, 0)
+                .and_then(|p| p.replicas.iter().copied().find(|r| Some(*r) != leader));
+            let producer = Producer::new(client.clone(), &topic).await?;
+            let base = Instant::now();
+            let warm_n = rate * warmup_seconds;
+            let total = warm_n + rate * seconds;
+            let e2e = Arc::new(Mutex::new(new_hist()));
+            // The consumer: a follower (another node than the leader), from the current end.
+            let start_offset = client
+                .describe_topic(&topic)
+                .await?
+                .partitions
+                .first()
+                .map_or(0, |p| p.high_watermark);
+            let consumer = {
+                let (client, topic, e2e) = (client.clone(), topic.clone(), e2e.clone());
+                let choice = follower.map_or(ReplicaChoice::Follower, ReplicaChoice::Node);
+                tokio::spawn(async move {
+                    let mut offset = start_offset;
+                    let mut got = 0u64;
+                    let deadline = Instant::now() + Duration::from_secs(seconds + warmup_seconds + 30);
+                    while got < total && Instant::now() < deadline {
+                        let Ok(resp) = client
+                            .fetch(&topic, 0, offset, choice, 1 << 20, Duration::from_millis(500))
+                            .await
+                        else {
+                            continue;
+                        };
+                        let now = base.elapsed().as_nanos() as u64;
+                        for r in &resp.records {
+                            if r.value.len() >= 16 {
+                                let sent = u64::from_le_bytes(r.value[0..8].try_into().expect("8 bytes"));
+                                let seq = u64::from_le_bytes(r.value[8..16].try_into().expect("8 bytes"));
+                                if seq >= warm_n {
+                                    e2e.lock()
+                                        .expect("histogram lock")
+                                        .saturating_record((now.saturating_sub(sent) / 1000).max(1));
+                                }
+                            }
+                            offset = r.offset + 1;
+                            got += 1;
+                        }
+                    }
+                    got
+                })
+            };
+            let mut ack = new_hist();
+            let mut pending = FuturesUnordered::new();
+            let period = Duration::from_nanos(1_000_000_000 / rate);
+            let start = Instant::now() + Duration::from_millis(10);
+            let progress = bar(total, format);
+            for i in 0..total {
+                let due = start + period * (i as u32);
+                while Instant::now() < due {
+                    tokio::select! {
+                        // Both arms only wait; an ack that arrives is recorded, the sleep restarts.
+                        () = tokio::time::sleep_until(due.into()) => {}
+                        Some((seq, t0, r)) = pending.next(), if !pending.is_empty() => {
+                            let r: Result<eddy_ops::Ack, ClientError> = r;
+                            r?;
+                            if seq >= warm_n { record(&mut ack, Instant::now().duration_since(t0)); }
+                            if let Some(b) = &progress { b.inc(1); }
+                        }
+                    }
+                }
+                let mut buf = vec![b'x'; size];
+                buf[0..8].copy_from_slice(&(base.elapsed().as_nanos() as u64).to_le_bytes());
+                buf[8..16].copy_from_slice(&i.to_le_bytes());
+                let t0 = Instant::now();
+                let fut = producer
+                    .send(
+                        Some(0),
+                        pb::Record {
+                            key: None,
+                            value: buf.into(),
+                            headers: vec![],
+                            timestamp_ms: None,
+                        },
+                    )
+                    .await?;
+                pending.push(async move { (i, t0, fut.await) });
+            }
+            while let Some((seq, t0, r)) = pending.next().await {
+                r?;
+                if seq >= warm_n {
+                    record(&mut ack, t0.elapsed());
+                }
+                if let Some(b) = &progress {
+                    b.inc(1);
+                }
+            }
+            if let Some(b) = progress {
+                b.finish_and_clear();
+            }
+            producer.close().await;
+            let consumed = consumer.await.unwrap_or(0);
+            let e2e = e2e.lock().expect("histogram lock").clone();
+            if let Some(path) = plot {
+                std::fs::write(
+                    &path,
+                    svg_histogram(
+                        &format!("eddy latency: {rate} events/s x {seconds} s, {size} B"),
+                        &[("publish→ack", &ack), ("publish→consume", &e2e)],
+                    ),
+                )
+                .with_context(|| format!("write {}", path.display()))?;
+            }
+            let v = json!({
+                "bench": "latency", "rate": rate, "seconds": seconds, "size": size, "leader": leader, "consumer_node": follower,
+                "consumed": consumed, "ack": hist_json(&ack), "e2e": hist_json(&e2e),
+            });
+            match format {
+                Format::Json => println!("{v}"),
+                Format::Table => {
+                    println!(
+                        "latency: {rate} events/s for {seconds} s, {size} B, leader node {leader:?}, consumer on node {follower:?}"
+                    );
+                    println!("{}", hist_line("publish→ack", &ack));
+                    println!("{}", hist_line("publish→consume", &e2e));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Consume { events, topic, batch } => {
+            let md = client.refresh_metadata().await?;
+            let p = md
+                .partition(&topic, 0)
+                .with_context(|| format!("topic {topic} does not exist; run `bench produce` first"))?;
+            let follower = p.replicas.iter().copied().find(|r| Some(*r) != p.leader);
+            let choice = follower.map_or(ReplicaChoice::Follower, ReplicaChoice::Node);
+            let progress = bar(events, format);
+            let t0 = Instant::now();
+            let (mut offset, mut got, mut bytes) = (p.log_start_offset, 0u64, 0u64);
+            while got < events {
+                let resp = fetch_batch(&client, &topic, offset, choice, batch).await?;
+                if resp.records.is_empty() {
+                    bail!("only {got} of {events} events could be read (the partition ends at {offset})");
+                }
+                for r in &resp.records {
+                    offset = r.offset + 1;
+                    bytes += r.value.len() as u64;
+                    got += 1;
+                }
+                if let Some(b) = &progress {
+                    b.set_position(got.min(events));
+                }
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            if let Some(b) = progress {
+                b.finish_and_clear();
+            }
+            let eps = got as f64 / secs;
+            let v = json!({"bench": "consume", "events": got, "batch": batch, "node": follower, "seconds": secs, "events_per_sec": eps, "mb_per_sec": bytes as f64 / secs / 1e6});
+            match format {
+                Format::Json => println!("{v}"),
+                Format::Table => println!(
+                    "consume: {got} events from node {follower:?} in {secs:.2} s: {eps:.0} events/s, {:.1} MB/s",
+                    bytes as f64 / secs / 1e6
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// One fetch of up to `batch` records (no long poll: the data is there).
+async fn fetch_batch(
+    client: &Client,
+    topic: &str,
+    offset: u64,
+    choice: ReplicaChoice,
+    batch: u32,
+) -> anyhow::Result<pb::FetchResponse> {
+    let resp = client
+        .fetch_records(topic, 0, offset, choice, 8 << 20, batch, Duration::ZERO)
+        .await?;
+    Ok(resp)
+}

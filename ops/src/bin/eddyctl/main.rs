@@ -1,0 +1,352 @@
+//! `eddyctl`: operate an Eddy cluster from the shell.
+//!
+//! Data goes to stdout, diagnostics to stderr. Tables by default; `--output json` prints one
+//! JSON document per command, or one object per line for streams (`produce` and `consume`
+//! always print JSON lines). Exit codes: 0 success, 1 failure, 2 usage error, 3 unhealthy or
+//! partial (e.g. `cluster health`, a `--wait` that timed out).
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::CommandFactory;
+use clap::Parser;
+use clap::Subcommand;
+use eddy_ops::Client;
+use eddy_ops::ClientConfig;
+use eddy_ops::ReplicaChoice;
+use eddy_ops::output::Format;
+
+mod admin;
+mod bench;
+mod data;
+
+/// Exit code for "unhealthy" or "partial".
+pub const EXIT_UNHEALTHY: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(name = "eddyctl", version, about = "Operate an Eddy cluster")]
+pub struct Cli {
+    /// Broker client addresses, comma-separated.
+    #[arg(
+        long,
+        env = "EDDY_BROKERS",
+        default_value = "127.0.0.1:9091",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub brokers: Vec<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table, global = true)]
+    pub output: Format,
+    /// Deadline of each request, e.g. 10s or 500ms.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, global = true)]
+    pub request_timeout: Duration,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 10s or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?}; use ms, s or m")),
+    }
+}
+
+/// `TOPIC/PARTITION`, e.g. `orders/0`.
+#[derive(Debug, Clone)]
+pub struct TopicPartition {
+    pub topic: String,
+    pub partition: u32,
+}
+
+fn parse_tp(s: &str) -> Result<TopicPartition, String> {
+    let (t, p) = s
+        .rsplit_once('/')
+        .ok_or_else(|| format!("{s:?}: expected TOPIC/PARTITION, e.g. orders/0"))?;
+    let partition = p
+        .parse()
+        .map_err(|_| format!("{s:?}: {p:?} is not a partition number"))?;
+    Ok(TopicPartition {
+        topic: t.to_owned(),
+        partition,
+    })
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u64>, String> {
+    s.split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("{x:?} is not a node id"))
+        })
+        .collect()
+}
+
+fn parse_replica(s: &str) -> Result<ReplicaChoice, String> {
+    match s {
+        "leader" => Ok(ReplicaChoice::Leader),
+        "follower" => Ok(ReplicaChoice::Follower),
+        n => n
+            .parse()
+            .map(ReplicaChoice::Node)
+            .map_err(|_| format!("{s:?}: expected leader, follower or a node id")),
+    }
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?}: expected key=value"))
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// The cluster: status, health, leader balance.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Nodes: list, drain, undrain, decommission.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Topics: create, list, describe, delete, change.
+    Topic {
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
+    /// Partitions: move, move status, cancel, transfer leadership.
+    Partition {
+        #[command(subcommand)]
+        command: PartitionCommand,
+    },
+    /// Produce one event per line of stdin; prints {"partition","offset"} per event once acknowledged.
+    Produce {
+        topic: String,
+        /// Partition to write to (default: by key hash, or round-robin without a key).
+        #[arg(long)]
+        partition: Option<u32>,
+        /// Key of every event.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Print events of a partition as JSON lines.
+    Consume {
+        topic: String,
+        #[arg(long)]
+        partition: u32,
+        /// First offset to read (default: the start of the log).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Stop after this many events (default: follow forever).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Which replica to read from: leader, follower, or a node id.
+        #[arg(long, default_value = "follower", value_parser = parse_replica)]
+        replica: ReplicaChoice,
+        /// Long-poll wait per fetch, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        wait_ms: u32,
+    },
+    /// Benchmarks with the workload shapes of the NATS JetStream baseline.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+    /// Print a shell completion script.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Nodes, whether each answers, and the metadata leader.
+    Status,
+    /// Under-replicated, leaderless and offline partitions, nodes down, metadata quorum.
+    /// Exit 0 when healthy, 3 when not.
+    Health {
+        /// Keep printing the health every second.
+        #[arg(long)]
+        watch: bool,
+        /// Wait until the cluster is healthy (exit 0), or until --timeout (exit 3).
+        #[arg(long)]
+        exit_when_healthy: bool,
+        /// How long --watch or --exit-when-healthy may run.
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
+    },
+    /// Move every partition's leadership to its preferred replica.
+    Balance {
+        /// Wait until every leader is the preferred one (or --timeout).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// Nodes with state, address, leaders and replicas.
+    List,
+    /// Maintenance mode: move the node's leaderships away and give it no new ones.
+    Drain { id: u64 },
+    /// End maintenance mode.
+    Undrain { id: u64 },
+    /// Move every replica off the node, then remove it from the cluster.
+    Decommission {
+        id: u64,
+        /// Wait (with a progress bar) until the node holds no replica.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TopicCommand {
+    Create {
+        name: String,
+        #[arg(long)]
+        partitions: u32,
+        #[arg(long)]
+        replication_factor: u32,
+        /// Topic setting as key=value; repeatable.
+        #[arg(long = "config", value_parser = parse_kv)]
+        config: Vec<(String, String)>,
+    },
+    List,
+    Describe {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+    /// Change topic settings.
+    AlterConfig {
+        name: String,
+        /// key=value; repeatable.
+        #[arg(long = "set", value_parser = parse_kv, required = true)]
+        set: Vec<(String, String)>,
+    },
+    /// Add partitions to a topic.
+    AddPartitions {
+        name: String,
+        /// How many partitions to add.
+        #[arg(long)]
+        count: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PartitionCommand {
+    /// Reassign a partition's replicas (the first is the preferred leader).
+    Move {
+        #[arg(value_parser = parse_tp)]
+        partition: TopicPartition,
+        #[arg(long, value_parser = parse_ids)]
+        replicas: std::vec::Vec<u64>,
+        /// Wait until the move completes (or --timeout).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Moves in progress.
+    MoveStatus,
+    /// Cancel a move in progress (the partition returns to its old replicas).
+    MoveCancel {
+        #[arg(value_parser = parse_tp)]
+        partition: TopicPartition,
+    },
+    /// Make another replica the partition's leader.
+    TransferLeadership {
+        #[arg(value_parser = parse_tp)]
+        partition: TopicPartition,
+        #[arg(long)]
+        to: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDDYCTL_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    if let Command::Completion { shell } = &cli.command {
+        clap_complete::generate(*shell, &mut Cli::command(), "eddyctl", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = ClientConfig {
+        request_timeout: cli.request_timeout,
+        ..ClientConfig::default()
+    };
+    let client = Client::connect(&cli.brokers, config)
+        .await
+        .context("connect to the cluster")?;
+    let format = cli.output;
+    match cli.command {
+        Command::Cluster { command } => admin::cluster(&client, format, command).await,
+        Command::Node { command } => admin::node(&client, format, command).await,
+        Command::Topic { command } => admin::topic(&client, format, command).await,
+        Command::Partition { command } => admin::partition(&client, format, command).await,
+        Command::Produce {
+            topic,
+            partition,
+            key,
+        } => data::produce(client, &topic, partition, key).await,
+        Command::Consume {
+            topic,
+            partition,
+            from,
+            count,
+            replica,
+            wait_ms,
+        } => data::consume(&client, &topic, partition, from, count, replica, wait_ms).await,
+        Command::Bench { command } => bench::run(client, format, command).await,
+        Command::Completion { .. } => unreachable!("handled before connecting"),
+    }
+}
+
+/// Key=value pairs as a map.
+pub fn kv_map(v: Vec<(String, String)>) -> BTreeMap<String, String> {
+    v.into_iter().collect()
+}
