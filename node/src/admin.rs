@@ -112,19 +112,13 @@ impl Admin for AdminService {
             .into());
         }
         let Some(h) = self.state.groups.get(p.group_id) else {
-            return Err(BrokerError::NotLeader {
-                what,
-                me: self.state.me,
-                leader: None,
-                leader_addr: None,
-            }
-            .into());
+            return Err(
+                BrokerError::NotLeader { what, me: self.state.me, leader: None, leader_addr: None }.into()
+            );
         };
         let status = h.status();
         if status.leader == Some(req.to_node) {
-            return Ok(Response::new(pb::TransferLeadershipResponse {
-                leader: req.to_node,
-            }));
+            return Ok(Response::new(pb::TransferLeadershipResponse { leader: req.to_node }));
         }
         if !status.is_leader {
             return Err(h.not_leader(status.leader).into());
@@ -152,10 +146,7 @@ impl Admin for AdminService {
         _: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let (nodes, metadata_leader) = self.node_summaries().await;
-        Ok(Response::new(pb::ListNodesResponse {
-            nodes,
-            metadata_leader,
-        }))
+        Ok(Response::new(pb::ListNodesResponse { nodes, metadata_leader }))
     }
 
     async fn set_node_state(
@@ -164,12 +155,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::SetNodeStateResponse>, Status> {
         let req = request.into_inner();
         let state = parse_state(&req.state)?;
-        let reply = self
-            .write(MetaCommand::SetNodeState {
-                node: req.node_id,
-                state,
-            })
-            .await?;
+        let reply = self.write(MetaCommand::SetNodeState { node: req.node_id, state }).await?;
         let moving = match reply {
             MetaReply::Moving(m) => m,
             _ => Vec::new(),
@@ -258,26 +244,21 @@ impl Admin for AdminService {
         _: Request<pb::BalanceLeadersRequest>,
     ) -> Result<Response<pb::BalanceLeadersResponse>, Status> {
         let view = self.state.meta.view();
-        let calls = view
-            .state
-            .nodes
-            .iter()
-            .filter(|(_, n)| n.state != NodeState::Removed)
-            .map(|(id, n)| {
-                let (id, addr) = (*id, n.addr.client_addr.clone());
-                async move {
-                    if id == self.state.me {
-                        return self.reconciler.round(true).await;
-                    }
-                    let mut client = AdminClient::new(self.state.client_peers.channel(id, &addr));
-                    let mut req = Request::new(pb::BalanceLeadersRequest {});
-                    req.set_timeout(STATUS_TIMEOUT * 4);
-                    match tokio::time::timeout(STATUS_TIMEOUT * 4, client.balance_local(req)).await {
-                        Ok(Ok(r)) => r.into_inner().transfers,
-                        _ => 0,
-                    }
+        let calls = view.state.nodes.iter().filter(|(_, n)| n.state != NodeState::Removed).map(|(id, n)| {
+            let (id, addr) = (*id, n.addr.client_addr.clone());
+            async move {
+                if id == self.state.me {
+                    return self.reconciler.round(true).await;
                 }
-            });
+                let mut client = AdminClient::new(self.state.client_peers.channel(id, &addr));
+                let mut req = Request::new(pb::BalanceLeadersRequest {});
+                req.set_timeout(STATUS_TIMEOUT * 4);
+                match tokio::time::timeout(STATUS_TIMEOUT * 4, client.balance_local(req)).await {
+                    Ok(Ok(r)) => r.into_inner().transfers,
+                    _ => 0,
+                }
+            }
+        });
         let transfers = join_all(calls).await.into_iter().sum();
         Ok(Response::new(pb::BalanceLeadersResponse { transfers }))
     }
@@ -311,13 +292,10 @@ impl Admin for AdminService {
             return Err(BrokerError::InvalidArgument("set: give at least one key=value".into()).into());
         }
         limits::validate_topic_config(&set)?;
-        match self
-            .write(MetaCommand::AlterTopicConfig { name: req.name, set })
-            .await?
-        {
-            MetaReply::Topic(t) => Ok(Response::new(pb::AlterTopicConfigResponse {
-                config: t.config.into_iter().collect(),
-            })),
+        match self.write(MetaCommand::AlterTopicConfig { name: req.name, set }).await? {
+            MetaReply::Topic(t) => {
+                Ok(Response::new(pb::AlterTopicConfigResponse { config: t.config.into_iter().collect() }))
+            }
             other => Err(BrokerError::Internal(format!("unexpected reply {other:?}")).into()),
         }
     }
@@ -337,16 +315,10 @@ impl Admin for AdminService {
             ))
             .into());
         }
-        match self
-            .write(MetaCommand::AddPartitions {
-                name: req.name,
-                count: req.count,
-            })
-            .await?
-        {
-            MetaReply::Topic(t) => Ok(Response::new(pb::AddPartitionsResponse {
-                partitions: t.partitions.len() as u32,
-            })),
+        match self.write(MetaCommand::AddPartitions { name: req.name, count: req.count }).await? {
+            MetaReply::Topic(t) => {
+                Ok(Response::new(pb::AddPartitionsResponse { partitions: t.partitions.len() as u32 }))
+            }
             other => Err(BrokerError::Internal(format!("unexpected reply {other:?}")).into()),
         }
     }
@@ -396,11 +368,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::CancelMoveResponse>, Status> {
         let req = request.into_inner();
         limits::validate_topic_name("topic", &req.topic)?;
-        self.write(MetaCommand::CancelMove {
-            topic: req.topic,
-            partition: req.partition,
-        })
-        .await?;
+        self.write(MetaCommand::CancelMove { topic: req.topic, partition: req.partition }).await?;
         Ok(Response::new(pb::CancelMoveResponse {}))
     }
 
@@ -410,19 +378,10 @@ impl Admin for AdminService {
             return Err(BrokerError::InvalidArgument("node_id: must be at least 1".into()).into());
         }
         if req.client_addr.is_empty() || req.raft_addr.is_empty() {
-            return Err(
-                BrokerError::InvalidArgument("client_addr, raft_addr: both are needed".into()).into(),
-            );
+            return Err(BrokerError::InvalidArgument("client_addr, raft_addr: both are needed".into()).into());
         }
-        let addr = NodeAddr {
-            raft_addr: req.raft_addr,
-            client_addr: req.client_addr,
-        };
-        let voter = self
-            .state
-            .meta
-            .join(req.node_id, addr, META_WRITE_TIMEOUT)
-            .await?;
+        let addr = NodeAddr { raft_addr: req.raft_addr, client_addr: req.client_addr };
+        let voter = self.state.meta.join(req.node_id, addr, META_WRITE_TIMEOUT).await?;
         Ok(Response::new(pb::JoinResponse { voter }))
     }
 }

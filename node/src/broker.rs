@@ -25,6 +25,7 @@ use crate::meta::MetaHandle;
 use crate::meta::MetaReply;
 use crate::meta::state::PartitionRecord;
 use crate::meta::state::TopicRecord;
+use crate::metrics::NodeMetrics;
 use crate::partition::command::ProduceBatch;
 use crate::partition::command::StoredRecord;
 use crate::status::Merged;
@@ -41,6 +42,7 @@ pub struct BrokerState {
     pub clock: Arc<dyn Clock>,
     /// Channels to other nodes' client ports (for cluster-wide status).
     pub client_peers: Arc<Peers>,
+    pub metrics: Arc<NodeMetrics>,
 }
 
 pub struct BrokerService {
@@ -50,6 +52,85 @@ pub struct BrokerService {
 impl BrokerService {
     pub fn new(state: Arc<BrokerState>) -> Self {
         Self { state }
+    }
+
+    async fn produce_inner(&self, req: pb::ProduceRequest) -> Result<pb::ProduceResponse, BrokerError> {
+        limits::validate_topic_name("topic", &req.topic)?;
+        let topic = self.state.topic(&req.topic)?;
+        let n = topic.partitions.len() as u32;
+        let partition = match req.partition {
+            Some(p) => p,
+            None => match req.records.first().and_then(|r| r.key.as_ref()) {
+                Some(k) => eddy_proto::partition_for_key(k, n),
+                None => 0,
+            },
+        };
+        let pi = partition_index(&topic, partition)?;
+        let records = self.state.to_stored(&topic, req.records)?;
+        let group = topic.partitions[pi].group_id;
+        let Some(h) = self.state.groups.get(group) else {
+            return Err(BrokerError::NotLeader {
+                what: format!("{}/{partition}", topic.name),
+                me: self.state.me,
+                leader: None,
+                leader_addr: None,
+            });
+        };
+        let timeout_ms = match req.timeout_ms {
+            0 => limits::PRODUCE_TIMEOUT_MS_DEFAULT,
+            t => t.min(limits::PRODUCE_TIMEOUT_MS_MAX),
+        };
+        let batch = ProduceBatch { producer_id: req.producer_id, base_sequence: req.base_sequence, records };
+        let r = h.produce(batch, Duration::from_millis(u64::from(timeout_ms))).await?;
+        self.state.metrics.produce_records.inc_by(u64::from(r.count));
+        Ok(pb::ProduceResponse {
+            partition,
+            base_offset: r.base_offset,
+            count: r.count,
+            duplicate: r.duplicate,
+            node_id: self.state.me,
+        })
+    }
+
+    async fn fetch_inner(&self, req: pb::FetchRequest) -> Result<pb::FetchResponse, BrokerError> {
+        limits::validate_topic_name("topic", &req.topic)?;
+        let (topic, p) = self.state.partition(&req.topic, req.partition)?;
+        let Some(h) = self.state.groups.get(p.group_id) else {
+            return Err(BrokerError::NotReplica {
+                what: format!("{}/{}", topic.name, req.partition),
+                me: self.state.me,
+                replicas: p.replicas.clone(),
+            });
+        };
+        let max_bytes = match req.max_bytes {
+            0 => 1 << 20,
+            b => b.min(self.state.limits.max_fetch_bytes),
+        } as usize;
+        let max_records = match req.max_records {
+            0 => usize::MAX,
+            r => r as usize,
+        };
+        let wait = Duration::from_millis(u64::from(req.max_wait_ms.min(limits::FETCH_WAIT_MS_MAX)));
+        let f = h.fetch(req.offset, max_bytes, max_records, wait).await?;
+        let records: Vec<pb::FetchedRecord> = f
+            .records
+            .into_iter()
+            .map(|r| pb::FetchedRecord {
+                offset: r.offset,
+                key: r.record.key,
+                value: r.record.value,
+                headers: r.record.headers.into_iter().map(|(key, value)| pb::Header { key, value }).collect(),
+                timestamp_ms: r.record.timestamp_ms,
+            })
+            .collect();
+        self.state.metrics.fetch_records.inc_by(records.len() as u64);
+        Ok(pb::FetchResponse {
+            records,
+            high_watermark: f.high_watermark,
+            log_start_offset: f.log_start_offset,
+            node_id: self.state.me,
+            next_offset: f.next_offset,
+        })
     }
 }
 
@@ -150,23 +231,14 @@ impl BrokerState {
 pub fn meta_error(e: MetaError) -> BrokerError {
     match e {
         MetaError::TopicExists(t) => BrokerError::TopicExists(t),
-        MetaError::NotEnoughNodes {
-            replication_factor,
-            nodes,
-        } => BrokerError::NotEnoughNodes(format!(
+        MetaError::NotEnoughNodes { replication_factor, nodes } => BrokerError::NotEnoughNodes(format!(
             "replication_factor: {replication_factor} exceeds the {nodes} nodes in the cluster"
         )),
         MetaError::Invalid(m) => BrokerError::InvalidArgument(m),
         MetaError::UnknownTopic(t) => BrokerError::UnknownTopic(t),
-        MetaError::UnknownPartition {
-            topic,
-            partition,
-            count,
-        } => BrokerError::UnknownPartition {
-            topic,
-            partition,
-            count,
-        },
+        MetaError::UnknownPartition { topic, partition, count } => {
+            BrokerError::UnknownPartition { topic, partition, count }
+        }
         MetaError::UnknownNode(n) => {
             BrokerError::InvalidArgument(format!("node {n} is not a member of the cluster"))
         }
@@ -254,9 +326,7 @@ impl Broker for BrokerService {
         limits::validate_topic_name("name", &req.name)?;
         let t = self.state.topic(&req.name)?;
         let merged = self.state.cluster_status().await.partitions;
-        Ok(Response::new(pb::DescribeTopicResponse {
-            topic: Some(BrokerState::topic_metadata(&t, &merged)),
-        }))
+        Ok(Response::new(pb::DescribeTopicResponse { topic: Some(BrokerState::topic_metadata(&t, &merged)) }))
     }
 
     async fn metadata(
@@ -306,12 +376,7 @@ impl Broker for BrokerService {
         &self,
         _: Request<pb::InitProducerRequest>,
     ) -> Result<Response<pb::InitProducerResponse>, Status> {
-        match self
-            .state
-            .meta
-            .write(MetaCommand::AllocateProducerId, META_WRITE_TIMEOUT)
-            .await?
-        {
+        match self.state.meta.write(MetaCommand::AllocateProducerId, META_WRITE_TIMEOUT).await? {
             MetaReply::ProducerId(id) => Ok(Response::new(pb::InitProducerResponse { producer_id: id })),
             MetaReply::Error(e) => Err(meta_error(e).into()),
             other => Err(BrokerError::Internal(format!("unexpected reply {other:?}")).into()),
@@ -322,95 +387,19 @@ impl Broker for BrokerService {
         &self,
         request: Request<pb::ProduceRequest>,
     ) -> Result<Response<pb::ProduceResponse>, Status> {
-        let req = request.into_inner();
-        limits::validate_topic_name("topic", &req.topic)?;
-        let topic = self.state.topic(&req.topic)?;
-        let n = topic.partitions.len() as u32;
-        let partition = match req.partition {
-            Some(p) => p,
-            None => match req.records.first().and_then(|r| r.key.as_ref()) {
-                Some(k) => eddy_proto::partition_for_key(k, n),
-                None => 0,
-            },
-        };
-        let pi = partition_index(&topic, partition)?;
-        let records = self.state.to_stored(&topic, req.records)?;
-        let group = topic.partitions[pi].group_id;
-        let Some(h) = self.state.groups.get(group) else {
-            return Err(BrokerError::NotLeader {
-                what: format!("{}/{partition}", topic.name),
-                me: self.state.me,
-                leader: None,
-                leader_addr: None,
-            }
-            .into());
-        };
-        let timeout_ms = match req.timeout_ms {
-            0 => limits::PRODUCE_TIMEOUT_MS_DEFAULT,
-            t => t.min(limits::PRODUCE_TIMEOUT_MS_MAX),
-        };
-        let batch = ProduceBatch {
-            producer_id: req.producer_id,
-            base_sequence: req.base_sequence,
-            records,
-        };
-        let r = h
-            .produce(batch, Duration::from_millis(u64::from(timeout_ms)))
-            .await?;
-        Ok(Response::new(pb::ProduceResponse {
-            partition,
-            base_offset: r.base_offset,
-            count: r.count,
-            duplicate: r.duplicate,
-            node_id: self.state.me,
-        }))
+        let started = tokio::time::Instant::now();
+        let r = self.produce_inner(request.into_inner()).await;
+        let m = &self.state.metrics;
+        NodeMetrics::observe_request(&m.produce_requests, &m.produce_latency, started.elapsed(), &r);
+        r.map(Response::new).map_err(Status::from)
     }
 
     async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
-        let req = request.into_inner();
-        limits::validate_topic_name("topic", &req.topic)?;
-        let (topic, p) = self.state.partition(&req.topic, req.partition)?;
-        let Some(h) = self.state.groups.get(p.group_id) else {
-            return Err(BrokerError::NotReplica {
-                what: format!("{}/{}", topic.name, req.partition),
-                me: self.state.me,
-                replicas: p.replicas.clone(),
-            }
-            .into());
-        };
-        let max_bytes = match req.max_bytes {
-            0 => 1 << 20,
-            b => b.min(self.state.limits.max_fetch_bytes),
-        } as usize;
-        let max_records = match req.max_records {
-            0 => usize::MAX,
-            r => r as usize,
-        };
-        let wait = Duration::from_millis(u64::from(req.max_wait_ms.min(limits::FETCH_WAIT_MS_MAX)));
-        let f = h.fetch(req.offset, max_bytes, max_records, wait).await?;
-        let records = f
-            .records
-            .into_iter()
-            .map(|r| pb::FetchedRecord {
-                offset: r.offset,
-                key: r.record.key,
-                value: r.record.value,
-                headers: r
-                    .record
-                    .headers
-                    .into_iter()
-                    .map(|(key, value)| pb::Header { key, value })
-                    .collect(),
-                timestamp_ms: r.record.timestamp_ms,
-            })
-            .collect();
-        Ok(Response::new(pb::FetchResponse {
-            records,
-            high_watermark: f.high_watermark,
-            log_start_offset: f.log_start_offset,
-            node_id: self.state.me,
-            next_offset: f.next_offset,
-        }))
+        let started = tokio::time::Instant::now();
+        let r = self.fetch_inner(request.into_inner()).await;
+        let m = &self.state.metrics;
+        NodeMetrics::observe_request(&m.fetch_requests, &m.fetch_latency, started.elapsed(), &r);
+        r.map(Response::new).map_err(Status::from)
     }
 
     async fn node_status(

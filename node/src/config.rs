@@ -93,10 +93,7 @@ impl NodeConfig {
         if !self.initial_members.is_empty() {
             let me = self.initial_members.iter().find(|m| m.id == self.node_id);
             let Some(me) = me else {
-                bail!(
-                    "initial_members: must include this node (node_id {})",
-                    self.node_id
-                );
+                bail!("initial_members: must include this node (node_id {})", self.node_id);
             };
             if me.client_addr != self.client_addr || me.raft_addr != self.raft_addr {
                 bail!(
@@ -115,10 +112,7 @@ impl NodeConfig {
             bail!("join: a node either forms a cluster (initial_members) or joins one (join), not both");
         }
         if self.segment_bytes < 1 << 20 {
-            bail!(
-                "segment_bytes: {} is below the minimum of 1 MiB",
-                self.segment_bytes
-            );
+            bail!("segment_bytes: {} is below the minimum of 1 MiB", self.segment_bytes);
         }
         if self.limits.max_event_bytes == 0 || self.limits.max_event_bytes > self.limits.max_request_bytes {
             bail!("limits.max_event_bytes: must be between 1 and limits.max_request_bytes");
@@ -127,10 +121,7 @@ impl NodeConfig {
     }
 
     pub fn addr(&self) -> NodeAddr {
-        NodeAddr {
-            raft_addr: self.raft_addr.clone(),
-            client_addr: self.client_addr.clone(),
-        }
+        NodeAddr { raft_addr: self.raft_addr.clone(), client_addr: self.client_addr.clone() }
     }
 }
 

@@ -44,19 +44,10 @@ impl Controller {
         let counts = view.state.replica_counts();
         for (id, n) in &view.state.nodes {
             if n.state == NodeState::Decommissioning && counts.get(id).copied().unwrap_or(0) == 0 {
-                info!(
-                    node = id,
-                    "decommissioned node holds no replica any more; removing it"
-                );
+                info!(node = id, "decommissioned node holds no replica any more; removing it");
                 if let Err(e) = self
                     .meta
-                    .write(
-                        MetaCommand::SetNodeState {
-                            node: *id,
-                            state: NodeState::Removed,
-                        },
-                        STEP_TIMEOUT,
-                    )
+                    .write(MetaCommand::SetNodeState { node: *id, state: NodeState::Removed }, STEP_TIMEOUT)
                     .await
                 {
                     warn!(node = id, "marking the node removed failed: {e}");
@@ -64,32 +55,35 @@ impl Controller {
                 }
             }
         }
-        let membership = self
-            .meta
-            .raft()
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .membership()
-            .clone();
+        let membership = self.meta.raft().metrics().borrow_watched().membership_config.membership().clone();
         let members: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
         for (id, n) in &view.state.nodes {
-            if n.state == NodeState::Removed && members.contains(id) && *id != self.me {
-                info!(node = id, "removing the node from the metadata group");
-                if let Err(e) = self.meta.leave(*id, STEP_TIMEOUT).await {
-                    warn!(node = id, "removing the node from the metadata group failed: {e}");
+            if n.state != NodeState::Removed || !members.contains(id) {
+                continue;
+            }
+            if *id == self.me {
+                // A leader cannot remove itself cleanly: hand the leadership over first.
+                let m = self.meta.raft().metrics().borrow_watched().clone();
+                if let Some(to) = crate::reconciler::in_sync(&m)
+                    .into_iter()
+                    .find(|v| *v != self.me && voters_of(&m).contains(v))
+                {
+                    info!(to, "this node was removed; handing the metadata leadership over");
+                    let _ = self.meta.raft().trigger().transfer_leader(to).await;
                 }
                 return;
             }
+            info!(node = id, "removing the node from the metadata group");
+            if let Err(e) = self.meta.leave(*id, STEP_TIMEOUT).await {
+                warn!(node = id, "removing the node from the metadata group failed: {e}");
+            }
+            return;
         }
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         if voters.len() < META_VOTERS_MAX {
-            let candidate = membership.learner_ids().find(|l| {
-                view.state
-                    .nodes
-                    .get(l)
-                    .is_some_and(|n| n.state == NodeState::Active)
-            });
+            let candidate = membership
+                .learner_ids()
+                .find(|l| view.state.nodes.get(l).is_some_and(|n| n.state == NodeState::Active));
             if let Some(l) = candidate {
                 info!(node = l, "promoting a metadata learner to voter");
                 let change = ChangeMembers::AddVoterIds(BTreeSet::from([l]));
@@ -103,4 +97,8 @@ impl Controller {
             }
         }
     }
+}
+
+fn voters_of(m: &eddy_raft::RaftMetrics) -> BTreeSet<NodeId> {
+    m.membership_config.membership().voter_ids().collect()
 }

@@ -35,10 +35,7 @@ pub struct DevArgs {
 }
 
 fn configs(args: &DevArgs) -> anyhow::Result<Vec<NodeConfig>> {
-    anyhow::ensure!(
-        (1..=99).contains(&args.nodes),
-        "--nodes: must be between 1 and 99"
-    );
+    anyhow::ensure!((1..=99).contains(&args.nodes), "--nodes: must be between 1 and 99");
     anyhow::ensure!(
         args.base_port.checked_add(200 + args.nodes).is_some(),
         "--base-port: too high for {} nodes",
@@ -46,11 +43,7 @@ fn configs(args: &DevArgs) -> anyhow::Result<Vec<NodeConfig>> {
     );
     let port = |offset: u16, i: u16| format!("127.0.0.1:{}", args.base_port + offset + i - 1);
     let members: Vec<MemberConfig> = (1..=args.nodes)
-        .map(|i| MemberConfig {
-            id: u64::from(i),
-            client_addr: port(0, i),
-            raft_addr: port(100, i),
-        })
+        .map(|i| MemberConfig { id: u64::from(i), client_addr: port(0, i), raft_addr: port(100, i) })
         .collect();
     Ok((1..=args.nodes)
         .map(|i| NodeConfig {
@@ -93,11 +86,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let brokers: Vec<&str> = configs.iter().map(|c| c.client_addr.as_str()).collect();
     let brokers = brokers.join(",");
-    println!(
-        "Eddy dev cluster: {} nodes, data in {}",
-        configs.len(),
-        args.data_dir.display()
-    );
+    println!("Eddy dev cluster: {} nodes, data in {}", configs.len(), args.data_dir.display());
     for c in &configs {
         println!(
             "  node {}: client {}  raft {}  http {}  log {}",
@@ -113,24 +102,36 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("  eddyctl cluster status");
     println!("Press Ctrl-C to stop.");
 
-    let exited = wait_first_exit(&mut children);
-    tokio::select! {
-        () = stop_signal => {}
-        (id, status) = exited => eprintln!("node {id} exited ({status}); stopping the others"),
+    // A node that exits (or is killed, as in the README's tour) is reported; the others keep
+    // running, and it can be started again by hand with its config file.
+    tokio::pin!(stop_signal);
+    loop {
+        let running: Vec<usize> = (0..children.len()).filter(|i| children[*i].1.id().is_some()).collect();
+        if running.is_empty() {
+            eprintln!("every node has exited");
+            return Ok(());
+        }
+        tokio::select! {
+            // Both arms only wait.
+            () = &mut stop_signal => break,
+            (id, status) = wait_first_exit(&mut children) => {
+                eprintln!(
+                    "node {id} exited ({status}); restart it with: eddy-node --config {}",
+                    args.data_dir.join(format!("node-{id}.toml")).display()
+                );
+            }
+        }
     }
     stop_all(&mut children).await;
     Ok(())
 }
 
+/// Waits for the first of the still-running children to exit.
 async fn wait_first_exit(children: &mut [(u64, Child)]) -> (u64, String) {
-    let waits = children.iter_mut().map(|(id, c)| {
+    let waits = children.iter_mut().filter(|(_, c)| c.id().is_some()).map(|(id, c)| {
         let id = *id;
         Box::pin(async move {
-            let s = c
-                .wait()
-                .await
-                .map(|s| s.to_string())
-                .unwrap_or_else(|e| e.to_string());
+            let s = c.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
             (id, s)
         })
     });

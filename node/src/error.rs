@@ -17,40 +17,19 @@ pub enum BrokerError {
     #[error("topic \"{0}\" does not exist")]
     UnknownTopic(String),
     #[error("topic \"{topic}\" has {count} partitions; partition {partition} does not exist")]
-    UnknownPartition {
-        topic: String,
-        partition: u32,
-        count: u32,
-    },
+    UnknownPartition { topic: String, partition: u32, count: u32 },
     #[error("topic \"{0}\" already exists")]
     TopicExists(String),
     /// This node does not lead the partition (or the metadata group).
     #[error("{what}: node {me} is not the leader{}", leader_hint(*.leader, .leader_addr))]
-    NotLeader {
-        what: String,
-        me: NodeId,
-        leader: Option<NodeId>,
-        leader_addr: Option<String>,
-    },
+    NotLeader { what: String, me: NodeId, leader: Option<NodeId>, leader_addr: Option<String> },
     /// This node holds no replica of the partition.
     #[error("node {me} holds no replica of {what} (replicas: {replicas:?})")]
-    NotReplica {
-        what: String,
-        me: NodeId,
-        replicas: Vec<NodeId>,
-    },
+    NotReplica { what: String, me: NodeId, replicas: Vec<NodeId> },
     #[error("out-of-order sequence for producer {producer_id}: expected base_sequence {expected}, got {got}")]
-    OutOfOrderSequence {
-        producer_id: u64,
-        expected: u64,
-        got: u64,
-    },
+    OutOfOrderSequence { producer_id: u64, expected: u64, got: u64 },
     #[error("offset {offset} is out of range: the log of {what} starts at {log_start}")]
-    OffsetOutOfRange {
-        what: String,
-        offset: u64,
-        log_start: u64,
-    },
+    OffsetOutOfRange { what: String, offset: u64, log_start: u64 },
     #[error("{0}")]
     NotEnoughNodes(String),
     /// The request conflicts with the cluster's state (e.g. a move already in progress).
@@ -115,17 +94,11 @@ impl From<BrokerError> for Status {
         let mut status = Status::new(e.grpc_code(), e.to_string());
         let md = status.metadata_mut();
         md.insert(error_keys::CODE, MetadataValue::from_static(e.code()));
-        if let BrokerError::NotLeader {
-            leader, leader_addr, ..
-        } = &e
-        {
+        if let BrokerError::NotLeader { leader, leader_addr, .. } = &e {
             if let Some(l) = leader {
                 md.insert(error_keys::LEADER_ID, MetadataValue::from(*l));
             }
-            if let Some(a) = leader_addr
-                .as_deref()
-                .and_then(|a| MetadataValue::try_from(a).ok())
-            {
+            if let Some(a) = leader_addr.as_deref().and_then(|a| MetadataValue::try_from(a).ok()) {
                 md.insert(error_keys::LEADER_ADDR, a);
             }
         }
@@ -149,20 +122,8 @@ mod tests {
         };
         let s = Status::from(e);
         assert_eq!(s.code(), Code::FailedPrecondition);
-        assert!(
-            s.message().contains("node 2 at 127.0.0.1:9092"),
-            "{}",
-            s.message()
-        );
-        assert_eq!(
-            s.metadata().get(error_keys::CODE).and_then(|v| v.to_str().ok()),
-            Some("not_leader")
-        );
-        assert_eq!(
-            s.metadata()
-                .get(error_keys::LEADER_ID)
-                .and_then(|v| v.to_str().ok()),
-            Some("2")
-        );
+        assert!(s.message().contains("node 2 at 127.0.0.1:9092"), "{}", s.message());
+        assert_eq!(s.metadata().get(error_keys::CODE).and_then(|v| v.to_str().ok()), Some("not_leader"));
+        assert_eq!(s.metadata().get(error_keys::LEADER_ID).and_then(|v| v.to_str().ok()), Some("2"));
     }
 }

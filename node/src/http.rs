@@ -1,5 +1,6 @@
-//! The node's HTTP endpoint: `/health` (200 once the node has joined the metadata group, 503
-//! before) and `/metrics` (Prometheus text). Only the production binary serves it.
+//! The node's HTTP endpoint: `/health` (200 once the node has joined the metadata group and
+//! every local replica has caught up with what its leader committed; 503 before, with the
+//! reason) and `/metrics` (Prometheus text).
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use axum::http::StatusCode;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use openraft::async_runtime::WatchReceiver;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -16,14 +18,13 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::BrokerState;
+use crate::reconciler::IN_SYNC_LAG_MAX;
+use crate::reconciler::in_sync;
 
 type Labels = Vec<(String, String)>;
 
 pub fn router(state: Arc<BrokerState>) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .with_state(state)
+    Router::new().route("/health", get(health)).route("/metrics", get(metrics)).with_state(state)
 }
 
 pub async fn serve(
@@ -31,91 +32,112 @@ pub async fn serve(
     state: Arc<BrokerState>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(cancel.cancelled_owned())
-        .await
+    axum::serve(listener, router(state)).with_graceful_shutdown(cancel.cancelled_owned()).await
+}
+
+/// Why the node is not ready yet, if it is not.
+pub fn not_ready(s: &BrokerState) -> Option<String> {
+    if !s.meta.is_ready() {
+        return Some("not yet part of the metadata group".into());
+    }
+    for g in s.groups.all() {
+        let m = g.raft().metrics().borrow_watched().clone();
+        if m.current_leader.is_none() {
+            return Some(format!("{}/{} has no leader", g.topic(), g.partition()));
+        }
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        let committed = m.cluster_committed.map_or(0, |l| l.index);
+        if applied + IN_SYNC_LAG_MAX < committed {
+            return Some(format!(
+                "{}/{} is catching up ({applied} of {committed} applied)",
+                g.topic(),
+                g.partition()
+            ));
+        }
+    }
+    None
 }
 
 async fn health(State(s): State<Arc<BrokerState>>) -> impl IntoResponse {
-    if s.meta.is_ready() {
-        (StatusCode::OK, "ok\n")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "starting: not yet part of the metadata group\n",
-        )
+    match not_ready(&s) {
+        None => (StatusCode::OK, "ok\n".to_owned()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
     }
+}
+
+fn gauge(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// Renders the node's metrics in the Prometheus text format.
 pub fn render(s: &BrokerState) -> String {
     let mut reg = Registry::default();
+    s.metrics.register(&mut reg);
     let ready = Gauge::<i64>::default();
-    ready.set(i64::from(s.meta.is_ready()));
-    reg.register(
-        "eddy_node_ready",
-        "1 once the node has joined the metadata group",
-        ready,
-    );
+    ready.set(i64::from(not_ready(s).is_none()));
+    reg.register("eddy_node_ready", "1 once the node is in the metadata group and caught up", ready);
     let hw = Family::<Labels, Gauge>::default();
     let lso = Family::<Labels, Gauge>::default();
     let leader = Family::<Labels, Gauge>::default();
     let bytes = Family::<Labels, Gauge>::default();
-    let (mut leaders, mut replicas) = (0i64, 0i64);
+    let lag = Family::<Labels, Gauge>::default();
+    let view = s.meta.view();
+    let (mut leaders, mut replicas, mut under_replicated) = (0i64, 0i64, 0i64);
     for g in s.groups.all() {
         let st = g.status();
         let labels = vec![
             ("topic".to_string(), g.topic().to_string()),
             ("partition".to_string(), g.partition().to_string()),
         ];
-        hw.get_or_create(&labels)
-            .set(i64::try_from(st.progress.next_offset).unwrap_or(i64::MAX));
-        lso.get_or_create(&labels)
-            .set(i64::try_from(st.progress.log_start_offset).unwrap_or(i64::MAX));
+        hw.get_or_create(&labels).set(gauge(st.progress.next_offset));
+        lso.get_or_create(&labels).set(gauge(st.progress.log_start_offset));
         leader.get_or_create(&labels).set(i64::from(st.is_leader));
-        bytes
-            .get_or_create(&labels)
-            .set(i64::try_from(g.log_bytes()).unwrap_or(i64::MAX));
+        bytes.get_or_create(&labels).set(gauge(g.log_bytes()));
         replicas += 1;
-        leaders += i64::from(st.is_leader);
+        if !st.is_leader {
+            continue;
+        }
+        leaders += 1;
+        let m = g.raft().metrics().borrow_watched().clone();
+        let last = m.last_log_index.unwrap_or(0);
+        for (follower, matched) in m.replication.iter().flatten() {
+            if *follower == s.me {
+                continue;
+            }
+            let mut l = labels.clone();
+            l.push(("follower".to_string(), follower.to_string()));
+            lag.get_or_create(&l).set(gauge(last.saturating_sub(matched.map_or(0, |x| x.index))));
+        }
+        let sync = in_sync(&m);
+        let desired =
+            view.state.partition_of(g.group()).map(|(_, _, p)| p.desired().to_vec()).unwrap_or_default();
+        if desired.iter().any(|r| !sync.contains(r)) {
+            under_replicated += 1;
+        }
     }
-    reg.register(
-        "eddy_partition_high_watermark",
-        "Committed offset bound of this replica",
-        hw,
-    );
-    reg.register(
-        "eddy_partition_log_start_offset",
-        "First offset this replica serves",
-        lso,
-    );
-    reg.register(
-        "eddy_partition_is_leader",
-        "1 if this node leads the partition",
-        leader,
-    );
-    reg.register(
-        "eddy_partition_segment_bytes",
-        "Bytes in the partition's log segments",
-        bytes,
-    );
+    reg.register("eddy_partition_high_watermark", "Committed offset bound of this replica", hw);
+    reg.register("eddy_partition_log_start_offset", "First offset this replica serves", lso);
+    reg.register("eddy_partition_is_leader", "1 if this node leads the partition", leader);
+    reg.register("eddy_partition_segment_bytes", "Bytes in the partition's log segments on this node", bytes);
+    reg.register("eddy_partition_replication_lag", "Log entries a follower is behind this leader", lag);
     let l = Gauge::<i64>::default();
     l.set(leaders);
     reg.register("eddy_node_leaders", "Partitions this node leads", l);
     let r = Gauge::<i64>::default();
     r.set(replicas);
     reg.register("eddy_node_replicas", "Partition replicas on this node", r);
+    let u = Gauge::<i64>::default();
+    u.set(under_replicated);
+    reg.register(
+        "eddy_under_replicated_partitions",
+        "Partitions led by this node with a replica out of sync",
+        u,
+    );
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");
     out
 }
 
 async fn metrics(State(s): State<Arc<BrokerState>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        render(&s),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], render(&s))
 }

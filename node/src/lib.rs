@@ -14,6 +14,7 @@ pub mod http;
 pub mod limits;
 pub mod manager;
 pub mod meta;
+pub mod metrics;
 pub mod node;
 pub mod partition;
 pub mod raft_config;

@@ -68,10 +68,7 @@ pub fn validate_topic_name(field: &str, name: &str) -> Result<()> {
             name.len()
         )));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
         return Err(invalid(format!(
             "{field}: character {c:?} is not allowed; names match [A-Za-z0-9._-]{{1,249}}"
         )));
@@ -88,9 +85,7 @@ pub fn validate_topic_config(config: &std::collections::BTreeMap<String, String>
         match k.as_str() {
             "max.event.bytes" => {
                 let n: u32 = v.parse().map_err(|_| {
-                    invalid(format!(
-                        "config.max.event.bytes: {v:?} is not a whole number of bytes"
-                    ))
+                    invalid(format!("config.max.event.bytes: {v:?} is not a whole number of bytes"))
                 })?;
                 if n == 0 || n > 64 << 20 {
                     return Err(invalid(format!(

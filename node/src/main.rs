@@ -46,13 +46,7 @@ struct Cli {
     #[arg(long, env = "EDDY_HTTP_ADDR")]
     http_addr: Option<String>,
     /// Log format.
-    #[arg(
-        long,
-        env = "EDDY_LOG_FORMAT",
-        value_enum,
-        default_value = "text",
-        global = true
-    )]
+    #[arg(long, env = "EDDY_LOG_FORMAT", value_enum, default_value = "text", global = true)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
@@ -75,10 +69,8 @@ fn init_logging(format: LogFormat) {
         tracing_subscriber::EnvFilter::new("info,openraft=error,sled=warn,h2=warn,hyper=warn")
     });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -99,9 +91,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn bind(what: &str, addr: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("bind {what} {addr}"))
+    TcpListener::bind(addr).await.with_context(|| format!("bind {what} {addr}"))
 }
 
 async fn run_node(cli: Cli) -> anyhow::Result<()> {
@@ -146,11 +136,7 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
     info!(node = config.node_id, client = %config.client_addr, raft = %config.raft_addr, http = %config.http_addr, data_dir = %config.data_dir.display(), "starting");
     let node = eddy_node::node::start(config, env, tcp_incoming(client), tcp_incoming(raft)).await?;
     let http_cancel = CancellationToken::new();
-    let http_task = tokio::spawn(eddy_node::http::serve(
-        http,
-        node.broker.clone(),
-        http_cancel.clone(),
-    ));
+    let http_task = tokio::spawn(eddy_node::http::serve(http, node.broker.clone(), http_cancel.clone()));
 
     signals.recv().await;
     info!("shutting down: handing leaderships to other replicas first");

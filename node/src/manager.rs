@@ -35,6 +35,7 @@ use tracing::warn;
 use crate::env::NodeEnv;
 use crate::meta::MetaHandle;
 use crate::meta::MetaView;
+use crate::metrics::NodeMetrics;
 use crate::partition::PartitionHandle;
 use crate::partition::PartitionStateMachine;
 use crate::partition::handle::PartitionParts;
@@ -54,27 +55,15 @@ pub struct Groups {
 
 impl Groups {
     pub fn get(&self, group: GroupId) -> Option<PartitionHandle> {
-        self.map
-            .read()
-            .expect("groups lock poisoned")
-            .get(&group)
-            .cloned()
+        self.map.read().expect("groups lock poisoned").get(&group).cloned()
     }
 
     pub fn all(&self) -> Vec<PartitionHandle> {
-        self.map
-            .read()
-            .expect("groups lock poisoned")
-            .values()
-            .cloned()
-            .collect()
+        self.map.read().expect("groups lock poisoned").values().cloned().collect()
     }
 
     fn insert(&self, h: PartitionHandle) {
-        self.map
-            .write()
-            .expect("groups lock poisoned")
-            .insert(h.group(), h);
+        self.map.write().expect("groups lock poisoned").insert(h.group(), h);
     }
 
     fn remove(&self, group: GroupId) -> Option<PartitionHandle> {
@@ -82,9 +71,7 @@ impl Groups {
     }
 
     fn take_all(&self) -> Vec<PartitionHandle> {
-        std::mem::take(&mut *self.map.write().expect("groups lock poisoned"))
-            .into_values()
-            .collect()
+        std::mem::take(&mut *self.map.write().expect("groups lock poisoned")).into_values().collect()
     }
 }
 
@@ -98,6 +85,7 @@ pub struct PartitionManager {
     pub registry: Arc<Registry>,
     pub peers: Arc<Peers>,
     pub tasks: TaskTracker,
+    pub metrics: Arc<NodeMetrics>,
 }
 
 /// The seed of a group's Raft randomness on a node: distinct per group, fixed per node seed.
@@ -129,10 +117,8 @@ impl PartitionManager {
     async fn reconcile(&self, view: &MetaView, cancel: &CancellationToken) {
         // Replicas this node no longer holds: their topic is gone, or a move took them away.
         for g in self.groups.all() {
-            let keep = view
-                .state
-                .partition_of(g.group())
-                .is_some_and(|(_, _, p)| p.holders().contains(&self.me));
+            let keep =
+                view.state.partition_of(g.group()).is_some_and(|(_, _, p)| p.holders().contains(&self.me));
             if !keep {
                 self.remove_group(g).await;
             }
@@ -152,10 +138,9 @@ impl PartitionManager {
                     .await
                 {
                     Ok(h) => self.groups.insert(h),
-                    Err(e) => warn!(
-                        group = p.group_id,
-                        "failed to start partition {}/{i}: {e:#}", topic.name
-                    ),
+                    Err(e) => {
+                        warn!(group = p.group_id, "failed to start partition {}/{i}: {e:#}", topic.name)
+                    }
                 }
             }
         }
@@ -180,11 +165,7 @@ impl PartitionManager {
         if let Err(e) = self.env.vfs.remove_dir_all(&dir) {
             warn!(group, "deleting {}: {e}", dir.display());
         }
-        if let Err(e) = self
-            .env
-            .state_store
-            .drop_tree(&crate::partition::sm::tree_name(group))
-        {
+        if let Err(e) = self.env.state_store.drop_tree(&crate::partition::sm::tree_name(group)) {
             warn!(group, "deleting the group's state: {e}");
         }
     }
@@ -201,9 +182,7 @@ impl PartitionManager {
         let (log, report) = LogStore::open(
             self.env.vfs.clone(),
             &dir,
-            LogConfig {
-                segment_bytes_max: self.segment_bytes,
-            },
+            LogConfig { segment_bytes_max: self.segment_bytes, on_sync: Some(self.metrics.sync_observer()) },
         )
         .await
         .with_context(|| format!("open the log of group {group}"))?;
@@ -257,6 +236,7 @@ impl PartitionManager {
             index,
             log: reader,
             meta: self.meta.clone(),
+            metrics: self.metrics.clone(),
             #[cfg(feature = "planted-bugs")]
             bugs: self.env.bugs,
         }))

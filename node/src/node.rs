@@ -44,6 +44,7 @@ use crate::meta::MetaHandle;
 use crate::meta::MetaStateMachine;
 use crate::meta::handle::MetaForwardService;
 use crate::meta::handle::MetaRaft;
+use crate::metrics::NodeMetrics;
 use crate::raft_config;
 use crate::reconciler::Reconciler;
 use crate::reconciler::in_sync;
@@ -185,14 +186,14 @@ pub async fn start(
     let client_peers = Arc::new(Peers::new(env.connector.clone()));
     let registry = Arc::new(Registry::default());
 
+    let metrics = Arc::new(NodeMetrics::default());
+
     // The metadata group.
     let meta_dir = config.data_dir.join("groups").join(META_GROUP.to_string());
     let (log, report) = LogStore::open(
         env.vfs.clone(),
         &meta_dir,
-        LogConfig {
-            segment_bytes_max: 16 << 20,
-        },
+        LogConfig { segment_bytes_max: 16 << 20, on_sync: Some(metrics.sync_observer()) },
     )
     .await
     .context("open the metadata log")?;
@@ -215,15 +216,7 @@ pub async fn start(
         let members: BTreeMap<NodeId, NodeAddr> = config
             .initial_members
             .iter()
-            .map(|m| {
-                (
-                    m.id,
-                    NodeAddr {
-                        raft_addr: m.raft_addr.clone(),
-                        client_addr: m.client_addr.clone(),
-                    },
-                )
-            })
+            .map(|m| (m.id, NodeAddr { raft_addr: m.raft_addr.clone(), client_addr: m.client_addr.clone() }))
             .collect();
         info!(node = me, ?members, "forming a new cluster");
         Runtime::scope(group_seed(env.seed, META_GROUP), raft.initialize(members))
@@ -244,6 +237,7 @@ pub async fn start(
         groups: groups.clone(),
         clock: env.clock.clone(),
         client_peers,
+        metrics: metrics.clone(),
     });
 
     // Peers' Raft traffic.
@@ -308,12 +302,9 @@ pub async fn start(
         registry: registry.clone(),
         peers,
         tasks: tasks.clone(),
+        metrics: metrics.clone(),
     };
-    tasks.spawn(
-        manager
-            .run(cancel.clone())
-            .instrument(info_span!("partition_manager", node = me)),
-    );
+    tasks.spawn(manager.run(cancel.clone()).instrument(info_span!("partition_manager", node = me)));
 
     tasks.spawn({
         let r = reconciler.clone();
@@ -321,12 +312,9 @@ pub async fn start(
         async move { Reconciler::run(&r, cancel).await }.instrument(info_span!("reconciler", node = me))
     });
     tasks.spawn(
-        Controller {
-            me,
-            meta: meta.clone(),
-        }
-        .run(cancel.clone())
-        .instrument(info_span!("controller", node = me)),
+        Controller { me, meta: meta.clone() }
+            .run(cancel.clone())
+            .instrument(info_span!("controller", node = me)),
     );
     if pristine && !config.join.is_empty() {
         let (join, connector, addr) = (config.join.clone(), env.connector.clone(), config.addr());
@@ -344,12 +332,5 @@ pub async fn start(
     }
 
     info!(node = me, "node started");
-    Ok(NodeHandle {
-        me,
-        meta,
-        groups,
-        broker,
-        cancel,
-        tasks,
-    })
+    Ok(NodeHandle { me, meta, groups, broker, cancel, tasks })
 }

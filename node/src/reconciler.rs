@@ -97,12 +97,7 @@ pub fn next_step(me: NodeId, desired: &[NodeId], view: &MembershipView, in_sync:
     if let Some(n) = desired.iter().find(|n| !members.contains(n)) {
         return Step::AddLearner(*n);
     }
-    let waiting: Vec<NodeId> = view
-        .learners
-        .iter()
-        .filter(|n| desired_set.contains(n))
-        .copied()
-        .collect();
+    let waiting: Vec<NodeId> = view.learners.iter().filter(|n| desired_set.contains(n)).copied().collect();
     if let Some(n) = waiting.iter().find(|n| in_sync.contains(n)) {
         return Step::Promote(*n);
     }
@@ -178,10 +173,7 @@ impl Reconciler {
                 continue;
             }
             if step == Step::Complete && p.target.is_some() {
-                let cmd = MetaCommand::CompleteMove {
-                    group: g.group(),
-                    replicas: desired.clone(),
-                };
+                let cmd = MetaCommand::CompleteMove { group: g.group(), replicas: desired.clone() };
                 match self.meta.write(cmd, STEP_TIMEOUT).await {
                     Ok(_) => info!(group = g.group(), ?desired, "partition move complete"),
                     Err(e) => warn!(group = g.group(), "reporting a completed move failed: {e}"),
@@ -275,37 +267,22 @@ mod tests {
     fn a_move_runs_learner_catch_up_promote_handover_remove_complete() {
         // Move [1,2,3] -> [2,3,4], led by 1.
         let d = [2, 3, 4];
-        assert_eq!(
-            next_step(1, &d, &view(&[1, 2, 3], &[]), &set(&[1, 2, 3])),
-            Step::AddLearner(4)
-        );
+        assert_eq!(next_step(1, &d, &view(&[1, 2, 3], &[]), &set(&[1, 2, 3])), Step::AddLearner(4));
         assert_eq!(
             next_step(1, &d, &view(&[1, 2, 3], &[4]), &set(&[1, 2, 3])),
             Step::Wait,
             "4 is catching up"
         );
-        assert_eq!(
-            next_step(1, &d, &view(&[1, 2, 3], &[4]), &set(&[1, 2, 3, 4])),
-            Step::Promote(4)
-        );
-        assert_eq!(
-            next_step(1, &d, &view(&[1, 2, 3, 4], &[]), &set(&[1, 2, 3, 4])),
-            Step::HandOver(2)
-        );
+        assert_eq!(next_step(1, &d, &view(&[1, 2, 3], &[4]), &set(&[1, 2, 3, 4])), Step::Promote(4));
+        assert_eq!(next_step(1, &d, &view(&[1, 2, 3, 4], &[]), &set(&[1, 2, 3, 4])), Step::HandOver(2));
         // Node 2 now leads.
         assert_eq!(
             next_step(2, &d, &view(&[1, 2, 3, 4], &[]), &set(&[1, 2, 3, 4])),
             Step::RemoveVoters(set(&[1]))
         );
-        assert_eq!(
-            next_step(2, &d, &view(&[2, 3, 4], &[]), &set(&[2, 3, 4])),
-            Step::Complete
-        );
+        assert_eq!(next_step(2, &d, &view(&[2, 3, 4], &[]), &set(&[2, 3, 4])), Step::Complete);
         // A cancelled move reverts the same way.
-        assert_eq!(
-            next_step(2, &[1, 2, 3], &view(&[2, 3, 4], &[]), &set(&[2, 3, 4])),
-            Step::AddLearner(1)
-        );
+        assert_eq!(next_step(2, &[1, 2, 3], &view(&[2, 3, 4], &[]), &set(&[2, 3, 4])), Step::AddLearner(1));
         assert_eq!(
             next_step(2, &[1, 2, 3], &view(&[1, 2, 3, 4], &[]), &set(&[1, 2, 3, 4])),
             Step::RemoveVoters(set(&[4]))
@@ -320,9 +297,6 @@ mod tests {
     fn a_joint_configuration_is_finished_first() {
         let mut v = view(&[1, 2, 3, 4], &[]);
         v.joint_target = Some(set(&[2, 3, 4]));
-        assert_eq!(
-            next_step(2, &[2, 3, 4], &v, &set(&[1, 2, 3, 4])),
-            Step::FinishJoint(set(&[2, 3, 4]))
-        );
+        assert_eq!(next_step(2, &[2, 3, 4], &v, &set(&[1, 2, 3, 4])), Step::FinishJoint(set(&[2, 3, 4])));
     }
 }

@@ -20,10 +20,7 @@ struct StoredSnapshot {
 }
 
 pub fn put_snapshot(batch: &mut KvBatch, meta: &SnapshotMeta, data: &[u8]) {
-    let stored = StoredSnapshot {
-        meta: meta.clone(),
-        data: data.to_vec(),
-    };
+    let stored = StoredSnapshot { meta: meta.clone(), data: data.to_vec() };
     batch.put(SNAPSHOT_KEY, encode(&stored));
 }
 
@@ -32,10 +29,7 @@ pub fn load_snapshot(tree: &dyn KvTree) -> io::Result<Option<Snapshot>> {
         return Ok(None);
     };
     let s: StoredSnapshot = decode(&bytes, "stored snapshot")?;
-    Ok(Some(Snapshot {
-        meta: s.meta,
-        snapshot: s.data,
-    }))
+    Ok(Some(Snapshot { meta: s.meta, snapshot: s.data }))
 }
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {

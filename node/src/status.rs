@@ -78,11 +78,7 @@ impl BrokerState {
                     high_watermark: s.progress.next_offset,
                     log_start_offset: s.progress.log_start_offset,
                     is_leader: s.is_leader,
-                    in_sync: if s.is_leader {
-                        in_sync(&m).into_iter().collect()
-                    } else {
-                        Vec::new()
-                    },
+                    in_sync: if s.is_leader { in_sync(&m).into_iter().collect() } else { Vec::new() },
                     voters: view.voters.into_iter().collect(),
                     learners: view.learners.into_iter().collect(),
                     joint: view.joint_target.is_some(),

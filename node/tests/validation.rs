@@ -18,11 +18,8 @@ use eddy_raft::vfs::RealVfs;
 use tonic::Code;
 use tonic::transport::Channel;
 
-async fn one_node() -> anyhow::Result<(
-    eddy_node::node::NodeHandle,
-    BrokerClient<Channel>,
-    tempfile::TempDir,
-)> {
+async fn one_node() -> anyhow::Result<(eddy_node::node::NodeHandle, BrokerClient<Channel>, tempfile::TempDir)>
+{
     let dir = tempfile::tempdir()?;
     let client = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let raft = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -32,11 +29,7 @@ async fn one_node() -> anyhow::Result<(
         data_dir: dir.path().join("data"),
         client_addr: client_addr.clone(),
         raft_addr: raft_addr.clone(),
-        initial_members: vec![MemberConfig {
-            id: 1,
-            client_addr: client_addr.clone(),
-            raft_addr,
-        }],
+        initial_members: vec![MemberConfig { id: 1, client_addr: client_addr.clone(), raft_addr }],
         ..NodeConfig::default()
     };
     let env = NodeEnv {
@@ -55,12 +48,7 @@ async fn one_node() -> anyhow::Result<(
 }
 
 fn record(value: Vec<u8>) -> pb::Record {
-    pb::Record {
-        key: None,
-        value: value.into(),
-        headers: vec![],
-        timestamp_ms: None,
-    }
+    pb::Record { key: None, value: value.into(), headers: vec![], timestamp_ms: None }
 }
 
 async fn wait_writable(c: &mut BrokerClient<Channel>) -> anyhow::Result<()> {
@@ -77,10 +65,7 @@ async fn wait_writable(c: &mut BrokerClient<Channel>) -> anyhow::Result<()> {
         if r.is_ok() {
             return Ok(());
         }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "partition never became writable: {r:?}"
-        );
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "partition never became writable: {r:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -109,53 +94,24 @@ async fn malformed_requests_are_refused_with_the_field_named() -> anyhow::Result
         ..Default::default()
     };
     let cases: Vec<(pb::ProduceRequest, Code, &str)> = vec![
-        (
-            produce(vec![record(vec![b'x'; 16 << 20])], Some(0), "t"),
-            Code::InvalidArgument,
-            "records[0]",
-        ),
+        (produce(vec![record(vec![b'x'; 16 << 20])], Some(0), "t"), Code::InvalidArgument, "records[0]"),
         (produce(vec![], Some(0), "t"), Code::InvalidArgument, "records"),
-        (
-            produce(vec![record(b"v".to_vec())], Some(9), "t"),
-            Code::NotFound,
-            "partition 9",
-        ),
-        (
-            produce(vec![record(b"v".to_vec())], Some(0), "nope"),
-            Code::NotFound,
-            "\"nope\"",
-        ),
-        (
-            produce(vec![record(b"v".to_vec())], Some(0), "bad/name"),
-            Code::InvalidArgument,
-            "topic:",
-        ),
-        (
-            produce(vec![record(b"v".to_vec()); 10_001], Some(0), "t"),
-            Code::InvalidArgument,
-            "records:",
-        ),
+        (produce(vec![record(b"v".to_vec())], Some(9), "t"), Code::NotFound, "partition 9"),
+        (produce(vec![record(b"v".to_vec())], Some(0), "nope"), Code::NotFound, "\"nope\""),
+        (produce(vec![record(b"v".to_vec())], Some(0), "bad/name"), Code::InvalidArgument, "topic:"),
+        (produce(vec![record(b"v".to_vec()); 10_001], Some(0), "t"), Code::InvalidArgument, "records:"),
     ];
     for (req, code, needle) in cases {
         let err = c.produce(req).await.expect_err("must be refused");
         assert_eq!(err.code(), code, "{err:?}");
-        assert!(
-            err.message().contains(needle),
-            "message {:?} should contain {needle:?}",
-            err.message()
-        );
+        assert!(err.message().contains(needle), "message {:?} should contain {needle:?}", err.message());
         assert!(
             err.metadata().get(eddy_proto::error_keys::CODE).is_some(),
             "stable error code missing: {err:?}"
         );
     }
     let fetch_err = c
-        .fetch(pb::FetchRequest {
-            topic: "t".into(),
-            partition: 5,
-            offset: 0,
-            ..Default::default()
-        })
+        .fetch(pb::FetchRequest { topic: "t".into(), partition: 5, offset: 0, ..Default::default() })
         .await
         .expect_err("unknown partition");
     assert_eq!(fetch_err.code(), Code::NotFound);
@@ -171,10 +127,7 @@ async fn malformed_requests_are_refused_with_the_field_named() -> anyhow::Result
     assert!(create_err.message().contains("no.such.setting"), "{create_err:?}");
 
     // Still serving: the valid record written before is readable and a new one is accepted.
-    let ok = c
-        .produce(produce(vec![record(b"after".to_vec())], Some(0), "t"))
-        .await?
-        .into_inner();
+    let ok = c.produce(produce(vec![record(b"after".to_vec())], Some(0), "t")).await?.into_inner();
     let f = c
         .fetch(pb::FetchRequest {
             topic: "t".into(),

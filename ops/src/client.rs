@@ -52,10 +52,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(config: &ClientConfig) -> Self {
-        Self {
-            next: config.backoff_min,
-            max: config.backoff_max,
-        }
+        Self { next: config.backoff_min, max: config.backoff_max }
     }
 
     pub async fn wait(&mut self) {
@@ -144,9 +141,7 @@ impl Client {
         connect: Arc<dyn Connect>,
     ) -> Result<Self> {
         if brokers.is_empty() {
-            return Err(ClientError::Invalid(
-                "--brokers: at least one broker address is needed".into(),
-            ));
+            return Err(ClientError::Invalid("--brokers: at least one broker address is needed".into()));
         }
         let client = Self {
             inner: Arc::new(Inner {
@@ -276,11 +271,7 @@ impl Client {
 
     /// The cached metadata.
     pub fn metadata(&self) -> Arc<ClusterMetadata> {
-        self.inner
-            .metadata
-            .read()
-            .expect("metadata lock poisoned")
-            .clone()
+        self.inner.metadata.read().expect("metadata lock poisoned").clone()
     }
 
     /// Reloads the metadata from the cluster.
@@ -321,8 +312,7 @@ impl Client {
                 async move { c.create_topic(r).await }
             })
             .await?;
-        resp.topic
-            .ok_or_else(|| ClientError::Unavailable("create topic: empty answer".into()))
+        resp.topic.ok_or_else(|| ClientError::Unavailable("create topic: empty answer".into()))
     }
 
     pub async fn list_topics(&self) -> Result<Vec<pb::TopicSummary>> {
@@ -338,14 +328,11 @@ impl Client {
     pub async fn describe_topic(&self, name: &str) -> Result<pb::TopicMetadata> {
         let resp = self
             .call_any("describe topic", |mut c| {
-                let r = self.request(pb::DescribeTopicRequest {
-                    name: name.to_owned(),
-                });
+                let r = self.request(pb::DescribeTopicRequest { name: name.to_owned() });
                 async move { c.describe_topic(r).await }
             })
             .await?;
-        resp.topic
-            .ok_or_else(|| ClientError::Unavailable("describe topic: empty answer".into()))
+        resp.topic.ok_or_else(|| ClientError::Unavailable("describe topic: empty answer".into()))
     }
 
     /// Asks one node about itself, with a short deadline: a liveness probe.
@@ -356,9 +343,7 @@ impl Client {
         match tokio::time::timeout(timeout, c.node_status(r)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(s)) => Err(ClientError::from_status(&s)),
-            Err(_) => Err(ClientError::Unavailable(format!(
-                "{addr} did not answer within {timeout:?}"
-            ))),
+            Err(_) => Err(ClientError::Unavailable(format!("{addr} did not answer within {timeout:?}"))),
         }
     }
 
@@ -410,11 +395,7 @@ impl Client {
 
     /// Moves the leadership of a partition to node `to`; returns the new leader.
     pub async fn transfer_leadership(&self, topic: &str, partition: u32, to: u64) -> Result<u64> {
-        let req = pb::TransferLeadershipRequest {
-            topic: topic.to_owned(),
-            partition,
-            to_node: to,
-        };
+        let req = pb::TransferLeadershipRequest { topic: topic.to_owned(), partition, to_node: to };
         let resp = self
             .leader_call(
                 topic,
@@ -458,22 +439,15 @@ impl Client {
                 None => self.leader_addr(topic, partition).await,
             };
             let channel = self.channel(&addr)?;
-            let attempt_timeout = self
-                .inner
-                .config
-                .request_timeout
-                .min(deadline.saturating_duration_since(Instant::now()));
+            let attempt_timeout =
+                self.inner.config.request_timeout.min(deadline.saturating_duration_since(Instant::now()));
             let err = match tokio::time::timeout(attempt_timeout, call(channel, attempt_timeout)).await {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
                 Ok(Err(status)) => ClientError::from_status(&status),
                 Err(_) => ClientError::Unavailable(format!("{what}: {addr} did not answer in time")),
             };
             match &err {
-                ClientError::Server {
-                    code,
-                    leader_addr: Some(l),
-                    ..
-                } if code == "not_leader" => {
+                ClientError::Server { code, leader_addr: Some(l), .. } if code == "not_leader" => {
                     target = Some(l.clone());
                     last = err;
                     // The hint may be fresher than our metadata; go there without a long pause.
@@ -494,24 +468,16 @@ impl Client {
     /// The client address of the partition's leader as far as known, else any broker.
     async fn leader_addr(&self, topic: &str, partition: u32) -> String {
         let md = self.metadata();
-        if let Some(a) = md
-            .partition(topic, partition)
-            .and_then(|p| p.leader)
-            .and_then(|l| md.client_addr(l))
+        if let Some(a) = md.partition(topic, partition).and_then(|p| p.leader).and_then(|l| md.client_addr(l))
         {
             return a.to_owned();
         }
-        if let Some(a) = md
-            .partition(topic, partition)
-            .and_then(|p| p.replicas.first())
-            .and_then(|l| md.client_addr(*l))
+        if let Some(a) =
+            md.partition(topic, partition).and_then(|p| p.replicas.first()).and_then(|l| md.client_addr(*l))
         {
             return a.to_owned();
         }
-        self.candidates()
-            .into_iter()
-            .next()
-            .unwrap_or_else(|| self.inner.bootstrap[0].clone())
+        self.candidates().into_iter().next().unwrap_or_else(|| self.inner.bootstrap[0].clone())
     }
 
     pub async fn list_nodes(&self) -> Result<pb::ListNodesResponse> {
@@ -524,10 +490,7 @@ impl Client {
 
     /// Sets a node's state: `active` (undrain), `draining` or `decommissioning`.
     pub async fn set_node_state(&self, node_id: u64, state: &str) -> Result<pb::SetNodeStateResponse> {
-        let req = pb::SetNodeStateRequest {
-            node_id,
-            state: state.to_owned(),
-        };
+        let req = pb::SetNodeStateRequest { node_id, state: state.to_owned() };
         self.admin_any("set node state", |mut c| {
             let r = self.request(req.clone());
             async move { c.set_node_state(r).await }
@@ -552,9 +515,7 @@ impl Client {
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        let req = pb::DeleteTopicRequest {
-            name: name.to_owned(),
-        };
+        let req = pb::DeleteTopicRequest { name: name.to_owned() };
         self.admin_any("delete topic", |mut c| {
             let r = self.request(req.clone());
             async move { c.delete_topic(r).await }
@@ -568,10 +529,7 @@ impl Client {
         name: &str,
         set: BTreeMap<String, String>,
     ) -> Result<pb::AlterTopicConfigResponse> {
-        let req = pb::AlterTopicConfigRequest {
-            name: name.to_owned(),
-            set: set.into_iter().collect(),
-        };
+        let req = pb::AlterTopicConfigRequest { name: name.to_owned(), set: set.into_iter().collect() };
         self.admin_any("alter topic config", |mut c| {
             let r = self.request(req.clone());
             async move { c.alter_topic_config(r).await }
@@ -580,10 +538,7 @@ impl Client {
     }
 
     pub async fn add_partitions(&self, name: &str, count: u32) -> Result<pb::AddPartitionsResponse> {
-        let req = pb::AddPartitionsRequest {
-            name: name.to_owned(),
-            count,
-        };
+        let req = pb::AddPartitionsRequest { name: name.to_owned(), count };
         self.admin_any("add partitions", |mut c| {
             let r = self.request(req.clone());
             async move { c.add_partitions(r).await }
@@ -592,11 +547,7 @@ impl Client {
     }
 
     pub async fn move_partition(&self, topic: &str, partition: u32, replicas: Vec<u64>) -> Result<()> {
-        let req = pb::MovePartitionRequest {
-            topic: topic.to_owned(),
-            partition,
-            replicas,
-        };
+        let req = pb::MovePartitionRequest { topic: topic.to_owned(), partition, replicas };
         self.admin_any("move partition", |mut c| {
             let r = self.request(req.clone());
             async move { c.move_partition(r).await }
@@ -614,10 +565,7 @@ impl Client {
     }
 
     pub async fn cancel_move(&self, topic: &str, partition: u32) -> Result<()> {
-        let req = pb::CancelMoveRequest {
-            topic: topic.to_owned(),
-            partition,
-        };
+        let req = pb::CancelMoveRequest { topic: topic.to_owned(), partition };
         self.admin_any("cancel move", |mut c| {
             let r = self.request(req.clone());
             async move { c.cancel_move(r).await }
@@ -638,21 +586,13 @@ impl Client {
             ReplicaChoice::Leader => {
                 let mut v: Vec<String> = p.leader.and_then(addr).into_iter().collect();
                 v.extend(
-                    p.replicas
-                        .iter()
-                        .filter_map(|r| addr(*r))
-                        .filter(|a| !v.contains(a))
-                        .collect::<Vec<_>>(),
+                    p.replicas.iter().filter_map(|r| addr(*r)).filter(|a| !v.contains(a)).collect::<Vec<_>>(),
                 );
                 v
             }
             ReplicaChoice::Follower => {
-                let mut v: Vec<String> = p
-                    .replicas
-                    .iter()
-                    .filter(|r| Some(**r) != p.leader)
-                    .filter_map(|r| addr(*r))
-                    .collect();
+                let mut v: Vec<String> =
+                    p.replicas.iter().filter(|r| Some(**r) != p.leader).filter_map(|r| addr(*r)).collect();
                 v.extend(p.leader.and_then(addr));
                 v
             }
@@ -670,8 +610,7 @@ impl Client {
         max_bytes: u32,
         max_wait: Duration,
     ) -> Result<pb::FetchResponse> {
-        self.fetch_records(topic, partition, offset, choice, max_bytes, 0, max_wait)
-            .await
+        self.fetch_records(topic, partition, offset, choice, max_bytes, 0, max_wait).await
     }
 
     /// [`Client::fetch`] with a bound on the records returned (0: no bound).
@@ -689,9 +628,7 @@ impl Client {
         if let ReplicaChoice::Node(n) = choice
             && !self.metadata().nodes.contains_key(&n)
         {
-            return Err(ClientError::Invalid(format!(
-                "--replica: node {n} is not a node of this cluster"
-            )));
+            return Err(ClientError::Invalid(format!("--replica: node {n} is not a node of this cluster")));
         }
         let deadline = Instant::now() + self.inner.config.request_timeout + max_wait;
         let mut backoff = Backoff::new(&self.inner.config);

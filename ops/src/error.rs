@@ -18,11 +18,7 @@ pub enum ClientError {
     Unavailable(String),
     /// The server reported an error; `code` is its `eddy-error` code.
     #[error("{message}")]
-    Server {
-        code: String,
-        message: String,
-        leader_addr: Option<String>,
-    },
+    Server { code: String, message: String, leader_addr: Option<String> },
 }
 
 impl ClientError {
@@ -38,11 +34,7 @@ impl ClientError {
                     "invalid_argument" | "not_enough_nodes" => Self::Invalid(message),
                     "unknown_topic" | "unknown_partition" => Self::NotFound(message),
                     "topic_exists" => Self::AlreadyExists(message),
-                    _ => Self::Server {
-                        code,
-                        message,
-                        leader_addr,
-                    },
+                    _ => Self::Server { code, message, leader_addr },
                 }
             }
             (Code::InvalidArgument | Code::OutOfRange, None) => Self::Invalid(message),
@@ -64,10 +56,9 @@ impl ClientError {
     pub fn is_retriable(&self) -> bool {
         match self {
             Self::Unavailable(_) => true,
-            Self::Server { code, .. } => matches!(
-                code.as_str(),
-                "not_leader" | "not_replica" | "unavailable" | "timeout"
-            ),
+            Self::Server { code, .. } => {
+                matches!(code.as_str(), "not_leader" | "not_replica" | "unavailable" | "timeout")
+            }
             _ => false,
         }
     }

@@ -66,10 +66,7 @@ impl std::future::Future for AckFuture {
 fn record_size(r: &pb::Record) -> usize {
     r.key.as_ref().map_or(0, |k| k.len())
         + r.value.len()
-        + r.headers
-            .iter()
-            .map(|h| h.key.len() + h.value.len())
-            .sum::<usize>()
+        + r.headers.iter().map(|h| h.key.len() + h.value.len()).sum::<usize>()
 }
 
 impl Producer {
@@ -122,13 +119,9 @@ impl Producer {
         }
         let tx = self.worker(partition);
         let (ack_tx, ack_rx) = oneshot::channel();
-        tx.send(Pending {
-            record,
-            size,
-            tx: ack_tx,
-        })
-        .await
-        .map_err(|_| ClientError::Unavailable("the producer stopped".into()))?;
+        tx.send(Pending { record, size, tx: ack_tx })
+            .await
+            .map_err(|_| ClientError::Unavailable("the producer stopped".into()))?;
         Ok(AckFuture(ack_rx))
     }
 
@@ -218,10 +211,7 @@ impl Worker {
         match result {
             Ok(base_offset) => {
                 for (i, p) in batch.into_iter().enumerate() {
-                    let _ = p.tx.send(Ok(Ack {
-                        partition: self.partition,
-                        offset: base_offset + i as u64,
-                    }));
+                    let _ = p.tx.send(Ok(Ack { partition: self.partition, offset: base_offset + i as u64 }));
                 }
             }
             Err(e) => {

@@ -41,9 +41,8 @@ mod tests {
         let p = partition_for_key(b"order-1", 12);
         assert!(p < 12);
         assert_eq!(p, partition_for_key(b"order-1", 12));
-        let spread: std::collections::BTreeSet<u32> = (0..200)
-            .map(|i| partition_for_key(format!("k{i}").as_bytes(), 8))
-            .collect();
+        let spread: std::collections::BTreeSet<u32> =
+            (0..200).map(|i| partition_for_key(format!("k{i}").as_bytes(), 8)).collect();
         assert_eq!(spread.len(), 8, "200 keys should reach all 8 partitions");
     }
 }

@@ -137,10 +137,7 @@ impl MemDisk {
 }
 
 fn not_found(path: &Path) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("{}: no such file", path.display()),
-    )
+    io::Error::new(io::ErrorKind::NotFound, format!("{}: no such file", path.display()))
 }
 
 impl Vfs for MemDisk {
@@ -191,10 +188,7 @@ impl Vfs for MemDisk {
             }
             None => return Err(not_found(path)),
         };
-        Ok(Arc::new(MemFile {
-            disk: self.clone(),
-            ino,
-        }))
+        Ok(Arc::new(MemFile { disk: self.clone(), ino }))
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
@@ -254,14 +248,9 @@ impl VFile for MemFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.with(|f| {
             let start = usize::try_from(offset).map_err(io::Error::other)?;
-            let end = start
-                .checked_add(buf.len())
-                .ok_or_else(|| io::Error::other("offset overflow"))?;
+            let end = start.checked_add(buf.len()).ok_or_else(|| io::Error::other("offset overflow"))?;
             if end > f.current.len() {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "read past end of file",
-                ));
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past end of file"));
             }
             buf.copy_from_slice(&f.current[start..end]);
             Ok(())
@@ -296,11 +285,7 @@ impl VFile for MemFile {
         // What was written before the call is what the sync makes durable.
         let (upto, latency, lies) = {
             let st = disk.lock();
-            (
-                st.inodes.get(&ino).map(|f| f.synced + f.pending.len() as u64),
-                st.sync_latency,
-                st.fsync_lies,
-            )
+            (st.inodes.get(&ino).map(|f| f.synced + f.pending.len() as u64), st.sync_latency, st.fsync_lies)
         };
         Box::pin(async move {
             if !latency.is_zero() {
@@ -366,10 +351,7 @@ fn apply_batch(tree: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: &KvBatch) {
 impl StateStore for MemStateStore {
     fn tree(&self, name: &str) -> io::Result<Arc<dyn KvTree>> {
         self.lock().current.entry(name.to_owned()).or_default();
-        Ok(Arc::new(MemTree {
-            store: self.clone(),
-            name: name.to_owned(),
-        }))
+        Ok(Arc::new(MemTree { store: self.clone(), name: name.to_owned() }))
     }
 
     fn drop_tree(&self, name: &str) -> io::Result<()> {
@@ -422,11 +404,7 @@ impl KvTree for MemTree {
     }
 
     fn floor(&self, key: &[u8]) -> io::Result<Option<KvPair>> {
-        Ok(self.with(|t| {
-            t.range(..=key.to_vec())
-                .next_back()
-                .map(|(k, v)| (k.clone(), v.clone()))
-        }))
+        Ok(self.with(|t| t.range(..=key.to_vec()).next_back().map(|(k, v)| (k.clone(), v.clone()))))
     }
 
     fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> io::Result<Vec<KvPair>> {
@@ -434,10 +412,7 @@ impl KvTree for MemTree {
             return Ok(Vec::new());
         }
         Ok(self.with(|t| {
-            t.range(from.to_vec()..to.to_vec())
-                .take(limit)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
+            t.range(from.to_vec()..to.to_vec()).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect()
         }))
     }
 }

@@ -93,12 +93,7 @@ impl RaftNetworkFactory<C> for GroupNetwork {
         let client = RaftClient::new(channel)
             .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
-        PeerLink {
-            group: self.group,
-            me: self.me,
-            target,
-            client,
-        }
+        PeerLink { group: self.group, me: self.me, target, client }
     }
 }
 
@@ -155,12 +150,7 @@ impl PeerLink {
 }
 
 fn timeout(action: RPCTypes, me: NodeId, target: NodeId, ttl: Duration) -> RPCError<C> {
-    RPCError::Timeout(Timeout {
-        action,
-        id: me,
-        target,
-        timeout: ttl,
-    })
+    RPCError::Timeout(Timeout { action, id: me, target, timeout: ttl })
 }
 
 fn status_to_rpc_error(
@@ -229,13 +219,7 @@ impl RaftNetworkV2<C> for PeerLink {
             let responses = match established {
                 Err(_) => return Err(timeout(RPCTypes::AppendEntries, me, target, response_timeout)),
                 Ok(Err(status)) => {
-                    return Err(status_to_rpc_error(
-                        status,
-                        RPCTypes::AppendEntries,
-                        me,
-                        target,
-                        ttl,
-                    ));
+                    return Err(status_to_rpc_error(status, RPCTypes::AppendEntries, me, target, ttl));
                 }
                 Ok(Ok(r)) => r.into_inner(),
             };
@@ -311,11 +295,7 @@ impl RaftNetworkV2<C> for PeerLink {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
-        let payload = codec::encode(&SnapshotEnvelope {
-            vote,
-            meta: snapshot.meta,
-            data: snapshot.snapshot,
-        });
+        let payload = codec::encode(&SnapshotEnvelope { vote, meta: snapshot.meta, data: snapshot.snapshot });
         let ttl = option.hard_ttl();
         let call = self.unary::<SnapshotResponse<C>, _>(
             RPCTypes::InstallSnapshot,

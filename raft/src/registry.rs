@@ -111,34 +111,19 @@ pub struct Registry {
 
 impl Registry {
     pub fn insert(&self, group: GroupId, raft: Arc<dyn RaftRpc>) {
-        self.groups
-            .write()
-            .expect("registry lock poisoned")
-            .insert(group, raft);
+        self.groups.write().expect("registry lock poisoned").insert(group, raft);
     }
 
     pub fn remove(&self, group: GroupId) -> Option<Arc<dyn RaftRpc>> {
-        self.groups
-            .write()
-            .expect("registry lock poisoned")
-            .remove(&group)
+        self.groups.write().expect("registry lock poisoned").remove(&group)
     }
 
     pub fn get(&self, group: GroupId) -> Option<Arc<dyn RaftRpc>> {
-        self.groups
-            .read()
-            .expect("registry lock poisoned")
-            .get(&group)
-            .cloned()
+        self.groups.read().expect("registry lock poisoned").get(&group).cloned()
     }
 
     pub fn group_ids(&self) -> Vec<GroupId> {
-        self.groups
-            .read()
-            .expect("registry lock poisoned")
-            .keys()
-            .copied()
-            .collect()
+        self.groups.read().expect("registry lock poisoned").keys().copied().collect()
     }
 
     /// Installs the metadata forwarder; only the first call has an effect.

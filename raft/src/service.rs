@@ -74,9 +74,7 @@ fn check_version(req: &RaftRequest) -> Result<(), Status> {
 }
 
 fn reply<T: serde::Serialize>(value: &T) -> Response<RaftReply> {
-    Response::new(RaftReply {
-        payload: codec::encode(value).into(),
-    })
+    Response::new(RaftReply { payload: codec::encode(value).into() })
 }
 
 fn fatal(e: impl std::fmt::Display) -> Status {
@@ -90,30 +88,22 @@ impl raft_server::Raft for RaftService {
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         let g = self.open(&req)?;
-        let resp = g
-            .vote(codec::decode(&req.payload, "VoteRequest")?)
-            .await
-            .map_err(fatal)?;
+        let resp = g.vote(codec::decode(&req.payload, "VoteRequest")?).await.map_err(fatal)?;
         Ok(reply(&resp))
     }
 
     async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         let g = self.open(&req)?;
-        let resp = g
-            .pre_vote(codec::decode(&req.payload, "VoteRequest")?)
-            .await
-            .map_err(fatal)?;
+        let resp = g.pre_vote(codec::decode(&req.payload, "VoteRequest")?).await.map_err(fatal)?;
         Ok(reply(&resp))
     }
 
     async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         let g = self.open(&req)?;
-        let resp = g
-            .append_entries(codec::decode(&req.payload, "AppendEntriesRequest")?)
-            .await
-            .map_err(fatal)?;
+        let resp =
+            g.append_entries(codec::decode(&req.payload, "AppendEntriesRequest")?).await.map_err(fatal)?;
         Ok(reply(&resp))
     }
 
@@ -136,9 +126,7 @@ impl raft_server::Raft for RaftService {
         // openraft spawns a task per stream; its randomness must come from a seeded scope.
         let output = Runtime::scope(self.seed ^ group, async move { g.stream_append(input) }).await;
         let output = output.map(|r| match r {
-            Ok(result) => Ok(RaftReply {
-                payload: codec::encode(&result).into(),
-            }),
+            Ok(result) => Ok(RaftReply { payload: codec::encode(&result).into() }),
             Err(e) => Err(fatal(e)),
         });
         Ok(Response::new(Box::pin(output)))
@@ -148,10 +136,7 @@ impl raft_server::Raft for RaftService {
         let req = request.into_inner();
         let g = self.open(&req)?;
         let env: SnapshotEnvelope = codec::decode(&req.payload, "snapshot")?;
-        let snapshot = Snapshot {
-            meta: env.meta,
-            snapshot: env.data,
-        };
+        let snapshot = Snapshot { meta: env.meta, snapshot: env.data };
         let resp = g.install_snapshot(env.vote, snapshot).await.map_err(fatal)?;
         Ok(reply(&resp))
     }
@@ -159,20 +144,16 @@ impl raft_server::Raft for RaftService {
     async fn transfer_leader(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         let g = self.open(&req)?;
-        let resp = g
-            .transfer_leader(codec::decode(&req.payload, "TransferLeaderRequest")?)
-            .await
-            .map_err(fatal)?;
+        let resp =
+            g.transfer_leader(codec::decode(&req.payload, "TransferLeaderRequest")?).await.map_err(fatal)?;
         Ok(reply(&resp))
     }
 
     async fn forward_meta(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         check_version(&req)?;
-        let f = self
-            .registry
-            .forwarder()
-            .ok_or_else(|| Status::unavailable("metadata service is starting"))?;
+        let f =
+            self.registry.forwarder().ok_or_else(|| Status::unavailable("metadata service is starting"))?;
         let payload = f.forward(req.payload).await?;
         Ok(Response::new(RaftReply { payload }))
     }

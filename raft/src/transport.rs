@@ -60,10 +60,7 @@ pub struct Peers {
 
 impl Peers {
     pub fn new(connector: Arc<dyn Connector>) -> Self {
-        Self {
-            connector,
-            channels: Mutex::new(BTreeMap::new()),
-        }
+        Self { connector, channels: Mutex::new(BTreeMap::new()) }
     }
 
     /// The channel to `node` at `addr`; a new one if the address changed.

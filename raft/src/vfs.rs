@@ -75,12 +75,7 @@ impl Vfs for RealVfs {
     }
 
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn VFile>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .truncate(false)
-            .open(path)?;
+        let file = OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)?;
         Ok(Arc::new(RealFile { file: Arc::new(file) }))
     }
 
@@ -156,10 +151,7 @@ mod tests {
         assert_eq!(&buf, b"hello!");
         f.set_len(2)?;
         assert_eq!(f.len()?, 2);
-        assert!(
-            f.read_exact_at(&mut buf, 0).is_err(),
-            "reading past the end must fail"
-        );
+        assert!(f.read_exact_at(&mut buf, 0).is_err(), "reading past the end must fail");
         assert_eq!(vfs.list_dir(&sub)?, vec!["x".to_string()]);
         vfs.sync_dir(&sub).await?;
         vfs.remove_file(&sub.join("x"))?;

@@ -49,21 +49,14 @@ fn log_dir() -> &'static Path {
 /// A payload whose bytes depend on term and index, so an entry rewritten after a truncation (a
 /// new term at the same index) never compares equal to the one it replaced.
 fn entry(term: u64, index: u64, payload_len: usize) -> Entry {
-    let bytes: Vec<u8> = (0..payload_len as u64)
-        .map(|i| (i * 131 + index * 7 + term * 13) as u8)
-        .collect();
-    Entry {
-        log_id: log_id(term, index),
-        payload: EntryPayload::Normal(Payload(Bytes::from(bytes))),
-    }
+    let bytes: Vec<u8> = (0..payload_len as u64).map(|i| (i * 131 + index * 7 + term * 13) as u8).collect();
+    Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(Payload(Bytes::from(bytes))) }
 }
 
 /// Entries `first..=last` with varied payload sizes (0 to 60 bytes) and a term that grows every
 /// five entries.
 fn entries(first: u64, last: u64) -> Vec<Entry> {
-    (first..=last)
-        .map(|i| entry(1 + i / 5, i, ((i * 37) % 61) as usize))
-        .collect()
+    (first..=last).map(|i| entry(1 + i / 5, i, ((i * 37) % 61) as usize)).collect()
 }
 
 fn frame_bytes(e: &Entry) -> usize {
@@ -73,7 +66,7 @@ fn frame_bytes(e: &Entry) -> usize {
 }
 
 async fn open(disk: &MemDisk, segment_bytes_max: u64) -> io::Result<(LogStore, RecoveryReport)> {
-    LogStore::open(Arc::new(disk.clone()), log_dir(), LogConfig { segment_bytes_max }).await
+    LogStore::open(Arc::new(disk.clone()), log_dir(), LogConfig { segment_bytes_max, on_sync: None }).await
 }
 
 /// Appends `batch` and returns the receiver that completes once the flusher made it durable.
@@ -84,8 +77,7 @@ async fn append(store: &mut LogStore, batch: Vec<Entry>) -> io::Result<FlushRx> 
 }
 
 async fn flushed(rx: FlushRx) -> io::Result<()> {
-    rx.await
-        .map_err(|e| io::Error::other(format!("the flusher dropped a callback: {e}")))?
+    rx.await.map_err(|e| io::Error::other(format!("the flusher dropped a callback: {e}")))?
 }
 
 async fn append_durable(store: &mut LogStore, batch: Vec<Entry>) -> io::Result<()> {
@@ -110,17 +102,9 @@ async fn assert_log(
 ) -> io::Result<()> {
     let state = store.get_log_state().await?;
     assert_eq!(state.last_purged_log_id, purged, "{ctx}: last purged log id");
-    assert_eq!(
-        state.last_log_id,
-        entries.last().map(|e| e.log_id).or(purged),
-        "{ctx}: last log id"
-    );
+    assert_eq!(state.last_log_id, entries.last().map(|e| e.log_id).or(purged), "{ctx}: last log id");
     let mut reader = store.get_log_reader().await;
-    assert_eq!(
-        reader.first_index(),
-        entries.first().map(|e| e.log_id.index),
-        "{ctx}: first index"
-    );
+    assert_eq!(reader.first_index(), entries.first().map(|e| e.log_id.index), "{ctx}: first index");
     let got = reader.try_get_log_entries(..).await?;
     assert_eq!(got, entries, "{ctx}: entries");
     if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
@@ -198,18 +182,12 @@ async fn tail_fixture() -> io::Result<(MemDisk, Vec<Entry>, PathBuf)> {
         append_durable(&mut store, batch.to_vec()).await?;
     }
     let tail = all[12..].to_vec();
-    assert!(
-        tail.iter().map(frame_bytes).sum::<usize>() as u64 > SEGMENT_BYTES_SMALL,
-        "tail fills a segment"
-    );
+    assert!(tail.iter().map(frame_bytes).sum::<usize>() as u64 > SEGMENT_BYTES_SMALL, "tail fills a segment");
     append_durable(&mut store, tail).await?;
     drop(store);
     let (first, path) = segment_files(&disk)?.pop().expect("the log has segments");
     assert_eq!(first, 13, "the tail batch starts the last segment");
-    assert!(
-        segment_files(&disk)?.len() >= 3,
-        "the fixture spans several segments"
-    );
+    assert!(segment_files(&disk)?.len() >= 3, "the fixture spans several segments");
     Ok((disk, all, path))
 }
 
@@ -233,28 +211,12 @@ async fn recovery_cuts_a_torn_tail_at_every_byte() -> io::Result<()> {
         let expected = all[..n_before + complete].to_vec();
         assert_log(&mut store, None, &expected, &ctx).await?;
         assert_eq!(report.entries, expected.len() as u64, "{ctx}: report.entries");
-        assert_eq!(
-            report.truncated_bytes,
-            (cut - kept_end) as u64,
-            "{ctx}: report.truncated_bytes"
-        );
-        assert_eq!(
-            report.reason.is_some(),
-            cut != kept_end,
-            "{ctx}: report.reason {:?}",
-            report.reason
-        );
+        assert_eq!(report.truncated_bytes, (cut - kept_end) as u64, "{ctx}: report.truncated_bytes");
+        assert_eq!(report.reason.is_some(), cut != kept_end, "{ctx}: report.reason {:?}", report.reason);
         if kept_end == 0 {
-            assert!(
-                !disk.exists(&seg_path),
-                "{ctx}: a segment left without entries is removed"
-            );
+            assert!(!disk.exists(&seg_path), "{ctx}: a segment left without entries is removed");
         } else {
-            assert_eq!(
-                read_file(&disk, &seg_path)?.len(),
-                kept_end,
-                "{ctx}: segment length after recovery"
-            );
+            assert_eq!(read_file(&disk, &seg_path)?.len(), kept_end, "{ctx}: segment length after recovery");
         }
 
         // A new leader's entry goes where the torn one was, and is durable like any other.
@@ -267,13 +229,7 @@ async fn recovery_cuts_a_torn_tail_at_every_byte() -> io::Result<()> {
         assert_eq!(report.reason, None, "{ctx}: second recovery");
         let mut expected = expected;
         expected.push(next);
-        assert_log(
-            &mut store,
-            None,
-            &expected,
-            &format!("{ctx}, after an append and a crash"),
-        )
-        .await?;
+        assert_log(&mut store, None, &expected, &format!("{ctx}, after an append and a crash")).await?;
     }
     Ok(())
 }
@@ -300,22 +256,11 @@ async fn recovery_cuts_at_a_corrupt_frame_at_every_byte() -> io::Result<()> {
         let expected = all[..n_before + damaged].to_vec();
         assert_log(&mut store, None, &expected, &ctx).await?;
         assert!(report.reason.is_some(), "{ctx}: the cut has a reason");
-        assert_eq!(
-            report.truncated_bytes,
-            (full.len() - kept_end) as u64,
-            "{ctx}: report.truncated_bytes"
-        );
+        assert_eq!(report.truncated_bytes, (full.len() - kept_end) as u64, "{ctx}: report.truncated_bytes");
         if kept_end == 0 {
-            assert!(
-                !disk.exists(&seg_path),
-                "{ctx}: a segment left without entries is removed"
-            );
+            assert!(!disk.exists(&seg_path), "{ctx}: a segment left without entries is removed");
         } else {
-            assert_eq!(
-                read_file(&disk, &seg_path)?.len(),
-                kept_end,
-                "{ctx}: segment length after recovery"
-            );
+            assert_eq!(read_file(&disk, &seg_path)?.len(), kept_end, "{ctx}: segment length after recovery");
         }
 
         // The cut is durable: a crash right after recovery finds a clean log.
@@ -337,10 +282,7 @@ async fn corruption_in_an_earlier_segment_removes_every_later_segment() -> io::R
     let (first, path) = files[1].clone();
     let data = read_file(&base, &path)?;
     let offsets = frame_offsets(&data)?;
-    assert!(
-        offsets.len() >= 3,
-        "the second segment holds at least two entries"
-    );
+    assert!(offsets.len() >= 3, "the second segment holds at least two entries");
     let disk = copy_disk(&base).await?;
     let mut bad = data.clone();
     // The checksum of the segment's second entry.
@@ -349,23 +291,10 @@ async fn corruption_in_an_earlier_segment_removes_every_later_segment() -> io::R
 
     let (mut store, report) = open(&disk, SEGMENT_BYTES_SMALL).await?;
     let expected = all[..first as usize].to_vec();
-    assert_log(
-        &mut store,
-        None,
-        &expected,
-        "corrupt second entry of the second segment",
-    )
-    .await?;
+    assert_log(&mut store, None, &expected, "corrupt second entry of the second segment").await?;
     let reason = report.reason.expect("the cut has a reason");
-    assert!(
-        reason.contains("crc32c"),
-        "the reason names the failed check: {reason}"
-    );
-    assert_eq!(
-        segment_firsts(&disk)?,
-        vec![files[0].0, first],
-        "later segments are removed"
-    );
+    assert!(reason.contains("crc32c"), "the reason names the failed check: {reason}");
+    assert_eq!(segment_firsts(&disk)?, vec![files[0].0, first], "later segments are removed");
     assert_eq!(read_file(&disk, &path)?.len(), offsets[1]);
 
     // The log continues from the cut.
@@ -375,13 +304,7 @@ async fn corruption_in_an_earlier_segment_removes_every_later_segment() -> io::R
     disk.crash(None);
     let (mut store, _) = open(&disk, SEGMENT_BYTES_SMALL).await?;
     let expected: Vec<Entry> = expected.into_iter().chain(more).collect();
-    assert_log(
-        &mut store,
-        None,
-        &expected,
-        "appended after the cut, then crashed",
-    )
-    .await
+    assert_log(&mut store, None, &expected, "appended after the cut, then crashed").await
 }
 
 /// A segment that does not follow its predecessor (a hole in the log) ends the log, unless
@@ -411,12 +334,7 @@ async fn recovery_handles_gaps_between_segments() -> io::Result<()> {
     write_file(&disk, &stray_path, &stray_bytes).await?;
     let purged = log_id(9, 29);
     let mut state = StateFile::open(&disk, log_dir()).await?;
-    state
-        .save(state_file::LogState {
-            vote: None,
-            last_purged: Some(purged),
-        })
-        .await?;
+    state.save(state_file::LogState { vote: None, last_purged: Some(purged) }).await?;
     drop(state);
     let (mut store, report) = open(&disk, SEGMENT_BYTES_SMALL).await?;
     assert_eq!(report.reason, None);
@@ -483,16 +401,8 @@ async fn a_crash_keeps_flushed_entries_and_tears_the_rest_at_every_byte() -> io:
             complete += 1;
         }
         assert_log(&mut store, None, &all[..n_durable + complete], &ctx).await?;
-        assert_eq!(
-            report.truncated_bytes,
-            (keep - complete_bytes) as u64,
-            "{ctx}: report.truncated_bytes"
-        );
-        assert_eq!(
-            report.reason.is_some(),
-            keep != complete_bytes,
-            "{ctx}: report.reason"
-        );
+        assert_eq!(report.truncated_bytes, (keep - complete_bytes) as u64, "{ctx}: report.truncated_bytes");
+        assert_eq!(report.reason.is_some(), keep != complete_bytes, "{ctx}: report.reason");
     }
     Ok(())
 }
@@ -508,17 +418,7 @@ async fn a_crash_across_segment_rolls_leaves_a_prefix_with_every_flushed_entry()
     let n_durable = 17;
     let all = entries(1, (n_durable + UNFLUSHED_BATCHES.iter().sum::<usize>()) as u64);
     let mut recovered_lens = Vec::new();
-    for keep in [
-        None,
-        Some(0),
-        Some(1),
-        Some(8),
-        Some(24),
-        Some(25),
-        Some(40),
-        Some(90),
-        Some(usize::MAX),
-    ] {
+    for keep in [None, Some(0), Some(1), Some(8), Some(24), Some(25), Some(40), Some(90), Some(usize::MAX)] {
         let ctx = format!("crash keeping {keep:?} unsynced bytes of each file");
         let disk = MemDisk::new();
         let (mut store, _) = open(&disk, SEGMENT_BYTES).await?;
@@ -541,47 +441,24 @@ async fn a_crash_across_segment_rolls_leaves_a_prefix_with_every_flushed_entry()
 
         let (mut store, _) = open(&disk, SEGMENT_BYTES).await?;
         let got = store.get_log_reader().await.try_get_log_entries(..).await?;
-        assert!(
-            got.len() >= n_durable,
-            "{ctx}: lost flushed entries: {} left",
-            got.len()
-        );
-        assert_eq!(
-            got[..],
-            all[..got.len()],
-            "{ctx}: not a prefix of the appended entries"
-        );
+        assert!(got.len() >= n_durable, "{ctx}: lost flushed entries: {} left", got.len());
+        assert_eq!(got[..], all[..got.len()], "{ctx}: not a prefix of the appended entries");
         assert_log(&mut store, None, &got, &ctx).await?;
         recovered_lens.push(got.len());
 
         // The recovered log takes appends, and a clean crash after a flush loses nothing.
-        let more = vec![
-            entry(50, got.len() as u64 + 1, 40),
-            entry(50, got.len() as u64 + 2, 0),
-        ];
+        let more = vec![entry(50, got.len() as u64 + 1, 40), entry(50, got.len() as u64 + 2, 0)];
         append_durable(&mut store, more.clone()).await?;
         drop(store);
         disk.crash(None);
         let (mut store, _) = open(&disk, SEGMENT_BYTES).await?;
         let expected: Vec<Entry> = got.into_iter().chain(more).collect();
-        assert_log(
-            &mut store,
-            None,
-            &expected,
-            &format!("{ctx}, appended and crashed again"),
-        )
-        .await?;
+        assert_log(&mut store, None, &expected, &format!("{ctx}, appended and crashed again")).await?;
     }
     // The sweep is only meaningful if some crashes lost the unflushed entries and some kept a
     // part of them.
-    assert!(
-        recovered_lens.contains(&n_durable),
-        "no crash lost the unflushed entries: {recovered_lens:?}"
-    );
-    assert!(
-        recovered_lens.iter().any(|&n| n > n_durable),
-        "no crash kept a torn tail: {recovered_lens:?}"
-    );
+    assert!(recovered_lens.contains(&n_durable), "no crash lost the unflushed entries: {recovered_lens:?}");
+    assert!(recovered_lens.iter().any(|&n| n > n_durable), "no crash kept a torn tail: {recovered_lens:?}");
     Ok(())
 }
 
@@ -600,19 +477,12 @@ async fn a_crash_after_a_truncation_leaves_no_hole_at_the_start() -> io::Result<
     let mut pending = Vec::new();
     let mut next = 1;
     for sizes in [&[0][..], &[0, 10], &[104, 69, 68], &[21, 14]] {
-        let batch: Vec<Entry> = sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &len)| entry(1, next + i as u64, len))
-            .collect();
+        let batch: Vec<Entry> =
+            sizes.iter().enumerate().map(|(i, &len)| entry(1, next + i as u64, len)).collect();
         next += sizes.len() as u64;
         pending.push(append(&mut store, batch).await?);
     }
-    assert_eq!(
-        segment_firsts(&disk)?,
-        vec![1, 4, 7],
-        "three segments, none flushed"
-    );
+    assert_eq!(segment_firsts(&disk)?, vec![1, 4, 7], "three segments, none flushed");
     store.truncate_after(Some(log_id(1, 5))).await?;
     disk.crash(None);
     drop(store);
@@ -722,10 +592,7 @@ async fn limited_reads_return_an_entry_and_respect_the_byte_bound() -> io::Resul
         append_durable(&mut store, batch.to_vec()).await?;
     }
     let frame = PAYLOAD_BYTES + FRAME_OVERHEAD_BYTES;
-    assert!(
-        (n as usize * frame) > 3 * REPLICATION_READ_BYTES_MAX / 2,
-        "the log exceeds the bound"
-    );
+    assert!((n as usize * frame) > 3 * REPLICATION_READ_BYTES_MAX / 2, "the log exceeds the bound");
     assert!(segment_files(&disk)?.len() > 10);
 
     let mut reader = store.get_log_reader().await;
@@ -733,28 +600,13 @@ async fn limited_reads_return_an_entry_and_respect_the_byte_bound() -> io::Resul
         let got = reader.limited_get_log_entries(start, n + 1).await?;
         let ctx = format!("limited_get_log_entries({start}, {})", n + 1);
         assert!(!got.is_empty(), "{ctx}: returned nothing");
-        assert_eq!(
-            got[..],
-            all[(start - 1) as usize..][..got.len()],
-            "{ctx}: wrong entries"
-        );
-        assert!(
-            got.len() * frame <= REPLICATION_READ_BYTES_MAX + frame,
-            "{ctx}: {} entries",
-            got.len()
-        );
+        assert_eq!(got[..], all[(start - 1) as usize..][..got.len()], "{ctx}: wrong entries");
+        assert!(got.len() * frame <= REPLICATION_READ_BYTES_MAX + frame, "{ctx}: {} entries", got.len());
         // Loosely: a bounded read returns a good part of the bound, not a trickle.
-        assert!(
-            got.len() * frame >= REPLICATION_READ_BYTES_MAX / 4,
-            "{ctx}: only {} entries",
-            got.len()
-        );
+        assert!(got.len() * frame >= REPLICATION_READ_BYTES_MAX / 4, "{ctx}: only {} entries", got.len());
     }
     assert_eq!(reader.limited_get_log_entries(190, n + 1).await?, all[189..]);
-    assert_eq!(
-        reader.limited_get_log_entries(n, n + 1).await?,
-        all[n as usize - 1..]
-    );
+    assert_eq!(reader.limited_get_log_entries(n, n + 1).await?, all[n as usize - 1..]);
     Ok(())
 }
 
@@ -787,10 +639,7 @@ async fn truncate_after_is_durable_and_the_log_continues() -> io::Result<()> {
     let (base, store, all) = rolled_log(40, SEGMENT_BYTES_SMALL).await?;
     drop(store);
     let firsts = segment_firsts(&base)?;
-    assert!(
-        firsts.len() >= 5 && firsts[3] - firsts[2] >= 3,
-        "segments: {firsts:?}"
-    );
+    assert!(firsts.len() >= 5 && firsts[3] - firsts[2] >= 3, "segments: {firsts:?}");
     let cases = [
         ("the middle of a segment", Some(firsts[2] + 1), &firsts[..3]),
         ("a segment boundary", Some(firsts[3] - 1), &firsts[..3]),
@@ -802,24 +651,16 @@ async fn truncate_after_is_durable_and_the_log_continues() -> io::Result<()> {
         let disk = copy_disk(&base).await?;
         let (mut store, _) = open(&disk, SEGMENT_BYTES_SMALL).await?;
         let kept = last.map_or(0, |l| l as usize);
-        store
-            .truncate_after(kept.checked_sub(1).map(|i| all[i].log_id))
-            .await?;
+        store.truncate_after(kept.checked_sub(1).map(|i| all[i].log_id)).await?;
         assert_eq!(segment_firsts(&disk)?, files, "{ctx}: segment files");
         let mut store = assert_durable(&disk, store, None, &all[..kept], &ctx).await?;
         if let Some(l) = last {
-            let err = store
-                .get_log_reader()
-                .await
-                .read(l, l + 2, usize::MAX)
-                .expect_err("beyond the end");
+            let err = store.get_log_reader().await.read(l, l + 2, usize::MAX).expect_err("beyond the end");
             assert_eq!(err.kind(), io::ErrorKind::NotFound, "{ctx}");
         }
 
         // A new leader overwrites the truncated suffix.
-        let more: Vec<Entry> = (kept as u64 + 1..=kept as u64 + 9)
-            .map(|i| entry(20, i, 33))
-            .collect();
+        let more: Vec<Entry> = (kept as u64 + 1..=kept as u64 + 9).map(|i| entry(20, i, 33)).collect();
         append_durable(&mut store, more[..4].to_vec()).await?;
         append_durable(&mut store, more[4..].to_vec()).await?;
         let expected: Vec<Entry> = all[..kept].iter().cloned().chain(more).collect();
@@ -836,10 +677,7 @@ async fn purge_is_durable_and_hides_purged_entries() -> io::Result<()> {
     let (base, store, all) = rolled_log(40, SEGMENT_BYTES_SMALL).await?;
     drop(store);
     let firsts = segment_firsts(&base)?;
-    assert!(
-        firsts.len() >= 5 && firsts[3] - firsts[2] >= 3,
-        "segments: {firsts:?}"
-    );
+    assert!(firsts.len() >= 5 && firsts[3] - firsts[2] >= 3, "segments: {firsts:?}");
     let last_term = log_term(&all[39].log_id);
     let cases = [
         ("part of a segment", all[firsts[2] as usize].log_id, &firsts[2..]),
@@ -857,42 +695,19 @@ async fn purge_is_durable_and_hides_purged_entries() -> io::Result<()> {
         let mut store = assert_durable(&disk, store, Some(upto), kept, &ctx).await?;
 
         let mut reader = store.get_log_reader().await;
-        let err = reader
-            .read(upto.index, upto.index + 1, usize::MAX)
-            .expect_err("purged");
-        assert_eq!(
-            err.kind(),
-            io::ErrorKind::NotFound,
-            "{ctx}: reading the purge point"
-        );
-        assert_eq!(
-            reader.try_get_log_entries(1..upto.index + 3).await?,
-            kept[..kept.len().min(2)],
-            "{ctx}"
-        );
+        let err = reader.read(upto.index, upto.index + 1, usize::MAX).expect_err("purged");
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{ctx}: reading the purge point");
+        assert_eq!(reader.try_get_log_entries(1..upto.index + 3).await?, kept[..kept.len().min(2)], "{ctx}");
         // Purging again at or below the purge point changes nothing.
         store.purge(log_id(1, 1)).await?;
-        assert_log(
-            &mut store,
-            Some(upto),
-            kept,
-            &format!("{ctx}, purged again lower"),
-        )
-        .await?;
+        assert_log(&mut store, Some(upto), kept, &format!("{ctx}, purged again lower")).await?;
 
         // The log continues after its last entry, or after the purge point if that is later.
         let next = upto.index.max(40) + 1;
         let more: Vec<Entry> = (next..next + 6).map(|i| entry(last_term + 2, i, 45)).collect();
         append_durable(&mut store, more.clone()).await?;
         let expected: Vec<Entry> = kept.iter().cloned().chain(more).collect();
-        assert_durable(
-            &disk,
-            store,
-            Some(upto),
-            &expected,
-            &format!("{ctx}, then appended"),
-        )
-        .await?;
+        assert_durable(&disk, store, Some(upto), &expected, &format!("{ctx}, then appended")).await?;
     }
     Ok(())
 }
@@ -913,21 +728,12 @@ async fn recovery_completes_an_interrupted_purge() -> io::Result<()> {
         let ctx = format!("interrupted purge({upto})");
         let disk = copy_disk(&base).await?;
         let mut state = StateFile::open(&disk, log_dir()).await?;
-        state
-            .save(state_file::LogState {
-                vote: None,
-                last_purged: Some(upto),
-            })
-            .await?;
+        state.save(state_file::LogState { vote: None, last_purged: Some(upto) }).await?;
         drop(state);
         let (store, report) = open(&disk, SEGMENT_BYTES_SMALL).await?;
         assert_eq!(report.reason, None, "{ctx}");
         let kept = all.get(upto.index as usize..).unwrap_or_default();
-        assert_eq!(
-            segment_firsts(&disk)?,
-            files,
-            "{ctx}: purged segments are deleted"
-        );
+        assert_eq!(segment_firsts(&disk)?, files, "{ctx}: purged segments are deleted");
         assert_durable(&disk, store, Some(upto), kept, &ctx).await?;
     }
     Ok(())
@@ -949,11 +755,7 @@ async fn vote_survives_a_crash() -> io::Result<()> {
         drop(store);
         disk.crash(None);
         store = open(&disk, SEGMENT_BYTES_SMALL).await?.0;
-        assert_eq!(
-            store.get_log_reader().await.read_vote().await?,
-            last_vote,
-            "term {term}"
-        );
+        assert_eq!(store.get_log_reader().await.read_vote().await?, last_vote, "term {term}");
         assert!(!store.is_pristine());
     }
 
@@ -962,24 +764,14 @@ async fn vote_survives_a_crash() -> io::Result<()> {
     drop(store);
     disk.crash(None);
     let (mut store, _) = open(&disk, SEGMENT_BYTES_SMALL).await?;
-    assert_eq!(
-        store.get_log_reader().await.read_vote().await?,
-        last_vote,
-        "vote after a purge"
-    );
+    assert_eq!(store.get_log_reader().await.read_vote().await?, last_vote, "vote after a purge");
     let vote: Vote = openraft::Vote::new(6, 1);
     store.save_vote(&vote).await?;
     drop(store);
     disk.crash(None);
     let (mut store, _) = open(&disk, SEGMENT_BYTES_SMALL).await?;
     assert_eq!(store.get_log_reader().await.read_vote().await?, Some(vote));
-    assert_log(
-        &mut store,
-        Some(log_id(1, 4)),
-        &entries(5, 10),
-        "purge after a vote",
-    )
-    .await
+    assert_log(&mut store, Some(log_id(1, 4)), &entries(5, 10), "purge after a vote").await
 }
 
 /// One step of the model test.
@@ -1045,12 +837,7 @@ async fn run_model(ops: Vec<Op>) -> io::Result<()> {
     const SEGMENT_BYTES: u64 = 400;
     let disk = MemDisk::new();
     let (mut store, _) = open(&disk, SEGMENT_BYTES).await?;
-    let mut model = Model {
-        purged: None,
-        entries: Vec::new(),
-        durable_index: 0,
-        term: 1,
-    };
+    let mut model = Model { purged: None, entries: Vec::new(), durable_index: 0, term: 1 };
     let mut pending: Vec<FlushRx> = Vec::new();
     for (step, op) in ops.into_iter().enumerate() {
         let ctx = format!("step {step}: {op:?}");
@@ -1105,16 +892,9 @@ async fn run_model(ops: Vec<Op>) -> io::Result<()> {
                 if !model.entries.is_empty() {
                     let i = pick.index(model.entries.len());
                     let start = model.entries[i].log_id.index;
-                    let got = store
-                        .get_log_reader()
-                        .await
-                        .read(start, model.next_index(), bytes_max)?;
+                    let got = store.get_log_reader().await.read(start, model.next_index(), bytes_max)?;
                     assert!(!got.is_empty(), "{ctx}: read nothing");
-                    assert_eq!(
-                        got[..],
-                        model.entries[i..][..got.len()],
-                        "{ctx}: read the wrong entries"
-                    );
+                    assert_eq!(got[..], model.entries[i..][..got.len()], "{ctx}: read the wrong entries");
                     let bytes: usize = got.iter().map(frame_bytes).sum();
                     let frame_max = model.entries.iter().map(frame_bytes).max().unwrap_or(0);
                     assert!(bytes <= bytes_max.max(1) + frame_max, "{ctx}: read {bytes} bytes");
@@ -1125,10 +905,7 @@ async fn run_model(ops: Vec<Op>) -> io::Result<()> {
                 // process's I/O would; the callbacks stay pending until `Flush` or a crash.
                 drop(store);
                 let (reopened, report) = open(&disk, SEGMENT_BYTES).await?;
-                assert_eq!(
-                    report.reason, None,
-                    "{ctx}: a reopen without a crash cuts nothing"
-                );
+                assert_eq!(report.reason, None, "{ctx}: a reopen without a crash cuts nothing");
                 store = reopened;
             }
             Op::Crash(tear) => {
@@ -1141,17 +918,10 @@ async fn run_model(ops: Vec<Op>) -> io::Result<()> {
                 let (reopened, _) = open(&disk, SEGMENT_BYTES).await?;
                 store = reopened;
                 let state = store.get_log_state().await?;
-                assert_eq!(
-                    state.last_purged_log_id, model.purged,
-                    "{ctx}: a purge is durable"
-                );
+                assert_eq!(state.last_purged_log_id, model.purged, "{ctx}: a purge is durable");
                 let got = store.get_log_reader().await.try_get_log_entries(..).await?;
                 assert!(got.len() <= model.entries.len(), "{ctx}: the log grew in a crash");
-                assert_eq!(
-                    got[..],
-                    model.entries[..got.len()],
-                    "{ctx}: not a prefix of the log"
-                );
+                assert_eq!(got[..], model.entries[..got.len()], "{ctx}: not a prefix of the log");
                 model.entries.truncate(got.len());
                 let last_index = model.last().map_or(0, |l| l.index);
                 assert!(

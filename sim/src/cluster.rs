@@ -135,10 +135,8 @@ impl Cluster {
                     let node = eddy_node::node::start(config, env, client, raft)
                         .await
                         .map_err(|e| format!("{e:#}"))?;
-                    *refs.lock().expect("refs lock poisoned") = Some(NodeRefs {
-                        meta: node.meta.clone(),
-                        groups: node.groups.clone(),
-                    });
+                    *refs.lock().expect("refs lock poisoned") =
+                        Some(NodeRefs { meta: node.meta.clone(), groups: node.groups.clone() });
                     // The node runs until its host crashes.
                     std::future::pending::<()>().await;
                     Ok(())

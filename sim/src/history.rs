@@ -95,11 +95,7 @@ impl History {
     }
 
     pub fn acked(&self) -> usize {
-        self.lock()
-            .produces
-            .iter()
-            .filter(|p| matches!(p.outcome, Outcome::Ok { .. }))
-            .count()
+        self.lock().produces.iter().filter(|p| matches!(p.outcome, Outcome::Ok { .. })).count()
     }
 
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {

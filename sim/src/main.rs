@@ -27,11 +27,7 @@ impl tracing_subscriber::fmt::time::FormatTime for SimTime {
 }
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "eddy-sim",
-    version,
-    about = "Run Eddy under simulated network and disk failures"
-)]
+#[command(name = "eddy-sim", version, about = "Run Eddy under simulated network and disk failures")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -116,12 +112,8 @@ enum Command {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s or 2m"))?;
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 30s or 2m"))?;
     match unit {
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(60 * n)),
@@ -131,9 +123,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_range(s: &str) -> Result<(u64, u64), String> {
-    let (a, b) = s
-        .split_once("..")
-        .ok_or_else(|| format!("{s:?}: expected A..B"))?;
+    let (a, b) = s.split_once("..").ok_or_else(|| format!("{s:?}: expected A..B"))?;
     let (a, b): (u64, u64) = (
         a.parse().map_err(|_| format!("{a:?} is not a seed"))?,
         b.parse().map_err(|_| format!("{b:?} is not a seed"))?,
@@ -182,15 +172,7 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run {
-            seed,
-            common,
-            trace,
-            report: report_path,
-            output,
-            check_determinism,
-            verbose,
-        } => {
+        Command::Run { seed, common, trace, report: report_path, output, check_determinism, verbose } => {
             let mut opts = common.options(seed);
             opts.progress = output == Output::Table;
             eddy_sim::run::report_panics(&opts, output == Output::Json);
@@ -220,11 +202,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             if let Some(path) = trace {
-                let lines: Vec<String> = r
-                    .trace
-                    .iter()
-                    .map(|e| serde_json::to_string(e).unwrap_or_default())
-                    .collect();
+                let lines: Vec<String> =
+                    r.trace.iter().map(|e| serde_json::to_string(e).unwrap_or_default()).collect();
                 std::fs::write(&path, lines.join("\n") + "\n")
                     .with_context(|| format!("write {}", path.display()))?;
             }
@@ -236,19 +215,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Output::Json => println!("{json}"),
                 Output::Table => print!("{}", report::text(&r, verbose)),
             }
-            Ok(if r.verdict == "pass" {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(if r.verdict == "pass" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Swarm {
-            seeds,
-            jobs,
-            common,
-            keep_going,
-            output,
-        } => {
+        Command::Swarm { seeds, jobs, common, keep_going, output } => {
             let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
             swarm::run(seeds, jobs, &common, keep_going, output == Output::Json)
         }

@@ -57,19 +57,9 @@ pub struct Nemesis {
 impl Nemesis {
     pub fn new(profile: Profile, seed: u64, hosts: Vec<String>) -> Self {
         let mut rng = SmallRng::seed_from_u64(seed ^ 0x4e4e_4e4e_0000_0002);
-        let next_at = profile
-            .classes
-            .iter()
-            .map(|(c, s)| (*c, 3_000 + exp_gap(&mut rng, s.mean_gap_ms)))
-            .collect();
-        Self {
-            profile,
-            rng,
-            next_at,
-            active: Vec::new(),
-            hosts,
-            injected: BTreeMap::new(),
-        }
+        let next_at =
+            profile.classes.iter().map(|(c, s)| (*c, 3_000 + exp_gap(&mut rng, s.mean_gap_ms))).collect();
+        Self { profile, rng, next_at, active: Vec::new(), hosts, injected: BTreeMap::new() }
     }
 
     /// Injects and undoes faults due at `now` (simulated ms).
@@ -77,12 +67,7 @@ impl Nemesis {
         // Undo what has run its course (and crash silent deaths whose moment has come).
         let mut i = 0;
         while i < self.active.len() {
-            if let Undo::CrashThenRestart {
-                node,
-                crash_at,
-                crashed,
-                ..
-            } = &mut self.active[i].undo
+            if let Undo::CrashThenRestart { node, crash_at, crashed, .. } = &mut self.active[i].undo
                 && !*crashed
                 && now >= *crash_at
             {
@@ -97,26 +82,15 @@ impl Nemesis {
                 i += 1;
             }
         }
-        let due: Vec<FaultClass> = self
-            .next_at
-            .iter()
-            .filter(|(_, t)| **t <= now)
-            .map(|(c, _)| *c)
-            .collect();
+        let due: Vec<FaultClass> = self.next_at.iter().filter(|(_, t)| **t <= now).map(|(c, _)| *c).collect();
         for class in due {
             let s = self.profile.classes[&class];
-            self.next_at
-                .insert(class, now + exp_gap(&mut self.rng, s.mean_gap_ms));
-            let duration = self
-                .rng
-                .random_range(s.min_duration_ms..=s.max_duration_ms.max(s.min_duration_ms));
+            self.next_at.insert(class, now + exp_gap(&mut self.rng, s.mean_gap_ms));
+            let duration =
+                self.rng.random_range(s.min_duration_ms..=s.max_duration_ms.max(s.min_duration_ms));
             if let Some(undo) = self.inject(now, class, duration, sim, cluster, trace) {
                 *self.injected.entry(class).or_default() += 1;
-                self.active.push(Active {
-                    class,
-                    ends_at: now + duration,
-                    undo,
-                });
+                self.active.push(Active { class, ends_at: now + duration, undo });
             }
         }
     }
@@ -132,10 +106,7 @@ impl Nemesis {
     /// A leader to isolate: the metadata leader or, as often, a random partition's leader.
     fn some_leader(&mut self, cluster: &Cluster) -> Option<NodeId> {
         let up = Self::nodes_up(cluster);
-        let refs: Vec<_> = up
-            .iter()
-            .filter_map(|id| cluster.refs(*id).map(|r| (*id, r)))
-            .collect();
+        let refs: Vec<_> = up.iter().filter_map(|id| cluster.refs(*id).map(|r| (*id, r))).collect();
         if self.rng.random_bool(0.5) {
             refs.iter().find_map(|(_, r)| r.meta.leader())
         } else {
@@ -169,10 +140,8 @@ impl Nemesis {
                 nodes.shuffle(&mut self.rng);
                 let cut = self.rng.random_range(1..nodes.len());
                 let (a, b) = nodes.split_at(cut);
-                let pairs: Vec<(String, String)> = a
-                    .iter()
-                    .flat_map(|x| b.iter().map(move |y| (host_name(*x), host_name(*y))))
-                    .collect();
+                let pairs: Vec<(String, String)> =
+                    a.iter().flat_map(|x| b.iter().map(move |y| (host_name(*x), host_name(*y)))).collect();
                 for (x, y) in &pairs {
                     sim.partition(x.as_str(), y.as_str());
                 }
@@ -190,12 +159,8 @@ impl Nemesis {
             FaultClass::IsolateLeader => {
                 let leader = self.some_leader(cluster)?;
                 let me = host_name(leader);
-                let pairs: Vec<(String, String)> = self
-                    .hosts
-                    .iter()
-                    .filter(|h| **h != me)
-                    .map(|h| (me.clone(), h.clone()))
-                    .collect();
+                let pairs: Vec<(String, String)> =
+                    self.hosts.iter().filter(|h| **h != me).map(|h| (me.clone(), h.clone())).collect();
                 for (x, y) in &pairs {
                     sim.partition(x.as_str(), y.as_str());
                 }
@@ -254,12 +219,7 @@ impl Nemesis {
                         }
                         desc = format!("n{n} goes silent, then loses power");
                         let crash_at = now + self.rng.random_range(100..duration.max(101));
-                        Undo::CrashThenRestart {
-                            node: n,
-                            crash_at,
-                            crashed: false,
-                            pairs,
-                        }
+                        Undo::CrashThenRestart { node: n, crash_at, crashed: false, pairs }
                     }
                 }
             }
@@ -285,10 +245,7 @@ impl Nemesis {
             trace.push(
                 now,
                 "crash",
-                format!(
-                    "n{n} (unsynced writes lost{})",
-                    if torn { ", last write may tear" } else { "" }
-                ),
+                format!("n{n} (unsynced writes lost{})", if torn { ", last write may tear" } else { "" }),
             );
         } else {
             cluster.crash(sim, n, None, false);
@@ -319,9 +276,7 @@ impl Nemesis {
                 cluster.restart(sim, n);
                 trace.push(now, "restart", format!("n{n}"));
             }
-            Undo::CrashThenRestart {
-                node, crashed, pairs, ..
-            } => {
+            Undo::CrashThenRestart { node, crashed, pairs, .. } => {
                 if !crashed {
                     self.crash(now, sim, cluster, trace, node, true);
                 }

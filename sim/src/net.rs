@@ -43,29 +43,27 @@ struct ConnectPacing {
 fn turmoil_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
     let target = addr.to_owned();
     let pacing = Arc::new(Mutex::new(ConnectPacing::default()));
-    Ok(
-        endpoint(addr)?.connect_with_connector_lazy(tower::service_fn(move |_| {
-            let target = target.clone();
-            let pacing = pacing.clone();
-            async move {
-                // Wait out the pause (rather than failing at once: a caller that retries at once
-                // would spin without simulated time passing).
-                let start = {
-                    let mut p = pacing.lock().expect("pacing lock poisoned");
-                    let now = tokio::time::Instant::now();
-                    let start = p.last.map_or(now, |last| (last + p.gap).max(now));
-                    p.last = Some(start);
-                    // Until this attempt succeeds, the next one waits (also if this one is abandoned).
-                    p.gap = (p.gap * 2).clamp(CONNECT_GAP_MIN, CONNECT_GAP_MAX);
-                    start
-                };
-                tokio::time::sleep_until(start).await;
-                let stream = turmoil::net::TcpStream::connect(target.as_str()).await?;
-                pacing.lock().expect("pacing lock poisoned").gap = Duration::ZERO;
-                Ok::<_, io::Error>(TokioIo::new(stream))
-            }
-        })),
-    )
+    Ok(endpoint(addr)?.connect_with_connector_lazy(tower::service_fn(move |_| {
+        let target = target.clone();
+        let pacing = pacing.clone();
+        async move {
+            // Wait out the pause (rather than failing at once: a caller that retries at once
+            // would spin without simulated time passing).
+            let start = {
+                let mut p = pacing.lock().expect("pacing lock poisoned");
+                let now = tokio::time::Instant::now();
+                let start = p.last.map_or(now, |last| (last + p.gap).max(now));
+                p.last = Some(start);
+                // Until this attempt succeeds, the next one waits (also if this one is abandoned).
+                p.gap = (p.gap * 2).clamp(CONNECT_GAP_MIN, CONNECT_GAP_MAX);
+                start
+            };
+            tokio::time::sleep_until(start).await;
+            let stream = turmoil::net::TcpStream::connect(target.as_str()).await?;
+            pacing.lock().expect("pacing lock poisoned").gap = Duration::ZERO;
+            Ok::<_, io::Error>(TokioIo::new(stream))
+        }
+    })))
 }
 
 /// Node-to-node channels.

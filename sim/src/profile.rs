@@ -101,17 +101,10 @@ impl Profile {
             let c = allowed[rng.random_range(0..allowed.len())];
             classes.insert(
                 c,
-                ClassSettings {
-                    mean_gap_ms: 4_000,
-                    min_duration_ms: 500,
-                    max_duration_ms: 4_000,
-                },
+                ClassSettings { mean_gap_ms: 4_000, min_duration_ms: 500, max_duration_ms: 4_000 },
             );
         }
-        Self {
-            classes,
-            torn_writes: rng.random_bool(0.5),
-        }
+        Self { classes, torn_writes: rng.random_bool(0.5) }
     }
 
     pub fn describe(&self) -> String {
@@ -130,11 +123,7 @@ impl Profile {
                 )
             })
             .collect();
-        format!(
-            "{}{}",
-            parts.join(", "),
-            if self.torn_writes { "; torn writes" } else { "" }
-        )
+        format!("{}{}", parts.join(", "), if self.torn_writes { "; torn writes" } else { "" })
     }
 }
 
@@ -145,17 +134,10 @@ mod tests {
     #[test]
     fn profiles_are_a_function_of_the_seed_and_vary() {
         assert_eq!(Profile::draw(7, None), Profile::draw(7, None));
-        let distinct: std::collections::BTreeSet<Vec<FaultClass>> = (0..40)
-            .map(|s| Profile::draw(s, None).classes.keys().copied().collect())
-            .collect();
-        assert!(
-            distinct.len() > 10,
-            "40 seeds should give many different mixes: {distinct:?}"
-        );
+        let distinct: std::collections::BTreeSet<Vec<FaultClass>> =
+            (0..40).map(|s| Profile::draw(s, None).classes.keys().copied().collect()).collect();
+        assert!(distinct.len() > 10, "40 seeds should give many different mixes: {distinct:?}");
         let only = Profile::draw(3, Some(&[FaultClass::Crash]));
-        assert_eq!(
-            only.classes.keys().copied().collect::<Vec<_>>(),
-            vec![FaultClass::Crash]
-        );
+        assert_eq!(only.classes.keys().copied().collect::<Vec<_>>(), vec![FaultClass::Crash]);
     }
 }

@@ -7,17 +7,8 @@ use crate::checker::INVARIANTS;
 use crate::run::RunReport;
 
 /// Event kinds shown in the text timeline (leader changes are summarised unless verbose).
-const TIMELINE_KINDS: [&str; 9] = [
-    "profile",
-    "setup",
-    "fault",
-    "crash",
-    "restart",
-    "heal",
-    "admin",
-    "verifier",
-    "violation",
-];
+const TIMELINE_KINDS: [&str; 9] =
+    ["profile", "setup", "fault", "crash", "restart", "heal", "admin", "verifier", "violation"];
 
 fn secs(ms: u64) -> String {
     format!("{:>8.3}s", ms as f64 / 1000.0)
@@ -45,30 +36,18 @@ pub fn text(r: &RunReport, verbose: bool) -> String {
                 let _ = writeln!(out, "  ok    {:<34} ({})", inv.name, inv.source);
             }
             Some(v) => {
-                let _ = writeln!(
-                    out,
-                    "  FAIL  {:<34} ({}): {} problem(s)",
-                    inv.name, inv.source, v.count
-                );
+                let _ = writeln!(out, "  FAIL  {:<34} ({}): {} problem(s)", inv.name, inv.source, v.count);
                 for ex in &v.examples {
                     let _ = writeln!(out, "          - {ex}");
                 }
             }
         }
     }
-    let ratio = if r.wall_seconds > 0.0 {
-        r.sim_seconds / r.wall_seconds
-    } else {
-        0.0
-    };
+    let ratio = if r.wall_seconds > 0.0 { r.sim_seconds / r.wall_seconds } else { 0.0 };
     let _ = writeln!(
         out,
         "outcomes: {}",
-        r.outcomes
-            .iter()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        r.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
     );
     let _ = writeln!(
         out,
@@ -85,10 +64,7 @@ pub fn text(r: &RunReport, verbose: bool) -> String {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 /// A self-contained HTML page: verdict, an SVG timeline (faults, crashes, leader changes,
@@ -97,18 +73,8 @@ pub fn html(r: &RunReport) -> String {
     let end_ms = r.trace.last().map_or(1, |e| e.at_ms.max(1));
     let width = 1200.0;
     let x = |ms: u64| 60.0 + (ms as f64 / end_ms as f64) * (width - 80.0);
-    let lanes = [
-        "fault",
-        "crash",
-        "restart",
-        "heal",
-        "leader",
-        "admin",
-        "violation",
-    ];
-    let colors = [
-        "#d9534f", "#8b0000", "#2e8b57", "#5cb85c", "#337ab7", "#f0ad4e", "#000000",
-    ];
+    let lanes = ["fault", "crash", "restart", "heal", "leader", "admin", "violation"];
+    let colors = ["#d9534f", "#8b0000", "#2e8b57", "#5cb85c", "#337ab7", "#f0ad4e", "#000000"];
     let mut svg = String::new();
     let h = 30.0 * lanes.len() as f64 + 40.0;
     let _ = write!(
@@ -151,25 +117,11 @@ pub fn html(r: &RunReport) -> String {
     let mut inv = String::new();
     for i in &INVARIANTS {
         let v = r.violations.iter().find(|v| v.invariant == i.name);
-        let status = if v.is_some() {
-            "<b style='color:#c00'>FAIL</b>"
-        } else {
-            "ok"
-        };
+        let status = if v.is_some() { "<b style='color:#c00'>FAIL</b>" } else { "ok" };
         let ex = v
-            .map(|v| {
-                v.examples
-                    .iter()
-                    .map(|e| format!("<br><small>{}</small>", esc(e)))
-                    .collect::<String>()
-            })
+            .map(|v| v.examples.iter().map(|e| format!("<br><small>{}</small>", esc(e))).collect::<String>())
             .unwrap_or_default();
-        let _ = write!(
-            inv,
-            "<tr><td>{status}</td><td>{}</td><td>{}{ex}</td></tr>",
-            i.name,
-            esc(i.source)
-        );
+        let _ = write!(inv, "<tr><td>{status}</td><td>{}</td><td>{}{ex}</td></tr>", i.name, esc(i.source));
     }
     format!(
         "<!doctype html><html><head><meta charset='utf-8'><title>eddy-sim seed {seed}</title>\

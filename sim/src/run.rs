@@ -87,16 +87,10 @@ impl RunOptions {
             self.events_per_sec
         );
         if self.producers != 3 || self.consumers != 2 {
-            c.push_str(&format!(
-                " --producers {} --consumers {}",
-                self.producers, self.consumers
-            ));
+            c.push_str(&format!(" --producers {} --consumers {}", self.producers, self.consumers));
         }
         if let Some(f) = &self.faults {
-            c.push_str(&format!(
-                " --faults {}",
-                f.iter().map(|f| f.name()).collect::<Vec<_>>().join(",")
-            ));
+            c.push_str(&format!(" --faults {}", f.iter().map(|f| f.name()).collect::<Vec<_>>().join(",")));
         }
         if let Some(b) = self.bug {
             c.push_str(&format!(" --inject-bug {}", b.name()));
@@ -134,10 +128,7 @@ fn fnv(bytes: &[u8]) -> u64 {
 
 /// Reads a replica's Raft log for the checker.
 fn replica_log(reader: &eddy_raft::log::LogReader, committed: Option<u64>) -> ReplicaLog {
-    let mut log = ReplicaLog {
-        committed,
-        entries: BTreeMap::new(),
-    };
+    let mut log = ReplicaLog { committed, entries: BTreeMap::new() };
     let (Some(first), Some(last)) = (reader.first_index(), reader.last_log_id()) else {
         return log;
     };
@@ -155,8 +146,7 @@ fn replica_log(reader: &eddy_raft::log::LogReader, committed: Option<u64>) -> Re
                 EntryPayload::Normal(p) => fnv(&p.0),
                 EntryPayload::Membership(m) => fnv(format!("{m:?}").as_bytes()),
             };
-            log.entries
-                .insert(e.log_id.index, (eddy_raft::log_term(&e.log_id), payload));
+            log.entries.insert(e.log_id.index, (eddy_raft::log_term(&e.log_id), payload));
             next = e.log_id.index + 1;
         }
     }
@@ -191,25 +181,14 @@ fn collect_internals(cluster: &Cluster, e: &mut Evidence) {
             continue;
         };
         let view = meta.view();
-        e.metadata.insert(
-            *id,
-            (view.last_applied.map(|l| l.index), format!("{:?}", view.state)),
-        );
+        e.metadata.insert(*id, (view.last_applied.map(|l| l.index), format!("{:?}", view.state)));
         for g in groups.all() {
             e.replica_views
                 .entry((g.topic().to_owned(), g.partition()))
                 .or_default()
                 .insert(*id, replica_view(&g));
-            let committed = g
-                .raft()
-                .metrics()
-                .borrow_watched()
-                .local_committed
-                .map(|c| c.index);
-            e.logs
-                .entry(g.group())
-                .or_default()
-                .insert(*id, replica_log(g.log_reader(), committed));
+            let committed = g.raft().metrics().borrow_watched().local_committed.map(|c| c.index);
+            e.logs.entry(g.group()).or_default().insert(*id, replica_log(g.log_reader(), committed));
         }
     }
 }
@@ -264,9 +243,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         // turmoil does not free the ports of failed connection attempts; use them all.
         .ephemeral_ports(1024..=65535)
         .build();
-    let bugs = PlantedBugs {
-        follower_reads_uncommitted: opts.bug == Some(Bug::FollowerReadsUncommitted),
-    };
+    let bugs = PlantedBugs { follower_reads_uncommitted: opts.bug == Some(Bug::FollowerReadsUncommitted) };
     let mut cluster = Cluster::new(opts.nodes, opts.seed, bugs, opts.bug == Some(Bug::AckBeforeFsync));
     cluster.register(&mut sim);
 
@@ -381,11 +358,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         trace.push(
             sim.elapsed().as_millis() as u64,
             "violation",
-            format!(
-                "{}: {}",
-                v.invariant,
-                v.examples.first().cloned().unwrap_or_default()
-            ),
+            format!("{}: {}", v.invariant, v.examples.first().cloned().unwrap_or_default()),
         );
     }
     let history_hash = {
@@ -398,11 +371,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         }
         h.digest()
     };
-    trace.push(
-        sim.elapsed().as_millis() as u64,
-        "history",
-        format!("{history_hash:016x}"),
-    );
+    trace.push(sim.elapsed().as_millis() as u64, "history", format!("{history_hash:016x}"));
     let events = trace.events();
     let leader_changes = events.iter().filter(|e| e.kind == "leader").count();
     Ok(RunReport {
@@ -416,11 +385,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         outcomes: history.counts(),
         faults: profile.classes.keys().map(FaultClass::name).collect(),
         profile: profile.describe(),
-        injected: nemesis
-            .injected
-            .iter()
-            .map(|(c, n)| (c.name().to_owned(), *n))
-            .collect(),
+        injected: nemesis.injected.iter().map(|(c, n)| (c.name().to_owned(), *n)).collect(),
         leader_changes,
         trace_hash: format!("{:016x}", trace.hash()),
         command: opts.command(),

@@ -70,17 +70,9 @@ async fn run_seed(exe: std::path::PathBuf, seed: u64, args: Vec<String>) -> Seed
         .output()
         .await;
     match out {
-        Err(e) => SeedResult {
-            seed,
-            report: None,
-            error: Some(format!("could not start: {e}")),
-        },
+        Err(e) => SeedResult { seed, report: None, error: Some(format!("could not start: {e}")) },
         Ok(o) => match serde_json::from_slice::<Value>(&o.stdout) {
-            Ok(v) => SeedResult {
-                seed,
-                report: Some(v),
-                error: None,
-            },
+            Ok(v) => SeedResult { seed, report: Some(v), error: None },
             Err(_) => SeedResult {
                 seed,
                 report: None,
@@ -102,9 +94,7 @@ pub fn run(
     json_out: bool,
 ) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("find the eddy-sim executable")?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let total = seeds.1 - seeds.0 + 1;
     let results = rt.block_on(async {
         let mut set = JoinSet::new();
@@ -159,9 +149,7 @@ pub fn run(
             .unwrap_or_else(|| format!("eddy-sim run --seed {} {}", r.seed, common.args().join(" ")))
     };
     if json_out {
-        let first = failed
-            .first()
-            .map(|r| json!({"seed": r.seed, "command": command(r)}));
+        let first = failed.first().map(|r| json!({"seed": r.seed, "command": command(r)}));
         let v = json!({
             "seeds": results.len(),
             "failed": failed.len(),
@@ -192,17 +180,10 @@ pub fn run(
         println!("{t}");
         println!(
             "fault classes exercised: {}",
-            classes
-                .iter()
-                .map(|(c, n)| format!("{c} ({n})"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            classes.iter().map(|(c, n)| format!("{c} ({n})")).collect::<Vec<_>>().join(", ")
         );
         if !violated.is_empty() {
-            println!(
-                "invariants violated: {}",
-                violated.iter().cloned().collect::<Vec<_>>().join(", ")
-            );
+            println!("invariants violated: {}", violated.iter().cloned().collect::<Vec<_>>().join(", "));
         }
         for r in &failed {
             let what = r.error.clone().unwrap_or_else(|| {
@@ -220,9 +201,5 @@ pub fn run(
             println!("FAILED seed {}: {what}\n  replay: {}", r.seed, command(r));
         }
     }
-    Ok(if failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -127,10 +127,7 @@ pub async fn setup(ctx: Ctx) -> turmoil::Result {
     let client = ctx.connect().await;
     for t in ctx.topics() {
         loop {
-            match client
-                .create_topic(&t, ctx.config.partitions, REPLICATION_FACTOR, BTreeMap::new())
-                .await
-            {
+            match client.create_topic(&t, ctx.config.partitions, REPLICATION_FACTOR, BTreeMap::new()).await {
                 Ok(_) | Err(ClientError::AlreadyExists(_)) => break,
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -140,11 +137,9 @@ pub async fn setup(ctx: Ctx) -> turmoil::Result {
     loop {
         let md = client.refresh_metadata().await;
         let all = md.is_ok_and(|md| {
-            ctx.topics().iter().all(|t| {
-                md.topics
-                    .get(t)
-                    .is_some_and(|t| t.partitions.iter().all(|p| p.leader.is_some()))
-            })
+            ctx.topics()
+                .iter()
+                .all(|t| md.topics.get(t).is_some_and(|t| t.partitions.iter().all(|p| p.leader.is_some())))
         });
         if all {
             break;
@@ -154,10 +149,7 @@ pub async fn setup(ctx: Ctx) -> turmoil::Result {
     ctx.trace.push(
         now_ms(),
         "setup",
-        format!(
-            "{} topics x {} partitions ready",
-            ctx.config.topics, ctx.config.partitions
-        ),
+        format!("{} topics x {} partitions ready", ctx.config.topics, ctx.config.partitions),
     );
     ctx.ready.store(true, Ordering::SeqCst);
     Ok(())
@@ -197,15 +189,9 @@ pub async fn producer(ctx: Ctx, i: u32) -> turmoil::Result {
         let p = rng.random_range(0..ctx.config.partitions);
         let payload = format!("{name}-{n}");
         n += 1;
-        let op = ctx
-            .history
-            .invoke(&name, &topic_name(t as u32), p, payload.clone(), now_ms());
-        let record = pb::Record {
-            key: None,
-            value: payload.into_bytes().into(),
-            headers: vec![],
-            timestamp_ms: None,
-        };
+        let op = ctx.history.invoke(&name, &topic_name(t as u32), p, payload.clone(), now_ms());
+        let record =
+            pb::Record { key: None, value: payload.into_bytes().into(), headers: vec![], timestamp_ms: None };
         match producers[t].send(Some(p), record).await {
             Ok(ack) => pending.push(async move { (op, ack.await) }),
             Err(e) => ctx.history.complete(op, outcome(Err(e)), now_ms()),
@@ -228,8 +214,7 @@ pub async fn producer(ctx: Ctx, i: u32) -> turmoil::Result {
     for p in producers {
         p.close().await;
     }
-    ctx.trace
-        .push(now_ms(), "client", format!("{name} done after {n} events"));
+    ctx.trace.push(now_ms(), "client", format!("{name} done after {n} events"));
     ctx.producers_done.fetch_add(1, Ordering::SeqCst);
     Ok(())
 }
@@ -246,15 +231,9 @@ pub async fn consumer(ctx: Ctx, i: u32) -> turmoil::Result {
     while now_ms() < end {
         let key = &parts[k % parts.len()];
         k += 1;
-        let choice = if rng.random_bool(0.5) {
-            ReplicaChoice::Leader
-        } else {
-            ReplicaChoice::Follower
-        };
+        let choice = if rng.random_bool(0.5) { ReplicaChoice::Leader } else { ReplicaChoice::Follower };
         let offset = next[key];
-        let r = client
-            .fetch(&key.0, key.1, offset, choice, 64 << 10, Duration::from_millis(50))
-            .await;
+        let r = client.fetch(&key.0, key.1, offset, choice, 64 << 10, Duration::from_millis(50)).await;
         if let Ok(resp) = r {
             let records: Vec<(u64, String)> = resp
                 .records
@@ -293,9 +272,8 @@ pub async fn admin(ctx: Ctx) -> turmoil::Result {
         if rng.random_bool(0.3) {
             let name = format!("extra{created}");
             created += 1;
-            let r = client
-                .create_topic(&name, rng.random_range(1..3), REPLICATION_FACTOR, BTreeMap::new())
-                .await;
+            let r =
+                client.create_topic(&name, rng.random_range(1..3), REPLICATION_FACTOR, BTreeMap::new()).await;
             ctx.trace.push(
                 now_ms(),
                 "admin",
@@ -315,10 +293,7 @@ pub async fn admin(ctx: Ctx) -> turmoil::Result {
             ctx.trace.push(
                 now_ms(),
                 "admin",
-                format!(
-                    "transfer {t}/{p} to node {to}: {}",
-                    if r.is_ok() { "ok" } else { "failed" }
-                ),
+                format!("transfer {t}/{p} to node {to}: {}", if r.is_ok() { "ok" } else { "failed" }),
             );
         }
     }
@@ -346,14 +321,7 @@ async fn read_replica(
             ));
         }
         match client
-            .fetch(
-                &key.0,
-                key.1,
-                offset,
-                ReplicaChoice::Node(node),
-                1 << 20,
-                Duration::from_millis(200),
-            )
+            .fetch(&key.0, key.1, offset, ReplicaChoice::Node(node), 1 << 20, Duration::from_millis(200))
             .await
         {
             Ok(resp) => {
@@ -418,20 +386,18 @@ pub async fn verifier(ctx: Ctx) -> turmoil::Result {
                     break;
                 }
                 if now_ms() >= deadline {
-                    ctx.audit.lock().expect("audit lock").liveness.push(format!(
-                        "{t}/{p} accepted no write within {LIVENESS_BOUND:?} of healing"
-                    ));
+                    ctx.audit
+                        .lock()
+                        .expect("audit lock")
+                        .liveness
+                        .push(format!("{t}/{p} accepted no write within {LIVENESS_BOUND:?} of healing"));
                     break;
                 }
             }
         }
         producer.close().await;
     }
-    ctx.trace.push(
-        now_ms(),
-        "verifier",
-        format!("liveness writes done after {} ms", now_ms() - start),
-    );
+    ctx.trace.push(now_ms(), "verifier", format!("liveness writes done after {} ms", now_ms() - start));
     // Audit: every replica serves every offset up to the marker.
     let md = loop {
         match client.refresh_metadata().await {
@@ -440,10 +406,7 @@ pub async fn verifier(ctx: Ctx) -> turmoil::Result {
         }
     };
     for (key, marker) in &markers {
-        let replicas = md
-            .partition(&key.0, key.1)
-            .map(|p| p.replicas.clone())
-            .unwrap_or_default();
+        let replicas = md.partition(&key.0, key.1).map(|p| p.replicas.clone()).unwrap_or_default();
         for node in replicas {
             match read_replica(&client, key, node, *marker).await {
                 Ok(records) => {
@@ -459,11 +422,7 @@ pub async fn verifier(ctx: Ctx) -> turmoil::Result {
             }
         }
     }
-    ctx.trace.push(
-        now_ms(),
-        "verifier",
-        format!("audit done after {} ms", now_ms() - start),
-    );
+    ctx.trace.push(now_ms(), "verifier", format!("audit done after {} ms", now_ms() - start));
     ctx.audit.lock().expect("audit lock").done = true;
     Ok(())
 }

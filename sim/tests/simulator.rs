@@ -28,23 +28,13 @@ fn a_seed_passes_and_replays_to_the_same_trace() {
     let opts = options(3, 8, None);
     let first = eddy_sim::run::run(&opts).expect("run");
     assert_eq!(first.verdict, "pass", "violations: {:?}", first.violations);
-    assert!(
-        first.acked_events > 1000,
-        "the workload acknowledged only {} events",
-        first.acked_events
-    );
+    assert!(first.acked_events > 1000, "the workload acknowledged only {} events", first.acked_events);
     assert!(!first.faults.is_empty(), "every seed injects some fault class");
     let second = eddy_sim::run::run(&opts).expect("run");
-    assert_eq!(
-        first.trace_hash, second.trace_hash,
-        "the same seed must give the same trace"
-    );
+    assert_eq!(first.trace_hash, second.trace_hash, "the same seed must give the same trace");
     assert_eq!(first.trace.len(), second.trace.len());
     let other = eddy_sim::run::run(&options(4, 8, None)).expect("run");
-    assert_ne!(
-        first.trace_hash, other.trace_hash,
-        "different seeds should explore different runs"
-    );
+    assert_ne!(first.trace_hash, other.trace_hash, "different seeds should explore different runs");
 }
 
 #[test]
@@ -53,13 +43,6 @@ fn a_follower_serving_uncommitted_records_is_caught() {
     let r = eddy_sim::run::run(&options(12, 10, Some(Bug::FollowerReadsUncommitted))).expect("run");
     assert_eq!(r.verdict, "fail");
     let names: Vec<&str> = r.violations.iter().map(|v| v.invariant).collect();
-    assert!(
-        names.contains(&"consumers-read-committed-in-order"),
-        "caught by: {names:?}"
-    );
-    assert!(
-        r.command.contains("--inject-bug follower-reads-uncommitted"),
-        "{}",
-        r.command
-    );
+    assert!(names.contains(&"consumers-read-committed-in-order"), "caught by: {names:?}");
+    assert!(r.command.contains("--inject-bug follower-reads-uncommitted"), "{}", r.command);
 }

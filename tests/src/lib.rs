@@ -42,10 +42,7 @@ pub fn binary(name: &str) -> PathBuf {
         assert!(status.success(), "cargo build of the Eddy binaries failed");
         // This test binary lives in target/<profile>/deps.
         let exe = std::env::current_exe().expect("test executable path");
-        exe.parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>")
-            .to_path_buf()
+        exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
     });
     dir.join(name)
 }
@@ -184,11 +181,7 @@ impl Cluster {
     }
 
     pub fn brokers(&self) -> String {
-        self.nodes
-            .values()
-            .map(|n| n.client_addr.as_str())
-            .collect::<Vec<_>>()
-            .join(",")
+        self.nodes.values().map(|n| n.client_addr.as_str()).collect::<Vec<_>>().join(",")
     }
 
     pub fn node(&self, id: u64) -> &NodeProc {
@@ -198,10 +191,7 @@ impl Cluster {
     pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
         let node = self.nodes.get_mut(&id).context("no such node")?;
         anyhow::ensure!(node.child.is_none(), "node {id} is already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log_path)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log_path)?;
         let child = Command::new(binary("eddy-node"))
             .arg("--config")
             .arg(&node.config_path)
@@ -273,11 +263,7 @@ pub fn run_ctl(
         .arg("--output")
         .arg("json")
         .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -309,11 +295,7 @@ pub fn run_ctl(
     let stdout = out_t.join().unwrap_or_default();
     let stderr = err_t.join().unwrap_or_default();
     match status {
-        Some(s) => Ok(CtlOutput {
-            code: s.code(),
-            stdout,
-            stderr,
-        }),
+        Some(s) => Ok(CtlOutput { code: s.code(), stdout, stderr }),
         None => bail!("eddyctl {args:?} did not finish within {timeout:?}; stderr: {stderr}"),
     }
 }

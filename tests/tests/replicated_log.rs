@@ -37,36 +37,22 @@ fn describe(c: &Cluster) -> anyhow::Result<Value> {
 }
 
 fn partition_info(topic: &Value, p: u32) -> anyhow::Result<&Value> {
-    topic["partitions"]
-        .as_array()
-        .and_then(|a| a.get(p as usize))
-        .context("partition missing")
+    topic["partitions"].as_array().and_then(|a| a.get(p as usize)).context("partition missing")
 }
 
 /// Produces `values` to partition `p` and records the acknowledged offsets.
 fn produce(c: &Cluster, p: u32, values: &[String], acked: &mut Acked) -> anyhow::Result<()> {
     let input = values.iter().map(|v| format!("{v}\n")).collect::<String>();
-    let out = c.ctl(
-        &["produce", TOPIC, "--partition", &p.to_string()],
-        Some(input.as_bytes()),
-        CTL_TIMEOUT,
-    )?;
+    let out =
+        c.ctl(&["produce", TOPIC, "--partition", &p.to_string()], Some(input.as_bytes()), CTL_TIMEOUT)?;
     ensure!(out.ok(), "produce to partition {p} failed: {}", out.stderr);
     let lines = out.json_lines()?;
-    ensure!(
-        lines.len() == values.len(),
-        "expected {} acks, got {}",
-        values.len(),
-        lines.len()
-    );
+    ensure!(lines.len() == values.len(), "expected {} acks, got {}", values.len(), lines.len());
     for (v, line) in values.iter().zip(lines) {
         ensure!(line["partition"] == p, "ack for the wrong partition: {line}");
         let offset = line["offset"].as_u64().context("offset")?;
         let prev = acked.entry(p).or_default().insert(offset, v.clone());
-        ensure!(
-            prev.is_none(),
-            "offset {offset} of partition {p} acknowledged twice ({prev:?} and {v})"
-        );
+        ensure!(prev.is_none(), "offset {offset} of partition {p} acknowledged twice ({prev:?} and {v})");
     }
     Ok(())
 }
@@ -88,11 +74,7 @@ fn check_replica(c: &Cluster, p: u32, replica: u64, count: u64, acked: &Acked) -
         None,
         CTL_TIMEOUT,
     )?;
-    ensure!(
-        out.ok(),
-        "consume of partition {p} from node {replica} failed: {}",
-        out.stderr
-    );
+    ensure!(out.ok(), "consume of partition {p} from node {replica} failed: {}", out.stderr);
     let records = out.json_lines()?;
     ensure!(
         records.len() as u64 == count,
@@ -135,10 +117,7 @@ fn high_watermark(c: &Cluster, p: u32, acked: &Acked) -> anyhow::Result<u64> {
     let part = partition_info(&info, p)?;
     ensure!(part["leader"].is_u64(), "partition {p} has no leader yet");
     let hw = part["high_watermark"].as_u64().context("high_watermark")?;
-    let needed = acked
-        .get(&p)
-        .and_then(|a| a.keys().next_back())
-        .map_or(0, |o| o + 1);
+    let needed = acked.get(&p).and_then(|a| a.keys().next_back()).map_or(0, |o| o + 1);
     ensure!(
         hw >= needed,
         "partition {p}: the leader's high watermark {hw} is below the acknowledged {needed}"
@@ -172,18 +151,7 @@ fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
     })?;
 
     // 2. A topic with three partitions, each with a leader and three replicas.
-    let out = ctl(
-        c,
-        &[
-            "topic",
-            "create",
-            TOPIC,
-            "--partitions",
-            "3",
-            "--replication-factor",
-            "3",
-        ],
-    )?;
+    let out = ctl(c, &["topic", "create", TOPIC, "--partitions", "3", "--replication-factor", "3"])?;
     ensure!(out.ok(), "topic create failed: {out:?}");
     let topic = wait_for("a leader for every partition", Duration::from_secs(30), || {
         let t = describe(c).ok()?;
@@ -195,10 +163,7 @@ fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
         ready.then_some(t)
     })?;
     for p in 0..PARTITIONS {
-        let replicas = partition_info(&topic, p)?["replicas"]
-            .as_array()
-            .context("replicas")?
-            .clone();
+        let replicas = partition_info(&topic, p)?["replicas"].as_array().context("replicas")?.clone();
         let mut ids: Vec<u64> = replicas.iter().filter_map(Value::as_u64).collect();
         ids.sort_unstable();
         ensure!(ids == vec![1, 2, 3], "partition {p} replicas {replicas:?}");
@@ -211,41 +176,31 @@ fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
     }
 
     // 4. SIGKILL the leader of partition 0, then produce to it again.
-    let leader = partition_info(&describe(c)?, 0)?["leader"]
-        .as_u64()
-        .context("leader of partition 0")?;
+    let leader = partition_info(&describe(c)?, 0)?["leader"].as_u64().context("leader of partition 0")?;
     c.kill_node(leader)?;
     let killed_at = Instant::now();
     let mut attempt = 0;
-    wait_for(
-        "partition 0 to accept writes after its leader died",
-        Duration::from_secs(30),
-        || {
-            attempt += 1;
-            let v = [format!("probe-{attempt}")];
-            let survivors = c
-                .nodes
-                .values()
-                .filter(|n| n.is_running())
-                .map(|n| n.client_addr.clone())
-                .collect::<Vec<_>>();
-            let input = format!("{}\n", v[0]);
-            let out = eddy_tests::run_ctl(
-                &survivors.join(","),
-                &["--request-timeout", "2s", "produce", TOPIC, "--partition", "0"],
-                Some(input.as_bytes()),
-                Duration::from_secs(40),
-            )
-            .ok()?;
-            if !out.ok() {
-                return None;
-            }
-            let line = out.json_lines().ok()?.pop()?;
-            let offset = line["offset"].as_u64()?;
-            acked.entry(0).or_default().insert(offset, v[0].clone());
-            Some(())
-        },
-    )?;
+    wait_for("partition 0 to accept writes after its leader died", Duration::from_secs(30), || {
+        attempt += 1;
+        let v = [format!("probe-{attempt}")];
+        let survivors =
+            c.nodes.values().filter(|n| n.is_running()).map(|n| n.client_addr.clone()).collect::<Vec<_>>();
+        let input = format!("{}\n", v[0]);
+        let out = eddy_tests::run_ctl(
+            &survivors.join(","),
+            &["--request-timeout", "2s", "produce", TOPIC, "--partition", "0"],
+            Some(input.as_bytes()),
+            Duration::from_secs(40),
+        )
+        .ok()?;
+        if !out.ok() {
+            return None;
+        }
+        let line = out.json_lines().ok()?.pop()?;
+        let offset = line["offset"].as_u64()?;
+        acked.entry(0).or_default().insert(offset, v[0].clone());
+        Some(())
+    })?;
     eprintln!(
         "partition 0 writable again {:?} after SIGKILL of its leader (node {leader})",
         killed_at.elapsed()
@@ -253,18 +208,11 @@ fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
     produce(c, 0, &values("second-p0", EVENTS), &mut acked)?;
 
     // 5. Every surviving follower of every partition has every acknowledged event.
-    let survivors: Vec<u64> = c
-        .nodes
-        .values()
-        .filter(|n| n.is_running())
-        .map(|n| n.id)
-        .collect();
+    let survivors: Vec<u64> = c.nodes.values().filter(|n| n.is_running()).map(|n| n.id).collect();
     for p in 0..PARTITIONS {
-        let hw = retry(
-            "the partition's leader to be known",
-            Duration::from_secs(30),
-            || high_watermark(c, p, &acked),
-        )?;
+        let hw = retry("the partition's leader to be known", Duration::from_secs(30), || {
+            high_watermark(c, p, &acked)
+        })?;
         let leader = partition_info(&describe(c)?, p)?["leader"].as_u64();
         for &r in &survivors {
             if Some(r) != leader {
@@ -276,16 +224,12 @@ fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
     // 6. The killed node, restarted on its data, catches up and serves everything.
     c.start_node(leader)?;
     for p in 0..PARTITIONS {
-        let hw = retry(
-            "the partition's leader to be known",
-            Duration::from_secs(30),
-            || high_watermark(c, p, &acked),
-        )?;
-        retry(
-            "the restarted node to serve every acknowledged event",
-            Duration::from_secs(20),
-            || check_replica(c, p, leader, hw, &acked),
-        )?;
+        let hw = retry("the partition's leader to be known", Duration::from_secs(30), || {
+            high_watermark(c, p, &acked)
+        })?;
+        retry("the restarted node to serve every acknowledged event", Duration::from_secs(20), || {
+            check_replica(c, p, leader, hw, &acked)
+        })?;
     }
 
     // 7. SIGKILL every node, start them again: nothing acknowledged is lost or moved.
@@ -296,17 +240,13 @@ fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
         c.start_node(id)?;
     }
     for p in 0..PARTITIONS {
-        let hw = retry(
-            "the partition's leader to have applied its log",
-            Duration::from_secs(30),
-            || high_watermark(c, p, &acked),
-        )?;
+        let hw = retry("the partition's leader to have applied its log", Duration::from_secs(30), || {
+            high_watermark(c, p, &acked)
+        })?;
         for r in 1..=3 {
-            retry(
-                "every replica to serve every acknowledged event",
-                Duration::from_secs(30),
-                || check_replica(c, p, r, hw, &acked),
-            )?;
+            retry("every replica to serve every acknowledged event", Duration::from_secs(30), || {
+                check_replica(c, p, r, hw, &acked)
+            })?;
         }
     }
 
@@ -315,84 +255,29 @@ fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
     // (arguments, stdin, a phrase the error must contain)
     type Case<'a> = (Vec<&'a str>, Option<Vec<u8>>, &'a str);
     let cases: Vec<Case> = vec![
+        (vec!["topic", "create", "a/b", "--partitions", "1", "--replication-factor", "1"], None, "'/'"),
+        (vec!["topic", "create", &long, "--partitions", "1", "--replication-factor", "1"], None, "too long"),
         (
-            vec![
-                "topic",
-                "create",
-                "a/b",
-                "--partitions",
-                "1",
-                "--replication-factor",
-                "1",
-            ],
-            None,
-            "'/'",
-        ),
-        (
-            vec![
-                "topic",
-                "create",
-                &long,
-                "--partitions",
-                "1",
-                "--replication-factor",
-                "1",
-            ],
-            None,
-            "too long",
-        ),
-        (
-            vec![
-                "topic",
-                "create",
-                "zero",
-                "--partitions",
-                "0",
-                "--replication-factor",
-                "1",
-            ],
+            vec!["topic", "create", "zero", "--partitions", "0", "--replication-factor", "1"],
             None,
             "partitions",
         ),
         (
-            vec![
-                "topic",
-                "create",
-                "wide",
-                "--partitions",
-                "1",
-                "--replication-factor",
-                "4",
-            ],
+            vec!["topic", "create", "wide", "--partitions", "1", "--replication-factor", "4"],
             None,
             "replication_factor",
         ),
-        (
-            vec!["consume", "missing", "--partition", "0", "--count", "1"],
-            None,
-            "does not exist",
-        ),
-        (
-            vec!["produce", TOPIC, "--partition", "1"],
-            Some(vec![b'v'; 16 << 20]),
-            "maximum event size",
-        ),
+        (vec!["consume", "missing", "--partition", "0", "--count", "1"], None, "does not exist"),
+        (vec!["produce", TOPIC, "--partition", "1"], Some(vec![b'v'; 16 << 20]), "maximum event size"),
     ];
     for (args, stdin, needle) in cases {
         let out = c.ctl(&args, stdin.as_deref(), CTL_TIMEOUT)?;
         ensure!(!out.ok(), "{args:?} should fail: {out:?}");
-        ensure!(
-            out.stderr.contains(needle),
-            "{args:?}: the error should mention {needle:?}: {}",
-            out.stderr
-        );
+        ensure!(out.stderr.contains(needle), "{args:?}: the error should mention {needle:?}: {}", out.stderr);
     }
     let out = ctl(c, &["cluster", "status"])?;
     let nodes = out.json()?["nodes"].as_array().cloned().unwrap_or_default();
-    ensure!(
-        nodes.len() == 3 && nodes.iter().all(|n| n["up"] == true),
-        "a node was harmed: {nodes:?}"
-    );
+    ensure!(nodes.len() == 3 && nodes.iter().all(|n| n["up"] == true), "a node was harmed: {nodes:?}");
     for p in 0..PARTITIONS {
         let hw = high_watermark(c, p, &acked)?;
         check_replica(c, p, 1 + u64::from(p), hw, &acked)?;

@@ -79,11 +79,7 @@ pub enum MetaError {
     #[error("topic \"{0}\" does not exist")]
     UnknownTopic(String),
     #[error("topic \"{topic}\" has {count} partitions; partition {partition} does not exist")]
-    UnknownPartition {
-        topic: String,
-        partition: u32,
-        count: u32,
-    },
+    UnknownPartition { topic: String, partition: u32, count: u32 },
     #[error("node {0} is not a member of the cluster")]
     UnknownNode(NodeId),
     #[error("replication factor {replication_factor} exceeds the {nodes} nodes available")]
@@ -99,9 +95,7 @@ pub enum MetaError {
 
 impl MetaCommand {
     pub fn encode(&self) -> Bytes {
-        postcard::to_stdvec(self)
-            .expect("metadata commands always encode")
-            .into()
+        postcard::to_stdvec(self).expect("metadata commands always encode").into()
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, postcard::Error> {
@@ -111,9 +105,7 @@ impl MetaCommand {
 
 impl MetaReply {
     pub fn encode(&self) -> Bytes {
-        postcard::to_stdvec(self)
-            .expect("metadata replies always encode")
-            .into()
+        postcard::to_stdvec(self).expect("metadata replies always encode").into()
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, postcard::Error> {

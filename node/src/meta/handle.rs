@@ -84,12 +84,7 @@ fn forward_or_retry(me: NodeId, f: ForwardToLeader<C>) -> Attempt {
 
 impl MetaHandle {
     pub fn new(raft: MetaRaft, view: watch::Receiver<Arc<MetaView>>, peers: Arc<Peers>, me: NodeId) -> Self {
-        Self {
-            raft,
-            view,
-            peers,
-            me,
-        }
+        Self { raft, view, peers, me }
     }
 
     pub fn raft(&self) -> &MetaRaft {
@@ -129,13 +124,7 @@ impl MetaHandle {
             },
             MetaRequest::Join { id, addr } => self.join_local(*id, addr.clone()).await,
             MetaRequest::Leave { id } => {
-                let m = self
-                    .raft
-                    .metrics()
-                    .borrow_watched()
-                    .membership_config
-                    .membership()
-                    .clone();
+                let m = self.raft.metrics().borrow_watched().membership_config.membership().clone();
                 if !m.nodes().any(|(n, _)| n == id) {
                     return Attempt::Done(MetaReply::Done);
                 }
@@ -161,13 +150,7 @@ impl MetaHandle {
     /// Adds `id` as a learner (waiting until it caught up), then as a voter while the group has
     /// fewer than [`META_VOTERS_MAX`].
     async fn join_local(&self, id: NodeId, addr: NodeAddr) -> Attempt {
-        let m = self
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .membership()
-            .clone();
+        let m = self.raft.metrics().borrow_watched().membership_config.membership().clone();
         if let Some((_, known)) = m.nodes().find(|(n, _)| **n == id)
             && *known != addr
         {
@@ -188,11 +171,7 @@ impl MetaHandle {
         if voters.len() >= META_VOTERS_MAX {
             return Attempt::Done(MetaReply::Joined { voter: false });
         }
-        match self
-            .raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-            .await
-        {
+        match self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await {
             Ok(_) => Attempt::Done(MetaReply::Joined { voter: true }),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => forward_or_retry(self.me, f),
             Err(e) => Attempt::Retry(format!("making node {id} a voter failed: {e}")),
@@ -202,9 +181,7 @@ impl MetaHandle {
     /// Carries out `req` on the metadata leader; retries through leader changes until `timeout`.
     async fn request(&self, req: MetaRequest, timeout: Duration) -> Result<MetaReply, BrokerError> {
         let deadline = Instant::now() + timeout;
-        let payload: Bytes = postcard::to_stdvec(&req)
-            .expect("metadata requests always encode")
-            .into();
+        let payload: Bytes = postcard::to_stdvec(&req).expect("metadata requests always encode").into();
         let mut last = String::from("no attempt made");
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -221,10 +198,8 @@ impl MetaHandle {
                     match self.forward(leader, &addr, payload.clone(), remaining).await {
                         Ok(r) => return Ok(r),
                         Err(status) => {
-                            last = format!(
-                                "forwarding to metadata leader {leader} failed: {}",
-                                status.message()
-                            )
+                            last =
+                                format!("forwarding to metadata leader {leader} failed: {}", status.message())
                         }
                     }
                 }
@@ -243,9 +218,7 @@ impl MetaHandle {
         match self.request(MetaRequest::Join { id, addr }, timeout).await? {
             MetaReply::Joined { voter } => Ok(voter),
             MetaReply::Error(e) => Err(crate::broker::meta_error(e)),
-            other => Err(BrokerError::Internal(format!(
-                "unexpected reply to a join: {other:?}"
-            ))),
+            other => Err(BrokerError::Internal(format!("unexpected reply to a join: {other:?}"))),
         }
     }
 

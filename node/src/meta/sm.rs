@@ -58,15 +58,7 @@ impl MetaStateMachine {
             None => MetaView::default(),
         };
         let (tx, rx) = watch::channel(Arc::new(view.clone()));
-        Ok((
-            Self {
-                view,
-                tree,
-                store,
-                tx,
-            },
-            rx,
-        ))
+        Ok((Self { view, tree, store, tx }, rx))
     }
 
     fn persist(&self, batch: &mut KvBatch) {
@@ -125,11 +117,7 @@ impl RaftStateMachine<C> for MetaStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        MetaSnapshotBuilder {
-            view: self.view.clone(),
-            tree: self.tree.clone(),
-            store: self.store.clone(),
-        }
+        MetaSnapshotBuilder { view: self.view.clone(), tree: self.tree.clone(), store: self.store.clone() }
     }
 
     async fn install_snapshot(

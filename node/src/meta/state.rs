@@ -82,11 +82,7 @@ impl PartitionRecord {
 
     /// Every node that holds, or is about to hold, a replica.
     pub fn holders(&self) -> BTreeSet<NodeId> {
-        self.replicas
-            .iter()
-            .chain(self.target.iter().flatten())
-            .copied()
-            .collect()
+        self.replicas.iter().chain(self.target.iter().flatten()).copied().collect()
     }
 }
 
@@ -116,12 +112,7 @@ pub struct MetaState {
 
 impl Default for MetaState {
     fn default() -> Self {
-        Self {
-            nodes: BTreeMap::new(),
-            topics: BTreeMap::new(),
-            next_group_id: 1,
-            next_producer_id: 1,
-        }
+        Self { nodes: BTreeMap::new(), topics: BTreeMap::new(), next_group_id: 1, next_producer_id: 1 }
     }
 }
 
@@ -133,24 +124,18 @@ impl MetaState {
             self.nodes
                 .entry(*id)
                 .and_modify(|n| n.addr = addr.clone())
-                .or_insert_with(|| NodeRecord {
-                    addr: addr.clone(),
-                    state: NodeState::Active,
-                });
+                .or_insert_with(|| NodeRecord { addr: addr.clone(), state: NodeState::Active });
         }
     }
 
     pub fn apply(&mut self, cmd: MetaCommand) -> MetaReply {
         match cmd {
-            MetaCommand::CreateTopic {
-                name,
-                partitions,
-                replication_factor,
-                config,
-            } => match self.create_topic(name, partitions, replication_factor, config) {
-                Ok(t) => MetaReply::TopicCreated(t),
-                Err(e) => MetaReply::Error(e),
-            },
+            MetaCommand::CreateTopic { name, partitions, replication_factor, config } => {
+                match self.create_topic(name, partitions, replication_factor, config) {
+                    Ok(t) => MetaReply::TopicCreated(t),
+                    Err(e) => MetaReply::Error(e),
+                }
+            }
             MetaCommand::AllocateProducerId => {
                 let id = self.next_producer_id;
                 self.next_producer_id += 1;
@@ -168,14 +153,9 @@ impl MetaState {
                 None => MetaReply::Error(MetaError::UnknownTopic(name)),
             },
             MetaCommand::AddPartitions { name, count } => self.add_partitions(name, count).into(),
-            MetaCommand::MovePartition {
-                topic,
-                partition,
-                replicas,
-            } => self
-                .move_partition(&topic, partition, replicas)
-                .map(|()| MetaReply::Done)
-                .into(),
+            MetaCommand::MovePartition { topic, partition, replicas } => {
+                self.move_partition(&topic, partition, replicas).map(|()| MetaReply::Done).into()
+            }
             MetaCommand::CompleteMove { group, replicas } => {
                 for t in self.topics.values_mut() {
                     for p in t.partitions.iter_mut() {
@@ -187,35 +167,26 @@ impl MetaState {
                 }
                 MetaReply::Done
             }
-            MetaCommand::CancelMove { topic, partition } => self
-                .cancel_move(&topic, partition)
-                .map(|()| MetaReply::Done)
-                .into(),
+            MetaCommand::CancelMove { topic, partition } => {
+                self.cancel_move(&topic, partition).map(|()| MetaReply::Done).into()
+            }
             MetaCommand::SetNodeState { node, state } => self.set_node_state(node, state).into(),
         }
     }
 
     fn partition_mut(&mut self, topic: &str, partition: u32) -> Result<&mut PartitionRecord, MetaError> {
-        let t = self
-            .topics
-            .get_mut(topic)
-            .ok_or_else(|| MetaError::UnknownTopic(topic.to_owned()))?;
+        let t = self.topics.get_mut(topic).ok_or_else(|| MetaError::UnknownTopic(topic.to_owned()))?;
         let count = t.partitions.len() as u32;
-        t.partitions
-            .get_mut(partition as usize)
-            .ok_or_else(|| MetaError::UnknownPartition {
-                topic: topic.to_owned(),
-                partition,
-                count,
-            })
+        t.partitions.get_mut(partition as usize).ok_or_else(|| MetaError::UnknownPartition {
+            topic: topic.to_owned(),
+            partition,
+            count,
+        })
     }
 
     fn add_partitions(&mut self, name: String, count: u32) -> Result<MetaReply, MetaError> {
-        let rf = self
-            .topics
-            .get(&name)
-            .ok_or_else(|| MetaError::UnknownTopic(name.clone()))?
-            .replication_factor;
+        let rf =
+            self.topics.get(&name).ok_or_else(|| MetaError::UnknownTopic(name.clone()))?.replication_factor;
         if count == 0 {
             return Err(MetaError::Invalid("count: add at least one partition".into()));
         }
@@ -225,12 +196,7 @@ impl MetaState {
             .map(|replicas| {
                 let group_id = self.next_group_id;
                 self.next_group_id += 1;
-                PartitionRecord {
-                    group_id,
-                    initial_replicas: replicas.clone(),
-                    replicas,
-                    target: None,
-                }
+                PartitionRecord { group_id, initial_replicas: replicas.clone(), replicas, target: None }
             })
             .collect();
         let t = self.topics.get_mut(&name).expect("checked above");
@@ -249,9 +215,7 @@ impl MetaState {
         }
         let distinct: BTreeSet<NodeId> = replicas.iter().copied().collect();
         if distinct.len() != replicas.len() {
-            return Err(MetaError::Invalid(format!(
-                "replicas: {replicas:?} names a node twice"
-            )));
+            return Err(MetaError::Invalid(format!("replicas: {replicas:?} names a node twice")));
         }
         for r in &replicas {
             match self.nodes.get(r) {
@@ -281,9 +245,7 @@ impl MetaState {
     fn cancel_move(&mut self, topic: &str, partition: u32) -> Result<(), MetaError> {
         let p = self.partition_mut(topic, partition)?;
         if p.target.take().is_none() {
-            return Err(MetaError::Conflict(format!(
-                "{topic}/{partition} has no move in progress"
-            )));
+            return Err(MetaError::Conflict(format!("{topic}/{partition} has no move in progress")));
         }
         Ok(())
     }
@@ -302,11 +264,7 @@ impl MetaState {
     }
 
     fn set_node_state(&mut self, node: NodeId, state: NodeState) -> Result<MetaReply, MetaError> {
-        let current = self
-            .nodes
-            .get(&node)
-            .map(|n| n.state)
-            .ok_or(MetaError::UnknownNode(node))?;
+        let current = self.nodes.get(&node).map(|n| n.state).ok_or(MetaError::UnknownNode(node))?;
         if current == NodeState::Removed {
             return Err(MetaError::Conflict(format!("node {node} has been removed")));
         }
@@ -366,23 +324,17 @@ impl MetaState {
                     continue;
                 }
                 let used = p.holders();
-                let Some(&to) = candidates
-                    .iter()
-                    .filter(|c| !used.contains(c))
-                    .min_by_key(|c| (load[c], **c))
+                let Some(&to) =
+                    candidates.iter().filter(|c| !used.contains(c)).min_by_key(|c| (load[c], **c))
                 else {
                     return Err(MetaError::NowhereToGo(format!(
-                        "cannot decommission node {node}: partition {}/{i} has {} replicas and no other active node                          can take one; add a node or lower the topic's replication factor first",
+                        "cannot decommission node {node}: partition {}/{i} has {} replicas and no other active node can take one; add a node or lower the topic's replication factor first",
                         t.name,
                         p.desired().len()
                     )));
                 };
                 *load.entry(to).or_default() += 1;
-                let new: Vec<NodeId> = p
-                    .desired()
-                    .iter()
-                    .map(|r| if *r == node { to } else { *r })
-                    .collect();
+                let new: Vec<NodeId> = p.desired().iter().map(|r| if *r == node { to } else { *r }).collect();
                 plan.push((t.name.clone(), i, new));
             }
         }
@@ -407,9 +359,7 @@ impl MetaState {
             return Err(MetaError::TopicExists(name));
         }
         if partitions == 0 || replication_factor == 0 {
-            return Err(MetaError::Invalid(
-                "partitions and replication_factor must be at least 1".into(),
-            ));
+            return Err(MetaError::Invalid("partitions and replication_factor must be at least 1".into()));
         }
         let placement = self.place(partitions, replication_factor)?;
         let partitions = placement
@@ -417,30 +367,16 @@ impl MetaState {
             .map(|replicas| {
                 let group_id = self.next_group_id;
                 self.next_group_id += 1;
-                PartitionRecord {
-                    group_id,
-                    initial_replicas: replicas.clone(),
-                    replicas,
-                    target: None,
-                }
+                PartitionRecord { group_id, initial_replicas: replicas.clone(), replicas, target: None }
             })
             .collect();
-        let topic = TopicRecord {
-            name: name.clone(),
-            partitions,
-            replication_factor,
-            config,
-        };
+        let topic = TopicRecord { name: name.clone(), partitions, replication_factor, config };
         self.topics.insert(name, topic.clone());
         Ok(topic)
     }
 
     fn active_nodes(&self) -> Vec<NodeId> {
-        self.nodes
-            .iter()
-            .filter(|(_, n)| n.state == NodeState::Active)
-            .map(|(id, _)| *id)
-            .collect()
+        self.nodes.iter().filter(|(_, n)| n.state == NodeState::Active).map(|(id, _)| *id).collect()
     }
 
     /// Chooses replicas for `n_partitions` new partitions: each partition's preferred leader is
@@ -450,10 +386,7 @@ impl MetaState {
     fn place(&self, n_partitions: u32, rf: u32) -> Result<Vec<Vec<NodeId>>, MetaError> {
         let nodes = self.active_nodes();
         if rf as usize > nodes.len() {
-            return Err(MetaError::NotEnoughNodes {
-                replication_factor: rf,
-                nodes: nodes.len() as u32,
-            });
+            return Err(MetaError::NotEnoughNodes { replication_factor: rf, nodes: nodes.len() as u32 });
         }
         let mut leaders: BTreeMap<NodeId, u64> = nodes.iter().map(|n| (*n, 0)).collect();
         let mut replicas: BTreeMap<NodeId, u64> = leaders.clone();
@@ -493,11 +426,7 @@ impl MetaState {
     /// The topic and partition of a group, if it is a partition group.
     pub fn partition_of(&self, group: GroupId) -> Option<(&TopicRecord, u32, &PartitionRecord)> {
         self.topics.values().find_map(|t| {
-            t.partitions
-                .iter()
-                .enumerate()
-                .find(|(_, p)| p.group_id == group)
-                .map(|(i, p)| (t, i as u32, p))
+            t.partitions.iter().enumerate().find(|(_, p)| p.group_id == group).map(|(i, p)| (t, i as u32, p))
         })
     }
 }
@@ -511,15 +440,7 @@ mod tests {
     fn cluster(n: u64) -> MetaState {
         let mut s = MetaState::default();
         let nodes: BTreeMap<NodeId, NodeAddr> = (1..=n)
-            .map(|i| {
-                (
-                    i,
-                    NodeAddr {
-                        raft_addr: format!("r{i}"),
-                        client_addr: format!("c{i}"),
-                    },
-                )
-            })
+            .map(|i| (i, NodeAddr { raft_addr: format!("r{i}"), client_addr: format!("c{i}") }))
             .collect();
         let m =
             Membership::new(vec![nodes.keys().copied().collect::<BTreeSet<_>>()], nodes).expect("membership");
@@ -549,9 +470,7 @@ mod tests {
     #[test]
     fn placement_spreads_leaders_and_replicas() {
         let mut s = cluster(3);
-        let MetaReply::TopicCreated(t) = create(&mut s, "orders", 3, 3) else {
-            panic!("created")
-        };
+        let MetaReply::TopicCreated(t) = create(&mut s, "orders", 3, 3) else { panic!("created") };
         let leaders: Vec<_> = t.partitions.iter().map(|p| p.replicas[0]).collect();
         assert_eq!(leaders, vec![1, 2, 3]);
         for p in &t.partitions {
@@ -563,10 +482,7 @@ mod tests {
         create(&mut s, "b", 6, 2);
         let counts = leader_counts(&s);
         let (min, max) = (counts.values().min().copied(), counts.values().max().copied());
-        assert!(
-            max.zip(min).is_some_and(|(max, min)| max - min <= 1),
-            "{counts:?}"
-        );
+        assert!(max.zip(min).is_some_and(|(max, min)| max - min <= 1), "{counts:?}");
         let mut replicas: BTreeMap<NodeId, usize> = BTreeMap::new();
         for t in s.topics.values() {
             for p in &t.partitions {
@@ -576,10 +492,7 @@ mod tests {
             }
         }
         let (min, max) = (replicas.values().min().copied(), replicas.values().max().copied());
-        assert!(
-            max.zip(min).is_some_and(|(max, min)| max - min <= 1),
-            "{replicas:?}"
-        );
+        assert!(max.zip(min).is_some_and(|(max, min)| max - min <= 1), "{replicas:?}");
     }
 
     #[test]
@@ -587,24 +500,15 @@ mod tests {
         let mut s = cluster(3);
         assert_eq!(
             create(&mut s, "t", 1, 4),
-            MetaReply::Error(MetaError::NotEnoughNodes {
-                replication_factor: 4,
-                nodes: 3
-            })
+            MetaReply::Error(MetaError::NotEnoughNodes { replication_factor: 4, nodes: 3 })
         );
         assert!(matches!(create(&mut s, "t", 2, 1), MetaReply::TopicCreated(_)));
-        assert_eq!(
-            create(&mut s, "t", 1, 1),
-            MetaReply::Error(MetaError::TopicExists("t".into()))
-        );
+        assert_eq!(create(&mut s, "t", 1, 1), MetaReply::Error(MetaError::TopicExists("t".into())));
         let groups: Vec<_> = s.topics["t"].partitions.iter().map(|p| p.group_id).collect();
         assert_eq!(groups, vec![1, 2]);
         assert_eq!(s.apply(MetaCommand::AllocateProducerId), MetaReply::ProducerId(1));
         assert_eq!(s.apply(MetaCommand::AllocateProducerId), MetaReply::ProducerId(2));
-        assert_eq!(
-            s.partition_of(2).map(|(t, i, _)| (t.name.as_str(), i)),
-            Some(("t", 1))
-        );
+        assert_eq!(s.partition_of(2).map(|(t, i, _)| (t.name.as_str(), i)), Some(("t", 1)));
     }
 
     #[test]
@@ -612,10 +516,7 @@ mod tests {
         let mut s = cluster(3);
         create(&mut s, "orders", 3, 3);
         let before = s.clone();
-        let r = s.apply(MetaCommand::SetNodeState {
-            node: 2,
-            state: NodeState::Decommissioning,
-        });
+        let r = s.apply(MetaCommand::SetNodeState { node: 2, state: NodeState::Decommissioning });
         assert!(
             matches!(r, MetaReply::Error(MetaError::NowhereToGo(ref m)) if m.contains("add a node")),
             "{r:?}"
@@ -624,19 +525,10 @@ mod tests {
 
         let mut s = cluster(4);
         create(&mut s, "orders", 4, 3);
-        let holding = s.topics["orders"]
-            .partitions
-            .iter()
-            .filter(|p| p.replicas.contains(&1))
-            .count();
+        let holding = s.topics["orders"].partitions.iter().filter(|p| p.replicas.contains(&1)).count();
         assert!(holding > 0);
-        let r = s.apply(MetaCommand::SetNodeState {
-            node: 1,
-            state: NodeState::Decommissioning,
-        });
-        let MetaReply::Moving(moving) = r else {
-            panic!("decommission planned: {r:?}")
-        };
+        let r = s.apply(MetaCommand::SetNodeState { node: 1, state: NodeState::Decommissioning });
+        let MetaReply::Moving(moving) = r else { panic!("decommission planned: {r:?}") };
         assert_eq!(moving.len(), holding, "every partition on node 1 moves");
         for p in &s.topics["orders"].partitions {
             match &p.target {
@@ -649,9 +541,7 @@ mod tests {
         }
         assert_eq!(s.nodes[&1].state, NodeState::Decommissioning);
         // New topics avoid the node.
-        let MetaReply::TopicCreated(t) = create(&mut s, "more", 2, 3) else {
-            panic!("created")
-        };
+        let MetaReply::TopicCreated(t) = create(&mut s, "more", 2, 3) else { panic!("created") };
         assert!(t.partitions.iter().all(|p| !p.replicas.contains(&1)));
         // Moves complete as the leaders report them, and then the node can be removed.
         let groups: Vec<_> = s.topics["orders"]
@@ -659,14 +549,8 @@ mod tests {
             .iter()
             .filter_map(|p| p.target.clone().map(|t| (p.group_id, t)))
             .collect();
-        let removed = MetaCommand::SetNodeState {
-            node: 1,
-            state: NodeState::Removed,
-        };
-        assert!(
-            matches!(s.apply(removed.clone()), MetaReply::Error(_)),
-            "it still holds replicas"
-        );
+        let removed = MetaCommand::SetNodeState { node: 1, state: NodeState::Removed };
+        assert!(matches!(s.apply(removed.clone()), MetaReply::Error(_)), "it still holds replicas");
         for (group, replicas) in groups {
             s.apply(MetaCommand::CompleteMove { group, replicas });
         }
@@ -678,57 +562,25 @@ mod tests {
     fn moves_validate_complete_and_cancel() {
         let mut s = cluster(4);
         create(&mut s, "t", 1, 3);
-        let mv = |replicas: Vec<u64>| MetaCommand::MovePartition {
-            topic: "t".into(),
-            partition: 0,
-            replicas,
-        };
-        assert!(matches!(
-            s.apply(mv(vec![2, 2, 3])),
-            MetaReply::Error(MetaError::Invalid(_))
-        ));
-        assert!(matches!(
-            s.apply(mv(vec![2, 9, 3])),
-            MetaReply::Error(MetaError::UnknownNode(9))
-        ));
-        let bad_partition = MetaCommand::MovePartition {
-            topic: "t".into(),
-            partition: 5,
-            replicas: vec![1],
-        };
-        assert!(matches!(
-            s.apply(bad_partition),
-            MetaReply::Error(MetaError::UnknownPartition { .. })
-        ));
+        let mv =
+            |replicas: Vec<u64>| MetaCommand::MovePartition { topic: "t".into(), partition: 0, replicas };
+        assert!(matches!(s.apply(mv(vec![2, 2, 3])), MetaReply::Error(MetaError::Invalid(_))));
+        assert!(matches!(s.apply(mv(vec![2, 9, 3])), MetaReply::Error(MetaError::UnknownNode(9))));
+        let bad_partition = MetaCommand::MovePartition { topic: "t".into(), partition: 5, replicas: vec![1] };
+        assert!(matches!(s.apply(bad_partition), MetaReply::Error(MetaError::UnknownPartition { .. })));
         assert_eq!(s.apply(mv(vec![2, 3, 4])), MetaReply::Done);
-        assert!(matches!(
-            s.apply(mv(vec![1, 3, 4])),
-            MetaReply::Error(MetaError::Conflict(_))
-        ));
-        assert_eq!(
-            s.apply(mv(vec![2, 3, 4])),
-            MetaReply::Done,
-            "repeating the same move is fine"
-        );
+        assert!(matches!(s.apply(mv(vec![1, 3, 4])), MetaReply::Error(MetaError::Conflict(_))));
+        assert_eq!(s.apply(mv(vec![2, 3, 4])), MetaReply::Done, "repeating the same move is fine");
         let g = s.topics["t"].partitions[0].group_id;
         // A stale completion (for another replica set) changes nothing.
-        s.apply(MetaCommand::CompleteMove {
-            group: g,
-            replicas: vec![1, 2, 3],
-        });
+        s.apply(MetaCommand::CompleteMove { group: g, replicas: vec![1, 2, 3] });
         assert!(s.topics["t"].partitions[0].target.is_some());
-        let cancel = MetaCommand::CancelMove {
-            topic: "t".into(),
-            partition: 0,
-        };
+        let cancel = MetaCommand::CancelMove { topic: "t".into(), partition: 0 };
         assert_eq!(s.apply(cancel.clone()), MetaReply::Done);
         assert!(s.topics["t"].partitions[0].target.is_none());
         assert!(matches!(s.apply(cancel), MetaReply::Error(_)));
         s.apply(mv(vec![2, 3, 4]));
-        s.apply(MetaCommand::CompleteMove {
-            group: g,
-            replicas: vec![2, 3, 4],
-        });
+        s.apply(MetaCommand::CompleteMove { group: g, replicas: vec![2, 3, 4] });
         let p = &s.topics["t"].partitions[0];
         assert_eq!((p.replicas.clone(), p.target.clone()), (vec![2, 3, 4], None));
     }
@@ -738,26 +590,17 @@ mod tests {
         let mut s = cluster(3);
         create(&mut s, "t", 2, 3);
         let set = [("max.event.bytes".to_string(), "2048".to_string())].into();
-        let MetaReply::Topic(t) = s.apply(MetaCommand::AlterTopicConfig {
-            name: "t".into(),
-            set,
-        }) else {
+        let MetaReply::Topic(t) = s.apply(MetaCommand::AlterTopicConfig { name: "t".into(), set }) else {
             panic!()
         };
         assert_eq!(t.max_event_bytes(), Some(2048));
-        let MetaReply::Topic(t) = s.apply(MetaCommand::AddPartitions {
-            name: "t".into(),
-            count: 3,
-        }) else {
+        let MetaReply::Topic(t) = s.apply(MetaCommand::AddPartitions { name: "t".into(), count: 3 }) else {
             panic!()
         };
         assert_eq!(t.partitions.len(), 5);
         let groups: std::collections::BTreeSet<_> = t.partitions.iter().map(|p| p.group_id).collect();
         assert_eq!(groups.len(), 5, "new partitions get new groups");
-        assert_eq!(
-            s.apply(MetaCommand::DeleteTopic { name: "t".into() }),
-            MetaReply::Done
-        );
+        assert_eq!(s.apply(MetaCommand::DeleteTopic { name: "t".into() }), MetaReply::Done);
         assert!(matches!(
             s.apply(MetaCommand::DeleteTopic { name: "t".into() }),
             MetaReply::Error(MetaError::UnknownTopic(_))

@@ -105,25 +105,15 @@ impl PartitionCommand {
         let records: Vec<StoredRecord> =
             postcard::from_bytes(&b[PRODUCE_HEADER_BYTES..]).map_err(|e| DecodeError(e.to_string()))?;
         if records.len() != h.count as usize {
-            return Err(DecodeError(format!(
-                "header says {} records, found {}",
-                h.count,
-                records.len()
-            )));
+            return Err(DecodeError(format!("header says {} records, found {}", h.count, records.len())));
         }
-        Ok(ProduceBatch {
-            producer_id: h.producer_id,
-            base_sequence: h.base_sequence,
-            records,
-        })
+        Ok(ProduceBatch { producer_id: h.producer_id, base_sequence: h.base_sequence, records })
     }
 }
 
 impl PartitionReply {
     pub fn encode(&self) -> Bytes {
-        postcard::to_stdvec(self)
-            .expect("partition replies always encode")
-            .into()
+        postcard::to_stdvec(self).expect("partition replies always encode").into()
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, postcard::Error> {
@@ -143,19 +133,11 @@ mod tests {
             headers: vec![("h".into(), Bytes::new())],
             timestamp_ms: 7,
         };
-        let b = ProduceBatch {
-            producer_id: 3,
-            base_sequence: 9,
-            records: vec![r.clone(), r],
-        };
+        let b = ProduceBatch { producer_id: 3, base_sequence: 9, records: vec![r.clone(), r] };
         let bytes = PartitionCommand::Produce(b.clone()).encode();
         assert_eq!(
             PartitionCommand::decode_header(&bytes),
-            Ok(ProduceHeader {
-                producer_id: 3,
-                base_sequence: 9,
-                count: 2
-            })
+            Ok(ProduceHeader { producer_id: 3, base_sequence: 9, count: 2 })
         );
         assert_eq!(PartitionCommand::decode_batch(&bytes), Ok(b));
         assert!(PartitionCommand::decode_header(&bytes[..10]).is_err());

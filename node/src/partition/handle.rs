@@ -77,6 +77,7 @@ pub struct PartitionParts {
     pub index: Arc<dyn KvTree>,
     pub log: LogReader,
     pub meta: MetaHandle,
+    pub metrics: Arc<crate::metrics::NodeMetrics>,
     #[cfg(feature = "planted-bugs")]
     pub bugs: crate::env::PlantedBugs,
 }
@@ -88,9 +89,7 @@ pub struct PartitionHandle {
 
 impl PartitionHandle {
     pub fn new(parts: PartitionParts) -> Self {
-        Self {
-            inner: Arc::new(parts),
-        }
+        Self { inner: Arc::new(parts) }
     }
 
     /// The replica's Raft log, for inspection (the simulator's checker compares replicas).
@@ -135,21 +134,9 @@ impl PartitionHandle {
     /// The `not_leader` error for this partition, naming `leader` (if it is another node).
     pub fn not_leader(&self, leader: Option<NodeId>) -> BrokerError {
         let leader = leader.filter(|l| *l != self.inner.me);
-        let leader_addr = leader.and_then(|l| {
-            self.inner
-                .meta
-                .view()
-                .state
-                .nodes
-                .get(&l)
-                .map(|n| n.addr.client_addr.clone())
-        });
-        BrokerError::NotLeader {
-            what: self.what(),
-            me: self.inner.me,
-            leader,
-            leader_addr,
-        }
+        let leader_addr = leader
+            .and_then(|l| self.inner.meta.view().state.nodes.get(&l).map(|n| n.addr.client_addr.clone()));
+        BrokerError::NotLeader { what: self.what(), me: self.inner.me, leader, leader_addr }
     }
 
     /// Appends a batch; returns once it is committed and applied (or refused).
@@ -157,7 +144,12 @@ impl PartitionHandle {
         let producer_id = batch.producer_id;
         let payload = Payload(PartitionCommand::Produce(batch).encode());
         let write = self.inner.raft.client_write(payload);
-        let resp = match tokio::time::timeout(timeout, write).await {
+        let started = tokio::time::Instant::now();
+        let written = tokio::time::timeout(timeout, write).await;
+        if matches!(written, Ok(Ok(_))) {
+            self.inner.metrics.commit_latency.observe(started.elapsed().as_secs_f64());
+        }
+        let resp = match written {
             Err(_) => {
                 return Err(BrokerError::Timeout(format!(
                     "{}: the batch was not committed within {timeout:?}; it may or may not be written \
@@ -181,21 +173,11 @@ impl PartitionHandle {
             Ok(Ok(r)) => r,
         };
         match PartitionReply::decode(&resp.data.0) {
-            Ok(PartitionReply::Produced {
-                base_offset,
-                count,
-                duplicate,
-            }) => Ok(Produced {
-                base_offset,
-                count,
-                duplicate,
-            }),
+            Ok(PartitionReply::Produced { base_offset, count, duplicate }) => {
+                Ok(Produced { base_offset, count, duplicate })
+            }
             Ok(PartitionReply::OutOfOrderSequence { expected, got }) => {
-                Err(BrokerError::OutOfOrderSequence {
-                    producer_id,
-                    expected,
-                    got,
-                })
+                Err(BrokerError::OutOfOrderSequence { producer_id, expected, got })
             }
             Ok(PartitionReply::Invalid(msg)) => Err(BrokerError::InvalidArgument(msg)),
             Ok(PartitionReply::Done) => Err(BrokerError::Internal("produce applied without a result".into())),
@@ -260,11 +242,7 @@ impl PartitionHandle {
         if last.index < start || out.next_offset < p.next_offset && !out.records.is_empty() {
             return Ok(());
         }
-        let entries = self
-            .inner
-            .log
-            .read(start, last.index + 1, 1 << 20)
-            .map_err(internal)?;
+        let entries = self.inner.log.read(start, last.index + 1, 1 << 20).map_err(internal)?;
         let mut o = p.next_offset;
         for e in entries {
             let EntryPayload::Normal(payload) = &e.payload else {
@@ -339,11 +317,7 @@ impl PartitionHandle {
                     };
                     let batch = PartitionCommand::decode_batch(&p.0)
                         .map_err(|err| BrokerError::Internal(format!("{}: {err}", self.what())))?;
-                    assert_eq!(
-                        batch.records.len(),
-                        e.count as usize,
-                        "index count matches the batch"
-                    );
+                    assert_eq!(batch.records.len(), e.count as usize, "index count matches the batch");
                     for (k, record) in batch.records.into_iter().enumerate() {
                         let o = e.base_offset + k as u64;
                         if o < offset {

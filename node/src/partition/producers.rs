@@ -91,15 +91,8 @@ impl ProducerTable {
         if base_sequence == expected {
             return SequenceCheck::Accept;
         }
-        match e
-            .batches
-            .iter()
-            .find(|b| b.base_sequence == base_sequence && b.count == count)
-        {
-            Some(b) => SequenceCheck::Duplicate {
-                base_offset: b.base_offset,
-                count: b.count,
-            },
+        match e.batches.iter().find(|b| b.base_sequence == base_sequence && b.count == count) {
+            Some(b) => SequenceCheck::Duplicate { base_offset: b.base_offset, count: b.count },
             None => SequenceCheck::OutOfOrder { expected },
         }
     }
@@ -137,16 +130,7 @@ mod tests {
     use super::*;
 
     fn rec(t: &mut ProducerTable, pid: u64, seq: u64, count: u32, off: u64, idx: u64) {
-        t.record(
-            pid,
-            BatchRecord {
-                base_sequence: seq,
-                count,
-                base_offset: off,
-            },
-            idx,
-            &mut Vec::new(),
-        );
+        t.record(pid, BatchRecord { base_sequence: seq, count, base_offset: off }, idx, &mut Vec::new());
     }
 
     #[test]
@@ -155,13 +139,7 @@ mod tests {
         assert_eq!(t.check(7, 0, 3), SequenceCheck::Accept);
         rec(&mut t, 7, 0, 3, 100, 1);
         assert_eq!(t.check(7, 3, 2), SequenceCheck::Accept);
-        assert_eq!(
-            t.check(7, 0, 3),
-            SequenceCheck::Duplicate {
-                base_offset: 100,
-                count: 3
-            }
-        );
+        assert_eq!(t.check(7, 0, 3), SequenceCheck::Duplicate { base_offset: 100, count: 3 });
         assert_eq!(t.check(7, 5, 1), SequenceCheck::OutOfOrder { expected: 3 });
         assert_eq!(t.check(7, 1, 3), SequenceCheck::OutOfOrder { expected: 3 });
         for i in 0..10 {
@@ -169,13 +147,7 @@ mod tests {
         }
         // Only the last five batches are remembered.
         assert_eq!(t.check(7, 0, 3), SequenceCheck::OutOfOrder { expected: 13 });
-        assert_eq!(
-            t.check(7, 12, 1),
-            SequenceCheck::Duplicate {
-                base_offset: 112,
-                count: 1
-            }
-        );
+        assert_eq!(t.check(7, 12, 1), SequenceCheck::Duplicate { base_offset: 112, count: 1 });
     }
 
     proptest! {

@@ -86,21 +86,9 @@ impl PartitionStateMachine {
             let id = u64::from_be_bytes(k[1..].try_into().map_err(io::Error::other)?);
             producers.push((id, sm_common::decode::<ProducerEntry>(&v, "producer entry")?));
         }
-        let state = PartitionState {
-            meta,
-            producers: ProducerTable::from_entries(producers),
-        };
+        let state = PartitionState { meta, producers: ProducerTable::from_entries(producers) };
         let (progress, rx) = watch::channel(progress_of(&state.meta));
-        Ok((
-            Self {
-                state,
-                tree: tree.clone(),
-                store,
-                progress,
-            },
-            rx,
-            tree,
-        ))
+        Ok((Self { state, tree: tree.clone(), store, progress }, rx, tree))
     }
 }
 
@@ -160,12 +148,7 @@ impl RaftStateMachine<C> for PartitionStateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         let snapshot = PartitionSnapshot {
             meta: self.state.meta.clone(),
-            producers: self
-                .state
-                .producers
-                .entries()
-                .map(|(k, v)| (*k, v.clone()))
-                .collect(),
+            producers: self.state.producers.entries().map(|(k, v)| (*k, v.clone())).collect(),
         };
         PartitionSnapshotBuilder {
             snapshot: Some(snapshot),
@@ -202,10 +185,7 @@ impl RaftStateMachine<C> for PartitionStateMachine {
         sm_common::put_snapshot(&mut batch, meta, &data);
         self.tree.apply(batch)?;
         self.store.flush().await?;
-        self.state = PartitionState {
-            meta: m,
-            producers: ProducerTable::from_entries(snap.producers),
-        };
+        self.state = PartitionState { meta: m, producers: ProducerTable::from_entries(snap.producers) };
         self.progress.send_replace(progress_of(&self.state.meta));
         Ok(())
     }
@@ -226,10 +206,7 @@ impl RaftSnapshotBuilder<C> for PartitionSnapshotBuilder {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let snap = self
-            .snapshot
-            .take()
-            .ok_or_else(|| io::Error::other("snapshot builder used twice"))?;
+        let snap = self.snapshot.take().ok_or_else(|| io::Error::other("snapshot builder used twice"))?;
         let data = sm_common::encode(&snap);
         let meta = SnapshotMeta {
             last_log_id: snap.meta.last_applied,

@@ -105,38 +105,19 @@ impl PartitionState {
             match self.producers.check(b.producer_id, b.base_sequence, count) {
                 SequenceCheck::Accept => {}
                 SequenceCheck::Duplicate { base_offset, count } => {
-                    return PartitionReply::Produced {
-                        base_offset,
-                        count,
-                        duplicate: true,
-                    };
+                    return PartitionReply::Produced { base_offset, count, duplicate: true };
                 }
                 SequenceCheck::OutOfOrder { expected } => {
-                    return PartitionReply::OutOfOrderSequence {
-                        expected,
-                        got: b.base_sequence,
-                    };
+                    return PartitionReply::OutOfOrderSequence { expected, got: b.base_sequence };
                 }
             }
         }
         let base_offset = self.meta.next_offset;
         self.meta.next_offset += u64::from(count);
-        batch.put(
-            offset_key(base_offset),
-            IndexEntry {
-                base_offset,
-                log_index,
-                count,
-            }
-            .value(),
-        );
+        batch.put(offset_key(base_offset), IndexEntry { base_offset, log_index, count }.value());
         if b.producer_id != 0 {
             let mut changes = Vec::new();
-            let rec = BatchRecord {
-                base_sequence: b.base_sequence,
-                count,
-                base_offset,
-            };
+            let rec = BatchRecord { base_sequence: b.base_sequence, count, base_offset };
             self.producers.record(b.producer_id, rec, log_index, &mut changes);
             for c in changes {
                 match c {
@@ -145,11 +126,7 @@ impl PartitionState {
                 }
             }
         }
-        PartitionReply::Produced {
-            base_offset,
-            count,
-            duplicate: false,
-        }
+        PartitionReply::Produced { base_offset, count, duplicate: false }
     }
 }
 
@@ -160,11 +137,7 @@ mod tests {
     use super::*;
 
     fn batch(pid: u64, seq: u64, n: usize) -> ProduceHeader {
-        ProduceHeader {
-            producer_id: pid,
-            base_sequence: seq,
-            count: n as u32,
-        }
+        ProduceHeader { producer_id: pid, base_sequence: seq, count: n as u32 }
     }
 
     proptest! {
@@ -222,18 +195,12 @@ mod tests {
     fn gaps_and_empty_batches_are_refused() {
         let mut st = PartitionState::default();
         let mut kv = KvBatch::default();
-        assert!(matches!(
-            st.apply(1, batch(9, 0, 2), &mut kv),
-            PartitionReply::Produced { .. }
-        ));
+        assert!(matches!(st.apply(1, batch(9, 0, 2), &mut kv), PartitionReply::Produced { .. }));
         assert_eq!(
             st.apply(2, batch(9, 5, 1), &mut kv),
             PartitionReply::OutOfOrderSequence { expected: 2, got: 5 }
         );
-        assert!(matches!(
-            st.apply(3, batch(9, 2, 0), &mut kv),
-            PartitionReply::Invalid(_)
-        ));
+        assert!(matches!(st.apply(3, batch(9, 2, 0), &mut kv), PartitionReply::Invalid(_)));
         assert_eq!(st.meta.next_offset, 2);
     }
 }

@@ -62,10 +62,7 @@ pub fn encode(entry: &Entry, out: &mut Vec<u8>) {
         }
     }
     let body_len = out.len() - start - HEADER_BYTES;
-    assert!(
-        body_len <= BODY_BYTES_MAX,
-        "entry body of {body_len} bytes exceeds BODY_BYTES_MAX"
-    );
+    assert!(body_len <= BODY_BYTES_MAX, "entry body of {body_len} bytes exceeds BODY_BYTES_MAX");
     let crc = crc32c::crc32c(&out[start + HEADER_BYTES..]);
     out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
@@ -74,16 +71,11 @@ pub fn encode(entry: &Entry, out: &mut Vec<u8>) {
 /// Length of the frame at the start of `buf`, from its header alone.
 pub fn frame_len(buf: &[u8]) -> Result<usize, FrameError> {
     if buf.len() < HEADER_BYTES {
-        return Err(FrameError::Truncated {
-            need: HEADER_BYTES,
-            have: buf.len(),
-        });
+        return Err(FrameError::Truncated { need: HEADER_BYTES, have: buf.len() });
     }
     let body_len = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
     if !(BODY_FIXED_BYTES..=BODY_BYTES_MAX).contains(&body_len) {
-        return Err(FrameError::Corrupt(format!(
-            "body length {body_len} out of range"
-        )));
+        return Err(FrameError::Corrupt(format!("body length {body_len} out of range")));
     }
     Ok(HEADER_BYTES + body_len)
 }
@@ -93,18 +85,13 @@ pub fn frame_len(buf: &[u8]) -> Result<usize, FrameError> {
 pub fn decode(buf: &Bytes) -> Result<(Entry, usize), FrameError> {
     let len = frame_len(buf)?;
     if buf.len() < len {
-        return Err(FrameError::Truncated {
-            need: len,
-            have: buf.len(),
-        });
+        return Err(FrameError::Truncated { need: len, have: buf.len() });
     }
     let stored_crc = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
     let body = &buf[HEADER_BYTES..len];
     let crc = crc32c::crc32c(body);
     if crc != stored_crc {
-        return Err(FrameError::Corrupt(format!(
-            "crc32c {crc:#010x} != stored {stored_crc:#010x}"
-        )));
+        return Err(FrameError::Corrupt(format!("crc32c {crc:#010x} != stored {stored_crc:#010x}")));
     }
     let term = u64::from_le_bytes(body[0..8].try_into().expect("8 bytes"));
     let index = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
@@ -118,13 +105,7 @@ pub fn decode(buf: &Bytes) -> Result<(Entry, usize), FrameError> {
         }
         k => return Err(FrameError::Corrupt(format!("unknown entry kind {k}"))),
     };
-    Ok((
-        Entry {
-            log_id: log_id(term, index),
-            payload,
-        },
-        len,
-    ))
+    Ok((Entry { log_id: log_id(term, index), payload }, len))
 }
 
 #[cfg(test)]
@@ -137,34 +118,17 @@ mod tests {
 
     pub(crate) fn sample_entries() -> Vec<Entry> {
         let nodes: BTreeMap<u64, NodeAddr> = (1..=3)
-            .map(|i| {
-                (
-                    i,
-                    NodeAddr {
-                        raft_addr: format!("r{i}"),
-                        client_addr: format!("c{i}"),
-                    },
-                )
-            })
+            .map(|i| (i, NodeAddr { raft_addr: format!("r{i}"), client_addr: format!("c{i}") }))
             .collect();
         let m = Membership::new(vec![BTreeSet::from([1, 2, 3])], nodes).expect("valid membership");
         vec![
-            Entry {
-                log_id: log_id(1, 1),
-                payload: EntryPayload::Membership(m),
-            },
-            Entry {
-                log_id: log_id(1, 2),
-                payload: EntryPayload::Blank,
-            },
+            Entry { log_id: log_id(1, 1), payload: EntryPayload::Membership(m) },
+            Entry { log_id: log_id(1, 2), payload: EntryPayload::Blank },
             Entry {
                 log_id: log_id(2, 3),
                 payload: EntryPayload::Normal(Payload(Bytes::from_static(b"hello"))),
             },
-            Entry {
-                log_id: log_id(2, 4),
-                payload: EntryPayload::Normal(Payload(Bytes::new())),
-            },
+            Entry { log_id: log_id(2, 4), payload: EntryPayload::Normal(Payload(Bytes::new())) },
         ]
     }
 
@@ -190,10 +154,7 @@ mod tests {
         encode(&sample_entries()[2], &mut buf);
         for cut in 0..buf.len() {
             assert!(
-                matches!(
-                    decode(&Bytes::copy_from_slice(&buf[..cut])),
-                    Err(FrameError::Truncated { .. })
-                ),
+                matches!(decode(&Bytes::copy_from_slice(&buf[..cut])), Err(FrameError::Truncated { .. })),
                 "cut at {cut}"
             );
         }

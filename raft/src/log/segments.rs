@@ -44,11 +44,7 @@ impl Segment {
     /// Byte range of entries `[a, b)` of this segment (indexes relative to `first_index`).
     fn byte_range(&self, a: usize, b: usize) -> Range<u64> {
         let start = self.positions[a];
-        let end = if b < self.positions.len() {
-            self.positions[b]
-        } else {
-            self.end
-        };
+        let end = if b < self.positions.len() { self.positions[b] } else { self.end };
         start..end
     }
 }
@@ -105,11 +101,8 @@ impl Segments {
     ) -> io::Result<(Self, RecoveryReport)> {
         vfs.create_dir_all(dir)?;
         let mut report = RecoveryReport::default();
-        let mut found: Vec<(u64, String)> = vfs
-            .list_dir(dir)?
-            .into_iter()
-            .filter_map(|n| parse_segment_name(&n).map(|i| (i, n)))
-            .collect();
+        let mut found: Vec<(u64, String)> =
+            vfs.list_dir(dir)?.into_iter().filter_map(|n| parse_segment_name(&n).map(|i| (i, n))).collect();
         found.sort();
         let purged_index = last_purged.map(|l| l.index);
 
@@ -142,9 +135,8 @@ impl Segments {
                     }
                     last_log_id = None;
                 } else {
-                    report.reason = Some(format!(
-                        "segment {name} starts at {first_index}, expected {expected}"
-                    ));
+                    report.reason =
+                        Some(format!("segment {name} starts at {first_index}, expected {expected}"));
                     cut = true;
                     vfs.remove_file(&path)?;
                     removed_any = true;
@@ -192,13 +184,7 @@ impl Segments {
                 removed_any = true;
                 continue;
             }
-            segments.push(Segment {
-                first_index,
-                path,
-                file,
-                positions,
-                end: pos as u64,
-            });
+            segments.push(Segment { first_index, path, file, positions, end: pos as u64 });
         }
 
         // Segments wholly at or below the purge point are no longer needed.
@@ -264,11 +250,7 @@ impl Segments {
         let mut buf = Vec::new();
         let mut rel_positions = Vec::with_capacity(entries.len());
         for (i, e) in entries.iter().enumerate() {
-            assert_eq!(
-                e.log_id.index,
-                first_index + i as u64,
-                "appended entries must be contiguous"
-            );
+            assert_eq!(e.log_id.index, first_index + i as u64, "appended entries must be contiguous");
             rel_positions.push(buf.len() as u64);
             frame::encode(e, &mut buf);
         }
@@ -284,13 +266,7 @@ impl Segments {
             let file = self.vfs.open(&path, true)?;
             // A leftover file of that name (from a cut tail) must not keep stale bytes.
             file.set_len(0)?;
-            self.segments.push(Segment {
-                first_index,
-                path,
-                file,
-                positions: Vec::new(),
-                end: 0,
-            });
+            self.segments.push(Segment { first_index, path, file, positions: Vec::new(), end: 0 });
             self.dir_dirty = true;
         }
         let seg = self.segments.last_mut().expect("a segment exists");
@@ -347,11 +323,7 @@ impl Segments {
     pub fn purge(&mut self, upto: LogId) -> io::Result<bool> {
         self.last_purged = Some(upto);
         let mut removed = false;
-        while self
-            .segments
-            .first()
-            .is_some_and(|s| s.next_index() <= upto.index + 1)
-        {
+        while self.segments.first().is_some_and(|s| s.next_index() <= upto.index + 1) {
             let seg = self.segments.remove(0);
             self.vfs.remove_file(&seg.path)?;
             removed = true;
@@ -393,10 +365,7 @@ impl Segments {
         let mut next = start;
         let mut bytes = 0usize;
         // The first segment whose first index is <= start.
-        let mut si = self
-            .segments
-            .partition_point(|s| s.first_index <= start)
-            .saturating_sub(1);
+        let mut si = self.segments.partition_point(|s| s.first_index <= start).saturating_sub(1);
         while next < end && si < self.segments.len() {
             let seg = &self.segments[si];
             let a = (next - seg.first_index) as usize;

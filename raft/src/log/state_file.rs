@@ -69,15 +69,8 @@ impl StateFile {
     /// Writes `state` durably: when this returns, a crash cannot lose it.
     pub async fn save(&mut self, state: LogState) -> io::Result<()> {
         let seq = self.seq + 1;
-        let body = postcard::to_stdvec(&Slot {
-            seq,
-            state: state.clone(),
-        })
-        .map_err(io::Error::other)?;
-        assert!(
-            body.len() + SLOT_HEADER_BYTES <= SLOT_BYTES,
-            "log state must fit a slot"
-        );
+        let body = postcard::to_stdvec(&Slot { seq, state: state.clone() }).map_err(io::Error::other)?;
+        assert!(body.len() + SLOT_HEADER_BYTES <= SLOT_BYTES, "log state must fit a slot");
         let mut buf = Vec::with_capacity(SLOT_HEADER_BYTES + body.len());
         buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
         buf.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
@@ -128,11 +121,7 @@ mod tests {
         let mut f = StateFile::open(&disk, dir).await?;
         assert_eq!(f.state(), &LogState::default());
         for term in 1..=5 {
-            f.save(LogState {
-                vote: Some(vote(term)),
-                last_purged: Some(log_id(term, term * 10)),
-            })
-            .await?;
+            f.save(LogState { vote: Some(vote(term)), last_purged: Some(log_id(term, term * 10)) }).await?;
         }
         disk.crash(None);
         let f = StateFile::open(&disk, dir).await?;
@@ -145,17 +134,10 @@ mod tests {
             let before = f.state().clone();
             let file = disk.open(&dir.join("state"), false)?;
             file.sync_data().await?;
-            let new = LogState {
-                vote: Some(vote(100 + keep as u64)),
-                last_purged: None,
-            };
+            let new = LogState { vote: Some(vote(100 + keep as u64)), last_purged: None };
             // Write without syncing, then crash keeping `keep` bytes of the change.
             let seq = f.seq + 1;
-            let body = postcard::to_stdvec(&Slot {
-                seq,
-                state: new.clone(),
-            })
-            .map_err(io::Error::other)?;
+            let body = postcard::to_stdvec(&Slot { seq, state: new.clone() }).map_err(io::Error::other)?;
             let mut buf = Vec::new();
             buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
             buf.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
@@ -165,11 +147,7 @@ mod tests {
             file.write_all_at(partial, (slot * SLOT_BYTES) as u64)?;
             file.sync_data().await?;
             let f2 = StateFile::open(&disk, dir).await?;
-            assert!(
-                f2.state() == &before || f2.state() == &new,
-                "keep={keep}: {:?}",
-                f2.state()
-            );
+            assert!(f2.state() == &before || f2.state() == &new, "keep={keep}: {:?}", f2.state());
             // Restore a clean state for the next round.
             f.save(before).await?;
         }

@@ -42,18 +42,28 @@ const FLUSH_QUEUE_MAX: usize = 4096;
 /// Upper bound on the bytes one replication read returns.
 pub const REPLICATION_READ_BYTES_MAX: usize = 8 << 20;
 
+/// Told how long each group-commit sync took (for the fsync latency metric).
+pub type SyncObserver = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
+
 /// Settings of one group's log.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LogConfig {
     /// A segment is closed and a new one started once it would grow past this.
     pub segment_bytes_max: u64,
+    pub on_sync: Option<SyncObserver>,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            segment_bytes_max: 64 << 20,
-        }
+        Self { segment_bytes_max: 64 << 20, on_sync: None }
+    }
+}
+
+impl std::fmt::Debug for LogConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogConfig")
+            .field("segment_bytes_max", &self.segment_bytes_max)
+            .finish_non_exhaustive()
     }
 }
 
@@ -85,36 +95,20 @@ impl LogStore {
     ) -> io::Result<(Self, RecoveryReport)> {
         vfs.create_dir_all(dir)?;
         let state = StateFile::open(vfs.as_ref(), dir).await?;
-        let (segments, report) = Segments::recover(
-            vfs.clone(),
-            dir,
-            config.segment_bytes_max,
-            state.state().last_purged,
-        )
-        .await?;
+        let (segments, report) =
+            Segments::recover(vfs.clone(), dir, config.segment_bytes_max, state.state().last_purged).await?;
         if let Some(reason) = &report.reason {
             warn!(dir = %dir.display(), truncated_bytes = report.truncated_bytes, "cut the log's tail on recovery: {reason}");
         }
-        let shared = Arc::new(Shared {
-            segments: RwLock::new(segments),
-            vote: RwLock::new(state.state().vote),
-        });
+        let shared =
+            Arc::new(Shared { segments: RwLock::new(segments), vote: RwLock::new(state.state().vote) });
         let (flush_tx, flush_rx) = mpsc::channel(FLUSH_QUEUE_MAX);
-        tokio::spawn(flusher(flush_rx, shared.clone()));
-        Ok((
-            Self {
-                shared,
-                state,
-                flush_tx,
-            },
-            report,
-        ))
+        tokio::spawn(flusher(flush_rx, shared.clone(), config.on_sync.clone()));
+        Ok((Self { shared, state, flush_tx }, report))
     }
 
     pub fn reader(&self) -> LogReader {
-        LogReader {
-            shared: self.shared.clone(),
-        }
+        LogReader { shared: self.shared.clone() }
     }
 
     /// True if the log holds no vote and no entry: a group never started on this node.
@@ -124,7 +118,7 @@ impl LogStore {
     }
 }
 
-async fn flusher(mut rx: mpsc::Receiver<IOFlushed<C>>, shared: Arc<Shared>) {
+async fn flusher(mut rx: mpsc::Receiver<IOFlushed<C>>, shared: Arc<Shared>, on_sync: Option<SyncObserver>) {
     let mut failed: Option<String> = None;
     let mut batch = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -137,6 +131,7 @@ async fn flusher(mut rx: mpsc::Receiver<IOFlushed<C>>, shared: Arc<Shared>) {
         }
         if failed.is_none() {
             let (files, dir) = shared.segments.write().expect("log lock poisoned").take_dirty();
+            let started = tokio::time::Instant::now();
             let result = async {
                 for f in files {
                     f.sync_data().await?;
@@ -147,6 +142,9 @@ async fn flusher(mut rx: mpsc::Receiver<IOFlushed<C>>, shared: Arc<Shared>) {
                 Ok::<(), io::Error>(())
             }
             .await;
+            if let Some(observe) = &on_sync {
+                observe(started.elapsed());
+            }
             if let Err(e) = result {
                 error!("log fsync failed; the group stops accepting writes: {e}");
                 failed = Some(e.to_string());
@@ -165,28 +163,16 @@ async fn flusher(mut rx: mpsc::Receiver<IOFlushed<C>>, shared: Arc<Shared>) {
 
 impl LogReader {
     pub fn last_log_id(&self) -> Option<LogId> {
-        self.shared
-            .segments
-            .read()
-            .expect("log lock poisoned")
-            .last_log_id()
+        self.shared.segments.read().expect("log lock poisoned").last_log_id()
     }
 
     pub fn first_index(&self) -> Option<u64> {
-        self.shared
-            .segments
-            .read()
-            .expect("log lock poisoned")
-            .first_index()
+        self.shared.segments.read().expect("log lock poisoned").first_index()
     }
 
     /// Reads entries in `[start, end)`, at least one and about `bytes_max` bytes at most.
     pub fn read(&self, start: u64, end: u64, bytes_max: usize) -> io::Result<Vec<Entry>> {
-        self.shared
-            .segments
-            .read()
-            .expect("log lock poisoned")
-            .read(start, end, bytes_max)
+        self.shared.segments.read().expect("log lock poisoned").read(start, end, bytes_max)
     }
 
     /// Bytes in the log's segment files.
@@ -224,11 +210,7 @@ impl RaftLogReader<C> for LogReader {
     }
 
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
-        self.shared
-            .segments
-            .read()
-            .expect("log lock poisoned")
-            .read(start, end, REPLICATION_READ_BYTES_MAX)
+        self.shared.segments.read().expect("log lock poisoned").read(start, end, REPLICATION_READ_BYTES_MAX)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -241,10 +223,7 @@ impl RaftLogStorage<C> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
         let segs = self.shared.segments.read().expect("log lock poisoned");
-        Ok(LogState {
-            last_purged_log_id: segs.last_purged(),
-            last_log_id: segs.last_log_id(),
-        })
+        Ok(LogState { last_purged_log_id: segs.last_purged(), last_log_id: segs.last_log_id() })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -265,15 +244,8 @@ impl RaftLogStorage<C> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        self.shared
-            .segments
-            .write()
-            .expect("log lock poisoned")
-            .append(&entries)?;
-        self.flush_tx
-            .send(callback)
-            .await
-            .map_err(|_| io::Error::other("log flusher stopped"))?;
+        self.shared.segments.write().expect("log lock poisoned").append(&entries)?;
+        self.flush_tx.send(callback).await.map_err(|_| io::Error::other("log flusher stopped"))?;
         Ok(())
     }
 

@@ -27,10 +27,7 @@ fn check(e: &Evidence) -> Vec<String> {
             continue;
         };
         for (node, records) in replicas {
-            let found = records
-                .get(offset as usize)
-                .filter(|(o, _)| *o == offset)
-                .map(|(_, v)| v.as_str());
+            let found = records.get(offset as usize).filter(|(o, _)| *o == offset).map(|(_, v)| v.as_str());
             if found != Some(op.payload.as_str()) {
                 problems.push(format!(
                     "{}/{} offset {offset}: acknowledged {:?} (by {} at {} ms), node {node} has {found:?}",

@@ -19,11 +19,7 @@ fn check(e: &Evidence) -> Vec<String> {
     for f in &e.fetches {
         let key = (f.topic.clone(), f.partition);
         // The final log: any replica's audited records (they agree, or offsets.rs says not).
-        let final_log = e
-            .audit
-            .replicas
-            .get(&key)
-            .and_then(|r| r.values().max_by_key(|v| v.len()));
+        let final_log = e.audit.replicas.get(&key).and_then(|r| r.values().max_by_key(|v| v.len()));
         for (i, (offset, value)) in f.records.iter().enumerate() {
             if *offset != f.requested + i as u64 {
                 problems.push(format!(

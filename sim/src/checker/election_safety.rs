@@ -5,11 +5,8 @@
 use super::Evidence;
 use super::Invariant;
 
-pub const INVARIANT: Invariant = Invariant {
-    name: "election-safety",
-    source: "Raft §5.2 Election Safety (Figure 3)",
-    check,
-};
+pub const INVARIANT: Invariant =
+    Invariant { name: "election-safety", source: "Raft §5.2 Election Safety (Figure 3)", check };
 
 fn check(e: &Evidence) -> Vec<String> {
     e.leaders

@@ -6,11 +6,10 @@
 use super::Evidence;
 use super::Invariant;
 
-pub const INVARIANT: Invariant = Invariant {
-    name: "log-matching",
-    source: "Raft §5.3 Log Matching; §5.4.3 State Machine Safety",
-    check,
-};
+pub const INVARIANT: Invariant =
+    Invariant {
+        name: "log-matching", source: "Raft §5.3 Log Matching; §5.4.3 State Machine Safety", check
+    };
 
 fn check(e: &Evidence) -> Vec<String> {
     let mut problems = Vec::new();

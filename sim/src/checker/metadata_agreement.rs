@@ -18,10 +18,7 @@ pub const INVARIANT: Invariant = Invariant {
 fn check(e: &Evidence) -> Vec<String> {
     let mut by_index: BTreeMap<Option<u64>, Vec<(u64, &str)>> = BTreeMap::new();
     for (node, (applied, state)) in &e.metadata {
-        by_index
-            .entry(*applied)
-            .or_default()
-            .push((*node, state.as_str()));
+        by_index.entry(*applied).or_default().push((*node, state.as_str()));
     }
     let mut problems = Vec::new();
     for (index, states) in by_index {

@@ -109,30 +109,16 @@ mod tests {
             payload: payload.into(),
             invoke_ms: 0,
             complete_ms: Some(1),
-            outcome: offset.map_or(
-                Outcome::Unknown {
-                    error: "timeout".into(),
-                },
-                |o| Outcome::Ok { offset: o },
-            ),
+            outcome: offset
+                .map_or(Outcome::Unknown { error: "timeout".into() }, |o| Outcome::Ok { offset: o }),
         }
     }
 
     fn audit(replicas: &[(u64, &[&str])]) -> Audit {
-        let mut a = Audit {
-            done: true,
-            ..Default::default()
-        };
+        let mut a = Audit { done: true, ..Default::default() };
         let mut m = BTreeMap::new();
         for (node, values) in replicas {
-            m.insert(
-                *node,
-                values
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| (i as u64, v.to_string()))
-                    .collect(),
-            );
+            m.insert(*node, values.iter().enumerate().map(|(i, v)| (i as u64, v.to_string())).collect());
         }
         a.replicas.insert(("t".into(), 0), m);
         a
@@ -187,10 +173,7 @@ mod tests {
         });
         assert!(violated(&e).contains(&consumer_reads::INVARIANT.name));
         // Two leaders in one term.
-        let mut e = Evidence {
-            audit: audit(&[]),
-            ..Default::default()
-        };
+        let mut e = Evidence { audit: audit(&[]), ..Default::default() };
         e.leaders.insert((3, 7), [1, 2].into());
         assert!(violated(&e).contains(&election_safety::INVARIANT.name));
     }

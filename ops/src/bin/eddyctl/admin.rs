@@ -51,11 +51,7 @@ fn ids(v: &[u64]) -> String {
 pub async fn cluster(client: &Client, format: Format, command: ClusterCommand) -> anyhow::Result<ExitCode> {
     match command {
         ClusterCommand::Status => cluster_status(client, format).await,
-        ClusterCommand::Health {
-            watch,
-            exit_when_healthy,
-            timeout,
-        } => {
+        ClusterCommand::Health { watch, exit_when_healthy, timeout } => {
             let deadline = timeout.map(|t| Instant::now() + t);
             loop {
                 let h = client.cluster_health().await;
@@ -72,11 +68,7 @@ pub async fn cluster(client: &Client, format: Format, command: ClusterCommand) -
                             .map(anyhow::Error::from)
                             .unwrap_or_else(|| anyhow::anyhow!("health unknown")));
                     }
-                    return Ok(if healthy {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(EXIT_UNHEALTHY)
-                    });
+                    return Ok(if healthy { ExitCode::SUCCESS } else { ExitCode::from(EXIT_UNHEALTHY) });
                 }
                 tokio::time::sleep(POLL).await;
             }
@@ -117,15 +109,10 @@ pub async fn cluster(client: &Client, format: Format, command: ClusterCommand) -
 
 async fn cluster_status(client: &Client, format: Format) -> anyhow::Result<ExitCode> {
     let md = client.refresh_metadata().await?;
-    let probes = md
-        .nodes
-        .values()
-        .filter(|n| n.state != "removed")
-        .map(|n| async move {
-            let up =
-                matches!(client.node_status(&n.client_addr, Duration::from_secs(2)).await, Ok(s) if s.ready);
-            (n.clone(), up)
-        });
+    let probes = md.nodes.values().filter(|n| n.state != "removed").map(|n| async move {
+        let up = matches!(client.node_status(&n.client_addr, Duration::from_secs(2)).await, Ok(s) if s.ready);
+        (n.clone(), up)
+    });
     let nodes = futures::future::join_all(probes).await;
     match format {
         Format::Json => {
@@ -144,19 +131,11 @@ async fn cluster_status(client: &Client, format: Format) -> anyhow::Result<ExitC
                         n.client_addr.clone(),
                         if *up { "up" } else { "DOWN" }.to_string(),
                         n.state.clone(),
-                        if md.metadata_leader == Some(n.id) {
-                            "metadata leader"
-                        } else {
-                            ""
-                        }
-                        .to_string(),
+                        if md.metadata_leader == Some(n.id) { "metadata leader" } else { "" }.to_string(),
                     ]
                 })
                 .collect();
-            println!(
-                "{}",
-                table(&["ID", "CLIENT ADDR", "STATUS", "STATE", "ROLE"], rows)
-            );
+            println!("{}", table(&["ID", "CLIENT ADDR", "STATUS", "STATE", "ROLE"], rows));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -208,10 +187,7 @@ fn print_health(h: &pb::ClusterHealthResponse, format: Format) {
                         ]
                     })
                     .collect();
-                println!(
-                    "{}",
-                    table(&["PARTITION", "PROBLEM", "REPLICAS", "IN SYNC"], rows)
-                );
+                println!("{}", table(&["PARTITION", "PROBLEM", "REPLICAS", "IN SYNC"], rows));
             }
         }
     }
@@ -259,15 +235,7 @@ pub async fn node(client: &Client, format: Format, command: NodeCommand) -> anyh
                     println!(
                         "{}",
                         table(
-                            &[
-                                "ID",
-                                "STATE",
-                                "CLIENT ADDR",
-                                "STATUS",
-                                "LEADERS",
-                                "REPLICAS",
-                                "METADATA"
-                            ],
+                            &["ID", "STATE", "CLIENT ADDR", "STATUS", "LEADERS", "REPLICAS", "METADATA"],
                             rows
                         )
                     );
@@ -303,9 +271,8 @@ pub async fn node(client: &Client, format: Format, command: NodeCommand) -> anyh
                 if let Some(b) = &bar {
                     b.set_position(total.saturating_sub(remaining));
                 }
-                let done = n
-                    .as_ref()
-                    .is_none_or(|n| n.state == "removed" || (n.replicas == 0 && n.leaders == 0));
+                let done =
+                    n.as_ref().is_none_or(|n| n.state == "removed" || (n.replicas == 0 && n.leaders == 0));
                 if done || Instant::now() >= deadline {
                     break n;
                 }
@@ -326,11 +293,7 @@ pub async fn node(client: &Client, format: Format, command: NodeCommand) -> anyh
                     None => println!("node {id} is gone from the cluster"),
                 },
             }
-            Ok(if done {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_UNHEALTHY)
-            })
+            Ok(if done { ExitCode::SUCCESS } else { ExitCode::from(EXIT_UNHEALTHY) })
         }
     }
 }
@@ -384,25 +347,15 @@ fn print_topic(t: &pb::TopicMetadata, format: Format) {
                     ]
                 })
                 .collect();
-            println!(
-                "{}",
-                table(&["PARTITION", "LEADER", "REPLICAS", "HIGH WATERMARK"], rows)
-            );
+            println!("{}", table(&["PARTITION", "LEADER", "REPLICAS", "HIGH WATERMARK"], rows));
         }
     }
 }
 
 pub async fn topic(client: &Client, format: Format, command: TopicCommand) -> anyhow::Result<ExitCode> {
     match command {
-        TopicCommand::Create {
-            name,
-            partitions,
-            replication_factor,
-            config,
-        } => {
-            let t = client
-                .create_topic(&name, partitions, replication_factor, kv_map(config))
-                .await?;
+        TopicCommand::Create { name, partitions, replication_factor, config } => {
+            let t = client.create_topic(&name, partitions, replication_factor, kv_map(config)).await?;
             match format {
                 Format::Json => print_json(&topic_json(&t)),
                 Format::Table => println!("created topic {} with {} partitions", t.name, t.partitions.len()),
@@ -422,11 +375,7 @@ pub async fn topic(client: &Client, format: Format, command: TopicCommand) -> an
                     let rows = topics
                         .iter()
                         .map(|t| {
-                            vec![
-                                t.name.clone(),
-                                t.partitions.to_string(),
-                                t.replication_factor.to_string(),
-                            ]
+                            vec![t.name.clone(), t.partitions.to_string(), t.replication_factor.to_string()]
                         })
                         .collect();
                     println!("{}", table(&["NAME", "PARTITIONS", "REPLICATION FACTOR"], rows));
@@ -474,15 +423,8 @@ pub async fn partition(
     command: PartitionCommand,
 ) -> anyhow::Result<ExitCode> {
     match command {
-        PartitionCommand::Move {
-            partition: tp,
-            replicas,
-            wait,
-            timeout,
-        } => {
-            client
-                .move_partition(&tp.topic, tp.partition, replicas.clone())
-                .await?;
+        PartitionCommand::Move { partition: tp, replicas, wait, timeout } => {
+            client.move_partition(&tp.topic, tp.partition, replicas.clone()).await?;
             if !wait {
                 match format {
                     Format::Json => print_json(
@@ -494,21 +436,13 @@ pub async fn partition(
             }
             let bar = (format == Format::Table).then(|| {
                 let b = ProgressBar::new_spinner();
-                b.set_message(format!(
-                    "moving {}/{} to {}",
-                    tp.topic,
-                    tp.partition,
-                    ids(&replicas)
-                ));
+                b.set_message(format!("moving {}/{} to {}", tp.topic, tp.partition, ids(&replicas)));
                 b
             });
             let deadline = Instant::now() + timeout;
             let done = loop {
                 let moves = client.list_moves().await?;
-                let m = moves
-                    .moves
-                    .iter()
-                    .find(|m| m.topic == tp.topic && m.partition == tp.partition);
+                let m = moves.moves.iter().find(|m| m.topic == tp.topic && m.partition == tp.partition);
                 match (m, &bar) {
                     (None, _) => break true,
                     (Some(m), Some(b)) => {
@@ -544,11 +478,7 @@ pub async fn partition(
                     tp.topic, tp.partition
                 ),
             }
-            Ok(if done {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_UNHEALTHY)
-            })
+            Ok(if done { ExitCode::SUCCESS } else { ExitCode::from(EXIT_UNHEALTHY) })
         }
         PartitionCommand::MoveStatus => {
             let r = client.list_moves().await?;
@@ -571,10 +501,7 @@ pub async fn partition(
                             ]
                         })
                         .collect();
-                    println!(
-                        "{}",
-                        table(&["PARTITION", "FROM", "TO", "VOTERS", "LEARNERS"], rows)
-                    );
+                    println!("{}", table(&["PARTITION", "FROM", "TO", "VOTERS", "LEARNERS"], rows));
                 }
             }
             Ok(ExitCode::SUCCESS)

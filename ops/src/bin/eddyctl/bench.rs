@@ -118,20 +118,12 @@ fn svg_histogram(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
     let max = series.iter().map(|(_, s)| s.max()).max().unwrap_or(1).max(2);
     while edge <= max * 2 {
         let next = (edge as f64 * 1.25).ceil() as u64;
-        let counts = series
-            .iter()
-            .map(|(_, s)| s.count_between(edge, next.saturating_sub(1).max(edge)))
-            .collect();
+        let counts =
+            series.iter().map(|(_, s)| s.count_between(edge, next.saturating_sub(1).max(edge))).collect();
         buckets.push((edge, counts));
         edge = next;
     }
-    let top = buckets
-        .iter()
-        .flat_map(|(_, c)| c.iter())
-        .copied()
-        .max()
-        .unwrap_or(1)
-        .max(1) as f64;
+    let top = buckets.iter().flat_map(|(_, c)| c.iter()).copied().max().unwrap_or(1).max(1) as f64;
     let colors = ["#337ab7", "#d9534f", "#5cb85c"];
     let bw = (w - 80.0) / buckets.len().max(1) as f64;
     let mut out = format!(
@@ -235,12 +227,7 @@ async fn produce_window(
         let ack = producer
             .send(
                 Some(0),
-                pb::Record {
-                    key: None,
-                    value: payload.clone(),
-                    headers: vec![],
-                    timestamp_ms: None,
-                },
+                pb::Record { key: None, value: payload.clone(), headers: vec![], timestamp_ms: None },
             )
             .await?;
         pending.push(async move { (t0, ack.await) });
@@ -257,15 +244,7 @@ async fn produce_window(
 
 pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
-        BenchCommand::Produce {
-            events,
-            size,
-            inflight,
-            topic,
-            no_reset,
-            warmup,
-            plot,
-        } => {
+        BenchCommand::Produce { events, size, inflight, topic, no_reset, warmup, plot } => {
             prepare_topic(&client, &topic, !no_reset).await?;
             let leader = client.metadata().partition(&topic, 0).and_then(|p| p.leader);
             let producer = Producer::new(client.clone(), &topic).await?;
@@ -306,14 +285,7 @@ pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyho
             }
             Ok(ExitCode::SUCCESS)
         }
-        BenchCommand::Latency {
-            rate,
-            seconds,
-            size,
-            topic,
-            warmup_seconds,
-            plot,
-        } => {
+        BenchCommand::Latency { rate, seconds, size, topic, warmup_seconds, plot } => {
             if size < 16 {
                 bail!("--size: at least 16 bytes (the payload carries a timestamp)");
             }
@@ -323,21 +295,16 @@ pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyho
             prepare_topic(&client, &topic, true).await?;
             let md = client.metadata();
             let leader = md.partition(&topic, 0).and_then(|p| p.leader);
-            let follower = md
-                .partition(&topic, 0)
-                .and_then(|p| p.replicas.iter().copied().find(|r| Some(*r) != leader));
+            let follower =
+                md.partition(&topic, 0).and_then(|p| p.replicas.iter().copied().find(|r| Some(*r) != leader));
             let producer = Producer::new(client.clone(), &topic).await?;
             let base = Instant::now();
             let warm_n = rate * warmup_seconds;
             let total = warm_n + rate * seconds;
             let e2e = Arc::new(Mutex::new(new_hist()));
             // The consumer: a follower (another node than the leader), from the current end.
-            let start_offset = client
-                .describe_topic(&topic)
-                .await?
-                .partitions
-                .first()
-                .map_or(0, |p| p.high_watermark);
+            let start_offset =
+                client.describe_topic(&topic).await?.partitions.first().map_or(0, |p| p.high_watermark);
             let consumer = {
                 let (client, topic, e2e) = (client.clone(), topic.clone(), e2e.clone());
                 let choice = follower.map_or(ReplicaChoice::Follower, ReplicaChoice::Node);
@@ -396,12 +363,7 @@ pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyho
                 let fut = producer
                     .send(
                         Some(0),
-                        pb::Record {
-                            key: None,
-                            value: buf.into(),
-                            headers: vec![],
-                            timestamp_ms: None,
-                        },
+                        pb::Record { key: None, value: buf.into(), headers: vec![], timestamp_ms: None },
                     )
                     .await?;
                 pending.push(async move { (i, t0, fut.await) });
@@ -497,8 +459,6 @@ async fn fetch_batch(
     choice: ReplicaChoice,
     batch: u32,
 ) -> anyhow::Result<pb::FetchResponse> {
-    let resp = client
-        .fetch_records(topic, 0, offset, choice, 8 << 20, batch, Duration::ZERO)
-        .await?;
+    let resp = client.fetch_records(topic, 0, offset, choice, 8 << 20, batch, Duration::ZERO).await?;
     Ok(resp)
 }

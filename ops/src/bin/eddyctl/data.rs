@@ -42,11 +42,7 @@ pub async fn produce(
     let mut handle_ack = |i: u64, r: Result<eddy_ops::Ack, eddy_ops::ClientError>| match r {
         Ok(ack) => {
             let mut out = stdout.lock();
-            let _ = writeln!(
-                out,
-                "{}",
-                json!({"partition": ack.partition, "offset": ack.offset})
-            );
+            let _ = writeln!(out, "{}", json!({"partition": ack.partition, "offset": ack.offset}));
         }
         Err(e) => {
             failed += 1;
@@ -111,14 +107,7 @@ pub async fn consume(
     let stdout = std::io::stdout();
     while count.is_none_or(|c| printed < c) {
         let resp = client
-            .fetch(
-                topic,
-                partition,
-                offset,
-                replica,
-                1 << 20,
-                Duration::from_millis(u64::from(wait_ms)),
-            )
+            .fetch(topic, partition, offset, replica, 1 << 20, Duration::from_millis(u64::from(wait_ms)))
             .await
             .with_context(|| format!("fetch {topic}/{partition} at offset {offset}"))?;
         if from.is_none() && offset < resp.log_start_offset {

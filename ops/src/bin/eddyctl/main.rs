@@ -48,12 +48,8 @@ pub struct Cli {
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 10s or 500ms"))?;
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 10s or 500ms"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
@@ -70,26 +66,14 @@ pub struct TopicPartition {
 }
 
 fn parse_tp(s: &str) -> Result<TopicPartition, String> {
-    let (t, p) = s
-        .rsplit_once('/')
-        .ok_or_else(|| format!("{s:?}: expected TOPIC/PARTITION, e.g. orders/0"))?;
-    let partition = p
-        .parse()
-        .map_err(|_| format!("{s:?}: {p:?} is not a partition number"))?;
-    Ok(TopicPartition {
-        topic: t.to_owned(),
-        partition,
-    })
+    let (t, p) =
+        s.rsplit_once('/').ok_or_else(|| format!("{s:?}: expected TOPIC/PARTITION, e.g. orders/0"))?;
+    let partition = p.parse().map_err(|_| format!("{s:?}: {p:?} is not a partition number"))?;
+    Ok(TopicPartition { topic: t.to_owned(), partition })
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u64>, String> {
-    s.split(',')
-        .map(|x| {
-            x.trim()
-                .parse::<u64>()
-                .map_err(|_| format!("{x:?} is not a node id"))
-        })
-        .collect()
+    s.split(',').map(|x| x.trim().parse::<u64>().map_err(|_| format!("{x:?} is not a node id"))).collect()
 }
 
 fn parse_replica(s: &str) -> Result<ReplicaChoice, String> {
@@ -285,20 +269,12 @@ pub enum PartitionCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDDYCTL_LOG").unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
     if let Command::Completion { shell } = &cli.command {
         clap_complete::generate(*shell, &mut Cli::command(), "eddyctl", &mut std::io::stdout());
         return ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: start the async runtime: {e}");
@@ -315,32 +291,18 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = ClientConfig {
-        request_timeout: cli.request_timeout,
-        ..ClientConfig::default()
-    };
-    let client = Client::connect(&cli.brokers, config)
-        .await
-        .context("connect to the cluster")?;
+    let config = ClientConfig { request_timeout: cli.request_timeout, ..ClientConfig::default() };
+    let client = Client::connect(&cli.brokers, config).await.context("connect to the cluster")?;
     let format = cli.output;
     match cli.command {
         Command::Cluster { command } => admin::cluster(&client, format, command).await,
         Command::Node { command } => admin::node(&client, format, command).await,
         Command::Topic { command } => admin::topic(&client, format, command).await,
         Command::Partition { command } => admin::partition(&client, format, command).await,
-        Command::Produce {
-            topic,
-            partition,
-            key,
-        } => data::produce(client, &topic, partition, key).await,
-        Command::Consume {
-            topic,
-            partition,
-            from,
-            count,
-            replica,
-            wait_ms,
-        } => data::consume(&client, &topic, partition, from, count, replica, wait_ms).await,
+        Command::Produce { topic, partition, key } => data::produce(client, &topic, partition, key).await,
+        Command::Consume { topic, partition, from, count, replica, wait_ms } => {
+            data::consume(&client, &topic, partition, from, count, replica, wait_ms).await
+        }
         Command::Bench { command } => bench::run(client, format, command).await,
         Command::Completion { .. } => unreachable!("handled before connecting"),
     }

@@ -1,0 +1,124 @@
+//! The node's Prometheus metrics. Request counters and latency histograms are updated as work
+//! happens; per-partition and per-node gauges are computed when `/metrics` is scraped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::histogram::exponential_buckets;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `ok`, or the request's `eddy-error` code.
+    pub result: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to ~26 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+/// Metrics updated on the request and storage paths. Cloning shares them.
+#[derive(Clone)]
+pub struct NodeMetrics {
+    pub produce_requests: Family<ResultLabel, Counter>,
+    pub produce_records: Counter,
+    pub produce_latency: Histogram,
+    pub fetch_requests: Family<ResultLabel, Counter>,
+    pub fetch_records: Counter,
+    pub fetch_latency: Histogram,
+    /// From proposing a batch to its being committed and applied on the leader.
+    pub commit_latency: Histogram,
+    pub fsync_latency: Histogram,
+}
+
+impl Default for NodeMetrics {
+    fn default() -> Self {
+        Self {
+            produce_requests: Family::default(),
+            produce_records: Counter::default(),
+            produce_latency: latency_histogram(),
+            fetch_requests: Family::default(),
+            fetch_records: Counter::default(),
+            fetch_latency: latency_histogram(),
+            commit_latency: latency_histogram(),
+            fsync_latency: latency_histogram(),
+        }
+    }
+}
+
+impl NodeMetrics {
+    pub fn observe_request<T, E: AsCode>(
+        family: &Family<ResultLabel, Counter>,
+        latency: &Histogram,
+        elapsed: Duration,
+        r: &Result<T, E>,
+    ) {
+        let result = match r {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => e.code().to_owned(),
+        };
+        family.get_or_create(&ResultLabel { result }).inc();
+        latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// The observer the segment logs call after each group-commit sync.
+    pub fn sync_observer(self: &Arc<Self>) -> eddy_raft::log::store::SyncObserver {
+        let m = self.clone();
+        Arc::new(move |d: Duration| m.fsync_latency.observe(d.as_secs_f64()))
+    }
+
+    /// Adds the metrics to a registry (for one scrape).
+    pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+        reg.register(
+            "eddy_produce_requests",
+            "Produce requests handled, by result",
+            self.produce_requests.clone(),
+        );
+        reg.register(
+            "eddy_produce_records",
+            "Records accepted by produce requests",
+            self.produce_records.clone(),
+        );
+        reg.register_with_unit(
+            "eddy_produce_latency",
+            "Produce request latency on the leader (until committed on a quorum)",
+            prometheus_client::registry::Unit::Seconds,
+            self.produce_latency.clone(),
+        );
+        reg.register("eddy_fetch_requests", "Fetch requests handled, by result", self.fetch_requests.clone());
+        reg.register("eddy_fetch_records", "Records returned by fetches", self.fetch_records.clone());
+        reg.register_with_unit(
+            "eddy_fetch_latency",
+            "Fetch request latency (including long-poll waits)",
+            prometheus_client::registry::Unit::Seconds,
+            self.fetch_latency.clone(),
+        );
+        reg.register_with_unit(
+            "eddy_raft_commit_latency",
+            "Time from proposing a batch to its commit and apply on the leader",
+            prometheus_client::registry::Unit::Seconds,
+            self.commit_latency.clone(),
+        );
+        reg.register_with_unit(
+            "eddy_fsync_latency",
+            "Duration of each group-commit fdatasync of a log",
+            prometheus_client::registry::Unit::Seconds,
+            self.fsync_latency.clone(),
+        );
+    }
+}
+
+/// Errors that carry a stable code for the `result` label.
+pub trait AsCode {
+    fn code(&self) -> &'static str;
+}
+
+impl AsCode for crate::error::BrokerError {
+    fn code(&self) -> &'static str {
+        crate::error::BrokerError::code(self)
+    }
+}
