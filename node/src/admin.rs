@@ -111,11 +111,31 @@ impl Admin for AdminService {
             ))
             .into());
         }
+        let view = self.state.meta.view();
+        if let Some(n) = view.state.nodes.get(&req.to_node)
+            && !n.state.may_lead()
+        {
+            return Err(BrokerError::InvalidArgument(format!(
+                "to_node: node {} is {} and may not lead; undrain it first",
+                req.to_node,
+                n.state.as_str()
+            ))
+            .into());
+        }
         let Some(h) = self.state.groups.get(p.group_id) else {
             return Err(
                 BrokerError::NotLeader { what, me: self.state.me, leader: None, leader_addr: None }.into()
             );
         };
+        if p.desired().first() != Some(&req.to_node) {
+            // Recorded first, so that leadership balancing keeps the leader where it is sent.
+            let cmd = MetaCommand::SetPreferredLeader {
+                topic: req.topic,
+                partition: req.partition,
+                node: req.to_node,
+            };
+            self.write(cmd).await?;
+        }
         let status = h.status();
         if status.leader == Some(req.to_node) {
             return Ok(Response::new(pb::TransferLeadershipResponse { leader: req.to_node }));
@@ -248,7 +268,7 @@ impl Admin for AdminService {
             let (id, addr) = (*id, n.addr.client_addr.clone());
             async move {
                 if id == self.state.me {
-                    return self.reconciler.round(true).await;
+                    return self.reconciler.round(crate::reconciler::Balance::Now).await;
                 }
                 let mut client = AdminClient::new(self.state.client_peers.channel(id, &addr));
                 let mut req = Request::new(pb::BalanceLeadersRequest {});
@@ -267,7 +287,7 @@ impl Admin for AdminService {
         &self,
         _: Request<pb::BalanceLeadersRequest>,
     ) -> Result<Response<pb::BalanceLeadersResponse>, Status> {
-        let transfers = self.reconciler.round(true).await;
+        let transfers = self.reconciler.round(crate::reconciler::Balance::Now).await;
         Ok(Response::new(pb::BalanceLeadersResponse { transfers }))
     }
 

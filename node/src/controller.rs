@@ -64,10 +64,7 @@ impl Controller {
             if *id == self.me {
                 // A leader cannot remove itself cleanly: hand the leadership over first.
                 let m = self.meta.raft().metrics().borrow_watched().clone();
-                if let Some(to) = crate::reconciler::in_sync(&m)
-                    .into_iter()
-                    .find(|v| *v != self.me && voters_of(&m).contains(v))
-                {
+                if let Some(to) = crate::reconciler::successor(&m) {
                     info!(to, "this node was removed; handing the metadata leadership over");
                     let _ = self.meta.raft().trigger().transfer_leader(to).await;
                 }
@@ -97,8 +94,4 @@ impl Controller {
             }
         }
     }
-}
-
-fn voters_of(m: &eddy_raft::RaftMetrics) -> BTreeSet<NodeId> {
-    m.membership_config.membership().voter_ids().collect()
 }

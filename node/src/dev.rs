@@ -2,8 +2,8 @@
 //!
 //! Node `i` (from 1) gets client port `base + i - 1`, Raft port `base + 100 + i - 1` and HTTP
 //! port `base + 200 + i - 1`, and its data under `<data-dir>/node-<i>`. Run again with the same
-//! data directory, the cluster resumes where it stopped. Ctrl-C (or SIGTERM) stops every child
-//! with SIGTERM, and with SIGKILL any that has not stopped after a grace period.
+//! data directory, the cluster resumes where it stopped. Ctrl-C (or SIGTERM) stops the children
+//! one by one with SIGTERM, and with SIGKILL any that has not stopped after a grace period.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -18,7 +18,7 @@ use nix::unistd::Pid;
 use tokio::process::Child;
 use tokio::process::Command;
 
-/// How long children get to stop after SIGTERM before they are killed.
+/// How long all children together get to stop before the rest are killed.
 const STOP_GRACE: Duration = Duration::from_secs(15);
 
 #[derive(clap::Args, Debug)]
@@ -80,6 +80,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true)
+            // Its own process group: Ctrl-C in the terminal reaches only this process, which
+            // then stops the nodes in order.
+            .process_group(0)
             .spawn()
             .with_context(|| format!("start node {}", c.node_id))?;
         children.push((c.node_id, child));
@@ -151,17 +154,19 @@ fn signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
+/// Stops the nodes one at a time, last first: each hands its leaderships to nodes still
+/// running (all at once, they would hand them to each other until their hand-over times out).
 async fn stop_all(children: &mut [(u64, Child)]) {
-    for (_, c) in children.iter() {
-        if let Some(pid) = c.id().and_then(|p| i32::try_from(p).ok()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        }
-    }
-    for (id, c) in children.iter_mut() {
-        match tokio::time::timeout(STOP_GRACE, c.wait()).await {
+    let deadline = tokio::time::Instant::now() + STOP_GRACE;
+    for (id, c) in children.iter_mut().rev() {
+        let Some(pid) = c.id().and_then(|p| i32::try_from(p).ok()) else {
+            continue;
+        };
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        match tokio::time::timeout_at(deadline, c.wait()).await {
             Ok(_) => eprintln!("node {id} stopped"),
             Err(_) => {
-                eprintln!("node {id} did not stop within {STOP_GRACE:?}; killing it");
+                eprintln!("node {id} did not stop in time; killing it");
                 let _ = c.kill().await;
             }
         }

@@ -37,7 +37,7 @@ pub struct NodeMetrics {
 
 impl Default for NodeMetrics {
     fn default() -> Self {
-        Self {
+        let m = Self {
             produce_requests: Family::default(),
             produce_records: Counter::default(),
             produce_latency: latency_histogram(),
@@ -46,7 +46,13 @@ impl Default for NodeMetrics {
             fetch_latency: latency_histogram(),
             commit_latency: latency_histogram(),
             fsync_latency: latency_histogram(),
-        }
+        };
+        // A series that exists from the start, at zero: rate() works from the first scrape,
+        // and the family is there on a node that has not served a request yet.
+        let ok = ResultLabel { result: "ok".to_owned() };
+        drop(m.produce_requests.get_or_create(&ok));
+        drop(m.fetch_requests.get_or_create(&ok));
+        m
     }
 }
 

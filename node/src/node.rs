@@ -25,6 +25,7 @@ use openraft::async_runtime::WatchReceiver;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
+use tracing::debug;
 use tracing::info;
 use tracing::info_span;
 use tracing::warn;
@@ -47,7 +48,12 @@ use crate::meta::handle::MetaRaft;
 use crate::metrics::NodeMetrics;
 use crate::raft_config;
 use crate::reconciler::Reconciler;
-use crate::reconciler::in_sync;
+use crate::reconciler::successor;
+
+/// How long the Raft server waits for peers' streams to end when the node stops.
+const RAFT_DRAIN: Duration = Duration::from_millis(200);
+/// How long a shutdown waits for servers to drain and groups to stop.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// How often a graceful shutdown checks whether its leaderships have moved.
 const HANDOVER_POLL: Duration = Duration::from_millis(50);
@@ -70,38 +76,33 @@ impl NodeHandle {
     pub async fn hand_over_leadership(&self, within: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let mut leading = 0;
+            let (mut leading, mut movable) = (0, 0);
             for g in self.groups.all() {
-                let m = g.raft().metrics().borrow_watched().clone();
-                if m.current_leader != Some(self.me) {
-                    continue;
-                }
-                leading += 1;
-                if let Some(to) = in_sync(&m).into_iter().find(|n| *n != self.me) {
-                    let _ = g.raft().trigger().transfer_leader(to).await;
-                }
+                let (l, m) = hand_over(self.me, g.raft()).await;
+                (leading, movable) = (leading + l, movable + m);
             }
-            let m = self.meta.raft().metrics().borrow_watched().clone();
-            if m.current_leader == Some(self.me) {
-                leading += 1;
-                if let Some(to) = in_sync(&m).into_iter().find(|n| *n != self.me) {
-                    let _ = self.meta.raft().trigger().transfer_leader(to).await;
-                }
-            }
-            if leading == 0 || tokio::time::Instant::now() >= deadline {
+            let (l, m) = hand_over(self.me, self.meta.raft()).await;
+            (leading, movable) = (leading + l, movable + m);
+            // With no replica to take over (the others are down or stopping too), waiting
+            // longer only delays the stop.
+            if leading == 0 || movable == 0 || tokio::time::Instant::now() >= deadline {
                 return leading;
             }
             tokio::time::sleep(HANDOVER_POLL).await;
         }
     }
 
-    /// Stops serving, stops every Raft group, and waits for all of the node's tasks.
     pub async fn shutdown(self) {
         self.cancel.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
+        // The metadata group first: its leader's replication streams into this node's Raft
+        // server end only when this side stops, and the server drains before it exits.
         if let Err(e) = self.meta.raft().shutdown().await {
             warn!("stopping the metadata group: {e}");
+        }
+        self.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait()).await.is_err() {
+            // Everything acknowledged is already durable; what is left is open client streams.
+            warn!("tasks still running {SHUTDOWN_GRACE:?} after shutdown began; stopping without them");
         }
     }
 
@@ -109,6 +110,30 @@ impl NodeHandle {
     pub fn is_ready(&self) -> bool {
         self.meta.is_ready()
     }
+}
+
+/// If `me` leads the group, asks a responsive voter to take over. Returns (1 if `me` leads, 1 if
+/// there was a voter to ask).
+async fn hand_over<SM: openraft::storage::RaftStateMachine<eddy_raft::TypeConfig>>(
+    me: NodeId,
+    raft: &openraft::Raft<eddy_raft::TypeConfig, SM>,
+) -> (usize, usize) {
+    let m = raft.metrics().borrow_watched().clone();
+    if m.current_leader != Some(me) {
+        return (0, 0);
+    }
+    let Some(to) = successor(&m) else { return (1, 0) };
+    let _ = raft.trigger().transfer_leader(to).await;
+    (1, 1)
+}
+
+/// Spawns one of the node's long-running tasks; its end is logged, so a slow shutdown shows
+/// which task held it up.
+fn spawn_task(tasks: &TaskTracker, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+    tasks.spawn(async move {
+        task.await;
+        debug!(task = name, "task stopped");
+    });
 }
 
 /// Asks the nodes in `join` (in turn, until one succeeds) to make this node a member.
@@ -241,16 +266,26 @@ pub async fn start(
     });
 
     // Peers' Raft traffic.
-    let raft_service = RaftService::new(registry.clone(), me, env.seed).into_server();
+    let raft_service = RaftService::new(registry.clone(), me, env.seed, cancel.clone()).into_server();
     let shutdown = cancel.clone();
-    tasks.spawn(
+    spawn_task(
+        &tasks,
+        "raft_server",
         async move {
-            let r = tonic::transport::Server::builder()
+            let server = tonic::transport::Server::builder()
                 .add_service(raft_service)
-                .serve_with_incoming_shutdown(raft_incoming, shutdown.cancelled_owned())
-                .await;
-            if let Err(e) = r {
-                warn!("Raft server stopped: {e}");
+                .serve_with_incoming_shutdown(raft_incoming, shutdown.clone().cancelled_owned());
+            // A peer's replication stream stays open as long as the peer sends, so the drain is
+            // bounded; then the connections close, and peers retry elsewhere or later.
+            let drained = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(RAFT_DRAIN).await;
+            };
+            tokio::select! {
+                r = server => if let Err(e) = r {
+                    warn!("Raft server stopped: {e}");
+                },
+                () = drained => debug!("closing Raft connections still open"),
             }
         }
         .instrument(info_span!("raft_server", node = me)),
@@ -270,13 +305,16 @@ pub async fn start(
         meta: meta.clone(),
         groups: groups.clone(),
         auto_balance: config.auto_balance_leaders,
+        responsive_since: Default::default(),
     });
     let admin_service = AdminServer::new(AdminService::new(broker.clone(), reconciler.clone()));
     let broker_service = BrokerServer::new(BrokerService::new(broker.clone()))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
     let shutdown = cancel.clone();
-    tasks.spawn(
+    spawn_task(
+        &tasks,
+        "client_server",
         async move {
             let r = tonic::transport::Server::builder()
                 .add_service(health_service)
@@ -304,14 +342,20 @@ pub async fn start(
         tasks: tasks.clone(),
         metrics: metrics.clone(),
     };
-    tasks.spawn(manager.run(cancel.clone()).instrument(info_span!("partition_manager", node = me)));
+    spawn_task(
+        &tasks,
+        "partition_manager",
+        manager.run(cancel.clone()).instrument(info_span!("partition_manager", node = me)),
+    );
 
-    tasks.spawn({
+    spawn_task(&tasks, "reconciler", {
         let r = reconciler.clone();
         let cancel = cancel.clone();
         async move { Reconciler::run(&r, cancel).await }.instrument(info_span!("reconciler", node = me))
     });
-    tasks.spawn(
+    spawn_task(
+        &tasks,
+        "controller",
         Controller { me, meta: meta.clone() }
             .run(cancel.clone())
             .instrument(info_span!("controller", node = me)),
@@ -319,7 +363,9 @@ pub async fn start(
     if pristine && !config.join.is_empty() {
         let (join, connector, addr) = (config.join.clone(), env.connector.clone(), config.addr());
         let cancel = cancel.clone();
-        tasks.spawn(
+        spawn_task(
+            &tasks,
+            "join",
             async move {
                 tokio::select! {
                     // Cancel-safe: an interrupted join is retried by the next start.

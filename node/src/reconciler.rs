@@ -9,10 +9,12 @@
 //! simply continues from where the group is. A joint configuration left by a leader that died
 //! mid-change is finished first.
 
+use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use eddy_raft::GroupId;
 use eddy_raft::NodeAddr;
 use eddy_raft::NodeId;
 use eddy_raft::RaftMetrics;
@@ -32,6 +34,12 @@ use crate::partition::PartitionHandle;
 pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
 /// A follower within this many entries of the leader's log is caught up (in sync).
 pub const IN_SYNC_LAG_MAX: u64 = 256;
+/// Automatic balancing moves a leadership back to a preferred replica only after it has been
+/// in sync and answering heartbeats this long: a node that is restarting or shutting down
+/// (and so still looks caught up for a moment) is not handed leaderships it would drop again.
+pub const BALANCE_SETTLE: Duration = Duration::from_secs(3);
+/// A follower whose last heartbeat answer is older than this is not answering.
+const HEARTBEAT_FRESH: Duration = Duration::from_millis(1000);
 /// Timeout of one membership change or metadata write.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -68,6 +76,36 @@ pub fn in_sync(m: &RaftMetrics) -> BTreeSet<NodeId> {
         .collect();
     out.insert(m.id);
     out
+}
+
+/// The replicas in sync (see [`in_sync`]) that also answered a heartbeat recently.
+pub fn responsive(m: &RaftMetrics) -> BTreeSet<NodeId> {
+    let now = <openraft::type_config::alias::InstantOf<eddy_raft::TypeConfig> as openraft::Instant>::now();
+    let fresh = |id: &NodeId| {
+        *id == m.id
+            || m.heartbeat
+                .as_ref()
+                .and_then(|h| h.get(id).copied().flatten())
+                .is_some_and(|at| now - at.into_inner() <= HEARTBEAT_FRESH)
+    };
+    in_sync(m).into_iter().filter(fresh).collect()
+}
+
+/// A voter other than `m.id` to hand this leader's leadership to: responsive, lowest id first.
+pub fn successor(m: &RaftMetrics) -> Option<NodeId> {
+    let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+    responsive(m).into_iter().find(|n| *n != m.id && voters.contains(n))
+}
+
+/// How a reconciler round treats leaderships that are not on their preferred replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Leave them (only draining nodes give leaderships away).
+    Off,
+    /// Move them once the preferred replica has settled (automatic balancing).
+    Settled,
+    /// Move them now if the preferred replica is responsive (an operator asked).
+    Now,
 }
 
 /// The next step toward `desired` for a group whose leader is `me`.
@@ -136,13 +174,15 @@ pub struct Reconciler {
     pub groups: Arc<Groups>,
     /// Move leaderships back to preferred replicas on its own.
     pub auto_balance: bool,
+    /// Since when each (group, replica) has been responsive, as this leader saw it.
+    pub responsive_since: std::sync::Mutex<BTreeMap<(GroupId, NodeId), tokio::time::Instant>>,
 }
 
 impl Reconciler {
     pub async fn run(&self, cancel: CancellationToken) {
         let mut rx = self.meta.subscribe();
         loop {
-            self.round(self.auto_balance).await;
+            self.round(if self.auto_balance { Balance::Settled } else { Balance::Off }).await;
             tokio::select! {
                 // Each arm only waits.
                 _ = cancel.cancelled() => break,
@@ -154,9 +194,11 @@ impl Reconciler {
 
     /// One pass over the groups this node leads. Returns how many leadership transfers it
     /// started.
-    pub async fn round(&self, balance: bool) -> u32 {
+    pub async fn round(&self, balance: Balance) -> u32 {
         let view = self.meta.view();
+        let now = tokio::time::Instant::now();
         let mut transfers = 0;
+        let mut seen = BTreeMap::new();
         for g in self.groups.all() {
             let m = g.raft().metrics().borrow_watched().clone();
             if m.current_leader != Some(self.me) {
@@ -181,20 +223,33 @@ impl Reconciler {
                 continue;
             }
             // Leadership: never on a node that may not lead; back to the preferred one when asked.
+            let responsive = responsive(&m);
+            {
+                let since = self.responsive_since.lock().unwrap_or_else(|e| e.into_inner());
+                for n in &responsive {
+                    let at = since.get(&(g.group(), *n)).copied().unwrap_or(now);
+                    seen.insert((g.group(), *n), at);
+                }
+                drop(since);
+            }
             let my_state = view.state.nodes.get(&self.me).map(|n| n.state);
             let must_leave = my_state.is_some_and(|s| !s.may_lead());
-            if must_leave || balance {
-                let Some(to) = preferred_leader(&desired, &view, &sync) else {
-                    continue;
-                };
-                if to != self.me {
-                    info!(group = g.group(), to, must_leave, "moving leadership");
-                    if g.raft().trigger().transfer_leader(to).await.is_ok() {
-                        transfers += 1;
-                    }
+            if !must_leave && balance == Balance::Off {
+                continue;
+            }
+            let Some(to) = preferred_leader(&desired, &view, &responsive) else {
+                continue;
+            };
+            let settled = seen.get(&(g.group(), to)).is_some_and(|at| now - *at >= BALANCE_SETTLE);
+            if to != self.me && (must_leave || balance == Balance::Now || settled) {
+                info!(group = g.group(), to, must_leave, "moving leadership");
+                if g.raft().trigger().transfer_leader(to).await.is_ok() {
+                    transfers += 1;
                 }
             }
         }
+        // Only groups this node still leads, and replicas still responsive, keep their clocks.
+        *self.responsive_since.lock().unwrap_or_else(|e| e.into_inner()) = seen;
         transfers
     }
 

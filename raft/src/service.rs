@@ -13,6 +13,7 @@ use eddy_proto::v1::raft_server;
 use futures::Stream;
 use futures::StreamExt;
 use openraft::raft::AppendEntriesRequest;
+use tokio_util::sync::CancellationToken;
 use tonic::Request;
 use tonic::Response;
 use tonic::Status;
@@ -37,11 +38,14 @@ pub struct RaftService {
     me: NodeId,
     /// Seeds the task openraft spawns for each incoming replication stream.
     seed: u64,
+    /// Ends every replication stream, so that the server can drain and stop: a stream lives as
+    /// long as its leader keeps sending.
+    shutdown: CancellationToken,
 }
 
 impl RaftService {
-    pub fn new(registry: Arc<Registry>, me: NodeId, seed: u64) -> Self {
-        Self { registry, me, seed }
+    pub fn new(registry: Arc<Registry>, me: NodeId, seed: u64, shutdown: CancellationToken) -> Self {
+        Self { registry, me, seed, shutdown }
     }
 
     /// The tonic server for this service, with Eddy's message limits.
@@ -129,7 +133,7 @@ impl raft_server::Raft for RaftService {
             Ok(result) => Ok(RaftReply { payload: codec::encode(&result).into() }),
             Err(e) => Err(fatal(e)),
         });
-        Ok(Response::new(Box::pin(output)))
+        Ok(Response::new(Box::pin(output.take_until(self.shutdown.clone().cancelled_owned()))))
     }
 
     async fn install_snapshot(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {

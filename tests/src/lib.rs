@@ -16,12 +16,18 @@ use std::process::Child;
 use std::process::Command;
 use std::process::Output;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
 use std::time::Duration;
 use std::time::Instant;
 
 use anyhow::Context;
 use anyhow::bail;
+use anyhow::ensure;
 use serde_json::Value;
 
 /// Builds the workspace's binaries once per test process and returns the path of `name`.
@@ -129,55 +135,84 @@ impl CtlOutput {
     }
 }
 
+/// Acknowledged events: partition -> offset -> value.
+pub type Acked = BTreeMap<u32, BTreeMap<u64, String>>;
+
+/// Clusters of one test binary run one at a time: tests in a binary run on parallel threads, and
+/// several multi-node clusters on a 2-core machine would make each other's timings meaningless.
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: BTreeMap<u64, NodeProc>,
+    /// Released after `Drop` has stopped every node (fields drop after `drop` runs).
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Cluster {
-    /// Writes configs for `n` nodes and starts them all.
+    /// Writes configs for `n` nodes that form a new cluster together and starts them all.
     pub fn start(n: u64) -> anyhow::Result<Self> {
+        let serial = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::Builder::new().prefix("eddy-cluster-").tempdir()?;
-        let mut nodes = BTreeMap::new();
+        let mut c = Self { dir, nodes: BTreeMap::new(), _serial: serial };
         for id in 1..=n {
-            let p = |_: u16| format!("127.0.0.1:{}", free_port());
-            nodes.insert(
-                id,
-                NodeProc {
-                    id,
-                    client_addr: p(0),
-                    raft_addr: p(1),
-                    http_addr: p(2),
-                    config_path: dir.path().join(format!("node-{id}.toml")),
-                    log_path: dir.path().join(format!("node-{id}.log")),
-                    child: None,
-                },
-            );
+            c.add_node_proc(id);
         }
         let mut members = String::new();
-        for node in nodes.values() {
+        for node in c.nodes.values() {
             members.push_str(&format!(
                 "[[initial_members]]\nid = {}\nclient_addr = \"{}\"\nraft_addr = \"{}\"\n",
                 node.id, node.client_addr, node.raft_addr
             ));
         }
-        for node in nodes.values() {
-            let data_dir = dir.path().join(format!("data-{}", node.id));
-            let config = format!(
-                "node_id = {}\ndata_dir = \"{}\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\nhttp_addr = \"{}\"\n{members}",
-                node.id,
-                data_dir.display(),
-                node.client_addr,
-                node.raft_addr,
-                node.http_addr
-            );
-            std::fs::write(&node.config_path, config)?;
-        }
-        let mut c = Self { dir, nodes };
         for id in 1..=n {
+            c.write_config(id, &members)?;
             c.start_node(id)?;
         }
         Ok(c)
+    }
+
+    /// Starts node `id` with `join` set to the client addresses of the running nodes, as an
+    /// operator adds a node to a running cluster.
+    pub fn join_node(&mut self, id: u64) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.nodes.contains_key(&id), "node {id} already exists");
+        let join: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| n.is_running())
+            .map(|n| format!("\"{}\"", n.client_addr))
+            .collect();
+        self.add_node_proc(id);
+        self.write_config(id, &format!("join = [{}]\n", join.join(", ")))?;
+        self.start_node(id)
+    }
+
+    fn add_node_proc(&mut self, id: u64) {
+        let addr = || format!("127.0.0.1:{}", free_port());
+        let node = NodeProc {
+            id,
+            client_addr: addr(),
+            raft_addr: addr(),
+            http_addr: addr(),
+            config_path: self.dir.path().join(format!("node-{id}.toml")),
+            log_path: self.dir.path().join(format!("node-{id}.log")),
+            child: None,
+        };
+        self.nodes.insert(id, node);
+    }
+
+    fn write_config(&self, id: u64, extra: &str) -> anyhow::Result<()> {
+        let node = &self.nodes[&id];
+        let data_dir = self.dir.path().join(format!("data-{id}"));
+        let config = format!(
+            "node_id = {id}\ndata_dir = \"{}\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\nhttp_addr = \"{}\"\n{extra}",
+            data_dir.display(),
+            node.client_addr,
+            node.raft_addr,
+            node.http_addr
+        );
+        std::fs::write(&node.config_path, config)?;
+        Ok(())
     }
 
     pub fn brokers(&self) -> String {
@@ -250,6 +285,353 @@ impl Cluster {
     }
 }
 
+/// How long one `eddyctl` run of the data helpers below may take.
+pub const CTL_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Cluster {
+    /// Node ids of the running nodes.
+    pub fn running(&self) -> Vec<u64> {
+        self.nodes.values().filter(|n| n.is_running()).map(|n| n.id).collect()
+    }
+
+    /// `topic describe` as JSON.
+    pub fn describe(&self, topic: &str) -> anyhow::Result<Value> {
+        let out = self.ctl(&["topic", "describe", topic], None, CTL_TIMEOUT)?;
+        ensure!(out.ok(), "describe failed: {out:?}");
+        out.json()
+    }
+
+    /// `node list` as JSON, by node id.
+    pub fn node_list(&self) -> anyhow::Result<BTreeMap<u64, Value>> {
+        let out = self.ctl(&["node", "list"], None, CTL_TIMEOUT)?;
+        ensure!(out.ok(), "node list failed: {out:?}");
+        let nodes = out.json()?["nodes"].as_array().cloned().context("nodes")?;
+        nodes.into_iter().map(|n| Ok((n["id"].as_u64().context("id")?, n))).collect()
+    }
+
+    /// Waits until every partition of `topic` has a leader and `replicas` replicas.
+    pub fn wait_for_leaders(&self, topic: &str, replicas: usize) -> anyhow::Result<Value> {
+        wait_for("a leader for every partition", Duration::from_secs(30), || {
+            let t = self.describe(topic).ok()?;
+            let parts = t["partitions"].as_array()?;
+            let ready = !parts.is_empty()
+                && parts.iter().all(|p| {
+                    p["leader"].is_u64() && p["replicas"].as_array().is_some_and(|r| r.len() == replicas)
+                });
+            ready.then_some(t)
+        })
+    }
+
+    /// Produces `values` to partition `p` and records the acknowledged offsets.
+    pub fn produce(&self, topic: &str, p: u32, values: &[String], acked: &mut Acked) -> anyhow::Result<()> {
+        let input = values.iter().map(|v| format!("{v}\n")).collect::<String>();
+        let out = self.ctl(
+            &["produce", topic, "--partition", &p.to_string()],
+            Some(input.as_bytes()),
+            CTL_TIMEOUT,
+        )?;
+        ensure!(out.ok(), "produce to partition {p} failed: {}", out.stderr);
+        let lines = out.json_lines()?;
+        ensure!(lines.len() == values.len(), "expected {} acks, got {}", values.len(), lines.len());
+        for (v, line) in values.iter().zip(lines) {
+            ensure!(line["partition"] == p, "ack for the wrong partition: {line}");
+            record_ack(acked, p, line["offset"].as_u64().context("offset")?, v)?;
+        }
+        Ok(())
+    }
+
+    /// The partition's high watermark as its current leader reports it, once the leader has
+    /// applied at least every acknowledged event.
+    pub fn high_watermark(&self, topic: &str, p: u32, acked: &Acked) -> anyhow::Result<u64> {
+        let info = self.describe(topic)?;
+        let part = partition_info(&info, p)?;
+        ensure!(part["leader"].is_u64(), "partition {p} has no leader yet");
+        let hw = part["high_watermark"].as_u64().context("high_watermark")?;
+        let needed = acked.get(&p).and_then(|a| a.keys().next_back()).map_or(0, |o| o + 1);
+        ensure!(
+            hw >= needed,
+            "partition {p}: the leader's high watermark {hw} is below the acknowledged {needed}"
+        );
+        Ok(hw)
+    }
+
+    /// Reads partition `p` from node `replica` up to `count` records and checks that offsets
+    /// are dense and every acknowledged event is there, once, at its offset.
+    pub fn check_replica(
+        &self,
+        topic: &str,
+        p: u32,
+        replica: u64,
+        count: u64,
+        acked: &Acked,
+    ) -> anyhow::Result<()> {
+        let args = [
+            "consume",
+            topic,
+            "--partition",
+            &p.to_string(),
+            "--replica",
+            &replica.to_string(),
+            "--count",
+            &count.to_string(),
+        ];
+        let out = self.ctl(&args, None, CTL_TIMEOUT)?;
+        ensure!(out.ok(), "consume of partition {p} from node {replica} failed: {}", out.stderr);
+        let records = out.json_lines()?;
+        ensure!(
+            records.len() as u64 == count,
+            "node {replica} returned {} of {count} records of partition {p}",
+            records.len()
+        );
+        let mut seen: BTreeMap<u64, String> = BTreeMap::new();
+        for (i, r) in records.iter().enumerate() {
+            let offset = r["offset"].as_u64().context("offset")?;
+            ensure!(
+                offset == i as u64,
+                "partition {p} on node {replica}: offset {offset} at position {i} (offsets must be dense)"
+            );
+            seen.insert(offset, r["value"].as_str().context("value")?.to_owned());
+        }
+        let empty = BTreeMap::new();
+        let acked = acked.get(&p).unwrap_or(&empty);
+        let acked_values: std::collections::BTreeSet<&String> = acked.values().collect();
+        let mut values_seen: BTreeMap<&str, u64> = BTreeMap::new();
+        for (o, v) in &seen {
+            if let Some(prev) = values_seen.insert(v.as_str(), *o)
+                && acked_values.contains(v)
+            {
+                bail!(
+                    "acknowledged event {v:?} appears twice in partition {p} on node {replica}: offsets {prev} and {o}"
+                );
+            }
+        }
+        for (o, v) in acked {
+            ensure!(
+                seen.get(o) == Some(v),
+                "partition {p} on node {replica}: acknowledged {v:?} at offset {o}, found {:?}",
+                seen.get(o)
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks every acknowledged event of `topic` on every current replica of its partition
+    /// (waiting for each to catch up), and returns how many replicas were read per partition.
+    pub fn check_all_replicas(&self, topic: &str, acked: &Acked) -> anyhow::Result<BTreeMap<u32, Vec<u64>>> {
+        let mut checked = BTreeMap::new();
+        let info = self.describe(topic)?;
+        for part in info["partitions"].as_array().context("partitions")? {
+            let p = u32::try_from(part["partition"].as_u64().context("partition")?)?;
+            let replicas: Vec<u64> =
+                part["replicas"].as_array().context("replicas")?.iter().filter_map(Value::as_u64).collect();
+            let hw =
+                retry("the partition's leader to have applied its log", Duration::from_secs(30), || {
+                    self.high_watermark(topic, p, acked)
+                })?;
+            for &r in &replicas {
+                retry("the replica to serve every acknowledged event", Duration::from_secs(30), || {
+                    self.check_replica(topic, p, r, hw, acked)
+                })?;
+            }
+            checked.insert(p, replicas);
+        }
+        Ok(checked)
+    }
+
+    /// `GET path` from node `id`'s HTTP address: the status code and the body.
+    pub fn http_get(&self, id: u64, path: &str) -> anyhow::Result<(u16, String)> {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(&self.nodes[&id].http_addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let (head, body) = text.split_once("\r\n\r\n").context("HTTP response without a header end")?;
+        let status = head.split_whitespace().nth(1).context("status line")?.parse()?;
+        Ok((status, body.to_owned()))
+    }
+
+    /// Starts a producer that writes one event to `topic`/`p` every `interval` until stopped.
+    pub fn background_producer(
+        &self,
+        topic: &str,
+        p: u32,
+        prefix: &str,
+        interval: Duration,
+    ) -> anyhow::Result<BackgroundProducer> {
+        BackgroundProducer::start(&self.brokers(), topic, p, prefix, interval)
+    }
+}
+
+/// The `p`th entry of a described topic's partitions.
+pub fn partition_info(topic: &Value, p: u32) -> anyhow::Result<&Value> {
+    topic["partitions"].as_array().and_then(|a| a.get(p as usize)).context("partition missing")
+}
+
+fn record_ack(acked: &mut Acked, p: u32, offset: u64, value: &str) -> anyhow::Result<()> {
+    let prev = acked.entry(p).or_default().insert(offset, value.to_owned());
+    ensure!(prev.is_none(), "offset {offset} of partition {p} acknowledged twice ({prev:?} and {value})");
+    Ok(())
+}
+
+/// `n` distinct values starting with `prefix`.
+pub fn values(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:05}")).collect()
+}
+
+/// A steady stream of events into one partition through one `eddyctl produce` process, as an
+/// application keeps producing while operators work on the cluster. Every acknowledgement is
+/// timestamped when it arrives, so gaps show how long the partition was unwritable.
+pub struct BackgroundProducer {
+    partition: u32,
+    child: Child,
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicUsize>,
+    writer: Option<JoinHandle<Vec<String>>>,
+    reader: Option<JoinHandle<Vec<(Instant, String)>>>,
+    errors: Option<JoinHandle<String>>,
+}
+
+/// What a [`BackgroundProducer`] saw.
+#[derive(Debug)]
+pub struct ProduceReport {
+    pub partition: u32,
+    /// Values written, in order.
+    pub sent: Vec<String>,
+    /// (arrival, offset) of each acknowledgement, in the order of `sent`.
+    pub acks: Vec<(Instant, u64)>,
+    pub stderr: String,
+    pub code: Option<i32>,
+}
+
+impl BackgroundProducer {
+    fn start(brokers: &str, topic: &str, p: u32, prefix: &str, interval: Duration) -> anyhow::Result<Self> {
+        let mut child = Command::new(binary("eddyctl"))
+            .args(["--brokers", brokers, "--output", "json", "--request-timeout", "10s", "produce", topic])
+            .args(["--partition", &p.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start eddyctl produce")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut stdin = child.stdin.take().context("stdin")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let (flag, prefix) = (stop.clone(), prefix.to_owned());
+        let writer = std::thread::spawn(move || {
+            let mut sent = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let v = format!("{prefix}-{:06}", sent.len());
+                if writeln!(stdin, "{v}").and_then(|()| stdin.flush()).is_err() {
+                    break;
+                }
+                sent.push(v);
+                std::thread::sleep(interval);
+            }
+            sent // Dropping stdin ends the input: eddyctl finishes what it has and exits.
+        });
+        let acked = Arc::new(AtomicUsize::new(0));
+        let count = acked.clone();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            let lines = std::io::BufReader::new(stdout).lines().map_while(Result::ok);
+            lines
+                .inspect(|_| _ = count.fetch_add(1, Ordering::Relaxed))
+                .map(|l| (Instant::now(), l))
+                .collect()
+        });
+        let errors = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+        Ok(Self {
+            partition: p,
+            child,
+            stop,
+            acked,
+            writer: Some(writer),
+            reader: Some(reader),
+            errors: Some(errors),
+        })
+    }
+
+    /// Acknowledgements so far.
+    pub fn acked(&self) -> usize {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Ends the input, waits up to `timeout` for every outstanding acknowledgement, and
+    /// reports.
+    pub fn stop(mut self, timeout: Duration) -> anyhow::Result<ProduceReport> {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent =
+            self.writer.take().context("writer")?.join().map_err(|_| anyhow::anyhow!("writer panicked"))?;
+        let deadline = Instant::now() + timeout;
+        let code = loop {
+            if let Some(s) = self.child.try_wait()? {
+                break s.code();
+            }
+            if Instant::now() >= deadline {
+                self.child.kill()?;
+                self.child.wait()?;
+                bail!("eddyctl produce did not finish within {timeout:?} after its input ended");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let lines =
+            self.reader.take().context("reader")?.join().map_err(|_| anyhow::anyhow!("reader panicked"))?;
+        let stderr = self.errors.take().context("errors")?.join().unwrap_or_default();
+        let mut acks = Vec::with_capacity(lines.len());
+        for (at, line) in lines {
+            let v: Value = serde_json::from_str(&line).with_context(|| format!("parse ack {line:?}"))?;
+            ensure!(v["partition"] == self.partition, "ack for the wrong partition: {line}");
+            acks.push((at, v["offset"].as_u64().context("offset")?));
+        }
+        Ok(ProduceReport { partition: self.partition, sent, acks, stderr, code })
+    }
+}
+
+impl Drop for BackgroundProducer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ProduceReport {
+    /// Fails unless the producer exited cleanly with every event acknowledged.
+    pub fn ensure_clean(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.code == Some(0) && self.acks.len() == self.sent.len(),
+            "the producer of partition {} saw errors: exit {:?}, {} of {} events acknowledged; stderr: {}",
+            self.partition,
+            self.code,
+            self.acks.len(),
+            self.sent.len(),
+            self.stderr
+        );
+        Ok(())
+    }
+
+    /// Adds the acknowledged events to `acked`.
+    pub fn record(&self, acked: &mut Acked) -> anyhow::Result<()> {
+        for (v, (_, offset)) in self.sent.iter().zip(&self.acks) {
+            record_ack(acked, self.partition, *offset, v)?;
+        }
+        Ok(())
+    }
+
+    /// The longest time without an acknowledgement between `from` and `to`.
+    pub fn longest_gap(&self, from: Instant, to: Instant) -> Duration {
+        let mut last = from;
+        let mut longest = Duration::ZERO;
+        for &(at, _) in self.acks.iter().filter(|(at, _)| *at > from && *at <= to) {
+            longest = longest.max(at - last);
+            last = at;
+        }
+        longest.max(to.saturating_duration_since(last))
+    }
+}
+
 /// Runs `eddyctl` against `brokers`, killing it (by its PID) if it runs past `timeout`.
 pub fn run_ctl(
     brokers: &str,
@@ -257,12 +639,22 @@ pub fn run_ctl(
     stdin: Option<&[u8]>,
     timeout: Duration,
 ) -> anyhow::Result<CtlOutput> {
+    let mut full = vec!["--brokers", brokers, "--output", "json"];
+    full.extend_from_slice(args);
+    run_eddyctl(&full, &[], stdin, timeout)
+}
+
+/// Runs `eddyctl ARGS` with extra environment variables, killing it (by its PID) if it runs
+/// past `timeout`.
+pub fn run_eddyctl(
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+) -> anyhow::Result<CtlOutput> {
     let mut child = Command::new(binary("eddyctl"))
-        .arg("--brokers")
-        .arg(brokers)
-        .arg("--output")
-        .arg("json")
         .args(args)
+        .envs(env.iter().copied())
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

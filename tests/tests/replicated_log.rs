@@ -6,127 +6,43 @@
 
 #![allow(clippy::disallowed_methods)] // Tests measure real time.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 use std::time::Instant;
 
 use anyhow::Context;
 use anyhow::ensure;
+use eddy_tests::Acked;
+use eddy_tests::CTL_TIMEOUT;
 use eddy_tests::Cluster;
 use eddy_tests::CtlOutput;
+use eddy_tests::partition_info;
 use eddy_tests::retry;
+use eddy_tests::values;
 use eddy_tests::wait_for;
 use serde_json::Value;
 
 const TOPIC: &str = "orders";
 const PARTITIONS: u32 = 3;
 const EVENTS: usize = 1000;
-const CTL_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Acknowledged events: partition -> offset -> value.
-type Acked = BTreeMap<u32, BTreeMap<u64, String>>;
 
 fn ctl(c: &Cluster, args: &[&str]) -> anyhow::Result<CtlOutput> {
     c.ctl(args, None, CTL_TIMEOUT)
 }
 
 fn describe(c: &Cluster) -> anyhow::Result<Value> {
-    let out = ctl(c, &["topic", "describe", TOPIC])?;
-    ensure!(out.ok(), "describe failed: {out:?}");
-    out.json()
+    c.describe(TOPIC)
 }
 
-fn partition_info(topic: &Value, p: u32) -> anyhow::Result<&Value> {
-    topic["partitions"].as_array().and_then(|a| a.get(p as usize)).context("partition missing")
-}
-
-/// Produces `values` to partition `p` and records the acknowledged offsets.
 fn produce(c: &Cluster, p: u32, values: &[String], acked: &mut Acked) -> anyhow::Result<()> {
-    let input = values.iter().map(|v| format!("{v}\n")).collect::<String>();
-    let out =
-        c.ctl(&["produce", TOPIC, "--partition", &p.to_string()], Some(input.as_bytes()), CTL_TIMEOUT)?;
-    ensure!(out.ok(), "produce to partition {p} failed: {}", out.stderr);
-    let lines = out.json_lines()?;
-    ensure!(lines.len() == values.len(), "expected {} acks, got {}", values.len(), lines.len());
-    for (v, line) in values.iter().zip(lines) {
-        ensure!(line["partition"] == p, "ack for the wrong partition: {line}");
-        let offset = line["offset"].as_u64().context("offset")?;
-        let prev = acked.entry(p).or_default().insert(offset, v.clone());
-        ensure!(prev.is_none(), "offset {offset} of partition {p} acknowledged twice ({prev:?} and {v})");
-    }
-    Ok(())
+    c.produce(TOPIC, p, values, acked)
 }
 
-/// Reads partition `p` from node `replica` up to `count` records and checks that every
-/// acknowledged event is there, once, at its offset.
 fn check_replica(c: &Cluster, p: u32, replica: u64, count: u64, acked: &Acked) -> anyhow::Result<()> {
-    let out = c.ctl(
-        &[
-            "consume",
-            TOPIC,
-            "--partition",
-            &p.to_string(),
-            "--replica",
-            &replica.to_string(),
-            "--count",
-            &count.to_string(),
-        ],
-        None,
-        CTL_TIMEOUT,
-    )?;
-    ensure!(out.ok(), "consume of partition {p} from node {replica} failed: {}", out.stderr);
-    let records = out.json_lines()?;
-    ensure!(
-        records.len() as u64 == count,
-        "node {replica} returned {} of {count} records of partition {p}",
-        records.len()
-    );
-    let mut seen: BTreeMap<u64, String> = BTreeMap::new();
-    for (i, r) in records.iter().enumerate() {
-        let offset = r["offset"].as_u64().context("offset")?;
-        ensure!(
-            offset == i as u64,
-            "partition {p} on node {replica}: offset {offset} at position {i} (offsets must be dense)"
-        );
-        seen.insert(offset, r["value"].as_str().context("value")?.to_owned());
-    }
-    let mut values_seen: BTreeMap<&str, u64> = BTreeMap::new();
-    for (o, v) in &seen {
-        if let Some(prev) = values_seen.insert(v.as_str(), *o)
-            && acked[&p].values().any(|a| a == v)
-        {
-            anyhow::bail!(
-                "acknowledged event {v:?} appears twice in partition {p} on node {replica}: offsets {prev} and {o}"
-            );
-        }
-    }
-    for (o, v) in &acked[&p] {
-        ensure!(
-            seen.get(o) == Some(v),
-            "partition {p} on node {replica}: acknowledged {v:?} at offset {o}, found {:?}",
-            seen.get(o)
-        );
-    }
-    Ok(())
+    c.check_replica(TOPIC, p, replica, count, acked)
 }
 
-/// The partition's high watermark as its current leader reports it, once the leader has
-/// applied at least every acknowledged event.
 fn high_watermark(c: &Cluster, p: u32, acked: &Acked) -> anyhow::Result<u64> {
-    let info = describe(c)?;
-    let part = partition_info(&info, p)?;
-    ensure!(part["leader"].is_u64(), "partition {p} has no leader yet");
-    let hw = part["high_watermark"].as_u64().context("high_watermark")?;
-    let needed = acked.get(&p).and_then(|a| a.keys().next_back()).map_or(0, |o| o + 1);
-    ensure!(
-        hw >= needed,
-        "partition {p}: the leader's high watermark {hw} is below the acknowledged {needed}"
-    );
-    Ok(hw)
-}
-
-fn values(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{prefix}-{i:05}")).collect()
+    c.high_watermark(TOPIC, p, acked)
 }
 
 #[test]

@@ -54,6 +54,13 @@ pub enum MetaCommand {
         node: NodeId,
         state: NodeState,
     },
+    /// Make `node` the partition's preferred leader (the first of its replicas), so that
+    /// leadership balancing keeps a leadership an operator moved there.
+    SetPreferredLeader {
+        topic: String,
+        partition: u32,
+        node: NodeId,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -171,6 +171,9 @@ impl MetaState {
                 self.cancel_move(&topic, partition).map(|()| MetaReply::Done).into()
             }
             MetaCommand::SetNodeState { node, state } => self.set_node_state(node, state).into(),
+            MetaCommand::SetPreferredLeader { topic, partition, node } => {
+                self.set_preferred_leader(&topic, partition, node).map(|()| MetaReply::Done).into()
+            }
         }
     }
 
@@ -202,6 +205,23 @@ impl MetaState {
         let t = self.topics.get_mut(&name).expect("checked above");
         t.partitions.extend(groups);
         Ok(MetaReply::Topic(t.clone()))
+    }
+
+    fn set_preferred_leader(&mut self, topic: &str, partition: u32, node: NodeId) -> Result<(), MetaError> {
+        let p = self.partition_mut(topic, partition)?;
+        if !p.desired().contains(&node) {
+            return Err(MetaError::Invalid(format!(
+                "to_node: node {node} holds no replica of {topic}/{partition} (replicas: {:?})",
+                p.desired()
+            )));
+        }
+        // Both the current set and a move's target: the preference survives the move.
+        for set in std::iter::once(&mut p.replicas).chain(p.target.as_mut()) {
+            if let Some(i) = set.iter().position(|n| *n == node) {
+                set[..=i].rotate_right(1);
+            }
+        }
+        Ok(())
     }
 
     fn move_partition(
@@ -583,6 +603,25 @@ mod tests {
         s.apply(MetaCommand::CompleteMove { group: g, replicas: vec![2, 3, 4] });
         let p = &s.topics["t"].partitions[0];
         assert_eq!((p.replicas.clone(), p.target.clone()), (vec![2, 3, 4], None));
+    }
+
+    #[test]
+    fn preferred_leader_moves_to_the_front_of_every_replica_set() {
+        let mut s = cluster(4);
+        create(&mut s, "t", 1, 3);
+        let prefer = |node| MetaCommand::SetPreferredLeader { topic: "t".into(), partition: 0, node };
+        let before = s.topics["t"].partitions[0].replicas.clone();
+        let last = before[2];
+        assert_eq!(s.apply(prefer(last)), MetaReply::Done);
+        let after = &s.topics["t"].partitions[0].replicas;
+        assert_eq!(after, &vec![last, before[0], before[1]], "the others keep their order");
+        let outsider = (1..=4).find(|n| !before.contains(n)).unwrap();
+        assert!(matches!(s.apply(prefer(outsider)), MetaReply::Error(MetaError::Invalid(_))));
+        let target = vec![before[1], before[0], outsider];
+        let mv = MetaCommand::MovePartition { topic: "t".into(), partition: 0, replicas: target };
+        assert_eq!(s.apply(mv), MetaReply::Done);
+        assert_eq!(s.apply(prefer(outsider)), MetaReply::Done, "a move's new replica may be preferred");
+        assert_eq!(s.topics["t"].partitions[0].desired()[0], outsider);
     }
 
     #[test]
