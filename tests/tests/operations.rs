@@ -475,7 +475,10 @@ fn rolling_restart_under_load_loses_nothing() -> anyhow::Result<()> {
             ensure!(stopped, "node {id} did not stop within 20 s of SIGTERM");
             let stop_took = from.elapsed();
             let log = c.log_tail(id, 20);
-            ensure!(log.contains("leaderships handed over"), "node {id} stopped without handing over:\n{log}");
+            ensure!(
+                log.contains("leaderships handed over"),
+                "node {id} stopped without handing over:\n{log}"
+            );
             c.start_node(id)?;
             ensure_healthy(c)?;
             // Healthy means leaders are back on their preferred replicas: a second hand-over.
