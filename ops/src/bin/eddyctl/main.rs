@@ -274,7 +274,7 @@ fn main() -> ExitCode {
         clap_complete::generate(*shell, &mut Cli::command(), "eddyctl", &mut std::io::stdout());
         return ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: start the async runtime: {e}");

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Runs the workload set of ../shared/bench/nats against a local 3-node Eddy cluster (release
+build, fsync on every commit, which is Eddy's only mode) and prints it beside the NATS JetStream
+figures of the same shapes.
+
+    bench/nats_compare.py [--target-dir target] [--reps 3] [--out bench/results/eddy.jsonl]
+                          [--nats ../shared/bench/nats/results/pypi-2.15.1-sync-always.jsonl ...]
+
+The set runs rep-major (set 1, set 2, set 3), as the NATS scripts do, so a disturbance hits one
+rep of each row. Each run records eddyctl's JSON plus the CPU seconds of the three nodes and the
+client over the run. Rows: median (min-max) over the reps.
+"""
+import argparse, json, os, resource, statistics, subprocess, sys, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from eddy_cluster import Cluster, cpu_seconds
+
+# (row name, eddyctl bench arguments, NATS filter)
+WORKLOADS = [
+    ("produce 200k x 256 B, inflight 1", ["produce", "--events", "200000", "--size", "256", "--inflight", "1"],
+     dict(bench="produce", size=256, inflight=1)),
+    ("produce 200k x 256 B, inflight 16", ["produce", "--events", "200000", "--size", "256", "--inflight", "16"],
+     dict(bench="produce", size=256, inflight=16)),
+    ("produce 100k x 4 KiB, inflight 256", ["produce", "--events", "100000", "--size", "4096", "--inflight", "256"],
+     dict(bench="produce", size=4096, inflight=256)),
+    # Last of the produce runs, so that consume reads what it wrote (201k events with warm-up).
+    ("produce 200k x 256 B, inflight 256", ["produce", "--events", "200000", "--size", "256", "--inflight", "256"],
+     dict(bench="produce", size=256, inflight=256)),
+    ("consume 200k x 256 B from a follower", ["consume", "--events", "200000"],
+     dict(bench="consume", mode="fetch", consumer_ack="none")),
+    ("latency 2000/s x 10 s, 256 B", ["latency", "--rate", "2000", "--seconds", "10", "--size", "256"],
+     dict(bench="latency")),
+]
+
+
+def run(c, args):
+    pids = [n["proc"].pid for n in c.nodes.values()]
+    before = sum(cpu_seconds(p) for p in pids)
+    child_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    code, out, err = c.ctl("bench", *args, timeout=900)
+    wall = time.monotonic() - t0
+    child_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if code != 0:
+        raise SystemExit(f"eddyctl bench {' '.join(args)} failed: {err}")
+    v = json.loads(out.strip().splitlines()[-1])
+    client = (child_after.ru_utime + child_after.ru_stime) - (child_before.ru_utime + child_before.ru_stime)
+    v["cpu"] = dict(servers_cpu_s=round(sum(cpu_seconds(p) for p in pids) - before, 2),
+                    client_cpu_s=round(client, 2), wall_s=round(wall, 2))
+    return v
+
+
+def rate(v):
+    return v.get("events_per_sec") or v.get("events_per_s")
+
+
+def ms(v, key, q):
+    """A latency quantile in ms from an Eddy (`ack.p50_ms`) or NATS (`ack_latency.p50_us`) line."""
+    if key in v and f"{q}_ms" in v[key]:
+        return v[key][f"{q}_ms"]
+    nats_key = {"ack": "ack_latency", "e2e": "e2e_latency"}[key]
+    if nats_key in v:
+        return v[nats_key][f"{q}_us"] / 1000.0
+    return None
+
+
+def fmt(xs, f="{:,.0f}"):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    return f"{f.format(statistics.median(xs))} ({f.format(min(xs))}-{f.format(max(xs))})"
+
+
+def nats_rows(paths):
+    rows = []
+    for p in paths:
+        with open(p) as f:
+            rows += [json.loads(l) for l in f if l.strip()]
+    return rows
+
+
+def matches(row, flt):
+    return all(row.get(k) == v for k, v in flt.items())
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target-dir", default="target")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(here, "results", "eddy.jsonl"))
+    ap.add_argument("--nats", nargs="*",
+                    default=[os.path.join(here, "..", "..", "shared", "bench", "nats", "results",
+                                          "pypi-2.15.1-sync-always.jsonl")])
+    ap.add_argument("--summarize", metavar="JSONL", help="only print the tables for runs already recorded")
+    a = ap.parse_args()
+    results = {name: [] for name, _, _ in WORKLOADS}
+    if a.summarize:
+        for v in nats_rows([a.summarize]):
+            results.setdefault(v["row"], []).append(v)
+    else:
+        measure(a, results)
+    summarize(results, nats_rows([p for p in a.nats if os.path.exists(p)]))
+
+
+def measure(a, results):
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    c = Cluster(os.path.join(a.target_dir, "release"))
+    try:
+        code, _, err = c.ctl("cluster", "health", "--exit-when-healthy", "--timeout", "60s", timeout=90)
+        if code != 0:
+            raise SystemExit(f"the cluster did not become healthy: {err}")
+        with open(a.out, "a") as out:
+            for rep in range(1, a.reps + 1):
+                for name, args, _ in WORKLOADS:
+                    v = run(c, args)
+                    v.update(rep=rep, row=name, label="eddy")
+                    out.write(json.dumps(v) + "\n")
+                    out.flush()
+                    results[name].append(v)
+                    print(f"rep {rep}: {name}: {rate(v) or 0:,.0f} ev/s, ack p50 {ms(v, 'ack', 'p50')} ms, "
+                          f"CPU {v['cpu']['servers_cpu_s'] + v['cpu']['client_cpu_s']:.1f} s", flush=True)
+    finally:
+        c.stop()
+
+
+def summarize(results, nats):
+    print()
+    print("| workload | Eddy ev/s | NATS ev/s | ratio | Eddy ack p50 / p99 ms | NATS ack p50 / p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for name, _, flt in WORKLOADS:
+        ours = results[name]
+        theirs = [r for r in nats if matches(r, flt)]
+        if not ours or flt["bench"] == "latency":
+            continue
+        e_rate = statistics.median([rate(v) for v in ours])
+        n_rates = [rate(r) for r in theirs if rate(r)]
+        ratio = f"{e_rate / statistics.median(n_rates):.1f}x" if n_rates else "-"
+        print(f"| {name} | {fmt([rate(v) for v in ours])} | {fmt(n_rates)} | {ratio} | "
+              f"{fmt([ms(v, 'ack', 'p50') for v in ours], '{:.2f}')} / {fmt([ms(v, 'ack', 'p99') for v in ours], '{:.2f}')} | "
+              f"{fmt([ms(r, 'ack', 'p50') for r in theirs], '{:.2f}')} / {fmt([ms(r, 'ack', 'p99') for r in theirs], '{:.2f}')} |")
+    lat = results.get("latency 2000/s x 10 s, 256 B", [])
+    theirs = [r for r in nats if r.get("bench") == "latency"]
+    for key, label in (("ack", "publish->ack"), ("e2e", "publish->consume (other node)")):
+        print(f"| latency {label} p50 / p99 / p99.9 ms | "
+              f"{' / '.join(fmt([ms(v, key, q) for v in lat], '{:.2f}') for q in ('p50', 'p99', 'p999'))} | "
+              f"{' / '.join(fmt([ms(r, key, q) for r in theirs], '{:.2f}') for q in ('p50', 'p99', 'p999'))} | | | |")
+    print()
+    print("CPU (nodes + client) per event, µs:")
+    for name, _, _ in WORKLOADS:
+        events = lambda v: (v.get("ack") or {}).get("count") or v.get("events") or 1
+        per = [(v["cpu"]["servers_cpu_s"] + v["cpu"]["client_cpu_s"]) * 1e6 / events(v) for v in results[name]]
+        if per:
+            print(f"  {name}: {statistics.median(per):,.0f}")
+
+
+if __name__ == "__main__":
+    main()
