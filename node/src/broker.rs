@@ -244,6 +244,8 @@ pub fn meta_error(e: MetaError) -> BrokerError {
         }
         MetaError::NowhereToGo(m) => BrokerError::NotEnoughNodes(m),
         MetaError::Conflict(m) => BrokerError::Conflict(m),
+        MetaError::UnknownGroup(g) => BrokerError::UnknownGroup(g),
+        MetaError::Fenced(m) => BrokerError::Fenced(m),
     }
 }
 

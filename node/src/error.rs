@@ -32,6 +32,11 @@ pub enum BrokerError {
     OffsetOutOfRange { what: String, offset: u64, log_start: u64 },
     #[error("{0}")]
     NotEnoughNodes(String),
+    #[error("consumer group \"{0}\" does not exist")]
+    UnknownGroup(String),
+    /// A consumer-group member that is no longer a member, or a partition it does not own.
+    #[error("{0}")]
+    Fenced(String),
     /// The request conflicts with the cluster's state (e.g. a move already in progress).
     #[error("{0}")]
     Conflict(String),
@@ -65,6 +70,8 @@ impl BrokerError {
             Self::OutOfOrderSequence { .. } => "out_of_order_sequence",
             Self::OffsetOutOfRange { .. } => "offset_out_of_range",
             Self::NotEnoughNodes(_) => "not_enough_nodes",
+            Self::UnknownGroup(_) => "unknown_group",
+            Self::Fenced(_) => "fenced",
             Self::Conflict(_) => "conflict",
             Self::Timeout(_) => "timeout",
             Self::Unavailable(_) => "unavailable",
@@ -75,7 +82,8 @@ impl BrokerError {
     fn grpc_code(&self) -> Code {
         match self {
             Self::InvalidArgument(_) | Self::NotEnoughNodes(_) => Code::InvalidArgument,
-            Self::UnknownTopic(_) | Self::UnknownPartition { .. } => Code::NotFound,
+            Self::UnknownTopic(_) | Self::UnknownPartition { .. } | Self::UnknownGroup(_) => Code::NotFound,
+            Self::Fenced(_) => Code::FailedPrecondition,
             Self::TopicExists(_) => Code::AlreadyExists,
             Self::Conflict(_) => Code::FailedPrecondition,
             Self::NotLeader { .. } | Self::NotReplica { .. } | Self::OutOfOrderSequence { .. } => {

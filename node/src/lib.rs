@@ -1,12 +1,14 @@
 //! The Eddy broker node.
 //!
 //! A node hosts the metadata group (Raft group 0) and the partition groups placed on it, and
-//! serves `eddy.v1.Broker` to clients and `eddy.v1.Raft` to peers. [`node::start`] wires it
+//! serves `eddy.v1.Broker`, `eddy.v1.Admin` and `eddy.v1.Groups` to clients and `eddy.v1.Raft` to peers. [`node::start`] wires it
 //! together from a config and the injected seams of [`env::NodeEnv`].
 
 pub mod admin;
 pub mod broker;
 pub mod config;
+pub mod consumer;
+pub mod coordinator;
 pub mod controller;
 pub mod env;
 pub mod error;

@@ -10,6 +10,7 @@ use anyhow::bail;
 use eddy_proto::v1::admin_client::AdminClient;
 use eddy_proto::v1::admin_server::AdminServer;
 use eddy_proto::v1::broker_server::BrokerServer;
+use eddy_proto::v1::groups_server::GroupsServer;
 use eddy_raft::META_GROUP;
 use eddy_raft::NodeAddr;
 use eddy_raft::NodeId;
@@ -34,7 +35,9 @@ use crate::admin::AdminService;
 use crate::broker::BrokerService;
 use crate::broker::BrokerState;
 use crate::config::NodeConfig;
+use crate::consumer::GroupsService;
 use crate::controller::Controller;
+use crate::coordinator::Coordinator;
 use crate::env::Incoming;
 use crate::env::NodeEnv;
 use crate::limits::GRPC_MESSAGE_BYTES_MAX;
@@ -295,6 +298,7 @@ pub async fn start(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<BrokerServer<BrokerService>>().await;
     health.set_serving::<AdminServer<AdminService>>().await;
+    health.set_serving::<GroupsServer<GroupsService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(eddy_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -308,6 +312,7 @@ pub async fn start(
         responsive_since: Default::default(),
     });
     let admin_service = AdminServer::new(AdminService::new(broker.clone(), reconciler.clone()));
+    let groups_service = GroupsServer::new(GroupsService::new(broker.clone()));
     let broker_service = BrokerServer::new(BrokerService::new(broker.clone()))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
@@ -321,6 +326,7 @@ pub async fn start(
                 .add_service(reflection)
                 .add_service(broker_service)
                 .add_service(admin_service)
+                .add_service(groups_service)
                 .serve_with_incoming_shutdown(client_incoming, shutdown.cancelled_owned())
                 .await;
             if let Err(e) = r {
@@ -359,6 +365,11 @@ pub async fn start(
         Controller { me, meta: meta.clone() }
             .run(cancel.clone())
             .instrument(info_span!("controller", node = me)),
+    );
+    spawn_task(
+        &tasks,
+        "coordinator",
+        Coordinator { me, meta: meta.clone() }.run(cancel.clone()).instrument(info_span!("coordinator", node = me)),
     );
     if pristine && !config.join.is_empty() {
         let (join, connector, addr) = (config.join.clone(), env.connector.clone(), config.addr());

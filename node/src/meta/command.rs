@@ -8,6 +8,9 @@ use eddy_raft::NodeId;
 use serde::Deserialize;
 use serde::Serialize;
 
+use super::groups::Assignment;
+use super::groups::Assignor;
+use super::groups::TopicPartition;
 use super::state::NodeState;
 use super::state::TopicRecord;
 
@@ -61,6 +64,44 @@ pub enum MetaCommand {
         partition: u32,
         node: NodeId,
     },
+    /// A consumer joins `group` (created on first join); the state machine names the member.
+    JoinGroup {
+        group: String,
+        topics: Vec<String>,
+        session_timeout_ms: u32,
+        assignor: Assignor,
+    },
+    /// A member reports the partitions it consumes, in the generation it knows. Proposed only
+    /// when that differs from what the state machine recorded.
+    GroupHeartbeat {
+        group: String,
+        member: String,
+        generation: u64,
+        owned: Vec<TopicPartition>,
+    },
+    LeaveGroup {
+        group: String,
+        member: String,
+    },
+    /// The coordinator saw no heartbeat from `member` within its session timeout.
+    ExpireMember {
+        group: String,
+        member: String,
+    },
+    /// Commits offsets for a member (fenced), or for an empty group when `member` is `None`.
+    CommitOffsets {
+        group: String,
+        member: Option<String>,
+        offsets: Vec<(TopicPartition, u64)>,
+    },
+    /// Sets offsets of an empty group, backwards too.
+    ResetOffsets {
+        group: String,
+        offsets: Vec<(TopicPartition, u64)>,
+    },
+    DeleteGroup {
+        group: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +117,8 @@ pub enum MetaReply {
     Joined {
         voter: bool,
     },
+    /// A member's assignment, after a join or heartbeat.
+    Assignment(Assignment),
     Error(MetaError),
 }
 
@@ -98,6 +141,11 @@ pub enum MetaError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("consumer group \"{0}\" does not exist")]
+    UnknownGroup(String),
+    /// A stale member, or a partition the member does not own.
+    #[error("{0}")]
+    Fenced(String),
 }
 
 impl MetaCommand {

@@ -35,8 +35,10 @@ use tonic::Status;
 use super::command::MetaCommand;
 use super::command::MetaError;
 use super::command::MetaReply;
+use super::groups::TopicPartition;
 use super::sm::MetaStateMachine;
 use super::sm::MetaView;
+use crate::coordinator::Liveness;
 use crate::error::BrokerError;
 
 pub type MetaRaft = openraft::Raft<C, MetaStateMachine>;
@@ -59,6 +61,13 @@ pub enum MetaRequest {
     Leave {
         id: NodeId,
     },
+    /// A consumer-group heartbeat, handled by the coordinator (the metadata leader).
+    Heartbeat {
+        group: String,
+        member: String,
+        generation: u64,
+        owned: Vec<TopicPartition>,
+    },
 }
 
 #[derive(Clone)]
@@ -67,6 +76,7 @@ pub struct MetaHandle {
     view: watch::Receiver<Arc<MetaView>>,
     peers: Arc<Peers>,
     me: NodeId,
+    liveness: Arc<Liveness>,
 }
 
 enum Attempt {
@@ -84,7 +94,12 @@ fn forward_or_retry(me: NodeId, f: ForwardToLeader<C>) -> Attempt {
 
 impl MetaHandle {
     pub fn new(raft: MetaRaft, view: watch::Receiver<Arc<MetaView>>, peers: Arc<Peers>, me: NodeId) -> Self {
-        Self { raft, view, peers, me }
+        Self { raft, view, peers, me, liveness: Arc::default() }
+    }
+
+    /// The coordinator's record of consumer heartbeats.
+    pub fn liveness(&self) -> &Arc<Liveness> {
+        &self.liveness
     }
 
     pub fn raft(&self) -> &MetaRaft {
@@ -113,16 +128,11 @@ impl MetaHandle {
 
     async fn attempt_local(&self, req: &MetaRequest) -> Attempt {
         match req {
-            MetaRequest::Command(cmd) => match self.raft.client_write(Payload(cmd.encode())).await {
-                Ok(resp) => Attempt::Done(MetaReply::decode(&resp.data.0).unwrap_or_else(|e| {
-                    MetaReply::Error(MetaError::Invalid(format!("undecodable reply: {e}")))
-                })),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    forward_or_retry(self.me, f)
-                }
-                Err(e) => Attempt::Retry(format!("metadata write failed: {e}")),
-            },
+            MetaRequest::Command(cmd) => self.propose(cmd).await,
             MetaRequest::Join { id, addr } => self.join_local(*id, addr.clone()).await,
+            MetaRequest::Heartbeat { group, member, generation, owned } => {
+                self.heartbeat_local(group, member, *generation, owned).await
+            }
             MetaRequest::Leave { id } => {
                 let m = self.raft.metrics().borrow_watched().membership_config.membership().clone();
                 if !m.nodes().any(|(n, _)| n == id) {
@@ -144,6 +154,53 @@ impl MetaHandle {
                     }
                 }
             }
+        }
+    }
+
+    /// Serves a heartbeat on the coordinator: notes that the member is alive, and proposes its
+    /// report only when it changes what the state machine knows.
+    async fn heartbeat_local(&self, group: &str, member: &str, generation: u64, owned: &[TopicPartition]) -> Attempt {
+        let m = self.raft.metrics().borrow_watched().clone();
+        match m.current_leader {
+            Some(l) if l == self.me => {}
+            Some(l) => match m.membership_config.membership().get_node(&l) {
+                Some(node) => return Attempt::Forward(l, node.raft_addr.clone()),
+                None => return Attempt::Retry(format!("metadata leader {l} has no known address")),
+            },
+            None => return Attempt::Retry("the metadata group has no leader yet".into()),
+        }
+        self.liveness.touch(group, member);
+        let view = self.view();
+        let Some(g) = view.state.groups.get(group) else {
+            return Attempt::Done(MetaReply::Error(MetaError::UnknownGroup(group.to_owned())));
+        };
+        let reported: BTreeSet<TopicPartition> = owned.iter().cloned().collect();
+        let unchanged = g.members.get(member).is_some_and(|rec| {
+            rec.owned == reported
+                && !(g.assignor.is_eager()
+                    && generation == g.generation
+                    && reported.is_empty()
+                    && rec.synced_generation != g.generation)
+        });
+        if unchanged && let Some(a) = g.assignment(member) {
+            return Attempt::Done(MetaReply::Assignment(a));
+        }
+        let cmd = MetaCommand::GroupHeartbeat {
+            group: group.to_owned(),
+            member: member.to_owned(),
+            generation,
+            owned: owned.to_vec(),
+        };
+        self.propose(&cmd).await
+    }
+
+    async fn propose(&self, cmd: &MetaCommand) -> Attempt {
+        match self.raft.client_write(Payload(cmd.encode())).await {
+            Ok(resp) => Attempt::Done(MetaReply::decode(&resp.data.0).unwrap_or_else(|e| {
+                MetaReply::Error(MetaError::Invalid(format!("undecodable reply: {e}")))
+            })),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => forward_or_retry(self.me, f),
+            Err(e) => Attempt::Retry(format!("metadata write failed: {e}")),
         }
     }
 
@@ -220,6 +277,18 @@ impl MetaHandle {
             MetaReply::Error(e) => Err(crate::broker::meta_error(e)),
             other => Err(BrokerError::Internal(format!("unexpected reply to a join: {other:?}"))),
         }
+    }
+
+    /// Sends a consumer-group heartbeat to the coordinator.
+    pub async fn heartbeat(
+        &self,
+        group: String,
+        member: String,
+        generation: u64,
+        owned: Vec<TopicPartition>,
+        timeout: Duration,
+    ) -> Result<MetaReply, BrokerError> {
+        self.request(MetaRequest::Heartbeat { group, member, generation, owned }, timeout).await
     }
 
     /// Removes `id` from the metadata group.

@@ -1,7 +1,8 @@
 //! The metadata (controller) group, Raft group 0: nodes, topics, partition placement and
-//! producer ids.
+//! producer ids, consumer groups and their committed offsets.
 
 pub mod command;
+pub mod groups;
 pub mod handle;
 pub mod sm;
 pub mod state;

@@ -16,6 +16,10 @@ use serde::Serialize;
 use super::command::MetaCommand;
 use super::command::MetaError;
 use super::command::MetaReply;
+use super::groups::Assignor;
+use super::groups::GroupRecord;
+use super::groups::MemberRecord;
+use super::groups::TopicPartition;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum NodeState {
@@ -108,11 +112,22 @@ pub struct MetaState {
     /// The next partition group id; group 0 is the metadata group itself.
     pub next_group_id: GroupId,
     pub next_producer_id: u64,
+    /// Consumer groups by name.
+    pub groups: BTreeMap<String, GroupRecord>,
+    /// Member ids are never reused, which fences a member whose session expired.
+    pub next_member_id: u64,
 }
 
 impl Default for MetaState {
     fn default() -> Self {
-        Self { nodes: BTreeMap::new(), topics: BTreeMap::new(), next_group_id: 1, next_producer_id: 1 }
+        Self {
+            nodes: BTreeMap::new(),
+            topics: BTreeMap::new(),
+            next_group_id: 1,
+            next_producer_id: 1,
+            groups: BTreeMap::new(),
+            next_member_id: 1,
+        }
     }
 }
 
@@ -132,7 +147,10 @@ impl MetaState {
         match cmd {
             MetaCommand::CreateTopic { name, partitions, replication_factor, config } => {
                 match self.create_topic(name, partitions, replication_factor, config) {
-                    Ok(t) => MetaReply::TopicCreated(t),
+                    Ok(t) => {
+                        self.rebalance_groups();
+                        MetaReply::TopicCreated(t)
+                    }
                     Err(e) => MetaReply::Error(e),
                 }
             }
@@ -142,7 +160,13 @@ impl MetaState {
                 MetaReply::ProducerId(id)
             }
             MetaCommand::DeleteTopic { name } => match self.topics.remove(&name) {
-                Some(_) => MetaReply::Done,
+                Some(_) => {
+                    for g in self.groups.values_mut() {
+                        g.offsets.retain(|(t, _), _| *t != name);
+                    }
+                    self.rebalance_groups();
+                    MetaReply::Done
+                }
                 None => MetaReply::Error(MetaError::UnknownTopic(name)),
             },
             MetaCommand::AlterTopicConfig { name, set } => match self.topics.get_mut(&name) {
@@ -152,7 +176,11 @@ impl MetaState {
                 }
                 None => MetaReply::Error(MetaError::UnknownTopic(name)),
             },
-            MetaCommand::AddPartitions { name, count } => self.add_partitions(name, count).into(),
+            MetaCommand::AddPartitions { name, count } => {
+                let reply = self.add_partitions(name, count).into();
+                self.rebalance_groups();
+                reply
+            }
             MetaCommand::MovePartition { topic, partition, replicas } => {
                 self.move_partition(&topic, partition, replicas).map(|()| MetaReply::Done).into()
             }
@@ -174,7 +202,155 @@ impl MetaState {
             MetaCommand::SetPreferredLeader { topic, partition, node } => {
                 self.set_preferred_leader(&topic, partition, node).map(|()| MetaReply::Done).into()
             }
+            MetaCommand::JoinGroup { group, topics, session_timeout_ms, assignor } => {
+                self.join_group(group, topics, session_timeout_ms, assignor).into()
+            }
+            MetaCommand::GroupHeartbeat { group, member, generation, owned } => {
+                let topics = &self.topics;
+                self.groups
+                    .get_mut(&group)
+                    .ok_or_else(|| MetaError::UnknownGroup(group.clone()))
+                    .and_then(|g| {
+                        // Partitions of deleted topics are not owned any more.
+                        let owned = owned.into_iter().filter(|(t, _)| topics.contains_key(t)).collect();
+                        g.heartbeat(&group, &member, generation, owned)
+                    })
+                    .map(MetaReply::Assignment)
+                    .into()
+            }
+            MetaCommand::LeaveGroup { group, member } | MetaCommand::ExpireMember { group, member } => {
+                let topics = &self.topics;
+                match self.groups.get_mut(&group) {
+                    Some(g) => {
+                        if g.members.remove(&member).is_some() {
+                            g.rebalance(topics, true);
+                        }
+                        MetaReply::Done
+                    }
+                    None => MetaReply::Done,
+                }
+            }
+            MetaCommand::CommitOffsets { group, member, offsets } => {
+                self.commit_offsets(group, member, offsets).map(|()| MetaReply::Done).into()
+            }
+            MetaCommand::ResetOffsets { group, offsets } => {
+                self.reset_offsets(group, offsets).map(|()| MetaReply::Done).into()
+            }
+            MetaCommand::DeleteGroup { group } => match self.groups.get(&group) {
+                None => MetaReply::Error(MetaError::UnknownGroup(group)),
+                Some(g) if !g.members.is_empty() => MetaReply::Error(MetaError::Conflict(format!(
+                    "group \"{group}\" has {} active members; stop them first",
+                    g.members.len()
+                ))),
+                Some(_) => {
+                    self.groups.remove(&group);
+                    MetaReply::Done
+                }
+            },
         }
+    }
+
+    /// Recomputes the targets of every group after the topics changed.
+    fn rebalance_groups(&mut self) {
+        for g in self.groups.values_mut() {
+            g.rebalance(&self.topics, false);
+        }
+    }
+
+    fn join_group(
+        &mut self,
+        group: String,
+        topics: Vec<String>,
+        session_timeout_ms: u32,
+        assignor: Assignor,
+    ) -> Result<MetaReply, MetaError> {
+        use super::groups::MEMBERS_PER_GROUP_MAX;
+        use super::groups::SESSION_TIMEOUT_MS_MAX;
+        use super::groups::SESSION_TIMEOUT_MS_MIN;
+        if topics.is_empty() {
+            return Err(MetaError::Invalid("topics: subscribe to at least one topic".into()));
+        }
+        if let Some(t) = topics.iter().find(|t| !self.topics.contains_key(*t)) {
+            return Err(MetaError::UnknownTopic(t.clone()));
+        }
+        if !(SESSION_TIMEOUT_MS_MIN..=SESSION_TIMEOUT_MS_MAX).contains(&session_timeout_ms) {
+            return Err(MetaError::Invalid(format!(
+                "session_timeout_ms: {session_timeout_ms} is outside {SESSION_TIMEOUT_MS_MIN}..={SESSION_TIMEOUT_MS_MAX}"
+            )));
+        }
+        let g = self.groups.entry(group.clone()).or_insert_with(|| GroupRecord::new(assignor));
+        if g.members.is_empty() {
+            g.assignor = assignor;
+        } else if g.assignor != assignor {
+            return Err(MetaError::Conflict(format!(
+                "group \"{group}\" uses the {} assignor; join with that one (or stop its members first)",
+                g.assignor.as_str()
+            )));
+        }
+        if g.members.len() >= MEMBERS_PER_GROUP_MAX {
+            return Err(MetaError::Invalid(format!("group \"{group}\" has {MEMBERS_PER_GROUP_MAX} members")));
+        }
+        let id = format!("{group}-{}", self.next_member_id);
+        self.next_member_id += 1;
+        g.members.insert(
+            id.clone(),
+            MemberRecord {
+                topics: topics.into_iter().collect(),
+                session_timeout_ms,
+                target: Default::default(),
+                owned: Default::default(),
+                synced_generation: 0,
+            },
+        );
+        g.rebalance(&self.topics, true);
+        Ok(MetaReply::Assignment(g.assignment(&id).expect("just joined")))
+    }
+
+    fn check_offsets(&self, offsets: &[(TopicPartition, u64)]) -> Result<(), MetaError> {
+        if offsets.is_empty() {
+            return Err(MetaError::Invalid("offsets: give at least one".into()));
+        }
+        for ((t, p), _) in offsets {
+            let topic = self.topics.get(t).ok_or_else(|| MetaError::UnknownTopic(t.clone()))?;
+            if *p as usize >= topic.partitions.len() {
+                return Err(MetaError::UnknownPartition {
+                    topic: t.clone(),
+                    partition: *p,
+                    count: topic.partitions.len() as u32,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn commit_offsets(
+        &mut self,
+        group: String,
+        member: Option<String>,
+        offsets: Vec<(TopicPartition, u64)>,
+    ) -> Result<(), MetaError> {
+        self.check_offsets(&offsets)?;
+        let g = match (self.groups.get_mut(&group), &member) {
+            (Some(g), _) => g,
+            (None, Some(_)) => return Err(MetaError::UnknownGroup(group)),
+            (None, None) => self.groups.entry(group.clone()).or_insert_with(|| GroupRecord::new(Assignor::CooperativeSticky)),
+        };
+        g.check_commit(&group, member.as_deref(), &offsets)?;
+        g.offsets.extend(offsets);
+        Ok(())
+    }
+
+    fn reset_offsets(&mut self, group: String, offsets: Vec<(TopicPartition, u64)>) -> Result<(), MetaError> {
+        self.check_offsets(&offsets)?;
+        let g = self.groups.entry(group.clone()).or_insert_with(|| GroupRecord::new(Assignor::CooperativeSticky));
+        if !g.members.is_empty() {
+            return Err(MetaError::Conflict(format!(
+                "group \"{group}\" has {} active members; offsets can only be reset while the group is empty",
+                g.members.len()
+            )));
+        }
+        g.offsets.extend(offsets);
+        Ok(())
     }
 
     fn partition_mut(&mut self, topic: &str, partition: u32) -> Result<&mut PartitionRecord, MetaError> {
