@@ -2,7 +2,8 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["eddy/v1/admin.proto", "eddy/v1/broker.proto", "eddy/v1/groups.proto", "eddy/v1/raft.proto"];
+    let protos =
+        ["eddy/v1/admin.proto", "eddy/v1/broker.proto", "eddy/v1/groups.proto", "eddy/v1/raft.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed=proto/{p}");
     }

@@ -47,7 +47,9 @@ impl Liveness {
         for (g, group) in &state.groups {
             for (m, member) in &group.members {
                 let last = *seen.entry((g.clone(), m.clone())).or_insert(now);
-                if now.saturating_duration_since(last) > Duration::from_millis(member.session_timeout_ms.into()) {
+                if now.saturating_duration_since(last)
+                    > Duration::from_millis(member.session_timeout_ms.into())
+                {
                     out.push((g.clone(), m.clone()));
                 }
             }

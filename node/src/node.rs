@@ -369,7 +369,9 @@ pub async fn start(
     spawn_task(
         &tasks,
         "coordinator",
-        Coordinator { me, meta: meta.clone() }.run(cancel.clone()).instrument(info_span!("coordinator", node = me)),
+        Coordinator { me, meta: meta.clone() }
+            .run(cancel.clone())
+            .instrument(info_span!("coordinator", node = me)),
     );
     if pristine && !config.join.is_empty() {
         let (join, connector, addr) = (config.join.clone(), env.connector.clone(), config.addr());

@@ -225,7 +225,9 @@ impl Client {
         self.call_any_channel(what, |ch| f(AdminClient::new(ch))).await
     }
 
-    async fn call_any_channel<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T>
+    /// Runs `f` on a channel to each broker in turn, as [`Client::call_any`] does; for services
+    /// other than `eddy.v1.Broker`.
+    pub async fn call_any_channel<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T>
     where
         F: FnMut(Channel) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,

@@ -2,10 +2,12 @@
 //!
 //! [`Client`] talks to any node of a cluster, caches its metadata, routes produce requests to
 //! partition leaders and reads from the replica of your choice. [`Producer`] adds batching and
-//! idempotence on top.
+//! idempotence on top. [`GroupConsumer`] is a member of a
+//! consumer group.
 
 pub mod client;
 pub mod error;
+pub mod group;
 pub mod output;
 pub mod producer;
 
@@ -15,5 +17,7 @@ pub use client::Connect;
 pub use client::ReplicaChoice;
 pub use client::TcpConnect;
 pub use error::ClientError;
+pub use group::GroupConfig;
+pub use group::GroupConsumer;
 pub use producer::Ack;
 pub use producer::Producer;

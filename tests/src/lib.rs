@@ -564,18 +564,8 @@ impl BackgroundProducer {
         self.stop.store(true, Ordering::Relaxed);
         let sent =
             self.writer.take().context("writer")?.join().map_err(|_| anyhow::anyhow!("writer panicked"))?;
-        let deadline = Instant::now() + timeout;
-        let code = loop {
-            if let Some(s) = self.child.try_wait()? {
-                break s.code();
-            }
-            if Instant::now() >= deadline {
-                self.child.kill()?;
-                self.child.wait()?;
-                bail!("eddyctl produce did not finish within {timeout:?} after its input ended");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let code = wait_child(&mut self.child, timeout)
+            .context("eddyctl produce did not finish after its input ended")?;
         let lines =
             self.reader.take().context("reader")?.join().map_err(|_| anyhow::anyhow!("reader panicked"))?;
         let stderr = self.errors.take().context("errors")?.join().unwrap_or_default();
@@ -629,6 +619,23 @@ impl ProduceReport {
             last = at;
         }
         longest.max(to.saturating_duration_since(last))
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit and returns its exit code; kills it (by its handle)
+/// and fails after that.
+fn wait_child(child: &mut Child, timeout: Duration) -> anyhow::Result<Option<i32>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(s.code());
+        }
+        if Instant::now() >= deadline {
+            child.kill()?;
+            child.wait()?;
+            bail!("still running after {timeout:?}; killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -711,4 +718,86 @@ pub fn describe(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
+}
+
+/// One `eddyctl consume TOPIC --group G` process: a member of a consumer group, as an
+/// application runs it. Every record it prints is collected; it can be SIGKILLed (a crash) or
+/// interrupted (a clean leave).
+pub struct GroupMember {
+    child: Child,
+    reader: Option<JoinHandle<Vec<Value>>>,
+    errors: Option<JoinHandle<String>>,
+    printed: Arc<AtomicUsize>,
+}
+
+/// What a [`GroupMember`] printed, and how it ended.
+#[derive(Debug)]
+pub struct MemberReport {
+    pub records: Vec<Value>,
+    pub stderr: String,
+    pub code: Option<i32>,
+}
+
+impl GroupMember {
+    /// Starts a member; `extra` are further `consume` flags.
+    pub fn start(brokers: &str, topic: &str, group: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(binary("eddyctl"))
+            .args(["--brokers", brokers, "--output", "json", "consume", topic, "--group", group])
+            .args(extra)
+            .env("EDDYCTL_LOG", "eddy_ops=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start eddyctl consume --group")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let printed = Arc::new(AtomicUsize::new(0));
+        let count = printed.clone();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+                .inspect(|_| _ = count.fetch_add(1, Ordering::Relaxed))
+                .collect()
+        });
+        let errors = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+        Ok(Self { child, reader: Some(reader), errors: Some(errors), printed })
+    }
+
+    /// Records printed so far.
+    pub fn printed(&self) -> usize {
+        self.printed.load(Ordering::Relaxed)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal`, waits up to `timeout` for the process to end (then kills it), and
+    /// returns what it printed.
+    pub fn stop(self, signal: nix::sys::signal::Signal, timeout: Duration) -> anyhow::Result<MemberReport> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, signal)?;
+        self.wait(timeout)
+    }
+
+    /// Waits up to `timeout` for the process to end (killing it after that), and returns what it
+    /// printed.
+    pub fn wait(mut self, timeout: Duration) -> anyhow::Result<MemberReport> {
+        let code = wait_child(&mut self.child, timeout).context("eddyctl consume did not exit")?;
+        let records =
+            self.reader.take().context("reader")?.join().map_err(|_| anyhow::anyhow!("reader panicked"))?;
+        let stderr = self.errors.take().context("errors")?.join().unwrap_or_default();
+        Ok(MemberReport { records, stderr, code })
+    }
+}
+
+impl Drop for GroupMember {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

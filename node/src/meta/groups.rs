@@ -277,7 +277,8 @@ fn assign_range(
     let mut out = empty_targets(subs);
     let wanted: BTreeSet<&String> = subs.values().flatten().collect();
     for t in wanted.into_iter().filter_map(|t| topics.get(t)) {
-        let members: Vec<&String> = subs.iter().filter(|(_, s)| s.contains(&t.name)).map(|(id, _)| id).collect();
+        let members: Vec<&String> =
+            subs.iter().filter(|(_, s)| s.contains(&t.name)).map(|(id, _)| id).collect();
         let (n, k) = (t.partitions.len(), members.len());
         let mut next = 0;
         for (i, id) in members.iter().enumerate() {

@@ -159,7 +159,13 @@ impl MetaHandle {
 
     /// Serves a heartbeat on the coordinator: notes that the member is alive, and proposes its
     /// report only when it changes what the state machine knows.
-    async fn heartbeat_local(&self, group: &str, member: &str, generation: u64, owned: &[TopicPartition]) -> Attempt {
+    async fn heartbeat_local(
+        &self,
+        group: &str,
+        member: &str,
+        generation: u64,
+        owned: &[TopicPartition],
+    ) -> Attempt {
         let m = self.raft.metrics().borrow_watched().clone();
         match m.current_leader {
             Some(l) if l == self.me => {}
@@ -196,9 +202,11 @@ impl MetaHandle {
 
     async fn propose(&self, cmd: &MetaCommand) -> Attempt {
         match self.raft.client_write(Payload(cmd.encode())).await {
-            Ok(resp) => Attempt::Done(MetaReply::decode(&resp.data.0).unwrap_or_else(|e| {
-                MetaReply::Error(MetaError::Invalid(format!("undecodable reply: {e}")))
-            })),
+            Ok(resp) => {
+                Attempt::Done(MetaReply::decode(&resp.data.0).unwrap_or_else(|e| {
+                    MetaReply::Error(MetaError::Invalid(format!("undecodable reply: {e}")))
+                }))
+            }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => forward_or_retry(self.me, f),
             Err(e) => Attempt::Retry(format!("metadata write failed: {e}")),
         }

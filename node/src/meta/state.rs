@@ -333,7 +333,10 @@ impl MetaState {
         let g = match (self.groups.get_mut(&group), &member) {
             (Some(g), _) => g,
             (None, Some(_)) => return Err(MetaError::UnknownGroup(group)),
-            (None, None) => self.groups.entry(group.clone()).or_insert_with(|| GroupRecord::new(Assignor::CooperativeSticky)),
+            (None, None) => self
+                .groups
+                .entry(group.clone())
+                .or_insert_with(|| GroupRecord::new(Assignor::CooperativeSticky)),
         };
         g.check_commit(&group, member.as_deref(), &offsets)?;
         g.offsets.extend(offsets);
@@ -342,7 +345,8 @@ impl MetaState {
 
     fn reset_offsets(&mut self, group: String, offsets: Vec<(TopicPartition, u64)>) -> Result<(), MetaError> {
         self.check_offsets(&offsets)?;
-        let g = self.groups.entry(group.clone()).or_insert_with(|| GroupRecord::new(Assignor::CooperativeSticky));
+        let g =
+            self.groups.entry(group.clone()).or_insert_with(|| GroupRecord::new(Assignor::CooperativeSticky));
         if !g.members.is_empty() {
             return Err(MetaError::Conflict(format!(
                 "group \"{group}\" has {} active members; offsets can only be reset while the group is empty",

@@ -16,11 +16,13 @@ use clap::Subcommand;
 use eddy_ops::Client;
 use eddy_ops::ClientConfig;
 use eddy_ops::ReplicaChoice;
+use eddy_ops::group::StartFrom;
 use eddy_ops::output::Format;
 
 mod admin;
 mod bench;
 mod data;
+mod groups;
 
 /// Exit code for "unhealthy" or "partial".
 pub const EXIT_UNHEALTHY: u8 = 3;
@@ -87,6 +89,14 @@ fn parse_replica(s: &str) -> Result<ReplicaChoice, String> {
     }
 }
 
+fn parse_start(s: &str) -> Result<StartFrom, String> {
+    match s {
+        "earliest" => Ok(StartFrom::Earliest),
+        "latest" => Ok(StartFrom::Latest),
+        _ => Err(format!("{s:?}: expected earliest or latest")),
+    }
+}
+
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -125,13 +135,30 @@ pub enum Command {
         #[arg(long)]
         key: Option<String>,
     },
-    /// Print events of a partition as JSON lines.
+    /// Print events as JSON lines: of one partition, or, with --group, of the partitions the
+    /// group assigns to this member (committing after printing).
     Consume {
         topic: String,
+        /// The partition to read (required without --group).
+        #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+        partition: Option<u32>,
+        /// Consume as a member of this consumer group.
         #[arg(long)]
-        partition: u32,
+        group: Option<String>,
+        /// With --group: the member's session timeout.
+        #[arg(long, default_value_t = 10_000, requires = "group")]
+        session_timeout_ms: u32,
+        /// With --group: leave the group and exit after this long without a record.
+        #[arg(long, requires = "group")]
+        idle_exit_ms: Option<u64>,
+        /// With --group: cooperative-sticky (incremental), range or round-robin (eager).
+        #[arg(long, default_value = "cooperative-sticky", requires = "group")]
+        assignor: String,
+        /// With --group: where to start a partition the group has not committed: earliest or latest.
+        #[arg(long, default_value = "earliest", value_parser = parse_start, requires = "group")]
+        start: StartFrom,
         /// First offset to read (default: the start of the log).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "group")]
         from: Option<u64>,
         /// Stop after this many events (default: follow forever).
         #[arg(long)]
@@ -142,6 +169,11 @@ pub enum Command {
         /// Long-poll wait per fetch, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         wait_ms: u32,
+    },
+    /// Consumer groups: list, describe (with lag), reset offsets, delete.
+    Group {
+        #[command(subcommand)]
+        command: groups::GroupCommand,
     },
     /// Benchmarks with the workload shapes of the NATS JetStream baseline.
     Bench {
@@ -300,9 +332,38 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topic { command } => admin::topic(&client, format, command).await,
         Command::Partition { command } => admin::partition(&client, format, command).await,
         Command::Produce { topic, partition, key } => data::produce(client, &topic, partition, key).await,
-        Command::Consume { topic, partition, from, count, replica, wait_ms } => {
-            data::consume(&client, &topic, partition, from, count, replica, wait_ms).await
-        }
+        Command::Consume {
+            topic,
+            partition,
+            group,
+            session_timeout_ms,
+            idle_exit_ms,
+            assignor,
+            start,
+            from,
+            count,
+            replica,
+            wait_ms,
+        } => match (group, partition) {
+            (Some(group), _) => {
+                let o = groups::GroupConsume {
+                    group,
+                    session_timeout_ms,
+                    idle_exit_ms,
+                    assignor,
+                    start,
+                    replica,
+                    wait_ms,
+                    count,
+                };
+                groups::consume(client, &topic, o).await
+            }
+            (None, Some(partition)) => {
+                data::consume(&client, &topic, partition, from, count, replica, wait_ms).await
+            }
+            (None, None) => unreachable!("clap requires --partition without --group"),
+        },
+        Command::Group { command } => groups::group(&client, format, command).await,
         Command::Bench { command } => bench::run(client, format, command).await,
         Command::Completion { .. } => unreachable!("handled before connecting"),
     }
