@@ -217,7 +217,11 @@ impl Groups for GroupsService {
         group_name(&req.group)?;
         let topics: BTreeSet<String> = req.topics.into_iter().collect();
         // A group that never committed has no offsets: that is an empty answer, not an error.
-        let view = self.state.meta.view();
+        let view = if req.linearizable {
+            self.state.meta.linearizable_view(GROUP_WRITE_TIMEOUT).await?
+        } else {
+            self.state.meta.view()
+        };
         let offsets = view
             .state
             .groups

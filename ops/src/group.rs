@@ -27,7 +27,7 @@ use crate::error::Result;
 pub type TopicPartition = (String, u32);
 
 /// Committed (partition, next offset) pairs.
-type Offsets = Vec<(TopicPartition, u64)>;
+pub type Offsets = Vec<(TopicPartition, u64)>;
 
 /// Where a member starts reading a partition for which the group has committed nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,9 +67,10 @@ impl GroupConfig {
     }
 }
 
-/// Told when partitions arrive and before they leave (to flush work before the commit).
+/// Told when partitions arrive (with the offset consumption starts at) and before they leave
+/// (to finish work before the commit).
 pub trait RebalanceListener: Send {
-    fn on_assigned(&mut self, _partitions: &[TopicPartition]) {}
+    fn on_assigned(&mut self, _partitions: &[(TopicPartition, u64)]) {}
     fn on_revoked(&mut self, _partitions: &[TopicPartition]) {}
 }
 
@@ -105,6 +106,15 @@ pub struct GroupConsumer {
 impl GroupConsumer {
     /// Joins the group.
     pub async fn join(client: Client, config: GroupConfig) -> Result<Self> {
+        Self::join_with(client, config, None).await
+    }
+
+    /// Joins the group, with a listener that hears of the first assignment too.
+    pub async fn join_with(
+        client: Client,
+        config: GroupConfig,
+        listener: Option<Box<dyn RebalanceListener>>,
+    ) -> Result<Self> {
         let mut c = Self {
             client,
             config,
@@ -114,7 +124,7 @@ impl GroupConsumer {
             next_heartbeat: Instant::now(),
             last_heartbeat_ok: Instant::now(),
             owned: BTreeMap::new(),
-            listener: None,
+            listener,
             async_commit: None,
         };
         c.rejoin().await?;
@@ -248,10 +258,12 @@ impl GroupConsumer {
         if !added.is_empty() {
             let start = self.start_positions(&added).await?;
             debug!(group = %self.config.group, ?start, "taking partitions");
-            self.owned.extend(start);
             if let Some(l) = self.listener.as_mut() {
-                l.on_assigned(&added);
+                let starts: Vec<(TopicPartition, u64)> =
+                    start.iter().map(|(tp, p)| (tp.clone(), p.next)).collect();
+                l.on_assigned(&starts);
             }
+            self.owned.extend(start);
         }
         // Report a change at once, so that partitions move (or the group syncs) quickly.
         let changed = !revoked.is_empty() || !added.is_empty();
@@ -260,8 +272,13 @@ impl GroupConsumer {
     }
 
     async fn start_positions(&self, tps: &[TopicPartition]) -> Result<Vec<(TopicPartition, Position)>> {
-        let req =
-            pb::FetchOffsetsRequest { group: self.config.group.clone(), topics: self.config.topics.clone() };
+        // Linearizable: reflects every commit acknowledged so far, in particular the previous
+        // owner's last one.
+        let req = pb::FetchOffsetsRequest {
+            group: self.config.group.clone(),
+            topics: self.config.topics.clone(),
+            linearizable: true,
+        };
         let committed: BTreeMap<TopicPartition, u64> = self
             .call("fetch offsets", |mut c| {
                 let r = self.client.request(req.clone());
@@ -349,14 +366,14 @@ impl GroupConsumer {
             .collect()
     }
 
-    async fn commit_partitions(&mut self, tps: &[TopicPartition]) -> Result<()> {
+    async fn commit_partitions(&mut self, tps: &[TopicPartition]) -> Result<Offsets> {
         let offsets = self.pending(tps);
         if offsets.is_empty() {
-            return Ok(());
+            return Ok(offsets);
         }
         commit(&self.client, &self.config.group, &self.member_id, &offsets).await?;
         self.mark_committed(&offsets);
-        Ok(())
+        Ok(offsets)
     }
 
     fn mark_committed(&mut self, offsets: &[(TopicPartition, u64)]) {
@@ -367,8 +384,9 @@ impl GroupConsumer {
         }
     }
 
-    /// Commits the positions of every partition this member consumes, and waits for it.
-    pub async fn commit_sync(&mut self) -> Result<()> {
+    /// Commits the positions of every partition this member consumes, and waits for it;
+    /// returns the offsets it committed (none when nothing moved since the last commit).
+    pub async fn commit_sync(&mut self) -> Result<Offsets> {
         self.finish_async_commit(true).await;
         let all: Vec<TopicPartition> = self.owned.keys().cloned().collect();
         self.commit_partitions(&all).await
@@ -416,7 +434,7 @@ impl GroupConsumer {
             async move { c.leave_group(r).await }
         })
         .await?;
-        committed
+        committed.map(|_| ())
     }
 }
 
@@ -476,6 +494,18 @@ impl Client {
         })
         .await
         .map(|_| ())
+    }
+
+    /// The group's committed offsets; `linearizable` reads through the metadata leader.
+    pub async fn fetch_group_offsets(&self, group: &str, linearizable: bool) -> Result<Offsets> {
+        let req = pb::FetchOffsetsRequest { group: group.to_owned(), topics: vec![], linearizable };
+        let r = self
+            .call_any_channel("fetch offsets", |ch| {
+                let r = self.request(req.clone());
+                async move { GroupsClient::new(ch).fetch_offsets(r).await }
+            })
+            .await?;
+        Ok(r.offsets.into_iter().map(|o| ((o.topic, o.partition), o.offset)).collect())
     }
 
     pub async fn delete_group(&self, group: &str) -> Result<()> {

@@ -2,7 +2,9 @@
 //!
 //! Produce operations are recorded Jepsen-style: invoked, then `ok` with the acknowledged offset,
 //! `fail` when the record was certainly not written, or `unknown` when the client gave up without
-//! knowing (a timeout: the record may or may not be in the log). Consumers record every fetch.
+//! knowing (a timeout: the record may or may not be in the log). Consumers record every fetch;
+//! consumer-group members record what they delivered, their acknowledged commits and the offsets
+//! they started from when they took a partition over.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -45,10 +47,31 @@ pub struct FetchObservation {
     pub records: Vec<(u64, String)>,
 }
 
+/// A record a consumer-group member delivered to its application.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupDelivery {
+    pub member: String,
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub value: String,
+    pub at_ms: u64,
+}
+
+/// A group event: an acknowledged offset commit, or a member taking a partition over at the
+/// start offset it read (linearizably) from the group's commits.
+#[derive(Debug, Clone, Serialize)]
+pub enum GroupEvent {
+    Committed { member: String, partition: PartitionKey, offset: u64, invoke_ms: u64, complete_ms: u64 },
+    TookOver { member: String, partition: PartitionKey, start: u64, invoke_ms: u64, complete_ms: u64 },
+}
+
 #[derive(Debug, Default)]
 pub struct HistoryData {
     pub produces: Vec<ProduceOp>,
     pub fetches: Vec<FetchObservation>,
+    pub deliveries: Vec<GroupDelivery>,
+    pub group_events: Vec<GroupEvent>,
 }
 
 /// Shared by every client host and the driver.
@@ -89,9 +112,22 @@ impl History {
         self.lock().fetches.push(obs);
     }
 
+    pub fn delivered(&self, d: GroupDelivery) {
+        self.lock().deliveries.push(d);
+    }
+
+    pub fn group_event(&self, e: GroupEvent) {
+        self.lock().group_events.push(e);
+    }
+
     pub fn snapshot(&self) -> (Vec<ProduceOp>, Vec<FetchObservation>) {
         let h = self.lock();
         (h.produces.clone(), h.fetches.clone())
+    }
+
+    pub fn group_snapshot(&self) -> (Vec<GroupDelivery>, Vec<GroupEvent>) {
+        let h = self.lock();
+        (h.deliveries.clone(), h.group_events.clone())
     }
 
     pub fn acked(&self) -> usize {
@@ -111,6 +147,7 @@ impl History {
             *c.entry(k).or_default() += 1;
         }
         c.insert("fetches", h.fetches.len());
+        c.insert("group_deliveries", h.deliveries.len());
         c
     }
 }

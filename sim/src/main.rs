@@ -68,6 +68,9 @@ pub struct Common {
     /// Consumer clients (reading from leaders and followers).
     #[arg(long, default_value_t = 2)]
     consumers: u32,
+    /// Members of the consumer group that consumes every topic (they crash and rejoin).
+    #[arg(long, default_value_t = 3)]
+    group_members: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -147,6 +150,7 @@ impl Common {
             events_per_sec: self.rate,
             producers: self.producers,
             consumers: self.consumers,
+            group_members: self.group_members,
             progress: false,
         }
     }

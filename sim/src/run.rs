@@ -70,6 +70,7 @@ pub struct RunOptions {
     pub events_per_sec: u32,
     pub producers: u32,
     pub consumers: u32,
+    pub group_members: u32,
     /// Print progress to stderr while running.
     pub progress: bool,
 }
@@ -88,6 +89,9 @@ impl RunOptions {
         );
         if self.producers != 3 || self.consumers != 2 {
             c.push_str(&format!(" --producers {} --consumers {}", self.producers, self.consumers));
+        }
+        if self.group_members != 3 {
+            c.push_str(&format!(" --group-members {}", self.group_members));
         }
         if let Some(f) = &self.faults {
             c.push_str(&format!(" --faults {}", f.iter().map(|f| f.name()).collect::<Vec<_>>().join(",")));
@@ -252,6 +256,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         partitions: opts.partitions,
         producers: opts.producers,
         consumers: opts.consumers,
+        group_members: opts.group_members,
         events_per_sec: opts.events_per_sec,
         chaos_end: opts.duration,
     };
@@ -270,7 +275,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
     // Three client machines: one runs setup, admin actions and the final verification in turn;
     // one runs every producer; one every consumer. (Fewer hosts make the simulation faster;
     // each client still has its own connections.)
-    let clients: Vec<String> = vec!["admin".into(), "producers".into(), "consumers".into()];
+    let clients: Vec<String> = vec!["admin".into(), "producers".into(), "consumers".into(), "group".into()];
     let c = ctx.clone();
     sim.client("admin", async move {
         workload::setup(c.clone()).await?;
@@ -290,6 +295,17 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
     sim.client("consumers", async move {
         for r in
             futures::future::join_all((0..c.config.consumers).map(|i| workload::consumer(c.clone(), i))).await
+        {
+            r?;
+        }
+        Ok(())
+    });
+    let c = ctx.clone();
+    sim.client("group", async move {
+        for r in futures::future::join_all(
+            (0..c.config.group_members).map(|i| workload::group_member(c.clone(), i)),
+        )
+        .await
         {
             r?;
         }
@@ -342,9 +358,13 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
     let sim_seconds = sim.elapsed().as_secs_f64();
 
     let (produces, fetches) = history.snapshot();
+    let (deliveries, group_events) = history.group_snapshot();
     let mut evidence = Evidence {
         produces,
         fetches,
+        group_members: opts.group_members,
+        deliveries,
+        group_events,
         audit: audit.lock().expect("audit lock").clone(),
         leaders: observer.leaders.clone(),
         ..Default::default()
@@ -368,6 +388,12 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         }
         for f in &evidence.fetches {
             h.update(format!("{f:?}").as_bytes());
+        }
+        for d in &evidence.deliveries {
+            h.update(format!("{d:?}").as_bytes());
+        }
+        for g in &evidence.group_events {
+            h.update(format!("{g:?}").as_bytes());
         }
         h.digest()
     };

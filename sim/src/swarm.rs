@@ -32,6 +32,8 @@ impl Common {
             self.producers.to_string(),
             "--consumers".into(),
             self.consumers.to_string(),
+            "--group-members".into(),
+            self.group_members.to_string(),
         ];
         if let Some(f) = &self.faults {
             a.push("--faults".into());

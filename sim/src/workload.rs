@@ -4,6 +4,9 @@
 //! - `producer-N` write unique payloads to random partitions with idempotent, retrying
 //!   producers, and record every operation's outcome;
 //! - `consumer-N` read every partition from leaders and followers and record what they see;
+//! - `group-N` are the members of one consumer group that consumes every topic; each now and
+//!   then crashes (abandons its session without committing or leaving) and joins again, and
+//!   records what it delivered, its commits, and where it started each partition it took over;
 //! - `admin` creates topics and moves partition leaderships during the chaos;
 //! - `verifier`, after the faults are healed, checks that every partition accepts and serves a
 //!   write (liveness) and reads every partition from every replica for the checker (the audit).
@@ -45,6 +48,7 @@ pub struct WorkloadConfig {
     pub partitions: u32,
     pub producers: u32,
     pub consumers: u32,
+    pub group_members: u32,
     /// Events per simulated second, over all producers.
     pub events_per_sec: u32,
     /// When the faults stop (simulated time).
@@ -58,6 +62,8 @@ pub struct Audit {
     pub replicas: BTreeMap<PartitionKey, BTreeMap<u64, Vec<(u64, String)>>>,
     /// Problems the verifier ran into (liveness failures, unreadable replicas).
     pub liveness: Vec<String>,
+    /// The offset of the last record the verifier wrote to each partition.
+    pub markers: BTreeMap<PartitionKey, u64>,
     pub done: bool,
 }
 
@@ -423,6 +429,150 @@ pub async fn verifier(ctx: Ctx) -> turmoil::Result {
         }
     }
     ctx.trace.push(now_ms(), "verifier", format!("audit done after {} ms", now_ms() - start));
-    ctx.audit.lock().expect("audit lock").done = true;
+    let mut audit = ctx.audit.lock().expect("audit lock");
+    audit.markers = markers;
+    audit.done = true;
+    Ok(())
+}
+
+/// The consumer group's name in the simulation.
+pub const GROUP: &str = "sim-group";
+/// Session timeout of the group's members (simulated time).
+const GROUP_SESSION: Duration = Duration::from_secs(3);
+/// After the audit, a member that received nothing for this long checks whether the group has
+/// consumed everything.
+const GROUP_IDLE_CHECK: Duration = Duration::from_secs(1);
+/// How often members commit what they delivered.
+const GROUP_COMMIT_EVERY: Duration = Duration::from_millis(500);
+/// How long members may take to drain after the audit before the run gives up on them.
+pub const GROUP_DRAIN_BOUND: Duration = Duration::from_secs(90);
+
+/// Collects the partitions a member takes over, with their start offsets.
+struct TakeoverLog(Arc<Mutex<Vec<(PartitionKey, u64)>>>);
+
+impl eddy_ops::group::RebalanceListener for TakeoverLog {
+    fn on_assigned(&mut self, partitions: &[(PartitionKey, u64)]) {
+        self.0.lock().expect("takeover lock").extend(partitions.iter().cloned());
+    }
+}
+
+/// Whether the group has committed past every partition's last audited record.
+async fn group_drained(client: &Client, ctx: &Ctx) -> bool {
+    let markers = ctx.audit.lock().expect("audit lock").markers.clone();
+    let Ok(offsets) = client.fetch_group_offsets(GROUP, true).await else {
+        return false;
+    };
+    let committed: BTreeMap<PartitionKey, u64> = offsets.into_iter().collect();
+    markers.iter().all(|(k, m)| committed.get(k).is_some_and(|c| c > m))
+}
+
+/// One member of the simulation's consumer group, through its incarnations: it joins, polls
+/// and commits after every batch; during the chaos it sometimes crashes (drops its session
+/// without a commit or a leave) and joins again as a new member. After the audit it keeps
+/// consuming until the group has committed past every partition's last record, then leaves.
+pub async fn group_member(ctx: Ctx, i: u32) -> turmoil::Result {
+    use eddy_ops::GroupConfig;
+    use eddy_ops::GroupConsumer;
+
+    use crate::history::GroupDelivery;
+    use crate::history::GroupEvent;
+
+    ctx.wait_ready().await;
+    let client = ctx.connect().await;
+    let mut rng = ctx.rng(4000 + u64::from(i));
+    // The whole group uses one assignor, drawn from the run's seed.
+    let assignor = if ctx.rng(4000).random_bool(0.5) { "cooperative-sticky" } else { "range" };
+    let chaos_end = ctx.config.chaos_end.as_millis() as u64;
+    let hard_end = chaos_end + (LIVENESS_BOUND + GROUP_DRAIN_BOUND).as_millis() as u64;
+    let mut incarnation = 0;
+    'incarnations: while now_ms() < hard_end {
+        let member = format!("group-{i}.{incarnation}");
+        incarnation += 1;
+        let mut config = GroupConfig::new(GROUP, ctx.topics());
+        config.session_timeout = GROUP_SESSION;
+        config.assignor = assignor.into();
+        config.replica = if rng.random_bool(0.5) { ReplicaChoice::Leader } else { ReplicaChoice::Follower };
+        config.max_wait = Duration::from_millis(200);
+        config.max_bytes = 64 << 10;
+        let taken = Arc::new(Mutex::new(Vec::new()));
+        let record_takeovers = |t0: u64| {
+            for (partition, start) in taken.lock().expect("takeover lock").drain(..) {
+                ctx.history.group_event(GroupEvent::TookOver {
+                    member: member.clone(),
+                    partition,
+                    start,
+                    invoke_ms: t0,
+                    complete_ms: now_ms(),
+                });
+            }
+        };
+        let t0 = now_ms();
+        let joined =
+            GroupConsumer::join_with(client.clone(), config, Some(Box::new(TakeoverLog(taken.clone()))))
+                .await;
+        record_takeovers(t0);
+        let Ok(mut consumer) = joined else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let crash_at =
+            if rng.random_bool(0.7) { now_ms() + rng.random_range(3_000..20_000) } else { u64::MAX };
+        let mut last_record = now_ms();
+        let mut last_commit = 0;
+        loop {
+            let now = now_ms();
+            if now >= crash_at && now < chaos_end {
+                ctx.trace.push(now, "client", format!("{member} crashes"));
+                drop(consumer);
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..2_000))).await;
+                continue 'incarnations;
+            }
+            let audit_done = ctx.audit.lock().expect("audit lock").done;
+            let idle = now.saturating_sub(last_record) >= GROUP_IDLE_CHECK.as_millis() as u64;
+            if now >= hard_end || (audit_done && idle && group_drained(&client, &ctx).await) {
+                let _ = consumer.close().await;
+                ctx.trace.push(now_ms(), "client", format!("{member} leaves the group"));
+                break 'incarnations;
+            }
+            if idle {
+                last_record = now;
+            }
+            let t0 = now_ms();
+            let batch = consumer.poll().await;
+            record_takeovers(t0);
+            let batch = batch.unwrap_or_default();
+            if !batch.is_empty() {
+                last_record = now_ms();
+            }
+            for d in batch {
+                ctx.history.delivered(GroupDelivery {
+                    member: member.clone(),
+                    topic: d.topic,
+                    partition: d.partition,
+                    offset: d.record.offset,
+                    value: String::from_utf8_lossy(&d.record.value).into_owned(),
+                    at_ms: last_record,
+                });
+            }
+            // Commit at most every GROUP_COMMIT_EVERY, as applications with auto-commit do.
+            if now_ms() < last_commit + GROUP_COMMIT_EVERY.as_millis() as u64 {
+                continue;
+            }
+            let t0 = now_ms();
+            last_commit = t0;
+            if let Ok(offsets) = consumer.commit_sync().await {
+                let t1 = now_ms();
+                for (partition, offset) in offsets {
+                    ctx.history.group_event(GroupEvent::Committed {
+                        member: member.clone(),
+                        partition,
+                        offset,
+                        invoke_ms: t0,
+                        complete_ms: t1,
+                    });
+                }
+            }
+        }
+    }
     Ok(())
 }

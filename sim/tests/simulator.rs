@@ -19,6 +19,7 @@ fn options(seed: u64, secs: u64, bug: Option<Bug>) -> RunOptions {
         events_per_sec: 400,
         producers: 3,
         consumers: 2,
+        group_members: 3,
         progress: false,
     }
 }

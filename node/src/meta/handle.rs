@@ -115,6 +115,33 @@ impl MetaHandle {
         self.view.clone()
     }
 
+    /// The metadata as of a linearizable read: this node must be the leader, and confirms it
+    /// with a quorum (read index) and applies up to the read point before answering. A follower
+    /// answers `NotLeader`, naming the leader, so the client asks there.
+    pub async fn linearizable_view(&self, timeout: Duration) -> Result<Arc<MetaView>, BrokerError> {
+        use openraft::ReadPolicy;
+        use openraft::errors::LinearizableReadError;
+        match tokio::time::timeout(timeout, self.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+            Err(_) => {
+                Err(BrokerError::Unavailable(format!("metadata read not confirmed within {timeout:?}")))
+            }
+            Ok(Ok(_)) => Ok(self.view()),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
+                let view = self.view();
+                Err(BrokerError::NotLeader {
+                    what: "the metadata group".into(),
+                    me: self.me,
+                    leader: f.leader_id,
+                    leader_addr: f
+                        .leader_id
+                        .and_then(|l| view.state.nodes.get(&l))
+                        .map(|n| n.addr.client_addr.clone()),
+                })
+            }
+            Ok(Err(e)) => Err(BrokerError::Unavailable(format!("metadata read failed: {e}"))),
+        }
+    }
+
     /// The metadata leader as this node knows it.
     pub fn leader(&self) -> Option<NodeId> {
         self.raft.metrics().borrow_watched().current_leader

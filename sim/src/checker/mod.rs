@@ -9,6 +9,8 @@ use eddy_raft::NodeId;
 use serde::Serialize;
 
 use crate::history::FetchObservation;
+use crate::history::GroupDelivery;
+use crate::history::GroupEvent;
 use crate::history::PartitionKey;
 use crate::history::ProduceOp;
 use crate::workload::Audit;
@@ -16,6 +18,8 @@ use crate::workload::Audit;
 pub mod acked_not_lost;
 pub mod consumer_reads;
 pub mod election_safety;
+pub mod group_commits;
+pub mod group_consumes_all;
 pub mod liveness;
 pub mod log_matching;
 pub mod metadata_agreement;
@@ -36,6 +40,10 @@ pub struct ReplicaLog {
 pub struct Evidence {
     pub produces: Vec<ProduceOp>,
     pub fetches: Vec<FetchObservation>,
+    /// Members of the consumer group (0: the run had no group, so there is nothing to judge).
+    pub group_members: u32,
+    pub deliveries: Vec<GroupDelivery>,
+    pub group_events: Vec<GroupEvent>,
     pub audit: Audit,
     pub leaders: BTreeMap<(GroupId, u64), BTreeSet<NodeId>>,
     pub logs: BTreeMap<GroupId, BTreeMap<NodeId, ReplicaLog>>,
@@ -62,7 +70,7 @@ pub struct Invariant {
     pub check: fn(&Evidence) -> Vec<String>,
 }
 
-pub const INVARIANTS: [Invariant; 9] = [
+pub const INVARIANTS: [Invariant; 11] = [
     no_panics::INVARIANT,
     acked_not_lost::INVARIANT,
     no_duplicates::INVARIANT,
@@ -71,6 +79,8 @@ pub const INVARIANTS: [Invariant; 9] = [
     log_matching::INVARIANT,
     election_safety::INVARIANT,
     metadata_agreement::INVARIANT,
+    group_commits::INVARIANT,
+    group_consumes_all::INVARIANT,
     liveness::INVARIANT,
 ];
 
@@ -128,11 +138,60 @@ mod tests {
         check_all(e).1.into_iter().map(|v| v.invariant).collect()
     }
 
+    fn delivery(offset: u64, value: &str) -> GroupDelivery {
+        GroupDelivery {
+            member: "m".into(),
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            value: value.into(),
+            at_ms: 2,
+        }
+    }
+
+    fn event(commit: bool, offset: u64, at: u64) -> GroupEvent {
+        let (member, partition) = ("m".to_string(), ("t".to_string(), 0));
+        if commit {
+            GroupEvent::Committed { member, partition, offset, invoke_ms: at - 1, complete_ms: at }
+        } else {
+            GroupEvent::TookOver { member, partition, start: offset, invoke_ms: at, complete_ms: at + 1 }
+        }
+    }
+
     #[test]
     fn a_consistent_run_passes() {
         let e = Evidence {
             produces: vec![op("a", Some(0)), op("b", Some(1)), op("c", None)],
             audit: audit(&[(1, &["a", "b", "c"]), (2, &["a", "b", "c"])]),
+            group_members: 1,
+            deliveries: vec![delivery(0, "a"), delivery(1, "b"), delivery(1, "b")],
+            group_events: vec![event(true, 1, 10), event(false, 1, 20), event(true, 2, 30)],
+            ..Default::default()
+        };
+        assert_eq!(violated(&e), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn group_anomalies_are_caught() {
+        // An acknowledged event the group never consumed, and a takeover that went back.
+        let e = Evidence {
+            produces: vec![op("a", Some(0)), op("b", Some(1))],
+            audit: audit(&[(1, &["a", "b"])]),
+            group_members: 1,
+            deliveries: vec![delivery(0, "a")],
+            group_events: vec![event(true, 2, 10), event(false, 1, 20)],
+            ..Default::default()
+        };
+        let v = violated(&e);
+        assert!(v.contains(&group_consumes_all::INVARIANT.name), "{v:?}");
+        assert!(v.contains(&group_commits::INVARIANT.name), "{v:?}");
+        // A takeover concurrent with the commit may miss it.
+        let e = Evidence {
+            produces: vec![op("a", Some(0))],
+            audit: audit(&[(1, &["a"])]),
+            group_members: 1,
+            deliveries: vec![delivery(0, "a")],
+            group_events: vec![event(true, 1, 20), event(false, 0, 19)],
             ..Default::default()
         };
         assert_eq!(violated(&e), Vec::<&str>::new());
