@@ -28,7 +28,7 @@ pub enum BrokerError {
     NotReplica { what: String, me: NodeId, replicas: Vec<NodeId> },
     #[error("out-of-order sequence for producer {producer_id}: expected base_sequence {expected}, got {got}")]
     OutOfOrderSequence { producer_id: u64, expected: u64, got: u64 },
-    #[error("offset {offset} is out of range: the log of {what} starts at {log_start}")]
+    #[error("offset {offset} is below the log start offset {log_start} of {what}")]
     OffsetOutOfRange { what: String, offset: u64, log_start: u64 },
     #[error("{0}")]
     NotEnoughNodes(String),
