@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod error;
+pub mod offsets;
 pub mod output;
 pub mod producer;
 
@@ -15,5 +16,6 @@ pub use client::Connect;
 pub use client::ReplicaChoice;
 pub use client::TcpConnect;
 pub use error::ClientError;
+pub use offsets::OffsetSpec;
 pub use producer::Ack;
 pub use producer::Producer;

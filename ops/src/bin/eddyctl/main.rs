@@ -15,6 +15,7 @@ use clap::Parser;
 use clap::Subcommand;
 use eddy_ops::Client;
 use eddy_ops::ClientConfig;
+use eddy_ops::OffsetSpec;
 use eddy_ops::ReplicaChoice;
 use eddy_ops::output::Format;
 
@@ -87,6 +88,14 @@ fn parse_replica(s: &str) -> Result<ReplicaChoice, String> {
     }
 }
 
+fn parse_time(s: &str) -> Result<i64, String> {
+    eddy_ops::offsets::parse_time_ms(s).map_err(|e| e.to_string())
+}
+
+fn parse_offset_spec(s: &str) -> Result<OffsetSpec, String> {
+    OffsetSpec::parse(s).map_err(|e| e.to_string())
+}
+
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -131,8 +140,11 @@ pub enum Command {
         #[arg(long)]
         partition: u32,
         /// First offset to read (default: the start of the log).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "from_time")]
         from: Option<u64>,
+        /// Start at the first event stamped at or after this RFC 3339 time, e.g. 2025-03-01T12:00:00Z.
+        #[arg(long, value_parser = parse_time)]
+        from_time: Option<i64>,
         /// Stop after this many events (default: follow forever).
         #[arg(long)]
         count: Option<u64>,
@@ -234,6 +246,17 @@ pub enum TopicCommand {
         #[arg(long)]
         count: u32,
     },
+    /// Each partition's offset at a time (the first event stamped at or after it), or its
+    /// earliest or latest offset.
+    Offsets {
+        name: String,
+        /// earliest, latest, or an RFC 3339 time such as 2025-03-01T12:00:00Z.
+        #[arg(long, default_value = "latest", value_parser = parse_offset_spec)]
+        time: OffsetSpec,
+        /// Which replica answers: leader, follower, or a node id.
+        #[arg(long, default_value = "leader", value_parser = parse_replica)]
+        replica: ReplicaChoice,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -300,7 +323,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topic { command } => admin::topic(&client, format, command).await,
         Command::Partition { command } => admin::partition(&client, format, command).await,
         Command::Produce { topic, partition, key } => data::produce(client, &topic, partition, key).await,
-        Command::Consume { topic, partition, from, count, replica, wait_ms } => {
+        Command::Consume { topic, partition, from, from_time, count, replica, wait_ms } => {
+            let from = match from_time {
+                Some(ts) => Some(data::offset_at(&client, &topic, partition, ts, replica).await?),
+                None => from,
+            };
             data::consume(&client, &topic, partition, from, count, replica, wait_ms).await
         }
         Command::Bench { command } => bench::run(client, format, command).await,
