@@ -28,6 +28,7 @@ use crate::meta::state::TopicRecord;
 use crate::metrics::NodeMetrics;
 use crate::partition::command::ProduceBatch;
 use crate::partition::command::StoredRecord;
+use crate::partition::handle::OffsetSpec;
 use crate::status::Merged;
 
 /// How long a metadata write (topic creation, producer id) may take.
@@ -132,6 +133,49 @@ impl BrokerService {
             next_offset: f.next_offset,
         })
     }
+
+    fn list_offsets_inner(
+        &self,
+        req: pb::ListOffsetsRequest,
+    ) -> Result<pb::ListOffsetsResponse, BrokerError> {
+        limits::validate_topic_name("topic", &req.topic)?;
+        let spec = match pb::OffsetSpec::try_from(req.spec) {
+            Ok(pb::OffsetSpec::Earliest) => OffsetSpec::Earliest,
+            Ok(pb::OffsetSpec::Latest) => OffsetSpec::Latest,
+            Ok(pb::OffsetSpec::Timestamp) => OffsetSpec::Timestamp(req.timestamp_ms),
+            Ok(pb::OffsetSpec::Unspecified) | Err(_) => {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "spec: {} is not an offset spec; use EARLIEST, LATEST or TIMESTAMP",
+                    req.spec
+                )));
+            }
+        };
+        let (topic, p) = self.state.partition(&req.topic, req.partition)?;
+        let Some(h) = self.state.groups.get(p.group_id) else {
+            return Err(BrokerError::NotReplica {
+                what: format!("{}/{}", topic.name, req.partition),
+                me: self.state.me,
+                replicas: p.replicas.clone(),
+            });
+        };
+        let o = h.list_offset(spec)?;
+        Ok(pb::ListOffsetsResponse {
+            offset: o.offset,
+            timestamp_ms: o.timestamp_ms,
+            log_start_offset: o.log_start_offset,
+            high_watermark: o.high_watermark,
+            node_id: self.state.me,
+        })
+    }
+}
+
+/// A record's timestamp: the producer's, unless it gave none or the topic says
+/// `timestamp.type=log-append`; then the leader's clock.
+pub fn record_timestamp(producer_ms: Option<i64>, now_ms: i64, log_append_time: bool) -> i64 {
+    match producer_ms {
+        Some(ts) if !log_append_time => ts,
+        _ => now_ms,
+    }
 }
 
 impl BrokerState {
@@ -200,6 +244,7 @@ impl BrokerState {
             )));
         }
         let now = self.clock.now_ms();
+        let log_append_time = topic.log_append_time();
         let mut total = 0usize;
         let mut out = Vec::with_capacity(records.len());
         for (i, r) in records.into_iter().enumerate() {
@@ -207,7 +252,7 @@ impl BrokerState {
                 key: r.key,
                 value: r.value,
                 headers: r.headers.into_iter().map(|h| (h.key, h.value)).collect(),
-                timestamp_ms: r.timestamp_ms.unwrap_or(now),
+                timestamp_ms: record_timestamp(r.timestamp_ms, now, log_append_time),
             };
             let size = rec.size();
             if size > max_event {
@@ -409,5 +454,27 @@ impl Broker for BrokerService {
         _: Request<pb::NodeStatusRequest>,
     ) -> Result<Response<pb::NodeStatusResponse>, Status> {
         Ok(Response::new(self.state.local_status()))
+    }
+
+    async fn list_offsets(
+        &self,
+        request: Request<pb::ListOffsetsRequest>,
+    ) -> Result<Response<pb::ListOffsetsResponse>, Status> {
+        self.list_offsets_inner(request.into_inner()).map(Response::new).map_err(Status::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::record_timestamp;
+
+    #[test]
+    fn timestamps_follow_the_topics_timestamp_type() {
+        // (producer's timestamp, log-append?, expected) with the leader's clock at 500.
+        for (given, log_append, expect) in
+            [(Some(7), false, 7), (None, false, 500), (Some(7), true, 500), (None, true, 500)]
+        {
+            assert_eq!(record_timestamp(given, 500, log_append), expect, "{given:?} log-append {log_append}");
+        }
     }
 }

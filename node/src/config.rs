@@ -42,8 +42,11 @@ pub struct NodeConfig {
     /// Move partition leaderships back to their preferred replicas automatically (e.g. after a
     /// node returns). `eddyctl cluster balance` does it on demand either way.
     pub auto_balance_leaders: bool,
-    /// A partition log starts a new segment file past this size.
+    /// A partition log starts a new segment file past this size (unless its topic sets
+    /// `segment.bytes`).
     pub segment_bytes: u64,
+    /// How often each partition leader checks its topic's `retention.ms` and `retention.bytes`.
+    pub retention_check_interval_ms: u64,
     pub limits: Limits,
 }
 
@@ -59,6 +62,7 @@ impl Default for NodeConfig {
             join: Vec::new(),
             auto_balance_leaders: true,
             segment_bytes: 64 << 20,
+            retention_check_interval_ms: 5000,
             limits: Limits::default(),
         }
     }
@@ -113,6 +117,12 @@ impl NodeConfig {
         }
         if self.segment_bytes < 1 << 20 {
             bail!("segment_bytes: {} is below the minimum of 1 MiB", self.segment_bytes);
+        }
+        if self.retention_check_interval_ms < 10 {
+            bail!(
+                "retention_check_interval_ms: {} is below the minimum of 10",
+                self.retention_check_interval_ms
+            );
         }
         if self.limits.max_event_bytes == 0 || self.limits.max_event_bytes > self.limits.max_request_bytes {
             bail!("limits.max_event_bytes: must be between 1 and limits.max_request_bytes");

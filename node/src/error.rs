@@ -28,7 +28,7 @@ pub enum BrokerError {
     NotReplica { what: String, me: NodeId, replicas: Vec<NodeId> },
     #[error("out-of-order sequence for producer {producer_id}: expected base_sequence {expected}, got {got}")]
     OutOfOrderSequence { producer_id: u64, expected: u64, got: u64 },
-    #[error("offset {offset} is out of range: the log of {what} starts at {log_start}")]
+    #[error("offset {offset} is below the log start offset {log_start} of {what}")]
     OffsetOutOfRange { what: String, offset: u64, log_start: u64 },
     #[error("{0}")]
     NotEnoughNodes(String),
@@ -110,6 +110,9 @@ impl From<BrokerError> for Status {
                 md.insert(error_keys::LEADER_ADDR, a);
             }
         }
+        if let BrokerError::OffsetOutOfRange { log_start, .. } = &e {
+            md.insert(error_keys::LOG_START_OFFSET, MetadataValue::from(*log_start));
+        }
         status
     }
 }
@@ -133,5 +136,19 @@ mod tests {
         assert!(s.message().contains("node 2 at 127.0.0.1:9092"), "{}", s.message());
         assert_eq!(s.metadata().get(error_keys::CODE).and_then(|v| v.to_str().ok()), Some("not_leader"));
         assert_eq!(s.metadata().get(error_keys::LEADER_ID).and_then(|v| v.to_str().ok()), Some("2"));
+    }
+
+    #[test]
+    fn out_of_range_names_the_offset_and_the_log_start() {
+        let s = Status::from(BrokerError::OffsetOutOfRange {
+            what: "orders/0".into(),
+            offset: 0,
+            log_start: 1234,
+        });
+        assert_eq!(s.code(), Code::OutOfRange);
+        assert_eq!(s.message(), "offset 0 is below the log start offset 1234 of orders/0");
+        let md = s.metadata();
+        assert_eq!(md.get(error_keys::CODE).and_then(|v| v.to_str().ok()), Some("offset_out_of_range"));
+        assert_eq!(md.get(error_keys::LOG_START_OFFSET).and_then(|v| v.to_str().ok()), Some("1234"));
     }
 }

@@ -16,6 +16,12 @@ pub const PRODUCE_TIMEOUT_MS_DEFAULT: u32 = 10_000;
 pub const FETCH_WAIT_MS_MAX: u32 = 30_000;
 /// gRPC messages up to this size are decoded, so that oversized fields get a precise error.
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// Bounds of a topic's `segment.bytes`.
+pub const SEGMENT_BYTES_MIN: u64 = 16 << 10;
+pub const SEGMENT_BYTES_MAX: u64 = 1 << 30;
+/// The topic settings the broker understands.
+pub const TOPIC_CONFIG_KEYS: &str =
+    "max.event.bytes, retention.ms, retention.bytes, segment.bytes, timestamp.type";
 
 /// Limits a node enforces on client requests (part of its config, reported in metadata).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,9 +100,37 @@ pub fn validate_topic_config(config: &std::collections::BTreeMap<String, String>
                     )));
                 }
             }
+            "retention.ms" | "retention.bytes" => {
+                let what = if k == "retention.ms" { "milliseconds" } else { "bytes" };
+                match v.parse::<i64>() {
+                    Ok(n) if n == -1 || n > 0 => {}
+                    _ => {
+                        return Err(invalid(format!(
+                            "config.{k}: {v:?} must be a positive number of {what}, or -1 for no limit"
+                        )));
+                    }
+                }
+            }
+            "segment.bytes" => match v.parse::<u64>() {
+                Ok(n) if (SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&n) => {}
+                _ => {
+                    return Err(invalid(format!(
+                        "config.segment.bytes: {v:?} must be a whole number of bytes between \
+                         {SEGMENT_BYTES_MIN} and {SEGMENT_BYTES_MAX}"
+                    )));
+                }
+            },
+            "timestamp.type" => {
+                if v != "create" && v != "log-append" {
+                    return Err(invalid(format!(
+                        "config.timestamp.type: {v:?} must be \"create\" (the producer's timestamp) or \
+                         \"log-append\" (the leader's clock)"
+                    )));
+                }
+            }
             other => {
                 return Err(invalid(format!(
-                    "config: unknown topic setting {other:?}; known: max.event.bytes"
+                    "config: unknown topic setting {other:?}; known: {TOPIC_CONFIG_KEYS}"
                 )));
             }
         }
@@ -127,5 +161,49 @@ mod tests {
         check("..", false);
         let e = validate_topic_name("name", "a/b").unwrap_err().to_string();
         assert!(e.starts_with("name:") && e.contains("'/'"), "{e}");
+    }
+
+    /// `Ok` or the key the error names.
+    fn config(k: &str, v: &str) -> Result<(), String> {
+        let m = std::collections::BTreeMap::from([(k.to_owned(), v.to_owned())]);
+        validate_topic_config(&m).map_err(|e| {
+            let msg = e.to_string();
+            assert!(matches!(e, BrokerError::InvalidArgument(_)), "{msg}");
+            msg
+        })
+    }
+
+    #[test]
+    fn topic_configs_are_validated_naming_the_key() {
+        for (k, v) in [
+            ("retention.ms", "5000"),
+            ("retention.ms", "-1"),
+            ("retention.bytes", "1048576"),
+            ("retention.bytes", "-1"),
+            ("segment.bytes", "65536"),
+            ("segment.bytes", "16384"),
+            ("timestamp.type", "create"),
+            ("timestamp.type", "log-append"),
+            ("max.event.bytes", "1024"),
+        ] {
+            assert_eq!(config(k, v), Ok(()), "{k}={v}");
+        }
+        for (k, v) in [
+            ("retention.ms", "0"),
+            ("retention.ms", "-2"),
+            ("retention.ms", "5s"),
+            ("retention.bytes", "0"),
+            ("retention.bytes", "lots"),
+            ("segment.bytes", "1024"),
+            ("segment.bytes", "2147483648"),
+            ("segment.bytes", "-1"),
+            ("timestamp.type", "CreateTime"),
+            ("max.event.bytes", "0"),
+        ] {
+            let e = config(k, v).expect_err(&format!("{k}={v} must be refused"));
+            assert!(e.starts_with(&format!("config.{k}: ")), "{k}={v}: {e}");
+        }
+        let e = config("retention.hours", "1").expect_err("unknown key");
+        assert!(e.contains("retention.hours") && e.contains("retention.ms"), "{e}");
     }
 }

@@ -40,6 +40,7 @@ use crate::partition::PartitionHandle;
 use crate::partition::PartitionStateMachine;
 use crate::partition::handle::PartitionParts;
 use crate::partition::handle::PartitionRaft;
+use crate::partition::retention::RetentionTask;
 use crate::raft_config;
 
 /// How long a non-preferred initial replica waits before initializing a pristine group itself.
@@ -80,6 +81,7 @@ pub struct PartitionManager {
     pub env: NodeEnv,
     pub data_dir: PathBuf,
     pub segment_bytes: u64,
+    pub retention_check_interval: Duration,
     pub meta: MetaHandle,
     pub groups: Arc<Groups>,
     pub registry: Arc<Registry>,
@@ -107,6 +109,7 @@ impl PartitionManager {
             }
         }
         for g in self.groups.take_all() {
+            g.stop_tasks();
             self.registry.remove(g.group());
             if let Err(e) = g.raft().shutdown().await {
                 warn!(group = g.group(), "stopping partition group: {e}");
@@ -133,7 +136,7 @@ impl PartitionManager {
                 }
                 let span = info_span!("partition", node = self.me, group = p.group_id, topic = %topic.name, partition = i);
                 match self
-                    .start_group(view, &topic.name, i as u32, p.group_id, &p.initial_replicas)
+                    .start_group(view, &topic.name, i as u32, p.group_id, &p.initial_replicas, cancel)
                     .instrument(span)
                     .await
                 {
@@ -156,6 +159,7 @@ impl PartitionManager {
             "removing a replica this node no longer holds"
         );
         self.groups.remove(group);
+        g.stop_tasks();
         self.registry.remove(group);
         if let Err(e) = g.raft().shutdown().await {
             warn!(group, "stopping the group: {e}");
@@ -177,12 +181,15 @@ impl PartitionManager {
         partition: u32,
         group: GroupId,
         initial_replicas: &[NodeId],
+        cancel: &CancellationToken,
     ) -> anyhow::Result<PartitionHandle> {
         let dir = self.data_dir.join("groups").join(group.to_string());
+        let segment_bytes_max =
+            view.state.topics.get(topic).and_then(|t| t.segment_bytes()).unwrap_or(self.segment_bytes);
         let (log, report) = LogStore::open(
             self.env.vfs.clone(),
             &dir,
-            LogConfig { segment_bytes_max: self.segment_bytes, on_sync: Some(self.metrics.sync_observer()) },
+            LogConfig { segment_bytes_max, on_sync: Some(self.metrics.sync_observer()) },
         )
         .await
         .with_context(|| format!("open the log of group {group}"))?;
@@ -226,7 +233,7 @@ impl PartitionManager {
                 );
             }
         }
-        Ok(PartitionHandle::new(PartitionParts {
+        let handle = PartitionHandle::new(PartitionParts {
             topic: topic.to_owned(),
             partition,
             group,
@@ -237,8 +244,17 @@ impl PartitionManager {
             log: reader,
             meta: self.meta.clone(),
             metrics: self.metrics.clone(),
+            stop: cancel.child_token(),
             #[cfg(feature = "planted-bugs")]
             bugs: self.env.bugs,
-        }))
+        });
+        let retention = RetentionTask {
+            handle: handle.clone(),
+            clock: self.env.clock.clone(),
+            interval: self.retention_check_interval,
+            segment_bytes_default: self.segment_bytes,
+        };
+        self.tasks.spawn(retention.run(handle.stop_token()).in_current_span());
+        Ok(handle)
     }
 }

@@ -341,6 +341,7 @@ pub async fn start(
         env: env.clone(),
         data_dir: config.data_dir.clone(),
         segment_bytes: config.segment_bytes,
+        retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
         meta: meta.clone(),
         groups: groups.clone(),
         registry: registry.clone(),

@@ -17,6 +17,7 @@ use tonic::transport::Endpoint;
 
 use crate::error::ClientError;
 use crate::error::Result;
+use crate::offsets::OffsetSpec;
 
 /// Largest response the client accepts (fetches are bounded well below this by the server).
 const RESPONSE_BYTES_MAX: usize = 64 << 20;
@@ -635,6 +636,7 @@ impl Client {
         let deadline = Instant::now() + self.inner.config.request_timeout + max_wait;
         let mut backoff = Backoff::new(&self.inner.config);
         let mut last = ClientError::Unavailable("fetch: no replica answered".into());
+        let mut out_of_range = None;
         loop {
             for addr in self.fetch_targets(topic, partition, choice) {
                 let remaining = deadline.saturating_duration_since(Instant::now());
@@ -655,6 +657,12 @@ impl Client {
                     Ok(Ok(resp)) => return Ok(resp.into_inner()),
                     Ok(Err(status)) => {
                         let e = ClientError::from_status(&status);
+                        if let ClientError::OffsetOutOfRange { .. } = &e {
+                            // Replicas that installed a snapshot start later than the others:
+                            // another replica may still hold the offset.
+                            out_of_range = Some(e);
+                            continue;
+                        }
                         if !e.is_retriable() {
                             return Err(e);
                         }
@@ -662,6 +670,74 @@ impl Client {
                     }
                     Err(_) => {
                         last = ClientError::Unavailable(format!("fetch from {addr}: no answer in time"))
+                    }
+                }
+            }
+            if let Some(e) = out_of_range {
+                return Err(e);
+            }
+            if Instant::now() >= deadline {
+                return Err(last);
+            }
+            backoff.wait().await;
+            let _ = self.refresh_metadata().await;
+        }
+    }
+
+    /// Looks up an offset of a partition (by time, or its earliest or latest offset), asking
+    /// the leader first and any other replica if it cannot answer.
+    pub async fn list_offsets(
+        &self,
+        topic: &str,
+        partition: u32,
+        spec: OffsetSpec,
+    ) -> Result<pb::ListOffsetsResponse> {
+        self.list_offsets_on(topic, partition, spec, ReplicaChoice::Leader).await
+    }
+
+    /// [`Client::list_offsets`] on the replica of your choice (replicas agree on offsets and
+    /// timestamps, but one that installed a snapshot starts later).
+    pub async fn list_offsets_on(
+        &self,
+        topic: &str,
+        partition: u32,
+        spec: OffsetSpec,
+        choice: ReplicaChoice,
+    ) -> Result<pb::ListOffsetsResponse> {
+        if let ReplicaChoice::Node(n) = choice
+            && !self.metadata().nodes.contains_key(&n)
+        {
+            return Err(ClientError::Invalid(format!("--replica: node {n} is not a node of this cluster")));
+        }
+        if self.metadata().partition(topic, partition).is_none() {
+            self.refresh_metadata().await?;
+        }
+        let (kind, timestamp_ms) = spec.to_proto();
+        let req =
+            pb::ListOffsetsRequest { topic: topic.to_owned(), partition, spec: kind as i32, timestamp_ms };
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        let mut backoff = Backoff::new(&self.inner.config);
+        let mut last = ClientError::Unavailable("list offsets: no replica answered".into());
+        loop {
+            for addr in self.fetch_targets(topic, partition, choice) {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    return Err(last);
+                }
+                let mut c = self.broker(&addr)?;
+                let mut r = tonic::Request::new(req.clone());
+                r.set_timeout(remaining);
+                match tokio::time::timeout(remaining, c.list_offsets(r)).await {
+                    Ok(Ok(resp)) => return Ok(resp.into_inner()),
+                    Ok(Err(status)) => {
+                        let e = ClientError::from_status(&status);
+                        if !e.is_retriable() {
+                            return Err(e);
+                        }
+                        last = ClientError::Unavailable(format!("list offsets on {addr}: {e}"));
+                    }
+                    Err(_) => {
+                        last = ClientError::Unavailable(format!("list offsets on {addr}: no answer in time"))
                     }
                 }
             }

@@ -16,6 +16,10 @@ pub enum ClientError {
     /// Nothing answered, or the cluster could not complete the request in time.
     #[error("{0}")]
     Unavailable(String),
+    /// The offset asked for is below the log start of the replica that answered (retention
+    /// deleted it); `log_start_offset` is where that replica's log starts.
+    #[error("{message}")]
+    OffsetOutOfRange { message: String, log_start_offset: Option<u64> },
     /// The server reported an error; `code` is its `eddy-error` code.
     #[error("{message}")]
     Server { code: String, message: String, leader_addr: Option<String> },
@@ -34,6 +38,10 @@ impl ClientError {
                     "invalid_argument" | "not_enough_nodes" => Self::Invalid(message),
                     "unknown_topic" | "unknown_partition" => Self::NotFound(message),
                     "topic_exists" => Self::AlreadyExists(message),
+                    "offset_out_of_range" => Self::OffsetOutOfRange {
+                        message,
+                        log_start_offset: get(error_keys::LOG_START_OFFSET).and_then(|v| v.parse().ok()),
+                    },
                     _ => Self::Server { code, message, leader_addr },
                 }
             }
@@ -48,6 +56,7 @@ impl ClientError {
     pub fn code(&self) -> Option<&str> {
         match self {
             Self::Server { code, .. } => Some(code),
+            Self::OffsetOutOfRange { .. } => Some("offset_out_of_range"),
             _ => None,
         }
     }

@@ -23,18 +23,12 @@ use tracing::warn;
 use crate::client::Client;
 use crate::client::ReplicaChoice;
 use crate::error::Result;
+use crate::offsets::OffsetSpec;
 
 pub type TopicPartition = (String, u32);
 
 /// Committed (partition, next offset) pairs.
 pub type Offsets = Vec<(TopicPartition, u64)>;
-
-/// Where a member starts reading a partition for which the group has committed nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StartFrom {
-    Earliest,
-    Latest,
-}
 
 #[derive(Debug, Clone)]
 pub struct GroupConfig {
@@ -43,7 +37,8 @@ pub struct GroupConfig {
     pub session_timeout: Duration,
     /// `cooperative-sticky` (default), `range` or `round-robin`.
     pub assignor: String,
-    pub start: StartFrom,
+    /// Where to start a partition for which the group has committed nothing.
+    pub start: OffsetSpec,
     /// Which replica to read from.
     pub replica: ReplicaChoice,
     /// Longest wait of one [`GroupConsumer::poll`] for new records.
@@ -59,7 +54,7 @@ impl GroupConfig {
             topics,
             session_timeout: Duration::from_secs(10),
             assignor: "cooperative-sticky".into(),
-            start: StartFrom::Earliest,
+            start: OffsetSpec::Earliest,
             replica: ReplicaChoice::Leader,
             max_wait: Duration::from_millis(500),
             max_bytes: 1 << 20,
@@ -289,23 +284,16 @@ impl GroupConsumer {
             .into_iter()
             .map(|o| ((o.topic, o.partition), o.offset))
             .collect();
-        let mut latest = BTreeMap::new();
-        if self.config.start == StartFrom::Latest && tps.iter().any(|tp| !committed.contains_key(tp)) {
-            let md = self.client.refresh_metadata().await?;
-            for tp in tps {
-                if let Some(p) = md.partition(&tp.0, tp.1) {
-                    latest.insert(tp.clone(), p.high_watermark);
-                }
-            }
+        let mut out = Vec::with_capacity(tps.len());
+        for tp in tps {
+            let c = committed.get(tp).copied();
+            let next = match c {
+                Some(c) => c,
+                None => self.client.list_offsets(&tp.0, tp.1, self.config.start).await?.offset,
+            };
+            out.push((tp.clone(), Position { next, committed: c }));
         }
-        Ok(tps
-            .iter()
-            .map(|tp| {
-                let c = committed.get(tp).copied();
-                let next = c.or_else(|| latest.get(tp).copied()).unwrap_or(0);
-                (tp.clone(), Position { next, committed: c })
-            })
-            .collect())
+        Ok(out)
     }
 
     /// Keeps the session alive and returns the next records of the member's partitions (none
@@ -337,17 +325,24 @@ impl GroupConsumer {
             let Some(pos) = self.owned.get_mut(&tp) else { continue };
             match r {
                 Ok(resp) => {
-                    if resp.records.is_empty() && pos.next < resp.log_start_offset {
-                        // Retention removed what the group had not read yet.
-                        warn!(partition = ?tp, from = pos.next, to = resp.log_start_offset, "skipping to the log start");
-                        pos.next = resp.log_start_offset;
-                    }
                     for record in resp.records {
                         if record.offset < pos.next {
                             continue;
                         }
                         pos.next = record.offset + 1;
                         out.push(Delivered { topic: tp.0.clone(), partition: tp.1, record });
+                    }
+                }
+                Err(e) if e.code() == Some("offset_out_of_range") => {
+                    // Retention removed what the group had not read yet: go on from the log
+                    // start, as Kafka's auto.offset.reset=earliest does.
+                    match self.client.list_offsets(&tp.0, tp.1, OffsetSpec::Earliest).await {
+                        Ok(r) if r.offset > pos.next => {
+                            warn!(partition = ?tp, from = pos.next, to = r.offset, "offsets removed by retention; skipping to the log start");
+                            pos.next = r.offset;
+                        }
+                        Ok(_) => {}
+                        Err(e) => debug!(partition = ?tp, "looking up the log start failed: {e}"),
                     }
                 }
                 Err(e) => debug!(partition = ?tp, "fetch failed: {e}"),

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod error;
 pub mod group;
+pub mod offsets;
 pub mod output;
 pub mod producer;
 
@@ -19,5 +20,6 @@ pub use client::TcpConnect;
 pub use error::ClientError;
 pub use group::GroupConfig;
 pub use group::GroupConsumer;
+pub use offsets::OffsetSpec;
 pub use producer::Ack;
 pub use producer::Producer;

@@ -19,6 +19,8 @@ pub mod error_keys {
     pub const CODE: &str = "eddy-error";
     pub const LEADER_ID: &str = "eddy-leader-id";
     pub const LEADER_ADDR: &str = "eddy-leader-addr";
+    /// With `offset_out_of_range`: the log start offset of the replica that answered.
+    pub const LOG_START_OFFSET: &str = "eddy-log-start-offset";
 }
 
 /// The partition a keyed record goes to when the producer does not name one.

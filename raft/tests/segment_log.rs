@@ -712,6 +712,34 @@ async fn purge_is_durable_and_hides_purged_entries() -> io::Result<()> {
     Ok(())
 }
 
+/// The reader lists the segment files as they are on disk (contiguous, sizes adding up to the
+/// log's bytes), and a new segment size applies from the next append on.
+#[tokio::test]
+async fn segments_are_listed_and_their_size_can_change() -> io::Result<()> {
+    let (disk, mut store, all) = rolled_log(40, SEGMENT_BYTES_SMALL).await?;
+    let reader = store.reader();
+    let segs = reader.segments();
+    assert_eq!(segs.iter().map(|s| s.first_index).collect::<Vec<_>>(), segment_firsts(&disk)?);
+    for w in segs.windows(2) {
+        assert_eq!(w[0].next_index, w[1].first_index, "segments are contiguous: {segs:?}");
+    }
+    assert_eq!(segs.last().map(|s| s.next_index), Some(41));
+    assert_eq!(segs.iter().map(|s| s.bytes).sum::<u64>(), reader.bytes());
+    assert!(segs.len() >= 5, "{segs:?}");
+
+    // Larger segments: the next entries go on filling the active segment past the old size.
+    reader.set_segment_bytes_max(1 << 20);
+    let before = segs.len();
+    let more: Vec<Entry> = (41..=60).map(|i| entry(log_term(&all[39].log_id), i, 40)).collect();
+    for e in more {
+        append_durable(&mut store, vec![e]).await?;
+    }
+    let segs = reader.segments();
+    assert_eq!(segs.len(), before, "no new segment: {segs:?}");
+    assert!(segs.last().is_some_and(|s| s.bytes > SEGMENT_BYTES_SMALL && s.next_index == 61), "{segs:?}");
+    Ok(())
+}
+
 /// A purge interrupted after recording the purge point but before deleting the segments is
 /// completed by recovery.
 #[tokio::test]

@@ -152,13 +152,18 @@ pub struct Cluster {
 impl Cluster {
     /// Writes configs for `n` nodes that form a new cluster together and starts them all.
     pub fn start(n: u64) -> anyhow::Result<Self> {
+        Self::start_with(n, "")
+    }
+
+    /// [`Cluster::start`] with `extra` (top-level TOML keys) added to every node's config.
+    pub fn start_with(n: u64, extra: &str) -> anyhow::Result<Self> {
         let serial = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::Builder::new().prefix("eddy-cluster-").tempdir()?;
         let mut c = Self { dir, nodes: BTreeMap::new(), _serial: serial };
         for id in 1..=n {
             c.add_node_proc(id);
         }
-        let mut members = String::new();
+        let mut members = extra.to_owned();
         for node in c.nodes.values() {
             members.push_str(&format!(
                 "[[initial_members]]\nid = {}\nclient_addr = \"{}\"\nraft_addr = \"{}\"\n",
@@ -221,6 +226,31 @@ impl Cluster {
 
     pub fn node(&self, id: u64) -> &NodeProc {
         &self.nodes[&id]
+    }
+
+    /// Node `id`'s data directory.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("data-{id}"))
+    }
+
+    /// Bytes in the segment files of node `id`'s partition groups (every group but the
+    /// metadata group, 0).
+    pub fn partition_log_bytes(&self, id: u64) -> anyhow::Result<u64> {
+        let mut total = 0;
+        let groups = self.data_dir(id).join("groups");
+        for g in std::fs::read_dir(&groups).with_context(|| format!("list {}", groups.display()))? {
+            let g = g?;
+            if g.file_name() == "0" {
+                continue;
+            }
+            for f in std::fs::read_dir(g.path())? {
+                let f = f?;
+                if f.file_name().to_string_lossy().ends_with(".seg") {
+                    total += f.metadata()?.len();
+                }
+            }
+        }
+        Ok(total)
     }
 
     pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {

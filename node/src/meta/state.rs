@@ -102,6 +102,29 @@ impl TopicRecord {
     pub fn max_event_bytes(&self) -> Option<u32> {
         self.config.get("max.event.bytes").and_then(|v| v.parse().ok())
     }
+
+    /// `retention.ms`: records older than this may be deleted; `None` (or -1) keeps them.
+    pub fn retention_ms(&self) -> Option<i64> {
+        self.config.get("retention.ms").and_then(|v| v.parse().ok()).filter(|v: &i64| *v > 0)
+    }
+
+    /// `retention.bytes`: the most bytes of a partition's log kept; `None` (or -1) for no bound.
+    pub fn retention_bytes(&self) -> Option<u64> {
+        self.config
+            .get("retention.bytes")
+            .and_then(|v| v.parse::<i64>().ok())
+            .and_then(|v| u64::try_from(v).ok())
+    }
+
+    /// `segment.bytes`: the size of this topic's log segments, if it sets one.
+    pub fn segment_bytes(&self) -> Option<u64> {
+        self.config.get("segment.bytes").and_then(|v| v.parse().ok())
+    }
+
+    /// `timestamp.type=log-append`: records get the leader's clock, whatever the producer says.
+    pub fn log_append_time(&self) -> bool {
+        self.config.get("timestamp.type").is_some_and(|v| v == "log-append")
+    }
 }
 
 /// The metadata group's state.

@@ -1,7 +1,8 @@
 //! Commands of a partition group and their replies, as they travel in Raft entries.
 //!
 //! A produce request becomes one [`PartitionCommand::Produce`] entry holding the whole record
-//! batch; offsets are not in the entry but assigned when it is applied.
+//! batch; offsets are not in the entry but assigned when it is applied. Retention proposes
+//! [`PartitionCommand::AdvanceLogStart`], so every replica forgets the same records.
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -36,6 +37,11 @@ pub struct ProduceBatch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PartitionCommand {
     Produce(ProduceBatch),
+    /// Retention: records below `offset` are no longer served, and the log entries holding
+    /// only such records may be purged. `offset` is a batch's base offset or the high watermark.
+    AdvanceLogStart {
+        offset: u64,
+    },
 }
 
 /// What applying a produce entry needs, readable without decoding the records.
@@ -44,6 +50,16 @@ pub struct ProduceHeader {
     pub producer_id: u64,
     pub base_sequence: u64,
     pub count: u32,
+    /// The greatest record timestamp of the batch; `None` in entries written before the header
+    /// carried it (the records then tell).
+    pub max_timestamp_ms: Option<i64>,
+}
+
+/// What applying an entry needs, readable without decoding the records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandHeader {
+    Produce(ProduceHeader),
+    AdvanceLogStart { offset: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +70,10 @@ pub enum PartitionReply {
         base_offset: u64,
         count: u32,
         duplicate: bool,
+    },
+    /// For [`PartitionCommand::AdvanceLogStart`]: the log start offset after applying it.
+    LogStart {
+        log_start_offset: u64,
     },
     OutOfOrderSequence {
         expected: u64,
@@ -67,43 +87,77 @@ pub enum PartitionReply {
 #[error("undecodable partition command: {0}")]
 pub struct DecodeError(String);
 
-const KIND_PRODUCE: u8 = 1;
+/// A produce entry whose header has no timestamp (written by earlier versions).
+const KIND_PRODUCE_V1: u8 = 1;
+const KIND_PRODUCE: u8 = 2;
+const KIND_ADVANCE_LOG_START: u8 = 3;
 /// kind (1) + producer id (8) + base sequence (8) + record count (4).
-const PRODUCE_HEADER_BYTES: usize = 21;
+const PRODUCE_V1_HEADER_BYTES: usize = 21;
+/// The v1 header + the greatest record timestamp (8).
+const PRODUCE_HEADER_BYTES: usize = 29;
+/// kind (1) + offset (8).
+const ADVANCE_LOG_START_BYTES: usize = 9;
 
 impl PartitionCommand {
     /// The entry encoding: a fixed header, then the records (postcard). Every replica applies
     /// every entry, and applying reads only the header.
     pub fn encode(&self) -> Bytes {
-        let PartitionCommand::Produce(b) = self;
-        let mut out =
-            Vec::with_capacity(PRODUCE_HEADER_BYTES + b.records.iter().map(|r| r.size() + 16).sum::<usize>());
-        out.push(KIND_PRODUCE);
-        out.extend_from_slice(&b.producer_id.to_le_bytes());
-        out.extend_from_slice(&b.base_sequence.to_le_bytes());
-        out.extend_from_slice(&(b.records.len() as u32).to_le_bytes());
-        postcard::to_io(&b.records, &mut out).expect("records always encode");
-        out.into()
+        match self {
+            PartitionCommand::Produce(b) => {
+                let mut out = Vec::with_capacity(
+                    PRODUCE_HEADER_BYTES + b.records.iter().map(|r| r.size() + 16).sum::<usize>(),
+                );
+                out.push(KIND_PRODUCE);
+                out.extend_from_slice(&b.producer_id.to_le_bytes());
+                out.extend_from_slice(&b.base_sequence.to_le_bytes());
+                out.extend_from_slice(&(b.records.len() as u32).to_le_bytes());
+                let max_ts = b.records.iter().map(|r| r.timestamp_ms).max().unwrap_or(i64::MIN);
+                out.extend_from_slice(&max_ts.to_le_bytes());
+                postcard::to_io(&b.records, &mut out).expect("records always encode");
+                out.into()
+            }
+            PartitionCommand::AdvanceLogStart { offset } => {
+                let mut out = Vec::with_capacity(ADVANCE_LOG_START_BYTES);
+                out.push(KIND_ADVANCE_LOG_START);
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.into()
+            }
+        }
     }
 
-    /// The header of a produce entry.
-    pub fn decode_header(b: &[u8]) -> Result<ProduceHeader, DecodeError> {
-        if b.len() < PRODUCE_HEADER_BYTES || b[0] != KIND_PRODUCE {
-            return Err(DecodeError(format!("{} bytes, kind {:?}", b.len(), b.first())));
-        }
+    /// The header of an entry.
+    pub fn decode_header(b: &[u8]) -> Result<CommandHeader, DecodeError> {
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        Ok(ProduceHeader {
-            producer_id: u64_at(1),
-            base_sequence: u64_at(9),
-            count: u32::from_le_bytes(b[17..21].try_into().expect("4 bytes")),
-        })
+        let bad = || DecodeError(format!("{} bytes, kind {:?}", b.len(), b.first()));
+        match b.first() {
+            Some(&KIND_ADVANCE_LOG_START) if b.len() == ADVANCE_LOG_START_BYTES => {
+                Ok(CommandHeader::AdvanceLogStart { offset: u64_at(1) })
+            }
+            Some(&kind @ (KIND_PRODUCE | KIND_PRODUCE_V1)) => {
+                let len = if kind == KIND_PRODUCE { PRODUCE_HEADER_BYTES } else { PRODUCE_V1_HEADER_BYTES };
+                if b.len() < len {
+                    return Err(bad());
+                }
+                let max_timestamp_ms = (kind == KIND_PRODUCE).then(|| u64_at(21) as i64);
+                Ok(CommandHeader::Produce(ProduceHeader {
+                    producer_id: u64_at(1),
+                    base_sequence: u64_at(9),
+                    count: u32::from_le_bytes(b[17..21].try_into().expect("4 bytes")),
+                    max_timestamp_ms,
+                }))
+            }
+            _ => Err(bad()),
+        }
     }
 
     /// The whole batch of a produce entry.
     pub fn decode_batch(b: &[u8]) -> Result<ProduceBatch, DecodeError> {
-        let h = Self::decode_header(b)?;
+        let CommandHeader::Produce(h) = Self::decode_header(b)? else {
+            return Err(DecodeError("not a produce entry".into()));
+        };
+        let start = if h.max_timestamp_ms.is_some() { PRODUCE_HEADER_BYTES } else { PRODUCE_V1_HEADER_BYTES };
         let records: Vec<StoredRecord> =
-            postcard::from_bytes(&b[PRODUCE_HEADER_BYTES..]).map_err(|e| DecodeError(e.to_string()))?;
+            postcard::from_bytes(&b[start..]).map_err(|e| DecodeError(e.to_string()))?;
         if records.len() != h.count as usize {
             return Err(DecodeError(format!("header says {} records, found {}", h.count, records.len())));
         }
@@ -133,14 +187,46 @@ mod tests {
             headers: vec![("h".into(), Bytes::new())],
             timestamp_ms: 7,
         };
-        let b = ProduceBatch { producer_id: 3, base_sequence: 9, records: vec![r.clone(), r] };
+        let late = StoredRecord { timestamp_ms: 9, ..r.clone() };
+        let b = ProduceBatch { producer_id: 3, base_sequence: 9, records: vec![r.clone(), late, r.clone()] };
         let bytes = PartitionCommand::Produce(b.clone()).encode();
         assert_eq!(
             PartitionCommand::decode_header(&bytes),
-            Ok(ProduceHeader { producer_id: 3, base_sequence: 9, count: 2 })
+            Ok(CommandHeader::Produce(ProduceHeader {
+                producer_id: 3,
+                base_sequence: 9,
+                count: 3,
+                max_timestamp_ms: Some(9)
+            }))
         );
-        assert_eq!(PartitionCommand::decode_batch(&bytes), Ok(b));
+        assert_eq!(PartitionCommand::decode_batch(&bytes), Ok(b.clone()));
         assert!(PartitionCommand::decode_header(&bytes[..10]).is_err());
         assert!(PartitionCommand::decode_batch(&bytes[..bytes.len() - 1]).is_err());
+
+        // An entry of the first format (no timestamp in the header) still reads.
+        let mut v1 = vec![KIND_PRODUCE_V1];
+        v1.extend_from_slice(&bytes[1..21]);
+        v1.extend_from_slice(&bytes[29..]);
+        assert_eq!(
+            PartitionCommand::decode_header(&v1),
+            Ok(CommandHeader::Produce(ProduceHeader {
+                producer_id: 3,
+                base_sequence: 9,
+                count: 3,
+                max_timestamp_ms: None
+            }))
+        );
+        assert_eq!(PartitionCommand::decode_batch(&v1), Ok(b));
+    }
+
+    #[test]
+    fn advance_log_start_round_trips_and_is_not_a_batch() {
+        let bytes = PartitionCommand::AdvanceLogStart { offset: 1234 }.encode();
+        assert_eq!(
+            PartitionCommand::decode_header(&bytes),
+            Ok(CommandHeader::AdvanceLogStart { offset: 1234 })
+        );
+        assert!(PartitionCommand::decode_batch(&bytes).is_err());
+        assert!(PartitionCommand::decode_header(&bytes[..5]).is_err());
     }
 }

@@ -26,6 +26,7 @@ use super::command::StoredRecord;
 use super::sm::PartitionStateMachine;
 use super::sm::Progress;
 use super::state::IndexEntry;
+use super::state::first_batch_at_or_after;
 use super::state::offset_key;
 use crate::error::BrokerError;
 use crate::error::Result;
@@ -57,6 +58,31 @@ pub struct Fetched {
     pub next_offset: u64,
 }
 
+/// Which offset [`PartitionHandle::list_offset`] looks up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetSpec {
+    /// The log start offset.
+    Earliest,
+    /// The high watermark: the offset the next record gets.
+    Latest,
+    /// The first offset whose record timestamp is at or after this (milliseconds since the
+    /// Unix epoch); the high watermark when there is none.
+    Timestamp(i64),
+}
+
+/// The answer of [`PartitionHandle::list_offset`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListedOffset {
+    pub offset: u64,
+    /// The timestamp of the record at `offset`, for a timestamp lookup that found one.
+    pub timestamp_ms: Option<i64>,
+    pub log_start_offset: u64,
+    pub high_watermark: u64,
+}
+
+/// How often a lookup retries when retention moves the log start under it.
+const LOOKUP_ATTEMPTS_MAX: usize = 3;
+
 /// A partition's status on this replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaStatus {
@@ -78,6 +104,8 @@ pub struct PartitionParts {
     pub log: LogReader,
     pub meta: MetaHandle,
     pub metrics: Arc<crate::metrics::NodeMetrics>,
+    /// Stops the replica's own tasks (retention) when the replica stops.
+    pub stop: tokio_util::sync::CancellationToken,
     #[cfg(feature = "planted-bugs")]
     pub bugs: crate::env::PlantedBugs,
 }
@@ -99,6 +127,19 @@ impl PartitionHandle {
 
     pub fn raft(&self) -> &PartitionRaft {
         &self.inner.raft
+    }
+
+    pub(super) fn parts(&self) -> &PartitionParts {
+        &self.inner
+    }
+
+    /// Stops the replica's tasks; the Raft group itself is shut down by its owner.
+    pub fn stop_tasks(&self) {
+        self.inner.stop.cancel();
+    }
+
+    pub fn stop_token(&self) -> tokio_util::sync::CancellationToken {
+        self.inner.stop.clone()
     }
 
     pub fn group(&self) -> GroupId {
@@ -180,7 +221,9 @@ impl PartitionHandle {
                 Err(BrokerError::OutOfOrderSequence { producer_id, expected, got })
             }
             Ok(PartitionReply::Invalid(msg)) => Err(BrokerError::InvalidArgument(msg)),
-            Ok(PartitionReply::Done) => Err(BrokerError::Internal("produce applied without a result".into())),
+            Ok(PartitionReply::Done | PartitionReply::LogStart { .. }) => {
+                Err(BrokerError::Internal("produce applied without a result".into()))
+            }
             Err(e) => Err(BrokerError::Internal(format!("undecodable partition reply: {e}"))),
         }
     }
@@ -213,14 +256,99 @@ impl PartitionHandle {
             log_start_offset: p.log_start_offset,
             next_offset: offset,
         };
-        if offset < p.next_offset {
-            self.read(offset, p.next_offset, max_bytes, max_records, &mut out)?;
+        if offset < p.next_offset
+            && let Err(e) = self.read(offset, p.next_offset, max_bytes, max_records, &mut out)
+        {
+            // Retention may have advanced the log start (and purged the log) during the read.
+            let log_start = self.inner.progress.borrow().log_start_offset;
+            if offset < log_start {
+                return Err(BrokerError::OffsetOutOfRange { what: self.what(), offset, log_start });
+            }
+            return Err(e);
         }
         #[cfg(feature = "planted-bugs")]
         if self.inner.bugs.follower_reads_uncommitted && !self.status().is_leader {
             self.read_uncommitted(offset, p, max_records, &mut out)?;
         }
         Ok(out)
+    }
+
+    /// Proposes retention's new log start (a batch's base offset, or the high watermark) and
+    /// returns the log start once applied. Only the leader can.
+    pub async fn advance_log_start(&self, offset: u64, timeout: Duration) -> Result<u64> {
+        let payload = Payload(PartitionCommand::AdvanceLogStart { offset }.encode());
+        let resp = match tokio::time::timeout(timeout, self.inner.raft.client_write(payload)).await {
+            Err(_) => {
+                return Err(BrokerError::Timeout(format!(
+                    "{}: advancing the log start to {offset} did not commit within {timeout:?}",
+                    self.what()
+                )));
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                return Err(self.not_leader(f.leader_id));
+            }
+            Ok(Err(e)) => return Err(BrokerError::Unavailable(format!("{}: {e}", self.what()))),
+            Ok(Ok(r)) => r,
+        };
+        match PartitionReply::decode(&resp.data.0) {
+            Ok(PartitionReply::LogStart { log_start_offset }) => Ok(log_start_offset),
+            Ok(other) => Err(BrokerError::Internal(format!("advance log start answered {other:?}"))),
+            Err(e) => Err(BrokerError::Internal(format!("undecodable partition reply: {e}"))),
+        }
+    }
+
+    /// Looks an offset up on this replica, from its applied state (no log scan: a timestamp
+    /// costs one seek in the time index and one log read).
+    pub fn list_offset(&self, spec: OffsetSpec) -> Result<ListedOffset> {
+        let mut attempt = 0;
+        loop {
+            let p = *self.inner.progress.borrow();
+            let mut out = ListedOffset {
+                offset: p.next_offset,
+                timestamp_ms: None,
+                log_start_offset: p.log_start_offset,
+                high_watermark: p.next_offset,
+            };
+            let ts = match spec {
+                OffsetSpec::Earliest => return Ok(ListedOffset { offset: p.log_start_offset, ..out }),
+                OffsetSpec::Latest => return Ok(out),
+                OffsetSpec::Timestamp(ts) => ts,
+            };
+            let found =
+                first_batch_at_or_after(self.inner.index.as_ref(), ts, p.log_start_offset, p.next_offset)
+                    .and_then(|e| e.map(|e| self.first_record_at_or_after(e, ts)).transpose());
+            match found {
+                Ok(Some((offset, record_ts))) => {
+                    out.offset = offset;
+                    out.timestamp_ms = Some(record_ts);
+                    return Ok(out);
+                }
+                Ok(None) => return Ok(out),
+                // Retention moved the log start while this looked: look again.
+                Err(_) if attempt + 1 < LOOKUP_ATTEMPTS_MAX && *self.inner.progress.borrow() != p => {
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return Err(BrokerError::Internal(format!("{}: looking up time {ts}: {e}", self.what())));
+                }
+            }
+        }
+    }
+
+    /// The offset and timestamp of the first record of batch `e` stamped at or after `ts`.
+    fn first_record_at_or_after(&self, e: IndexEntry, ts: i64) -> std::io::Result<(u64, i64)> {
+        let entry = self.inner.log.read(e.log_index, e.log_index + 1, 1)?.into_iter().next();
+        let Some(EntryPayload::Normal(payload)) = entry.map(|e| e.payload) else {
+            return Err(std::io::Error::other("the index points at a non-data entry"));
+        };
+        let batch = PartitionCommand::decode_batch(&payload.0).map_err(std::io::Error::other)?;
+        batch
+            .records
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.timestamp_ms >= ts)
+            .map(|(i, r)| (e.base_offset + i as u64, r.timestamp_ms))
+            .ok_or_else(|| std::io::Error::other("the batch's timestamp header does not match its records"))
     }
 
     /// The planted bug `follower-reads-uncommitted`: serve the entries past the applied point as

@@ -3,6 +3,7 @@
 pub mod command;
 pub mod handle;
 pub mod producers;
+pub mod retention;
 pub mod sm;
 pub mod state;
 

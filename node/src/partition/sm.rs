@@ -1,6 +1,11 @@
 //! A partition group's state machine: applies produce batches (assigning offsets, deduplicating
-//! idempotent retries), persists the partition state and offset index in the state store with
-//! the last applied log id, and publishes the new high watermark.
+//! idempotent retries) and retention's log start advances, persists the partition state and
+//! offset index in the state store with the last applied log id, and publishes the new high
+//! watermark.
+//!
+//! A snapshot holds the partition's scalar state and producer table, never records: a replica
+//! that installs one has no records before the snapshot's high watermark, so its log starts
+//! there.
 
 use std::io;
 use std::sync::Arc;
@@ -27,18 +32,26 @@ use serde::Deserialize;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use super::command::CommandHeader;
 use super::command::PartitionCommand;
 use super::command::PartitionReply;
 use super::producers::PRODUCERS_MAX;
 use super::producers::ProducerEntry;
 use super::producers::ProducerTable;
+use super::state::IndexScan;
 use super::state::MEMBERSHIP_KEY;
 use super::state::META_KEY;
 use super::state::PartitionMeta;
 use super::state::PartitionState;
+use super::state::offset_key;
 use super::state::producer_key;
 use super::state::producer_key_range;
+use super::state::time_key;
+use super::state::time_key_end;
 use crate::sm_common;
+
+/// Index entries deleted per batch when cleaning up below the log start.
+const INDEX_DELETE_CHUNK: usize = 4096;
 
 /// What readers need to know about the applied state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -47,6 +60,8 @@ pub struct Progress {
     pub next_offset: u64,
     pub log_start_offset: u64,
     pub last_applied: Option<LogId>,
+    /// Log entries up to this index may be purged (retention).
+    pub purge_index: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -74,7 +89,7 @@ impl PartitionStateMachine {
     ) -> io::Result<(Self, watch::Receiver<Progress>, Arc<dyn KvTree>)> {
         let tree = store.tree(&tree_name(group))?;
         let mut meta: PartitionMeta = match tree.get(META_KEY)? {
-            Some(b) => sm_common::decode(&b, "partition state")?,
+            Some(b) => PartitionMeta::decode(&b)?,
             None => PartitionMeta::default(),
         };
         if let Some(b) = tree.get(MEMBERSHIP_KEY)? {
@@ -87,9 +102,40 @@ impl PartitionStateMachine {
             producers.push((id, sm_common::decode::<ProducerEntry>(&v, "producer entry")?));
         }
         let state = PartitionState { meta, producers: ProducerTable::from_entries(producers) };
+        delete_below_log_start(tree.as_ref(), &state.meta)?;
         let (progress, rx) = watch::channel(progress_of(&state.meta));
         Ok((Self { state, tree: tree.clone(), store, progress }, rx, tree))
     }
+}
+
+/// Removes offset- and time-index entries below the log start (left behind by a crash while a
+/// snapshot was installed).
+fn delete_below_log_start(tree: &dyn KvTree, m: &PartitionMeta) -> io::Result<()> {
+    loop {
+        let mut batch = KvBatch::default();
+        for e in IndexScan::new(tree, 0, m.log_start_offset).take(INDEX_DELETE_CHUNK) {
+            batch.delete(offset_key(e?.base_offset));
+        }
+        if batch.is_empty() {
+            break;
+        }
+        tree.apply(batch)?;
+    }
+    if m.max_timestamp_ms.is_none() && m.log_start_offset == m.next_offset {
+        // Nothing is kept: no time-index entry may remain either.
+        loop {
+            let keys = tree.scan(&time_key(i64::MIN), &time_key_end(), INDEX_DELETE_CHUNK)?;
+            let mut batch = KvBatch::default();
+            for (k, _) in keys {
+                batch.delete(k);
+            }
+            if batch.is_empty() {
+                break;
+            }
+            tree.apply(batch)?;
+        }
+    }
+    Ok(())
 }
 
 fn progress_of(m: &PartitionMeta) -> Progress {
@@ -97,6 +143,7 @@ fn progress_of(m: &PartitionMeta) -> Progress {
         next_offset: m.next_offset,
         log_start_offset: m.log_start_offset,
         last_applied: m.last_applied,
+        purge_index: m.purge_index,
     }
 }
 
@@ -120,7 +167,29 @@ impl RaftStateMachine<C> for PartitionStateMachine {
             let reply = match entry.payload {
                 EntryPayload::Blank => PartitionReply::Done,
                 EntryPayload::Normal(p) => match PartitionCommand::decode_header(&p.0) {
-                    Ok(h) => self.state.apply(entry.log_id.index, h, &mut batch),
+                    Ok(CommandHeader::Produce(mut h)) => {
+                        if h.max_timestamp_ms.is_none() {
+                            // An entry of the first format: the records tell.
+                            h.max_timestamp_ms = PartitionCommand::decode_batch(&p.0)
+                                .ok()
+                                .and_then(|b| b.records.iter().map(|r| r.timestamp_ms).max());
+                        }
+                        self.state.apply(entry.log_id.index, h, &mut batch)
+                    }
+                    Ok(CommandHeader::AdvanceLogStart { offset }) => {
+                        // The advance reads the offset index, so what this call applied so far
+                        // goes to the store first. Then readers learn the new log start before
+                        // any index entry below it is deleted.
+                        self.tree.apply(std::mem::take(&mut batch))?;
+                        let reply = self.state.advance_log_start(
+                            entry.log_id.index,
+                            offset,
+                            self.tree.as_ref(),
+                            &mut batch,
+                        )?;
+                        self.progress.send_replace(progress_of(&self.state.meta));
+                        reply
+                    }
                     // Every replica decodes the same bytes the same way, so they agree.
                     Err(e) => PartitionReply::Invalid(e.to_string()),
                 },
@@ -146,10 +215,8 @@ impl RaftStateMachine<C> for PartitionStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        let snapshot = PartitionSnapshot {
-            meta: self.state.meta.clone(),
-            producers: self.state.producers.entries().map(|(k, v)| (*k, v.clone())).collect(),
-        };
+        let snapshot =
+            PartitionSnapshot { meta: self.state.meta.clone(), producers: self.state.producer_entries() };
         PartitionSnapshotBuilder {
             snapshot: Some(snapshot),
             tree: self.tree.clone(),
@@ -160,22 +227,20 @@ impl RaftStateMachine<C> for PartitionStateMachine {
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: SnapshotData) -> Result<(), io::Error> {
         let snap: PartitionSnapshot = sm_common::decode(&data, "partition snapshot")?;
         // This replica's log restarts after the snapshot, so the records before it are gone
-        // here: the log starts at the snapshot's high watermark.
+        // here: the log starts at the snapshot's high watermark, and the time index is empty.
         let mut m = snap.meta;
         m.last_applied = meta.last_log_id;
         m.membership = meta.last_membership.clone();
         m.log_start_offset = m.next_offset;
+        m.purge_index = meta.last_log_id.map(|l| l.index);
+        m.max_timestamp_ms = None;
+        // The new state replaces the old in one batch; what the old state indexed is all below
+        // the new log start, so it is deleted after, and a crash in between leaves only
+        // unreachable entries, which `open` removes.
         let mut batch = KvBatch::default();
-        loop {
-            let keys = self.tree.scan(&[], &[0xff; 10], 4096)?;
-            if keys.is_empty() {
-                break;
-            }
-            let mut del = KvBatch::default();
-            for (k, _) in keys {
-                del.delete(k);
-            }
-            self.tree.apply(del)?;
+        let (from, to) = producer_key_range();
+        for (k, _) in self.tree.scan(&from, &to, PRODUCERS_MAX + 1)? {
+            batch.delete(k);
         }
         for (id, e) in &snap.producers {
             batch.put(producer_key(*id), sm_common::encode(e));
@@ -184,9 +249,10 @@ impl RaftStateMachine<C> for PartitionStateMachine {
         batch.put(MEMBERSHIP_KEY, sm_common::encode(&m.membership));
         sm_common::put_snapshot(&mut batch, meta, &data);
         self.tree.apply(batch)?;
-        self.store.flush().await?;
         self.state = PartitionState { meta: m, producers: ProducerTable::from_entries(snap.producers) };
         self.progress.send_replace(progress_of(&self.state.meta));
+        delete_below_log_start(self.tree.as_ref(), &self.state.meta)?;
+        self.store.flush().await?;
         Ok(())
     }
 

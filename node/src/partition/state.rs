@@ -5,10 +5,22 @@
 //! `o` occupies `[o, o + n)`. The state store maps each accepted batch's base offset to the log
 //! index of its entry (the *offset index*), which is how a fetch finds records in the Raft log.
 //! A duplicate or refused batch stays in the log but gets no offsets and no index entry.
+//!
+//! Each index entry also holds its batch's greatest record timestamp, and a *time index* maps
+//! every new running maximum of those timestamps to the batch that set it. Timestamps need not
+//! grow with offsets, but the running maximum does, so the first offset whose timestamp is at or
+//! after `T` is in the batch of the first time-index entry at or above `T` (see
+//! [`first_batch_at_or_after`]).
+//!
+//! Retention advances the *log start offset*: index entries below it are deleted, and the time
+//! index is rebuilt over the records that remain (see [`PartitionState::advance_log_start`]).
+
+use std::io;
 
 use eddy_raft::LogId;
 use eddy_raft::StoredMembership;
 use eddy_raft::kv::KvBatch;
+use eddy_raft::kv::KvTree;
 use serde::Deserialize;
 use serde::Serialize;
 
@@ -16,6 +28,7 @@ use super::command::PartitionReply;
 use super::command::ProduceHeader;
 use super::producers::BatchRecord;
 use super::producers::ProducerChange;
+use super::producers::ProducerEntry;
 use super::producers::ProducerTable;
 use super::producers::SequenceCheck;
 use crate::sm_common;
@@ -24,6 +37,9 @@ pub const META_KEY: &[u8] = b"m";
 pub const MEMBERSHIP_KEY: &[u8] = b"mb";
 const PRODUCER_PREFIX: u8 = b'p';
 const OFFSET_PREFIX: u8 = b'o';
+const TIME_PREFIX: u8 = b't';
+/// Index entries read per scan while advancing the log start.
+const SCAN_CHUNK: usize = 4096;
 
 /// Key of the offset-index entry for the batch starting at `offset`.
 pub fn offset_key(offset: u64) -> [u8; 9] {
@@ -31,6 +47,27 @@ pub fn offset_key(offset: u64) -> [u8; 9] {
     k[0] = OFFSET_PREFIX;
     k[1..].copy_from_slice(&offset.to_be_bytes());
     k
+}
+
+/// Key of the time-index entry for running maximum `ts`: ordered like the timestamps.
+pub fn time_key(ts: i64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = TIME_PREFIX;
+    k[1..].copy_from_slice(&((ts as u64) ^ (1 << 63)).to_be_bytes());
+    k
+}
+
+/// The end (exclusive) of the time index's keys.
+pub fn time_key_end() -> [u8; 1] {
+    [TIME_PREFIX + 1]
+}
+
+fn decode_time(key: &[u8], value: &[u8]) -> Option<(i64, u64)> {
+    if key.len() != 9 || key[0] != TIME_PREFIX || value.len() != 8 {
+        return None;
+    }
+    let ts = (u64::from_be_bytes(key[1..].try_into().ok()?) ^ (1 << 63)) as i64;
+    Some((ts, u64::from_be_bytes(value.try_into().ok()?)))
 }
 
 pub fn producer_key(id: u64) -> [u8; 9] {
@@ -50,26 +87,108 @@ pub struct IndexEntry {
     pub base_offset: u64,
     pub log_index: u64,
     pub count: u32,
+    /// The batch's greatest record timestamp; `None` for entries written before it was kept.
+    pub max_timestamp_ms: Option<i64>,
 }
 
 impl IndexEntry {
-    pub fn value(&self) -> [u8; 12] {
-        let mut v = [0u8; 12];
-        v[..8].copy_from_slice(&self.log_index.to_be_bytes());
-        v[8..].copy_from_slice(&self.count.to_be_bytes());
+    /// log index (8), count (4), and the greatest timestamp (8) when known.
+    pub fn value(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(20);
+        v.extend_from_slice(&self.log_index.to_be_bytes());
+        v.extend_from_slice(&self.count.to_be_bytes());
+        if let Some(ts) = self.max_timestamp_ms {
+            v.extend_from_slice(&ts.to_be_bytes());
+        }
         v
     }
 
     pub fn decode(key: &[u8], value: &[u8]) -> Option<Self> {
-        if key.len() != 9 || key[0] != OFFSET_PREFIX || value.len() != 12 {
+        if key.len() != 9 || key[0] != OFFSET_PREFIX || !(value.len() == 12 || value.len() == 20) {
             return None;
         }
         Some(Self {
             base_offset: u64::from_be_bytes(key[1..].try_into().ok()?),
             log_index: u64::from_be_bytes(value[..8].try_into().ok()?),
-            count: u32::from_be_bytes(value[8..].try_into().ok()?),
+            count: u32::from_be_bytes(value[8..12].try_into().ok()?),
+            max_timestamp_ms: match value.get(12..20) {
+                Some(ts) => Some(i64::from_be_bytes(ts.try_into().ok()?)),
+                None => None,
+            },
         })
     }
+
+    pub fn end_offset(&self) -> u64 {
+        self.base_offset + u64::from(self.count)
+    }
+}
+
+/// The offset-index entries with base offsets in `[from, to)`, in order, read in chunks.
+pub struct IndexScan<'a> {
+    tree: &'a dyn KvTree,
+    next: u64,
+    to: u64,
+    buf: std::collections::VecDeque<IndexEntry>,
+    done: bool,
+}
+
+impl<'a> IndexScan<'a> {
+    pub fn new(tree: &'a dyn KvTree, from: u64, to: u64) -> Self {
+        Self { tree, next: from, to, buf: Default::default(), done: false }
+    }
+}
+
+impl Iterator for IndexScan<'_> {
+    type Item = io::Result<IndexEntry>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.buf.is_empty() && !self.done {
+            if self.next >= self.to {
+                self.done = true;
+                return None;
+            }
+            let chunk = match self.tree.scan(&offset_key(self.next), &offset_key(self.to), SCAN_CHUNK) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            };
+            self.done = chunk.len() < SCAN_CHUNK;
+            self.buf.extend(chunk.iter().filter_map(|(k, v)| IndexEntry::decode(k, v)));
+            match self.buf.back() {
+                Some(last) => self.next = last.base_offset + 1,
+                None => self.done = true,
+            }
+        }
+        self.buf.pop_front().map(Ok)
+    }
+}
+
+/// The first accepted batch in `[log_start, high_watermark)` holding a record with a timestamp
+/// at or after `ts`, from the time index (one seek, no scan).
+pub fn first_batch_at_or_after(
+    tree: &dyn KvTree,
+    ts: i64,
+    log_start: u64,
+    high_watermark: u64,
+) -> io::Result<Option<IndexEntry>> {
+    let Some((k, v)) = tree.scan(&time_key(ts), &time_key_end(), 1)?.into_iter().next() else {
+        return Ok(None);
+    };
+    let (_, base) = decode_time(&k, &v).ok_or_else(|| corrupt("time index entry"))?;
+    if base >= high_watermark {
+        return Ok(None);
+    }
+    if base < log_start {
+        return Err(io::Error::new(io::ErrorKind::NotFound, "the time index is behind the log start"));
+    }
+    let e = tree.get(&offset_key(base))?.ok_or_else(|| corrupt("time index names a missing batch"))?;
+    IndexEntry::decode(&offset_key(base), &e).map(Some).ok_or_else(|| corrupt("offset index entry"))
+}
+
+fn corrupt(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
 }
 
 /// The partition's scalar state, stored under [`META_KEY`].
@@ -85,6 +204,37 @@ pub struct PartitionMeta {
     pub next_offset: u64,
     /// The first offset this replica can serve.
     pub log_start_offset: u64,
+    /// Log entries up to this index hold no record at or above the log start: retention lets
+    /// the replica purge them (once a snapshot covers them).
+    pub purge_index: Option<u64>,
+    /// The greatest record timestamp of the records kept (the time index's last key).
+    pub max_timestamp_ms: Option<i64>,
+}
+
+/// [`PartitionMeta`] as versions before retention stored it.
+#[derive(Deserialize)]
+struct PartitionMetaV1 {
+    last_applied: Option<LogId>,
+    next_offset: u64,
+    log_start_offset: u64,
+}
+
+impl PartitionMeta {
+    /// Decodes the stored state, in the current or the first format.
+    pub fn decode(b: &[u8]) -> io::Result<Self> {
+        match sm_common::decode::<Self>(b, "partition state") {
+            Ok(m) => Ok(m),
+            Err(e) => match postcard::from_bytes::<PartitionMetaV1>(b) {
+                Ok(v1) => Ok(Self {
+                    last_applied: v1.last_applied,
+                    next_offset: v1.next_offset,
+                    log_start_offset: v1.log_start_offset,
+                    ..Self::default()
+                }),
+                Err(_) => Err(e),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -97,6 +247,10 @@ impl PartitionState {
     /// Applies the produce entry at `log_index` (described by its header), adding what must be
     /// persisted to `batch`.
     pub fn apply(&mut self, log_index: u64, b: ProduceHeader, batch: &mut KvBatch) -> PartitionReply {
+        self.apply_produce(log_index, b, batch)
+    }
+
+    fn apply_produce(&mut self, log_index: u64, b: ProduceHeader, batch: &mut KvBatch) -> PartitionReply {
         let count = b.count;
         if count == 0 {
             return PartitionReply::Invalid("records: a batch needs at least one record".into());
@@ -114,7 +268,17 @@ impl PartitionState {
         }
         let base_offset = self.meta.next_offset;
         self.meta.next_offset += u64::from(count);
-        batch.put(offset_key(base_offset), IndexEntry { base_offset, log_index, count }.value());
+        let max_timestamp_ms = b.max_timestamp_ms;
+        batch.put(
+            offset_key(base_offset),
+            IndexEntry { base_offset, log_index, count, max_timestamp_ms }.value(),
+        );
+        if let Some(ts) = max_timestamp_ms
+            && self.meta.max_timestamp_ms.is_none_or(|m| ts > m)
+        {
+            batch.put(time_key(ts), base_offset.to_be_bytes());
+            self.meta.max_timestamp_ms = Some(ts);
+        }
         if b.producer_id != 0 {
             let mut changes = Vec::new();
             let rec = BatchRecord { base_sequence: b.base_sequence, count, base_offset };
@@ -128,16 +292,139 @@ impl PartitionState {
         }
         PartitionReply::Produced { base_offset, count, duplicate: false }
     }
+
+    /// Applies `AdvanceLogStart { offset }` at `log_index`: records below `offset` (rounded down
+    /// to the start of its batch, and never past the high watermark) are forgotten. `tree` must
+    /// hold every entry applied before this one; the changes go into `batch`.
+    pub fn advance_log_start(
+        &mut self,
+        log_index: u64,
+        offset: u64,
+        tree: &dyn KvTree,
+        batch: &mut KvBatch,
+    ) -> io::Result<PartitionReply> {
+        let old = self.meta.log_start_offset;
+        let hw = self.meta.next_offset;
+        let mut new = offset.min(hw);
+        let mut first_kept = None;
+        if new <= old {
+            return Ok(PartitionReply::LogStart { log_start_offset: old });
+        }
+        // The index holds the batch at `old` (below the watermark), so the floor is at or above it.
+        if new < hw {
+            let (k, v) = tree
+                .floor(&offset_key(new))?
+                .ok_or_else(|| corrupt("no index entry below the high watermark"))?;
+            let e = IndexEntry::decode(&k, &v).ok_or_else(|| corrupt("offset index entry"))?;
+            new = e.base_offset;
+            first_kept = Some(e);
+        }
+        if new <= old {
+            return Ok(PartitionReply::LogStart { log_start_offset: old });
+        }
+        // Everything before the first kept batch's entry (or before this entry, when nothing is
+        // kept) holds only forgotten records or no records at all.
+        let purge = first_kept.map_or(log_index, |e| e.log_index).checked_sub(1);
+        self.meta.purge_index = self.meta.purge_index.max(purge);
+        self.meta.log_start_offset = new;
+
+        for e in IndexScan::new(tree, old, new) {
+            batch.delete(offset_key(e?.base_offset));
+        }
+        // Time-index entries of forgotten batches form a prefix of the time index.
+        let mut first_remaining = None;
+        let mut from = time_key(i64::MIN).to_vec();
+        'time: loop {
+            let chunk = tree.scan(&from, &time_key_end(), SCAN_CHUNK)?;
+            for (k, v) in &chunk {
+                let (ts, base) = decode_time(k, v).ok_or_else(|| corrupt("time index entry"))?;
+                if base >= new {
+                    first_remaining = Some((ts, base));
+                    break 'time;
+                }
+                batch.delete(k.clone());
+            }
+            match chunk.last() {
+                Some((k, _)) if chunk.len() == SCAN_CHUNK => from = [k.as_slice(), &[0]].concat(),
+                _ => break,
+            }
+        }
+        // The batches before the first remaining entry never raised the running maximum (older
+        // records had higher timestamps); index their own running maximum now, so the time
+        // index again describes exactly the records kept.
+        let until = first_remaining.map_or(hw, |(_, base)| base);
+        let mut max = None;
+        for e in IndexScan::new(tree, new, until) {
+            let e = e?;
+            if let Some(ts) = e.max_timestamp_ms.filter(|ts| max.is_none_or(|m| *ts > m)) {
+                batch.put(time_key(ts), e.base_offset.to_be_bytes());
+                max = Some(ts);
+            }
+        }
+        if first_remaining.is_none() {
+            self.meta.max_timestamp_ms = max;
+        }
+        Ok(PartitionReply::LogStart { log_start_offset: new })
+    }
+
+    /// The scalar state and producer table, as a snapshot holds them.
+    pub fn producer_entries(&self) -> Vec<(u64, ProducerEntry)> {
+        self.producers.entries().map(|(k, v)| (*k, v.clone())).collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use eddy_raft::kv::StateStore;
     use proptest::prelude::*;
 
     use super::*;
 
     fn batch(pid: u64, seq: u64, n: usize) -> ProduceHeader {
-        ProduceHeader { producer_id: pid, base_sequence: seq, count: n as u32 }
+        ProduceHeader {
+            producer_id: pid,
+            base_sequence: seq,
+            count: n as u32,
+            max_timestamp_ms: Some(seq as i64),
+        }
+    }
+
+    fn tree() -> Arc<dyn KvTree> {
+        eddy_raft::mem::MemStateStore::default().tree("g1").expect("in-memory tree")
+    }
+
+    /// A partition whose batches hold records stamped `timestamps[i]`, one batch per entry of
+    /// `batches` (its record count), applied at log indexes 1, 3, 5, … (as if every other entry
+    /// were not data). Returns the state, its tree and every record's timestamp by offset.
+    fn applied(batches: &[Vec<i64>]) -> (PartitionState, Arc<dyn KvTree>) {
+        let t = tree();
+        let mut st = PartitionState::default();
+        for (i, ts) in batches.iter().enumerate() {
+            let mut kv = KvBatch::default();
+            let h = ProduceHeader {
+                producer_id: 0,
+                base_sequence: 0,
+                count: ts.len() as u32,
+                max_timestamp_ms: ts.iter().copied().max(),
+            };
+            st.apply(2 * i as u64 + 1, h, &mut kv);
+            t.apply(kv).expect("apply");
+        }
+        (st, t)
+    }
+
+    /// The first offset at or above the log start whose timestamp is at or after `ts`, as the
+    /// time index finds it: the batch, then the record within it.
+    fn lookup(st: &PartitionState, t: &dyn KvTree, records: &[i64], ts: i64) -> Option<u64> {
+        let e =
+            first_batch_at_or_after(t, ts, st.meta.log_start_offset, st.meta.next_offset).expect("lookup")?;
+        (e.base_offset..e.end_offset()).find(|o| records[*o as usize] >= ts)
+    }
+
+    fn index_offsets(t: &dyn KvTree) -> Vec<u64> {
+        IndexScan::new(t, 0, u64::MAX).map(|e| e.expect("scan").base_offset).collect()
     }
 
     proptest! {
@@ -167,8 +454,9 @@ mod tests {
                         prop_assert_eq!(count as usize, n);
                         prop_assert_eq!(st.meta.next_offset, before + n as u64);
                         let e = kv.ops.iter().find_map(|(k, v)| v.as_ref().and_then(|v| IndexEntry::decode(k, v)));
-                        prop_assert_eq!(e, Some(IndexEntry { base_offset, log_index, count }));
-                        index.push(IndexEntry { base_offset, log_index, count });
+                        let ts = Some(seq as i64);
+                        prop_assert_eq!(e, Some(IndexEntry { base_offset, log_index, count, max_timestamp_ms: ts }));
+                        index.push(IndexEntry { base_offset, log_index, count, max_timestamp_ms: ts });
                         next_seq[pid_ix] = seq + n as u64;
                         last_batch[pid_ix] = Some((seq, n, base_offset));
                     }
@@ -189,6 +477,96 @@ mod tests {
             }
             prop_assert_eq!(expect, st.meta.next_offset);
         }
+    }
+
+    proptest! {
+        /// Whatever the order of timestamps, the time index finds the first record at or after
+        /// any time, before and after the log start advances (to batch boundaries or not).
+        #[test]
+        fn time_lookup_finds_the_first_record_at_or_after(
+            batches in proptest::collection::vec(proptest::collection::vec(0i64..50, 1..4), 1..30),
+            advances in proptest::collection::vec(0u64..120, 0..4),
+        ) {
+            let (mut st, t) = applied(&batches);
+            let records: Vec<i64> = batches.iter().flatten().copied().collect();
+            let mut log_index = 2 * batches.len() as u64 + 1;
+            for advance in std::iter::once(None).chain(advances.into_iter().map(Some)) {
+                if let Some(offset) = advance {
+                    let mut kv = KvBatch::default();
+                    st.advance_log_start(log_index, offset, t.as_ref(), &mut kv).expect("advance");
+                    t.apply(kv).expect("apply");
+                    log_index += 1;
+                }
+                let start = st.meta.log_start_offset;
+                for ts in -1..52 {
+                    let expect = (start..st.meta.next_offset).find(|o| records[*o as usize] >= ts);
+                    prop_assert_eq!(lookup(&st, t.as_ref(), &records, ts), expect, "time {} from {}", ts, start);
+                }
+                let kept = records[start as usize..].iter().copied().max();
+                prop_assert_eq!(st.meta.max_timestamp_ms, kept);
+            }
+        }
+    }
+
+    #[test]
+    fn advancing_the_log_start_forgets_whole_batches_and_names_the_purge_point() {
+        // Batches at offsets 0, 3, 5, 6 (log indexes 1, 3, 5, 7); high watermark 10.
+        let (mut st, t) = applied(&[vec![1, 2, 3], vec![4, 5], vec![6], vec![7, 8, 9, 10]]);
+        let advance = |st: &mut PartitionState, log_index: u64, offset: u64| {
+            let mut kv = KvBatch::default();
+            let reply = st.advance_log_start(log_index, offset, t.as_ref(), &mut kv).expect("advance");
+            t.apply(kv).expect("apply");
+            reply
+        };
+        // Inside the second batch: rounded down to its start.
+        assert_eq!(advance(&mut st, 9, 4), PartitionReply::LogStart { log_start_offset: 3 });
+        assert_eq!(index_offsets(t.as_ref()), [3, 5, 6]);
+        assert_eq!(st.meta.purge_index, Some(2));
+        // Backwards or in place: nothing changes.
+        assert_eq!(advance(&mut st, 10, 1), PartitionReply::LogStart { log_start_offset: 3 });
+        assert_eq!(advance(&mut st, 11, 3), PartitionReply::LogStart { log_start_offset: 3 });
+        assert_eq!(st.meta.purge_index, Some(2));
+        assert_eq!(advance(&mut st, 12, 6), PartitionReply::LogStart { log_start_offset: 6 });
+        assert_eq!(index_offsets(t.as_ref()), [6]);
+        assert_eq!(st.meta.purge_index, Some(6));
+        // Past the high watermark: everything goes, up to the entry before the command.
+        assert_eq!(advance(&mut st, 13, 99), PartitionReply::LogStart { log_start_offset: 10 });
+        assert_eq!(index_offsets(t.as_ref()), Vec::<u64>::new());
+        assert_eq!(st.meta.purge_index, Some(12));
+        assert_eq!(st.meta.max_timestamp_ms, None);
+        assert_eq!(first_batch_at_or_after(t.as_ref(), i64::MIN, 10, 10).expect("lookup"), None);
+        // The log goes on at the high watermark, indexed as before.
+        let mut kv = KvBatch::default();
+        st.apply(14, batch(0, 5, 2), &mut kv);
+        t.apply(kv).expect("apply");
+        assert_eq!(index_offsets(t.as_ref()), [10]);
+        let e = first_batch_at_or_after(t.as_ref(), 0, 10, 12).expect("lookup");
+        assert_eq!(e.map(|e| (e.base_offset, e.log_index)), Some((10, 14)));
+    }
+
+    #[test]
+    fn index_values_of_the_first_format_decode_without_a_timestamp() {
+        let e = IndexEntry { base_offset: 4, log_index: 9, count: 2, max_timestamp_ms: Some(-5) };
+        assert_eq!(IndexEntry::decode(&offset_key(4), &e.value()), Some(e));
+        let v1 = &e.value()[..12];
+        assert_eq!(IndexEntry::decode(&offset_key(4), v1), Some(IndexEntry { max_timestamp_ms: None, ..e }));
+        assert_eq!(IndexEntry::decode(&offset_key(4), &e.value()[..15]), None);
+    }
+
+    #[test]
+    fn state_of_the_first_format_decodes() {
+        #[derive(Serialize)]
+        struct V1 {
+            last_applied: Option<LogId>,
+            next_offset: u64,
+            log_start_offset: u64,
+        }
+        let old = postcard::to_stdvec(&V1 { last_applied: None, next_offset: 42, log_start_offset: 0 })
+            .expect("encode");
+        let m = PartitionMeta::decode(&old).expect("decode");
+        assert_eq!((m.next_offset, m.purge_index, m.max_timestamp_ms), (42, None, None));
+        let new = PartitionMeta { next_offset: 7, purge_index: Some(3), max_timestamp_ms: Some(-1), ..m };
+        assert_eq!(PartitionMeta::decode(&sm_common::encode(&new)).expect("decode"), new);
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod state_file;
 pub mod store;
 
 pub use segments::RecoveryReport;
+pub use segments::SegmentInfo;
 pub use store::LogConfig;
 pub use store::LogReader;
 pub use store::LogStore;

@@ -49,6 +49,15 @@ impl Segment {
     }
 }
 
+/// One segment file as retention sees it: the entries it holds and its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub first_index: u64,
+    /// One past its last entry.
+    pub next_index: u64,
+    pub bytes: u64,
+}
+
 /// What recovery found and did, for logs and tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RecoveryReport {
@@ -412,5 +421,18 @@ impl Segments {
     /// Total bytes in segment files.
     pub fn bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.end).sum()
+    }
+
+    /// The segment files, oldest first; the last one is the one being appended to.
+    pub fn infos(&self) -> Vec<SegmentInfo> {
+        self.segments
+            .iter()
+            .map(|s| SegmentInfo { first_index: s.first_index, next_index: s.next_index(), bytes: s.end })
+            .collect()
+    }
+
+    /// Changes the size past which a new segment is started; takes effect at the next append.
+    pub fn set_segment_bytes_max(&mut self, bytes: u64) {
+        self.segment_bytes_max = bytes;
     }
 }

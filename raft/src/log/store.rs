@@ -28,6 +28,7 @@ use tracing::error;
 use tracing::warn;
 
 use super::segments::RecoveryReport;
+use super::segments::SegmentInfo;
 use super::segments::Segments;
 use super::state_file;
 use super::state_file::StateFile;
@@ -178,6 +179,16 @@ impl LogReader {
     /// Bytes in the log's segment files.
     pub fn bytes(&self) -> u64 {
         self.shared.segments.read().expect("log lock poisoned").bytes()
+    }
+
+    /// The segment files, oldest first (the last is the active one).
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        self.shared.segments.read().expect("log lock poisoned").infos()
+    }
+
+    /// Changes the segment size of this log (a topic's `segment.bytes` was altered).
+    pub fn set_segment_bytes_max(&self, bytes: u64) {
+        self.shared.segments.write().expect("log lock poisoned").set_segment_bytes_max(bytes);
     }
 }
 

@@ -343,11 +343,12 @@ fn print_topic(t: &pb::TopicMetadata, format: Format) {
                         p.partition.to_string(),
                         p.leader.map_or("-".into(), |l| l.to_string()),
                         ids(&p.replicas),
+                        p.log_start_offset.to_string(),
                         p.high_watermark.to_string(),
                     ]
                 })
                 .collect();
-            println!("{}", table(&["PARTITION", "LEADER", "REPLICAS", "HIGH WATERMARK"], rows));
+            println!("{}", table(&["PARTITION", "LEADER", "REPLICAS", "LOG START", "HIGH WATERMARK"], rows));
         }
     }
 }
@@ -400,6 +401,9 @@ pub async fn topic(client: &Client, format: Format, command: TopicCommand) -> an
                 }
             }
         }
+        TopicCommand::Offsets { name, time, replica } => {
+            offsets(client, format, &name, time, replica).await?
+        }
         TopicCommand::AddPartitions { name, count } => {
             let r = client.add_partitions(&name, count).await?;
             match format {
@@ -409,6 +413,44 @@ pub async fn topic(client: &Client, format: Format, command: TopicCommand) -> an
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `topic offsets`: one lookup per partition.
+async fn offsets(
+    client: &Client,
+    format: Format,
+    name: &str,
+    spec: eddy_ops::OffsetSpec,
+    replica: eddy_ops::ReplicaChoice,
+) -> anyhow::Result<()> {
+    let n = client.partition_count(name).await?;
+    let mut found = Vec::new();
+    for p in 0..n {
+        found.push((p, client.list_offsets_on(name, p, spec, replica).await?));
+    }
+    match format {
+        Format::Json => {
+            let partitions: Vec<_> = found
+                .iter()
+                .map(|(p, r)| json!({"partition": p, "offset": r.offset, "timestamp_ms": r.timestamp_ms}))
+                .collect();
+            print_json(&json!({"partitions": partitions}));
+        }
+        Format::Table => {
+            let rows = found
+                .iter()
+                .map(|(p, r)| {
+                    vec![
+                        p.to_string(),
+                        r.offset.to_string(),
+                        r.timestamp_ms.map_or("-".into(), |t| t.to_string()),
+                    ]
+                })
+                .collect();
+            println!("{}", table(&["PARTITION", "OFFSET", "TIMESTAMP MS"], rows));
+        }
+    }
+    Ok(())
 }
 
 // -------------------------------------------------------------- partition ---

@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::Context;
 use anyhow::bail;
 use eddy_ops::Client;
+use eddy_ops::ClientError;
+use eddy_ops::OffsetSpec;
 use eddy_ops::Producer;
 use eddy_ops::ReplicaChoice;
 use eddy_ops::output::record_json;
@@ -89,6 +91,21 @@ pub async fn produce(
     Ok(ExitCode::SUCCESS)
 }
 
+/// The first offset of `topic`/`partition` stamped at or after `ts` (for `--from-time`).
+pub async fn offset_at(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    ts: i64,
+    replica: ReplicaChoice,
+) -> anyhow::Result<u64> {
+    let r = client
+        .list_offsets_on(topic, partition, OffsetSpec::Timestamp(ts), replica)
+        .await
+        .with_context(|| format!("look up the offset of {topic}/{partition} at time {ts} ms"))?;
+    Ok(r.offset)
+}
+
 pub async fn consume(
     client: &Client,
     topic: &str,
@@ -106,13 +123,17 @@ pub async fn consume(
     let mut printed = 0u64;
     let stdout = std::io::stdout();
     while count.is_none_or(|c| printed < c) {
-        let resp = client
-            .fetch(topic, partition, offset, replica, 1 << 20, Duration::from_millis(u64::from(wait_ms)))
-            .await
-            .with_context(|| format!("fetch {topic}/{partition} at offset {offset}"))?;
-        if from.is_none() && offset < resp.log_start_offset {
-            offset = resp.log_start_offset;
-        }
+        let wait = Duration::from_millis(u64::from(wait_ms));
+        let resp = match client.fetch(topic, partition, offset, replica, 1 << 20, wait).await {
+            // Without --from, start wherever the log starts (retention may have moved it).
+            Err(ClientError::OffsetOutOfRange { log_start_offset: Some(start), .. })
+                if from.is_none() && start > offset =>
+            {
+                offset = start;
+                continue;
+            }
+            r => r.with_context(|| format!("fetch {topic}/{partition} at offset {offset}"))?,
+        };
         let mut out = stdout.lock();
         for r in &resp.records {
             if count.is_some_and(|c| printed >= c) {

@@ -10,8 +10,8 @@ use clap::Subcommand;
 use eddy_ops::Client;
 use eddy_ops::GroupConfig;
 use eddy_ops::GroupConsumer;
+use eddy_ops::OffsetSpec;
 use eddy_ops::ReplicaChoice;
-use eddy_ops::group::StartFrom;
 use eddy_ops::output::Format;
 use eddy_ops::output::record_json;
 use eddy_ops::output::table;
@@ -60,7 +60,7 @@ pub struct GroupConsume {
     pub session_timeout_ms: u32,
     pub idle_exit_ms: Option<u64>,
     pub assignor: String,
-    pub start: StartFrom,
+    pub start: OffsetSpec,
     pub replica: ReplicaChoice,
     pub wait_ms: u32,
     pub count: Option<u64>,

@@ -15,8 +15,8 @@ use clap::Parser;
 use clap::Subcommand;
 use eddy_ops::Client;
 use eddy_ops::ClientConfig;
+use eddy_ops::OffsetSpec;
 use eddy_ops::ReplicaChoice;
-use eddy_ops::group::StartFrom;
 use eddy_ops::output::Format;
 
 mod admin;
@@ -89,12 +89,12 @@ fn parse_replica(s: &str) -> Result<ReplicaChoice, String> {
     }
 }
 
-fn parse_start(s: &str) -> Result<StartFrom, String> {
-    match s {
-        "earliest" => Ok(StartFrom::Earliest),
-        "latest" => Ok(StartFrom::Latest),
-        _ => Err(format!("{s:?}: expected earliest or latest")),
-    }
+fn parse_time(s: &str) -> Result<i64, String> {
+    eddy_ops::offsets::parse_time_ms(s).map_err(|e| e.to_string())
+}
+
+fn parse_offset_spec(s: &str) -> Result<OffsetSpec, String> {
+    OffsetSpec::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -154,12 +154,17 @@ pub enum Command {
         /// With --group: cooperative-sticky (incremental), range or round-robin (eager).
         #[arg(long, default_value = "cooperative-sticky", requires = "group")]
         assignor: String,
-        /// With --group: where to start a partition the group has not committed: earliest or latest.
-        #[arg(long, default_value = "earliest", value_parser = parse_start, requires = "group")]
-        start: StartFrom,
+        /// With --group: where to start a partition the group has not committed: earliest,
+        /// latest, or an RFC 3339 time (--from-time sets it too).
+        #[arg(long, default_value = "earliest", value_parser = parse_offset_spec, requires = "group")]
+        start: OffsetSpec,
         /// First offset to read (default: the start of the log).
-        #[arg(long, conflicts_with = "group")]
+        #[arg(long, conflicts_with_all = ["from_time", "group"])]
         from: Option<u64>,
+        /// Start at the first event stamped at or after this RFC 3339 time, e.g. 2025-03-01T12:00:00Z
+        /// (with --group: in the partitions the group has not committed).
+        #[arg(long, value_parser = parse_time, conflicts_with = "start")]
+        from_time: Option<i64>,
         /// Stop after this many events (default: follow forever).
         #[arg(long)]
         count: Option<u64>,
@@ -266,6 +271,17 @@ pub enum TopicCommand {
         #[arg(long)]
         count: u32,
     },
+    /// Each partition's offset at a time (the first event stamped at or after it), or its
+    /// earliest or latest offset.
+    Offsets {
+        name: String,
+        /// earliest, latest, or an RFC 3339 time such as 2025-03-01T12:00:00Z.
+        #[arg(long, default_value = "latest", value_parser = parse_offset_spec)]
+        time: OffsetSpec,
+        /// Which replica answers: leader, follower, or a node id.
+        #[arg(long, default_value = "leader", value_parser = parse_replica)]
+        replica: ReplicaChoice,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -341,6 +357,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             assignor,
             start,
             from,
+            from_time,
             count,
             replica,
             wait_ms,
@@ -351,7 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     session_timeout_ms,
                     idle_exit_ms,
                     assignor,
-                    start,
+                    start: from_time.map_or(start, OffsetSpec::Timestamp),
                     replica,
                     wait_ms,
                     count,
@@ -359,6 +376,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 groups::consume(client, &topic, o).await
             }
             (None, Some(partition)) => {
+                let from = match from_time {
+                    Some(ts) => Some(data::offset_at(&client, &topic, partition, ts, replica).await?),
+                    None => from,
+                };
                 data::consume(&client, &topic, partition, from, count, replica, wait_ms).await
             }
             (None, None) => unreachable!("clap requires --partition without --group"),
