@@ -20,6 +20,8 @@ use serde_json::Value;
 use serde_json::json;
 use tokio::time::Instant;
 
+use crate::parse_time;
+
 #[derive(Subcommand, Debug)]
 pub enum GroupCommand {
     /// Consumer groups with their member count and state.
@@ -43,6 +45,9 @@ pub enum GroupCommand {
         /// Move each committed offset by N (negative: back), within the partition's range.
         #[arg(long, group = "to", allow_hyphen_values = true)]
         shift_by: Option<i64>,
+        /// The first event stamped at or after this RFC 3339 time, per partition.
+        #[arg(long, group = "to", value_parser = parse_time)]
+        to_datetime: Option<i64>,
         /// Print the plan without changing anything.
         #[arg(long, group = "mode")]
         dry_run: bool,
@@ -212,14 +217,20 @@ pub async fn group(client: &Client, format: Format, command: GroupCommand) -> an
             to_latest,
             to_offset,
             shift_by,
+            to_datetime,
             dry_run,
             execute,
         } => {
             if !(dry_run || execute) {
                 bail!("give --dry-run to see the plan, or --execute to apply it");
             }
-            if !(to_earliest || to_latest || to_offset.is_some() || shift_by.is_some()) {
-                bail!("give one of --to-earliest, --to-latest, --to-offset N, --shift-by N");
+            if !(to_earliest
+                || to_latest
+                || to_offset.is_some()
+                || shift_by.is_some()
+                || to_datetime.is_some())
+            {
+                bail!("give one of --to-earliest, --to-latest, --to-offset N, --shift-by N, --to-datetime T");
             }
             let t = client.describe_topic(&topic).await?;
             let current = match client.describe_group(&group).await {
@@ -235,6 +246,16 @@ pub async fn group(client: &Client, format: Format, command: GroupCommand) -> an
                 Err(e) if e.code() == Some("unknown_group") => Vec::new(),
                 Err(e) => return Err(e.into()),
             };
+            let mut at_time = std::collections::BTreeMap::new();
+            if let Some(ts) = to_datetime {
+                for p in &t.partitions {
+                    let r = client
+                        .list_offsets(&topic, p.partition, OffsetSpec::Timestamp(ts))
+                        .await
+                        .with_context(|| format!("look up {topic}/{} at time {ts} ms", p.partition))?;
+                    at_time.insert(p.partition, r.offset);
+                }
+            }
             let plan: Vec<((String, u32), Option<u64>, u64)> = t
                 .partitions
                 .iter()
@@ -250,6 +271,8 @@ pub async fn group(client: &Client, format: Format, command: GroupCommand) -> an
                         hi
                     } else if let Some(o) = to_offset {
                         o.clamp(lo, hi)
+                    } else if let Some(o) = at_time.get(&p.partition) {
+                        (*o).clamp(lo, hi)
                     } else {
                         let base = committed.unwrap_or(lo) as i64;
                         (base.saturating_add(shift_by.unwrap_or(0))).clamp(lo as i64, hi as i64) as u64

@@ -89,7 +89,7 @@ fn parse_replica(s: &str) -> Result<ReplicaChoice, String> {
     }
 }
 
-fn parse_time(s: &str) -> Result<i64, String> {
+pub fn parse_time(s: &str) -> Result<i64, String> {
     eddy_ops::offsets::parse_time_ms(s).map_err(|e| e.to_string())
 }
 
