@@ -543,6 +543,8 @@ pub async fn group_member(ctx: Ctx, i: u32) -> turmoil::Result {
             let batch = batch.unwrap_or_default();
             if !batch.is_empty() {
                 last_record = now_ms();
+                // The application's processing time: batches, not single records, per poll.
+                tokio::time::sleep(Duration::from_millis(rng.random_range(50..150))).await;
             }
             for d in batch {
                 ctx.history.delivered(GroupDelivery {
