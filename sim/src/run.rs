@@ -241,7 +241,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         .rng_seed(opts.seed)
         .epoch(epoch())
         .simulation_duration(opts.duration + Duration::from_secs(600))
-        .tick_duration(Duration::from_millis(4))
+        .tick_duration(Duration::from_millis(5))
         .min_message_latency(Duration::from_micros(200))
         .max_message_latency(BASE_MAX_LATENCY)
         // turmoil does not free the ports of failed connection attempts; use them all.
