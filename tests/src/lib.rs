@@ -85,9 +85,21 @@ pub fn retry<T>(
     }
 }
 
+/// A free port on 127.0.0.1 below Linux's ephemeral range (32768 and up), so that no outgoing
+/// connection can take it between the moment it is chosen and a (re)start of the node that
+/// binds it. Each test process starts at its own place in the range.
 fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    const LOW: usize = 10_000;
+    const SPAN: usize = 22_000;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let start = (std::process::id() as usize).wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {LOW}..{}", LOW + SPAN);
 }
 
 pub struct NodeProc {
