@@ -114,6 +114,8 @@ impl Cluster {
                 raft_addr: format!("{}:{RAFT_PORT}", host_name(slot.id)),
                 http_addr: format!("{}:9291", host_name(slot.id)),
                 initial_members: members.clone(),
+                // Often enough that retention (when a topic has it) acts during the chaos.
+                retention_check_interval_ms: 1000,
                 ..NodeConfig::default()
             };
             let (disk, store, refs) = (slot.disk.clone(), slot.store.clone(), slot.refs.clone());

@@ -71,6 +71,10 @@ pub struct Common {
     /// Members of the consumer group that consumes every topic (they crash and rejoin).
     #[arg(long, default_value_t = 3)]
     group_members: u32,
+    /// Give topic t0 size-based retention with small segments, so that replicas purge their
+    /// logs and lagging followers install snapshots during the chaos.
+    #[arg(long)]
+    retention: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -151,6 +155,7 @@ impl Common {
             producers: self.producers,
             consumers: self.consumers,
             group_members: self.group_members,
+            retention: self.retention,
             progress: false,
         }
     }

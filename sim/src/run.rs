@@ -71,6 +71,7 @@ pub struct RunOptions {
     pub producers: u32,
     pub consumers: u32,
     pub group_members: u32,
+    pub retention: bool,
     /// Print progress to stderr while running.
     pub progress: bool,
 }
@@ -92,6 +93,9 @@ impl RunOptions {
         }
         if self.group_members != 3 {
             c.push_str(&format!(" --group-members {}", self.group_members));
+        }
+        if self.retention {
+            c.push_str(" --retention");
         }
         if let Some(f) = &self.faults {
             c.push_str(&format!(" --faults {}", f.iter().map(|f| f.name()).collect::<Vec<_>>().join(",")));
@@ -160,7 +164,7 @@ fn replica_log(reader: &eddy_raft::log::LogReader, committed: Option<u64>) -> Re
 /// Everything replica `g` serves as committed, read in-process without waiting.
 fn replica_view(g: &eddy_node::partition::PartitionHandle) -> Vec<(u64, String)> {
     let mut out = Vec::new();
-    let mut offset = 0;
+    let mut offset = g.status().progress.log_start_offset;
     loop {
         let fetched = futures::executor::block_on(g.fetch(offset, 4 << 20, usize::MAX, Duration::ZERO));
         let Ok(f) = fetched else { break };
@@ -257,6 +261,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         producers: opts.producers,
         consumers: opts.consumers,
         group_members: opts.group_members,
+        retention: opts.retention,
         events_per_sec: opts.events_per_sec,
         chaos_end: opts.duration,
     };
@@ -363,6 +368,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         produces,
         fetches,
         group_members: opts.group_members,
+        retention_topics: if opts.retention { ["t0".to_owned()].into() } else { Default::default() },
         deliveries,
         group_events,
         audit: audit.lock().expect("audit lock").clone(),

@@ -35,6 +35,9 @@ impl Common {
             "--group-members".into(),
             self.group_members.to_string(),
         ];
+        if self.retention {
+            a.push("--retention".into());
+        }
         if let Some(f) = &self.faults {
             a.push("--faults".into());
             a.push(f.iter().map(|c| c.name()).collect::<Vec<_>>().join(","));

@@ -22,6 +22,7 @@ use std::time::Duration;
 use eddy_ops::Client;
 use eddy_ops::ClientConfig;
 use eddy_ops::ClientError;
+use eddy_ops::OffsetSpec;
 use eddy_ops::Producer;
 use eddy_ops::ReplicaChoice;
 use eddy_proto::v1 as pb;
@@ -41,6 +42,9 @@ use crate::trace::Trace;
 pub const REPLICATION_FACTOR: u32 = 3;
 /// How long after the faults are healed every partition must accept and serve a write.
 pub const LIVENESS_BOUND: Duration = Duration::from_secs(60);
+/// With `--retention`: topic t0 keeps about this much per partition, in segments of this size.
+const RETENTION_BYTES: u64 = 32 << 10;
+const SEGMENT_BYTES: u64 = 16 << 10;
 
 #[derive(Debug, Clone)]
 pub struct WorkloadConfig {
@@ -49,6 +53,8 @@ pub struct WorkloadConfig {
     pub producers: u32,
     pub consumers: u32,
     pub group_members: u32,
+    /// Topic t0 gets size-based retention with small segments.
+    pub retention: bool,
     /// Events per simulated second, over all producers.
     pub events_per_sec: u32,
     /// When the faults stop (simulated time).
@@ -58,7 +64,7 @@ pub struct WorkloadConfig {
 /// The audit: every replica's view of every partition after healing.
 #[derive(Debug, Default, Clone)]
 pub struct Audit {
-    /// (topic, partition) -> node -> records from offset 0.
+    /// (topic, partition) -> node -> records from the replica's log start.
     pub replicas: BTreeMap<PartitionKey, BTreeMap<u64, Vec<(u64, String)>>>,
     /// Problems the verifier ran into (liveness failures, unreadable replicas).
     pub liveness: Vec<String>,
@@ -131,9 +137,14 @@ impl Ctx {
 
 pub async fn setup(ctx: Ctx) -> turmoil::Result {
     let client = ctx.connect().await;
-    for t in ctx.topics() {
+    for (i, t) in ctx.topics().into_iter().enumerate() {
+        let mut config = BTreeMap::new();
+        if ctx.config.retention && i == 0 {
+            config.insert("retention.bytes".to_owned(), RETENTION_BYTES.to_string());
+            config.insert("segment.bytes".to_owned(), SEGMENT_BYTES.to_string());
+        }
         loop {
-            match client.create_topic(&t, ctx.config.partitions, REPLICATION_FACTOR, BTreeMap::new()).await {
+            match client.create_topic(&t, ctx.config.partitions, REPLICATION_FACTOR, config.clone()).await {
                 Ok(_) | Err(ClientError::AlreadyExists(_)) => break,
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -240,6 +251,13 @@ pub async fn consumer(ctx: Ctx, i: u32) -> turmoil::Result {
         let choice = if rng.random_bool(0.5) { ReplicaChoice::Leader } else { ReplicaChoice::Follower };
         let offset = next[key];
         let r = client.fetch(&key.0, key.1, offset, choice, 64 << 10, Duration::from_millis(50)).await;
+        if let Err(e) = &r
+            && e.code() == Some("offset_out_of_range")
+            && let Ok(start) = client.list_offsets(&key.0, key.1, OffsetSpec::Earliest).await
+        {
+            // Retention removed what this consumer had not read: go on from the log start.
+            next.insert(key.clone(), offset.max(start.offset));
+        }
         if let Ok(resp) = r {
             let records: Vec<(u64, String)> = resp
                 .records
@@ -314,8 +332,19 @@ async fn read_replica(
     last: u64,
 ) -> Result<Vec<(u64, String)>, String> {
     let mut out = Vec::new();
-    let mut offset = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // From the replica's log start: retention may have removed what came before.
+    let mut offset = loop {
+        match client.list_offsets_on(&key.0, key.1, OffsetSpec::Earliest, ReplicaChoice::Node(node)).await {
+            Ok(r) => break r.offset,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => {
+                return Err(format!("node {node} did not name its log start of {}/{}: {e}", key.0, key.1));
+            }
+        }
+    };
     while offset <= last {
         if tokio::time::Instant::now() >= deadline {
             return Err(format!(
@@ -337,6 +366,15 @@ async fn read_replica(
                     }
                     out.push((r.offset, String::from_utf8_lossy(&r.value).into_owned()));
                     offset = r.offset + 1;
+                }
+            }
+            Err(e) if e.code() == Some("offset_out_of_range") => {
+                // Retention moved the log start while we read: go on from there.
+                if let Ok(r) = client
+                    .list_offsets_on(&key.0, key.1, OffsetSpec::Earliest, ReplicaChoice::Node(node))
+                    .await
+                {
+                    offset = offset.max(r.offset);
                 }
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -430,6 +468,13 @@ pub async fn verifier(ctx: Ctx) -> turmoil::Result {
     }
     ctx.trace.push(now_ms(), "verifier", format!("audit done after {} ms", now_ms() - start));
     let mut audit = ctx.audit.lock().expect("audit lock");
+    for ((t, p), replicas) in &audit.replicas {
+        let starts: BTreeMap<u64, u64> =
+            replicas.iter().filter_map(|(n, r)| r.first().map(|(o, _)| (*n, *o))).collect();
+        if starts.values().any(|s| *s > 0) {
+            ctx.trace.push(now_ms(), "verifier", format!("{t}/{p} log start per node {starts:?}"));
+        }
+    }
     audit.markers = markers;
     audit.done = true;
     Ok(())

@@ -20,6 +20,7 @@ fn options(seed: u64, secs: u64, bug: Option<Bug>) -> RunOptions {
         producers: 3,
         consumers: 2,
         group_members: 3,
+        retention: false,
         progress: false,
     }
 }

@@ -1,5 +1,6 @@
 //! No acknowledged event is lost: after healing, every acknowledged (partition, offset) holds
-//! its payload on every replica. And whatever happened to liveness, no replica ever serves a
+//! its payload on every replica (unless retention removed it: it lies before the replica's log
+//! start, which the offsets invariant only allows for topics with retention). And whatever happened to liveness, no replica ever serves a
 //! different record (or none) at an acknowledged offset below its own high watermark.
 //!
 //! Source: Raft §5.4 (Leader Completeness: a committed entry is in the log of every later
@@ -7,6 +8,8 @@
 
 use super::Evidence;
 use super::Invariant;
+use super::purged;
+use super::record_at;
 use crate::history::Outcome;
 
 pub const INVARIANT: Invariant = Invariant {
@@ -27,7 +30,10 @@ fn check(e: &Evidence) -> Vec<String> {
             continue;
         };
         for (node, records) in replicas {
-            let found = records.get(offset as usize).filter(|(o, _)| *o == offset).map(|(_, v)| v.as_str());
+            if purged(records, offset) {
+                continue;
+            }
+            let found = record_at(records, offset).map(|(_, v)| v.as_str());
             if found != Some(op.payload.as_str()) {
                 problems.push(format!(
                     "{}/{} offset {offset}: acknowledged {:?} (by {} at {} ms), node {node} has {found:?}",
@@ -46,16 +52,17 @@ fn check(e: &Evidence) -> Vec<String> {
         };
         let key = (op.topic.clone(), op.partition);
         for (node, records) in e.replica_views.get(&key).into_iter().flatten() {
-            let hw = records.len() as u64;
+            let hw = records.first().map_or(0, |(first, _)| first + records.len() as u64);
             if offset < hw
-                && records.get(offset as usize).map(|(_, v)| v.as_str()) != Some(op.payload.as_str())
+                && !purged(records, offset)
+                && record_at(records, offset).map(|(_, v)| v.as_str()) != Some(op.payload.as_str())
             {
                 problems.push(format!(
                     "{}/{} offset {offset}: acknowledged {:?}, but node {node} serves {:?} there as committed",
                     op.topic,
                     op.partition,
                     op.payload,
-                    records.get(offset as usize).map(|(_, v)| v)
+                    record_at(records, offset).map(|(_, v)| v)
                 ));
             }
         }

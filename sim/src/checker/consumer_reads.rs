@@ -19,7 +19,8 @@ fn check(e: &Evidence) -> Vec<String> {
     for f in &e.fetches {
         let key = (f.topic.clone(), f.partition);
         // The final log: any replica's audited records (they agree, or offsets.rs says not).
-        let final_log = e.audit.replicas.get(&key).and_then(|r| r.values().max_by_key(|v| v.len()));
+        let final_log =
+            e.audit.replicas.get(&key).and_then(|r| r.values().max_by_key(|v| v.last().map(|(o, _)| *o)));
         for (i, (offset, value)) in f.records.iter().enumerate() {
             if *offset != f.requested + i as u64 {
                 problems.push(format!(
@@ -29,7 +30,10 @@ fn check(e: &Evidence) -> Vec<String> {
                 break;
             }
             let Some(log) = final_log else { continue };
-            match log.get(*offset as usize) {
+            if super::purged(log, *offset) {
+                continue;
+            }
+            match super::record_at(log, *offset) {
                 Some((o, v)) if *o == *offset && v == value => {}
                 Some((_, v)) => problems.push(format!(
                     "{} read {value:?} at {}/{} offset {offset} from node {} at {} ms; the committed log has {v:?} there",

@@ -36,6 +36,16 @@ fn check(e: &Evidence) -> Vec<String> {
     }
     for op in &e.produces {
         let Outcome::Ok { offset } = op.outcome else { continue };
+        // Removed by retention from every replica before the group read it: gone, as in Kafka.
+        let log_start = e
+            .audit
+            .replicas
+            .get(&(op.topic.clone(), op.partition))
+            .and_then(|r| r.values().filter_map(|recs| recs.first().map(|(o, _)| *o)).min())
+            .unwrap_or(0);
+        if offset < log_start && !delivered.contains_key(&(op.topic.as_str(), op.partition, offset)) {
+            continue;
+        }
         match delivered.get(&(op.topic.as_str(), op.partition, offset)) {
             Some(v) if *v == op.payload => {}
             Some(v) => problems.push(format!(

@@ -40,6 +40,8 @@ pub struct ReplicaLog {
 pub struct Evidence {
     pub produces: Vec<ProduceOp>,
     pub fetches: Vec<FetchObservation>,
+    /// Topics with retention: their replicas may start after offset 0.
+    pub retention_topics: BTreeSet<String>,
     /// Members of the consumer group (0: the run had no group, so there is nothing to judge).
     pub group_members: u32,
     pub deliveries: Vec<GroupDelivery>,
@@ -85,6 +87,18 @@ pub const INVARIANTS: [Invariant; 11] = [
 ];
 
 const EXAMPLES_MAX: usize = 8;
+
+/// The record at `offset` among a replica's records, which run densely from its log start.
+pub fn record_at(records: &[(u64, String)], offset: u64) -> Option<&(u64, String)> {
+    let first = records.first()?.0;
+    let r = records.get(usize::try_from(offset.checked_sub(first)?).ok()?)?;
+    (r.0 == offset).then_some(r)
+}
+
+/// True when `offset` lies before the first record a replica still has (retention removed it).
+pub fn purged(records: &[(u64, String)], offset: u64) -> bool {
+    records.first().is_some_and(|(first, _)| offset < *first)
+}
 
 /// Runs every invariant; returns the names of those that held and the violations.
 pub fn check_all(e: &Evidence) -> (Vec<&'static str>, Vec<Violation>) {

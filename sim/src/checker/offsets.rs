@@ -22,8 +22,14 @@ fn check(e: &Evidence) -> Vec<String> {
     for ((topic, partition), replicas) in &e.audit.replicas {
         let mut at: BTreeMap<u64, (u64, &str)> = BTreeMap::new();
         for (node, records) in replicas {
+            let first = records.first().map_or(0, |(o, _)| *o);
+            if first > 0 && !e.retention_topics.contains(topic) {
+                problems.push(format!(
+                    "{topic}/{partition} on node {node} starts at offset {first}, not 0, without retention"
+                ));
+            }
             for (i, (offset, value)) in records.iter().enumerate() {
-                if *offset != i as u64 {
+                if *offset != first + i as u64 {
                     problems.push(format!(
                         "{topic}/{partition} on node {node}: offset {offset} at position {i} (not dense)"
                     ));
