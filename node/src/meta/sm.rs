@@ -34,6 +34,42 @@ use crate::sm_common;
 
 const STATE_KEY: &[u8] = b"state";
 
+/// The stored metadata state and its snapshots start with this tag and a format version, so that
+/// a build meeting state it cannot read says so instead of failing to decode it. Bump the
+/// version whenever `MetaView` changes shape.
+const FORMAT_TAG: &[u8; 3] = b"EDM";
+const FORMAT_VERSION: u8 = 2;
+
+fn encode_view(view: &MetaView) -> Vec<u8> {
+    let mut out = FORMAT_TAG.to_vec();
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&sm_common::encode(view));
+    out
+}
+
+fn decode_view(b: &[u8], what: &str) -> io::Result<MetaView> {
+    match b.split_at_checked(FORMAT_TAG.len() + 1) {
+        Some((head, body)) if head[..FORMAT_TAG.len()] == FORMAT_TAG[..] => {
+            let version = head[FORMAT_TAG.len()];
+            if version != FORMAT_VERSION {
+                return Err(incompatible(what, &format!("format version {version}")));
+            }
+            sm_common::decode(body, what)
+        }
+        _ => Err(incompatible(what, "an unversioned format (before format version 2)")),
+    }
+}
+
+fn incompatible(what: &str, found: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "{what} is in {found}; this build of Eddy reads format version {FORMAT_VERSION}. \
+             Run the Eddy version that wrote this data_dir, or start this node on an empty data_dir"
+        ),
+    )
+}
+
 /// A consistent view of the metadata: the state as of `last_applied`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaView {
@@ -54,7 +90,7 @@ impl MetaStateMachine {
     pub fn open(store: Arc<dyn StateStore>) -> io::Result<(Self, watch::Receiver<Arc<MetaView>>)> {
         let tree = store.tree("meta")?;
         let view = match tree.get(STATE_KEY)? {
-            Some(b) => sm_common::decode(&b, "metadata state")?,
+            Some(b) => decode_view(&b, "the stored metadata state")?,
             None => MetaView::default(),
         };
         let (tx, rx) = watch::channel(Arc::new(view.clone()));
@@ -62,7 +98,7 @@ impl MetaStateMachine {
     }
 
     fn persist(&self, batch: &mut KvBatch) {
-        batch.put(STATE_KEY, sm_common::encode(&self.view));
+        batch.put(STATE_KEY, encode_view(&self.view));
     }
 
     fn publish(&self) {
@@ -125,7 +161,7 @@ impl RaftStateMachine<C> for MetaStateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
-        let view: MetaView = sm_common::decode(&snapshot, "metadata snapshot")?;
+        let view = decode_view(&snapshot, "the metadata snapshot")?;
         self.view = MetaView {
             state: view.state,
             last_applied: meta.last_log_id,
@@ -156,7 +192,7 @@ impl RaftSnapshotBuilder<C> for MetaSnapshotBuilder {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let data = sm_common::encode(&self.view);
+        let data = encode_view(&self.view);
         let meta = SnapshotMeta {
             last_log_id: self.view.last_applied,
             last_membership: self.view.membership.clone(),
@@ -168,5 +204,28 @@ impl RaftSnapshotBuilder<C> for MetaSnapshotBuilder {
         // state it covers must be durable first.
         self.store.flush().await?;
         Ok(Snapshot { meta, snapshot: data })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_state_round_trips_and_other_formats_are_refused_clearly() {
+        let mut view = MetaView::default();
+        view.state.next_member_id = 42;
+        let bytes = encode_view(&view);
+        assert_eq!(decode_view(&bytes, "state").expect("decodes"), view);
+
+        let mut newer = bytes.clone();
+        newer[FORMAT_TAG.len()] = FORMAT_VERSION + 1;
+        let e = decode_view(&newer, "the stored metadata state").expect_err("a newer version");
+        assert!(e.to_string().contains(&format!("format version {}", FORMAT_VERSION + 1)), "{e}");
+
+        let unversioned = sm_common::encode(&view);
+        let e = decode_view(&unversioned, "the stored metadata state").expect_err("unversioned");
+        assert!(e.to_string().contains("unversioned"), "{e}");
+        assert!(decode_view(&[], "x").is_err());
     }
 }
