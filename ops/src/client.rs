@@ -233,20 +233,48 @@ impl Client {
         F: FnMut(Channel) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
-        let deadline = Instant::now() + self.inner.config.request_timeout;
+        let timeout = self.inner.config.request_timeout;
+        self.call_each(what, timeout, || self.candidates(), || async {}, |ch, _| f(ch)).await
+    }
+
+    /// The retry loop under every call: tries `f` on each address `targets` names, in order,
+    /// until one answers with success or an error that retrying cannot fix, backing off between
+    /// rounds (running `after_round`, e.g. a metadata reload) until `timeout`. `f` gets the time
+    /// left. An out-of-range answer moves on to the next address, since a replica that installed
+    /// a snapshot starts later than the others; it is the result only if no address did better.
+    async fn call_each<T, F, Fut, R, RFut>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        targets: impl Fn() -> Vec<String>,
+        mut after_round: R,
+        mut f: F,
+    ) -> Result<T>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+        R: FnMut() -> RFut,
+        RFut: std::future::Future<Output = ()>,
+    {
+        let deadline = Instant::now() + timeout;
         let mut backoff = Backoff::new(&self.inner.config);
-        let mut last = ClientError::Unavailable(format!("{what}: no broker answered"));
+        let mut last = ClientError::Unavailable(format!("{what}: nothing answered"));
         loop {
-            for addr in self.candidates() {
+            let mut out_of_range = None;
+            for addr in targets() {
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 if remaining.is_zero() {
                     return Err(last);
                 }
                 let channel = self.channel(&addr)?;
-                match tokio::time::timeout(remaining, f(channel)).await {
+                match tokio::time::timeout(remaining, f(channel, remaining)).await {
                     Ok(Ok(r)) => return Ok(r.into_inner()),
                     Ok(Err(status)) => {
                         let e = ClientError::from_status(&status);
+                        if let ClientError::OffsetOutOfRange { .. } = &e {
+                            out_of_range = Some(e);
+                            continue;
+                        }
                         if !e.is_retriable() {
                             return Err(e);
                         }
@@ -258,11 +286,48 @@ impl Client {
                     }
                 }
             }
+            if let Some(e) = out_of_range {
+                return Err(e);
+            }
             if Instant::now() >= deadline {
                 return Err(last);
             }
             backoff.wait().await;
+            after_round().await;
         }
+    }
+
+    /// [`Client::call_each`] over the replicas of a partition, best first for `choice`.
+    async fn call_replicas<T, F, Fut>(
+        &self,
+        what: &str,
+        (topic, partition): (&str, u32),
+        choice: ReplicaChoice,
+        timeout: Duration,
+        mut f: F,
+    ) -> Result<T>
+    where
+        F: FnMut(BrokerClient<Channel>, Duration) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        if let ReplicaChoice::Node(n) = choice
+            && !self.metadata().nodes.contains_key(&n)
+        {
+            return Err(ClientError::Invalid(format!("--replica: node {n} is not a node of this cluster")));
+        }
+        let targets = || self.fetch_targets(topic, partition, choice);
+        let reload = || async {
+            let _ = self.refresh_metadata().await;
+        };
+        self.call_each(what, timeout, targets, reload, |ch, remaining| {
+            f(
+                BrokerClient::new(ch)
+                    .max_decoding_message_size(RESPONSE_BYTES_MAX)
+                    .max_encoding_message_size(RESPONSE_BYTES_MAX),
+                remaining,
+            )
+        })
+        .await
     }
 
     /// A request with the client's deadline.
@@ -628,60 +693,21 @@ impl Client {
         max_records: u32,
         max_wait: Duration,
     ) -> Result<pb::FetchResponse> {
-        if let ReplicaChoice::Node(n) = choice
-            && !self.metadata().nodes.contains_key(&n)
-        {
-            return Err(ClientError::Invalid(format!("--replica: node {n} is not a node of this cluster")));
-        }
-        let deadline = Instant::now() + self.inner.config.request_timeout + max_wait;
-        let mut backoff = Backoff::new(&self.inner.config);
-        let mut last = ClientError::Unavailable("fetch: no replica answered".into());
-        let mut out_of_range = None;
-        loop {
-            for addr in self.fetch_targets(topic, partition, choice) {
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                if remaining.is_zero() {
-                    return Err(last);
-                }
-                let mut c = self.broker(&addr)?;
-                let mut r = tonic::Request::new(pb::FetchRequest {
-                    topic: topic.to_owned(),
-                    partition,
-                    offset,
-                    max_bytes,
-                    max_wait_ms: max_wait.as_millis() as u32,
-                    max_records,
-                });
-                r.set_timeout(remaining);
-                match tokio::time::timeout(remaining, c.fetch(r)).await {
-                    Ok(Ok(resp)) => return Ok(resp.into_inner()),
-                    Ok(Err(status)) => {
-                        let e = ClientError::from_status(&status);
-                        if let ClientError::OffsetOutOfRange { .. } = &e {
-                            // Replicas that installed a snapshot start later than the others:
-                            // another replica may still hold the offset.
-                            out_of_range = Some(e);
-                            continue;
-                        }
-                        if !e.is_retriable() {
-                            return Err(e);
-                        }
-                        last = ClientError::Unavailable(format!("fetch from {addr}: {e}"));
-                    }
-                    Err(_) => {
-                        last = ClientError::Unavailable(format!("fetch from {addr}: no answer in time"))
-                    }
-                }
-            }
-            if let Some(e) = out_of_range {
-                return Err(e);
-            }
-            if Instant::now() >= deadline {
-                return Err(last);
-            }
-            backoff.wait().await;
-            let _ = self.refresh_metadata().await;
-        }
+        let req = pb::FetchRequest {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            max_bytes,
+            max_wait_ms: max_wait.as_millis() as u32,
+            max_records,
+        };
+        let timeout = self.inner.config.request_timeout + max_wait;
+        self.call_replicas("fetch", (topic, partition), choice, timeout, |mut c, remaining| {
+            let mut r = tonic::Request::new(req.clone());
+            r.set_timeout(remaining);
+            async move { c.fetch(r).await }
+        })
+        .await
     }
 
     /// Looks up an offset of a partition (by time, or its earliest or latest offset), asking
@@ -704,48 +730,18 @@ impl Client {
         spec: OffsetSpec,
         choice: ReplicaChoice,
     ) -> Result<pb::ListOffsetsResponse> {
-        if let ReplicaChoice::Node(n) = choice
-            && !self.metadata().nodes.contains_key(&n)
-        {
-            return Err(ClientError::Invalid(format!("--replica: node {n} is not a node of this cluster")));
-        }
         if self.metadata().partition(topic, partition).is_none() {
             self.refresh_metadata().await?;
         }
         let (kind, timestamp_ms) = spec.to_proto();
         let req =
             pb::ListOffsetsRequest { topic: topic.to_owned(), partition, spec: kind as i32, timestamp_ms };
-        let deadline = Instant::now() + self.inner.config.request_timeout;
-        let mut backoff = Backoff::new(&self.inner.config);
-        let mut last = ClientError::Unavailable("list offsets: no replica answered".into());
-        loop {
-            for addr in self.fetch_targets(topic, partition, choice) {
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                if remaining.is_zero() {
-                    return Err(last);
-                }
-                let mut c = self.broker(&addr)?;
-                let mut r = tonic::Request::new(req.clone());
-                r.set_timeout(remaining);
-                match tokio::time::timeout(remaining, c.list_offsets(r)).await {
-                    Ok(Ok(resp)) => return Ok(resp.into_inner()),
-                    Ok(Err(status)) => {
-                        let e = ClientError::from_status(&status);
-                        if !e.is_retriable() {
-                            return Err(e);
-                        }
-                        last = ClientError::Unavailable(format!("list offsets on {addr}: {e}"));
-                    }
-                    Err(_) => {
-                        last = ClientError::Unavailable(format!("list offsets on {addr}: no answer in time"))
-                    }
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(last);
-            }
-            backoff.wait().await;
-            let _ = self.refresh_metadata().await;
-        }
+        let timeout = self.inner.config.request_timeout;
+        self.call_replicas("list offsets", (topic, partition), choice, timeout, |mut c, remaining| {
+            let mut r = tonic::Request::new(req.clone());
+            r.set_timeout(remaining);
+            async move { c.list_offsets(r).await }
+        })
+        .await
     }
 }
