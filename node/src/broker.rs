@@ -44,6 +44,7 @@ pub struct BrokerState {
     /// Channels to other nodes' client ports (for cluster-wide status).
     pub client_peers: Arc<Peers>,
     pub metrics: Arc<NodeMetrics>,
+    pub liveness: Arc<eddy_raft::liveness::Liveness>,
 }
 
 pub struct BrokerService {
@@ -219,6 +220,7 @@ impl BrokerState {
                         replicas: p.replicas.clone(),
                         high_watermark: m.hw,
                         log_start_offset: m.log_start,
+                        term: m.term,
                     }
                 })
                 .collect(),

@@ -23,6 +23,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Controller {
     pub me: NodeId,
     pub meta: MetaHandle,
+    pub liveness: std::sync::Arc<eddy_raft::liveness::Liveness>,
 }
 
 impl Controller {
@@ -64,7 +65,7 @@ impl Controller {
             if *id == self.me {
                 // A leader cannot remove itself cleanly: hand the leadership over first.
                 let m = self.meta.raft().metrics().borrow_watched().clone();
-                if let Some(to) = crate::reconciler::successor(&m) {
+                if let Some(to) = crate::reconciler::successor(&m, &self.liveness) {
                     info!(to, "this node was removed; handing the metadata leadership over");
                     let _ = self.meta.raft().trigger().transfer_leader(to).await;
                 }

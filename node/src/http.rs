@@ -12,6 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use openraft::async_runtime::WatchReceiver;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::BrokerState;
 use crate::reconciler::IN_SYNC_LAG_MAX;
 use crate::reconciler::in_sync;
+use crate::status::is_quiescent;
 
 type Labels = Vec<(String, String)>;
 
@@ -82,9 +84,10 @@ pub fn render(s: &BrokerState) -> String {
     let bytes = Family::<Labels, Gauge>::default();
     let lag = Family::<Labels, Gauge>::default();
     let view = s.meta.view();
-    let (mut leaders, mut replicas, mut under_replicated) = (0i64, 0i64, 0i64);
+    let (mut leaders, mut replicas, mut under_replicated, mut quiescent) = (0i64, 0i64, 0i64, 0i64);
     for g in s.groups.all() {
         let st = g.status();
+        quiescent += i64::from(is_quiescent(&g.raft().metrics().borrow_watched(), &s.liveness));
         let labels = vec![
             ("topic".to_string(), g.topic().to_string()),
             ("partition".to_string(), g.partition().to_string()),
@@ -132,6 +135,35 @@ pub fn render(s: &BrokerState) -> String {
         "eddy_under_replicated_partitions",
         "Partitions led by this node with a replica out of sync",
         u,
+    );
+    let groups = Family::<Labels, Gauge>::default();
+    groups.get_or_create(&vec![("state".to_string(), "quiescent".to_string())]).set(quiescent);
+    groups.get_or_create(&vec![("state".to_string(), "active".to_string())]).set(replicas - quiescent);
+    reg.register(
+        "eddy_raft_groups",
+        "Partition replicas on this node by state: quiescent (nothing to replicate, apply or elect) or active",
+        groups,
+    );
+    let live = s.liveness.stats();
+    let sent = Family::<Labels, Counter>::default();
+    let up = Family::<Labels, Gauge>::default();
+    for (peer, n) in &live.heartbeats_sent {
+        let l = vec![("peer".to_string(), peer.to_string())];
+        sent.get_or_create(&l).inc_by(*n);
+        up.get_or_create(&l).set(i64::from(!live.down.contains(peer)));
+    }
+    reg.register(
+        "eddy_liveness_heartbeats_sent",
+        "Node heartbeats sent to each peer (one per pair of nodes, whatever the partitions)",
+        sent,
+    );
+    reg.register("eddy_liveness_peer_up", "1 while the peer answers node heartbeats", up);
+    let elections = Counter::<u64>::default();
+    elections.inc_by(live.elections);
+    reg.register(
+        "eddy_liveness_elections",
+        "Campaigns this node started because a partition's leader was judged down or unknown",
+        elections,
     );
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");

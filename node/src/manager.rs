@@ -20,6 +20,8 @@ use eddy_raft::GroupId;
 use eddy_raft::NodeAddr;
 use eddy_raft::NodeId;
 use eddy_raft::Runtime;
+use eddy_raft::liveness::GroupWatch;
+use eddy_raft::liveness::Liveness;
 use eddy_raft::log::LogConfig;
 use eddy_raft::log::LogStore;
 use eddy_raft::network::GroupNetwork;
@@ -41,6 +43,7 @@ use crate::partition::PartitionStateMachine;
 use crate::partition::handle::PartitionParts;
 use crate::partition::handle::PartitionRaft;
 use crate::partition::retention::RetentionTask;
+use crate::partition::retention::TopicSettings;
 use crate::raft_config;
 
 /// How long a non-preferred initial replica waits before initializing a pristine group itself.
@@ -86,6 +89,7 @@ pub struct PartitionManager {
     pub groups: Arc<Groups>,
     pub registry: Arc<Registry>,
     pub peers: Arc<Peers>,
+    pub liveness: Arc<Liveness>,
     pub tasks: TaskTracker,
     pub metrics: Arc<NodeMetrics>,
 }
@@ -131,7 +135,11 @@ impl PartitionManager {
                 if cancel.is_cancelled() {
                     return;
                 }
-                if !p.holders().contains(&self.me) || self.groups.get(p.group_id).is_some() {
+                if !p.holders().contains(&self.me) {
+                    continue;
+                }
+                if let Some(g) = self.groups.get(p.group_id) {
+                    g.set_retention(TopicSettings::of(topic));
                     continue;
                 }
                 let span = info_span!("partition", node = self.me, group = p.group_id, topic = %topic.name, partition = i);
@@ -228,6 +236,11 @@ impl PartitionManager {
                             Ok(()) => info!("initialized the partition group"),
                             Err(e) => info!("partition group already initialized: {e}"),
                         }
+                        // Partition groups have no election timer: the preferred leader
+                        // campaigns at once, and `GroupWatch` covers the others.
+                        if preferred {
+                            let _ = raft.trigger().elect(true).await;
+                        }
                     })
                     .in_current_span(),
                 );
@@ -245,6 +258,9 @@ impl PartitionManager {
             meta: self.meta.clone(),
             metrics: self.metrics.clone(),
             stop: cancel.child_token(),
+            retention: tokio::sync::watch::Sender::new(
+                view.state.topics.get(topic).map(TopicSettings::of).unwrap_or_default(),
+            ),
             #[cfg(feature = "planted-bugs")]
             bugs: self.env.bugs,
         });
@@ -255,6 +271,11 @@ impl PartitionManager {
             segment_bytes_default: self.segment_bytes,
         };
         self.tasks.spawn(retention.run(handle.stop_token()).in_current_span());
+        let watch = GroupWatch { group, raft: handle.raft().clone(), liveness: self.liveness.clone() };
+        self.tasks.spawn(
+            Runtime::scope(group_seed(self.env.seed, group), watch.run(handle.stop_token()))
+                .in_current_span(),
+        );
         Ok(handle)
     }
 }

@@ -16,6 +16,7 @@ use eddy_raft::NodeAddr;
 use eddy_raft::NodeId;
 use eddy_raft::Runtime;
 use eddy_raft::kv::KvBatch;
+use eddy_raft::liveness::Liveness;
 use eddy_raft::log::LogConfig;
 use eddy_raft::log::LogStore;
 use eddy_raft::network::GroupNetwork;
@@ -69,6 +70,7 @@ pub struct NodeHandle {
     pub meta: MetaHandle,
     pub groups: Arc<Groups>,
     pub broker: Arc<BrokerState>,
+    pub liveness: Arc<Liveness>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -81,10 +83,10 @@ impl NodeHandle {
         loop {
             let (mut leading, mut movable) = (0, 0);
             for g in self.groups.all() {
-                let (l, m) = hand_over(self.me, g.raft()).await;
+                let (l, m) = hand_over(self.me, g.raft(), &self.liveness).await;
                 (leading, movable) = (leading + l, movable + m);
             }
-            let (l, m) = hand_over(self.me, self.meta.raft()).await;
+            let (l, m) = hand_over(self.me, self.meta.raft(), &self.liveness).await;
             (leading, movable) = (leading + l, movable + m);
             // With no replica to take over (the others are down or stopping too), waiting
             // longer only delays the stop.
@@ -120,12 +122,13 @@ impl NodeHandle {
 async fn hand_over<SM: openraft::storage::RaftStateMachine<eddy_raft::TypeConfig>>(
     me: NodeId,
     raft: &openraft::Raft<eddy_raft::TypeConfig, SM>,
+    liveness: &Liveness,
 ) -> (usize, usize) {
     let m = raft.metrics().borrow_watched().clone();
     if m.current_leader != Some(me) {
         return (0, 0);
     }
-    let Some(to) = successor(&m) else { return (1, 0) };
+    let Some(to) = successor(&m, liveness) else { return (1, 0) };
     let _ = raft.trigger().transfer_leader(to).await;
     (1, 1)
 }
@@ -213,6 +216,10 @@ pub async fn start(
     let peers = Arc::new(Peers::new(env.connector.clone()));
     let client_peers = Arc::new(Peers::new(env.connector.clone()));
     let registry = Arc::new(Registry::default());
+    // A new incarnation on every start: the seed differs per process, and the clock per start
+    // in the simulator (where a restarted node keeps its seed).
+    let incarnation = env.seed ^ (env.clock.now_ms() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let liveness = Liveness::new(me, incarnation);
 
     let metrics = Arc::new(NodeMetrics::default());
 
@@ -266,10 +273,12 @@ pub async fn start(
         clock: env.clock.clone(),
         client_peers,
         metrics: metrics.clone(),
+        liveness: liveness.clone(),
     });
 
     // Peers' Raft traffic.
-    let raft_service = RaftService::new(registry.clone(), me, env.seed, cancel.clone()).into_server();
+    let raft_service =
+        RaftService::new(registry.clone(), liveness.clone(), env.seed, cancel.clone()).into_server();
     let shutdown = cancel.clone();
     spawn_task(
         &tasks,
@@ -308,6 +317,7 @@ pub async fn start(
         me,
         meta: meta.clone(),
         groups: groups.clone(),
+        liveness: liveness.clone(),
         auto_balance: config.auto_balance_leaders,
         responsive_since: Default::default(),
     });
@@ -336,6 +346,34 @@ pub async fn start(
         .instrument(info_span!("client_server", node = me)),
     );
 
+    // Node liveness: heartbeats to every other node in the metadata, whatever the groups.
+    spawn_task(
+        &tasks,
+        "liveness",
+        liveness.clone().run(peers.clone(), cancel.clone()).instrument(info_span!("liveness", node = me)),
+    );
+    spawn_task(&tasks, "liveness_members", {
+        let (liveness, meta, cancel) = (liveness.clone(), meta.clone(), cancel.clone());
+        async move {
+            let mut rx = meta.subscribe();
+            loop {
+                let members = rx
+                    .borrow_and_update()
+                    .state
+                    .nodes
+                    .iter()
+                    .map(|(id, n)| (*id, n.addr.raft_addr.clone()))
+                    .collect();
+                liveness.set_members(members);
+                tokio::select! {
+                    // Both arms only wait.
+                    _ = cancel.cancelled() => break,
+                    r = rx.changed() => if r.is_err() { break },
+                }
+            }
+        }
+    });
+
     let manager = PartitionManager {
         me,
         env: env.clone(),
@@ -346,6 +384,7 @@ pub async fn start(
         groups: groups.clone(),
         registry: registry.clone(),
         peers,
+        liveness: liveness.clone(),
         tasks: tasks.clone(),
         metrics: metrics.clone(),
     };
@@ -363,7 +402,7 @@ pub async fn start(
     spawn_task(
         &tasks,
         "controller",
-        Controller { me, meta: meta.clone() }
+        Controller { me, meta: meta.clone(), liveness: liveness.clone() }
             .run(cancel.clone())
             .instrument(info_span!("controller", node = me)),
     );
@@ -392,5 +431,5 @@ pub async fn start(
     }
 
     info!(node = me, "node started");
-    Ok(NodeHandle { me, meta, groups, broker, cancel, tasks })
+    Ok(NodeHandle { me, meta, groups, broker, liveness, cancel, tasks })
 }

@@ -1,8 +1,9 @@
 //! openraft settings for Eddy's two kinds of group.
 //!
-//! The metadata group uses fast timers: it is one group per cluster and everything waits on it.
-//! Partition groups use slower timers (heartbeat 250 ms, election 1–2 s) so that hundreds of
-//! them per node stay cheap; a partition's failover still completes within a few seconds.
+//! The metadata group uses openraft's own timers: it is one group per cluster and everything
+//! waits on it. Partition groups have no timers at all (`enable_tick = false`): an idle group
+//! costs nothing, and their heartbeats and elections are driven by node liveness
+//! (`eddy_raft::liveness`), so a thousand partitions fail over as fast as one.
 
 use std::sync::Arc;
 
@@ -39,12 +40,15 @@ pub fn metadata_group() -> Arc<Config> {
 
 pub fn partition_group() -> Arc<Config> {
     let c = Config {
-        heartbeat_interval: 250,
-        // A follower that acknowledged replication recently needs no heartbeat: under load
-        // this removes most heartbeat RPCs (interval + this + a tick < election timeout).
-        heartbeat_min_interval: Some(250),
-        election_timeout_min: 1000,
-        election_timeout_max: 2000,
+        // No ticker: no heartbeat and no election timer per group. `GroupWatch` triggers
+        // elections when node liveness says a leader is gone, and heartbeats when a follower's
+        // node comes back. The timeouts below only size openraft's leader lease (the maximum):
+        // a follower that heard from its leader within it refuses to vote for another.
+        enable_tick: false,
+        heartbeat_interval: 100,
+        heartbeat_min_interval: Some(100),
+        election_timeout_min: 400,
+        election_timeout_max: 500,
         // The partition log is the data: it is only ever purged by retention, which builds a
         // snapshot of the partition state first. openraft never snapshots or purges on its own.
         snapshot_policy: SnapshotPolicy::Never,
@@ -61,7 +65,11 @@ mod tests {
     fn configs_validate() {
         let m = super::metadata_group();
         let p = super::partition_group();
-        assert!(p.election_timeout_min > m.election_timeout_min);
-        assert!(p.heartbeat_interval > m.heartbeat_interval);
+        assert!(m.enable_tick, "the metadata group keeps its own timers");
+        assert!(!p.enable_tick, "partition groups are driven by node liveness");
+        assert!(
+            p.election_timeout_max < eddy_raft::liveness::DOWN_AFTER.as_millis() as u64,
+            "a follower's lease on a dead leader ends before liveness judges the leader down"
+        );
     }
 }

@@ -18,6 +18,7 @@ use eddy_raft::GroupId;
 use eddy_raft::NodeAddr;
 use eddy_raft::NodeId;
 use eddy_raft::RaftMetrics;
+use eddy_raft::liveness::Liveness;
 use openraft::ChangeMembers;
 use openraft::async_runtime::WatchReceiver;
 use tokio_util::sync::CancellationToken;
@@ -38,8 +39,6 @@ pub const IN_SYNC_LAG_MAX: u64 = 256;
 /// in sync and answering heartbeats this long: a node that is restarting or shutting down
 /// (and so still looks caught up for a moment) is not handed leaderships it would drop again.
 pub const BALANCE_SETTLE: Duration = Duration::from_secs(3);
-/// A follower whose last heartbeat answer is older than this is not answering.
-const HEARTBEAT_FRESH: Duration = Duration::from_millis(1000);
 /// Timeout of one membership change or metadata write.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -78,23 +77,16 @@ pub fn in_sync(m: &RaftMetrics) -> BTreeSet<NodeId> {
     out
 }
 
-/// The replicas in sync (see [`in_sync`]) that also answered a heartbeat recently.
-pub fn responsive(m: &RaftMetrics) -> BTreeSet<NodeId> {
-    let now = <openraft::type_config::alias::InstantOf<eddy_raft::TypeConfig> as openraft::Instant>::now();
-    let fresh = |id: &NodeId| {
-        *id == m.id
-            || m.heartbeat
-                .as_ref()
-                .and_then(|h| h.get(id).copied().flatten())
-                .is_some_and(|at| now - at.into_inner() <= HEARTBEAT_FRESH)
-    };
-    in_sync(m).into_iter().filter(fresh).collect()
+/// The replicas in sync (see [`in_sync`]) whose nodes answer heartbeats (node liveness: idle
+/// partition groups exchange no messages of their own, so their own acks say nothing).
+pub fn responsive(m: &RaftMetrics, liveness: &Liveness) -> BTreeSet<NodeId> {
+    in_sync(m).into_iter().filter(|id| *id == m.id || liveness.is_alive(*id)).collect()
 }
 
 /// A voter other than `m.id` to hand this leader's leadership to: responsive, lowest id first.
-pub fn successor(m: &RaftMetrics) -> Option<NodeId> {
+pub fn successor(m: &RaftMetrics, liveness: &Liveness) -> Option<NodeId> {
     let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
-    responsive(m).into_iter().find(|n| *n != m.id && voters.contains(n))
+    responsive(m, liveness).into_iter().find(|n| *n != m.id && voters.contains(n))
 }
 
 /// How a reconciler round treats leaderships that are not on their preferred replica.
@@ -172,6 +164,7 @@ pub struct Reconciler {
     pub me: NodeId,
     pub meta: MetaHandle,
     pub groups: Arc<Groups>,
+    pub liveness: Arc<Liveness>,
     /// Move leaderships back to preferred replicas on its own.
     pub auto_balance: bool,
     /// Since when each (group, replica) has been responsive, as this leader saw it.
@@ -223,7 +216,7 @@ impl Reconciler {
                 continue;
             }
             // Leadership: never on a node that may not lead; back to the preferred one when asked.
-            let responsive = responsive(&m);
+            let responsive = responsive(&m, &self.liveness);
             {
                 let since = self.responsive_since.lock().unwrap_or_else(|e| e.into_inner());
                 for n in &responsive {
@@ -257,6 +250,10 @@ impl Reconciler {
         let group = g.group();
         let addr = |n: NodeId| -> Option<NodeAddr> { view.state.nodes.get(&n).map(|r| r.addr.clone()) };
         info!(group, ?step, ?desired, "membership step");
+        // A quiescent leader's lease has lapsed; a membership change needs a live one.
+        if !matches!(step, Step::HandOver(_)) {
+            g.renew_lease().await;
+        }
         let raft = g.raft();
         let r = match step.clone() {
             Step::FinishJoint(voters) => tokio::time::timeout(

@@ -9,7 +9,10 @@ use eddy_proto::v1 as pb;
 use eddy_proto::v1::broker_client::BrokerClient;
 use eddy_raft::GroupId;
 use eddy_raft::NodeId;
+use eddy_raft::RaftMetrics;
+use eddy_raft::liveness::Liveness;
 use futures::future::join_all;
+use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use tonic::Request;
 
@@ -19,6 +22,26 @@ use crate::reconciler::in_sync;
 
 /// How long a node waits for a peer's status when assembling the cluster view.
 pub const STATUS_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// Whether a replica has nothing to do: everything it holds is committed and applied, a leader's
+/// followers all have its whole log, and a follower knows a leader whose node is alive. Such a
+/// group sends and schedules nothing until a write, a membership change or a liveness change.
+pub fn is_quiescent(m: &RaftMetrics, liveness: &Liveness) -> bool {
+    let last = m.last_log_index;
+    let applied = m.last_applied.as_ref().map(|l| l.index);
+    if applied != last {
+        return false;
+    }
+    match m.state {
+        ServerState::Leader => {
+            m.replication.iter().flatten().all(|(_, matched)| matched.as_ref().map(|l| l.index) == last)
+        }
+        ServerState::Follower | ServerState::Learner => {
+            m.current_leader.is_some_and(|l| l != m.id && liveness.is_alive(l))
+        }
+        ServerState::Candidate | ServerState::Shutdown => false,
+    }
+}
 
 /// A partition, merged from its replicas' own reports.
 #[derive(Debug, Clone, Default)]
@@ -61,13 +84,15 @@ impl ClusterStatus {
 impl BrokerState {
     /// This node's own report.
     pub fn local_status(&self) -> pb::NodeStatusResponse {
-        let partitions = self
+        let mut quiescent = 0;
+        let partitions: Vec<pb::PartitionStatus> = self
             .groups
             .all()
             .into_iter()
             .map(|h| {
                 let s = h.status();
                 let m = h.raft().metrics().borrow_watched().clone();
+                quiescent += u32::from(is_quiescent(&m, &self.liveness));
                 let view = MembershipView::of(&m);
                 pb::PartitionStatus {
                     topic: h.topic().to_owned(),
@@ -89,6 +114,8 @@ impl BrokerState {
             node_id: self.me,
             metadata_leader: self.meta.leader(),
             ready: self.meta.is_ready(),
+            replicas: u32::try_from(partitions.len()).unwrap_or(u32::MAX),
+            quiescent_replicas: quiescent,
             partitions,
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod codec;
 pub mod kv;
+pub mod liveness;
 pub mod log;
 pub mod mem;
 pub mod network;

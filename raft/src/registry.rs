@@ -12,6 +12,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use openraft::Raft;
+use openraft::async_runtime::WatchReceiver;
 use openraft::errors::Fatal;
 use openraft::errors::RaftError;
 use openraft::raft::AppendEntriesRequest;
@@ -52,6 +53,18 @@ pub trait RaftRpc: Send + Sync + 'static {
         &self,
         req: TransferLeaderRequest<C>,
     ) -> BoxFuture<'_, Result<TransferLeaderResponse<C>, Fatal<C>>>;
+    /// Whom this replica follows, with what it would answer a vote request it refuses.
+    fn follows(&self) -> Follows;
+    /// If this replica leads, sends its followers a heartbeat now.
+    fn wake(&self) -> BoxFuture<'_, ()>;
+}
+
+/// A replica's leader as it knows it.
+pub struct Follows {
+    /// The leader it knows (itself, if it leads).
+    pub leader: Option<crate::types::NodeId>,
+    pub is_leader: bool,
+    pub vote: Vote,
 }
 
 impl<SM> RaftRpc for Raft<C, SM>
@@ -93,6 +106,24 @@ where
         req: TransferLeaderRequest<C>,
     ) -> BoxFuture<'_, Result<TransferLeaderResponse<C>, Fatal<C>>> {
         Box::pin(Raft::handle_transfer_leader(self, req))
+    }
+
+    fn follows(&self) -> Follows {
+        let m = self.metrics();
+        let m = m.borrow_watched();
+        Follows {
+            leader: m.current_leader,
+            is_leader: m.state == openraft::ServerState::Leader,
+            vote: m.vote,
+        }
+    }
+
+    fn wake(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if self.server_metrics().borrow_watched().state == openraft::ServerState::Leader {
+                let _ = self.trigger().heartbeat().await;
+            }
+        })
     }
 }
 

@@ -7,12 +7,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use eddy_proto::RAFT_WIRE_VERSION;
+use eddy_proto::v1::NodeHeartbeat;
 use eddy_proto::v1::RaftReply;
 use eddy_proto::v1::RaftRequest;
 use eddy_proto::v1::raft_server;
 use futures::Stream;
 use futures::StreamExt;
 use openraft::raft::AppendEntriesRequest;
+use openraft::raft::VoteRequest;
+use openraft::raft::VoteResponse;
 use tokio_util::sync::CancellationToken;
 use tonic::Request;
 use tonic::Response;
@@ -21,6 +24,7 @@ use tonic::Streaming;
 use tracing::debug;
 
 use crate::codec;
+use crate::liveness::Liveness;
 use crate::network::GROUP_HEADER;
 use crate::network::RAFT_MESSAGE_BYTES_MAX;
 use crate::network::SnapshotEnvelope;
@@ -28,6 +32,7 @@ use crate::registry::RaftRpc;
 use crate::registry::Registry;
 use crate::types::C;
 use crate::types::GroupId;
+use crate::types::META_GROUP;
 use crate::types::NodeId;
 use crate::types::Runtime;
 use crate::types::Snapshot;
@@ -35,6 +40,7 @@ use crate::types::Snapshot;
 /// `eddy.v1.Raft` for one node.
 pub struct RaftService {
     registry: Arc<Registry>,
+    liveness: Arc<Liveness>,
     me: NodeId,
     /// Seeds the task openraft spawns for each incoming replication stream.
     seed: u64,
@@ -44,8 +50,13 @@ pub struct RaftService {
 }
 
 impl RaftService {
-    pub fn new(registry: Arc<Registry>, me: NodeId, seed: u64, shutdown: CancellationToken) -> Self {
-        Self { registry, me, seed, shutdown }
+    pub fn new(
+        registry: Arc<Registry>,
+        liveness: Arc<Liveness>,
+        seed: u64,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self { me: liveness.me(), registry, liveness, seed, shutdown }
     }
 
     /// The tonic server for this service, with Eddy's message limits.
@@ -99,7 +110,32 @@ impl raft_server::Raft for RaftService {
     async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         let g = self.open(&req)?;
-        let resp = g.pre_vote(codec::decode(&req.payload, "VoteRequest")?).await.map_err(fatal)?;
+        let vote_req: VoteRequest<C> = codec::decode(&req.payload, "VoteRequest")?;
+        // Leader stickiness from node liveness (partition groups; the metadata group keeps
+        // openraft's own timers and lease): quiescent groups exchange no messages, so
+        // openraft's own leader lease has long expired on an idle group; the leader this
+        // replica follows is still there as long as its node answers heartbeats.
+        let f = g.follows();
+        let candidate = Some(vote_req.vote.leader_id().voted_for);
+        let term = f.vote.leader_id().term;
+        if req.group_id != META_GROUP
+            && let Some(leader) = f.leader
+            && Some(leader) != candidate
+            && ((leader == self.me && f.is_leader)
+                || (leader != self.me && !self.liveness.view().leader_gone(req.group_id, leader, term)))
+        {
+            debug!(
+                node = self.me,
+                group = req.group_id,
+                leader,
+                ?candidate,
+                is_leader = f.is_leader,
+                term,
+                "refusing a pre-vote: the leader is alive"
+            );
+            return Ok(reply(&VoteResponse::<C>::new(f.vote, None, false)));
+        }
+        let resp = g.pre_vote(vote_req).await.map_err(fatal)?;
         Ok(reply(&resp))
     }
 
@@ -151,6 +187,22 @@ impl raft_server::Raft for RaftService {
         let resp =
             g.transfer_leader(codec::decode(&req.payload, "TransferLeaderRequest")?).await.map_err(fatal)?;
         Ok(reply(&resp))
+    }
+
+    async fn heartbeat(&self, request: Request<NodeHeartbeat>) -> Result<Response<NodeHeartbeat>, Status> {
+        let req = request.into_inner();
+        for w in req.wake {
+            let Some(g) = self.registry.get(w.group_id) else { continue };
+            let f = g.follows();
+            if f.is_leader {
+                g.wake().await;
+            } else if w.leader_lost && f.leader == Some(req.from) && f.vote.leader_id().term == w.term {
+                // The node this replica follows led the group in this term and restarted since:
+                // this replica must not wait for it.
+                self.liveness.disown(w.group_id, req.from, w.term);
+            }
+        }
+        Ok(Response::new(self.liveness.answer()))
     }
 
     async fn forward_meta(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {

@@ -27,6 +27,7 @@ enum Undo {
     RepairOneWay(String, String),
     LinkLoss(String, String),
     LinkLatency(String, String),
+    Release(Vec<(String, String)>),
     Restart(NodeId),
     /// Silent death: crash at `crash_at`, then restart (and repair) at the end.
     CrashThenRestart {
@@ -185,6 +186,17 @@ impl Nemesis {
                 desc = format!("n{a} <-> n{b} up to {ms} ms");
                 Undo::LinkLatency(host_name(a), host_name(b))
             }
+            FaultClass::Freeze => {
+                let n = self.pick(&up)?;
+                let me = host_name(n);
+                let pairs: Vec<(String, String)> =
+                    self.hosts.iter().filter(|h| **h != me).map(|h| (me.clone(), h.clone())).collect();
+                for (x, y) in &pairs {
+                    sim.hold(x.as_str(), y.as_str());
+                }
+                desc = format!("n{n} frozen (its messages held, not lost)");
+                Undo::Release(pairs)
+            }
             FaultClass::Crash | FaultClass::Bounce | FaultClass::SilentDeath => {
                 if cluster.down().len() >= DOWN_MAX
                     || self
@@ -268,6 +280,11 @@ impl Nemesis {
                 }
             }
             Undo::RepairOneWay(x, y) => sim.repair_oneway(x.as_str(), y.as_str()),
+            Undo::Release(pairs) => {
+                for (x, y) in &pairs {
+                    sim.release(x.as_str(), y.as_str());
+                }
+            }
             Undo::LinkLoss(x, y) => sim.set_link_fail_rate(x.as_str(), y.as_str(), 0.0),
             Undo::LinkLatency(x, y) => {
                 sim.set_link_max_message_latency(x.as_str(), y.as_str(), BASE_MAX_LATENCY)
@@ -297,6 +314,7 @@ impl Nemesis {
         }
         for (i, x) in self.hosts.iter().enumerate() {
             for y in &self.hosts[i + 1..] {
+                sim.release(x.as_str(), y.as_str());
                 sim.repair(x.as_str(), y.as_str());
                 sim.set_link_fail_rate(x.as_str(), y.as_str(), 0.0);
                 sim.set_link_max_message_latency(x.as_str(), y.as_str(), BASE_MAX_LATENCY);

@@ -28,10 +28,13 @@ pub enum FaultClass {
     SilentDeath,
     /// A node's process restarts; its disk keeps everything.
     Bounce,
+    /// Every message to and from a node is held (none lost) and delivered when the fault ends:
+    /// to its peers the node is frozen, alive at the TCP level and silent, as under SIGSTOP.
+    Freeze,
 }
 
 impl FaultClass {
-    pub const ALL: [FaultClass; 8] = [
+    pub const ALL: [FaultClass; 9] = [
         FaultClass::Partition,
         FaultClass::OneWay,
         FaultClass::IsolateLeader,
@@ -40,6 +43,7 @@ impl FaultClass {
         FaultClass::Crash,
         FaultClass::SilentDeath,
         FaultClass::Bounce,
+        FaultClass::Freeze,
     ];
 
     pub fn name(&self) -> &'static str {
@@ -52,6 +56,7 @@ impl FaultClass {
             FaultClass::Crash => "crash",
             FaultClass::SilentDeath => "silent-death",
             FaultClass::Bounce => "bounce",
+            FaultClass::Freeze => "freeze",
         }
     }
 }

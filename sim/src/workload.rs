@@ -423,6 +423,9 @@ pub async fn verifier(ctx: Ctx) -> turmoil::Result {
                     Ok(ack) => ack.await,
                     Err(e) => Err(e),
                 };
+                if let Err(e) = &r {
+                    ctx.trace.push(now_ms(), "verifier", format!("write to {t}/{p} failed: {e}"));
+                }
                 let o = outcome(r);
                 ctx.history.complete(op, o.clone(), now_ms());
                 if let Outcome::Ok { offset } = o {

@@ -15,8 +15,11 @@ use eddy_raft::Payload;
 use eddy_raft::kv::KvTree;
 use eddy_raft::log::LogReader;
 use openraft::EntryPayload;
+use openraft::ReadPolicy;
 use openraft::errors::ClientWriteError;
+use openraft::errors::ForwardReason;
 use openraft::errors::RaftError;
+use openraft::raft::ClientWriteResponse;
 use tokio::sync::watch;
 
 use super::command::PartitionCommand;
@@ -33,6 +36,9 @@ use crate::error::Result;
 use crate::meta::MetaHandle;
 
 pub type PartitionRaft = openraft::Raft<C, PartitionStateMachine>;
+
+/// How long a leader waits for a quorum to renew its lease before a write.
+const LEASE_RENEW_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Offset-index entries read per scan while serving a fetch.
 const INDEX_SCAN_MAX: usize = 1024;
@@ -106,6 +112,9 @@ pub struct PartitionParts {
     pub metrics: Arc<crate::metrics::NodeMetrics>,
     /// Stops the replica's own tasks (retention) when the replica stops.
     pub stop: tokio_util::sync::CancellationToken,
+    /// The topic's retention settings, kept current by the partition manager; the retention
+    /// task sleeps on it while the topic keeps everything.
+    pub retention: watch::Sender<super::retention::TopicSettings>,
     #[cfg(feature = "planted-bugs")]
     pub bugs: crate::env::PlantedBugs,
 }
@@ -131,6 +140,11 @@ impl PartitionHandle {
 
     pub(super) fn parts(&self) -> &PartitionParts {
         &self.inner
+    }
+
+    /// Tells the replica's retention task the topic's current settings (a no-op if unchanged).
+    pub fn set_retention(&self, settings: super::retention::TopicSettings) {
+        self.inner.retention.send_if_modified(|s| std::mem::replace(s, settings) != settings);
     }
 
     /// Stops the replica's tasks; the Raft group itself is shut down by its owner.
@@ -184,7 +198,7 @@ impl PartitionHandle {
     pub async fn produce(&self, batch: ProduceBatch, timeout: Duration) -> Result<Produced> {
         let producer_id = batch.producer_id;
         let payload = Payload(PartitionCommand::Produce(batch).encode());
-        let write = self.inner.raft.client_write(payload);
+        let write = self.write(payload);
         let started = tokio::time::Instant::now();
         let written = tokio::time::timeout(timeout, write).await;
         if matches!(written, Ok(Ok(_))) {
@@ -273,11 +287,46 @@ impl PartitionHandle {
         Ok(out)
     }
 
+    /// Proposes a command. A quiescent leader exchanged nothing with its followers for a while,
+    /// so openraft's quorum lease (which a leader needs to accept writes) has lapsed: the first
+    /// write after a quiet spell renews it with one heartbeat round, then is proposed again.
+    async fn write(
+        &self,
+        payload: Payload,
+    ) -> std::result::Result<ClientWriteResponse<C>, RaftError<C, ClientWriteError<C>>> {
+        let raft = &self.inner.raft;
+        match raft.client_write(payload.clone()).await {
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
+                if f.reason == ForwardReason::LeaseExpired =>
+            {
+                if self.renew_lease().await {
+                    raft.client_write(payload).await
+                } else {
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
+                }
+            }
+            r => r,
+        }
+    }
+
+    /// On a leader, confirms the leadership with a quorum (one heartbeat round), which renews
+    /// the leader's lease. False if this replica does not lead or no quorum answered.
+    pub async fn renew_lease(&self) -> bool {
+        matches!(
+            tokio::time::timeout(
+                LEASE_RENEW_TIMEOUT,
+                self.inner.raft.ensure_linearizable(ReadPolicy::ReadIndex)
+            )
+            .await,
+            Ok(Ok(_))
+        )
+    }
+
     /// Proposes retention's new log start (a batch's base offset, or the high watermark) and
     /// returns the log start once applied. Only the leader can.
     pub async fn advance_log_start(&self, offset: u64, timeout: Duration) -> Result<u64> {
         let payload = Payload(PartitionCommand::AdvanceLogStart { offset }.encode());
-        let resp = match tokio::time::timeout(timeout, self.inner.raft.client_write(payload)).await {
+        let resp = match tokio::time::timeout(timeout, self.write(payload)).await {
             Err(_) => {
                 return Err(BrokerError::Timeout(format!(
                     "{}: advancing the log start to {offset} did not commit within {timeout:?}",

@@ -1,5 +1,5 @@
-//! Retention: every replica of a partition runs a [`RetentionTask`]. On the leader it decides,
-//! every `retention_check_interval_ms`, how far the topic's `retention.ms` and `retention.bytes`
+//! Retention: every replica of a partition runs a [`RetentionTask`]. On the leader of a topic
+//! with a retention limit it decides, every `retention_check_interval_ms`, how far the topic's `retention.ms` and `retention.bytes`
 //! let the log start advance ([`new_log_start`]) and proposes `AdvanceLogStart` through Raft, so
 //! every replica forgets the same records. On every replica it then purges the Raft log below
 //! the first record kept: openraft purges only what a snapshot covers, so the task builds a
@@ -29,6 +29,19 @@ use crate::meta::state::TopicRecord;
 const ADVANCE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a replica waits for the snapshot that lets it purge.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The topic settings a replica's retention task acts on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TopicSettings {
+    pub policy: RetentionPolicy,
+    pub segment_bytes: Option<u64>,
+}
+
+impl TopicSettings {
+    pub fn of(topic: &TopicRecord) -> Self {
+        Self { policy: RetentionPolicy::of(topic), segment_bytes: topic.segment_bytes() }
+    }
+}
 
 /// A topic's retention settings; `None` keeps everything.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -114,11 +127,16 @@ pub struct RetentionTask {
 
 impl RetentionTask {
     pub async fn run(self, cancel: CancellationToken) {
+        let mut config = self.handle.parts().retention.subscribe();
         loop {
+            // A topic that keeps everything needs no timer: the task sleeps until the topic's
+            // settings change (so an idle partition costs nothing).
+            let limited = !config.borrow_and_update().policy.is_unlimited();
             tokio::select! {
-                // Both arms only wait; a tick runs to completion outside the select.
+                // Every arm only waits; a tick runs to completion outside the select.
                 _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(self.interval) => {}
+                _ = tokio::time::sleep(self.interval), if limited => {}
+                r = config.changed() => if r.is_err() { break },
             }
             if let Err(e) = self.tick().await {
                 warn!("retention check: {e:#}");

@@ -110,22 +110,33 @@ pub async fn cluster(client: &Client, format: Format, command: ClusterCommand) -
 async fn cluster_status(client: &Client, format: Format) -> anyhow::Result<ExitCode> {
     let md = client.refresh_metadata().await?;
     let probes = md.nodes.values().filter(|n| n.state != "removed").map(|n| async move {
-        let up = matches!(client.node_status(&n.client_addr, Duration::from_secs(2)).await, Ok(s) if s.ready);
-        (n.clone(), up)
+        let status = client.node_status(&n.client_addr, Duration::from_secs(2)).await.ok();
+        let up = status.as_ref().is_some_and(|s| s.ready);
+        let counts = status.map(|s| (s.replicas, s.quiescent_replicas));
+        (n.clone(), up, counts)
     });
     let nodes = futures::future::join_all(probes).await;
     match format {
         Format::Json => {
             let nodes: Vec<_> = nodes
                 .iter()
-                .map(|(n, up)| json!({"id": n.id, "client_addr": n.client_addr, "up": up, "state": n.state}))
+                .map(|(n, up, counts)| {
+                    json!({
+                        "id": n.id,
+                        "client_addr": n.client_addr,
+                        "up": up,
+                        "state": n.state,
+                        "replicas": counts.map(|c| c.0),
+                        "quiescent_replicas": counts.map(|c| c.1),
+                    })
+                })
                 .collect();
             print_json(&json!({"nodes": nodes, "metadata_leader": md.metadata_leader}));
         }
         Format::Table => {
             let rows = nodes
                 .iter()
-                .map(|(n, up)| {
+                .map(|(n, up, _)| {
                     vec![
                         n.id.to_string(),
                         n.client_addr.clone(),
@@ -320,6 +331,7 @@ fn topic_json(t: &pb::TopicMetadata) -> Value {
                 "replicas": p.replicas,
                 "high_watermark": p.high_watermark,
                 "log_start_offset": p.log_start_offset,
+                "term": p.term,
             })
         })
         .collect();

@@ -64,6 +64,24 @@ pub enum BenchCommand {
         #[arg(long)]
         plot: Option<std::path::PathBuf>,
     },
+    /// Write to many partitions of an existing topic at once, one event in flight per
+    /// partition, each retried until acknowledged: throughput across partitions, and (with one
+    /// event per partition) when each partition accepted writes again after a failure.
+    Partitions {
+        #[arg(long)]
+        topic: String,
+        /// Partitions to write to, e.g. `0-999` or `3,7,9`; all of the topic's when absent.
+        #[arg(long)]
+        partitions: Option<String>,
+        /// Events written to each partition, one at a time.
+        #[arg(long, default_value_t = 1)]
+        events_per_partition: u64,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        /// Give up on a partition that has not acknowledged by then, e.g. 60s.
+        #[arg(long, default_value = "60s", value_parser = crate::parse_duration)]
+        deadline: Duration,
+    },
     /// Read N events from a follower in batches (NATS bench "consume").
     Consume {
         #[arg(long)]
@@ -242,8 +260,127 @@ async fn produce_window(
     Ok(h)
 }
 
+/// Parses `0-9,12,15-16` into partition numbers.
+fn parse_partitions(spec: &str) -> anyhow::Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || anyhow::anyhow!("--partitions: {part:?} is not a partition number or a range like 0-9");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `events` events to `partition` one at a time, each retried until acknowledged or
+/// `deadline`. Returns the ack latencies and when the first event was acknowledged.
+async fn write_partition(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    events: u64,
+    payload: bytes::Bytes,
+    deadline: Instant,
+) -> (u32, Histogram<u64>, Option<(Instant, std::time::SystemTime)>, Option<String>) {
+    let mut h = new_hist();
+    let mut first = None;
+    for _ in 0..events {
+        let req = pb::ProduceRequest {
+            topic: topic.to_owned(),
+            partition: Some(partition),
+            records: vec![pb::Record {
+                key: None,
+                value: payload.clone(),
+                headers: vec![],
+                timestamp_ms: None,
+            }],
+            producer_id: 0,
+            base_sequence: 0,
+            timeout_ms: 0,
+        };
+        let t0 = Instant::now();
+        loop {
+            match client.produce(req.clone()).await {
+                Ok(_) => break,
+                Err(e) if Instant::now() >= deadline => return (partition, h, first, Some(e.to_string())),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        record(&mut h, t0.elapsed());
+        first.get_or_insert((Instant::now(), std::time::SystemTime::now()));
+    }
+    (partition, h, first, None)
+}
+
 pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
+        BenchCommand::Partitions { topic, partitions, events_per_partition, size, deadline } => {
+            let count = client.partition_count(&topic).await?;
+            let chosen = match partitions {
+                Some(spec) => parse_partitions(&spec)?,
+                None => (0..count).collect(),
+            };
+            if let Some(p) = chosen.iter().find(|p| **p >= count) {
+                bail!("--partitions: topic {topic} has {count} partitions, so {p} does not exist");
+            }
+            let payload = bytes::Bytes::from(vec![b'x'; size]);
+            let t0 = Instant::now();
+            let deadline = t0 + deadline;
+            let mut writers: FuturesUnordered<_> = chosen
+                .iter()
+                .map(|p| {
+                    write_partition(&client, &topic, *p, events_per_partition, payload.clone(), deadline)
+                })
+                .collect();
+            let (mut acks, mut firsts, mut first_unix, mut failed) =
+                (new_hist(), new_hist(), BTreeMap::new(), BTreeMap::new());
+            while let Some((p, h, first, err)) = writers.next().await {
+                acks.add(&h).context("merge histograms")?;
+                if let Some((at, wall)) = first {
+                    record(&mut firsts, at - t0);
+                    let ms = wall.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                    first_unix.insert(p, ms);
+                }
+                if let Some(e) = err {
+                    failed.insert(p, e);
+                }
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let events = acks.len();
+            let v = json!({
+                "bench": "partitions", "topic": topic, "partitions": chosen.len(),
+                "events_per_partition": events_per_partition, "events": events, "seconds": secs,
+                "events_per_sec": events as f64 / secs, "ack": hist_json(&acks),
+                "first_ack": hist_json(&firsts), "first_ack_unix_ms": first_unix, "failed": failed,
+            });
+            match format {
+                Format::Json => println!("{v}"),
+                Format::Table => {
+                    println!(
+                        "{events} events to {} partitions of {topic} in {secs:.2} s: {:.0} events/s",
+                        chosen.len(),
+                        events as f64 / secs
+                    );
+                    println!("{}", hist_line("ack latency", &acks));
+                    println!("{}", hist_line("first ack per partition, from the start", &firsts));
+                    if !failed.is_empty() {
+                        println!(
+                            "{} partitions never acknowledged: {:?}",
+                            failed.len(),
+                            failed.keys().collect::<Vec<_>>()
+                        );
+                    }
+                }
+            }
+            Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         BenchCommand::Produce { events, size, inflight, topic, no_reset, warmup, plot } => {
             prepare_topic(&client, &topic, !no_reset).await?;
             let leader = client.metadata().partition(&topic, 0).and_then(|p| p.leader);

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Many partitions on a small cluster: what an idle partition costs, and how fast a dead or
+frozen node's leaderships move. For each N (default 100, 1000, 3000, 10000 partitions; RF3 on
+three local eddy-node processes, release build) it starts a fresh cluster and prints one row:
+
+- create_s: seconds from `topic create` to `cluster health` healthy;
+- idle_cores: CPU cores used by the three nodes together over --idle-seconds (default 30) of idleness;
+- rss_mb: resident memory per node (mean), and rss_kb_per_replica: its growth per replica held;
+- produce_eps: events/s with one 256 B event in flight on each of min(N, 1000) partitions;
+- kill_*: SIGKILL of the node leading the most partitions -> when each of its partitions
+  accepted a write again (median, max seconds), then restart_s: its restart -> healthy;
+- stop_*: the same for SIGSTOP (frozen for --freeze-seconds, then SIGCONT), and
+  stop_foreign_elections: how many partitions the frozen node did not lead changed term
+  (0 means it came back as a follower without disturbing anyone).
+
+Usage: bench/partitions.py [--sizes 100,1000] [--node-dir target/release] [--ctl-dir target/release]
+                           [--idle-seconds 30] [--output json]
+--node-dir selects the eddy-node build (e.g. one built from an older commit, for a before/after
+comparison); eddyctl comes from --ctl-dir. Everything runs on 127.0.0.1 in a temporary directory,
+and every process is stopped at the end of each row.
+"""
+import argparse, json, os, signal, statistics, subprocess, sys, time
+
+from eddy_cluster import Cluster, cpu_seconds
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+class Bench:
+    def __init__(self, a, n):
+        self.a, self.n = a, n
+        self.c = Cluster(a.node_dir)
+
+    def ctl(self, *args, brokers=None, timeout=300):
+        r = subprocess.run([f"{self.a.ctl_dir}/eddyctl", "--brokers", brokers or self.c.brokers(only_running=True),
+                            "--output", "json", *args], capture_output=True, timeout=timeout)
+        return r.returncode, r.stdout.decode(), r.stderr.decode()
+
+    def healthy(self):
+        code, out, _ = self.ctl("cluster", "health", timeout=60)
+        try:
+            return code == 0 and json.loads(out)["healthy"]
+        except (ValueError, KeyError):
+            return False
+
+    def wait_healthy(self, timeout):
+        t0 = time.monotonic()
+        self.c.wait("healthy", self.healthy, timeout=timeout)
+        return time.monotonic() - t0
+
+    def describe(self):
+        code, out, err = self.ctl("topic", "describe", "many", timeout=120)
+        return json.loads(out) if code == 0 else None
+
+    def leaders(self):
+        d = self.describe()
+        by = {}
+        for p in d["partitions"]:
+            if p["leader"] is not None:
+                by.setdefault(p["leader"], []).append(p["partition"])
+        return d, by
+
+    def failover(self, how):
+        d, by = self.leaders()
+        victim = max(by, key=lambda k: len(by[k]))
+        led = sorted(by[victim])
+        terms = {p["partition"]: p.get("term", 0) for p in d["partitions"]}
+        pid = self.c.nodes[victim]["proc"].pid
+        t_fault = time.time()
+        if how == "kill":
+            self.c.kill(victim)
+        else:
+            os.kill(pid, signal.SIGSTOP)
+        others = ",".join(n["client"] for i, n in self.c.nodes.items() if i != victim and n["proc"])
+        r = self.probe_on(others, led)
+        times = sorted((ms / 1000.0 - t_fault) for ms in r["first_ack_unix_ms"].values())
+        out = {"victim": victim, "led": len(led), "never": len(r["failed"]),
+               "median_s": statistics.median(times) if times else None, "max_s": max(times) if times else None}
+        if how == "kill":
+            t0 = time.monotonic()
+            self.c.start(victim)
+            out["restart_s"] = time.monotonic() - t0 + self.wait_healthy(600)
+        else:
+            rest = self.a.freeze_seconds - (time.time() - t_fault)
+            if rest > 0:
+                time.sleep(rest)
+            os.kill(pid, signal.SIGCONT)
+            out["thaw_healthy_s"] = self.wait_healthy(300)
+            after = {p["partition"]: p.get("term", 0) for p in self.describe()["partitions"]}
+            out["foreign_elections"] = sum(1 for p, t in terms.items() if p not in set(led) and after.get(p, t) != t)
+        return out
+
+    def probe_on(self, brokers, partitions):
+        spec = ",".join(str(p) for p in partitions)
+        code, out, err = self.ctl("--request-timeout", "1s", "bench", "partitions", "--topic", "many",
+                                  "--partitions", spec, "--events-per-partition", "1", "--deadline", "60s",
+                                  brokers=brokers, timeout=180)
+        if not out.strip():
+            raise SystemExit(f"bench partitions failed: {err}")
+        return json.loads(out)
+
+    def run(self):
+        c, n, row = self.c, self.n, {"partitions": self.n}
+        c.wait("cluster up", lambda: self.ctl("cluster", "status")[0] == 0 and
+               all(x["up"] for x in json.loads(self.ctl("cluster", "status")[1])["nodes"]), timeout=60)
+        pids = lambda: [x["proc"].pid for x in c.nodes.values() if x["proc"]]
+        rss0 = [rss_kb(p) for p in pids()]
+        t0 = time.monotonic()
+        code, _, err = self.ctl("topic", "create", "many", "--partitions", str(n), "--replication-factor", "3",
+                                timeout=600)
+        assert code == 0, err
+        row["create_s"] = round(time.monotonic() - t0 + self.wait_healthy(900), 2)
+        time.sleep(3)  # let the last elections and replication settle before measuring idleness
+        cpu0 = sum(cpu_seconds(p) for p in pids())
+        time.sleep(self.a.idle_seconds)
+        row["idle_cores"] = round((sum(cpu_seconds(p) for p in pids()) - cpu0) / self.a.idle_seconds, 3)
+        rss = [rss_kb(p) for p in pids()]
+        row["rss_mb"] = round(statistics.mean(rss) / 1024, 1)
+        row["rss_kb_per_replica"] = round((statistics.mean(rss) - statistics.mean(rss0)) / n, 1)
+        width = min(n, 1000)
+        code, out, err = self.ctl("bench", "partitions", "--topic", "many", "--partitions", f"0-{width - 1}",
+                                  "--events-per-partition", str(self.a.events_per_partition), timeout=600)
+        r = json.loads(out) if out.strip() else {}
+        row["produce_eps"] = round(r.get("events_per_sec", 0))
+        row["produce_ack_p50_ms"] = r.get("ack", {}).get("p50_ms")
+        k = self.failover("kill")
+        row.update({"kill_victim_led": k["led"], "kill_median_s": k["median_s"], "kill_max_s": k["max_s"],
+                    "kill_never": k["never"], "restart_s": round(k["restart_s"], 2)})
+        s = self.failover("stop")
+        row.update({"stop_victim_led": s["led"], "stop_median_s": s["median_s"], "stop_max_s": s["max_s"],
+                    "stop_never": s["never"], "stop_foreign_elections": s["foreign_elections"]})
+        return row
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="100,1000,3000,10000")
+    ap.add_argument("--node-dir", default="target/release")
+    ap.add_argument("--ctl-dir", default="target/release")
+    ap.add_argument("--idle-seconds", type=int, default=30)
+    ap.add_argument("--freeze-seconds", type=int, default=10)
+    ap.add_argument("--events-per-partition", type=int, default=20)
+    ap.add_argument("--output", choices=["table", "json"], default="table")
+    a = ap.parse_args()
+    cols = ["partitions", "create_s", "idle_cores", "rss_mb", "rss_kb_per_replica", "produce_eps",
+            "kill_median_s", "kill_max_s", "restart_s", "stop_median_s", "stop_max_s", "stop_foreign_elections"]
+    if a.output == "table":
+        print(" ".join(f"{c:>14}" for c in cols), flush=True)
+    for n in (int(x) for x in a.sizes.split(",")):
+        b = Bench(a, n)
+        try:
+            row = b.run()
+        finally:
+            for x in b.c.nodes.values():
+                if x["proc"]:
+                    try:
+                        os.kill(x["proc"].pid, signal.SIGCONT)
+                    except ProcessLookupError:
+                        pass
+            b.c.stop()
+        if a.output == "json":
+            print(json.dumps(row), flush=True)
+        else:
+            print(" ".join(f"{str(row.get(c)):>14}" for c in cols), flush=True)
+
+if __name__ == "__main__":
+    main()
