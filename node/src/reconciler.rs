@@ -239,6 +239,13 @@ impl Reconciler {
                 if g.raft().trigger().transfer_leader(to).await.is_ok() {
                     transfers += 1;
                 }
+                // A leader refuses writes while a transfer is under way, and a transfer the
+                // target cannot take (e.g. it has flushed nothing of this term yet, as after a
+                // restart into a quiet group) fails only after a timeout: an automatic balance
+                // does not try again before the target has settled once more.
+                if !must_leave {
+                    seen.insert((g.group(), to), now);
+                }
             }
         }
         // Only groups this node still leads, and replicas still responsive, keep their clocks.

@@ -70,6 +70,9 @@ pub const DOWN_AFTER: Duration = Duration::from_millis(600);
 pub const WAKE_GRACE: Duration = Duration::from_millis(1000);
 /// Delay between the turns of successive candidates (by rank) of one group.
 pub const RANK_STEP: Duration = Duration::from_millis(250);
+/// A leadership transfer that has not produced a new leader after this long is abandoned:
+/// the followers elect (see `RaftService::transfer_leader`).
+pub const TRANSFER_GRACE: Duration = Duration::from_secs(2);
 /// The longest pause between two campaigns of one group.
 pub const RETRY_MAX: Duration = Duration::from_secs(4);
 

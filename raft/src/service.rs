@@ -14,6 +14,7 @@ use eddy_proto::v1::raft_server;
 use futures::Stream;
 use futures::StreamExt;
 use openraft::raft::AppendEntriesRequest;
+use openraft::raft::TransferLeaderRequest;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +26,7 @@ use tracing::debug;
 
 use crate::codec;
 use crate::liveness::Liveness;
+use crate::liveness::TRANSFER_GRACE;
 use crate::network::GROUP_HEADER;
 use crate::network::RAFT_MESSAGE_BYTES_MAX;
 use crate::network::SnapshotEnvelope;
@@ -184,8 +186,25 @@ impl raft_server::Raft for RaftService {
     async fn transfer_leader(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         let g = self.open(&req)?;
-        let resp =
-            g.transfer_leader(codec::decode(&req.payload, "TransferLeaderRequest")?).await.map_err(fatal)?;
+        let transfer: TransferLeaderRequest<C> = codec::decode(&req.payload, "TransferLeaderRequest")?;
+        let (leader, term) =
+            (transfer.from_leader().leader_id().voted_for, transfer.from_leader().leader_id().term);
+        let resp = g.transfer_leader(transfer).await.map_err(fatal)?;
+        if req.group_id != META_GROUP {
+            // A leader that started a transfer accepts no writes until it is no longer leader,
+            // and openraft never abandons a transfer; with no election timers, a transfer the
+            // target cannot complete would leave the group stuck. So a replica that still
+            // follows that leader in that term after `TRANSFER_GRACE` counts it as gone.
+            let (liveness, group) = (self.liveness.clone(), req.group_id);
+            tokio::spawn(async move {
+                tokio::time::sleep(TRANSFER_GRACE).await;
+                let f = g.follows();
+                if !f.is_leader && f.leader == Some(leader) && f.vote.leader_id().term == term {
+                    debug!(group, leader, term, "leadership transfer did not complete: electing");
+                    liveness.disown(group, leader, term);
+                }
+            });
+        }
         Ok(reply(&resp))
     }
 

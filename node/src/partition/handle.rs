@@ -21,6 +21,7 @@ use openraft::errors::ForwardReason;
 use openraft::errors::RaftError;
 use openraft::raft::ClientWriteResponse;
 use tokio::sync::watch;
+use tracing::debug;
 
 use super::command::PartitionCommand;
 use super::command::PartitionReply;
@@ -312,14 +313,18 @@ impl PartitionHandle {
     /// On a leader, confirms the leadership with a quorum (one heartbeat round), which renews
     /// the leader's lease. False if this replica does not lead or no quorum answered.
     pub async fn renew_lease(&self) -> bool {
-        matches!(
-            tokio::time::timeout(
-                LEASE_RENEW_TIMEOUT,
-                self.inner.raft.ensure_linearizable(ReadPolicy::ReadIndex)
-            )
-            .await,
-            Ok(Ok(_))
-        )
+        let renew = self.inner.raft.ensure_linearizable(ReadPolicy::ReadIndex);
+        match tokio::time::timeout(LEASE_RENEW_TIMEOUT, renew).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                debug!(group = self.inner.group, "renewing the leader lease: {e}");
+                false
+            }
+            Err(_) => {
+                debug!(group = self.inner.group, "renewing the leader lease timed out");
+                false
+            }
+        }
     }
 
     /// Proposes retention's new log start (a batch's base offset, or the high watermark) and
