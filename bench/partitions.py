@@ -79,7 +79,8 @@ class Bench:
         r = self.probe_on(others, led)
         times = sorted((ms / 1000.0 - t_fault) for ms in r["first_ack_unix_ms"].values())
         out = {"victim": victim, "led": len(led), "never": len(r["failed"]),
-               "median_s": statistics.median(times) if times else None, "max_s": max(times) if times else None}
+               "median_s": round(statistics.median(times), 3) if times else None,
+               "max_s": round(max(times), 3) if times else None}
         if how == "kill":
             t0 = time.monotonic()
             self.c.start(victim)
@@ -89,7 +90,7 @@ class Bench:
             if rest > 0:
                 time.sleep(rest)
             os.kill(pid, signal.SIGCONT)
-            out["thaw_healthy_s"] = self.wait_healthy(300)
+            out["thaw_healthy_s"] = round(self.wait_healthy(300), 2)
             after = {p["partition"]: p.get("term", 0) for p in self.describe()["partitions"]}
             out["foreign_elections"] = sum(1 for p, t in terms.items() if p not in set(led) and after.get(p, t) != t)
         return out
@@ -121,6 +122,7 @@ class Bench:
         rss = [rss_kb(p) for p in pids()]
         row["rss_mb"] = round(statistics.mean(rss) / 1024, 1)
         row["rss_kb_per_replica"] = round((statistics.mean(rss) - statistics.mean(rss0)) / n, 1)
+        row["fds_per_node"] = round(statistics.mean(len(os.listdir(f"/proc/{p}/fd")) for p in pids()))
         width = min(n, 1000)
         code, out, err = self.ctl("bench", "partitions", "--topic", "many", "--partitions", f"0-{width - 1}",
                                   "--events-per-partition", str(self.a.events_per_partition), timeout=600)
@@ -145,7 +147,7 @@ def main():
     ap.add_argument("--events-per-partition", type=int, default=20)
     ap.add_argument("--output", choices=["table", "json"], default="table")
     a = ap.parse_args()
-    cols = ["partitions", "create_s", "idle_cores", "rss_mb", "rss_kb_per_replica", "produce_eps",
+    cols = ["partitions", "create_s", "idle_cores", "rss_mb", "rss_kb_per_replica", "fds_per_node", "produce_eps",
             "kill_median_s", "kill_max_s", "restart_s", "stop_median_s", "stop_max_s", "stop_foreign_elections"]
     if a.output == "table":
         print(" ".join(f"{c:>14}" for c in cols), flush=True)

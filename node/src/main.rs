@@ -116,6 +116,7 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
         config.http_addr = v;
     }
     config.validate().context("invalid configuration")?;
+    raise_open_file_limit();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data_dir {}", config.data_dir.display()))?;
     let state_store = SledStateStore::open(&config.data_dir.join("state")).context("open the state store")?;
@@ -159,6 +160,23 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
         () = signals.recv() => warn!("second signal: exiting without a clean shutdown"),
     }
     Ok(())
+}
+
+/// Every partition replica keeps its active segment and its state file open, so a node holding
+/// thousands of replicas needs more descriptors than the usual soft limit of 1024: raise the
+/// soft limit to the hard limit (which an unprivileged process may do).
+fn raise_open_file_limit() {
+    use nix::sys::resource::Resource;
+    use nix::sys::resource::getrlimit;
+    use nix::sys::resource::setrlimit;
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => warn!(soft, hard, "could not raise the open-file limit: {e}"),
+        },
+        Ok((soft, _)) => info!(limit = soft, "open-file limit (already at the hard limit)"),
+        Err(e) => warn!("could not read the open-file limit: {e}"),
+    }
 }
 
 /// SIGTERM and SIGINT, installed once so that no signal is missed between waits.

@@ -129,6 +129,11 @@ impl BrokerState {
                 if id == self.me {
                     return Some(self.local_status());
                 }
+                // A node judged down (crashed, frozen, cut off) would only make every metadata
+                // request wait out the deadline.
+                if !self.liveness.is_alive(id) {
+                    return None;
+                }
                 let mut client = BrokerClient::new(self.client_peers.channel(id, &addr));
                 let mut req = Request::new(pb::NodeStatusRequest {});
                 req.set_timeout(STATUS_TIMEOUT);
