@@ -49,6 +49,7 @@ use crate::meta::MetaHandle;
 use crate::meta::MetaStateMachine;
 use crate::meta::handle::MetaForwardService;
 use crate::meta::handle::MetaRaft;
+use crate::meta::state::NodeState;
 use crate::metrics::NodeMetrics;
 use crate::raft_config;
 use crate::reconciler::Reconciler;
@@ -362,6 +363,7 @@ pub async fn start(
                     .state
                     .nodes
                     .iter()
+                    .filter(|(_, n)| n.state != NodeState::Removed)
                     .map(|(id, n)| (*id, n.addr.raft_addr.clone()))
                     .collect();
                 liveness.set_members(members);
