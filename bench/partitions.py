@@ -19,7 +19,7 @@ Usage: bench/partitions.py [--sizes 100,1000] [--node-dir target/release] [--ctl
 comparison); eddyctl comes from --ctl-dir. Everything runs on 127.0.0.1 in a temporary directory,
 and every process is stopped at the end of each row.
 """
-import argparse, json, os, signal, statistics, subprocess, sys, time
+import argparse, json, os, re, signal, statistics, subprocess, sys, time, urllib.request
 
 from eddy_cluster import Cluster, cpu_seconds
 
@@ -29,6 +29,15 @@ def rss_kb(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+def raft_messages_sent(http_addr):
+    """Node heartbeats sent by one node (all peers), from its /metrics; None on an older build."""
+    try:
+        text = urllib.request.urlopen(f"http://{http_addr}/metrics", timeout=5).read().decode()
+    except OSError:
+        return None
+    vals = [float(m.group(1)) for m in re.finditer(r'^eddy_liveness_heartbeats_sent_total\{[^}]*\} (\S+)$', text, re.M)]
+    return sum(vals) if vals else None
 
 class Bench:
     def __init__(self, a, n):
@@ -116,9 +125,19 @@ class Bench:
         assert code == 0, err
         row["create_s"] = round(time.monotonic() - t0 + self.wait_healthy(900), 2)
         time.sleep(3)  # let the last elections and replication settle before measuring idleness
+        hb0 = [raft_messages_sent(x["http"]) for x in c.nodes.values()]
         cpu0 = sum(cpu_seconds(p) for p in pids())
         time.sleep(self.a.idle_seconds)
         row["idle_cores"] = round((sum(cpu_seconds(p) for p in pids()) - cpu0) / self.a.idle_seconds, 3)
+        hb1 = [raft_messages_sent(x["http"]) for x in c.nodes.values()]
+        if None not in hb0 + hb1:
+            row["node_heartbeats_per_s"] = round(statistics.mean(b - a for a, b in zip(hb0, hb1)) / self.a.idle_seconds, 1)
+        code, out, _ = self.ctl("cluster", "status")
+        if code == 0:
+            nodes = json.loads(out)["nodes"]
+            if all(x.get("replicas") is not None for x in nodes):
+                row["quiescent_share"] = round(sum(x["quiescent_replicas"] for x in nodes) /
+                                               max(1, sum(x["replicas"] for x in nodes)), 3)
         rss = [rss_kb(p) for p in pids()]
         row["rss_mb"] = round(statistics.mean(rss) / 1024, 1)
         row["rss_kb_per_replica"] = round((statistics.mean(rss) - statistics.mean(rss0)) / n, 1)
@@ -147,7 +166,7 @@ def main():
     ap.add_argument("--events-per-partition", type=int, default=20)
     ap.add_argument("--output", choices=["table", "json"], default="table")
     a = ap.parse_args()
-    cols = ["partitions", "create_s", "idle_cores", "rss_mb", "rss_kb_per_replica", "fds_per_node", "produce_eps",
+    cols = ["partitions", "create_s", "idle_cores", "quiescent_share", "rss_mb", "rss_kb_per_replica", "fds_per_node", "produce_eps",
             "kill_median_s", "kill_max_s", "restart_s", "stop_median_s", "stop_max_s", "stop_foreign_elections"]
     if a.output == "table":
         print(" ".join(f"{c:>14}" for c in cols), flush=True)
