@@ -351,7 +351,12 @@ pub async fn start(
     spawn_task(
         &tasks,
         "liveness",
-        liveness.clone().run(peers.clone(), cancel.clone()).instrument(info_span!("liveness", node = me)),
+        // Its own connections: heartbeats must not share the fate of bulk Raft traffic (a burst
+        // of reset streams on a shared HTTP/2 connection would make a live peer look down).
+        liveness
+            .clone()
+            .run(Arc::new(Peers::new(env.connector.clone())), cancel.clone())
+            .instrument(info_span!("liveness", node = me)),
     );
     spawn_task(&tasks, "liveness_members", {
         let (liveness, meta, cancel) = (liveness.clone(), meta.clone(), cancel.clone());
