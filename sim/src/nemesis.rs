@@ -100,6 +100,12 @@ impl Nemesis {
         cluster.nodes.values().filter(|s| s.up).map(|s| s.id).collect()
     }
 
+    /// Every link between node `n` and another host.
+    fn links_of(&self, n: NodeId) -> Vec<(String, String)> {
+        let me = host_name(n);
+        self.hosts.iter().filter(|h| **h != me).map(|h| (me.clone(), h.clone())).collect()
+    }
+
     fn pick<T: Copy>(&mut self, v: &[T]) -> Option<T> {
         (!v.is_empty()).then(|| v[self.rng.random_range(0..v.len())])
     }
@@ -159,9 +165,7 @@ impl Nemesis {
             }
             FaultClass::IsolateLeader => {
                 let leader = self.some_leader(cluster)?;
-                let me = host_name(leader);
-                let pairs: Vec<(String, String)> =
-                    self.hosts.iter().filter(|h| **h != me).map(|h| (me.clone(), h.clone())).collect();
+                let pairs = self.links_of(leader);
                 for (x, y) in &pairs {
                     sim.partition(x.as_str(), y.as_str());
                 }
@@ -188,9 +192,7 @@ impl Nemesis {
             }
             FaultClass::Freeze => {
                 let n = self.pick(&up)?;
-                let me = host_name(n);
-                let pairs: Vec<(String, String)> =
-                    self.hosts.iter().filter(|h| **h != me).map(|h| (me.clone(), h.clone())).collect();
+                let pairs = self.links_of(n);
                 for (x, y) in &pairs {
                     sim.hold(x.as_str(), y.as_str());
                 }
@@ -219,13 +221,7 @@ impl Nemesis {
                         Undo::Restart(n)
                     }
                     _ => {
-                        let me = host_name(n);
-                        let pairs: Vec<(String, String)> = self
-                            .hosts
-                            .iter()
-                            .filter(|h| **h != me)
-                            .map(|h| (me.clone(), h.clone()))
-                            .collect();
+                        let pairs = self.links_of(n);
                         for (x, y) in &pairs {
                             sim.partition(x.as_str(), y.as_str());
                         }
