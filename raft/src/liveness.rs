@@ -153,10 +153,6 @@ impl Liveness {
         self.me
     }
 
-    pub fn incarnation(&self) -> u64 {
-        self.incarnation
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
