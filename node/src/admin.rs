@@ -143,9 +143,7 @@ impl Admin for AdminService {
         if !status.is_leader {
             return Err(h.not_leader(status.leader).into());
         }
-        h.raft()
-            .trigger()
-            .transfer_leader(req.to_node)
+        eddy_raft::liveness::transfer_leadership(h.raft(), req.to_node)
             .await
             .map_err(|e| BrokerError::Unavailable(format!("{what}: {e}")))?;
         let mut metrics = h.raft().metrics();

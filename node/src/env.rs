@@ -45,6 +45,11 @@ pub struct NodeEnv {
     pub connector: Arc<dyn Connector>,
     /// Seeds openraft's randomness (election timeouts) on this node.
     pub seed: u64,
+    /// Extra time each partition replica takes to open. Zero outside the simulator: there, the
+    /// CPU a real node spends opening its replicas takes no simulated time, and this delay
+    /// restores the window in which peers already see the node up but its replicas are not
+    /// serving yet.
+    pub replica_open_delay: std::time::Duration,
     /// Bugs planted by the simulator; all off unless `eddy-sim --inject-bug` says otherwise.
     #[cfg(feature = "planted-bugs")]
     pub bugs: PlantedBugs,

@@ -128,6 +128,7 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
         clock: Arc::new(SystemClock),
         connector: Arc::new(TcpConnector),
         seed: u64::from_le_bytes(seed),
+        replica_open_delay: std::time::Duration::ZERO,
         #[cfg(feature = "planted-bugs")]
         bugs: Default::default(),
     };

@@ -191,6 +191,9 @@ impl PartitionManager {
         initial_replicas: &[NodeId],
         cancel: &CancellationToken,
     ) -> anyhow::Result<PartitionHandle> {
+        if !self.env.replica_open_delay.is_zero() {
+            tokio::time::sleep(self.env.replica_open_delay).await;
+        }
         let dir = self.data_dir.join("groups").join(group.to_string());
         let segment_bytes_max =
             view.state.topics.get(topic).and_then(|t| t.segment_bytes()).unwrap_or(self.segment_bytes);

@@ -130,7 +130,7 @@ async fn hand_over<SM: openraft::storage::RaftStateMachine<eddy_raft::TypeConfig
         return (0, 0);
     }
     let Some(to) = successor(&m, liveness) else { return (1, 0) };
-    let _ = raft.trigger().transfer_leader(to).await;
+    let _ = eddy_raft::liveness::transfer_leadership(raft, to).await;
     (1, 1)
 }
 
@@ -358,6 +358,28 @@ pub async fn start(
             .run(Arc::new(Peers::new(env.connector.clone())), cancel.clone())
             .instrument(info_span!("liveness", node = me)),
     );
+    // A peer that came back may have left Raft connections behind that look open but lead
+    // nowhere (a frozen or partitioned peer, a restart the kernel did not report): the next Raft
+    // message to it goes over a new connection instead of waiting for keepalive to notice.
+    spawn_task(&tasks, "liveness_reconnect", {
+        let (mut rx, peers, cancel) = (liveness.subscribe(), peers.clone(), cancel.clone());
+        async move {
+            let mut seen = rx.borrow_and_update().ups.clone();
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = rx.changed() => if r.is_err() { return },
+                }
+                let ups = rx.borrow_and_update().ups.clone();
+                for (peer, n) in &ups {
+                    if seen.get(peer).is_some_and(|s| s < n) {
+                        peers.reconnect(*peer);
+                    }
+                }
+                seen = ups;
+            }
+        }
+    });
     spawn_task(&tasks, "liveness_members", {
         let (liveness, meta, cancel) = (liveness.clone(), meta.clone(), cancel.clone());
         async move {

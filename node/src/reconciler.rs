@@ -236,7 +236,7 @@ impl Reconciler {
             let settled = seen.get(&(g.group(), to)).is_some_and(|at| now - *at >= BALANCE_SETTLE);
             if to != self.me && (must_leave || balance == Balance::Now || settled) {
                 info!(group = g.group(), to, must_leave, "moving leadership");
-                if g.raft().trigger().transfer_leader(to).await.is_ok() {
+                if eddy_raft::liveness::transfer_leadership(g.raft(), to).await.is_ok() {
                     transfers += 1;
                 }
                 // A leader refuses writes while a transfer is under way, and a transfer the
@@ -281,9 +281,11 @@ impl Reconciler {
             )
             .await
             .map(|r| r.map(|_| ()).map_err(|e| e.to_string())),
-            Step::HandOver(n) => tokio::time::timeout(STEP_TIMEOUT, raft.trigger().transfer_leader(n))
-                .await
-                .map(|r| r.map_err(|e| e.to_string())),
+            Step::HandOver(n) => {
+                tokio::time::timeout(STEP_TIMEOUT, eddy_raft::liveness::transfer_leadership(raft, n))
+                    .await
+                    .map(|r| r.map_err(|e| e.to_string()))
+            }
             Step::RemoveVoters(ids) => tokio::time::timeout(
                 STEP_TIMEOUT,
                 raft.change_membership(ChangeMembers::RemoveVoters(ids), false),

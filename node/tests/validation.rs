@@ -38,6 +38,7 @@ async fn one_node() -> anyhow::Result<(eddy_node::node::NodeHandle, BrokerClient
         clock: Arc::new(SystemClock),
         connector: Arc::new(TcpConnector),
         seed: 7,
+        replica_open_delay: std::time::Duration::ZERO,
         #[cfg(feature = "planted-bugs")]
         bugs: Default::default(),
     };

@@ -342,6 +342,41 @@ async fn exchange(
     }
 }
 
+/// Asks `raft`, if it leads its group, to hand the leadership to `to`, and repeats the request
+/// every [`TRANSFER_GRACE`] for as long as it still leads in the same term.
+///
+/// openraft sends a transfer request to the voters only once, and from then on the leader
+/// refuses writes until another leader takes over. In a group without election timers nothing
+/// else would end a transfer whose requests were lost (the leader cut off from its followers
+/// when it started): the group would refuse writes for good. A repeated request reaches the
+/// followers once the network lets it, and they elect a leader within [`TRANSFER_GRACE`] even
+/// when `to` cannot take over (see `RaftService::transfer_leader`).
+pub async fn transfer_leadership<SM>(raft: &Raft<C, SM>, to: NodeId) -> Result<(), openraft::errors::Fatal<C>>
+where
+    SM: RaftStateMachine<C>,
+{
+    let m = raft.metrics().borrow_watched().clone();
+    if m.state != ServerState::Leader || m.current_leader == Some(to) {
+        return Ok(());
+    }
+    raft.trigger().transfer_leader(to).await?;
+    let (raft, vote) = (raft.clone(), m.vote);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(TRANSFER_GRACE).await;
+            let m = raft.metrics().borrow_watched().clone();
+            if m.state != ServerState::Leader || m.vote != vote {
+                return;
+            }
+            debug!(id = m.id, to, vote = %vote, "leadership transfer not done yet: asking again");
+            if raft.trigger().transfer_leader(to).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
 /// This node's turn among a group's candidates: the live voters (other than `exclude`), in an
 /// order rotated by the group id so that the first candidates spread over the nodes.
 pub fn campaign_rank(
@@ -382,6 +417,14 @@ where
         let mut seen_ups = live.borrow().ups.clone();
         // While the group has no live leader: since when, and how many campaigns this node ran.
         let mut orphan: Option<(Instant, u32)> = None;
+        // A replica that just opened (a restart, or a new replica) may lack entries or the
+        // commit point, and whatever the leader sent while it was not open yet was lost: it asks
+        // once to be brought up to date, as soon as it can be.
+        let mut opened = true;
+        // While leading: followers that came back and have not answered a heartbeat sent since
+        // (→ the last answer before), and the last such heartbeat (when, how many so far).
+        let mut returned: BTreeMap<NodeId, _> = BTreeMap::new();
+        let mut returned_attempt: Option<(Instant, u32)> = None;
         loop {
             let m = server.borrow_watched().clone();
             let view = live.borrow_and_update().clone();
@@ -396,16 +439,49 @@ where
                 // A leader was elected since: what was noted no longer applies.
                 self.liveness.forget_disowned(self.group);
             }
+            if m.state != ServerState::Leader {
+                returned.clear();
+            }
             if m.state == ServerState::Leader {
                 orphan = None;
                 let members: BTreeSet<NodeId> =
                     m.membership_config.membership().nodes().map(|(id, _)| *id).collect();
-                let back = members.iter().any(|n| {
-                    *n != me && view.ups.get(n).copied().unwrap_or(0) > seen_ups.get(n).copied().unwrap_or(0)
-                });
-                if back {
-                    // A follower's node came back: tell it who leads, once.
-                    let _ = self.raft.trigger().heartbeat().await;
+                // A follower whose node came back (a restart, a healed partition, a thaw) may
+                // lack the commit point or entries, and only a message from this leader brings
+                // them: heartbeat it until it has answered one sent since, or is down again.
+                let acked = || self.raft.metrics().borrow_watched().heartbeat.clone().unwrap_or_default();
+                let back: Vec<NodeId> = members
+                    .iter()
+                    .copied()
+                    .filter(|n| {
+                        *n != me
+                            && view.ups.get(n).copied().unwrap_or(0) > seen_ups.get(n).copied().unwrap_or(0)
+                    })
+                    .collect();
+                if !back.is_empty() {
+                    let acked = acked();
+                    for n in back {
+                        returned.insert(n, acked.get(&n).copied().flatten());
+                    }
+                    returned_attempt = None;
+                }
+                if !returned.is_empty() {
+                    let acked = acked();
+                    returned.retain(|n, before| {
+                        members.contains(n) && !view.is_down(*n) && acked.get(n).copied().flatten() <= *before
+                    });
+                }
+                if !returned.is_empty() {
+                    let now = Instant::now();
+                    let due = returned_attempt.is_none_or(|(at, n)| now >= at + RANK_STEP * n.min(16));
+                    if due {
+                        let n = returned_attempt.map_or(1, |(_, n)| n + 1);
+                        debug!(node = me, group = self.group, followers = ?returned.keys().collect::<Vec<_>>(), attempt = n, "heartbeating returned followers");
+                        let _ = self.raft.trigger().heartbeat().await;
+                        returned_attempt = Some((now, n));
+                    }
+                    let (at, n) = returned_attempt.expect("set above");
+                    next = Some(at + RANK_STEP * n.min(16));
                 }
             } else if voters.contains(&me)
                 && m.current_leader
@@ -413,6 +489,7 @@ where
                     .filter(|l| *l != me)
                     .is_none_or(|l| view.leader_gone(self.group, l, m.vote.leader_id().term))
             {
+                opened = false;
                 let now = Instant::now();
                 let dead_leader = m.current_leader.filter(|l| *l != me);
                 if orphan.is_none() && dead_leader.is_none() {
@@ -442,7 +519,14 @@ where
                 next = Some(at);
             } else {
                 orphan = None;
+                if opened {
+                    let term = m.vote.leader_id().term;
+                    let members = m.membership_config.membership().nodes().map(|(id, _)| *id);
+                    self.liveness
+                        .request_wake(Wake { group_id: self.group, term, leader_lost: false }, members);
+                }
             }
+            opened = false;
             seen_ups = view.ups;
             let sleep = async {
                 match next {

@@ -89,11 +89,13 @@ impl RaftNetworkFactory<C> for GroupNetwork {
     type Network = PeerLink;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeAddr) -> PeerLink {
-        let channel = self.peers.channel(target, &node.raft_addr);
-        let client = RaftClient::new(channel)
-            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
-        PeerLink { group: self.group, me: self.me, target, client }
+        PeerLink {
+            group: self.group,
+            me: self.me,
+            target,
+            addr: node.raft_addr.clone(),
+            peers: self.peers.clone(),
+        }
     }
 }
 
@@ -102,10 +104,19 @@ pub struct PeerLink {
     group: GroupId,
     me: NodeId,
     target: NodeId,
-    client: RaftClient<Channel>,
+    addr: String,
+    peers: Arc<Peers>,
 }
 
 impl PeerLink {
+    /// A client on the peer's current channel, looked up per call so that a reconnect
+    /// ([`Peers::reconnect`]) applies to links already made.
+    fn client(&self) -> RaftClient<Channel> {
+        RaftClient::new(self.peers.channel(self.target, &self.addr))
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+    }
+
     fn envelope(&self, payload: Vec<u8>) -> RaftRequest {
         RaftRequest {
             group_id: self.group,
@@ -140,7 +151,7 @@ impl PeerLink {
         Fut: Future<Output = Result<tonic::Response<RaftReply>, Status>>,
     {
         let req = self.request(payload, ttl);
-        let reply = match tokio::time::timeout(ttl, call(self.client.clone(), req)).await {
+        let reply = match tokio::time::timeout(ttl, call(self.client(), req)).await {
             Err(_) => return Err(timeout(action, self.me, self.target, ttl)),
             Ok(Err(status)) => return Err(self.rpc_error(status, action, ttl)),
             Ok(Ok(r)) => r.into_inner(),
@@ -213,7 +224,7 @@ impl RaftNetworkV2<C> for PeerLink {
         });
         let mut req = tonic::Request::new(requests);
         req.metadata_mut().insert(GROUP_HEADER, group.into());
-        let mut client = self.client.clone();
+        let mut client = self.client();
         Box::pin(async move {
             let established = tokio::time::timeout(response_timeout, client.stream_append(req)).await;
             let responses = match established {

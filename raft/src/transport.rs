@@ -76,6 +76,11 @@ impl Peers {
         ch
     }
 
+    /// Makes the next call to `node` open a new connection; calls under way keep theirs.
+    pub fn reconnect(&self, node: NodeId) {
+        self.channels.lock().expect("peers lock poisoned").remove(&node);
+    }
+
     /// A channel to an address that is not (yet) a known node, e.g. a broker's client port.
     pub fn connector(&self) -> &Arc<dyn Connector> {
         &self.connector

@@ -128,6 +128,8 @@ impl Cluster {
                     clock: Arc::new(SimClock),
                     connector: Arc::new(net::SimConnector),
                     seed,
+                    // 0-39 ms per replica, fixed per node and seed.
+                    replica_open_delay: Duration::from_millis((seed >> 11) % 40),
                     bugs,
                 };
                 let (config, refs) = (config.clone(), refs.clone());

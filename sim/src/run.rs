@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU8;
 use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use eddy_node::env::PlantedBugs;
@@ -274,6 +276,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         trace: trace.clone(),
         ready: Arc::new(AtomicBool::new(false)),
         producers_done: Arc::new(AtomicUsize::new(0)),
+        quiet_restart: Arc::new(AtomicU8::new(0)),
         audit: audit.clone(),
         nodes: cluster.nodes.keys().copied().collect(),
     };
@@ -323,6 +326,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
     let mut observer = Observer::default();
     let chaos_end = opts.duration.as_millis() as u64;
     let mut healed = false;
+    let held_down = ctx.nodes[(opts.seed % ctx.nodes.len() as u64) as usize];
     let mut failure: Option<String> = None;
     loop {
         let done = match sim.step() {
@@ -337,9 +341,22 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
             if now >= chaos_end {
                 nemesis.heal_all(now, &mut sim, &mut cluster, &trace);
                 healed = true;
+                // One node stays down while the workload writes its last events, and comes back
+                // into the quiet cluster before the audit (see `workload::verifier`).
+                cluster.crash(&mut sim, held_down, None, false);
+                trace.push(
+                    now,
+                    "crash",
+                    format!("n{held_down} (process only; back once the workload stops)"),
+                );
             } else {
                 nemesis.tick(now, &mut sim, &mut cluster, &trace);
             }
+        }
+        if ctx.quiet_restart.load(Ordering::SeqCst) == workload::QUIET_RESTART_ASKED {
+            cluster.restart(&mut sim, held_down);
+            trace.push(now, "restart", format!("n{held_down} (the workload has stopped writing)"));
+            ctx.quiet_restart.store(workload::QUIET_RESTART_DONE, Ordering::SeqCst);
         }
         if now.is_multiple_of(20) {
             observer.observe(now, &cluster, &trace);

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU8;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -42,6 +43,12 @@ use crate::trace::Trace;
 pub const REPLICATION_FACTOR: u32 = 3;
 /// How long after the faults are healed every partition must accept and serve a write.
 pub const LIVENESS_BOUND: Duration = Duration::from_secs(60);
+/// How long after healing every replica may take to serve what its leader committed, with no
+/// new write to carry the commit point.
+const IDLE_CATCH_UP_BOUND: Duration = Duration::from_secs(20);
+/// States of [`Ctx::quiet_restart`].
+pub const QUIET_RESTART_ASKED: u8 = 1;
+pub const QUIET_RESTART_DONE: u8 = 2;
 /// With `--retention`: topic t0 keeps about this much per partition, in segments of this size.
 const RETENTION_BYTES: u64 = 32 << 10;
 const SEGMENT_BYTES: u64 = 16 << 10;
@@ -83,6 +90,9 @@ pub struct Ctx {
     pub trace: Trace,
     pub ready: Arc<AtomicBool>,
     pub producers_done: Arc<AtomicUsize>,
+    /// The quiet restart before the audit: [`QUIET_RESTART_ASKED`] by the verifier, then
+    /// [`QUIET_RESTART_DONE`] by the run loop, which owns the nodes.
+    pub quiet_restart: Arc<AtomicU8>,
     pub audit: Arc<Mutex<Audit>>,
     /// Node ids, for the audit.
     pub nodes: Vec<u64>,
@@ -383,14 +393,82 @@ async fn read_replica(
     Ok(out)
 }
 
+/// Catch-up without writes: once the faults are healed, and before anything new is written,
+/// every replica of every partition comes to serve everything its leader had committed. Idle
+/// partition groups exchange no periodic messages, so a replica that returned (a restart, a
+/// healed partition, a thawed freeze) must be brought up to date by the liveness layer alone; a
+/// later write would hide a replica that never was.
+async fn idle_catch_up(ctx: &Ctx, client: &Client) {
+    let deadline = tokio::time::Instant::now() + IDLE_CATCH_UP_BOUND;
+    let md = loop {
+        match client.refresh_metadata().await {
+            Ok(md) => break Some(md),
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(_) => break None,
+        }
+    };
+    let Some(md) = md else {
+        ctx.audit.lock().expect("audit lock").liveness.push("no metadata after healing".into());
+        return;
+    };
+    for t in ctx.topics() {
+        for p in 0..ctx.config.partitions {
+            let hw = loop {
+                match client.list_offsets_on(&t, p, OffsetSpec::Latest, ReplicaChoice::Leader).await {
+                    Ok(r) => break Some(r.offset),
+                    Err(_) if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
+                    Err(_) => break None,
+                }
+            };
+            // A partition without a leader is reported by the liveness writes that follow.
+            let Some(hw) = hw else { continue };
+            let replicas = md.partition(&t, p).map(|p| p.replicas.clone()).unwrap_or_default();
+            for node in replicas {
+                let mut seen = None;
+                loop {
+                    if let Ok(r) =
+                        client.list_offsets_on(&t, p, OffsetSpec::Latest, ReplicaChoice::Node(node)).await
+                    {
+                        seen = Some(r.offset);
+                        if r.offset >= hw {
+                            break;
+                        }
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        ctx.audit.lock().expect("audit lock").liveness.push(format!(
+                            "node {node} served {t}/{p} up to {seen:?} of {hw} committed, with no write, \
+                             {IDLE_CATCH_UP_BOUND:?} after healing"
+                        ));
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
 pub async fn verifier(ctx: Ctx) -> turmoil::Result {
     let heal_at = ctx.config.chaos_end.as_millis() as u64;
     while now_ms() < heal_at || ctx.producers_done.load(Ordering::SeqCst) < ctx.config.producers as usize {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The node held down since the heal restarts into the quiet cluster: it missed the last
+    // writes and nothing is written any more, so only the liveness layer can bring its replicas
+    // up to date.
+    ctx.quiet_restart.store(QUIET_RESTART_ASKED, Ordering::SeqCst);
+    while ctx.quiet_restart.load(Ordering::SeqCst) != QUIET_RESTART_DONE {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let start = now_ms();
     let client = ctx.connect().await;
     let deadline = start + LIVENESS_BOUND.as_millis() as u64;
+    idle_catch_up(&ctx, &client).await;
+    ctx.trace.push(now_ms(), "verifier", format!("idle catch-up checked after {} ms", now_ms() - start));
     let mut markers: BTreeMap<PartitionKey, u64> = BTreeMap::new();
     // Liveness: every partition accepts a write and serves it back.
     for t in ctx.topics() {
