@@ -41,11 +41,29 @@ fn a_seed_passes_and_replays_to_the_same_trace() {
 
 #[test]
 fn a_follower_serving_uncommitted_records_is_caught() {
-    // Seed 13 is one where a consumer reads from a follower a record that never commits (seed 12
-    // was, until partition groups became quiescent and its run took another course).
-    let r = eddy_sim::run::run(&options(13, 10, Some(Bug::FollowerReadsUncommitted))).expect("run");
-    assert_eq!(r.verdict, "fail");
-    let names: Vec<&str> = r.violations.iter().map(|v| v.invariant).collect();
-    assert!(names.contains(&"consumers-read-committed-in-order"), "caught by: {names:?}");
-    assert!(r.command.contains("--inject-bug follower-reads-uncommitted"), "{}", r.command);
+    // A consumer must read from a follower a record that never commits, which about two seeds in
+    // three do in 20 simulated seconds. The first seed that does ends the search, so a change of
+    // schedule moves the test to another seed instead of breaking it; five misses in a row would
+    // mean the checker lost its grip on the bug.
+    let mut tried = Vec::new();
+    for seed in 1..=5 {
+        let r = eddy_sim::run::run(&options(seed, 20, Some(Bug::FollowerReadsUncommitted))).expect("run");
+        let names: Vec<&str> = r.violations.iter().map(|v| v.invariant).collect();
+        if r.verdict == "fail" {
+            // A plain consumer sees the uncommitted record directly; a group member that read
+            // one commits an offset past events it never delivered.
+            assert!(
+                names.iter().all(|n| [
+                    "consumers-read-committed-in-order",
+                    "group-consumes-every-acked-event"
+                ]
+                .contains(n)),
+                "seed {seed} caught by: {names:?}"
+            );
+            assert!(r.command.contains("--inject-bug follower-reads-uncommitted"), "{}", r.command);
+            return;
+        }
+        tried.push(seed);
+    }
+    panic!("the planted bug follower-reads-uncommitted was caught by none of seeds {tried:?}");
 }
