@@ -57,6 +57,12 @@ use crate::reconciler::successor;
 
 /// How long the Raft server waits for peers' streams to end when the node stops.
 const RAFT_DRAIN: Duration = Duration::from_millis(200);
+/// Streams a peer may cancel before the Raft server accepted them, per connection, before the
+/// connection is closed. h2's default (20) guards a public server against rapid-reset floods;
+/// between nodes, thousands of groups campaigning at once cancel that many vote RPCs whose
+/// deadline passed while queued, and closing the connection then fails every group's traffic
+/// on it and starts the next round of elections.
+const RAFT_PENDING_RESETS_MAX: usize = 1 << 16;
 /// How long a shutdown waits for servers to drain and groups to stop.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -286,6 +292,7 @@ pub async fn start(
         "raft_server",
         async move {
             let server = tonic::transport::Server::builder()
+                .http2_max_pending_accept_reset_streams(Some(RAFT_PENDING_RESETS_MAX))
                 .add_service(raft_service)
                 .serve_with_incoming_shutdown(raft_incoming, shutdown.clone().cancelled_owned());
             // A peer's replication stream stays open as long as the peer sends, so the drain is

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::RwLock;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use eddy_proto::v1 as pb;
@@ -122,6 +124,11 @@ struct Inner {
     config: ClientConfig,
     channels: Mutex<BTreeMap<String, Channel>>,
     metadata: RwLock<Arc<ClusterMetadata>>,
+    /// One metadata refresh at a time, and the count of refreshes done: a caller that waited
+    /// for another's refresh takes its result instead of asking again, so a thousand partitions
+    /// that lose their leader at once cost one metadata request, not a thousand.
+    refresh: tokio::sync::Mutex<()>,
+    refreshes: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -151,6 +158,8 @@ impl Client {
                 config,
                 channels: Mutex::new(BTreeMap::new()),
                 metadata: RwLock::new(Arc::new(ClusterMetadata::default())),
+                refresh: tokio::sync::Mutex::new(()),
+                refreshes: AtomicU64::new(0),
             }),
         };
         client.refresh_metadata().await?;
@@ -344,6 +353,17 @@ impl Client {
 
     /// Reloads the metadata from the cluster.
     pub async fn refresh_metadata(&self) -> Result<Arc<ClusterMetadata>> {
+        let asked = self.inner.refreshes.load(Ordering::Acquire);
+        let _one = self.inner.refresh.lock().await;
+        if self.inner.refreshes.load(Ordering::Acquire) != asked {
+            return Ok(self.metadata());
+        }
+        let md = self.fetch_metadata().await?;
+        self.inner.refreshes.fetch_add(1, Ordering::Release);
+        Ok(md)
+    }
+
+    async fn fetch_metadata(&self) -> Result<Arc<ClusterMetadata>> {
         let resp = self
             .call_any("metadata", |mut c| {
                 let req = self.request(pb::MetadataRequest { topics: vec![] });
