@@ -230,6 +230,13 @@ impl Reconciler {
             if !must_leave && balance == Balance::Off {
                 continue;
             }
+            // An automatic balance waits until every desired replica is responsive again: while
+            // one is down or frozen, the groups it led have just failed over, and moving them on
+            // to the next replica in line would only refuse writes once more for a transfer,
+            // and again when the preferred one returns.
+            if !must_leave && balance == Balance::Settled && !desired.iter().all(|n| responsive.contains(n)) {
+                continue;
+            }
             let Some(to) = preferred_leader(&desired, &view, &responsive) else {
                 continue;
             };

@@ -65,6 +65,11 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(400);
 /// A peer that answered no heartbeat for this long is judged down.
 pub const DOWN_AFTER: Duration = Duration::from_millis(600);
+/// A peer that has answered no heartbeat for this long is suspected. A replica grants a Pre-Vote
+/// against a leader it suspects: the candidate campaigns only once it has judged that leader down
+/// itself, and the two nodes' judgements can be up to a heartbeat round apart, so refusing until
+/// this node judges the leader down too would cost the candidate a whole retry.
+pub const SUSPECT_AFTER: Duration = Duration::from_millis(300);
 /// A follower that knows no leader asks its peers to wake it and waits this long before it
 /// campaigns itself.
 pub const WAKE_GRACE: Duration = Duration::from_millis(1000);
@@ -167,6 +172,17 @@ impl Liveness {
 
     /// True unless `node` is judged down. This node is always alive; a node that is not a
     /// peer (yet) counts as alive, so nothing acts on a node it knows nothing about.
+    /// Whether `leader`, leading `group` in `term` as this node knows it, may be gone: judged
+    /// down or disowned (see [`LivenessView::leader_gone`]), or silent for [`SUSPECT_AFTER`].
+    pub fn leader_suspected(&self, group: GroupId, leader: NodeId, term: u64) -> bool {
+        let inner = self.lock();
+        inner.view.leader_gone(group, leader, term)
+            || inner
+                .peers
+                .get(&leader)
+                .is_some_and(|p| Instant::now().duration_since(p.last_ok) > SUSPECT_AFTER)
+    }
+
     pub fn is_alive(&self, node: NodeId) -> bool {
         !self.view.borrow().is_down(node)
     }

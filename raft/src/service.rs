@@ -124,7 +124,7 @@ impl raft_server::Raft for RaftService {
             && let Some(leader) = f.leader
             && Some(leader) != candidate
             && ((leader == self.me && f.is_leader)
-                || (leader != self.me && !self.liveness.view().leader_gone(req.group_id, leader, term)))
+                || (leader != self.me && !self.liveness.leader_suspected(req.group_id, leader, term)))
         {
             debug!(
                 node = self.me,
