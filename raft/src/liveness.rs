@@ -78,6 +78,9 @@ pub const RANK_STEP: Duration = Duration::from_millis(250);
 /// A leadership transfer that has not produced a new leader after this long is abandoned:
 /// the followers elect (see `RaftService::transfer_leader`).
 pub const TRANSFER_GRACE: Duration = Duration::from_secs(2);
+/// How many heartbeats a leader sends a returning follower that does not answer (about 30 s
+/// with the backoff) before it leaves it to the next write or the next time it comes up.
+pub const RETURNED_ATTEMPTS_MAX: u32 = 16;
 /// The longest pause between two campaigns of one group.
 pub const RETRY_MAX: Duration = Duration::from_secs(4);
 
@@ -170,8 +173,6 @@ impl Liveness {
         self.view.borrow().clone()
     }
 
-    /// True unless `node` is judged down. This node is always alive; a node that is not a
-    /// peer (yet) counts as alive, so nothing acts on a node it knows nothing about.
     /// Whether `leader`, leading `group` in `term` as this node knows it, may be gone: judged
     /// down or disowned (see [`LivenessView::leader_gone`]), or silent for [`SUSPECT_AFTER`].
     pub fn leader_suspected(&self, group: GroupId, leader: NodeId, term: u64) -> bool {
@@ -183,6 +184,8 @@ impl Liveness {
                 .is_some_and(|p| Instant::now().duration_since(p.last_ok) > SUSPECT_AFTER)
     }
 
+    /// True unless `node` is judged down. This node is always alive; a node that is not a
+    /// peer (yet) counts as alive, so nothing acts on a node it knows nothing about.
     pub fn is_alive(&self, node: NodeId) -> bool {
         !self.view.borrow().is_down(node)
     }
@@ -490,14 +493,19 @@ where
                 if !returned.is_empty() {
                     let now = Instant::now();
                     let due = returned_attempt.is_none_or(|(at, n)| now >= at + RANK_STEP * n.min(16));
-                    if due {
+                    if due && returned_attempt.is_some_and(|(_, n)| n >= RETURNED_ATTEMPTS_MAX) {
+                        debug!(node = me, group = self.group, followers = ?returned.keys().collect::<Vec<_>>(), "returned followers never answered: giving up");
+                        returned.clear();
+                        returned_attempt = None;
+                    } else if due {
                         let n = returned_attempt.map_or(1, |(_, n)| n + 1);
                         debug!(node = me, group = self.group, followers = ?returned.keys().collect::<Vec<_>>(), attempt = n, "heartbeating returned followers");
                         let _ = self.raft.trigger().heartbeat().await;
                         returned_attempt = Some((now, n));
                     }
-                    let (at, n) = returned_attempt.expect("set above");
-                    next = Some(at + RANK_STEP * n.min(16));
+                    if let Some((at, n)) = returned_attempt {
+                        next = Some(at + RANK_STEP * n.min(16));
+                    }
                 }
             } else if voters.contains(&me)
                 && m.current_leader
