@@ -358,35 +358,11 @@ pub async fn start(
     spawn_task(
         &tasks,
         "liveness",
-        // Its own connections: heartbeats must not share the fate of bulk Raft traffic (a burst
-        // of reset streams on a shared HTTP/2 connection would make a live peer look down).
         liveness
             .clone()
-            .run(Arc::new(Peers::new(env.connector.clone())), cancel.clone())
+            .run(Arc::new(Peers::new(env.connector.clone())), peers.clone(), cancel.clone())
             .instrument(info_span!("liveness", node = me)),
     );
-    // A peer that came back may have left Raft connections behind that look open but lead
-    // nowhere (a frozen or partitioned peer, a restart the kernel did not report): the next Raft
-    // message to it goes over a new connection instead of waiting for keepalive to notice.
-    spawn_task(&tasks, "liveness_reconnect", {
-        let (mut rx, peers, cancel) = (liveness.subscribe(), peers.clone(), cancel.clone());
-        async move {
-            let mut seen = rx.borrow_and_update().ups.clone();
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    r = rx.changed() => if r.is_err() { return },
-                }
-                let ups = rx.borrow_and_update().ups.clone();
-                for (peer, n) in &ups {
-                    if seen.get(peer).is_some_and(|s| s < n) {
-                        peers.reconnect(*peer);
-                    }
-                }
-                seen = ups;
-            }
-        }
-    });
     spawn_task(&tasks, "liveness_members", {
         let (liveness, meta, cancel) = (liveness.clone(), meta.clone(), cancel.clone());
         async move {

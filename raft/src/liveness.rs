@@ -267,8 +267,11 @@ impl Liveness {
         NodeHeartbeat { from: self.me, incarnation: self.incarnation, wake: Vec::new() }
     }
 
-    /// Sends heartbeats and judges peers until `cancel` fires.
-    pub async fn run(self: Arc<Self>, peers: Arc<Peers>, cancel: CancellationToken) {
+    /// Sends heartbeats (over `peers`, connections of their own, so that bulk Raft traffic
+    /// cannot make a live peer look down) and judges peers until `cancel` fires. A peer that
+    /// comes back gets new connections in `raft_peers`: the old ones may lead to a frozen,
+    /// partitioned or restarted process, and would fail until keepalive noticed.
+    pub async fn run(self: Arc<Self>, peers: Arc<Peers>, raft_peers: Arc<Peers>, cancel: CancellationToken) {
         let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_tick = Instant::now();
@@ -289,7 +292,11 @@ impl Liveness {
                         calls.push(exchange(client, id, req));
                     }
                 }
-                Some((id, reply)) = calls.next(), if !calls.is_empty() => self.record(id, reply),
+                Some((id, reply)) = calls.next(), if !calls.is_empty() => {
+                    if self.record(id, reply) {
+                        raft_peers.reconnect(id);
+                    }
+                }
             }
         }
     }
@@ -322,13 +329,15 @@ impl Liveness {
         due
     }
 
-    fn record(&self, id: NodeId, reply: Option<NodeHeartbeat>) {
+    /// Records a heartbeat's answer (or its absence). Returns whether the peer came back: it
+    /// answered after being judged down, or from a new incarnation.
+    fn record(&self, id: NodeId, reply: Option<NodeHeartbeat>) -> bool {
         let now = Instant::now();
         let mut inner = self.lock();
         let mut view = inner.view.clone();
-        let Some(p) = inner.peers.get_mut(&id) else { return };
+        let Some(p) = inner.peers.get_mut(&id) else { return false };
         p.in_flight = false;
-        let Some(reply) = reply.filter(|r| r.from == id) else { return };
+        let Some(reply) = reply.filter(|r| r.from == id) else { return false };
         p.last_ok = now;
         let restarted = p.incarnation.is_some_and(|i| i != reply.incarnation);
         let first = p.incarnation.is_none();
@@ -341,6 +350,7 @@ impl Liveness {
             }
         }
         self.publish(&mut inner, view);
+        was_down || restarted
     }
 }
 
