@@ -89,17 +89,27 @@ pub fn retry<T>(
 /// connection can take it between the moment it is chosen and a (re)start of the node that
 /// binds it. Each test process starts at its own place in the range.
 fn free_port() -> u16 {
+    free_base_port(&[0])
+}
+
+/// A port `base` such that `base + o` is free on 127.0.0.1 for every offset `o` (at most 999),
+/// all below Linux's ephemeral range, as [`free_port`] explains: an outgoing connection that
+/// takes a node's port while the node is down makes its restart fail with "address in use".
+pub fn free_base_port(offsets: &[u16]) -> u16 {
     const LOW: usize = 10_000;
-    const SPAN: usize = 22_000;
+    const SPAN: usize = 21_000;
     static NEXT: AtomicUsize = AtomicUsize::new(0);
+    assert!(offsets.iter().all(|o| *o < 1_000), "offsets must stay below 1,000");
     let start = (std::process::id() as usize).wrapping_mul(7_919) % SPAN;
     for _ in 0..SPAN {
-        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+        let base = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        let held: Result<Vec<TcpListener>, _> =
+            offsets.iter().map(|o| TcpListener::bind(("127.0.0.1", base + o))).collect();
+        if held.is_ok() {
+            return base;
         }
     }
-    panic!("no free port on 127.0.0.1 in {LOW}..{}", LOW + SPAN);
+    panic!("no free ports on 127.0.0.1 in {LOW}..{}", LOW + SPAN + 1_000);
 }
 
 pub struct NodeProc {

@@ -19,7 +19,6 @@ use std::time::Duration;
 use std::time::Instant;
 
 use anyhow::Context;
-use anyhow::bail;
 use anyhow::ensure;
 use eddy_tests::Acked;
 use eddy_tests::BackgroundProducer;
@@ -27,6 +26,7 @@ use eddy_tests::CTL_TIMEOUT;
 use eddy_tests::Cluster;
 use eddy_tests::CtlOutput;
 use eddy_tests::binary;
+use eddy_tests::free_base_port;
 use eddy_tests::retry;
 use eddy_tests::run_ctl;
 use eddy_tests::run_eddyctl;
@@ -153,6 +153,7 @@ fn wait_for_progress(producers: &[BackgroundProducer], n: usize) -> anyhow::Resu
 struct Dev {
     child: Child,
     brokers: String,
+    data_dir: std::path::PathBuf,
 }
 
 impl Dev {
@@ -175,10 +176,23 @@ impl Dev {
                 }
             }
         });
-        let mut dev = Self { child, brokers: String::new() };
+        let mut dev = Self { child, brokers: String::new(), data_dir: data_dir.to_owned() };
         dev.brokers =
             rx.recv_timeout(Duration::from_secs(30)).context("eddy-node dev printed no brokers line")?;
         Ok(dev)
+    }
+
+    /// The last `n` lines (above debug) of every node's log (dev keeps them beside the data).
+    fn log_tail(&self, n: usize) -> String {
+        (1..=3)
+            .map(|i| {
+                let path = self.data_dir.join(format!("node-{i}.log"));
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().filter(|l| !l.contains(" DEBUG ")).collect();
+                format!("--- {}\n{}", path.display(), lines[lines.len().saturating_sub(n)..].join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Ctrl-C; returns how long the dev cluster took to exit, and its status.
@@ -201,36 +215,39 @@ impl Drop for Dev {
     }
 }
 
-/// A base port whose nine dev ports (client, Raft, HTTP of three nodes) are all free.
-fn free_base_port() -> anyhow::Result<u16> {
-    let seed = std::process::id() as u16;
-    for i in 0..200u16 {
-        let base = 20_000 + (seed.wrapping_mul(31).wrapping_add(i.wrapping_mul(997)) % 30_000);
-        let ports = (0..3).flat_map(|n| [base + n, base + 100 + n, base + 200 + n]);
-        let held: Result<Vec<TcpListener>, _> = ports.map(|p| TcpListener::bind(("127.0.0.1", p))).collect();
-        if held.is_ok() {
-            return Ok(base);
-        }
-    }
-    bail!("no free range of dev ports found")
+/// A base port whose nine dev ports (client, Raft, HTTP of three nodes) are all free, below
+/// the ephemeral range (see [`free_base_port`]).
+fn free_dev_base_port() -> u16 {
+    free_base_port(&DEV_PORT_OFFSETS)
 }
 
-fn port_is_free(addr: &str) -> bool {
-    TcpListener::bind(addr).is_ok()
+/// Where `eddy-node dev` puts the client, Raft and HTTP ports of its three nodes.
+const DEV_PORT_OFFSETS: [u16; 9] = [0, 1, 2, 100, 101, 102, 200, 201, 202];
+
+fn port_is_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
 #[test]
 fn dev_cluster_is_healthy_stops_on_ctrl_c_and_resumes() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let data = dir.path().join("dev");
-    let base = free_base_port()?;
-    let mut dev = Dev::start(&data, base)?;
+    let result = dev_stops_and_resumes(&dir.path().join("dev"));
+    if result.is_err() {
+        // The nodes' logs are the evidence; keep them.
+        eprintln!("dev's data and logs are kept in {}", dir.keep().display());
+    }
+    result
+}
+
+fn dev_stops_and_resumes(data: &Path) -> anyhow::Result<()> {
+    let base = free_dev_base_port();
+    let mut dev = Dev::start(data, base)?;
     let expected: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", base + i)).collect();
     ensure!(dev.brokers == expected.join(","), "dev printed brokers {:?}", dev.brokers);
 
     let health = ["cluster", "health", "--exit-when-healthy", "--timeout", "40s"];
     let out = run_ctl(&dev.brokers, &health, None, Duration::from_secs(60))?;
-    ensure!(out.ok(), "the dev cluster is not healthy: {out:?}");
+    ensure!(out.ok(), "the dev cluster is not healthy: {out:?}\ndev's log:\n{}", dev.log_tail(80));
     // One line per look until healthy; the last is the verdict.
     let json = out.json_lines()?.pop().context("health printed nothing")?;
     ensure!(json["healthy"] == true && json["metadata_quorum"] == true, "health says {json}");
@@ -251,14 +268,14 @@ fn dev_cluster_is_healthy_stops_on_ctrl_c_and_resumes() -> anyhow::Result<()> {
     let (took, status) = dev.interrupt(Duration::from_secs(20))?;
     eprintln!("eddy-node dev stopped {took:?} after Ctrl-C");
     ensure!(status.success(), "eddy-node dev exited with {status}");
-    for addr in &expected {
-        ensure!(port_is_free(addr), "a node still holds {addr} after dev exited");
+    for port in DEV_PORT_OFFSETS.map(|o| base + o) {
+        ensure!(port_is_free(port), "a node still holds port {port} after dev exited");
     }
 
     // Again, on the same data: the topic and its events are still there.
-    let dev = Dev::start(&data, base)?;
+    let dev = Dev::start(data, base)?;
     let out = run_ctl(&dev.brokers, &health, None, Duration::from_secs(60))?;
-    ensure!(out.ok(), "the resumed dev cluster is not healthy: {out:?}");
+    ensure!(out.ok(), "the resumed dev cluster is not healthy: {out:?}\ndev's log:\n{}", dev.log_tail(80));
     let consume = ["consume", TOPIC, "--partition", "0", "--count", "10"];
     let out = retry("the events produced before the restart", Duration::from_secs(30), || {
         let out = run_ctl(&dev.brokers, &consume, None, CTL_TIMEOUT)?;
