@@ -106,6 +106,17 @@ impl AsyncWrite for BoxedIo {
     }
 }
 
+/// Where a node sends and answers node liveness probes (see `eddy_raft::liveness`).
+pub enum ProbeSocket {
+    /// A real UDP socket, bound to the Raft address. The probes get an OS thread and a runtime
+    /// of their own, so that a node whose runtime is busy with thousands of groups still
+    /// answers at once: a peer is judged by whether its process runs, not by how loaded it is.
+    Thread(std::net::UdpSocket),
+    /// Any datagram socket, served by a task on the node's runtime (the simulator's, where
+    /// every task runs on one simulated runtime).
+    Task(std::sync::Arc<dyn eddy_raft::transport::Datagrams>),
+}
+
 /// A stream of accepted connections: a server's listener.
 pub type Incoming = BoxStream<'static, io::Result<BoxedIo>>;
 

@@ -154,10 +154,10 @@ pub fn render(s: &BrokerState) -> String {
     }
     reg.register(
         "eddy_liveness_heartbeats_sent",
-        "Node heartbeats sent to each peer (one per pair of nodes, whatever the partitions)",
+        "Node liveness probes (UDP) sent to each peer (one per pair of nodes, whatever the partitions)",
         sent,
     );
-    reg.register("eddy_liveness_peer_up", "1 while the peer answers node heartbeats", up);
+    reg.register("eddy_liveness_peer_up", "1 while the peer answers liveness probes", up);
     let elections = Counter::<u64>::default();
     elections.inc_by(live.elections);
     reg.register(

@@ -9,6 +9,7 @@ use clap::Parser;
 use clap::Subcommand;
 use eddy_node::config::NodeConfig;
 use eddy_node::env::NodeEnv;
+use eddy_node::env::ProbeSocket;
 use eddy_node::env::SystemClock;
 use eddy_node::env::tcp_incoming;
 use eddy_raft::kv::SledStateStore;
@@ -136,7 +137,11 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
     let raft = bind("raft_addr", &config.raft_addr).await?;
     let http = bind("http_addr", &config.http_addr).await?;
     info!(node = config.node_id, client = %config.client_addr, raft = %config.raft_addr, http = %config.http_addr, data_dir = %config.data_dir.display(), "starting");
-    let node = eddy_node::node::start(config, env, tcp_incoming(client), tcp_incoming(raft)).await?;
+    // Liveness probes use the Raft port number over UDP.
+    let probes = std::net::UdpSocket::bind(&config.raft_addr)
+        .with_context(|| format!("bind raft_addr {} (UDP, for liveness probes)", config.raft_addr))?;
+    let probes = ProbeSocket::Thread(probes);
+    let node = eddy_node::node::start(config, env, tcp_incoming(client), tcp_incoming(raft), probes).await?;
     let http_cancel = CancellationToken::new();
     let http_task = tokio::spawn(eddy_node::http::serve(http, node.broker.clone(), http_cancel.clone()));
 

@@ -41,6 +41,7 @@ use crate::controller::Controller;
 use crate::coordinator::Coordinator;
 use crate::env::Incoming;
 use crate::env::NodeEnv;
+use crate::env::ProbeSocket;
 use crate::limits::GRPC_MESSAGE_BYTES_MAX;
 use crate::manager::Groups;
 use crate::manager::PartitionManager;
@@ -149,6 +150,53 @@ fn spawn_task(tasks: &TaskTracker, name: &'static str, task: impl Future<Output 
     });
 }
 
+/// Starts the liveness probes (see [`ProbeSocket`]): on an OS thread with a runtime of its own
+/// for a real socket (never in the simulator), as a task otherwise. The node's shutdown waits
+/// for them either way: the thread's end is a task in `tasks`.
+fn spawn_probes(
+    tasks: &TaskTracker,
+    liveness: &Arc<Liveness>,
+    socket: ProbeSocket,
+    raft_peers: Arc<Peers>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let span = info_span!("liveness", node = liveness.me());
+    match socket {
+        ProbeSocket::Task(socket) => {
+            spawn_task(
+                tasks,
+                "liveness",
+                liveness.clone().run_probes(socket, raft_peers, cancel).instrument(span),
+            );
+        }
+        ProbeSocket::Thread(socket) => {
+            socket.set_nonblocking(true).context("make the probe socket non-blocking")?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("start the liveness runtime")?;
+            let socket = {
+                // Registers the socket with the liveness runtime's reactor.
+                let _entered = rt.enter();
+                tokio::net::UdpSocket::from_std(socket).context("register the probe socket")?
+            };
+            let (done, stopped) = tokio::sync::oneshot::channel::<()>();
+            let liveness = liveness.clone();
+            std::thread::Builder::new()
+                .name("eddy-liveness".to_owned())
+                .spawn(move || {
+                    rt.block_on(liveness.run_probes(Arc::new(socket), raft_peers, cancel).instrument(span));
+                    drop(done);
+                })
+                .context("start the liveness thread")?;
+            spawn_task(tasks, "liveness", async move {
+                let _ = stopped.await;
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Asks the nodes in `join` (in turn, until one succeeds) to make this node a member.
 async fn join_cluster(
     me: NodeId,
@@ -208,12 +256,13 @@ async fn check_identity(env: &NodeEnv, me: NodeId) -> anyhow::Result<()> {
 }
 
 /// Starts a node: opens its storage, joins (or forms) the metadata group, and serves clients on
-/// `client_incoming` and peers on `raft_incoming`.
+/// `client_incoming` and peers on `raft_incoming`, with liveness probes on `probes`.
 pub async fn start(
     config: NodeConfig,
     env: NodeEnv,
     client_incoming: Incoming,
     raft_incoming: Incoming,
+    probes: ProbeSocket,
 ) -> anyhow::Result<NodeHandle> {
     config.validate()?;
     let me = config.node_id;
@@ -354,14 +403,16 @@ pub async fn start(
         .instrument(info_span!("client_server", node = me)),
     );
 
-    // Node liveness: heartbeats to every other node in the metadata, whatever the groups.
+    // Node liveness: probes to every other node in the metadata, whatever the groups.
+    spawn_probes(&tasks, &liveness, probes, peers.clone(), cancel.clone())?;
+    spawn_task(&tasks, "pulse", liveness.clone().pulse(cancel.clone()));
     spawn_task(
         &tasks,
-        "liveness",
+        "wakes",
         liveness
             .clone()
-            .run(Arc::new(Peers::new(env.connector.clone())), peers.clone(), cancel.clone())
-            .instrument(info_span!("liveness", node = me)),
+            .run_wakes(Arc::new(Peers::new(env.connector.clone())), cancel.clone())
+            .instrument(info_span!("wakes", node = me)),
     );
     spawn_task(&tasks, "liveness_members", {
         let (liveness, meta, cancel) = (liveness.clone(), meta.clone(), cancel.clone());

@@ -36,7 +36,7 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
 /// A follower within this many entries of the leader's log is caught up (in sync).
 pub const IN_SYNC_LAG_MAX: u64 = 256;
 /// Automatic balancing moves a leadership back to a preferred replica only after it has been
-/// in sync and answering heartbeats this long: a node that is restarting or shutting down
+/// in sync and answering liveness probes this long: a node that is restarting or shutting down
 /// (and so still looks caught up for a moment) is not handed leaderships it would drop again.
 pub const BALANCE_SETTLE: Duration = Duration::from_secs(3);
 /// Timeout of one membership change or metadata write.
@@ -77,7 +77,7 @@ pub fn in_sync(m: &RaftMetrics) -> BTreeSet<NodeId> {
     out
 }
 
-/// The replicas in sync (see [`in_sync`]) whose nodes answer heartbeats (node liveness: idle
+/// The replicas in sync (see [`in_sync`]) whose nodes answer liveness probes (node liveness: idle
 /// partition groups exchange no messages of their own, so their own acks say nothing).
 pub fn responsive(m: &RaftMetrics, liveness: &Liveness) -> BTreeSet<NodeId> {
     in_sync(m).into_iter().filter(|id| *id == m.id || liveness.is_alive(*id)).collect()

@@ -8,6 +8,7 @@ use std::time::Duration;
 use eddy_node::config::MemberConfig;
 use eddy_node::config::NodeConfig;
 use eddy_node::env::NodeEnv;
+use eddy_node::env::ProbeSocket;
 use eddy_node::env::SystemClock;
 use eddy_node::env::tcp_incoming;
 use eddy_proto::v1 as pb;
@@ -24,6 +25,7 @@ async fn one_node() -> anyhow::Result<(eddy_node::node::NodeHandle, BrokerClient
     let client = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let raft = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let (client_addr, raft_addr) = (client.local_addr()?.to_string(), raft.local_addr()?.to_string());
+    let probes = ProbeSocket::Thread(std::net::UdpSocket::bind(&raft_addr)?);
     let config = NodeConfig {
         node_id: 1,
         data_dir: dir.path().join("data"),
@@ -42,7 +44,7 @@ async fn one_node() -> anyhow::Result<(eddy_node::node::NodeHandle, BrokerClient
         #[cfg(feature = "planted-bugs")]
         bugs: Default::default(),
     };
-    let node = eddy_node::node::start(config, env, tcp_incoming(client), tcp_incoming(raft)).await?;
+    let node = eddy_node::node::start(config, env, tcp_incoming(client), tcp_incoming(raft), probes).await?;
     let channel = eddy_raft::transport::endpoint(&client_addr)?.connect_lazy();
     let client = BrokerClient::new(channel).max_encoding_message_size(64 << 20);
     Ok((node, client, dir))

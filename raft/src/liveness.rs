@@ -3,11 +3,23 @@
 //!
 //! Partition groups run with openraft's ticker off (`enable_tick = false`): an idle group has no
 //! timer, sends no heartbeat, and never times out. Liveness is judged once per *node* instead:
-//! every node sends one small [`NodeHeartbeat`] to each peer every [`HEARTBEAT_INTERVAL`], and a
-//! peer that has not answered for [`DOWN_AFTER`] is judged down. The cost grows with the number
-//! of nodes, not of groups (the approach of CockroachDB's store liveness and of Redpanda's
-//! per-node heartbeat manager; openraft's tick, heartbeat and election can all be driven from
-//! outside, which is what this module does).
+//! every node sends each peer one small [`LivenessProbe`] (a UDP datagram to the peer's Raft
+//! port number) every [`HEARTBEAT_INTERVAL`], and a peer that has answered no probe sent in the
+//! last [`DOWN_AFTER`] is judged down. The cost grows with the number of nodes, not of groups
+//! (the approach of CockroachDB's store liveness and of Redpanda's per-node heartbeat manager;
+//! openraft's tick, heartbeat and election can all be driven from outside, which is what this
+//! module does).
+//!
+//! In production the probes are sent, answered and judged on an OS thread with a runtime of its
+//! own ([`Liveness::run_probes`]), apart from the node's runtime and its thousands of group
+//! tasks: a busy node answers at once, so load does not make a live node look down (which at
+//! thousands of partitions turned into storms of elections). What the probes cannot see, a
+//! process whose threads run while its runtime does not, is covered by [`Liveness::pulse`]: a
+//! node whose runtime made no progress for [`WEDGED_AFTER`] stops answering. Over UDP a lost
+//! datagram is just a missed round, with no connection to stall behind bulk Raft traffic.
+//!
+//! Wake-ups (below) need a reliable delivery and go over the Raft gRPC service instead
+//! (`Heartbeat`, [`Liveness::run_wakes`]), only when a node has some to send.
 //!
 //! Each partition group has a [`GroupWatch`] task that sleeps on two watches, the group's server
 //! state (leader, vote, membership) and the [`LivenessView`], and so wakes only when one of them
@@ -16,8 +28,8 @@
 //!   derived from the group id (no split votes when a thousand groups fail over together), with
 //!   Pre-Vote, retrying with backoff until some leader is known;
 //! - a follower that knows no leader (after its own restart, or when a leader changed while it
-//!   was away) first asks its peers to wake it (`wake` in the next heartbeat: the peer leading
-//!   the group sends it a heartbeat at once), and campaigns only after [`WAKE_GRACE`];
+//!   was away) first asks its peers to wake it (a [`Wake`] in the next wake-up call: the peer
+//!   leading the group sends it a heartbeat at once), and campaigns only after [`WAKE_GRACE`];
 //! - a leader sends one heartbeat to its followers when one of their nodes comes back up (a
 //!   restart, or the end of a partition or a freeze), so that a returning node learns the
 //!   current leaders and terms without any group keeping a timer.
@@ -32,12 +44,15 @@
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use eddy_proto::v1::LivenessProbe;
 use eddy_proto::v1::NodeHeartbeat;
 use eddy_proto::v1::Wake;
 use eddy_proto::v1::raft_client::RaftClient;
@@ -47,29 +62,35 @@ use openraft::Raft;
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use openraft::storage::RaftStateMachine;
+use prost::Message;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 use tracing::info;
+use tracing::warn;
 
+use crate::transport::Datagrams;
 use crate::transport::Peers;
 use crate::types::C;
 use crate::types::GroupId;
 use crate::types::NodeId;
 use crate::types::SnapshotData;
 
-/// How often a node sends a heartbeat to each peer.
+/// How often a node probes each peer.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
-/// Deadline of one heartbeat exchange.
+/// Deadline of one wake-up call (see [`Liveness::run_wakes`]).
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(400);
-/// A peer that answered no heartbeat for this long is judged down.
+/// A peer that answered no probe sent in this long is judged down.
 pub const DOWN_AFTER: Duration = Duration::from_millis(600);
-/// A peer that has answered no heartbeat for this long is suspected. A replica grants a Pre-Vote
+/// A peer that has answered no probe sent in this long is suspected. A replica grants a Pre-Vote
 /// against a leader it suspects: the candidate campaigns only once it has judged that leader down
-/// itself, and the two nodes' judgements can be up to a heartbeat round apart, so refusing until
+/// itself, and the two nodes' judgements can be up to a probe round apart, so refusing until
 /// this node judges the leader down too would cost the candidate a whole retry.
 pub const SUSPECT_AFTER: Duration = Duration::from_millis(300);
+/// A node whose own runtime made no progress for this long stops answering probes: its threads
+/// run, but its groups do not, and its peers must see it down (see [`Liveness::pulse`]).
+pub const WEDGED_AFTER: Duration = Duration::from_secs(3);
 /// A follower that knows no leader asks its peers to wake it and waits this long before it
 /// campaigns itself.
 pub const WAKE_GRACE: Duration = Duration::from_millis(1000);
@@ -83,6 +104,11 @@ pub const TRANSFER_GRACE: Duration = Duration::from_secs(2);
 pub const RETURNED_ATTEMPTS_MAX: u32 = 16;
 /// The longest pause between two campaigns of one group.
 pub const RETRY_MAX: Duration = Duration::from_secs(4);
+/// The largest probe datagram read; probes are a few dozen bytes.
+const PROBE_BYTES_MAX: usize = 256;
+/// Probe rounds remembered, to know when an answered probe was sent. An answer to an older
+/// probe says nothing about the last [`DOWN_AFTER`] and is ignored.
+const ROUNDS_KEPT: usize = (DOWN_AFTER.as_millis() / HEARTBEAT_INTERVAL.as_millis()) as usize;
 
 /// What this node currently believes about its peers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -111,25 +137,34 @@ impl LivenessView {
 
 struct PeerState {
     addr: String,
-    /// The last answered heartbeat, or when this node last could not judge (start, own stall).
+    /// `addr` resolved; forgotten when the peer is judged down, so a peer that moved is found.
+    resolved: Option<SocketAddr>,
+    /// When the last answered probe was sent, or when this node last could not judge (start,
+    /// own stall).
     last_ok: Instant,
     incarnation: Option<u64>,
-    in_flight: bool,
+    /// A wake-up call to this peer is under way.
+    waking: bool,
     sent: u64,
 }
 
-#[derive(Default)]
 struct Inner {
     peers: BTreeMap<NodeId, PeerState>,
-    /// Groups to name in the next heartbeat to each peer.
+    /// Groups to name in the next wake-up call to each peer.
     wake: BTreeMap<NodeId, BTreeMap<GroupId, Wake>>,
     view: LivenessView,
+    /// The last probe rounds: (round, when its probes were sent).
+    rounds: VecDeque<(u64, Instant)>,
+    /// The runtime's pulse as last seen, and since when it has not moved.
+    pulse_seen: (u64, Instant),
+    /// The runtime made no progress for [`WEDGED_AFTER`]: probes go unanswered.
+    wedged: bool,
 }
 
 /// Counters for `/metrics`.
 #[derive(Debug, Clone, Default)]
 pub struct LivenessStats {
-    /// Heartbeats sent to each peer since start.
+    /// Probes sent to each peer since start.
     pub heartbeats_sent: BTreeMap<NodeId, u64>,
     /// Campaigns started by [`GroupWatch`] since start.
     pub elections: u64,
@@ -143,6 +178,8 @@ pub struct Liveness {
     inner: Mutex<Inner>,
     view: watch::Sender<LivenessView>,
     elections: AtomicU64,
+    /// Advanced by [`Liveness::pulse`] on the node's runtime.
+    pulse: AtomicU64,
 }
 
 impl Liveness {
@@ -151,9 +188,17 @@ impl Liveness {
         Arc::new(Self {
             me,
             incarnation,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                peers: BTreeMap::new(),
+                wake: BTreeMap::new(),
+                view: LivenessView::default(),
+                rounds: VecDeque::new(),
+                pulse_seen: (0, Instant::now()),
+                wedged: false,
+            }),
             view: watch::Sender::new(LivenessView::default()),
             elections: AtomicU64::new(0),
+            pulse: AtomicU64::new(0),
         })
     }
 
@@ -201,12 +246,16 @@ impl Liveness {
             }
             let p = inner.peers.entry(id).or_insert_with(|| PeerState {
                 addr: addr.clone(),
+                resolved: None,
                 last_ok: now,
                 incarnation: None,
-                in_flight: false,
+                waking: false,
                 sent: 0,
             });
-            p.addr = addr;
+            if p.addr != addr {
+                p.addr = addr;
+                p.resolved = None;
+            }
         }
         let peers: BTreeSet<NodeId> = inner.peers.keys().copied().collect();
         inner.wake.retain(|id, _| peers.contains(id));
@@ -217,7 +266,7 @@ impl Liveness {
     }
 
     /// Asks `peers` to send the group a heartbeat if they lead it (carried by the next
-    /// heartbeat).
+    /// wake-up call to each).
     pub fn request_wake(&self, wake: Wake, peers: impl IntoIterator<Item = NodeId>) {
         let mut inner = self.lock();
         for p in peers {
@@ -262,23 +311,44 @@ impl Liveness {
         }
     }
 
-    /// The reply to a peer's heartbeat.
+    /// The reply to a peer's wake-up call.
     pub fn answer(&self) -> NodeHeartbeat {
         NodeHeartbeat { from: self.me, incarnation: self.incarnation, wake: Vec::new() }
     }
 
-    /// Sends heartbeats (over `peers`, connections of their own, so that bulk Raft traffic
-    /// cannot make a live peer look down) and judges peers until `cancel` fires. A peer that
-    /// comes back gets new connections in `raft_peers`: the old ones may lead to a frozen,
-    /// partitioned or restarted process, and would fail until keepalive noticed.
-    pub async fn run(self: Arc<Self>, peers: Arc<Peers>, raft_peers: Arc<Peers>, cancel: CancellationToken) {
+    /// Advances the pulse every [`HEARTBEAT_INTERVAL`] until `cancel` fires. It runs on the
+    /// node's runtime, while the probes may run on a thread of their own: a node whose runtime
+    /// stops (a deadlock, a task that never yields) stops answering probes after
+    /// [`WEDGED_AFTER`], while one that is merely busy keeps answering.
+    pub async fn pulse(self: Arc<Self>, cancel: CancellationToken) {
+        let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                // Both arms only wait.
+                _ = cancel.cancelled() => break,
+                _ = ticker.tick() => { self.pulse.fetch_add(1, Ordering::Relaxed); }
+            }
+        }
+    }
+
+    /// Probes every peer each [`HEARTBEAT_INTERVAL`] over `socket`, answers their probes, and
+    /// judges them, until `cancel` fires. A peer that comes back gets new connections in
+    /// `raft_peers`: the old ones may lead to a frozen, partitioned or restarted process, and
+    /// would fail until keepalive noticed.
+    pub async fn run_probes(
+        self: Arc<Self>,
+        socket: Arc<dyn Datagrams>,
+        raft_peers: Arc<Peers>,
+        cancel: CancellationToken,
+    ) {
         let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_tick = Instant::now();
-        let mut calls = FuturesUnordered::new();
+        let mut buf = [0u8; PROBE_BYTES_MAX];
         loop {
             tokio::select! {
-                // Each arm only waits or records; nothing is left half done by another winning.
+                // Each arm only waits; `recv_from` is cancel-safe.
                 _ = cancel.cancelled() => break,
                 _ = ticker.tick() => {
                     let now = Instant::now();
@@ -286,62 +356,117 @@ impl Liveness {
                     // silence over that time says nothing about the peers.
                     let stalled = now.duration_since(last_tick) > HEARTBEAT_INTERVAL * 3;
                     last_tick = now;
-                    for (id, addr, wake) in self.round(now, stalled) {
-                        let client = RaftClient::new(peers.channel(id, &addr));
-                        let req = NodeHeartbeat { from: self.me, incarnation: self.incarnation, wake };
-                        calls.push(exchange(client, id, req));
+                    let (round, due) = self.round(now, stalled);
+                    for (id, addr, resolved) in due {
+                        let to = match resolved {
+                            Some(to) => to,
+                            None => match socket.resolve(&addr).await {
+                                Ok(to) => {
+                                    self.resolved(id, &addr, to);
+                                    to
+                                }
+                                Err(e) => {
+                                    debug!(peer = id, "cannot resolve {addr}: {e}");
+                                    continue;
+                                }
+                            },
+                        };
+                        let probe = LivenessProbe {
+                            from: self.me, to: id, incarnation: self.incarnation, round, answer: false,
+                        };
+                        if let Err(e) = socket.send_to(&probe.encode_to_vec(), to).await {
+                            debug!(peer = id, "probe not sent: {e}");
+                        }
                     }
                 }
-                Some((id, reply)) = calls.next(), if !calls.is_empty() => {
-                    if self.record(id, reply) {
-                        raft_peers.reconnect(id);
-                    }
-                }
+                r = socket.recv_from(&mut buf) => match r {
+                    Ok((n, from)) => match LivenessProbe::decode(&buf[..n]) {
+                        Ok(p) if p.to != self.me => debug!(?from, to = p.to, "a probe for another node"),
+                        Ok(p) if p.answer => {
+                            if self.record(p.from, p.incarnation, p.round) {
+                                raft_peers.reconnect(p.from);
+                            }
+                        }
+                        Ok(p) => {
+                            if !self.lock().wedged {
+                                let answer = LivenessProbe {
+                                    from: self.me, to: p.from, incarnation: self.incarnation, round: p.round, answer: true,
+                                };
+                                if let Err(e) = socket.send_to(&answer.encode_to_vec(), from).await {
+                                    debug!(peer = p.from, "probe answer not sent: {e}");
+                                }
+                            }
+                        }
+                        Err(e) => debug!(?from, "not a liveness probe: {e}"),
+                    },
+                    // E.g. an ICMP error for an earlier probe, reported on some platforms.
+                    Err(e) => debug!("probe socket: {e}"),
+                },
             }
         }
     }
 
-    /// Judges every peer, and picks the peers to send a heartbeat to now.
-    fn round(&self, now: Instant, stalled: bool) -> Vec<(NodeId, String, Vec<Wake>)> {
+    /// Judges every peer and starts a probe round: its number, and the peers to probe with
+    /// their addresses (resolved, if known).
+    fn round(&self, now: Instant, stalled: bool) -> (u64, Vec<(NodeId, String, Option<SocketAddr>)>) {
         let mut inner = self.lock();
         let mut view = inner.view.clone();
+        let pulse = self.pulse.load(Ordering::Relaxed);
+        if stalled || pulse != inner.pulse_seen.0 {
+            inner.pulse_seen = (pulse, now);
+        }
+        let wedged = now.duration_since(inner.pulse_seen.1) > WEDGED_AFTER;
+        if wedged != inner.wedged {
+            inner.wedged = wedged;
+            if wedged {
+                warn!(
+                    node = self.me,
+                    "this node's runtime made no progress for {WEDGED_AFTER:?}: not answering probes"
+                );
+            } else {
+                info!(node = self.me, "this node's runtime runs again: answering probes");
+            }
+        }
+        let round = inner.rounds.back().map_or(1, |(r, _)| r + 1);
+        inner.rounds.push_back((round, now));
+        while inner.rounds.len() > ROUNDS_KEPT {
+            inner.rounds.pop_front();
+        }
         let mut due = Vec::new();
-        let Inner { peers, wake, .. } = &mut *inner;
-        for (id, p) in peers.iter_mut() {
+        for (id, p) in inner.peers.iter_mut() {
             if stalled {
                 p.last_ok = p.last_ok.max(now);
             }
             if now.duration_since(p.last_ok) > DOWN_AFTER && view.down.insert(*id) {
-                info!(
-                    node = self.me,
-                    peer = id,
-                    "peer judged down: no heartbeat answered for {DOWN_AFTER:?}"
-                );
+                p.resolved = None;
+                info!(node = self.me, peer = id, "peer judged down: no probe answered for {DOWN_AFTER:?}");
             }
-            if !p.in_flight {
-                p.in_flight = true;
-                p.sent += 1;
-                let groups = wake.remove(id).map(|s| s.into_values().collect()).unwrap_or_default();
-                due.push((*id, p.addr.clone(), groups));
-            }
+            p.sent += 1;
+            due.push((*id, p.addr.clone(), p.resolved));
         }
         self.publish(&mut inner, view);
-        due
+        (round, due)
     }
 
-    /// Records a heartbeat's answer (or its absence). Returns whether the peer came back: it
-    /// answered after being judged down, or from a new incarnation.
-    fn record(&self, id: NodeId, reply: Option<NodeHeartbeat>) -> bool {
-        let now = Instant::now();
+    fn resolved(&self, id: NodeId, addr: &str, to: SocketAddr) {
+        if let Some(p) = self.lock().peers.get_mut(&id).filter(|p| p.addr == addr) {
+            p.resolved = Some(to);
+        }
+    }
+
+    /// Records an answer from `id` to the probe of `round`. Returns whether the peer came back:
+    /// it answered after being judged down, or from a new incarnation.
+    fn record(&self, id: NodeId, incarnation: u64, round: u64) -> bool {
         let mut inner = self.lock();
+        let Some(sent) = inner.rounds.iter().find(|(r, _)| *r == round).map(|(_, at)| *at) else {
+            return false;
+        };
         let mut view = inner.view.clone();
         let Some(p) = inner.peers.get_mut(&id) else { return false };
-        p.in_flight = false;
-        let Some(reply) = reply.filter(|r| r.from == id) else { return false };
-        p.last_ok = now;
-        let restarted = p.incarnation.is_some_and(|i| i != reply.incarnation);
+        p.last_ok = p.last_ok.max(sent);
+        let restarted = p.incarnation.is_some_and(|i| i != incarnation);
         let first = p.incarnation.is_none();
-        p.incarnation = Some(reply.incarnation);
+        p.incarnation = Some(incarnation);
         let was_down = view.down.remove(&id);
         if was_down || restarted || first {
             *view.ups.entry(id).or_default() += 1;
@@ -352,22 +477,78 @@ impl Liveness {
         self.publish(&mut inner, view);
         was_down || restarted
     }
+
+    /// Sends each peer the wake-ups requested for it (see [`Liveness::request_wake`]), one call
+    /// at a time per peer, over `peers` (connections of their own, so that bulk Raft traffic
+    /// does not delay them), until `cancel` fires.
+    pub async fn run_wakes(self: Arc<Self>, peers: Arc<Peers>, cancel: CancellationToken) {
+        let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut calls = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                // Each arm only waits or records; nothing is left half done by another winning.
+                _ = cancel.cancelled() => break,
+                _ = ticker.tick() => {
+                    for (id, addr, wake) in self.take_wakes() {
+                        let client = RaftClient::new(peers.channel(id, &addr));
+                        let req = NodeHeartbeat { from: self.me, incarnation: self.incarnation, wake };
+                        calls.push(send_wakes(client, id, req));
+                    }
+                }
+                Some((id, failed)) = calls.next(), if !calls.is_empty() => self.wakes_done(id, failed),
+            }
+        }
+    }
+
+    /// The wake-ups to send now: per peer with some and no call under way.
+    fn take_wakes(&self) -> Vec<(NodeId, String, Vec<Wake>)> {
+        let mut inner = self.lock();
+        let Inner { peers, wake, .. } = &mut *inner;
+        let mut due = Vec::new();
+        for (id, p) in peers.iter_mut() {
+            if p.waking {
+                continue;
+            }
+            if let Some(groups) = wake.remove(id).filter(|g| !g.is_empty()) {
+                p.waking = true;
+                due.push((*id, p.addr.clone(), groups.into_values().collect()));
+            }
+        }
+        due
+    }
+
+    /// A wake-up call ended; the wake-ups of a failed one are sent again unless the peer is
+    /// down (then the leader's side of [`GroupWatch`] takes over when it comes back).
+    fn wakes_done(&self, id: NodeId, failed: Option<Vec<Wake>>) {
+        let mut inner = self.lock();
+        let down = inner.view.is_down(id);
+        let Some(p) = inner.peers.get_mut(&id) else { return };
+        p.waking = false;
+        if let Some(failed) = failed.filter(|_| !down) {
+            let queued = inner.wake.entry(id).or_default();
+            for w in failed {
+                queued.entry(w.group_id).or_insert(w);
+            }
+        }
+    }
 }
 
-async fn exchange(
+/// One wake-up call; returns the wake-ups if it failed.
+async fn send_wakes(
     mut client: RaftClient<tonic::transport::Channel>,
     id: NodeId,
     req: NodeHeartbeat,
-) -> (NodeId, Option<NodeHeartbeat>) {
-    let mut request = tonic::Request::new(req);
+) -> (NodeId, Option<Vec<Wake>>) {
+    let mut request = tonic::Request::new(req.clone());
     request.set_timeout(HEARTBEAT_TIMEOUT);
     match tokio::time::timeout(HEARTBEAT_TIMEOUT, client.heartbeat(request)).await {
-        Ok(Ok(r)) => (id, Some(r.into_inner())),
+        Ok(Ok(_)) => (id, None),
         Ok(Err(status)) => {
-            debug!(peer = id, "heartbeat failed: {}", status.message());
-            (id, None)
+            debug!(peer = id, "wake-up call failed: {}", status.message());
+            (id, Some(req.wake))
         }
-        Err(_) => (id, None),
+        Err(_) => (id, Some(req.wake)),
     }
 }
 
@@ -581,7 +762,151 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::io;
+
+    use futures::future::BoxFuture;
+    use tokio::sync::mpsc;
+
     use super::*;
+    use crate::transport::TcpConnector;
+
+    /// A datagram and its sender.
+    type Delivery = (Vec<u8>, SocketAddr);
+
+    /// An in-memory datagram network.
+    #[derive(Default)]
+    struct Hub {
+        sockets: Mutex<BTreeMap<SocketAddr, mpsc::UnboundedSender<Delivery>>>,
+    }
+
+    struct MemSocket {
+        addr: SocketAddr,
+        hub: Arc<Hub>,
+        rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Delivery>>,
+    }
+
+    impl Hub {
+        fn bind(self: &Arc<Self>, addr: &str) -> Arc<MemSocket> {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.sockets.lock().unwrap().insert(addr, tx);
+            Arc::new(MemSocket { addr, hub: self.clone(), rx: tokio::sync::Mutex::new(rx) })
+        }
+    }
+
+    impl Datagrams for MemSocket {
+        fn resolve<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<SocketAddr>> {
+            Box::pin(async move { addr.parse().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e)) })
+        }
+
+        fn send_to<'a>(&'a self, buf: &'a [u8], to: SocketAddr) -> BoxFuture<'a, io::Result<()>> {
+            // Like UDP: a datagram to an address nobody listens on is lost.
+            if let Some(tx) = self.hub.sockets.lock().unwrap().get(&to) {
+                let _ = tx.send((buf.to_vec(), self.addr));
+            }
+            Box::pin(async { Ok(()) })
+        }
+
+        fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<(usize, SocketAddr)>> {
+            Box::pin(async move {
+                let (data, from) = self.rx.lock().await.recv().await.ok_or(io::ErrorKind::BrokenPipe)?;
+                buf[..data.len()].copy_from_slice(&data);
+                Ok((data.len(), from))
+            })
+        }
+    }
+
+    const ADDRS: [&str; 2] = ["127.0.0.1:1", "127.0.0.1:2"];
+
+    /// One node's probe loop (and, if `pulse`, its runtime's pulse) on the hub.
+    fn start(
+        hub: &Arc<Hub>,
+        me: NodeId,
+        incarnation: u64,
+        pulse: bool,
+    ) -> (Arc<Liveness>, CancellationToken) {
+        let liveness = Liveness::new(me, incarnation);
+        liveness.set_members((1..=2).map(|id| (id, ADDRS[id as usize - 1].to_owned())).collect());
+        let cancel = CancellationToken::new();
+        let socket = hub.bind(ADDRS[me as usize - 1]);
+        let peers = Arc::new(Peers::new(Arc::new(TcpConnector)));
+        tokio::spawn(liveness.clone().run_probes(socket, peers, cancel.clone()));
+        if pulse {
+            tokio::spawn(liveness.clone().pulse(cancel.clone()));
+        }
+        (liveness, cancel)
+    }
+
+    /// Waits (in paused time) until `liveness`'s view satisfies `f`; returns how long it took.
+    async fn until(liveness: &Liveness, what: &str, f: impl Fn(&LivenessView) -> bool) -> Duration {
+        let start = Instant::now();
+        let mut rx = liveness.subscribe();
+        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|v| f(v)))
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .unwrap();
+        start.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probes_judge_a_dead_peer_down_and_its_restart_up() {
+        let hub = Arc::new(Hub::default());
+        let (one, _c1) = start(&hub, 1, 11, true);
+        let (_two, c2) = start(&hub, 2, 21, true);
+        until(&one, "node 2's first answer", |v| v.ups.get(&2) == Some(&1)).await;
+        assert!(one.is_alive(2));
+
+        c2.cancel();
+        hub.sockets.lock().unwrap().remove(&ADDRS[1].parse().unwrap());
+        let took = until(&one, "node 2 judged down", |v| v.is_down(2)).await;
+        assert!(
+            took >= DOWN_AFTER - HEARTBEAT_INTERVAL && took <= DOWN_AFTER + HEARTBEAT_INTERVAL * 2,
+            "{took:?}"
+        );
+
+        // A new incarnation at the same address counts as the peer coming (back) up.
+        let (_two, _c2) = start(&hub, 2, 22, true);
+        let took = until(&one, "node 2 up again", |v| !v.is_down(2) && v.ups.get(&2) == Some(&2)).await;
+        assert!(took <= HEARTBEAT_INTERVAL * 2, "{took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_whose_runtime_makes_no_progress_stops_answering() {
+        let hub = Arc::new(Hub::default());
+        let (one, _c1) = start(&hub, 1, 11, true);
+        // Node 2's probe loop runs, but nothing advances its pulse: its runtime is wedged.
+        let (two, _c2) = start(&hub, 2, 21, false);
+        until(&one, "node 2's first answer", |v| v.ups.get(&2) == Some(&1)).await;
+        let took = until(&one, "node 2 judged down", |v| v.is_down(2)).await;
+        assert!(took >= WEDGED_AFTER - DOWN_AFTER, "judged down after {took:?}, before the wedge showed");
+        // The wedged node itself still hears its peer.
+        assert!(two.is_alive(1) && two.view().ups.get(&1) == Some(&1));
+
+        // Its runtime runs again: it answers again.
+        tokio::spawn(two.clone().pulse(CancellationToken::new()));
+        until(&one, "node 2 up again", |v| !v.is_down(2)).await;
+    }
+
+    #[test]
+    fn answers_to_forgotten_rounds_are_ignored() {
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        runtime.block_on(async {
+            let l = Liveness::new(1, 11);
+            l.set_members([(2, ADDRS[1].to_owned())].into());
+            let (first, _) = l.round(Instant::now(), false);
+            for _ in 0..=ROUNDS_KEPT {
+                tokio::time::advance(HEARTBEAT_INTERVAL).await;
+                l.round(Instant::now(), false);
+            }
+            assert!(l.view().is_down(2));
+            assert!(!l.record(2, 21, first), "an answer to a probe sent more than DOWN_AFTER ago");
+            assert!(l.view().is_down(2));
+            let (last, _) = l.round(Instant::now(), false);
+            assert!(l.record(2, 21, last));
+            assert!(!l.view().is_down(2));
+        });
+    }
 
     #[test]
     fn ranks_rotate_with_the_group_and_skip_the_dead() {

@@ -116,7 +116,7 @@ impl raft_server::Raft for RaftService {
         // Leader stickiness from node liveness (partition groups; the metadata group keeps
         // openraft's own timers and lease): quiescent groups exchange no messages, so
         // openraft's own leader lease has long expired on an idle group; the leader this
-        // replica follows is still there as long as its node answers heartbeats.
+        // replica follows is still there as long as its node answers liveness probes.
         let f = g.follows();
         let candidate = Some(vote_req.vote.leader_id().voted_for);
         let term = f.vote.leader_id().term;

@@ -4,10 +4,13 @@
 //! traffic to a peer is multiplexed on one HTTP/2 connection.
 
 use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tonic::transport::Channel;
 use tonic::transport::Endpoint;
 
@@ -25,6 +28,38 @@ pub trait Connector: Send + Sync + 'static {
     /// A channel to `addr` (`host:port`). It connects on first use and reconnects after a
     /// failure; every call on it must still carry its own deadline.
     fn channel(&self, addr: &str) -> Channel;
+}
+
+/// A datagram socket, for node liveness probes: a real UDP socket, or the simulator's.
+pub trait Datagrams: Send + Sync + 'static {
+    /// The address of `addr` (`host:port`).
+    fn resolve<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<SocketAddr>>;
+    fn send_to<'a>(&'a self, buf: &'a [u8], to: SocketAddr) -> BoxFuture<'a, io::Result<()>>;
+    /// The next datagram. Cancel-safe: dropping the future loses no datagram.
+    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<(usize, SocketAddr)>>;
+}
+
+/// A real UDP socket.
+impl Datagrams for tokio::net::UdpSocket {
+    fn resolve<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<SocketAddr>> {
+        Box::pin(async move {
+            match addr.parse() {
+                Ok(a) => Ok(a),
+                Err(_) => tokio::net::lookup_host(addr)
+                    .await?
+                    .next()
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr} has no address"))),
+            }
+        })
+    }
+
+    fn send_to<'a>(&'a self, buf: &'a [u8], to: SocketAddr) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(async move { tokio::net::UdpSocket::send_to(self, buf, to).await.map(drop) })
+    }
+
+    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<(usize, SocketAddr)>> {
+        Box::pin(tokio::net::UdpSocket::recv_from(self, buf))
+    }
 }
 
 /// The standard endpoint settings for Eddy's channels, for any connector.

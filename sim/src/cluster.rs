@@ -13,6 +13,7 @@ use eddy_node::config::NodeConfig;
 use eddy_node::env::Clock;
 use eddy_node::env::NodeEnv;
 use eddy_node::env::PlantedBugs;
+use eddy_node::env::ProbeSocket;
 use eddy_node::manager::Groups;
 use eddy_node::meta::MetaHandle;
 use eddy_raft::NodeId;
@@ -136,7 +137,8 @@ impl Cluster {
                 async move {
                     let client = net::listen(CLIENT_PORT).await?;
                     let raft = net::listen(RAFT_PORT).await?;
-                    let node = eddy_node::node::start(config, env, client, raft)
+                    let probes = ProbeSocket::Task(Arc::new(net::SimDatagrams::bind(RAFT_PORT).await?));
+                    let node = eddy_node::node::start(config, env, client, raft, probes)
                         .await
                         .map_err(|e| format!("{e:#}"))?;
                     *refs.lock().expect("refs lock poisoned") =

@@ -2,12 +2,14 @@
 //! and listeners that accept turmoil connections. Every host runs the real gRPC stack on top.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use eddy_node::env::BoxedIo;
 use eddy_node::env::Incoming;
+use futures::future::BoxFuture;
 use hyper_util::rt::TokioIo;
 use tonic::transport::Channel;
 use tonic::transport::Endpoint;
@@ -91,6 +93,34 @@ pub async fn listen(port: u16) -> io::Result<Incoming> {
         let r = l.accept().await.map(|(s, _)| BoxedIo::new(s));
         Some((r, l))
     })))
+}
+
+/// A turmoil UDP socket, for node liveness probes.
+pub struct SimDatagrams(turmoil::net::UdpSocket);
+
+impl SimDatagrams {
+    pub async fn bind(port: u16) -> io::Result<Self> {
+        Ok(Self(turmoil::net::UdpSocket::bind(("0.0.0.0", port)).await?))
+    }
+}
+
+impl eddy_raft::transport::Datagrams for SimDatagrams {
+    fn resolve<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<SocketAddr>> {
+        Box::pin(async move {
+            let bad = || io::Error::new(io::ErrorKind::InvalidInput, format!("bad address {addr}"));
+            let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+            let port: u16 = port.parse().map_err(|_| bad())?;
+            Ok(SocketAddr::new(turmoil::lookup(host), port))
+        })
+    }
+
+    fn send_to<'a>(&'a self, buf: &'a [u8], to: SocketAddr) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(async move { self.0.send_to(buf, to).await.map(drop) })
+    }
+
+    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<(usize, SocketAddr)>> {
+        Box::pin(self.0.recv_from(buf))
+    }
 }
 
 /// A pause that also works outside a host (where turmoil has no clock): for the workload.

@@ -101,10 +101,19 @@ pub fn free_base_port(offsets: &[u16]) -> u16 {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     assert!(offsets.iter().all(|o| *o < 1_000), "offsets must stay below 1,000");
     let start = (std::process::id() as usize).wrapping_mul(7_919) % SPAN;
+    // Later calls in this process start past the whole block, so no other test takes a port
+    // inside it (dev's ports are base + 0..=202).
+    let block = offsets.iter().max().map_or(1, |m| usize::from(*m) + 1);
     for _ in 0..SPAN {
-        let base = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
-        let held: Result<Vec<TcpListener>, _> =
-            offsets.iter().map(|o| TcpListener::bind(("127.0.0.1", base + o))).collect();
+        let base = (LOW + (start + NEXT.fetch_add(block, Ordering::Relaxed)) % SPAN) as u16;
+        // Free for TCP and UDP: a node's Raft port number also carries its liveness probes.
+        let held: Result<Vec<_>, _> = offsets
+            .iter()
+            .map(|o| {
+                let addr = ("127.0.0.1", base + o);
+                TcpListener::bind(addr).and_then(|t| std::net::UdpSocket::bind(addr).map(|u| (t, u)))
+            })
+            .collect();
         if held.is_ok() {
             return base;
         }
