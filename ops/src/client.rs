@@ -23,6 +23,9 @@ use crate::offsets::OffsetSpec;
 
 /// Largest response the client accepts (fetches are bounded well below this by the server).
 const RESPONSE_BYTES_MAX: usize = 64 << 20;
+/// A broker that did not answer in time (or refused the connection) is asked last for this long:
+/// a frozen or dead node must not cost every metadata request its whole deadline.
+const UNRESPONSIVE_FOR: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -43,6 +46,23 @@ impl Default for ClientConfig {
             backoff_max: Duration::from_millis(250),
             delivery_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+/// Whether a call's outcome came from the broker: anything but a timeout or a connection that
+/// could not be made.
+fn answered<T, E>(outcome: &std::result::Result<std::result::Result<T, tonic::Status>, E>) -> bool {
+    match outcome {
+        Ok(Ok(_)) => true,
+        // Eddy's own errors carry a code; a transport failure or a timeout does not.
+        Ok(Err(status)) => {
+            status.metadata().contains_key(eddy_proto::error_keys::CODE)
+                || !matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+                )
+        }
+        Err(_) => false,
     }
 }
 
@@ -129,6 +149,8 @@ struct Inner {
     /// that lose their leader at once cost one metadata request, not a thousand.
     refresh: tokio::sync::Mutex<()>,
     refreshes: AtomicU64,
+    /// Brokers that recently did not answer in time, and when.
+    unresponsive: Mutex<BTreeMap<String, Instant>>,
 }
 
 #[derive(Clone)]
@@ -160,6 +182,7 @@ impl Client {
                 metadata: RwLock::new(Arc::new(ClusterMetadata::default())),
                 refresh: tokio::sync::Mutex::new(()),
                 refreshes: AtomicU64::new(0),
+                unresponsive: Mutex::new(BTreeMap::new()),
             }),
         };
         client.refresh_metadata().await?;
@@ -208,11 +231,33 @@ impl Client {
                 out.push(b.clone());
             }
         }
+        // Brokers that recently did not answer go last, in the same order.
+        let unresponsive = self.unresponsive();
+        out.sort_by_key(|a| unresponsive.contains(a));
         out
     }
 
+    /// Brokers that did not answer in time within the last [`UNRESPONSIVE_FOR`].
+    fn unresponsive(&self) -> Vec<String> {
+        let now = Instant::now();
+        let mut map = self.inner.unresponsive.lock().expect("unresponsive lock poisoned");
+        map.retain(|_, at| now.duration_since(*at) < UNRESPONSIVE_FOR);
+        map.keys().cloned().collect()
+    }
+
+    /// Notes whether the broker at `addr` answered (with anything) or not.
+    fn note_answer(&self, addr: &str, answered: bool) {
+        let mut map = self.inner.unresponsive.lock().expect("unresponsive lock poisoned");
+        if answered {
+            map.remove(addr);
+        } else {
+            map.insert(addr.to_owned(), Instant::now());
+        }
+    }
+
     /// Runs `f` against brokers in turn until one answers (with success or a non-retriable
-    /// error), backing off between rounds, for at most the request timeout.
+    /// error), backing off between rounds, for at most the request timeout. Brokers that
+    /// recently did not answer are asked last (see [`UNRESPONSIVE_FOR`]).
     pub async fn call_any<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T>
     where
         F: FnMut(BrokerClient<Channel>) -> Fut,
@@ -276,7 +321,9 @@ impl Client {
                     return Err(last);
                 }
                 let channel = self.channel(&addr)?;
-                match tokio::time::timeout(remaining, f(channel, remaining)).await {
+                let answer = tokio::time::timeout(remaining, f(channel, remaining)).await;
+                self.note_answer(&addr, answered(&answer));
+                match answer {
                     Ok(Ok(r)) => return Ok(r.into_inner()),
                     Ok(Err(status)) => {
                         let e = ClientError::from_status(&status);
@@ -529,7 +576,9 @@ impl Client {
             let channel = self.channel(&addr)?;
             let attempt_timeout =
                 self.inner.config.request_timeout.min(deadline.saturating_duration_since(Instant::now()));
-            let err = match tokio::time::timeout(attempt_timeout, call(channel, attempt_timeout)).await {
+            let answer = tokio::time::timeout(attempt_timeout, call(channel, attempt_timeout)).await;
+            self.note_answer(&addr, answered(&answer));
+            let err = match answer {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
                 Ok(Err(status)) => ClientError::from_status(&status),
                 Err(_) => ClientError::Unavailable(format!("{what}: {addr} did not answer in time")),

@@ -63,6 +63,8 @@ use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use openraft::storage::RaftStateMachine;
 use prost::Message;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::Semaphore;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -104,6 +106,14 @@ pub const TRANSFER_GRACE: Duration = Duration::from_secs(2);
 pub const RETURNED_ATTEMPTS_MAX: u32 = 16;
 /// The longest pause between two campaigns of one group.
 pub const RETRY_MAX: Duration = Duration::from_secs(4);
+/// At most this many of a node's groups campaign at once. When a node that led a thousand groups
+/// dies, a thousand simultaneous elections make every vote (an fsync on both sides) slower than
+/// openraft's vote deadline (the election timeout, 400 ms for partitions); the failed elections
+/// retry in higher terms and the storm feeds itself. In waves, each election completes in time.
+pub const CAMPAIGNS_MAX: usize = 128;
+/// A campaign holds its place among [`CAMPAIGNS_MAX`] until the group has a leader or this long
+/// has passed (by then openraft's vote requests have timed out).
+pub const CAMPAIGN_HOLD: Duration = Duration::from_millis(500);
 /// The largest probe datagram read; probes are a few dozen bytes.
 const PROBE_BYTES_MAX: usize = 256;
 /// Probe rounds remembered, to know when an answered probe was sent. An answer to an older
@@ -180,6 +190,8 @@ pub struct Liveness {
     elections: AtomicU64,
     /// Advanced by [`Liveness::pulse`] on the node's runtime.
     pulse: AtomicU64,
+    /// Places for campaigns under way (see [`CAMPAIGNS_MAX`]).
+    campaigns: Arc<Semaphore>,
 }
 
 impl Liveness {
@@ -199,6 +211,7 @@ impl Liveness {
             view: watch::Sender::new(LivenessView::default()),
             elections: AtomicU64::new(0),
             pulse: AtomicU64::new(0),
+            campaigns: Arc::new(Semaphore::new(CAMPAIGNS_MAX)),
         })
     }
 
@@ -635,9 +648,19 @@ where
         // (→ the last answer before), and the last such heartbeat (when, how many so far).
         let mut returned: BTreeMap<NodeId, _> = BTreeMap::new();
         let mut returned_attempt: Option<(Instant, u32)> = None;
+        // This group's campaign under way, holding one of the node's places (CAMPAIGNS_MAX).
+        let mut campaign: Option<(OwnedSemaphorePermit, Instant)> = None;
+        // The vote as last seen: granting one to another candidate restarts the wait (Raft's
+        // election timer reset), so the next in rank does not run against a campaign under way.
+        let mut seen_vote = None;
         loop {
             let m = server.borrow_watched().clone();
             let view = live.borrow_and_update().clone();
+            let decided = m.state == ServerState::Leader
+                || (m.state != ServerState::Candidate && m.current_leader.is_some_and(|l| l != me));
+            if campaign.as_ref().is_some_and(|(_, at)| decided || Instant::now() >= *at + CAMPAIGN_HOLD) {
+                campaign = None;
+            }
             let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
             let mut next: Option<Instant> = None;
             debug!(node = me, group = self.group, state = ?m.state, leader = ?m.current_leader, vote = %m.vote, ?voters, down = ?view.down, "group watch");
@@ -713,6 +736,13 @@ where
                     let wake = Wake { group_id: self.group, term, leader_lost };
                     self.liveness.request_wake(wake, voters.iter().copied());
                 }
+                let voted_other = !m.vote.is_committed()
+                    && m.vote.leader_id().voted_for != me
+                    && seen_vote.is_some_and(|v| v != m.vote);
+                if let Some((since, _)) = orphan.as_mut().filter(|_| voted_other) {
+                    debug!(node = me, group = self.group, vote = %m.vote, "voted for another candidate: waiting again");
+                    *since = now;
+                }
                 let (since, attempts) = *orphan.get_or_insert((now, 0));
                 let rank = campaign_rank(me, self.group, &voters, &view, dead_leader).unwrap_or(0) as u32;
                 let wait = match attempts {
@@ -721,17 +751,30 @@ where
                     n => (RANK_STEP * 2 * n.min(16)).min(RETRY_MAX),
                 };
                 let at = since + wait + RANK_STEP * rank;
-                if now >= at {
+                if now >= at && campaign.is_none() {
+                    let permit = tokio::select! {
+                        // Each arm only waits; a change means the campaign is looked at again.
+                        _ = cancel.cancelled() => break,
+                        p = self.liveness.campaigns.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => break,
+                        },
+                        r = server.changed() => if r.is_err() { break } else { continue },
+                        r = live.changed() => if r.is_err() { break } else { continue },
+                    };
+                    let now = Instant::now();
                     info!(node = me, group = self.group, rank, attempts, leader = ?dead_leader, term = m.vote.leader_id().term, disowned = ?view.disowned.get(&self.group), "no live leader: campaigning");
                     self.liveness.elections.fetch_add(1, Ordering::Relaxed);
                     if self.raft.trigger().elect(true).await.is_err() {
                         break;
                     }
+                    campaign = Some((permit, now));
                     orphan = Some((now, attempts + 1));
                     seen_ups = view.ups;
                     continue;
                 }
-                next = Some(at);
+                // With a campaign under way, the next one is due when its place is given back.
+                next = Some(campaign.as_ref().map_or(at, |(_, started)| at.max(*started + CAMPAIGN_HOLD)));
             } else {
                 orphan = None;
                 if opened {
@@ -743,6 +786,11 @@ where
             }
             opened = false;
             seen_ups = view.ups;
+            seen_vote = Some(m.vote);
+            if let Some((_, at)) = &campaign {
+                let release = *at + CAMPAIGN_HOLD;
+                next = Some(next.map_or(release, |n| n.min(release)));
+            }
             let sleep = async {
                 match next {
                     Some(at) => tokio::time::sleep_until(at).await,
