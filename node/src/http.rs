@@ -112,8 +112,7 @@ pub fn render(s: &BrokerState) -> String {
             lag.get_or_create(&l).set(gauge(last.saturating_sub(matched.map_or(0, |x| x.index))));
         }
         let sync = in_sync(&m);
-        let desired =
-            view.state.partition_of(g.group()).map(|(_, _, p)| p.desired().to_vec()).unwrap_or_default();
+        let desired = view.partition_of(g.group()).map(|(_, _, p)| p.desired().to_vec()).unwrap_or_default();
         if desired.iter().any(|r| !sync.contains(r)) {
             under_replicated += 1;
         }

@@ -48,7 +48,8 @@ use crate::raft_config;
 
 /// How long a non-preferred initial replica waits before initializing a pristine group itself.
 pub const INIT_GRACE: Duration = Duration::from_secs(3);
-/// How often reconciliation runs even without a metadata change (to retry failures).
+/// How soon reconciliation runs again after a replica failed to start (otherwise it waits for
+/// the next metadata change).
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The partition replicas running on this node.
@@ -104,12 +105,21 @@ impl PartitionManager {
         let mut rx = self.meta.subscribe();
         loop {
             let view = rx.borrow_and_update().clone();
-            self.reconcile(&view, &cancel).await;
+            // Nothing changes without a metadata change, unless a replica failed to start: only
+            // then is there a retry, so an idle node does not walk its partitions every second.
+            let failed = self.reconcile(&view, &cancel).await;
+            let retry = async {
+                if failed {
+                    tokio::time::sleep(RECONCILE_INTERVAL).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 // Each arm only waits; none leaves work half done when another wins.
                 _ = cancel.cancelled() => break,
                 changed = rx.changed() => if changed.is_err() { break },
-                _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+                () = retry => {}
             }
         }
         for g in self.groups.take_all() {
@@ -121,11 +131,12 @@ impl PartitionManager {
         }
     }
 
-    async fn reconcile(&self, view: &MetaView, cancel: &CancellationToken) {
+    /// Starts and stops replicas to match `view`. Returns whether a replica failed to start.
+    async fn reconcile(&self, view: &MetaView, cancel: &CancellationToken) -> bool {
+        let mut failed = false;
         // Replicas this node no longer holds: their topic is gone, or a move took them away.
         for g in self.groups.all() {
-            let keep =
-                view.state.partition_of(g.group()).is_some_and(|(_, _, p)| p.holders().contains(&self.me));
+            let keep = view.partition_of(g.group()).is_some_and(|(_, _, p)| p.holders().contains(&self.me));
             if !keep {
                 self.remove_group(g).await;
             }
@@ -133,7 +144,7 @@ impl PartitionManager {
         for topic in view.state.topics.values() {
             for (i, p) in topic.partitions.iter().enumerate() {
                 if cancel.is_cancelled() {
-                    return;
+                    return failed;
                 }
                 if !p.holders().contains(&self.me) {
                     continue;
@@ -150,11 +161,13 @@ impl PartitionManager {
                 {
                     Ok(h) => self.groups.insert(h),
                     Err(e) => {
+                        failed = true;
                         warn!(group = p.group_id, "failed to start partition {}/{i}: {e:#}", topic.name)
                     }
                 }
             }
         }
+        failed
     }
 
     /// Stops a replica and deletes its log and state.

@@ -377,6 +377,7 @@ pub async fn start(
         liveness: liveness.clone(),
         auto_balance: config.auto_balance_leaders,
         responsive_since: Default::default(),
+        pending: Default::default(),
     });
     let admin_service = AdminServer::new(AdminService::new(broker.clone(), reconciler.clone()));
     let groups_service = GroupsServer::new(GroupsService::new(broker.clone()));

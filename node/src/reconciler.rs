@@ -12,6 +12,8 @@
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use eddy_raft::GroupId;
@@ -31,8 +33,13 @@ use crate::meta::MetaHandle;
 use crate::meta::MetaView;
 use crate::partition::PartitionHandle;
 
-/// How often the reconciler looks at every group it leads.
+/// How often the reconciler looks at every group it leads while something is left to finish.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the reconciler looks at its groups when the last round found nothing to finish
+/// (changes wake it at once; this is a safety net).
+pub const RECONCILE_IDLE_INTERVAL: Duration = Duration::from_secs(5);
+/// Pause after a change wakes the reconciler, so that a burst of changes costs one round.
+const RECONCILE_DEBOUNCE: Duration = Duration::from_millis(50);
 /// A follower within this many entries of the leader's log is caught up (in sync).
 pub const IN_SYNC_LAG_MAX: u64 = 256;
 /// Automatic balancing moves a leadership back to a preferred replica only after it has been
@@ -169,18 +176,38 @@ pub struct Reconciler {
     pub auto_balance: bool,
     /// Since when each (group, replica) has been responsive, as this leader saw it.
     pub responsive_since: std::sync::Mutex<BTreeMap<(GroupId, NodeId), tokio::time::Instant>>,
+    /// The last round left something to finish.
+    pub pending: AtomicBool,
 }
 
 impl Reconciler {
+    /// Runs a round on every change of the metadata, of node liveness and of this node's
+    /// leaderships, and besides every [`RECONCILE_INTERVAL`] while a round left something to
+    /// finish (a membership step, a leadership waiting to settle), else every
+    /// [`RECONCILE_IDLE_INTERVAL`]: an idle cluster's thousands of groups cost no pass twice a
+    /// second.
     pub async fn run(&self, cancel: CancellationToken) {
         let mut rx = self.meta.subscribe();
+        let mut live = self.liveness.subscribe();
         loop {
             self.round(if self.auto_balance { Balance::Settled } else { Balance::Off }).await;
-            tokio::select! {
+            let interval = if self.pending.load(Ordering::Relaxed) {
+                RECONCILE_INTERVAL
+            } else {
+                RECONCILE_IDLE_INTERVAL
+            };
+            let woken = tokio::select! {
                 // Each arm only waits.
                 _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
-                r = rx.changed() => if r.is_err() { break },
+                _ = tokio::time::sleep(interval) => false,
+                r = rx.changed() => if r.is_err() { break } else { true },
+                r = live.changed() => if r.is_err() { break } else { true },
+                () = self.liveness.leaders_changed().notified() => true,
+            };
+            if woken {
+                // Changes come in bursts (a failover changes a thousand leaderships): one round
+                // for each burst.
+                tokio::time::sleep(RECONCILE_DEBOUNCE).await;
             }
         }
     }
@@ -191,18 +218,24 @@ impl Reconciler {
         let view = self.meta.view();
         let now = tokio::time::Instant::now();
         let mut transfers = 0;
+        let mut pending = false;
         let mut seen = BTreeMap::new();
         for g in self.groups.all() {
-            let m = g.raft().metrics().borrow_watched().clone();
-            if m.current_leader != Some(self.me) {
-                continue;
-            }
-            let Some((_, _, p)) = view.state.partition_of(g.group()) else {
+            let m = {
+                let metrics = g.raft().metrics();
+                let m = metrics.borrow_watched();
+                if m.current_leader != Some(self.me) {
+                    continue;
+                }
+                m.clone()
+            };
+            let Some((_, _, p)) = view.partition_of(g.group()) else {
                 continue;
             };
             let desired = p.desired().to_vec();
             let sync = in_sync(&m);
             let step = next_step(self.me, &desired, &MembershipView::of(&m), &sync);
+            pending |= step != Step::Complete || p.target.is_some();
             if step != Step::Complete && step != Step::Wait {
                 self.apply(&g, &view, &desired, step).await;
                 continue;
@@ -241,6 +274,7 @@ impl Reconciler {
                 continue;
             };
             let settled = seen.get(&(g.group(), to)).is_some_and(|at| now - *at >= BALANCE_SETTLE);
+            pending |= to != self.me;
             if to != self.me && (must_leave || balance == Balance::Now || settled) {
                 info!(group = g.group(), to, must_leave, "moving leadership");
                 if eddy_raft::liveness::transfer_leadership(g.raft(), to).await.is_ok() {
@@ -257,6 +291,7 @@ impl Reconciler {
         }
         // Only groups this node still leads, and replicas still responsive, keep their clocks.
         *self.responsive_since.lock().unwrap_or_else(|e| e.into_inner()) = seen;
+        self.pending.store(pending, Ordering::Relaxed);
         transfers
     }
 

@@ -63,6 +63,7 @@ use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use openraft::storage::RaftStateMachine;
 use prost::Message;
+use tokio::sync::Notify;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::Semaphore;
 use tokio::sync::watch;
@@ -192,6 +193,8 @@ pub struct Liveness {
     pulse: AtomicU64,
     /// Places for campaigns under way (see [`CAMPAIGNS_MAX`]).
     campaigns: Arc<Semaphore>,
+    /// Notified when one of this node's groups gains or loses its leadership here.
+    leaders_changed: Notify,
 }
 
 impl Liveness {
@@ -212,11 +215,18 @@ impl Liveness {
             elections: AtomicU64::new(0),
             pulse: AtomicU64::new(0),
             campaigns: Arc::new(Semaphore::new(CAMPAIGNS_MAX)),
+            leaders_changed: Notify::new(),
         })
     }
 
     pub fn me(&self) -> NodeId {
         self.me
+    }
+
+    /// Notified (one stored wake-up, whoever waits next) when one of this node's groups gains
+    /// or loses its leadership here, for loops that act on the groups a node leads.
+    pub fn leaders_changed(&self) -> &Notify {
+        &self.leaders_changed
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -653,9 +663,14 @@ where
         // The vote as last seen: granting one to another candidate restarts the wait (Raft's
         // election timer reset), so the next in rank does not run against a campaign under way.
         let mut seen_vote = None;
+        let mut leading = false;
         loop {
             let m = server.borrow_watched().clone();
             let view = live.borrow_and_update().clone();
+            if leading != (m.state == ServerState::Leader) {
+                leading = !leading;
+                self.liveness.leaders_changed.notify_one();
+            }
             let decided = m.state == ServerState::Leader
                 || (m.state != ServerState::Candidate && m.current_leader.is_some_and(|l| l != me));
             if campaign.as_ref().is_some_and(|(_, at)| decided || Instant::now() >= *at + CAMPAIGN_HOLD) {

@@ -2,10 +2,12 @@
 //! result in the state store together with the last applied log id, and publishes every new
 //! state on a watch channel for the partition manager and the client services.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
 
 use eddy_raft::C;
+use eddy_raft::GroupId;
 use eddy_raft::LogId;
 use eddy_raft::Reply;
 use eddy_raft::Snapshot;
@@ -30,6 +32,8 @@ use super::command::MetaCommand;
 use super::command::MetaError;
 use super::command::MetaReply;
 use super::state::MetaState;
+use super::state::PartitionRecord;
+use super::state::TopicRecord;
 use crate::sm_common;
 
 const STATE_KEY: &[u8] = b"state";
@@ -76,6 +80,34 @@ pub struct MetaView {
     pub state: MetaState,
     pub last_applied: Option<LogId>,
     pub membership: StoredMembership,
+    /// Partition group → (topic, partition), built for every published view, so that loops over
+    /// a node's groups look each one up in O(log n) rather than scanning every topic.
+    #[serde(skip)]
+    by_group: BTreeMap<GroupId, (String, u32)>,
+}
+
+impl MetaView {
+    /// The topic and partition of a partition group.
+    pub fn partition_of(&self, group: GroupId) -> Option<(&TopicRecord, u32, &PartitionRecord)> {
+        let indexed = self.by_group.get(&group).and_then(|(t, i)| {
+            let topic = self.state.topics.get(t)?;
+            let p = topic.partitions.get(*i as usize).filter(|p| p.group_id == group)?;
+            Some((topic, *i, p))
+        });
+        // A view that was not indexed (or changed since) is scanned.
+        indexed.or_else(|| self.state.partition_of(group))
+    }
+
+    fn index(&mut self) {
+        self.by_group = self
+            .state
+            .topics
+            .iter()
+            .flat_map(|(name, t)| {
+                t.partitions.iter().enumerate().map(move |(i, p)| (p.group_id, (name.clone(), i as u32)))
+            })
+            .collect();
+    }
 }
 
 pub struct MetaStateMachine {
@@ -102,7 +134,9 @@ impl MetaStateMachine {
     }
 
     fn publish(&self) {
-        self.tx.send_replace(Arc::new(self.view.clone()));
+        let mut view = self.view.clone();
+        view.index();
+        self.tx.send_replace(Arc::new(view));
     }
 }
 
@@ -166,6 +200,7 @@ impl RaftStateMachine<C> for MetaStateMachine {
             state: view.state,
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
+            by_group: BTreeMap::new(),
         };
         let mut batch = KvBatch::default();
         self.persist(&mut batch);
