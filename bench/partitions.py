@@ -19,7 +19,7 @@ Usage: bench/partitions.py [--sizes 100,1000] [--node-dir target/release] [--ctl
 comparison); eddyctl comes from --ctl-dir. Everything runs on 127.0.0.1 in a temporary directory,
 and every process is stopped at the end of each row.
 """
-import argparse, json, os, re, signal, statistics, subprocess, sys, time, urllib.request
+import argparse, json, os, re, signal, statistics, subprocess, sys, threading, time, urllib.request
 
 from eddy_cluster import Cluster, cpu_seconds
 
@@ -80,10 +80,14 @@ class Bench:
         terms = {p["partition"]: p.get("term", 0) for p in d["partitions"]}
         pid = self.c.nodes[victim]["proc"].pid
         t_fault = time.time()
+        thaw = None
         if how == "kill":
             self.c.kill(victim)
         else:
             os.kill(pid, signal.SIGSTOP)
+            # The freeze lasts --freeze-seconds whatever the probe takes.
+            thaw = threading.Timer(self.a.freeze_seconds, os.kill, (pid, signal.SIGCONT))
+            thaw.start()
         others = ",".join(n["client"] for i, n in self.c.nodes.items() if i != victim and n["proc"])
         r = self.probe_on(others, led)
         times = sorted((ms / 1000.0 - t_fault) for ms in r["first_ack_unix_ms"].values())
@@ -95,10 +99,7 @@ class Bench:
             self.c.start(victim)
             out["restart_s"] = time.monotonic() - t0 + self.wait_healthy(600)
         else:
-            rest = self.a.freeze_seconds - (time.time() - t_fault)
-            if rest > 0:
-                time.sleep(rest)
-            os.kill(pid, signal.SIGCONT)
+            thaw.join()
             out["thaw_healthy_s"] = round(self.wait_healthy(300), 2)
             after = {p["partition"]: p.get("term", 0) for p in self.describe()["partitions"]}
             out["foreign_elections"] = sum(1 for p, t in terms.items() if p not in set(led) and after.get(p, t) != t)
