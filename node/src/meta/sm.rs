@@ -125,7 +125,9 @@ impl MetaStateMachine {
             Some(b) => decode_view(&b, "the stored metadata state")?,
             None => MetaView::default(),
         };
-        let (tx, rx) = watch::channel(Arc::new(view.clone()));
+        let mut published = view.clone();
+        published.index();
+        let (tx, rx) = watch::channel(Arc::new(published));
         Ok((Self { view, tree, store, tx }, rx))
     }
 
