@@ -143,7 +143,7 @@ impl Admin for AdminService {
         if !status.is_leader {
             return Err(h.not_leader(status.leader).into());
         }
-        eddy_raft::liveness::transfer_leadership(h.raft(), req.to_node)
+        eddy_raft::liveness::transfer_leadership(h.raft(), req.to_node, &self.reconciler.liveness)
             .await
             .map_err(|e| BrokerError::Unavailable(format!("{what}: {e}")))?;
         let mut metrics = h.raft().metrics();
@@ -205,7 +205,12 @@ impl Admin for AdminService {
                     Some("offline")
                 } else if !m.from_leader {
                     Some("leaderless")
-                } else if desired.iter().any(|r| !m.in_sync.contains(r)) {
+                } else if desired.iter().any(|r| {
+                    // A leader's view of an idle follower is as old as the last write: a node
+                    // that answered but runs no replica of the group (a restart still opening
+                    // its groups) is not in sync, whatever the leader last saw.
+                    !m.in_sync.contains(r) || (status.answered.contains_key(r) && !m.reporters.contains(r))
+                }) {
                     Some("under_replicated")
                 } else {
                     None

@@ -67,7 +67,8 @@ impl Controller {
                 let m = self.meta.raft().metrics().borrow_watched().clone();
                 if let Some(to) = crate::reconciler::successor(&m, &self.liveness) {
                     info!(to, "this node was removed; handing the metadata leadership over");
-                    let _ = eddy_raft::liveness::transfer_leadership(self.meta.raft(), to).await;
+                    let _ =
+                        eddy_raft::liveness::transfer_leadership(self.meta.raft(), to, &self.liveness).await;
                 }
                 return;
             }

@@ -3,12 +3,12 @@
 //!
 //! It watches the applied metadata and starts a group for every partition that lists this node
 //! as a replica. A group is initialized (its first membership written) only on a pristine log,
-//! and only by a replica the group was created with: the preferred leader does it at once and
-//! campaigns; the other initial replicas wait [`INIT_GRACE`] and then initialize only if nothing
-//! reached them, so a partition whose preferred leader is down still forms. Initializing with
-//! the same membership on several replicas is safe (openraft writes the same entry).
+//! and only by a replica the group was created with. Every initial replica initializes before
+//! the group can be reached, so none ever votes with an empty log, and a partition whose
+//! preferred leader dies early still forms; the preferred leader then campaigns at once.
+//! Initializing with the same membership on several replicas is safe (openraft writes the same
+//! entry, term 0 index 0).
 
-use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,8 +46,6 @@ use crate::partition::retention::RetentionTask;
 use crate::partition::retention::TopicSettings;
 use crate::raft_config;
 
-/// How long a non-preferred initial replica waits before initializing a pristine group itself.
-pub const INIT_GRACE: Duration = Duration::from_secs(3);
 /// How soon reconciliation runs again after a replica failed to start (otherwise it waits for
 /// the next metadata change).
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
@@ -228,40 +226,37 @@ impl PartitionManager {
         )
         .await
         .with_context(|| format!("start the Raft node of group {group}"))?;
-        self.registry.insert(group, Arc::new(raft.clone()));
-        info!(entries = report.entries, pristine, "partition replica started");
+        // Every initial replica writes the group's first membership before the group can be
+        // reached (it is not in the registry yet): a replica that granted a vote before it had
+        // any entry could never initialize (openraft refuses once a vote is stored), and if the
+        // candidate it voted for died with the only copy of the membership, the group could
+        // never elect. All write the same entry (term 0, index 0, the initial replicas).
         if pristine && initial_replicas.contains(&self.me) {
             let members: BTreeMap<NodeId, NodeAddr> = initial_replicas
                 .iter()
                 .filter_map(|id| view.state.nodes.get(id).map(|n| (*id, n.addr.clone())))
                 .collect();
             if members.len() == initial_replicas.len() {
-                let preferred = initial_replicas.first() == Some(&self.me);
-                let raft = raft.clone();
-                let seed = group_seed(self.env.seed, group);
-                self.tasks.spawn(
-                    Runtime::scope(seed, async move {
-                        if !preferred {
-                            tokio::time::sleep(INIT_GRACE).await;
-                            let m = raft.metrics().borrow_watched().clone();
-                            if m.current_term > 0 || m.last_log_index.is_some() {
-                                return;
-                            }
-                        }
-                        match raft.initialize(members).await {
-                            Ok(()) => info!("initialized the partition group"),
-                            Err(e) => info!("partition group already initialized: {e}"),
-                        }
-                        // Partition groups have no election timer: the preferred leader
-                        // campaigns at once, and `GroupWatch` covers the others.
-                        if preferred {
+                match Runtime::scope(group_seed(self.env.seed, group), raft.initialize(members)).await {
+                    Ok(()) => info!("initialized the partition group"),
+                    Err(e) => info!("partition group already initialized: {e}"),
+                }
+                // Partition groups have no election timer: the preferred leader campaigns at
+                // once, and `GroupWatch` covers the others.
+                if initial_replicas.first() == Some(&self.me) {
+                    let raft = raft.clone();
+                    let seed = group_seed(self.env.seed, group);
+                    self.tasks.spawn(
+                        Runtime::scope(seed, async move {
                             let _ = raft.trigger().elect(true).await;
-                        }
-                    })
-                    .in_current_span(),
-                );
+                        })
+                        .in_current_span(),
+                    );
+                }
             }
         }
+        self.registry.insert(group, Arc::new(raft.clone()));
+        info!(entries = report.entries, pristine, "partition replica started");
         let handle = PartitionHandle::new(PartitionParts {
             topic: topic.to_owned(),
             partition,

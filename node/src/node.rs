@@ -130,14 +130,14 @@ impl NodeHandle {
 async fn hand_over<SM: openraft::storage::RaftStateMachine<eddy_raft::TypeConfig>>(
     me: NodeId,
     raft: &openraft::Raft<eddy_raft::TypeConfig, SM>,
-    liveness: &Liveness,
+    liveness: &Arc<Liveness>,
 ) -> (usize, usize) {
     let m = raft.metrics().borrow_watched().clone();
     if m.current_leader != Some(me) {
         return (0, 0);
     }
     let Some(to) = successor(&m, liveness) else { return (1, 0) };
-    let _ = eddy_raft::liveness::transfer_leadership(raft, to).await;
+    let _ = eddy_raft::liveness::transfer_leadership(raft, to, liveness).await;
     (1, 1)
 }
 
@@ -377,6 +377,7 @@ pub async fn start(
         liveness: liveness.clone(),
         auto_balance: config.auto_balance_leaders,
         responsive_since: Default::default(),
+        moving: Default::default(),
         pending: Default::default(),
     });
     let admin_service = AdminServer::new(AdminService::new(broker.clone(), reconciler.clone()));

@@ -46,6 +46,15 @@ pub const IN_SYNC_LAG_MAX: u64 = 256;
 /// in sync and answering liveness probes this long: a node that is restarting or shutting down
 /// (and so still looks caught up for a moment) is not handed leaderships it would drop again.
 pub const BALANCE_SETTLE: Duration = Duration::from_secs(3);
+/// At most this many automatic balance transfers of one node are under way at once. A node
+/// that returns after a freeze or a restart is the preferred leader of a third of the groups;
+/// handing it a thousand leaderships at once makes every transfer slower than its deadline
+/// while the groups refuse writes, and the failed ones are retried (seen at 3,000 partitions).
+pub const BALANCE_MOVES_MAX: usize = 32;
+/// A group whose leadership transfer was started is not asked again for this long: the
+/// transfer repeats itself until it completes (`liveness::transfer_leadership`), and each new
+/// request would only add another.
+pub const TRANSFER_RETRY: Duration = Duration::from_secs(6);
 /// Timeout of one membership change or metadata write.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -88,6 +97,14 @@ pub fn in_sync(m: &RaftMetrics) -> BTreeSet<NodeId> {
 /// partition groups exchange no messages of their own, so their own acks say nothing).
 pub fn responsive(m: &RaftMetrics, liveness: &Liveness) -> BTreeSet<NodeId> {
     in_sync(m).into_iter().filter(|id| *id == m.id || liveness.is_alive(*id)).collect()
+}
+
+/// Whether `node` has every entry of this leader's log, including one of the current term (the
+/// leader's first entry in it): it has accepted this leader, and a transfer to it can complete
+/// at once.
+pub fn has_all_entries(m: &RaftMetrics, node: NodeId) -> bool {
+    let matched = m.replication.as_ref().and_then(|r| r.get(&node).copied().flatten());
+    matched.is_some_and(|l| Some(l.index) == m.last_log_index && l.leader_id.term == m.current_term)
 }
 
 /// A voter other than `m.id` to hand this leader's leadership to: responsive, lowest id first.
@@ -176,6 +193,8 @@ pub struct Reconciler {
     pub auto_balance: bool,
     /// Since when each (group, replica) has been responsive, as this leader saw it.
     pub responsive_since: std::sync::Mutex<BTreeMap<(GroupId, NodeId), tokio::time::Instant>>,
+    /// Groups whose leadership transfer this node started, and when (see [`TRANSFER_RETRY`]).
+    pub moving: std::sync::Mutex<BTreeMap<GroupId, tokio::time::Instant>>,
     /// The last round left something to finish.
     pub pending: AtomicBool,
 }
@@ -220,6 +239,10 @@ impl Reconciler {
         let mut transfers = 0;
         let mut pending = false;
         let mut seen = BTreeMap::new();
+        // Transfers started less than TRANSFER_RETRY ago, of groups this node still leads.
+        let mut moving = std::mem::take(&mut *self.moving.lock().unwrap_or_else(|e| e.into_inner()));
+        moving.retain(|_, at| now - *at < TRANSFER_RETRY);
+        let mut still_moving = BTreeMap::new();
         for g in self.groups.all() {
             let m = {
                 let metrics = g.raft().metrics();
@@ -275,22 +298,37 @@ impl Reconciler {
             };
             let settled = seen.get(&(g.group(), to)).is_some_and(|at| now - *at >= BALANCE_SETTLE);
             pending |= to != self.me;
-            if to != self.me && (must_leave || balance == Balance::Now || settled) {
-                info!(group = g.group(), to, must_leave, "moving leadership");
-                if eddy_raft::liveness::transfer_leadership(g.raft(), to).await.is_ok() {
-                    transfers += 1;
+            if to == self.me || !(must_leave || balance == Balance::Now || settled) {
+                continue;
+            }
+            if let Some(at) = moving.get(&g.group()) {
+                still_moving.insert(g.group(), *at);
+                continue;
+            }
+            if !must_leave && balance == Balance::Settled {
+                // Automatic balancing goes at a pace the target can take: a few transfers at a
+                // time, each to a replica that already has every entry of this term (so it can
+                // campaign at once, with nothing to catch up while the group refuses writes).
+                if !has_all_entries(&m, to) || still_moving.len() >= BALANCE_MOVES_MAX {
+                    continue;
                 }
-                // A leader refuses writes while a transfer is under way, and a transfer the
-                // target cannot take (e.g. it has flushed nothing of this term yet, as after a
-                // restart into a quiet group) fails only after a timeout: an automatic balance
-                // does not try again before the target has settled once more.
-                if !must_leave {
-                    seen.insert((g.group(), to), now);
-                }
+            }
+            info!(group = g.group(), to, must_leave, "moving leadership");
+            if eddy_raft::liveness::transfer_leadership(g.raft(), to, &self.liveness).await.is_ok() {
+                transfers += 1;
+                still_moving.insert(g.group(), now);
+            }
+            // A leader refuses writes while a transfer is under way, and a transfer the target
+            // cannot take (e.g. it has flushed nothing of this term yet, as after a restart into
+            // a quiet group) fails only after a timeout: an automatic balance does not try again
+            // before the target has settled once more.
+            if !must_leave {
+                seen.insert((g.group(), to), now);
             }
         }
         // Only groups this node still leads, and replicas still responsive, keep their clocks.
         *self.responsive_since.lock().unwrap_or_else(|e| e.into_inner()) = seen;
+        *self.moving.lock().unwrap_or_else(|e| e.into_inner()) = still_moving;
         self.pending.store(pending, Ordering::Relaxed);
         transfers
     }
@@ -323,11 +361,12 @@ impl Reconciler {
             )
             .await
             .map(|r| r.map(|_| ()).map_err(|e| e.to_string())),
-            Step::HandOver(n) => {
-                tokio::time::timeout(STEP_TIMEOUT, eddy_raft::liveness::transfer_leadership(raft, n))
-                    .await
-                    .map(|r| r.map_err(|e| e.to_string()))
-            }
+            Step::HandOver(n) => tokio::time::timeout(
+                STEP_TIMEOUT,
+                eddy_raft::liveness::transfer_leadership(raft, n, &self.liveness),
+            )
+            .await
+            .map(|r| r.map_err(|e| e.to_string())),
             Step::RemoveVoters(ids) => tokio::time::timeout(
                 STEP_TIMEOUT,
                 raft.change_membership(ChangeMembers::RemoveVoters(ids), false),
@@ -360,6 +399,21 @@ mod tests {
             learners: learners.iter().copied().collect(),
             joint_target: None,
         }
+    }
+
+    #[test]
+    fn a_balance_target_must_have_an_entry_of_this_term() {
+        let mut m = RaftMetrics::new_initial(1);
+        m.current_term = 5;
+        m.last_log_index = Some(10);
+        let matched = |entries: &[(u64, u64, u64)]| {
+            Some(entries.iter().map(|(n, t, i)| (*n, Some(eddy_raft::log_id(*t, *i)))).collect())
+        };
+        m.replication = matched(&[(2, 5, 10), (3, 4, 10), (4, 5, 9)]);
+        assert!(has_all_entries(&m, 2));
+        assert!(!has_all_entries(&m, 3), "matched an entry of an older term only");
+        assert!(!has_all_entries(&m, 4), "one entry behind");
+        assert!(!has_all_entries(&m, 5), "not replicated to");
     }
 
     fn set(v: &[u64]) -> BTreeSet<u64> {

@@ -579,12 +579,21 @@ async fn send_wakes(
 /// every [`TRANSFER_GRACE`] for as long as it still leads in the same term.
 ///
 /// openraft sends a transfer request to the voters only once, and from then on the leader
-/// refuses writes until another leader takes over. In a group without election timers nothing
-/// else would end a transfer whose requests were lost (the leader cut off from its followers
-/// when it started): the group would refuse writes for good. A repeated request reaches the
-/// followers once the network lets it, and they elect a leader within [`TRANSFER_GRACE`] even
-/// when `to` cannot take over (see `RaftService::transfer_leader`).
-pub async fn transfer_leadership<SM>(raft: &Raft<C, SM>, to: NodeId) -> Result<(), openraft::errors::Fatal<C>>
+/// refuses writes (and sends no heartbeats) until another leader takes over; it cannot cancel a
+/// transfer. In a group without election timers nothing else would end a transfer whose
+/// requests were lost (the leader cut off from its followers when it started): the group would
+/// refuse writes for good. A repeated request reaches the followers once the network lets it.
+///
+/// Nor would anything end a transfer to a target that died after it started: the other
+/// followers elect once [`TRANSFER_GRACE`] has passed (see `RaftService::transfer_leader`), but
+/// only one whose log is as long as the leader's can win, and the leader has entries no
+/// follower has whenever a write was under way. So a repeated request goes to the live voter
+/// furthest along instead (see [`transfer_target`]), which the leader itself brings up to date.
+pub async fn transfer_leadership<SM>(
+    raft: &Raft<C, SM>,
+    to: NodeId,
+    liveness: &Arc<Liveness>,
+) -> Result<(), openraft::errors::Fatal<C>>
 where
     SM: RaftStateMachine<C>,
 {
@@ -593,21 +602,48 @@ where
         return Ok(());
     }
     raft.trigger().transfer_leader(to).await?;
-    let (raft, vote) = (raft.clone(), m.vote);
+    let (raft, vote, liveness) = (raft.clone(), m.vote, liveness.clone());
     tokio::spawn(async move {
+        let mut to = to;
         loop {
             tokio::time::sleep(TRANSFER_GRACE).await;
             let m = raft.metrics().borrow_watched().clone();
             if m.state != ServerState::Leader || m.vote != vote {
                 return;
             }
-            debug!(id = m.id, to, vote = %vote, "leadership transfer not done yet: asking again");
+            let next = transfer_target(&m, to, &liveness.view());
+            if next != to {
+                info!(id = m.id, from = to, to = next, vote = %vote, "leadership transfer not done yet: handing over to another voter");
+                to = next;
+            } else {
+                debug!(id = m.id, to, vote = %vote, "leadership transfer not done yet: asking again");
+            }
             if raft.trigger().transfer_leader(to).await.is_err() {
                 return;
             }
         }
     });
     Ok(())
+}
+
+/// The voter a leader whose transfer to `to` has not completed asks next: `to` while its node
+/// is not judged down (a live target catches up: the leader goes on replicating to it), else
+/// the live voter other than the leader whose replicated log is furthest along (lowest id first
+/// among equals).
+pub fn transfer_target(m: &crate::RaftMetrics, to: NodeId, view: &LivenessView) -> NodeId {
+    let matched = |n: NodeId| {
+        m.replication.as_ref().and_then(|r| r.get(&n).copied().flatten()).map_or(0, |l| l.index + 1)
+    };
+    let best = m
+        .membership_config
+        .membership()
+        .voter_ids()
+        .filter(|n| *n != m.id && !view.is_down(*n))
+        .max_by_key(|n| (matched(*n), std::cmp::Reverse(*n)));
+    match best {
+        Some(b) if view.is_down(to) => b,
+        _ => to,
+    }
 }
 
 /// This node's turn among a group's candidates: the live voters (other than `exclude`), in an
@@ -969,6 +1005,39 @@ mod tests {
             assert!(l.record(2, 21, last));
             assert!(!l.view().is_down(2));
         });
+    }
+
+    /// Leader 1's metrics: voters 1, 2, 3, and the index each follower has matched.
+    fn leader_metrics(matched: &[(NodeId, Option<u64>)]) -> crate::RaftMetrics {
+        let mut m = crate::RaftMetrics::new_initial(1);
+        let membership = openraft::Membership::new_with_defaults(vec![BTreeSet::from([1, 2, 3])], []);
+        m.membership_config = Arc::new(openraft::StoredMembership::new(None, membership));
+        m.replication = Some(matched.iter().map(|(n, i)| (*n, i.map(|i| crate::log_id(1, i)))).collect());
+        m
+    }
+
+    #[test]
+    fn a_stuck_transfer_moves_to_the_live_voter_furthest_along() {
+        let alive = LivenessView::default();
+        let three_down = LivenessView { down: BTreeSet::from([3]), ..Default::default() };
+        // The target is alive: ask it again.
+        assert_eq!(transfer_target(&leader_metrics(&[(2, Some(9)), (3, Some(9))]), 3, &alive), 3);
+        // The target died: the other live voter, even behind (the leader brings it up to date).
+        assert_eq!(transfer_target(&leader_metrics(&[(2, Some(4)), (3, Some(9))]), 3, &three_down), 2);
+        assert_eq!(transfer_target(&leader_metrics(&[(2, None), (3, Some(9))]), 3, &three_down), 2);
+        // The target is alive but behind another voter: it stays (it catches up).
+        assert_eq!(transfer_target(&leader_metrics(&[(2, Some(9)), (3, Some(4))]), 3, &alive), 3);
+        // Among the others, the lowest id first when equally far along.
+        let one_leads = LivenessView { down: BTreeSet::from([4]), ..Default::default() };
+        let mut m = leader_metrics(&[(2, Some(9)), (3, Some(9)), (4, Some(9))]);
+        m.membership_config = Arc::new(openraft::StoredMembership::new(
+            None,
+            openraft::Membership::new_with_defaults(vec![BTreeSet::from([1, 2, 3, 4])], []),
+        ));
+        assert_eq!(transfer_target(&m, 4, &one_leads), 2);
+        // Nobody else alive: the target stays (the group has no quorum anyway).
+        let both_down = LivenessView { down: BTreeSet::from([2, 3]), ..Default::default() };
+        assert_eq!(transfer_target(&leader_metrics(&[(2, Some(9)), (3, Some(9))]), 3, &both_down), 3);
     }
 
     #[test]
