@@ -406,10 +406,8 @@ mod tests {
         let mut m = RaftMetrics::new_initial(1);
         m.current_term = 5;
         m.last_log_index = Some(10);
-        let matched = |entries: &[(u64, u64, u64)]| {
-            Some(entries.iter().map(|(n, t, i)| (*n, Some(eddy_raft::log_id(*t, *i)))).collect())
-        };
-        m.replication = matched(&[(2, 5, 10), (3, 4, 10), (4, 5, 9)]);
+        let matched = [(2, 5, 10), (3, 4, 10), (4, 5, 9)];
+        m.replication = Some(matched.iter().map(|(n, t, i)| (*n, Some(eddy_raft::log_id(*t, *i)))).collect());
         assert!(has_all_entries(&m, 2));
         assert!(!has_all_entries(&m, 3), "matched an entry of an older term only");
         assert!(!has_all_entries(&m, 4), "one entry behind");

@@ -133,7 +133,16 @@ impl Connect for TcpConnect {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
-            .http2_adaptive_window(true);
+            // Fixed, large windows rather than adaptive ones: h2 closes a connection once the
+            // small DATA frames it buffered exceed half the window (a producer writing to a
+            // thousand partitions gets a thousand small acks at once), and the adaptive estimate
+            // starts at 64 KiB.
+            .initial_connection_window_size(16 << 20)
+            .initial_stream_window_size(2 << 20)
+            // h2 closes a connection after 1,024 streams it reset because of an error, over the
+            // connection's life (a guard against untrusted servers): a long-running producer's
+            // timed-out requests reach that, and every partition's requests on it then fail.
+            .http2_max_local_error_reset_streams(None);
         Ok(ep.connect_lazy())
     }
 }

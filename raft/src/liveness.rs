@@ -195,6 +195,8 @@ pub struct Liveness {
     campaigns: Arc<Semaphore>,
     /// Notified when one of this node's groups gains or loses its leadership here.
     leaders_changed: Notify,
+    /// Groups whose replica here last granted a pre-vote to another candidate, and when.
+    pre_votes: Mutex<BTreeMap<GroupId, Instant>>,
 }
 
 impl Liveness {
@@ -216,6 +218,7 @@ impl Liveness {
             pulse: AtomicU64::new(0),
             campaigns: Arc::new(Semaphore::new(CAMPAIGNS_MAX)),
             leaders_changed: Notify::new(),
+            pre_votes: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -306,6 +309,26 @@ impl Liveness {
         let mut view = inner.view.clone();
         view.disowned.insert(group, (node, term));
         self.publish(&mut inner, view);
+    }
+
+    /// Notes that this node's replica of `group` granted a pre-vote to another candidate: that
+    /// candidate is about to ask for votes, and campaigning against it would split them (see
+    /// [`GroupWatch`]).
+    pub fn pre_vote_granted(&self, group: GroupId) {
+        self.pre_votes.lock().unwrap_or_else(|e| e.into_inner()).insert(group, Instant::now());
+    }
+
+    /// When this node's replica of `group` last granted a pre-vote to another candidate, if it
+    /// did since the group last had a leader.
+    fn last_pre_vote(&self, group: GroupId) -> Option<Instant> {
+        self.pre_votes.lock().unwrap_or_else(|e| e.into_inner()).get(&group).copied()
+    }
+
+    fn forget_pre_vote(&self, group: GroupId) {
+        let mut pre_votes = self.pre_votes.lock().unwrap_or_else(|e| e.into_inner());
+        if !pre_votes.is_empty() {
+            pre_votes.remove(&group);
+        }
     }
 
     /// Forgets what [`Liveness::disown`] noted for `group` (it has a leader again).
@@ -646,6 +669,19 @@ pub fn transfer_target(m: &crate::RaftMetrics, to: NodeId, view: &LivenessView) 
     }
 }
 
+/// A number in [0, 1) that differs between nodes, groups and attempts, the same on every run
+/// (the simulator replays it): splitmix64 of the three.
+fn spread(group: GroupId, node: NodeId, attempt: u32) -> f64 {
+    let mut z = group
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(node.rotate_left(32))
+        .wrapping_add(u64::from(attempt).wrapping_mul(0xbf58_476d_1ce4_e5b9));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// This node's turn among a group's candidates: the live voters (other than `exclude`), in an
 /// order rotated by the group id so that the first candidates spread over the nodes.
 pub fn campaign_rank(
@@ -711,6 +747,9 @@ where
                 || (m.state != ServerState::Candidate && m.current_leader.is_some_and(|l| l != me));
             if campaign.as_ref().is_some_and(|(_, at)| decided || Instant::now() >= *at + CAMPAIGN_HOLD) {
                 campaign = None;
+            }
+            if decided {
+                self.liveness.forget_pre_vote(self.group);
             }
             let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
             let mut next: Option<Instant> = None;
@@ -799,9 +838,23 @@ where
                 let wait = match attempts {
                     0 if dead_leader.is_none() => WAKE_GRACE,
                     0 => Duration::ZERO,
-                    n => (RANK_STEP * 2 * n.min(16)).min(RETRY_MAX),
+                    // Failed campaigns retry after a wait that differs between the candidates
+                    // (Raft's randomized election timeout): when several ran at once and split
+                    // the votes, they do not meet again.
+                    n => {
+                        let base = (RANK_STEP * 2 * n.min(16)).min(RETRY_MAX);
+                        base + base.mul_f64(spread(self.group, me, n) / 2.0)
+                    }
                 };
-                let at = since + wait + RANK_STEP * rank;
+                let mut at = since + wait + RANK_STEP * rank;
+                // A candidate this replica granted a pre-vote to is asking for votes now: it
+                // gets the time a campaign holds before this one runs against it. (Under load a
+                // campaign takes longer than the step between ranks, and candidates that ran at
+                // once split the votes of a whole group; at 3,000 partitions elections failed
+                // for a minute that way.)
+                if let Some(granted) = self.liveness.last_pre_vote(self.group) {
+                    at = at.max(granted + CAMPAIGN_HOLD);
+                }
                 if now >= at && campaign.is_none() {
                     let permit = tokio::select! {
                         // Each arm only waits; a change means the campaign is looked at again.
@@ -814,6 +867,11 @@ where
                         r = live.changed() => if r.is_err() { break } else { continue },
                     };
                     let now = Instant::now();
+                    // Waiting for a place can take a while: a candidate may have asked since.
+                    if self.liveness.last_pre_vote(self.group).is_some_and(|t| now < t + CAMPAIGN_HOLD) {
+                        drop(permit);
+                        continue;
+                    }
                     info!(node = me, group = self.group, rank, attempts, leader = ?dead_leader, term = m.vote.leader_id().term, disowned = ?view.disowned.get(&self.group), "no live leader: campaigning");
                     self.liveness.elections.fetch_add(1, Ordering::Relaxed);
                     if self.raft.trigger().elect(true).await.is_err() {

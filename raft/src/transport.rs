@@ -19,9 +19,15 @@ use crate::types::NodeId;
 /// How long to wait for a TCP connection to a peer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// HTTP/2 keep-alive: a connection whose PING is not answered in time is closed, so a silently
-/// dead peer (or a lost segment on a simulated network) is noticed and a new connection made.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// dead connection (a lost segment on a simulated network) is noticed and a new one made.
+/// Dead and frozen peers are found by the liveness probes, in well under a second; this only
+/// has to catch what they cannot, and must not fire on a live peer that is merely busy: a
+/// dropped connection ends the replication streams of every group it carries at once (a
+/// thousand at 3,000 partitions), and re-opening them all makes the busy peer busier. With a
+/// 2 s timeout, nodes under produce load at 3,000 partitions dropped a connection every few
+/// seconds.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Makes lazily connecting gRPC channels.
 pub trait Connector: Send + Sync + 'static {
@@ -62,6 +68,17 @@ impl Datagrams for tokio::net::UdpSocket {
     }
 }
 
+/// HTTP/2 flow-control windows of Eddy's channels (receiving side of the caller). h2 closes a
+/// connection (GOAWAY `ENHANCE_YOUR_CALM`, "too_many_data_frames") once the small DATA frames
+/// it has buffered for the application exceed half the connection window, 25,600 bytes by
+/// default: about a hundred responses. One channel to a peer carries the replication streams
+/// of every group this node leads there, and while this node is busy their small responses
+/// queue up: at 3,000 partitions under produce load the budget ran out every few seconds, and
+/// each time a thousand groups lost their streams at once. (Adaptive flow control would
+/// replace these windows with its estimate, and shrink the budget with it.)
+pub const CONNECTION_WINDOW: u32 = 64 << 20;
+pub const STREAM_WINDOW: u32 = 2 << 20;
+
 /// The standard endpoint settings for Eddy's channels, for any connector.
 pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))?
@@ -70,7 +87,13 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
-        .http2_adaptive_window(true))
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_stream_window_size(STREAM_WINDOW)
+        // h2 also closes a connection after 1,024 streams it reset itself because of an error,
+        // over the connection's whole life; between a cluster's own nodes, thousands of groups
+        // reach that within minutes of a failover, and each time every group on the
+        // connection loses its streams. The limit guards against untrusted peers.
+        .http2_max_local_error_reset_streams(None))
 }
 
 /// Real TCP.

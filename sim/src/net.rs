@@ -21,7 +21,10 @@ fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
         .connect_timeout(eddy_raft::transport::CONNECT_TIMEOUT)
         .http2_keep_alive_interval(eddy_raft::transport::KEEPALIVE_INTERVAL)
         .keep_alive_timeout(eddy_raft::transport::KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true))
+        .keep_alive_while_idle(true)
+        .initial_connection_window_size(eddy_raft::transport::CONNECTION_WINDOW)
+        .initial_stream_window_size(eddy_raft::transport::STREAM_WINDOW)
+        .http2_max_local_error_reset_streams(None))
 }
 
 /// Pause between connection attempts after failures, doubling up to this. It must stay well
