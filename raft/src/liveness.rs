@@ -111,7 +111,8 @@ pub const RETRY_MAX: Duration = Duration::from_secs(4);
 /// dies, a thousand simultaneous elections make every vote (an fsync on both sides) slower than
 /// openraft's vote deadline (the election timeout, 400 ms for partitions); the failed elections
 /// retry in higher terms and the storm feeds itself. In waves, each election completes in time.
-pub const CAMPAIGNS_MAX: usize = 128;
+/// (128 was still too many on a 2-core machine running three nodes of 3,000 partitions.)
+pub const CAMPAIGNS_MAX: usize = 32;
 /// A campaign holds its place among [`CAMPAIGNS_MAX`] until the group has a leader or this long
 /// has passed (by then openraft's vote requests have timed out).
 pub const CAMPAIGN_HOLD: Duration = Duration::from_millis(500);
