@@ -569,6 +569,12 @@ async fn reads_across_segment_boundaries() -> io::Result<()> {
         let err = reader.read(start, end, usize::MAX).expect_err("out of range");
         assert_eq!(err.kind(), io::ErrorKind::NotFound, "read({start}, {end})");
     }
+    // Replication reads past the end (a stepped-down leader's task, after its log was
+    // truncated) return what exists, possibly nothing, which openraft takes as a heartbeat: an
+    // error would stop the group. Entries missing at the start are still an error.
+    assert_eq!(reader.limited_get_log_entries(58, 70).await?, all[57..]);
+    assert!(reader.limited_get_log_entries(61, 70).await?.is_empty());
+    assert!(reader.limited_get_log_entries(0, 3).await.is_err());
 
     // Reads survive a reopen, which rebuilds the index from the files.
     drop(reader);
