@@ -64,19 +64,9 @@ const RAFT_DRAIN: Duration = Duration::from_millis(200);
 /// deadline passed while queued, and closing the connection then fails every group's traffic
 /// on it and starts the next round of elections.
 const RAFT_PENDING_RESETS_MAX: usize = 1 << 16;
-/// HTTP/2 flow-control windows of the Raft server. h2 closes a connection (GOAWAY
-/// `ENHANCE_YOUR_CALM`, "too_many_data_frames") once the small DATA frames it has buffered for
-/// the application exceed a budget of half the connection window, 25,600 bytes by default:
-/// about a hundred Raft messages. A connection between two nodes carries the replication
-/// streams of every group one leads and the other follows, and while the receiver is busy
-/// their small appends and heartbeats queue up: at 3,000 partitions under produce load the
-/// budget ran out every few seconds, and each time a thousand groups lost their streams at
-/// once. The peers are the cluster's own nodes; what they may buffer is bounded by these
-/// windows.
-const RAFT_CONNECTION_WINDOW: u32 = 64 << 20;
-const RAFT_STREAM_WINDOW: u32 = 2 << 20;
-/// The same for the client listener, where one producer connection carries the requests of
-/// every partition it writes to.
+/// HTTP/2 flow-control windows of the client listener (see
+/// `eddy_raft::transport::CONNECTION_WINDOW`), where one producer connection carries the
+/// requests of every partition it writes to.
 const CLIENT_CONNECTION_WINDOW: u32 = 16 << 20;
 const CLIENT_STREAM_WINDOW: u32 = 1 << 20;
 /// How long a shutdown waits for servers to drain and groups to stop.
@@ -357,9 +347,10 @@ pub async fn start(
         async move {
             let server = tonic::transport::Server::builder()
                 .http2_max_pending_accept_reset_streams(Some(RAFT_PENDING_RESETS_MAX))
-                .initial_connection_window_size(RAFT_CONNECTION_WINDOW)
-                .initial_stream_window_size(RAFT_STREAM_WINDOW)
-                // See `eddy_raft::transport::endpoint`: the peers are the cluster's own nodes.
+                // The same windows and reset limit as the peers' channels to this server (see
+                // `eddy_raft::transport::endpoint`): the peers are the cluster's own nodes.
+                .initial_connection_window_size(eddy_raft::transport::CONNECTION_WINDOW)
+                .initial_stream_window_size(eddy_raft::transport::STREAM_WINDOW)
                 .http2_max_local_error_reset_streams(None)
                 .add_service(raft_service)
                 .serve_with_incoming_shutdown(raft_incoming, shutdown.clone().cancelled_owned());

@@ -326,10 +326,7 @@ impl Liveness {
     }
 
     fn forget_pre_vote(&self, group: GroupId) {
-        let mut pre_votes = self.pre_votes.lock().unwrap_or_else(|e| e.into_inner());
-        if !pre_votes.is_empty() {
-            pre_votes.remove(&group);
-        }
+        self.pre_votes.lock().unwrap_or_else(|e| e.into_inner()).remove(&group);
     }
 
     /// Forgets what [`Liveness::disown`] noted for `group` (it has a leader again).
