@@ -185,14 +185,16 @@ impl BrokerState {
         &self,
         topic: &str,
         partition: u32,
-    ) -> Result<(TopicRecord, PartitionRecord), BrokerError> {
+    ) -> Result<(Arc<TopicRecord>, PartitionRecord), BrokerError> {
         let t = self.topic(topic)?;
         let i = partition_index(&t, partition)?;
         let p = t.partitions[i].clone();
         Ok((t, p))
     }
 
-    pub fn topic(&self, name: &str) -> Result<TopicRecord, BrokerError> {
+    /// A topic's record, shared with the metadata view (not copied: a topic may have thousands
+    /// of partitions, and this runs for every produce).
+    pub fn topic(&self, name: &str) -> Result<Arc<TopicRecord>, BrokerError> {
         self.meta
             .view()
             .state

@@ -53,7 +53,7 @@ impl GroupsService {
             .state
             .groups
             .get(name)
-            .cloned()
+            .map(|g| GroupRecord::clone(g))
             .ok_or_else(|| BrokerError::UnknownGroup(name.to_owned()))
     }
 }

@@ -101,11 +101,17 @@ pub fn group_seed(node_seed: u64, group: GroupId) -> u64 {
 impl PartitionManager {
     pub async fn run(self, cancel: CancellationToken) {
         let mut rx = self.meta.subscribe();
+        let mut done: Option<Arc<MetaView>> = None;
+        let mut failed = false;
         loop {
             let view = rx.borrow_and_update().clone();
-            // Nothing changes without a metadata change, unless a replica failed to start: only
-            // then is there a retry, so an idle node does not walk its partitions every second.
-            let failed = self.reconcile(&view, &cancel).await;
+            // Nothing changes without a change of placement (nodes, topics, replicas), unless a
+            // replica failed to start: only then is there a retry, so an idle node does not walk
+            // its partitions every second, nor on every consumer-group commit.
+            if failed || !done.as_ref().is_some_and(|d| d.same_placement(&view)) {
+                failed = self.reconcile(&view, &cancel).await;
+                done = Some(view);
+            }
             let retry = async {
                 if failed {
                     tokio::time::sleep(RECONCILE_INTERVAL).await;
@@ -270,7 +276,7 @@ impl PartitionManager {
             metrics: self.metrics.clone(),
             stop: cancel.child_token(),
             retention: tokio::sync::watch::Sender::new(
-                view.state.topics.get(topic).map(TopicSettings::of).unwrap_or_default(),
+                view.state.topics.get(topic).map(|t| TopicSettings::of(t)).unwrap_or_default(),
             ),
             #[cfg(feature = "planted-bugs")]
             bugs: self.env.bugs,

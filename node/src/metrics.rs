@@ -33,6 +33,9 @@ pub struct NodeMetrics {
     /// From proposing a batch to its being committed and applied on the leader.
     pub commit_latency: Histogram,
     pub fsync_latency: Histogram,
+    /// How long the metadata state machine took to apply one batch of entries (decode, apply,
+    /// persist, publish the new view).
+    pub meta_apply_latency: Histogram,
 }
 
 impl Default for NodeMetrics {
@@ -46,6 +49,7 @@ impl Default for NodeMetrics {
             fetch_latency: latency_histogram(),
             commit_latency: latency_histogram(),
             fsync_latency: latency_histogram(),
+            meta_apply_latency: latency_histogram(),
         };
         // A series that exists from the start, at zero: rate() works from the first scrape,
         // and the family is there on a node that has not served a request yet.
@@ -75,6 +79,12 @@ impl NodeMetrics {
     pub fn sync_observer(self: &Arc<Self>) -> eddy_raft::log::store::SyncObserver {
         let m = self.clone();
         Arc::new(move |d: Duration| m.fsync_latency.observe(d.as_secs_f64()))
+    }
+
+    /// The observer the metadata state machine calls after each applied batch.
+    pub fn meta_apply_observer(self: &Arc<Self>) -> crate::meta::ApplyObserver {
+        let m = self.clone();
+        Arc::new(move |d: Duration| m.meta_apply_latency.observe(d.as_secs_f64()))
     }
 
     /// Adds the metrics to a registry (for one scrape).
@@ -114,6 +124,12 @@ impl NodeMetrics {
             "Duration of each group-commit fdatasync of a log",
             prometheus_client::registry::Unit::Seconds,
             self.fsync_latency.clone(),
+        );
+        reg.register_with_unit(
+            "eddy_meta_apply_latency",
+            "Duration of each batch the metadata state machine applies (apply, persist, publish)",
+            prometheus_client::registry::Unit::Seconds,
+            self.meta_apply_latency.clone(),
         );
     }
 }

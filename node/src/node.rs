@@ -295,7 +295,9 @@ pub async fn start(
     .context("open the metadata log")?;
     info!(node = me, entries = report.entries, "opened the metadata log");
     let pristine = log.is_pristine();
-    let (sm, view) = MetaStateMachine::open(env.state_store.clone()).context("open the metadata state")?;
+    let (mut sm, view) =
+        MetaStateMachine::open(env.state_store.clone()).context("open the metadata state")?;
+    sm.set_apply_observer(metrics.meta_apply_observer());
     let network = GroupNetwork::new(META_GROUP, me, peers.clone());
     let raft: MetaRaft = Runtime::scope(
         group_seed(env.seed, META_GROUP),

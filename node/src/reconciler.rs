@@ -212,19 +212,32 @@ impl Reconciler {
         let mut rx = self.meta.subscribe();
         let mut live = self.liveness.subscribe();
         loop {
+            let seen = rx.borrow_and_update().clone();
             self.round(if self.auto_balance { Balance::Settled } else { Balance::Off }).await;
             let interval = if self.pending.load(Ordering::Relaxed) {
                 RECONCILE_INTERVAL
             } else {
                 RECONCILE_IDLE_INTERVAL
             };
-            let woken = tokio::select! {
-                // Each arm only waits.
-                _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(interval) => false,
-                r = rx.changed() => if r.is_err() { break } else { true },
-                r = live.changed() => if r.is_err() { break } else { true },
-                () = self.liveness.leaders_changed().notified() => true,
+            let deadline = tokio::time::Instant::now() + interval;
+            let woken = loop {
+                tokio::select! {
+                    // Each arm only waits.
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep_until(deadline) => break false,
+                    r = rx.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        // Consumer groups change the metadata many times a second, but not
+                        // what a round looks at.
+                        if !rx.borrow_and_update().same_placement(&seen) {
+                            break true;
+                        }
+                    }
+                    r = live.changed() => if r.is_err() { return } else { break true },
+                    () = self.liveness.leaders_changed().notified() => break true,
+                }
             };
             if woken {
                 // Changes come in bursts (a failover changes a thousand leaderships): one round

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use eddy_proto::v1 as pb;
 use eddy_proto::v1::groups_client::GroupsClient;
+use futures::StreamExt;
+use futures::TryStreamExt;
 use futures::future::join_all;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -26,6 +28,9 @@ use crate::error::Result;
 use crate::offsets::OffsetSpec;
 
 pub type TopicPartition = (String, u32);
+
+/// Start-position lookups a member runs at once when it takes partitions.
+const START_LOOKUPS_MAX: usize = 32;
 
 /// Committed (partition, next offset) pairs.
 pub type Offsets = Vec<(TopicPartition, u64)>;
@@ -141,6 +146,28 @@ impl GroupConsumer {
     /// The partitions this member consumes now.
     pub fn assignment(&self) -> Vec<TopicPartition> {
         self.owned.keys().cloned().collect()
+    }
+
+    /// Sets the position of an owned partition (Kafka's `seek`): the next poll reads from
+    /// `offset`, and the next commit records it. Returns false if the member does not own `tp`.
+    pub fn seek(&mut self, tp: &TopicPartition, offset: u64) -> bool {
+        match self.owned.get_mut(tp) {
+            Some(p) => {
+                p.next = offset;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Heartbeats if one is due, without fetching anything: for a member that reads its
+    /// partitions some other way and only needs to stay in the group.
+    pub async fn keep_alive(&mut self) -> Result<()> {
+        self.finish_async_commit(false).await;
+        if Instant::now() >= self.next_heartbeat {
+            self.heartbeat().await?;
+        }
+        Ok(())
     }
 
     /// Runs a group call against the brokers in turn until one answers.
@@ -284,16 +311,19 @@ impl GroupConsumer {
             .into_iter()
             .map(|o| ((o.topic, o.partition), o.offset))
             .collect();
-        let mut out = Vec::with_capacity(tps.len());
-        for tp in tps {
+        // Partitions without a commit are looked up concurrently: a member that takes
+        // thousands of partitions must not spend its session timeout on one lookup at a time.
+        let lookups = tps.iter().map(|tp| {
             let c = committed.get(tp).copied();
-            let next = match c {
-                Some(c) => c,
-                None => self.client.list_offsets(&tp.0, tp.1, self.config.start).await?.offset,
-            };
-            out.push((tp.clone(), Position { next, committed: c }));
-        }
-        Ok(out)
+            async move {
+                let next = match c {
+                    Some(c) => c,
+                    None => self.client.list_offsets(&tp.0, tp.1, self.config.start).await?.offset,
+                };
+                Ok::<_, crate::error::ClientError>((tp.clone(), Position { next, committed: c }))
+            }
+        });
+        futures::stream::iter(lookups).buffered(START_LOOKUPS_MAX).try_collect().await
     }
 
     /// Keeps the session alive and returns the next records of the member's partitions (none

@@ -25,12 +25,13 @@
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde::Serialize;
 
 use super::command::MetaError;
-use super::state::TopicRecord;
+use super::state::Topics;
 
 /// A (topic, partition) pair, ordered by topic then partition.
 pub type TopicPartition = (String, u32);
@@ -90,7 +91,8 @@ pub struct GroupRecord {
     pub assignor: Assignor,
     /// Bumped whenever the membership or the target assignment changes.
     pub generation: u64,
-    pub members: BTreeMap<String, MemberRecord>,
+    /// Shared with published views (copy on write): an offset commit copies none of them.
+    pub members: BTreeMap<String, Arc<MemberRecord>>,
     /// Committed offsets: the next offset the group will consume in each partition.
     pub offsets: BTreeMap<TopicPartition, u64>,
 }
@@ -124,6 +126,12 @@ impl GroupRecord {
                 BTreeSet::new()
             }
         } else {
+            // Targets are disjoint, so while no other member owns more than its own target, none
+            // owns part of this one's: the whole target is free (a settled group; O(partitions)
+            // comparisons instead of a set of every other member's partitions).
+            if self.members.iter().all(|(id, o)| id == member || o.owned.is_subset(&o.target)) {
+                return m.target.clone();
+            }
             let held_elsewhere: BTreeSet<&TopicPartition> = self
                 .members
                 .iter()
@@ -134,12 +142,17 @@ impl GroupRecord {
         }
     }
 
-    /// True while any member owns something other than its target.
+    /// True while some member owns something other than its target, or is not yet assigned
+    /// its whole target.
     pub fn rebalancing(&self) -> bool {
-        self.members.keys().any(|id| {
-            let m = &self.members[id];
-            m.owned != m.target || self.assigned(id) != m.target
-        })
+        if self.members.values().any(|m| m.owned != m.target) {
+            return true;
+        }
+        // Every member owns exactly its target, and targets are disjoint: a cooperative member
+        // is assigned its whole target; an eager one only once every member has synced.
+        self.assignor.is_eager()
+            && !self.members.values().all(|m| m.synced_generation == self.generation)
+            && self.members.values().any(|m| !m.target.is_empty())
     }
 
     pub fn assignment(&self, member: &str) -> Option<Assignment> {
@@ -162,7 +175,7 @@ impl GroupRecord {
         owned: BTreeSet<TopicPartition>,
     ) -> Result<Assignment, MetaError> {
         let current = self.generation;
-        let m = self.members.get_mut(member).ok_or_else(|| unknown_member(group, member))?;
+        let m = Arc::make_mut(self.members.get_mut(member).ok_or_else(|| unknown_member(group, member))?);
         if generation == current && owned.is_empty() {
             m.synced_generation = current;
         }
@@ -188,10 +201,14 @@ impl GroupRecord {
             }
             Some(id) => {
                 let m = self.members.get(id).ok_or_else(|| unknown_member(group, id))?;
-                let assigned = self.assigned(id);
-                for ((t, p), _) in offsets {
-                    let tp = (t.clone(), *p);
-                    if !m.owned.contains(&tp) && !assigned.contains(&tp) {
+                // What the member owns needs no further look; its assignment is worked out only
+                // for a partition it does not own yet.
+                let mut assigned = None;
+                for (tp, _) in offsets {
+                    let (t, p) = tp;
+                    if !m.owned.contains(tp)
+                        && !assigned.get_or_insert_with(|| self.assigned(id)).contains(tp)
+                    {
                         return Err(MetaError::Fenced(format!(
                             "partition {t}/{p} is not assigned to member {id} of group \"{group}\" (generation {})",
                             self.generation
@@ -200,8 +217,9 @@ impl GroupRecord {
                 }
             }
         }
-        for ((t, p), o) in offsets {
-            if let Some(c) = self.offsets.get(&(t.clone(), *p))
+        for (tp, o) in offsets {
+            let (t, p) = tp;
+            if let Some(c) = self.offsets.get(tp)
                 && o < c
             {
                 return Err(MetaError::Invalid(format!(
@@ -223,7 +241,7 @@ impl GroupRecord {
     /// Recomputes every member's target from the current members and topics; bumps the
     /// generation when the membership or any target changed (`membership_changed` says whether
     /// the caller added or removed a member).
-    pub fn rebalance(&mut self, topics: &BTreeMap<String, TopicRecord>, membership_changed: bool) {
+    pub fn rebalance(&mut self, topics: &Topics, membership_changed: bool) {
         let subs: BTreeMap<String, BTreeSet<String>> =
             self.members.iter().map(|(id, m)| (id.clone(), m.topics.clone())).collect();
         let previous: BTreeMap<String, BTreeSet<TopicPartition>> =
@@ -235,8 +253,10 @@ impl GroupRecord {
         };
         let changed = targets != previous;
         for (id, target) in targets {
-            if let Some(m) = self.members.get_mut(&id) {
-                m.target = target;
+            if let Some(m) = self.members.get_mut(&id)
+                && m.target != target
+            {
+                Arc::make_mut(m).target = target;
             }
         }
         if changed || membership_changed {
@@ -252,10 +272,7 @@ fn unknown_member(group: &str, member: &str) -> MetaError {
 }
 
 /// The partitions each subscribed topic has, in order.
-fn partitions_of(
-    subs: &BTreeMap<String, BTreeSet<String>>,
-    topics: &BTreeMap<String, TopicRecord>,
-) -> Vec<TopicPartition> {
+fn partitions_of(subs: &BTreeMap<String, BTreeSet<String>>, topics: &Topics) -> Vec<TopicPartition> {
     let wanted: BTreeSet<&String> = subs.values().flatten().collect();
     wanted
         .into_iter()
@@ -272,7 +289,7 @@ fn empty_targets(subs: &BTreeMap<String, BTreeSet<String>>) -> BTreeMap<String, 
 /// range; the first `n % k` get one more.
 fn assign_range(
     subs: &BTreeMap<String, BTreeSet<String>>,
-    topics: &BTreeMap<String, TopicRecord>,
+    topics: &Topics,
 ) -> BTreeMap<String, BTreeSet<TopicPartition>> {
     let mut out = empty_targets(subs);
     let wanted: BTreeSet<&String> = subs.values().flatten().collect();
@@ -295,7 +312,7 @@ fn assign_range(
 /// subscribe to the partition's topic.
 fn assign_round_robin(
     subs: &BTreeMap<String, BTreeSet<String>>,
-    topics: &BTreeMap<String, TopicRecord>,
+    topics: &Topics,
 ) -> BTreeMap<String, BTreeSet<TopicPartition>> {
     let mut out = empty_targets(subs);
     let members: Vec<&String> = subs.keys().collect();
@@ -318,7 +335,7 @@ fn assign_round_robin(
 /// member until loads differ by at most one (where subscriptions allow).
 fn assign_sticky(
     subs: &BTreeMap<String, BTreeSet<String>>,
-    topics: &BTreeMap<String, TopicRecord>,
+    topics: &Topics,
     previous: &BTreeMap<String, BTreeSet<TopicPartition>>,
 ) -> BTreeMap<String, BTreeSet<TopicPartition>> {
     let all: BTreeSet<TopicPartition> = partitions_of(subs, topics).into_iter().collect();
@@ -375,8 +392,9 @@ mod tests {
 
     use super::*;
     use crate::meta::state::PartitionRecord;
+    use crate::meta::state::TopicRecord;
 
-    fn topics(spec: &[(&str, u32)]) -> BTreeMap<String, TopicRecord> {
+    fn topics(spec: &[(&str, u32)]) -> Topics {
         spec.iter()
             .map(|(name, n)| {
                 let partitions = (0..*n)
@@ -393,7 +411,7 @@ mod tests {
                     replication_factor: 1,
                     config: BTreeMap::new(),
                 };
-                ((*name).to_owned(), t)
+                ((*name).to_owned(), std::sync::Arc::new(t))
             })
             .collect()
     }
@@ -411,13 +429,35 @@ mod tests {
     fn group(assignor: Assignor, members: &[&str], subs: &[&str]) -> GroupRecord {
         let mut g = GroupRecord::new(assignor);
         for m in members {
-            g.members.insert((*m).to_owned(), member(subs));
+            g.members.insert((*m).to_owned(), Arc::new(member(subs)));
         }
         g
     }
 
     fn loads(g: &GroupRecord) -> Vec<usize> {
         g.members.values().map(|m| m.target.len()).collect()
+    }
+
+    /// `assigned` and `rebalancing` agree with their definitions (which look at every other
+    /// member's partitions, where the real ones take shortcuts).
+    fn check_fast_paths(g: &GroupRecord) -> Result<(), TestCaseError> {
+        for (id, m) in &g.members {
+            let by_definition: BTreeSet<TopicPartition> = if g.assignor.is_eager() {
+                if g.members.values().all(|o| o.synced_generation == g.generation) {
+                    m.target.clone()
+                } else {
+                    BTreeSet::new()
+                }
+            } else {
+                let elsewhere: BTreeSet<&TopicPartition> =
+                    g.members.iter().filter(|(o, _)| *o != id).flat_map(|(_, o)| o.owned.iter()).collect();
+                m.target.iter().filter(|tp| !elsewhere.contains(tp)).cloned().collect()
+            };
+            prop_assert_eq!(&g.assigned(id), &by_definition, "assigned({})", id);
+        }
+        let by_definition = g.members.iter().any(|(id, m)| m.owned != m.target || g.assigned(id) != m.target);
+        prop_assert_eq!(g.rebalancing(), by_definition);
+        Ok(())
     }
 
     /// Every member reports owning exactly what it is assigned, until nothing changes.
@@ -457,8 +497,8 @@ mod tests {
     fn round_robin_skips_members_not_subscribed() {
         let t = topics(&[("a", 2), ("b", 2)]);
         let mut g = GroupRecord::new(Assignor::RoundRobin);
-        g.members.insert("m1".into(), member(&["a", "b"]));
-        g.members.insert("m2".into(), member(&["b"]));
+        g.members.insert("m1".into(), Arc::new(member(&["a", "b"])));
+        g.members.insert("m2".into(), Arc::new(member(&["b"])));
         g.rebalance(&t, true);
         assert!(g.members["m2"].target.iter().all(|(t, _)| t == "b"));
         assert_eq!(loads(&g).iter().sum::<usize>(), 4);
@@ -472,7 +512,7 @@ mod tests {
         settle(&mut g);
         let before: BTreeMap<String, BTreeSet<TopicPartition>> =
             g.members.iter().map(|(id, m)| (id.clone(), m.target.clone())).collect();
-        g.members.insert("m3".into(), member(&["jobs"]));
+        g.members.insert("m3".into(), Arc::new(member(&["jobs"])));
         g.rebalance(&t, true);
         assert_eq!(loads(&g), vec![2, 2, 2]);
         // m1 and m2 keep two of their three partitions each.
@@ -493,7 +533,7 @@ mod tests {
         g.rebalance(&t, true);
         settle(&mut g);
         assert_eq!(g.assigned("m1").len(), 2);
-        g.members.insert("m3".into(), member(&["jobs"]));
+        g.members.insert("m3".into(), Arc::new(member(&["jobs"])));
         g.rebalance(&t, true);
         assert!(g.assigned("m1").is_empty(), "eager: nothing is assigned until every member synced");
         let gen_ = g.generation;
@@ -538,19 +578,29 @@ mod tests {
             let mut g = GroupRecord::new(assignor);
             let mut next = 0;
             for _ in 0..members {
-                g.members.insert(format!("m{next}"), member(&names));
+                g.members.insert(format!("m{next}"), Arc::new(member(&names)));
                 next += 1;
             }
             g.rebalance(&t, true);
             for add in churn {
                 if add || g.members.len() == 1 {
-                    g.members.insert(format!("m{next}"), member(&names));
+                    g.members.insert(format!("m{next}"), Arc::new(member(&names)));
                     next += 1;
                 } else {
                     let first = g.members.keys().next().cloned().unwrap();
                     g.members.remove(&first);
                 }
                 g.rebalance(&t, true);
+                // Some members report part of what they were assigned, as mid-rebalance.
+                let ids: Vec<String> = g.members.keys().cloned().collect();
+                for (i, id) in ids.iter().enumerate() {
+                    if i % 2 == 0 {
+                        let owned: BTreeSet<TopicPartition> = g.assigned(id).into_iter().step_by(2).collect();
+                        let gen_ = g.generation;
+                        g.heartbeat("g", id, gen_, owned).expect("member");
+                    }
+                }
+                check_fast_paths(&g)?;
             }
             let total: usize = counts.iter().map(|n| *n as usize).sum();
             let mut seen = BTreeSet::new();
@@ -565,6 +615,7 @@ mod tests {
                 prop_assert!(l.iter().max().unwrap() - l.iter().min().unwrap() <= 1, "loads {l:?}");
             }
             settle(&mut g);
+            check_fast_paths(&g)?;
             let consumed: usize = g.members.keys().map(|id| g.assigned(id).len()).sum();
             prop_assert_eq!(consumed, total);
         }

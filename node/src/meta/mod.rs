@@ -11,6 +11,7 @@ pub use command::MetaCommand;
 pub use command::MetaError;
 pub use command::MetaReply;
 pub use handle::MetaHandle;
+pub use sm::ApplyObserver;
 pub use sm::MetaStateMachine;
 pub use sm::MetaView;
 pub use state::MetaState;

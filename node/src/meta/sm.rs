@@ -1,6 +1,15 @@
 //! The metadata group's state machine: applies [`MetaCommand`]s to [`MetaState`], persists the
 //! result in the state store together with the last applied log id, and publishes every new
 //! state on a watch channel for the partition manager and the client services.
+//!
+//! Cost per command, which matters once consumer groups commit offsets over thousands of
+//! partitions (every commit is a metadata command): applying copies only the records the command
+//! changes (topics and groups are shared `Arc`s, see [`MetaState`]); publishing clones maps of
+//! `Arc`s and reuses the partition index unless a topic changed; and a batch made only of offset
+//! commits is persisted at most every [`PERSIST_INTERVAL`] instead of at once. That is safe for
+//! the same reason persisting without a flush is: the state store holds a prefix of the applied
+//! log, and a restarted node replays the log after it. Whichever of the stored state and the
+//! stored snapshot is newer is the starting point (the log before the snapshot may be purged).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -34,9 +43,13 @@ use super::command::MetaReply;
 use super::state::MetaState;
 use super::state::PartitionRecord;
 use super::state::TopicRecord;
+use super::state::Topics;
 use crate::sm_common;
 
 const STATE_KEY: &[u8] = b"state";
+
+/// How long the stored state may lag the applied state through batches of offset commits.
+pub const PERSIST_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The stored metadata state and its snapshots start with this tag and a format version, so that
 /// a build meeting state it cannot read says so instead of failing to decode it. Bump the
@@ -80,10 +93,10 @@ pub struct MetaView {
     pub state: MetaState,
     pub last_applied: Option<LogId>,
     pub membership: StoredMembership,
-    /// Partition group → (topic, partition), built for every published view, so that loops over
-    /// a node's groups look each one up in O(log n) rather than scanning every topic.
+    /// Partition group → (topic, partition), so that loops over a node's groups look each one
+    /// up in O(log n) rather than scanning every topic. Rebuilt only when a topic changed.
     #[serde(skip)]
-    by_group: BTreeMap<GroupId, (String, u32)>,
+    by_group: Arc<BTreeMap<GroupId, (String, u32)>>,
 }
 
 impl MetaView {
@@ -92,26 +105,45 @@ impl MetaView {
         let indexed = self.by_group.get(&group).and_then(|(t, i)| {
             let topic = self.state.topics.get(t)?;
             let p = topic.partitions.get(*i as usize).filter(|p| p.group_id == group)?;
-            Some((topic, *i, p))
+            Some((&**topic, *i, p))
         });
         // A view that was not indexed (or changed since) is scanned.
         indexed.or_else(|| self.state.partition_of(group))
     }
 
     fn index(&mut self) {
-        self.by_group = self
-            .state
-            .topics
-            .iter()
-            .flat_map(|(name, t)| {
-                t.partitions.iter().enumerate().map(move |(i, p)| (p.group_id, (name.clone(), i as u32)))
-            })
-            .collect();
+        self.by_group = Arc::new(
+            self.state
+                .topics
+                .iter()
+                .flat_map(|(name, t)| {
+                    t.partitions.iter().enumerate().map(move |(i, p)| (p.group_id, (name.clone(), i as u32)))
+                })
+                .collect(),
+        );
+    }
+
+    /// Whether `other` has the same nodes and the very same topic records: nothing that places
+    /// replicas differs, so loops that follow placement can skip it. O(nodes + topics).
+    pub fn same_placement(&self, other: &MetaView) -> bool {
+        self.state.nodes == other.state.nodes && same_topics(&self.state.topics, &other.state.topics)
     }
 }
 
+fn same_topics(a: &Topics, b: &Topics) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|((na, ta), (nb, tb))| na == nb && Arc::ptr_eq(ta, tb))
+}
+
+/// Told how long each applied batch took (for the apply latency metric).
+pub type ApplyObserver = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
+
 pub struct MetaStateMachine {
     view: MetaView,
+    /// The view last published; its index is reused while the topics stay the same.
+    published: Arc<MetaView>,
+    /// When the state was last written to the state store.
+    persisted_at: tokio::time::Instant,
+    on_apply: Option<ApplyObserver>,
     tree: Arc<dyn KvTree>,
     store: Arc<dyn StateStore>,
     tx: watch::Sender<Arc<MetaView>>,
@@ -121,24 +153,56 @@ impl MetaStateMachine {
     /// Opens the state machine from the state store (tree `meta`).
     pub fn open(store: Arc<dyn StateStore>) -> io::Result<(Self, watch::Receiver<Arc<MetaView>>)> {
         let tree = store.tree("meta")?;
-        let view = match tree.get(STATE_KEY)? {
+        let mut view = match tree.get(STATE_KEY)? {
             Some(b) => decode_view(&b, "the stored metadata state")?,
             None => MetaView::default(),
         };
+        // Offset commits may have left the stored state behind the stored snapshot.
+        if let Some(snap) = sm_common::load_snapshot(tree.as_ref())?
+            && snap.meta.last_log_id > view.last_applied
+        {
+            view = MetaView {
+                state: decode_view(&snap.snapshot, "the stored metadata snapshot")?.state,
+                last_applied: snap.meta.last_log_id,
+                membership: snap.meta.last_membership.clone(),
+                by_group: Default::default(),
+            };
+        }
         let mut published = view.clone();
         published.index();
-        let (tx, rx) = watch::channel(Arc::new(published));
-        Ok((Self { view, tree, store, tx }, rx))
+        let published = Arc::new(published);
+        let (tx, rx) = watch::channel(published.clone());
+        let sm = Self {
+            view,
+            published,
+            persisted_at: tokio::time::Instant::now(),
+            on_apply: None,
+            tree,
+            store,
+            tx,
+        };
+        Ok((sm, rx))
     }
 
-    fn persist(&self, batch: &mut KvBatch) {
+    /// Calls `f` with the duration of every applied batch.
+    pub fn set_apply_observer(&mut self, f: ApplyObserver) {
+        self.on_apply = Some(f);
+    }
+
+    fn persist(&mut self, batch: &mut KvBatch) {
         batch.put(STATE_KEY, encode_view(&self.view));
+        self.persisted_at = tokio::time::Instant::now();
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let mut view = self.view.clone();
-        view.index();
-        self.tx.send_replace(Arc::new(view));
+        if same_topics(&view.state.topics, &self.published.state.topics) {
+            view.by_group = self.published.by_group.clone();
+        } else {
+            view.index();
+        }
+        self.published = Arc::new(view);
+        self.tx.send_replace(self.published.clone());
     }
 }
 
@@ -155,13 +219,20 @@ impl RaftStateMachine<C> for MetaStateMachine {
         Strm: Stream<Item = Result<EntryResponder<C>, io::Error>> + Unpin + OptionalSend,
     {
         let mut replies = Vec::new();
+        let mut started = None;
+        // Whether the batch holds anything but offset commits, which must be stored at once.
+        let mut structural = false;
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
+            started.get_or_insert_with(tokio::time::Instant::now);
             self.view.last_applied = Some(entry.log_id);
             let reply = match entry.payload {
                 EntryPayload::Blank => MetaReply::Done,
                 EntryPayload::Normal(p) => match MetaCommand::decode(&p.0) {
-                    Ok(cmd) => self.view.state.apply(cmd),
+                    Ok(cmd) => {
+                        structural |= !matches!(cmd, MetaCommand::CommitOffsets { .. });
+                        self.view.state.apply(cmd)
+                    }
                     // Every replica decodes the same bytes the same way, so replying with an
                     // error keeps them in agreement.
                     Err(e) => {
@@ -169,6 +240,7 @@ impl RaftStateMachine<C> for MetaStateMachine {
                     }
                 },
                 EntryPayload::Membership(m) => {
+                    structural = true;
                     self.view.state.apply_membership(&m);
                     self.view.membership = StoredMembership::new(Some(entry.log_id), m);
                     MetaReply::Done
@@ -178,12 +250,17 @@ impl RaftStateMachine<C> for MetaStateMachine {
                 replies.push((r, reply));
             }
         }
-        let mut batch = KvBatch::default();
-        self.persist(&mut batch);
-        self.tree.apply(batch)?;
+        if structural || self.persisted_at.elapsed() >= PERSIST_INTERVAL {
+            let mut batch = KvBatch::default();
+            self.persist(&mut batch);
+            self.tree.apply(batch)?;
+        }
         self.publish();
         for (r, reply) in replies {
             r.send(Reply(reply.encode()));
+        }
+        if let (Some(observe), Some(started)) = (&self.on_apply, started) {
+            observe(started.elapsed());
         }
         Ok(())
     }
@@ -202,7 +279,7 @@ impl RaftStateMachine<C> for MetaStateMachine {
             state: view.state,
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
-            by_group: BTreeMap::new(),
+            by_group: Default::default(),
         };
         let mut batch = KvBatch::default();
         self.persist(&mut batch);
@@ -246,7 +323,43 @@ impl RaftSnapshotBuilder<C> for MetaSnapshotBuilder {
 
 #[cfg(test)]
 mod tests {
+    use eddy_raft::mem::MemStateStore;
+
     use super::*;
+
+    fn log_id(index: u64) -> LogId {
+        eddy_raft::types::log_id(1, index)
+    }
+
+    #[test]
+    fn open_starts_from_the_newer_of_the_stored_state_and_snapshot() {
+        let store = Arc::new(MemStateStore::default());
+        let tree = store.tree("meta").expect("tree");
+        let stored = |next_member_id, last| {
+            let mut view = MetaView::default();
+            view.state.next_member_id = next_member_id;
+            view.last_applied = Some(log_id(last));
+            view
+        };
+        // Offset commits left the state (at 5) behind the snapshot (at 9).
+        let mut batch = KvBatch::default();
+        batch.put(STATE_KEY, encode_view(&stored(5, 5)));
+        let meta =
+            SnapshotMeta { last_log_id: Some(log_id(9)), last_membership: StoredMembership::default() };
+        sm_common::put_snapshot(&mut batch, &meta, &encode_view(&stored(9, 9)));
+        tree.apply(batch).expect("apply");
+        let (sm, view) = MetaStateMachine::open(store.clone()).expect("open");
+        assert_eq!(sm.view.last_applied, Some(log_id(9)));
+        assert_eq!(view.borrow().state.next_member_id, 9);
+
+        // A newer state wins over an older snapshot.
+        let mut batch = KvBatch::default();
+        batch.put(STATE_KEY, encode_view(&stored(12, 12)));
+        tree.apply(batch).expect("apply");
+        let (sm, _) = MetaStateMachine::open(store).expect("open");
+        assert_eq!(sm.view.last_applied, Some(log_id(12)));
+        assert_eq!(sm.view.state.next_member_id, 12);
+    }
 
     #[test]
     fn stored_state_round_trips_and_other_formats_are_refused_clearly() {

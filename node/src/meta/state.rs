@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use eddy_raft::GroupId;
 use eddy_raft::Membership;
@@ -127,16 +128,23 @@ impl TopicRecord {
     }
 }
 
+/// Topics by name. Each record is shared between the state machine and the views it published
+/// (copy on write), so publishing a view after a consumer-group commit copies no partition.
+pub type Topics = BTreeMap<String, Arc<TopicRecord>>;
+
 /// The metadata group's state.
+///
+/// Topics and consumer groups sit behind `Arc`s and are changed through `Arc::make_mut`: a
+/// command copies only the records it changes, never the whole state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaState {
     pub nodes: BTreeMap<NodeId, NodeRecord>,
-    pub topics: BTreeMap<String, TopicRecord>,
+    pub topics: Topics,
     /// The next partition group id; group 0 is the metadata group itself.
     pub next_group_id: GroupId,
     pub next_producer_id: u64,
     /// Consumer groups by name.
-    pub groups: BTreeMap<String, GroupRecord>,
+    pub groups: BTreeMap<String, Arc<GroupRecord>>,
     /// Member ids are never reused, which fences a member whose session expired.
     pub next_member_id: u64,
 }
@@ -185,7 +193,9 @@ impl MetaState {
             MetaCommand::DeleteTopic { name } => match self.topics.remove(&name) {
                 Some(_) => {
                     for g in self.groups.values_mut() {
-                        g.offsets.retain(|(t, _), _| *t != name);
+                        if g.offsets.keys().any(|(t, _)| *t == name) {
+                            Arc::make_mut(g).offsets.retain(|(t, _), _| *t != name);
+                        }
                     }
                     self.rebalance_groups();
                     MetaReply::Done
@@ -194,6 +204,7 @@ impl MetaState {
             },
             MetaCommand::AlterTopicConfig { name, set } => match self.topics.get_mut(&name) {
                 Some(t) => {
+                    let t = Arc::make_mut(t);
                     t.config.extend(set);
                     MetaReply::Topic(t.clone())
                 }
@@ -208,9 +219,14 @@ impl MetaState {
                 self.move_partition(&topic, partition, replicas).map(|()| MetaReply::Done).into()
             }
             MetaCommand::CompleteMove { group, replicas } => {
+                let completes =
+                    |p: &PartitionRecord| p.group_id == group && p.target.as_ref() == Some(&replicas);
                 for t in self.topics.values_mut() {
-                    for p in t.partitions.iter_mut() {
-                        if p.group_id == group && p.target.as_ref() == Some(&replicas) {
+                    if !t.partitions.iter().any(completes) {
+                        continue;
+                    }
+                    for p in Arc::make_mut(t).partitions.iter_mut() {
+                        if completes(p) {
                             p.replicas = replicas.clone();
                             p.target = None;
                         }
@@ -234,6 +250,7 @@ impl MetaState {
                     .get_mut(&group)
                     .ok_or_else(|| MetaError::UnknownGroup(group.clone()))
                     .and_then(|g| {
+                        let g = Arc::make_mut(g);
                         // Partitions of deleted topics are not owned any more.
                         let owned = owned.into_iter().filter(|(t, _)| topics.contains_key(t)).collect();
                         g.heartbeat(&group, &member, generation, owned)
@@ -245,7 +262,9 @@ impl MetaState {
                 let topics = &self.topics;
                 match self.groups.get_mut(&group) {
                     Some(g) => {
-                        if g.members.remove(&member).is_some() {
+                        if g.members.contains_key(&member) {
+                            let g = Arc::make_mut(g);
+                            g.members.remove(&member);
                             g.rebalance(topics, true);
                         }
                         MetaReply::Done
@@ -276,7 +295,7 @@ impl MetaState {
     /// Recomputes the targets of every group after the topics changed.
     fn rebalance_groups(&mut self) {
         for g in self.groups.values_mut() {
-            g.rebalance(&self.topics, false);
+            Arc::make_mut(g).rebalance(&self.topics, false);
         }
     }
 
@@ -301,7 +320,9 @@ impl MetaState {
                 "session_timeout_ms: {session_timeout_ms} is outside {SESSION_TIMEOUT_MS_MIN}..={SESSION_TIMEOUT_MS_MAX}"
             )));
         }
-        let g = self.groups.entry(group.clone()).or_insert_with(|| GroupRecord::new(assignor));
+        let g = Arc::make_mut(
+            self.groups.entry(group.clone()).or_insert_with(|| Arc::new(GroupRecord::new(assignor))),
+        );
         if g.members.is_empty() {
             g.assignor = assignor;
         } else if g.assignor != assignor {
@@ -317,13 +338,13 @@ impl MetaState {
         self.next_member_id += 1;
         g.members.insert(
             id.clone(),
-            MemberRecord {
+            Arc::new(MemberRecord {
                 topics: topics.into_iter().collect(),
                 session_timeout_ms,
                 target: Default::default(),
                 owned: Default::default(),
                 synced_generation: 0,
-            },
+            }),
         );
         g.rebalance(&self.topics, true);
         Ok(MetaReply::Assignment(g.assignment(&id).expect("just joined")))
@@ -353,36 +374,45 @@ impl MetaState {
         offsets: Vec<(TopicPartition, u64)>,
     ) -> Result<(), MetaError> {
         self.check_offsets(&offsets)?;
-        let g = match (self.groups.get_mut(&group), &member) {
-            (Some(g), _) => g,
+        match (self.groups.get(&group), &member) {
+            (Some(g), _) => g.check_commit(&group, member.as_deref(), &offsets)?,
             (None, Some(_)) => return Err(MetaError::UnknownGroup(group)),
-            (None, None) => self
-                .groups
-                .entry(group.clone())
-                .or_insert_with(|| GroupRecord::new(Assignor::CooperativeSticky)),
-        };
-        g.check_commit(&group, member.as_deref(), &offsets)?;
-        g.offsets.extend(offsets);
+            (None, None) => {
+                GroupRecord::new(Assignor::CooperativeSticky).check_commit(&group, None, &offsets)?
+            }
+        }
+        // Copies this group's record if a published view still shares it: O(this group), not
+        // O(the whole state).
+        let g = self
+            .groups
+            .entry(group)
+            .or_insert_with(|| Arc::new(GroupRecord::new(Assignor::CooperativeSticky)));
+        Arc::make_mut(g).offsets.extend(offsets);
         Ok(())
     }
 
     fn reset_offsets(&mut self, group: String, offsets: Vec<(TopicPartition, u64)>) -> Result<(), MetaError> {
         self.check_offsets(&offsets)?;
-        let g =
-            self.groups.entry(group.clone()).or_insert_with(|| GroupRecord::new(Assignor::CooperativeSticky));
-        if !g.members.is_empty() {
+        if let Some(g) = self.groups.get(&group)
+            && !g.members.is_empty()
+        {
             return Err(MetaError::Conflict(format!(
                 "group \"{group}\" has {} active members; offsets can only be reset while the group is empty",
                 g.members.len()
             )));
         }
-        g.offsets.extend(offsets);
+        let g = self
+            .groups
+            .entry(group)
+            .or_insert_with(|| Arc::new(GroupRecord::new(Assignor::CooperativeSticky)));
+        Arc::make_mut(g).offsets.extend(offsets);
         Ok(())
     }
 
     fn partition_mut(&mut self, topic: &str, partition: u32) -> Result<&mut PartitionRecord, MetaError> {
         let t = self.topics.get_mut(topic).ok_or_else(|| MetaError::UnknownTopic(topic.to_owned()))?;
         let count = t.partitions.len() as u32;
+        let t = Arc::make_mut(t);
         t.partitions.get_mut(partition as usize).ok_or_else(|| MetaError::UnknownPartition {
             topic: topic.to_owned(),
             partition,
@@ -405,7 +435,7 @@ impl MetaState {
                 PartitionRecord { group_id, initial_replicas: replicas.clone(), replicas, target: None }
             })
             .collect();
-        let t = self.topics.get_mut(&name).expect("checked above");
+        let t = Arc::make_mut(self.topics.get_mut(&name).expect("checked above"));
         t.partitions.extend(groups);
         Ok(MetaReply::Topic(t.clone()))
     }
@@ -495,11 +525,15 @@ impl MetaState {
             NodeState::Active | NodeState::Draining => {
                 if current == NodeState::Decommissioning {
                     // Cancelling a decommission: the moves away from this node stop.
+                    let leaving = |p: &PartitionRecord| {
+                        p.replicas.contains(&node) && p.target.as_ref().is_some_and(|t| !t.contains(&node))
+                    };
                     for t in self.topics.values_mut() {
-                        for p in t.partitions.iter_mut() {
-                            if p.replicas.contains(&node)
-                                && p.target.as_ref().is_some_and(|t| !t.contains(&node))
-                            {
+                        if !t.partitions.iter().any(leaving) {
+                            continue;
+                        }
+                        for p in Arc::make_mut(t).partitions.iter_mut() {
+                            if leaving(p) {
                                 p.target = None;
                             }
                         }
@@ -563,7 +597,7 @@ impl MetaState {
         }
         let mut moving = Vec::new();
         for (topic, i, new) in plan {
-            let p = &mut self.topics.get_mut(&topic).expect("planned from it").partitions[i];
+            let p = &mut Arc::make_mut(self.topics.get_mut(&topic).expect("planned from it")).partitions[i];
             // A replica set without the node, led by a node other than the one leaving.
             p.target = Some(new);
             moving.push(format!("{topic}/{i}"));
@@ -594,7 +628,7 @@ impl MetaState {
             })
             .collect();
         let topic = TopicRecord { name: name.clone(), partitions, replication_factor, config };
-        self.topics.insert(name, topic.clone());
+        self.topics.insert(name, Arc::new(topic.clone()));
         Ok(topic)
     }
 
@@ -649,7 +683,11 @@ impl MetaState {
     /// The topic and partition of a group, if it is a partition group.
     pub fn partition_of(&self, group: GroupId) -> Option<(&TopicRecord, u32, &PartitionRecord)> {
         self.topics.values().find_map(|t| {
-            t.partitions.iter().enumerate().find(|(_, p)| p.group_id == group).map(|(i, p)| (t, i as u32, p))
+            t.partitions
+                .iter()
+                .enumerate()
+                .find(|(_, p)| p.group_id == group)
+                .map(|(i, p)| (&**t, i as u32, p))
         })
     }
 }
@@ -847,5 +885,50 @@ mod tests {
             s.apply(MetaCommand::DeleteTopic { name: "t".into() }),
             MetaReply::Error(MetaError::UnknownTopic(_))
         ));
+    }
+
+    #[test]
+    fn a_command_copies_only_the_records_it_changes() {
+        let mut s = cluster(3);
+        create(&mut s, "a", 100, 3);
+        create(&mut s, "b", 10, 3);
+        for (g, owner) in [("g1", None), ("g2", None)] {
+            let offsets = vec![(("a".to_string(), 0), 5)];
+            assert_eq!(
+                s.apply(MetaCommand::CommitOffsets { group: g.into(), member: owner, offsets }),
+                MetaReply::Done
+            );
+        }
+        // What a published view holds.
+        let published = s.clone();
+        let commit = |s: &mut MetaState, o| {
+            let offsets = vec![(("a".to_string(), 1), o)];
+            s.apply(MetaCommand::CommitOffsets { group: "g1".into(), member: None, offsets })
+        };
+        assert_eq!(commit(&mut s, 7), MetaReply::Done);
+        assert!(
+            s.topics.iter().all(|(n, t)| Arc::ptr_eq(t, &published.topics[n])),
+            "a commit copies no topic"
+        );
+        assert!(Arc::ptr_eq(&s.groups["g2"], &published.groups["g2"]), "nor another group");
+        assert!(!Arc::ptr_eq(&s.groups["g1"], &published.groups["g1"]));
+        assert_eq!(
+            published.groups["g1"].offsets.get(&("a".to_string(), 1)),
+            None,
+            "the published view is unchanged"
+        );
+        assert_eq!(s.groups["g1"].offsets[&("a".to_string(), 1)], 7);
+        // A refused commit changes nothing at all.
+        let before = s.clone();
+        assert!(matches!(commit(&mut s, 6), MetaReply::Error(MetaError::Invalid(_))));
+        assert!(Arc::ptr_eq(&s.groups["g1"], &before.groups["g1"]));
+        // Changing one topic copies that topic only.
+        let set = [("retention.ms".to_string(), "1000".to_string())].into();
+        assert!(matches!(
+            s.apply(MetaCommand::AlterTopicConfig { name: "b".into(), set }),
+            MetaReply::Topic(_)
+        ));
+        assert!(Arc::ptr_eq(&s.topics["a"], &published.topics["a"]));
+        assert!(!Arc::ptr_eq(&s.topics["b"], &published.topics["b"]));
     }
 }

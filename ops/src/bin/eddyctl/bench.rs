@@ -15,6 +15,8 @@ use anyhow::Context;
 use anyhow::bail;
 use eddy_ops::Client;
 use eddy_ops::ClientError;
+use eddy_ops::GroupConfig;
+use eddy_ops::GroupConsumer;
 use eddy_ops::Producer;
 use eddy_ops::ReplicaChoice;
 use eddy_ops::output::Format;
@@ -81,6 +83,29 @@ pub enum BenchCommand {
         /// Give up on a partition that has not acknowledged by then, e.g. 60s.
         #[arg(long, default_value = "60s", value_parser = crate::parse_duration)]
         deadline: Duration,
+    },
+    /// Consumer groups committing offsets at a steady pace over an existing topic: each of
+    /// GROUPS x MEMBERS members joins, and once the partitions are spread, commits a new offset
+    /// for every partition it owns every COMMIT_EVERY for DURATION (what the metadata layer
+    /// costs per commit). Members only commit; they read nothing.
+    Groups {
+        #[arg(long)]
+        topic: String,
+        #[arg(long, default_value_t = 10)]
+        groups: u32,
+        /// Members per group.
+        #[arg(long, default_value_t = 10)]
+        members: u32,
+        #[arg(long, default_value = "60s", value_parser = crate::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value = "1s", value_parser = crate::parse_duration)]
+        commit_every: Duration,
+        /// The members' session timeout.
+        #[arg(long, default_value = "30s", value_parser = crate::parse_duration)]
+        session_timeout: Duration,
+        /// Groups are named PREFIX-0, PREFIX-1, ...
+        #[arg(long, default_value = "bench-groups")]
+        group_prefix: String,
     },
     /// Read N events from a follower in batches (NATS bench "consume").
     Consume {
@@ -260,6 +285,117 @@ async fn produce_window(
     Ok(h)
 }
 
+/// The `bench groups` run; returns its JSON summary.
+struct GroupsShape {
+    groups: u32,
+    members: u32,
+    duration: Duration,
+    commit_every: Duration,
+    session_timeout: Duration,
+}
+
+async fn bench_groups(
+    client: &Client,
+    topic: &str,
+    shape: &GroupsShape,
+    prefix: &str,
+) -> anyhow::Result<Value> {
+    use std::cell::Cell;
+    let GroupsShape { groups, members, duration, commit_every, session_timeout } = *shape;
+    let count = client.partition_count(topic).await?;
+    let t_join = Instant::now();
+    let joins = (0..groups).flat_map(|g| (0..members).map(move |_| g)).map(|g| {
+        let mut config = GroupConfig::new(format!("{prefix}-{g}"), vec![topic.to_owned()]);
+        config.session_timeout = session_timeout;
+        GroupConsumer::join(client.clone(), config)
+    });
+    let consumers = futures::future::try_join_all(joins).await.context("join the groups")?;
+    let join_s = t_join.elapsed().as_secs_f64();
+    let n = consumers.len();
+    // Every member heartbeats on its own (taking partitions costs it a lookup per partition, and
+    // a member that waited for the others would miss its session timeout) until every group's
+    // members own all partitions between them; then all commit from the same start.
+    let owned: Vec<Cell<u64>> = (0..n).map(|_| Cell::new(0)).collect();
+    let settled: Cell<Option<Instant>> = Cell::new(None);
+    let settle_deadline = Instant::now() + Duration::from_secs(300);
+    let covered = || {
+        (0..groups as usize).all(|g| {
+            owned[g * members as usize..(g + 1) * members as usize].iter().map(Cell::get).sum::<u64>()
+                == u64::from(count)
+        })
+    };
+    // Member i ticks at start + i/n of the interval, so commits are spread evenly. The offset
+    // committed is the tick number, the same for every member at a given time, so a partition
+    // that changes owner never sees its offset go back.
+    let tasks = consumers.into_iter().enumerate().map(|(i, mut c)| {
+        let (owned, settled, covered) = (&owned, &settled, &covered);
+        async move {
+            let (mut h, mut failures, mut offsets, mut last_error) = (new_hist(), 0u64, 0u64, None);
+            let start = loop {
+                // A failed heartbeat is retried on the next pass.
+                let _ = c.keep_alive().await;
+                owned[i].set(c.assignment().len() as u64);
+                if settled.get().is_none() && covered() {
+                    settled.set(Some(Instant::now()));
+                }
+                if let Some(at) = settled.get() {
+                    break at + Duration::from_millis(500);
+                }
+                if Instant::now() >= settle_deadline {
+                    return (h, failures, offsets, Some("the partitions were not spread in time".to_owned()));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            let end = start + duration;
+            let mut tick = start + commit_every * i as u32 / n as u32;
+            let mut round = 0u64;
+            while tick < end {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(tick)).await;
+                round += 1;
+                for tp in c.assignment() {
+                    c.seek(&tp, round);
+                }
+                let t0 = Instant::now();
+                match c.commit_sync().await {
+                    Ok(o) => {
+                        offsets += o.len() as u64;
+                        record(&mut h, t0.elapsed());
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        last_error = Some(e.to_string());
+                    }
+                }
+                // A failed heartbeat shows as failed commits if the member is fenced.
+                let _ = c.keep_alive().await;
+                tick += commit_every;
+            }
+            let _ = c.close().await;
+            (h, failures, offsets, last_error)
+        }
+    });
+    let (mut h, mut failures, mut offsets, mut errors) = (new_hist(), 0u64, 0u64, BTreeMap::new());
+    for (mh, f, o, e) in futures::future::join_all(tasks).await {
+        h.add(&mh).context("merge histograms")?;
+        failures += f;
+        offsets += o;
+        if let Some(e) = e {
+            *errors.entry(e).or_insert(0u64) += 1;
+        }
+    }
+    let Some(settled_at) = settled.get() else {
+        bail!("the groups did not spread the {count} partitions within 300 s");
+    };
+    let settle_s = (settled_at - t_join).as_secs_f64() - join_s;
+    let secs = duration.as_secs_f64();
+    Ok(json!({
+        "bench": "groups", "topic": topic, "partitions": count, "groups": groups, "members": groups * members,
+        "join_s": join_s, "settle_s": settle_s, "seconds": secs, "commits": h.len(),
+        "commit_failures": failures, "errors": errors, "commits_per_sec": h.len() as f64 / secs,
+        "offsets_per_sec": offsets as f64 / secs, "commit": hist_json(&h),
+    }))
+}
+
 /// Parses `0-9,12,15-16` into partition numbers.
 fn parse_partitions(spec: &str) -> anyhow::Result<Vec<u32>> {
     let mut out = Vec::new();
@@ -321,6 +457,37 @@ async fn write_partition(
 
 pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
+        BenchCommand::Groups {
+            topic,
+            groups,
+            members,
+            duration,
+            commit_every,
+            session_timeout,
+            group_prefix,
+        } => {
+            if commit_every.is_zero() || groups == 0 || members == 0 {
+                bail!("--groups, --members and --commit-every must be above zero");
+            }
+            let shape = GroupsShape { groups, members, duration, commit_every, session_timeout };
+            let v = bench_groups(&client, &topic, &shape, &group_prefix).await?;
+            match format {
+                Format::Json => println!("{v}"),
+                Format::Table => {
+                    println!(
+                        "{} commits ({} failed) of {} members in {:.1} s: {:.0} commits/s, {:.0} offsets/s",
+                        v["commits"],
+                        v["commit_failures"],
+                        v["members"],
+                        v["seconds"].as_f64().unwrap_or(0.0),
+                        v["commits_per_sec"].as_f64().unwrap_or(0.0),
+                        v["offsets_per_sec"].as_f64().unwrap_or(0.0)
+                    );
+                    println!("commit latency: {}", v["commit"]);
+                }
+            }
+            Ok(if v["commit_failures"].as_u64() == Some(0) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         BenchCommand::Partitions { topic, partitions, events_per_partition, size, deadline } => {
             let count = client.partition_count(&topic).await?;
             let chosen = match partitions {
