@@ -91,9 +91,11 @@ class Bench:
         others = ",".join(n["client"] for i, n in self.c.nodes.items() if i != victim and n["proc"])
         r = self.probe_on(others, led)
         times = sorted((ms / 1000.0 - t_fault) for ms in r["first_ack_unix_ms"].values())
+        q = lambda f: round(times[min(len(times) - 1, int(f * len(times)))], 3) if times else None
         out = {"victim": victim, "led": len(led), "never": len(r["failed"]),
                "median_s": round(statistics.median(times), 3) if times else None,
-               "max_s": round(max(times), 3) if times else None}
+               "max_s": round(max(times), 3) if times else None,
+               "quantiles_s": {"min": q(0), "p10": q(0.1), "p25": q(0.25), "p75": q(0.75), "p90": q(0.9)}}
         if how == "kill":
             t0 = time.monotonic()
             self.c.start(victim)
@@ -151,9 +153,11 @@ class Bench:
         row["produce_ack_p50_ms"] = r.get("ack", {}).get("p50_ms")
         k = self.failover("kill")
         row.update({"kill_victim_led": k["led"], "kill_median_s": k["median_s"], "kill_max_s": k["max_s"],
+                    "kill_quantiles_s": k["quantiles_s"], "stop_quantiles_s": None,
                     "kill_never": k["never"], "restart_s": round(k["restart_s"], 2)})
         s = self.failover("stop")
         row.update({"stop_victim_led": s["led"], "stop_median_s": s["median_s"], "stop_max_s": s["max_s"],
+                    "stop_quantiles_s": s["quantiles_s"],
                     "stop_never": s["never"], "stop_foreign_elections": s["foreign_elections"]})
         return row
 

@@ -45,6 +45,8 @@ pub struct BrokerState {
     pub client_peers: Arc<Peers>,
     pub metrics: Arc<NodeMetrics>,
     pub liveness: Arc<eddy_raft::liveness::Liveness>,
+    /// The last cluster status gathered, and when (see [`BrokerState::cluster_status`]).
+    pub status_cache: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<crate::status::ClusterStatus>)>>,
 }
 
 pub struct BrokerService {
@@ -376,8 +378,10 @@ impl Broker for BrokerService {
         let req = request.into_inner();
         limits::validate_topic_name("name", &req.name)?;
         let t = self.state.topic(&req.name)?;
-        let merged = self.state.cluster_status().await.partitions;
-        Ok(Response::new(pb::DescribeTopicResponse { topic: Some(BrokerState::topic_metadata(&t, &merged)) }))
+        let status = self.state.cluster_status().await;
+        Ok(Response::new(pb::DescribeTopicResponse {
+            topic: Some(BrokerState::topic_metadata(&t, &status.partitions)),
+        }))
     }
 
     async fn metadata(
@@ -388,7 +392,8 @@ impl Broker for BrokerService {
         let view = self.state.meta.view();
         let mut topics = Vec::new();
         if !view.state.topics.is_empty() {
-            let merged = self.state.cluster_status().await.partitions;
+            let status = self.state.cluster_status().await;
+            let merged = &status.partitions;
             for name in &req.topics {
                 limits::validate_topic_name("topics", name)?;
                 if !view.state.topics.contains_key(name) {
@@ -397,7 +402,7 @@ impl Broker for BrokerService {
             }
             for t in view.state.topics.values() {
                 if req.topics.is_empty() || req.topics.contains(&t.name) {
-                    topics.push(BrokerState::topic_metadata(t, &merged));
+                    topics.push(BrokerState::topic_metadata(t, merged));
                 }
             }
         } else if let Some(name) = req.topics.first() {

@@ -286,7 +286,8 @@ impl Groups for GroupsService {
                 tps.extend((0..rec.partitions.len() as u32).map(|p| (t.clone(), p)));
             }
         }
-        let merged = self.state.cluster_status().await.partitions;
+        let status = self.state.cluster_status().await;
+        let merged = &status.partitions;
         let partitions = tps
             .into_iter()
             .map(|(topic, partition)| {

@@ -337,6 +337,7 @@ pub async fn start(
         client_peers,
         metrics: metrics.clone(),
         liveness: liveness.clone(),
+        status_cache: Default::default(),
     });
 
     // Peers' Raft traffic.

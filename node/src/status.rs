@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use eddy_proto::v1 as pb;
@@ -22,6 +23,10 @@ use crate::reconciler::in_sync;
 
 /// How long a node waits for a peer's status when assembling the cluster view.
 pub const STATUS_TIMEOUT: Duration = Duration::from_millis(800);
+/// How long a gathered cluster status answers later requests (metadata, health, describe).
+/// Leadership news reaches clients this much later at most; a client sent to a former leader
+/// follows its `not_leader` hint at once.
+pub const STATUS_REUSE: Duration = Duration::from_millis(100);
 
 /// Whether a replica has nothing to do: everything it holds is committed and applied, a leader's
 /// followers all have its whole log, and a follower knows a leader whose node is alive. Such a
@@ -120,8 +125,24 @@ impl BrokerState {
         }
     }
 
+    /// The cluster's status, gathered at most [`STATUS_REUSE`] ago. One gathering runs at a
+    /// time and every caller waiting meanwhile takes its result: when a node dies, a thousand
+    /// producers refresh their metadata at once, and each refresh gathering the status of every
+    /// partition from every node kept the surviving nodes' CPUs busy through the failover.
+    pub async fn cluster_status(&self) -> Arc<ClusterStatus> {
+        let mut cached = self.status_cache.lock().await;
+        if let Some((at, status)) = cached.as_ref()
+            && at.elapsed() < STATUS_REUSE
+        {
+            return status.clone();
+        }
+        let status = Arc::new(self.gather_status().await);
+        *cached = Some((tokio::time::Instant::now(), status.clone()));
+        status
+    }
+
     /// Asks every node for its report (in parallel, with a deadline) and merges the answers.
-    pub async fn cluster_status(&self) -> ClusterStatus {
+    async fn gather_status(&self) -> ClusterStatus {
         let view = self.meta.view();
         let calls = view.state.nodes.iter().map(|(id, n)| {
             let (id, addr) = (*id, n.addr.client_addr.clone());
