@@ -392,7 +392,7 @@ impl Broker for BrokerService {
         let view = self.state.meta.view();
         let mut topics = Vec::new();
         if !view.state.topics.is_empty() {
-            let status = self.state.cluster_status().await;
+            let status = self.state.recent_cluster_status().await;
             let merged = &status.partitions;
             for name in &req.topics {
                 limits::validate_topic_name("topics", name)?;

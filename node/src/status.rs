@@ -23,9 +23,9 @@ use crate::reconciler::in_sync;
 
 /// How long a node waits for a peer's status when assembling the cluster view.
 pub const STATUS_TIMEOUT: Duration = Duration::from_millis(800);
-/// How long a gathered cluster status answers later requests (metadata, health, describe).
-/// Leadership news reaches clients this much later at most; a client sent to a former leader
-/// follows its `not_leader` hint at once.
+/// How long a gathered cluster status answers later metadata requests. Leadership news reaches
+/// clients this much later at most; a client sent to a former leader follows its `not_leader`
+/// hint at once.
 pub const STATUS_REUSE: Duration = Duration::from_millis(100);
 
 /// Whether a replica has nothing to do: everything it holds is committed and applied, a leader's
@@ -125,11 +125,18 @@ impl BrokerState {
         }
     }
 
-    /// The cluster's status, gathered at most [`STATUS_REUSE`] ago. One gathering runs at a
-    /// time and every caller waiting meanwhile takes its result: when a node dies, a thousand
-    /// producers refresh their metadata at once, and each refresh gathering the status of every
-    /// partition from every node kept the surviving nodes' CPUs busy through the failover.
+    /// The cluster's status, gathered now: for operators' views (describe, health, group lag),
+    /// which must agree with what they read next (a group's commit never above the high
+    /// watermark shown beside it).
     pub async fn cluster_status(&self) -> Arc<ClusterStatus> {
+        Arc::new(self.gather_status().await)
+    }
+
+    /// The cluster's status, gathered at most [`STATUS_REUSE`] ago, for client metadata. One
+    /// gathering runs at a time and every caller waiting meanwhile takes its result: when a node
+    /// dies, a thousand producers refresh their metadata at once, and each refresh gathering the
+    /// status of every partition from every node kept the surviving nodes' CPUs busy.
+    pub async fn recent_cluster_status(&self) -> Arc<ClusterStatus> {
         let mut cached = self.status_cache.lock().await;
         if let Some((at, status)) = cached.as_ref()
             && at.elapsed() < STATUS_REUSE

@@ -580,6 +580,7 @@ fn topic_changes_metrics_and_cli_conventions() -> anyhow::Result<()> {
             "eddy_fetch_latency_seconds",
             "eddy_raft_commit_latency_seconds",
             "eddy_fsync_latency_seconds",
+            "eddy_meta_apply_latency_seconds",
             "eddy_node_leaders",
             "eddy_node_replicas",
             "eddy_under_replicated_partitions",
@@ -647,6 +648,16 @@ fn topic_changes_metrics_and_cli_conventions() -> anyhow::Result<()> {
         }
         let svg = std::fs::read_to_string(&plot)?;
         ensure!(svg.contains("<svg"), "--plot wrote {} bytes that are not SVG", svg.len());
+        // Two groups of two members over the one-partition topic: the member owning it commits
+        // every tick, the other owns nothing and commits nothing.
+        let args = ["bench", "groups", "--topic", TOPIC, "--groups", "2", "--members", "2"];
+        let out =
+            c.ctl(&[&args[..], &["--duration", "2s", "--commit-every", "250ms"]].concat(), None, LONG)?;
+        ensure!(out.ok(), "bench groups: {out:?}");
+        let v = out.json()?;
+        ensure!(v["commit_failures"].as_u64() == Some(0), "bench groups: {v}");
+        let commits = v["commits"].as_u64().context("a count of commits")?;
+        ensure!((4..=18).contains(&commits), "bench groups: {commits} commits by 2 owners over 8 ticks: {v}");
         Ok(())
     })
 }
