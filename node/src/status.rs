@@ -128,8 +128,8 @@ impl BrokerState {
     /// The cluster's status, gathered now: for operators' views (describe, health, group lag),
     /// which must agree with what they read next (a group's commit never above the high
     /// watermark shown beside it).
-    pub async fn cluster_status(&self) -> Arc<ClusterStatus> {
-        Arc::new(self.gather_status().await)
+    pub async fn cluster_status(&self) -> ClusterStatus {
+        self.gather_status().await
     }
 
     /// The cluster's status, gathered at most [`STATUS_REUSE`] ago, for client metadata. One
