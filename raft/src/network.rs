@@ -29,6 +29,7 @@ use openraft::errors::ReplicationClosed;
 use openraft::errors::StreamingError;
 use openraft::errors::Timeout;
 use openraft::errors::Unreachable;
+use openraft::network::Backoff;
 use openraft::network::RPCOption;
 use openraft::network::v2::RaftNetworkV2;
 use openraft::raft::AppendEntriesRequest;
@@ -41,6 +42,7 @@ use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
 use serde::Deserialize;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::Status;
 use tonic::transport::Channel;
@@ -58,6 +60,12 @@ use crate::types::Vote;
 
 /// A replication stream with outstanding requests fails if no response comes for this long.
 pub const STREAM_RESPONSE_TIMEOUT_MIN: Duration = Duration::from_secs(2);
+/// The first wait before replicating again to a peer that refused or dropped a call (down,
+/// restarting, not hosting the group yet, a broken connection); it doubles up to
+/// [`RETRY_BACKOFF_MAX`] while the errors go on, and a success resets it.
+pub const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// See [`RETRY_BACKOFF_MIN`].
+pub const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(320);
 /// gRPC metadata key naming the group of a `StreamAppend` stream.
 pub const GROUP_HEADER: &str = "eddy-group-id";
 /// Largest Raft message, in bytes. Entries are bounded by the produce request limit, and
@@ -184,6 +192,12 @@ fn status_to_rpc_error(
 impl RaftNetworkV2<C> for PeerLink {
     type SnapshotData = SnapshotData;
 
+    fn backoff(&self) -> Option<Backoff> {
+        Some(Backoff::new(std::iter::successors(Some(RETRY_BACKOFF_MIN), |d| {
+            Some((*d * 2).min(RETRY_BACKOFF_MAX))
+        })))
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<C>,
@@ -213,7 +227,14 @@ impl RaftNetworkV2<C> for PeerLink {
         let (me, target, group) = (self.me, self.target, self.group);
         let outstanding = Arc::new(AtomicU64::new(0));
         let sent = outstanding.clone();
-        let requests = input.map(move |r| {
+        // openraft's request stream of a session shares the replication state with the next
+        // session's, and waits for new log entries while holding it. Once openraft has dropped
+        // the responses (the session ended: a conflict, an error, a timeout), nothing must poll
+        // this session's requests again, or it would consume entries meant for the next session
+        // and block it until the next write. The guard ends the requests when the responses go.
+        let ended = CancellationToken::new();
+        let ended_guard = ended.clone().drop_guard();
+        let mut requests = Box::pin(input.take_until(ended.cancelled_owned()).map(move |r| {
             sent.fetch_add(1, Ordering::Relaxed);
             RaftRequest {
                 group_id: group,
@@ -221,11 +242,19 @@ impl RaftNetworkV2<C> for PeerLink {
                 payload: codec::encode(&r).into(),
                 from: me,
             }
-        });
-        let mut req = tonic::Request::new(requests);
-        req.metadata_mut().insert(GROUP_HEADER, group.into());
+        }));
         let mut client = self.client();
         Box::pin(async move {
+            let ended_guard = ended_guard;
+            // The call opens only once the session has its first request: openraft waits out its
+            // replication backoff before yielding it, and a call opened at once would bypass
+            // that backoff, so a peer that refuses the call (down, restarting, not hosting the
+            // group yet) was asked again every few milliseconds by every group.
+            let Some(first) = requests.next().await else {
+                return Ok(Box::pin(futures::stream::empty()) as BoxStream<'s, _>);
+            };
+            let mut req = tonic::Request::new(futures::stream::once(async move { first }).chain(requests));
+            req.metadata_mut().insert(GROUP_HEADER, group.into());
             let established = tokio::time::timeout(response_timeout, client.stream_append(req)).await;
             let responses = match established {
                 Err(_) => return Err(timeout(RPCTypes::AppendEntries, me, target, response_timeout)),
@@ -235,6 +264,7 @@ impl RaftNetworkV2<C> for PeerLink {
                 Ok(Ok(r)) => r.into_inner(),
             };
             let stream = futures::stream::unfold(Some(responses), move |state| {
+                let _ended_guard = &ended_guard;
                 let outstanding = outstanding.clone();
                 async move {
                     let mut responses = state?;

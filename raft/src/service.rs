@@ -138,8 +138,10 @@ impl raft_server::Raft for RaftService {
             return Ok(reply(&VoteResponse::<C>::new(f.vote, None, false)));
         }
         let resp = g.pre_vote(vote_req).await.map_err(fatal)?;
-        if resp.vote_granted && candidate != Some(self.me) {
-            self.liveness.pre_vote_granted(req.group_id);
+        if resp.vote_granted
+            && let Some(c) = candidate.filter(|c| *c != self.me)
+        {
+            self.liveness.pre_vote_granted(req.group_id, c);
         }
         Ok(reply(&resp))
     }
