@@ -45,8 +45,11 @@ pub fn partition_group() -> Arc<Config> {
         // node comes back. The timeouts below only size openraft's leader lease (the maximum):
         // a follower that heard from its leader within it refuses to vote for another.
         enable_tick: false,
-        heartbeat_interval: 100,
-        heartbeat_min_interval: Some(100),
+        // Also the deadline of each heartbeat RPC (the lease renewals of `PartitionHandle::write`
+        // are heartbeat rounds): at 100 ms, a node renewing a thousand leases at once timed most
+        // of them out.
+        heartbeat_interval: 250,
+        heartbeat_min_interval: Some(50),
         election_timeout_min: 400,
         election_timeout_max: 500,
         // The partition log is the data: it is only ever purged by retention, which builds a
