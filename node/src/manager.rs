@@ -225,7 +225,8 @@ impl PartitionManager {
         let reader = log.reader();
         let (sm, progress, index) = PartitionStateMachine::open(self.env.state_store.clone(), group)
             .with_context(|| format!("open the state of group {group}"))?;
-        let network = GroupNetwork::new(group, self.me, self.peers.clone());
+        let network =
+            GroupNetwork::new(group, self.me, self.peers.clone()).with_liveness(self.liveness.clone());
         let raft: PartitionRaft = Runtime::scope(
             group_seed(self.env.seed, group),
             PartitionRaft::new(self.me, raft_config::partition_group(), network, log, sm),

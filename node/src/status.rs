@@ -96,7 +96,10 @@ impl BrokerState {
             .into_iter()
             .map(|h| {
                 let s = h.status();
-                let m = h.raft().metrics().borrow_watched().clone();
+                // Read in place, not cloned: client metadata asks for this report of every
+                // partition, and a failover makes every client ask at once.
+                let metrics = h.raft().metrics();
+                let m = metrics.borrow_watched();
                 quiescent += u32::from(is_quiescent(&m, &self.liveness));
                 let view = MembershipView::of(&m);
                 pb::PartitionStatus {

@@ -811,6 +811,11 @@ where
                     })
                     .collect();
                 if !back.is_empty() {
+                    // Replication to a peer judged down waits out a long backoff
+                    // (`network::DOWN_BACKOFF`); it is back, so the wait ends.
+                    if self.raft.trigger().reset_backoff(back.iter().copied()).await.is_err() {
+                        break;
+                    }
                     let acked = acked();
                     for n in back {
                         returned.insert(n, acked.get(&n).copied().flatten());

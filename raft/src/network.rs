@@ -48,6 +48,7 @@ use tonic::Status;
 use tonic::transport::Channel;
 
 use crate::codec;
+use crate::liveness::Liveness;
 use crate::transport::Peers;
 use crate::types::C;
 use crate::types::GroupId;
@@ -66,6 +67,12 @@ pub const STREAM_RESPONSE_TIMEOUT_MIN: Duration = Duration::from_secs(2);
 pub const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(10);
 /// See [`RETRY_BACKOFF_MIN`].
 pub const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(320);
+/// The wait between replication attempts of a partition group to a peer that node liveness
+/// judges down. Every group that peer follows kept asking it every [`RETRY_BACKOFF_MAX`] (each
+/// a connection attempt): 6% of the surviving nodes' CPU while they elected new leaders for a
+/// dead node's 1,000 partitions. The group's watch ends the wait when the peer comes back up
+/// (`Trigger::reset_backoff`), so a returning follower is not kept waiting.
+pub const DOWN_BACKOFF: Duration = Duration::from_secs(2);
 /// gRPC metadata key naming the group of a `StreamAppend` stream.
 pub const GROUP_HEADER: &str = "eddy-group-id";
 /// Largest Raft message, in bytes. Entries are bounded by the produce request limit, and
@@ -85,11 +92,20 @@ pub struct GroupNetwork {
     group: GroupId,
     me: NodeId,
     peers: Arc<Peers>,
+    liveness: Option<Arc<Liveness>>,
 }
 
 impl GroupNetwork {
     pub fn new(group: GroupId, me: NodeId, peers: Arc<Peers>) -> Self {
-        Self { group, me, peers }
+        Self { group, me, peers, liveness: None }
+    }
+
+    /// Replication to a peer judged down by `liveness` retries every [`DOWN_BACKOFF`]; the
+    /// group's [`GroupWatch`](crate::liveness::GroupWatch) must reset the backoff when the peer
+    /// comes back up.
+    pub fn with_liveness(mut self, liveness: Arc<Liveness>) -> Self {
+        self.liveness = Some(liveness);
+        self
     }
 }
 
@@ -103,6 +119,7 @@ impl RaftNetworkFactory<C> for GroupNetwork {
             target,
             addr: node.raft_addr.clone(),
             peers: self.peers.clone(),
+            liveness: self.liveness.clone(),
         }
     }
 }
@@ -114,6 +131,7 @@ pub struct PeerLink {
     target: NodeId,
     addr: String,
     peers: Arc<Peers>,
+    liveness: Option<Arc<Liveness>>,
 }
 
 impl PeerLink {
@@ -140,6 +158,19 @@ impl PeerLink {
         req
     }
 
+    /// The error for a call to a peer that node liveness judges down, which is not attempted:
+    /// a candidate's votes and a leader's heartbeats to a dead peer each cost a connection
+    /// attempt (6% of the surviving nodes' CPU while they elected leaders for a dead node's
+    /// 1,000 partitions). A wrong judgement lasts until the peer's next probe answer, and costs
+    /// at most a retry.
+    fn judged_down(&self) -> Option<RPCError<C>> {
+        let down = self.liveness.as_ref().is_some_and(|l| !l.is_alive(self.target));
+        down.then(|| {
+            let msg = format!("node {} is judged down by node liveness", self.target);
+            RPCError::Unreachable(Unreachable::new(&AnyError::error(msg)))
+        })
+    }
+
     fn rpc_error(&self, status: Status, action: RPCTypes, ttl: Duration) -> RPCError<C> {
         status_to_rpc_error(status, action, self.me, self.target, ttl)
     }
@@ -158,6 +189,9 @@ impl PeerLink {
         T: serde::de::DeserializeOwned,
         Fut: Future<Output = Result<tonic::Response<RaftReply>, Status>>,
     {
+        if let Some(e) = self.judged_down() {
+            return Err(e);
+        }
         let req = self.request(payload, ttl);
         let reply = match tokio::time::timeout(ttl, call(self.client(), req)).await {
             Err(_) => return Err(timeout(action, self.me, self.target, ttl)),
@@ -193,8 +227,15 @@ impl RaftNetworkV2<C> for PeerLink {
     type SnapshotData = SnapshotData;
 
     fn backoff(&self) -> Option<Backoff> {
-        Some(Backoff::new(std::iter::successors(Some(RETRY_BACKOFF_MIN), |d| {
-            Some((*d * 2).min(RETRY_BACKOFF_MAX))
+        let (liveness, target) = (self.liveness.clone(), self.target);
+        let mut next = RETRY_BACKOFF_MIN;
+        Some(Backoff::new(std::iter::from_fn(move || {
+            if liveness.as_ref().is_some_and(|l| !l.is_alive(target)) {
+                return Some(DOWN_BACKOFF);
+            }
+            let wait = next;
+            next = (next * 2).min(RETRY_BACKOFF_MAX);
+            Some(wait)
         })))
     }
 
@@ -253,6 +294,10 @@ impl RaftNetworkV2<C> for PeerLink {
             let Some(first) = requests.next().await else {
                 return Ok(Box::pin(futures::stream::empty()) as BoxStream<'s, _>);
             };
+            // Judged when the request exists: openraft's backoff may have waited for the peer.
+            if let Some(e) = self.judged_down() {
+                return Err(e);
+            }
             let mut req = tonic::Request::new(futures::stream::once(async move { first }).chain(requests));
             req.metadata_mut().insert(GROUP_HEADER, group.into());
             let established = tokio::time::timeout(response_timeout, client.stream_append(req)).await;

@@ -174,7 +174,10 @@ impl PartitionHandle {
     }
 
     pub fn status(&self) -> ReplicaStatus {
-        let m = self.inner.raft.metrics().borrow_watched().clone();
+        // Read in place: cloning the metrics (maps of followers, the membership) for two fields
+        // showed in profiles of every path that asks.
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow_watched();
         ReplicaStatus {
             leader: m.current_leader,
             term: m.current_term,
