@@ -286,7 +286,6 @@ impl RaftNetworkV2<C> for PeerLink {
         }));
         let mut client = self.client();
         Box::pin(async move {
-            let ended_guard = ended_guard;
             // The call opens only once the session has its first request: openraft waits out its
             // replication backoff before yielding it, and a call opened at once would bypass
             // that backoff, so a peer that refuses the call (down, restarting, not hosting the
