@@ -47,6 +47,8 @@ pub struct BrokerState {
     pub liveness: Arc<eddy_raft::liveness::Liveness>,
     /// The last cluster status gathered, and when (see [`BrokerState::cluster_status`]).
     pub status_cache: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<crate::status::ClusterStatus>)>>,
+    /// This node's own report, for `recent` asks (see `BrokerState::recent_local_status`).
+    pub local_status_cache: std::sync::Mutex<Option<(tokio::time::Instant, Arc<pb::NodeStatusResponse>)>>,
 }
 
 pub struct BrokerService {
@@ -216,15 +218,16 @@ impl BrokerState {
                 .iter()
                 .enumerate()
                 .map(|(i, p)| {
-                    let m = merged.get(&p.group_id).cloned().unwrap_or_default();
+                    // Borrowed: a metadata answer covers every partition of the cluster.
+                    let m = merged.get(&p.group_id);
                     pb::PartitionMetadata {
                         partition: i as u32,
                         group_id: p.group_id,
-                        leader: m.leader,
+                        leader: m.and_then(|m| m.leader),
                         replicas: p.replicas.clone(),
-                        high_watermark: m.hw,
-                        log_start_offset: m.log_start,
-                        term: m.term,
+                        high_watermark: m.map_or(0, |m| m.hw),
+                        log_start_offset: m.map_or(0, |m| m.log_start),
+                        term: m.map_or(0, |m| m.term),
                     }
                 })
                 .collect(),
@@ -460,8 +463,11 @@ impl Broker for BrokerService {
 
     async fn node_status(
         &self,
-        _: Request<pb::NodeStatusRequest>,
+        request: Request<pb::NodeStatusRequest>,
     ) -> Result<Response<pb::NodeStatusResponse>, Status> {
+        if request.into_inner().recent {
+            return Ok(Response::new(self.state.recent_local_status().as_ref().clone()));
+        }
         Ok(Response::new(self.state.local_status()))
     }
 

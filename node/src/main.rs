@@ -22,6 +22,13 @@ use tracing::warn;
 
 mod dev;
 
+/// mimalloc instead of glibc's malloc: a node allocates and frees small objects on every
+/// worker thread (Raft messages, metrics, status reports), and glibc's arenas spent a tenth of
+/// the CPU of a failover at 3,000 partitions in `_int_malloc`, `unlink_chunk` and
+/// `malloc_consolidate` (perf).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// How long a graceful shutdown waits for this node's leaderships to move elsewhere.
 const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 

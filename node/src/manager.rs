@@ -275,6 +275,7 @@ impl PartitionManager {
             log: reader,
             meta: self.meta.clone(),
             metrics: self.metrics.clone(),
+            liveness: self.liveness.clone(),
             stop: cancel.child_token(),
             retention: tokio::sync::watch::Sender::new(
                 view.state.topics.get(topic).map(|t| TopicSettings::of(t)).unwrap_or_default(),

@@ -338,6 +338,7 @@ pub async fn start(
         metrics: metrics.clone(),
         liveness: liveness.clone(),
         status_cache: Default::default(),
+        local_status_cache: Default::default(),
     });
 
     // Peers' Raft traffic.

@@ -104,7 +104,13 @@ pub fn in_sync(m: &RaftMetrics) -> BTreeSet<NodeId> {
 /// The replicas in sync (see [`in_sync`]) whose nodes answer liveness probes (node liveness: idle
 /// partition groups exchange no messages of their own, so their own acks say nothing).
 pub fn responsive(m: &RaftMetrics, liveness: &Liveness) -> BTreeSet<NodeId> {
-    in_sync(m).into_iter().filter(|id| *id == m.id || liveness.is_alive(*id)).collect()
+    alive_among(in_sync(m), m.id, liveness)
+}
+
+/// `nodes` without those node liveness does not judge alive (`me` always is).
+fn alive_among(mut nodes: BTreeSet<NodeId>, me: NodeId, liveness: &Liveness) -> BTreeSet<NodeId> {
+    nodes.retain(|id| *id == me || liveness.is_alive(*id));
+    nodes
 }
 
 /// Whether `node` has every entry of this leader's log, including one of the current term (the
@@ -267,20 +273,29 @@ impl Reconciler {
         moving.retain(|_, at| now - *at < TRANSFER_RETRY);
         let mut still_moving = BTreeMap::new();
         for g in self.groups.all() {
-            let m = {
+            // What a round needs of the metrics, read in place: a round looks at every group
+            // this node leads, and cloning each group's metrics (its membership with every
+            // node's addresses, its replication maps) was most of a round's cost.
+            let (sync, membership, caught_up) = {
                 let metrics = g.raft().metrics();
                 let m = metrics.borrow_watched();
                 if m.current_leader != Some(self.me) {
                     continue;
                 }
-                m.clone()
+                let caught_up: BTreeSet<NodeId> = m
+                    .replication
+                    .iter()
+                    .flatten()
+                    .map(|(n, _)| *n)
+                    .filter(|n| has_all_entries(&m, *n))
+                    .collect();
+                (in_sync(&m), MembershipView::of(&m), caught_up)
             };
             let Some((_, _, p)) = view.partition_of(g.group()) else {
                 continue;
             };
             let desired = p.desired().to_vec();
-            let sync = in_sync(&m);
-            let step = next_step(self.me, &desired, &MembershipView::of(&m), &sync);
+            let step = next_step(self.me, &desired, &membership, &sync);
             pending |= step != Step::Complete || p.target.is_some();
             if step != Step::Complete && step != Step::Wait {
                 self.apply(&g, &view, &desired, step).await;
@@ -295,7 +310,7 @@ impl Reconciler {
                 continue;
             }
             // Leadership: never on a node that may not lead; back to the preferred one when asked.
-            let responsive = responsive(&m, &self.liveness);
+            let responsive = alive_among(sync, self.me, &self.liveness);
             {
                 let since = self.responsive_since.lock().unwrap_or_else(|e| e.into_inner());
                 for n in &responsive {
@@ -332,7 +347,7 @@ impl Reconciler {
                 // Automatic balancing goes at a pace the target can take: a few transfers at a
                 // time, each to a replica that already has every entry of this term (so it can
                 // campaign at once, with nothing to catch up while the group refuses writes).
-                if !has_all_entries(&m, to) || still_moving.len() >= BALANCE_MOVES_MAX {
+                if !caught_up.contains(&to) || still_moving.len() >= BALANCE_MOVES_MAX {
                     continue;
                 }
             }

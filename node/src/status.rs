@@ -69,7 +69,7 @@ pub struct Merged {
 /// The cluster as the nodes that answered describe it.
 #[derive(Debug, Default)]
 pub struct ClusterStatus {
-    pub answered: BTreeMap<NodeId, pb::NodeStatusResponse>,
+    pub answered: BTreeMap<NodeId, Arc<pb::NodeStatusResponse>>,
     pub partitions: BTreeMap<GroupId, Merged>,
 }
 
@@ -128,11 +128,26 @@ impl BrokerState {
         }
     }
 
+    /// This node's own report as of at most [`STATUS_REUSE`] ago: what client metadata needs.
+    /// Every node is asked for its report by every node that answers metadata, and each report
+    /// walks every replica the node hosts (3,000 at a time in a failover, many times a second).
+    pub fn recent_local_status(&self) -> Arc<pb::NodeStatusResponse> {
+        let mut cached = self.local_status_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, status)) = cached.as_ref()
+            && at.elapsed() < STATUS_REUSE
+        {
+            return status.clone();
+        }
+        let status = Arc::new(self.local_status());
+        *cached = Some((tokio::time::Instant::now(), status.clone()));
+        status
+    }
+
     /// The cluster's status, gathered now: for operators' views (describe, health, group lag),
     /// which must agree with what they read next (a group's commit never above the high
     /// watermark shown beside it).
     pub async fn cluster_status(&self) -> ClusterStatus {
-        self.gather_status().await
+        self.gather_status(false).await
     }
 
     /// The cluster's status, gathered at most [`STATUS_REUSE`] ago, for client metadata. One
@@ -146,19 +161,24 @@ impl BrokerState {
         {
             return status.clone();
         }
-        let status = Arc::new(self.gather_status().await);
+        let status = Arc::new(self.gather_status(true).await);
         *cached = Some((tokio::time::Instant::now(), status.clone()));
         status
     }
 
-    /// Asks every node for its report (in parallel, with a deadline) and merges the answers.
-    async fn gather_status(&self) -> ClusterStatus {
+    /// Asks every node for its report (in parallel, with a deadline) and merges the answers;
+    /// `recent`: reports up to [`STATUS_REUSE`] old will do.
+    async fn gather_status(&self, recent: bool) -> ClusterStatus {
         let view = self.meta.view();
         let calls = view.state.nodes.iter().map(|(id, n)| {
             let (id, addr) = (*id, n.addr.client_addr.clone());
             async move {
                 if id == self.me {
-                    return Some(self.local_status());
+                    return Some(if recent {
+                        self.recent_local_status()
+                    } else {
+                        Arc::new(self.local_status())
+                    });
                 }
                 // A node judged down (crashed, frozen, cut off) would only make every metadata
                 // request wait out the deadline.
@@ -166,10 +186,10 @@ impl BrokerState {
                     return None;
                 }
                 let mut client = BrokerClient::new(self.client_peers.channel(id, &addr));
-                let mut req = Request::new(pb::NodeStatusRequest {});
+                let mut req = Request::new(pb::NodeStatusRequest { recent });
                 req.set_timeout(STATUS_TIMEOUT);
                 match tokio::time::timeout(STATUS_TIMEOUT, client.node_status(req)).await {
-                    Ok(Ok(r)) => Some(r.into_inner()),
+                    Ok(Ok(r)) => Some(Arc::new(r.into_inner())),
                     _ => None,
                 }
             }

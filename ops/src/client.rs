@@ -110,6 +110,21 @@ impl ClusterMetadata {
         self.nodes.get(&node).map(|n| n.client_addr.as_str())
     }
 
+    /// Where a write to the partition goes: its leader; if the leader's broker is among
+    /// `unresponsive` or no leader is known, a replica of the partition that is not (it waits
+    /// for the new leader and sends the client there, or leads itself); else the leader anyway,
+    /// or the first replica. None if the partition is unknown.
+    pub fn route(&self, topic: &str, partition: u32, unresponsive: &[String]) -> Option<&str> {
+        let p = self.partition(topic, partition)?;
+        let answers = |a: &&str| !unresponsive.iter().any(|u| u == a);
+        let leader = p.leader.and_then(|l| self.client_addr(l));
+        if let Some(a) = leader.filter(answers) {
+            return Some(a);
+        }
+        let replicas = || p.replicas.iter().filter_map(|r| self.client_addr(*r));
+        replicas().find(answers).or(leader).or_else(|| replicas().next())
+    }
+
     pub fn partition(&self, topic: &str, partition: u32) -> Option<&pb::PartitionMetadata> {
         self.topics.get(topic)?.partitions.get(partition as usize)
     }
@@ -482,7 +497,7 @@ impl Client {
     /// Asks one node about itself, with a short deadline: a liveness probe.
     pub async fn node_status(&self, addr: &str, timeout: Duration) -> Result<pb::NodeStatusResponse> {
         let mut c = self.broker(addr)?;
-        let mut r = tonic::Request::new(pb::NodeStatusRequest {});
+        let mut r = tonic::Request::new(pb::NodeStatusRequest { recent: false });
         r.set_timeout(timeout);
         match tokio::time::timeout(timeout, c.node_status(r)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
@@ -611,19 +626,15 @@ impl Client {
         }
     }
 
-    /// The client address of the partition's leader as far as known, else any broker.
+    /// The client address of the partition's leader as far as known; if that broker did not
+    /// answer lately, a replica of the partition that did (it sends the request on to the new
+    /// leader once one is elected, or leads itself); else any broker.
     async fn leader_addr(&self, topic: &str, partition: u32) -> String {
         let md = self.metadata();
-        if let Some(a) = md.partition(topic, partition).and_then(|p| p.leader).and_then(|l| md.client_addr(l))
-        {
-            return a.to_owned();
+        match md.route(topic, partition, &self.unresponsive()) {
+            Some(a) => a.to_owned(),
+            None => self.candidates().into_iter().next().unwrap_or_else(|| self.inner.bootstrap[0].clone()),
         }
-        if let Some(a) =
-            md.partition(topic, partition).and_then(|p| p.replicas.first()).and_then(|l| md.client_addr(*l))
-        {
-            return a.to_owned();
-        }
-        self.candidates().into_iter().next().unwrap_or_else(|| self.inner.bootstrap[0].clone())
     }
 
     pub async fn list_nodes(&self) -> Result<pb::ListNodesResponse> {
@@ -821,5 +832,45 @@ impl Client {
             async move { c.list_offsets(r).await }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata(leader: Option<u64>) -> ClusterMetadata {
+        let node = |id: u64| pb::NodeInfo {
+            id,
+            client_addr: format!("n{id}:9092"),
+            raft_addr: String::new(),
+            state: "active".into(),
+        };
+        let partition =
+            pb::PartitionMetadata { partition: 0, leader, replicas: vec![1, 2, 3], ..Default::default() };
+        ClusterMetadata {
+            nodes: (1..=3).map(|i| (i, node(i))).collect(),
+            metadata_leader: None,
+            topics: BTreeMap::from([(
+                "t".to_owned(),
+                pb::TopicMetadata { name: "t".into(), partitions: vec![partition], ..Default::default() },
+            )]),
+            limits: pb::Limits::default(),
+            answered_by: 1,
+        }
+    }
+
+    #[test]
+    fn a_write_whose_leader_does_not_answer_goes_to_a_replica_that_does() {
+        let md = metadata(Some(1));
+        assert_eq!(md.route("t", 0, &[]), Some("n1:9092"), "the leader while it answers");
+        assert_eq!(md.route("t", 0, &["n1:9092".into()]), Some("n2:9092"));
+        assert_eq!(md.route("t", 0, &["n1:9092".into(), "n2:9092".into()]), Some("n3:9092"));
+        let all: Vec<String> = (1..=3).map(|i| format!("n{i}:9092")).collect();
+        assert_eq!(md.route("t", 0, &all), Some("n1:9092"), "nobody answers: the leader after all");
+        assert_eq!(metadata(None).route("t", 0, &[]), Some("n1:9092"), "no leader known: a replica");
+        assert_eq!(metadata(None).route("t", 0, &["n1:9092".into()]), Some("n2:9092"));
+        assert_eq!(metadata(None).route("t", 0, &all), Some("n1:9092"));
+        assert_eq!(md.route("t", 1, &[]), None, "an unknown partition");
     }
 }

@@ -14,6 +14,11 @@ use eddy_sim::trace::first_divergence;
 
 mod swarm;
 
+/// The allocator `eddy-node` runs on (see its `main.rs`), so the simulated nodes allocate as the
+/// real ones do. It does not touch determinism: nothing in the node code depends on addresses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Log timestamps in simulated time.
 struct SimTime;
 
