@@ -290,12 +290,7 @@ impl PartitionManager {
             segment_bytes_default: self.segment_bytes,
         };
         self.tasks.spawn(retention.run(handle.stop_token()).in_current_span());
-        let watch = GroupWatch {
-            group,
-            raft: handle.raft().clone(),
-            liveness: self.liveness.clone(),
-            first_leader: initial_replicas.first().copied(),
-        };
+        let watch = GroupWatch { group, raft: handle.raft().clone(), liveness: self.liveness.clone() };
         self.tasks.spawn(
             Runtime::scope(group_seed(self.env.seed, group), watch.run(handle.stop_token()))
                 .in_current_span(),

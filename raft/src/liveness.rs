@@ -97,9 +97,6 @@ pub const WEDGED_AFTER: Duration = Duration::from_secs(3);
 /// A follower that knows no leader asks its peers to wake it and waits this long before it
 /// campaigns itself.
 pub const WAKE_GRACE: Duration = Duration::from_millis(1000);
-/// How long the other replicas of a group being created wait for its preferred replica to
-/// win the first election, while that replica's node is alive (see [`GroupWatch`]).
-pub const FIRST_LEADER_GRACE: Duration = Duration::from_secs(5);
 /// Delay between the turns of successive candidates (by rank) of one group.
 pub const RANK_STEP: Duration = Duration::from_millis(250);
 /// A leadership transfer that has not produced a new leader after this long is abandoned:
@@ -724,10 +721,6 @@ where
     pub group: GroupId,
     pub raft: Raft<C, SM>,
     pub liveness: Arc<Liveness>,
-    /// The replica that should win the group's first election (the partition's preferred
-    /// leader, which campaigns as soon as it has created the group). The others give it
-    /// [`FIRST_LEADER_GRACE`] instead of [`WAKE_GRACE`] while its node is alive.
-    pub first_leader: Option<NodeId>,
 }
 
 impl<SM> GroupWatch<SM>
@@ -876,19 +869,7 @@ where
                 }
                 let (since, attempts) = *orphan.get_or_insert((now, 0));
                 let rank = campaign_rank(me, self.group, &voters, &view, dead_leader).unwrap_or(0) as u32;
-                // A group whose log holds only its initial membership never had a leader: it
-                // is being created. Its preferred replica campaigns as soon as it has created it
-                // (and again here, soon, if its peers had not created theirs yet); the others
-                // give it time, since on nodes creating a thousand groups each the peers are
-                // seconds apart, and running against it only elects a leader that balancing
-                // moves again later (at 3,000 partitions a third of all groups were, and the
-                // cluster stayed busy with transfers for 20 s after it was healthy).
-                let pristine = self.raft.metrics().borrow_watched().last_log_index.is_none_or(|i| i == 0);
-                let first = self.first_leader.filter(|p| pristine && voters.contains(p) && !view.is_down(*p));
-                let rank = if first == Some(me) { 0 } else { rank };
                 let wait = match attempts {
-                    0 if first == Some(me) => RANK_STEP,
-                    0 if first.is_some() => FIRST_LEADER_GRACE,
                     0 if dead_leader.is_none() => WAKE_GRACE,
                     0 => Duration::ZERO,
                     // Failed campaigns retry after a wait that differs between the candidates
