@@ -276,20 +276,13 @@ impl Reconciler {
             // What a round needs of the metrics, read in place: a round looks at every group
             // this node leads, and cloning each group's metrics (its membership with every
             // node's addresses, its replication maps) was most of a round's cost.
-            let (sync, membership, caught_up) = {
+            let (sync, membership) = {
                 let metrics = g.raft().metrics();
                 let m = metrics.borrow_watched();
                 if m.current_leader != Some(self.me) {
                     continue;
                 }
-                let caught_up: BTreeSet<NodeId> = m
-                    .replication
-                    .iter()
-                    .flatten()
-                    .map(|(n, _)| *n)
-                    .filter(|n| has_all_entries(&m, *n))
-                    .collect();
-                (in_sync(&m), MembershipView::of(&m), caught_up)
+                (in_sync(&m), MembershipView::of(&m))
             };
             let Some((_, _, p)) = view.partition_of(g.group()) else {
                 continue;
@@ -347,7 +340,9 @@ impl Reconciler {
                 // Automatic balancing goes at a pace the target can take: a few transfers at a
                 // time, each to a replica that already has every entry of this term (so it can
                 // campaign at once, with nothing to catch up while the group refuses writes).
-                if !caught_up.contains(&to) || still_moving.len() >= BALANCE_MOVES_MAX {
+                if !has_all_entries(&g.raft().metrics().borrow_watched(), to)
+                    || still_moving.len() >= BALANCE_MOVES_MAX
+                {
                     continue;
                 }
             }
