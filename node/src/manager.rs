@@ -227,6 +227,7 @@ impl PartitionManager {
             .with_context(|| format!("open the state of group {group}"))?;
         let network =
             GroupNetwork::new(group, self.me, self.peers.clone()).with_liveness(self.liveness.clone());
+        let failed_sessions = network.failed_sessions();
         let raft: PartitionRaft = Runtime::scope(
             group_seed(self.env.seed, group),
             PartitionRaft::new(self.me, raft_config::partition_group(), network, log, sm),
@@ -290,7 +291,13 @@ impl PartitionManager {
             segment_bytes_default: self.segment_bytes,
         };
         self.tasks.spawn(retention.run(handle.stop_token()).in_current_span());
-        let watch = GroupWatch { group, raft: handle.raft().clone(), liveness: self.liveness.clone() };
+        let watch = GroupWatch {
+            group,
+            raft: handle.raft().clone(),
+            liveness: self.liveness.clone(),
+            first_leader: initial_replicas.first().copied(),
+            failed_sessions,
+        };
         self.tasks.spawn(
             Runtime::scope(group_seed(self.env.seed, group), watch.run(handle.stop_token()))
                 .in_current_span(),

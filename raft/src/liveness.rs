@@ -62,6 +62,7 @@ use openraft::Raft;
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use openraft::storage::RaftStateMachine;
+use openraft::type_config::alias::InstantOf;
 use prost::Message;
 use tokio::sync::Notify;
 use tokio::sync::OwnedSemaphorePermit;
@@ -73,6 +74,7 @@ use tracing::debug;
 use tracing::info;
 use tracing::warn;
 
+use crate::network::FailedSessions;
 use crate::transport::Datagrams;
 use crate::transport::Peers;
 use crate::types::C;
@@ -97,6 +99,9 @@ pub const WEDGED_AFTER: Duration = Duration::from_secs(3);
 /// A follower that knows no leader asks its peers to wake it and waits this long before it
 /// campaigns itself.
 pub const WAKE_GRACE: Duration = Duration::from_millis(1000);
+/// How long the other replicas of a group being created wait for its preferred replica to
+/// win the first election, while that replica's node is alive (see [`GroupWatch`]).
+pub const FIRST_LEADER_GRACE: Duration = Duration::from_secs(5);
 /// Delay between the turns of successive candidates (by rank) of one group.
 pub const RANK_STEP: Duration = Duration::from_millis(250);
 /// A leadership transfer that has not produced a new leader after this long is abandoned:
@@ -721,6 +726,12 @@ where
     pub group: GroupId,
     pub raft: Raft<C, SM>,
     pub liveness: Arc<Liveness>,
+    /// The replica that should win the group's first election (the partition's preferred
+    /// leader, which campaigns as soon as it has created the group). The others give it
+    /// [`FIRST_LEADER_GRACE`] instead of [`WAKE_GRACE`] while its node is alive.
+    pub first_leader: Option<NodeId>,
+    /// Followers this group's replication sessions failed to (from its `GroupNetwork`).
+    pub failed_sessions: Arc<FailedSessions>,
 }
 
 impl<SM> GroupWatch<SM>
@@ -738,9 +749,10 @@ where
         // commit point, and whatever the leader sent while it was not open yet was lost: it asks
         // once to be brought up to date, as soon as it can be.
         let mut opened = true;
-        // While leading: followers that came back and have not answered a heartbeat sent since
-        // (→ the last answer before), and the last such heartbeat (when, how many so far).
-        let mut returned: BTreeMap<NodeId, _> = BTreeMap::new();
+        // While leading: followers that must answer a heartbeat sent at or after the instant
+        // noted (they came back, or a replication session to them failed), and the last such
+        // heartbeat (when, how many so far).
+        let mut returned: BTreeMap<NodeId, InstantOf<C>> = BTreeMap::new();
         let mut returned_attempt: Option<(Instant, u32)> = None;
         // This group's campaign under way, holding one of the node's places (CAMPAIGNS_MAX).
         let mut campaign: Option<(OwnedSemaphorePermit, Instant)> = None;
@@ -791,6 +803,7 @@ where
                 // A leader was elected since: what was noted no longer applies.
                 self.liveness.forget_disowned(self.group);
             }
+            let failed = self.failed_sessions.take();
             if m.state != ServerState::Leader {
                 returned.clear();
             }
@@ -798,10 +811,18 @@ where
                 orphan = None;
                 let members: BTreeSet<NodeId> =
                     m.membership_config.membership().nodes().map(|(id, _)| *id).collect();
-                // A follower whose node came back (a restart, a healed partition, a thaw) may
-                // lack the commit point or entries, and only a message from this leader brings
-                // them: heartbeat it until it has answered one sent since, or is down again.
+                // A follower whose node came back (a restart, a healed partition, a thaw), or to
+                // which a replication session failed (openraft drops the commit point that
+                // session carried), may lack the commit point or entries, and only a message
+                // from this leader brings them: heartbeat it until it has answered one sent
+                // since, or is down again.
                 let acked = || self.raft.metrics().borrow_watched().heartbeat.clone().unwrap_or_default();
+                // openraft's instant (the heartbeat answers are timed with it).
+                let now = <InstantOf<C> as openraft::Instant>::now();
+                let mut added = false;
+                for n in failed.into_iter().filter(|n| *n != me && members.contains(n)) {
+                    added |= returned.insert(n, now).is_none();
+                }
                 let back: Vec<NodeId> = members
                     .iter()
                     .copied()
@@ -816,16 +837,20 @@ where
                     if self.raft.trigger().reset_backoff(back.iter().copied()).await.is_err() {
                         break;
                     }
-                    let acked = acked();
                     for n in back {
-                        returned.insert(n, acked.get(&n).copied().flatten());
+                        returned.insert(n, now);
                     }
+                    added = true;
+                }
+                if added {
                     returned_attempt = None;
                 }
                 if !returned.is_empty() {
                     let acked = acked();
-                    returned.retain(|n, before| {
-                        members.contains(n) && !view.is_down(*n) && acked.get(n).copied().flatten() <= *before
+                    returned.retain(|n, since| {
+                        members.contains(n)
+                            && !view.is_down(*n)
+                            && acked.get(n).copied().flatten().is_none_or(|a| *a < *since)
                     });
                 }
                 if !returned.is_empty() {
@@ -869,7 +894,19 @@ where
                 }
                 let (since, attempts) = *orphan.get_or_insert((now, 0));
                 let rank = campaign_rank(me, self.group, &voters, &view, dead_leader).unwrap_or(0) as u32;
+                // A group whose log holds only its initial membership never had a leader: it
+                // is being created. Its preferred replica campaigns as soon as it has created it
+                // (and again here, soon, if its peers had not created theirs yet); the others
+                // give it time, since on nodes creating a thousand groups each the peers are
+                // seconds apart, and running against it only elects a leader that balancing
+                // moves again later (at 3,000 partitions a third of all groups were, and the
+                // cluster stayed busy with transfers for 20 s after it was healthy).
+                let pristine = self.raft.metrics().borrow_watched().last_log_index.is_none_or(|i| i == 0);
+                let first = self.first_leader.filter(|p| pristine && voters.contains(p) && !view.is_down(*p));
+                let rank = if first == Some(me) { 0 } else { rank };
                 let wait = match attempts {
+                    0 if first == Some(me) => RANK_STEP,
+                    0 if first.is_some() => FIRST_LEADER_GRACE,
                     0 if dead_leader.is_none() => WAKE_GRACE,
                     0 => Duration::ZERO,
                     // Failed campaigns retry after a wait that differs between the candidates
@@ -963,6 +1000,7 @@ where
                 _ = cancel.cancelled() => break,
                 r = server.changed() => if r.is_err() { break },
                 r = live.changed() => if r.is_err() { break },
+                () = self.failed_sessions.marked() => {}
                 () = sleep => {}
             }
         }
