@@ -393,6 +393,7 @@ pub async fn start(
         responsive_since: Default::default(),
         moving: Default::default(),
         pending: Default::default(),
+        waiting: Default::default(),
     });
     let admin_service = AdminServer::new(AdminService::new(broker.clone(), reconciler.clone()));
     let groups_service = GroupsServer::new(GroupsService::new(broker.clone()));

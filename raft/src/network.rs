@@ -122,6 +122,13 @@ impl FailedSessions {
     }
 }
 
+/// A replication stream's requests that await a response, and a signal for each one sent.
+#[derive(Default)]
+struct Outstanding {
+    count: AtomicU64,
+    sent: Notify,
+}
+
 /// Creates the connections of one group to its peers.
 pub struct GroupNetwork {
     group: GroupId,
@@ -309,7 +316,7 @@ impl RaftNetworkV2<C> for PeerLink {
         let ttl = option.hard_ttl();
         let response_timeout = STREAM_RESPONSE_TIMEOUT_MIN.max(ttl * 4);
         let (me, target, group) = (self.me, self.target, self.group);
-        let outstanding = Arc::new(AtomicU64::new(0));
+        let outstanding = Arc::new(Outstanding::default());
         let sent = outstanding.clone();
         // openraft's request stream of a session shares the replication state with the next
         // session's, and waits for new log entries while holding it. Once openraft has dropped
@@ -319,7 +326,8 @@ impl RaftNetworkV2<C> for PeerLink {
         let ended = CancellationToken::new();
         let ended_guard = ended.clone().drop_guard();
         let mut requests = Box::pin(input.take_until(ended.cancelled_owned()).map(move |r| {
-            sent.fetch_add(1, Ordering::Relaxed);
+            sent.count.fetch_add(1, Ordering::Relaxed);
+            sent.sent.notify_one();
             RaftRequest {
                 group_id: group,
                 version: RAFT_WIRE_VERSION,
@@ -362,8 +370,19 @@ impl RaftNetworkV2<C> for PeerLink {
                 async move {
                     let mut responses = state?;
                     loop {
-                        match tokio::time::timeout(response_timeout, responses.message()).await {
-                            Err(_) if outstanding.load(Ordering::Relaxed) == 0 => continue,
+                        let next = if outstanding.count.load(Ordering::Relaxed) == 0 {
+                            // Nothing is asked: the stream waits without a timer, so a quiet
+                            // group's open streams cost no wake-ups (with a timer each woke
+                            // every 2 s: 3,000 wake-ups a second at 3,000 partitions), until a
+                            // response (the server ending the stream) or a request.
+                            tokio::select! {
+                                r = responses.message() => Ok(r),
+                                () = outstanding.sent.notified() => continue,
+                            }
+                        } else {
+                            tokio::time::timeout(response_timeout, responses.message()).await
+                        };
+                        match next {
                             Err(_) => {
                                 failed.mark(target);
                                 let e = timeout(RPCTypes::AppendEntries, me, target, response_timeout);
@@ -376,7 +395,7 @@ impl RaftNetworkV2<C> for PeerLink {
                                 return Some((Err(e), None));
                             }
                             Ok(Ok(Some(reply))) => {
-                                outstanding.fetch_sub(1, Ordering::Relaxed);
+                                outstanding.count.fetch_sub(1, Ordering::Relaxed);
                                 return match codec::decode::<StreamAppendResult<C>>(
                                     &reply.payload,
                                     "StreamAppendResult",
@@ -384,7 +403,8 @@ impl RaftNetworkV2<C> for PeerLink {
                                     Ok(r) => Some((Ok(r), Some(responses))),
                                     Err(s) => {
                                         failed.mark(target);
-                                        let e = status_to_rpc_error(s, RPCTypes::AppendEntries, me, target, ttl);
+                                        let e =
+                                            status_to_rpc_error(s, RPCTypes::AppendEntries, me, target, ttl);
                                         Some((Err(e), None))
                                     }
                                 };
