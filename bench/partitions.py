@@ -11,7 +11,11 @@ three local eddy-node processes, release build) it starts a fresh cluster and pr
   accepted a write again (median, max seconds), then restart_s: its restart -> healthy;
 - stop_*: the same for SIGSTOP (frozen for --freeze-seconds, then SIGCONT), and
   stop_foreign_elections: how many partitions the frozen node did not lead changed term
-  (0 means it came back as a follower without disturbing anyone).
+  (0 means it came back as a follower without disturbing anyone);
+- audit_*: after the killed node is back, and again at the end, every partition is read from
+  every replica (`eddyctl bench audit`): each event acknowledged so far must be served by every
+  replica at its offset, and replicas must agree (audit_problems must be 0; the problems are
+  printed to stderr).
 
 Usage: bench/partitions.py [--sizes 100,1000] [--node-dir target/release] [--ctl-dir target/release]
                            [--idle-seconds 30] [--output json]
@@ -43,6 +47,7 @@ class Bench:
     def __init__(self, a, n):
         self.a, self.n = a, n
         self.c = Cluster(a.node_dir)
+        self.acked = []  # files of acknowledged events, for the audits
 
     def ctl(self, *args, brokers=None, timeout=300):
         r = subprocess.run([f"{self.a.ctl_dir}/eddyctl", "--brokers", brokers or self.c.brokers(only_running=True),
@@ -107,11 +112,33 @@ class Bench:
             out["foreign_elections"] = sum(1 for p, t in terms.items() if p not in set(led) and after.get(p, t) != t)
         return out
 
+    def acked_file(self):
+        self.acked.append(os.path.join(self.c.dir, f"acked-{len(self.acked)}.json"))
+        return self.acked[-1]
+
+    def audit(self, deadline_s=60):
+        """Reads every replica of every partition until nothing is missing (a follower may still be
+        catching up right after healthy) or the deadline; returns the last audit's report."""
+        t0 = time.monotonic()
+        while True:
+            args = ["bench", "audit", "--topic", "many"] + [x for f in self.acked for x in ("--acked", f)]
+            code, out, err = self.ctl(*args, timeout=600)
+            try:
+                r = json.loads(out)
+            except ValueError:
+                r = {"problems": [f"eddyctl bench audit failed: {err.strip()}"]}
+            if code == 0 or time.monotonic() - t0 > deadline_s:
+                r["seconds"] = round(time.monotonic() - t0, 1)
+                for p in r["problems"][:20]:
+                    print(f"audit: {p}", file=sys.stderr)
+                return r
+            time.sleep(2)
+
     def probe_on(self, brokers, partitions):
         spec = ",".join(str(p) for p in partitions)
         code, out, err = self.ctl("--request-timeout", "1s", "bench", "partitions", "--topic", "many",
                                   "--partitions", spec, "--events-per-partition", "1", "--deadline", "60s",
-                                  brokers=brokers, timeout=180)
+                                  "--acked-out", self.acked_file(), brokers=brokers, timeout=180)
         if not out.strip():
             raise SystemExit(f"bench partitions failed: {err}")
         return json.loads(out)
@@ -147,7 +174,8 @@ class Bench:
         row["fds_per_node"] = round(statistics.mean(len(os.listdir(f"/proc/{p}/fd")) for p in pids()))
         width = min(n, 1000)
         code, out, err = self.ctl("bench", "partitions", "--topic", "many", "--partitions", f"0-{width - 1}",
-                                  "--events-per-partition", str(self.a.events_per_partition), timeout=600)
+                                  "--events-per-partition", str(self.a.events_per_partition),
+                                  "--acked-out", self.acked_file(), timeout=600)
         r = json.loads(out) if out.strip() else {}
         row["produce_eps"] = round(r.get("events_per_sec", 0))
         row["produce_ack_p50_ms"] = r.get("ack", {}).get("p50_ms")
@@ -155,10 +183,15 @@ class Bench:
         row.update({"kill_victim_led": k["led"], "kill_median_s": k["median_s"], "kill_max_s": k["max_s"],
                     "kill_quantiles_s": k["quantiles_s"], "stop_quantiles_s": None,
                     "kill_never": k["never"], "restart_s": round(k["restart_s"], 2)})
+        au = self.audit()
+        row.update({"audit_after_kill_problems": len(au["problems"]), "audit_acked_checked": au.get("acked_checked"),
+                    "audit_replicas": au.get("replicas")})
         s = self.failover("stop")
         row.update({"stop_victim_led": s["led"], "stop_median_s": s["median_s"], "stop_max_s": s["max_s"],
                     "stop_quantiles_s": s["quantiles_s"],
                     "stop_never": s["never"], "stop_foreign_elections": s["foreign_elections"]})
+        au = self.audit()
+        row.update({"audit_problems": len(au["problems"]), "audit_acked_checked_end": au.get("acked_checked")})
         return row
 
 def main():
@@ -172,7 +205,8 @@ def main():
     ap.add_argument("--output", choices=["table", "json"], default="table")
     a = ap.parse_args()
     cols = ["partitions", "create_s", "idle_cores", "quiescent_share", "rss_mb", "rss_kb_per_replica", "fds_per_node", "produce_eps",
-            "kill_median_s", "kill_max_s", "restart_s", "stop_median_s", "stop_max_s", "stop_foreign_elections"]
+            "kill_median_s", "kill_max_s", "restart_s", "stop_median_s", "stop_max_s", "stop_foreign_elections",
+            "audit_problems"]
     if a.output == "table":
         print(" ".join(f"{c:>14}" for c in cols), flush=True)
     for n in (int(x) for x in a.sizes.split(",")):

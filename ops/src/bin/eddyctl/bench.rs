@@ -83,6 +83,25 @@ pub enum BenchCommand {
         /// Give up on a partition that has not acknowledged by then, e.g. 60s.
         #[arg(long, default_value = "60s", value_parser = crate::parse_duration)]
         deadline: Duration,
+        /// Write every acknowledged event's offset and value id (`RUN:PARTITION:N`, which
+        /// starts its value) here as JSON, for `bench audit --acked`.
+        #[arg(long)]
+        acked_out: Option<std::path::PathBuf>,
+    },
+    /// Read every partition of a topic from each of its replicas: offsets must be dense from
+    /// the log start, the replicas of a partition must serve the same records, and each event
+    /// that `bench partitions --acked-out` recorded as acknowledged must be served by every
+    /// replica at its offset (after a failover: nothing acknowledged was lost). Exits 1 and
+    /// names each problem otherwise.
+    Audit {
+        #[arg(long)]
+        topic: String,
+        /// Files written by `bench partitions --acked-out`.
+        #[arg(long)]
+        acked: Vec<std::path::PathBuf>,
+        /// Replicas read at once.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
     },
     /// Consumer groups committing offsets at a steady pace over an existing topic: each of
     /// GROUPS x MEMBERS members joins, and once the partitions are spread, commits a new offset
@@ -417,44 +436,204 @@ fn parse_partitions(spec: &str) -> anyhow::Result<Vec<u32>> {
     Ok(out)
 }
 
-/// Writes `events` events to `partition` one at a time, each retried until acknowledged or
-/// `deadline`. Returns the ack latencies and when the first event was acknowledged.
-async fn write_partition(
-    client: &Client,
-    topic: &str,
+/// One partition's writer in `bench partitions`.
+struct Writer<'a> {
+    client: &'a Client,
+    topic: &'a str,
     partition: u32,
-    events: u64,
-    payload: bytes::Bytes,
-    deadline: Instant,
-) -> (u32, Histogram<u64>, Option<(Instant, std::time::SystemTime)>, Option<String>) {
-    let mut h = new_hist();
-    let mut first = None;
-    for _ in 0..events {
-        let req = pb::ProduceRequest {
-            topic: topic.to_owned(),
-            partition: Some(partition),
-            records: vec![pb::Record {
-                key: None,
-                value: payload.clone(),
-                headers: vec![],
-                timestamp_ms: None,
-            }],
-            producer_id: 0,
-            base_sequence: 0,
-            timeout_ms: 0,
-        };
-        let t0 = Instant::now();
-        loop {
-            match client.produce(req.clone()).await {
-                Ok(_) => break,
-                Err(e) if Instant::now() >= deadline => return (partition, h, first, Some(e.to_string())),
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+    /// This run's id, the first part of each value.
+    run: u128,
+    size: usize,
+}
+
+/// What [`Writer::write`] returns: the partition, its ack latencies, when its first event was
+/// acknowledged, why it gave up (if it did), and each acknowledged event's offset and value id.
+type Written =
+    (u32, Histogram<u64>, Option<(Instant, std::time::SystemTime)>, Option<String>, Vec<(u64, String)>);
+
+impl Writer<'_> {
+    /// Writes `events` events one at a time, each retried until acknowledged or `deadline`.
+    /// Each value starts with `RUN:PARTITION:N:` and is padded to the size asked.
+    async fn write(self, events: u64, deadline: Instant) -> Written {
+        let mut h = new_hist();
+        let mut first = None;
+        let mut written = Vec::new();
+        for n in 0..events {
+            let id = format!("{}:{}:{n}", self.run, self.partition);
+            let mut value = format!("{id}:").into_bytes();
+            value.resize(self.size.max(value.len()), b'x');
+            let req = pb::ProduceRequest {
+                topic: self.topic.to_owned(),
+                partition: Some(self.partition),
+                records: vec![pb::Record {
+                    key: None,
+                    value: value.into(),
+                    headers: vec![],
+                    timestamp_ms: None,
+                }],
+                producer_id: 0,
+                base_sequence: 0,
+                timeout_ms: 0,
+            };
+            let t0 = Instant::now();
+            let offset = loop {
+                match self.client.produce(req.clone()).await {
+                    Ok(r) => break r.base_offset,
+                    Err(e) if Instant::now() >= deadline => {
+                        return (self.partition, h, first, Some(e.to_string()), written);
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            };
+            record(&mut h, t0.elapsed());
+            first.get_or_insert((Instant::now(), std::time::SystemTime::now()));
+            written.push((offset, id));
+        }
+        (self.partition, h, first, None, written)
+    }
+}
+
+/// `bench audit`: see [`BenchCommand::Audit`].
+async fn audit(
+    client: &Client,
+    format: Format,
+    topic: &str,
+    acked_files: &[std::path::PathBuf],
+    concurrency: usize,
+) -> anyhow::Result<ExitCode> {
+    // partition -> offset -> value id, from every file.
+    let mut acked: BTreeMap<u32, BTreeMap<u64, String>> = BTreeMap::new();
+    for path in acked_files {
+        let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let v: Value = serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        let parts =
+            v["acked"].as_object().with_context(|| format!("{}: no \"acked\" object", path.display()))?;
+        for (p, events) in parts {
+            let p: u32 = p.parse().with_context(|| format!("{}: partition {p:?}", path.display()))?;
+            for e in events.as_array().into_iter().flatten() {
+                let (Some(offset), Some(id)) = (e[0].as_u64(), e[1].as_str()) else {
+                    bail!("{}: partition {p}: {e} is not [offset, id]", path.display());
+                };
+                acked.entry(p).or_default().insert(offset, id.to_owned());
             }
         }
-        record(&mut h, t0.elapsed());
-        first.get_or_insert((Instant::now(), std::time::SystemTime::now()));
     }
-    (partition, h, first, None)
+    client.refresh_metadata().await?;
+    let count = client.partition_count(topic).await?;
+    let mut reads = Vec::new();
+    for p in 0..count {
+        let meta = client
+            .metadata()
+            .partition(topic, p)
+            .cloned()
+            .with_context(|| format!("no metadata for {topic}/{p}"))?;
+        reads.extend(meta.replicas.iter().map(|r| (p, *r)));
+    }
+    let replicas = reads.len();
+    let logs: Vec<(u32, u64, anyhow::Result<ReplicaLog>)> = futures::stream::iter(reads)
+        .map(|(p, node)| async move { (p, node, read_replica(client, topic, p, node).await) })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let mut by_partition: BTreeMap<u32, Vec<(u64, ReplicaLog)>> = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (p, node, log) in logs {
+        match log {
+            Ok(log) => by_partition.entry(p).or_default().push((node, log)),
+            Err(e) => problems.push(format!("{topic}/{p} on node {node}: {e:#}")),
+        }
+    }
+    let (mut records, mut checked) = (0u64, 0u64);
+    for (p, logs) in &mut by_partition {
+        logs.sort_by_key(|(node, _)| *node);
+        for (node, log) in logs.iter() {
+            records += log.records.len() as u64;
+            if let Some(gap) = log.gap {
+                problems.push(format!("{topic}/{p} on node {node}: offsets not dense at {gap}"));
+            }
+            for (offset, id) in acked.get(p).into_iter().flatten() {
+                checked += 1;
+                let served =
+                    log.records.get(offset.wrapping_sub(log.start) as usize).filter(|_| *offset >= log.start);
+                match served {
+                    Some(v) if v.starts_with(format!("{id}:").as_bytes()) => {}
+                    Some(_) => problems.push(format!("{topic}/{p} on node {node}: offset {offset} holds another event than acknowledged {id}")),
+                    None => problems.push(format!(
+                        "{topic}/{p} on node {node}: acknowledged {id} at offset {offset} is not served (log {}..{})",
+                        log.start, log.high_watermark
+                    )),
+                }
+            }
+        }
+        // Replicas agree on every offset they both serve.
+        for pair in logs.windows(2) {
+            let ((na, a), (nb, b)) = (&pair[0], &pair[1]);
+            let from = a.start.max(b.start);
+            let to = a.high_watermark.min(b.high_watermark);
+            if let Some(o) =
+                (from..to).find(|o| a.records[(o - a.start) as usize] != b.records[(o - b.start) as usize])
+            {
+                problems
+                    .push(format!("{topic}/{p}: nodes {na} and {nb} serve different records at offset {o}"));
+            }
+        }
+    }
+    let v = json!({
+        "bench": "audit", "topic": topic, "partitions": count, "replicas": replicas, "records": records,
+        "acked_checked": checked, "problems": problems,
+    });
+    match format {
+        Format::Json => println!("{v}"),
+        Format::Table => {
+            println!(
+                "{topic}: {count} partitions, {replicas} replicas read, {records} records, {checked} acknowledged events checked"
+            );
+            for p in &problems {
+                println!("problem: {p}");
+            }
+        }
+    }
+    Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// What one replica serves of a partition.
+struct ReplicaLog {
+    start: u64,
+    high_watermark: u64,
+    /// The values from `start`, one per offset.
+    records: Vec<bytes::Bytes>,
+    /// The first offset that was not the one expected, if any.
+    gap: Option<u64>,
+}
+
+/// Reads a partition from one replica, from its log start up to its high watermark.
+async fn read_replica(client: &Client, topic: &str, partition: u32, node: u64) -> anyhow::Result<ReplicaLog> {
+    let choice = ReplicaChoice::Node(node);
+    let first = match client.fetch(topic, partition, 0, choice, 4 << 20, Duration::ZERO).await {
+        Err(ClientError::OffsetOutOfRange { log_start_offset: Some(start), .. }) => {
+            client.fetch(topic, partition, start, choice, 4 << 20, Duration::ZERO).await?
+        }
+        r => r?,
+    };
+    let start = first.records.first().map_or(first.log_start_offset, |r| r.offset);
+    let mut log = ReplicaLog { start, high_watermark: first.high_watermark, records: Vec::new(), gap: None };
+    let mut resp = first;
+    loop {
+        for r in &resp.records {
+            let expected = log.start + log.records.len() as u64;
+            if r.offset != expected {
+                log.gap.get_or_insert(expected);
+                return Ok(log);
+            }
+            log.records.push(r.value.clone());
+        }
+        let next = log.start + log.records.len() as u64;
+        if resp.records.is_empty() || next >= log.high_watermark {
+            return Ok(log);
+        }
+        resp = client.fetch(topic, partition, next, choice, 4 << 20, Duration::ZERO).await?;
+        log.high_watermark = log.high_watermark.max(resp.high_watermark);
+    }
 }
 
 pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyhow::Result<ExitCode> {
@@ -490,7 +669,10 @@ pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyho
             }
             Ok(if v["commit_failures"].as_u64() == Some(0) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        BenchCommand::Partitions { topic, partitions, events_per_partition, size, deadline } => {
+        BenchCommand::Audit { topic, acked, concurrency } => {
+            audit(&client, format, &topic, &acked, concurrency).await
+        }
+        BenchCommand::Partitions { topic, partitions, events_per_partition, size, deadline, acked_out } => {
             let count = client.partition_count(&topic).await?;
             let chosen = match partitions {
                 Some(spec) => parse_partitions(&spec)?,
@@ -499,18 +681,24 @@ pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyho
             if let Some(p) = chosen.iter().find(|p| **p >= count) {
                 bail!("--partitions: topic {topic} has {count} partitions, so {p} does not exist");
             }
-            let payload = bytes::Bytes::from(vec![b'x'; size]);
+            // Tells this run's events from any other's.
+            let run = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros());
             let t0 = Instant::now();
             let deadline = t0 + deadline;
             let mut writers: FuturesUnordered<_> = chosen
                 .iter()
                 .map(|p| {
-                    write_partition(&client, &topic, *p, events_per_partition, payload.clone(), deadline)
+                    let w = Writer { client: &client, topic: &topic, partition: *p, run, size };
+                    w.write(events_per_partition, deadline)
                 })
                 .collect();
             let (mut acks, mut firsts, mut first_unix, mut failed) =
                 (new_hist(), new_hist(), BTreeMap::new(), BTreeMap::new());
-            while let Some((p, h, first, err)) = writers.next().await {
+            let mut acked = BTreeMap::new();
+            while let Some((p, h, first, err, written)) = writers.next().await {
+                acked.insert(p, written);
                 acks.add(&h).context("merge histograms")?;
                 if let Some((at, wall)) = first {
                     record(&mut firsts, at - t0);
@@ -523,6 +711,10 @@ pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyho
             }
             let secs = t0.elapsed().as_secs_f64();
             let events = acks.len();
+            if let Some(path) = acked_out {
+                let text = serde_json::to_string(&json!({ "topic": topic, "acked": acked }))?;
+                std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+            }
             let v = json!({
                 "bench": "partitions", "topic": topic, "partitions": chosen.len(),
                 "events_per_partition": events_per_partition, "events": events, "seconds": secs,
