@@ -16,7 +16,7 @@ use crate::Common;
 
 impl Common {
     /// The command-line arguments that reproduce these settings.
-    fn args(&self) -> Vec<String> {
+    pub(crate) fn args(&self) -> Vec<String> {
         let mut a = vec![
             "--nodes".into(),
             self.nodes.to_string(),

@@ -48,7 +48,7 @@ impl Trace {
 }
 
 /// The index of the first event where two traces differ, if they do.
-pub fn first_divergence(a: &[TraceEvent], b: &[TraceEvent]) -> Option<usize> {
+pub fn first_divergence<T: PartialEq>(a: &[T], b: &[T]) -> Option<usize> {
     let n = a.len().min(b.len());
     (0..n).find(|&i| a[i] != b[i]).or((a.len() != b.len()).then_some(n))
 }
