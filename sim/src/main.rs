@@ -185,9 +185,9 @@ fn main() -> ExitCode {
 }
 
 /// Runs `seed` again in a process of its own, as a replay does, and returns its trace hash and
-/// trace. (A second run in this process is not a replay: tokio numbers tasks process-wide, and
-/// a crashed host's tasks are dropped in an order that follows those numbers, so the second
-/// run of a seed with crashes differed from the first while every replay was identical.)
+/// trace. (A second run in this process is not a replay: it differed from the first for some
+/// seeds while every replay in a new process was identical, probably through process-wide state
+/// such as tokio's task numbering.)
 fn replay(seed: u64, common: &Common) -> anyhow::Result<(String, Vec<serde_json::Value>)> {
     let exe = std::env::current_exe().context("find the eddy-sim executable")?;
     let trace = std::env::temp_dir().join(format!("eddy-sim-replay-{}-{seed}.jsonl", std::process::id()));
