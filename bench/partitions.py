@@ -12,6 +12,8 @@ three local eddy-node processes, release build) it starts a fresh cluster and pr
 - stop_*: the same for SIGSTOP (frozen for --freeze-seconds, then SIGCONT), and
   stop_foreign_elections: how many partitions the frozen node did not lead changed term
   (0 means it came back as a follower without disturbing anyone);
+- rebalanced_after_restart_s: seconds until the killed node led its preferred partitions again
+  (the freeze starts only then, so a move still under way is not counted as a foreign election);
 - audit_*: after the killed node is back, and again at the end, every partition is read from
   every replica (`eddyctl bench audit`): each event acknowledged so far must be served by every
   replica at its offset, and replicas must agree (audit_problems must be 0; the problems are
@@ -65,6 +67,20 @@ class Bench:
         t0 = time.monotonic()
         self.c.wait("healthy", self.healthy, timeout=timeout)
         return time.monotonic() - t0
+
+    def wait_balanced(self, timeout):
+        """Seconds until every partition is led by its preferred replica again (automatic
+        balancing after a node returns), or None at the timeout."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            code, out, _ = self.ctl("cluster", "health", timeout=60)
+            try:
+                if code == 0 and json.loads(out).get("leaders_not_preferred") == 0:
+                    return round(time.monotonic() - t0, 1)
+            except ValueError:
+                pass
+            time.sleep(1)
+        return None
 
     def describe(self):
         code, out, err = self.ctl("topic", "describe", "many", timeout=120)
@@ -186,6 +202,9 @@ class Bench:
         au = self.audit()
         row.update({"audit_after_kill_problems": len(au["problems"]), "audit_acked_checked": au.get("acked_checked"),
                     "audit_replicas": au.get("replicas")})
+        # The freeze starts once the killed node has its leaderships back: a move still under way
+        # when the frozen node thaws would count as an election the thaw caused.
+        row["rebalanced_after_restart_s"] = self.wait_balanced(180)
         s = self.failover("stop")
         row.update({"stop_victim_led": s["led"], "stop_median_s": s["median_s"], "stop_max_s": s["max_s"],
                     "stop_quantiles_s": s["quantiles_s"],
