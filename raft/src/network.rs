@@ -353,16 +353,11 @@ impl RaftNetworkV2<C> for PeerLink {
             req.metadata_mut().insert(GROUP_HEADER, group.into());
             let established = tokio::time::timeout(response_timeout, client.stream_append(req)).await;
             let responses = match established {
-                Err(_) => {
-                    failed.mark(target);
-                    return Err(timeout(RPCTypes::AppendEntries, me, target, response_timeout));
-                }
-                Ok(Err(status)) => {
-                    failed.mark(target);
-                    return Err(status_to_rpc_error(status, RPCTypes::AppendEntries, me, target, ttl));
-                }
-                Ok(Ok(r)) => r.into_inner(),
+                Err(_) => Err(timeout(RPCTypes::AppendEntries, me, target, response_timeout)),
+                Ok(Err(status)) => Err(status_to_rpc_error(status, RPCTypes::AppendEntries, me, target, ttl)),
+                Ok(Ok(r)) => Ok(r.into_inner()),
             };
+            let responses = responses.inspect_err(|_| failed.mark(target))?;
             let stream = futures::stream::unfold(Some(responses), move |state| {
                 let _ended_guard = &ended_guard;
                 let outstanding = outstanding.clone();
@@ -382,34 +377,28 @@ impl RaftNetworkV2<C> for PeerLink {
                         } else {
                             tokio::time::timeout(response_timeout, responses.message()).await
                         };
-                        match next {
-                            Err(_) => {
-                                failed.mark(target);
-                                let e = timeout(RPCTypes::AppendEntries, me, target, response_timeout);
-                                return Some((Err(e), None));
-                            }
+                        let e = match next {
+                            Err(_) => timeout(RPCTypes::AppendEntries, me, target, response_timeout),
                             Ok(Ok(None)) => return None,
                             Ok(Err(status)) => {
-                                failed.mark(target);
-                                let e = status_to_rpc_error(status, RPCTypes::AppendEntries, me, target, ttl);
-                                return Some((Err(e), None));
+                                status_to_rpc_error(status, RPCTypes::AppendEntries, me, target, ttl)
                             }
                             Ok(Ok(Some(reply))) => {
                                 outstanding.count.fetch_sub(1, Ordering::Relaxed);
-                                return match codec::decode::<StreamAppendResult<C>>(
+                                match codec::decode::<StreamAppendResult<C>>(
                                     &reply.payload,
                                     "StreamAppendResult",
                                 ) {
-                                    Ok(r) => Some((Ok(r), Some(responses))),
+                                    Ok(r) => return Some((Ok(r), Some(responses))),
                                     Err(s) => {
-                                        failed.mark(target);
-                                        let e =
-                                            status_to_rpc_error(s, RPCTypes::AppendEntries, me, target, ttl);
-                                        Some((Err(e), None))
+                                        status_to_rpc_error(s, RPCTypes::AppendEntries, me, target, ttl)
                                     }
-                                };
+                                }
                             }
-                        }
+                        };
+                        // The session ends here; see `FailedSessions`.
+                        failed.mark(target);
+                        return Some((Err(e), None));
                     }
                 }
             });
