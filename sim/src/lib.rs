@@ -3,6 +3,7 @@
 //! replays the same run exactly.
 
 pub mod checker;
+pub mod clock;
 pub mod cluster;
 pub mod history;
 pub mod nemesis;

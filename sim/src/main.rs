@@ -19,6 +19,30 @@ mod swarm;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The C library's clock, replaced for the whole process: while a simulation runs it reads
+/// simulated time, otherwise the kernel's (see `eddy_sim::clock`). Rust's `Instant::now` and
+/// `SystemTime::now`, tokio and every C or Rust dependency linked into this binary call this
+/// symbol, so none of them can see how fast the machine runs the simulation.
+///
+/// # Safety
+/// As the C function: `tp` points to a writable `timespec`.
+#[allow(unsafe_code)]
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn clock_gettime(clock: libc::clockid_t, tp: *mut libc::timespec) -> libc::c_int {
+    match eddy_sim::clock::reading(clock) {
+        Some((sec, nsec)) => {
+            // SAFETY: the caller passes a valid `timespec`, as `clock_gettime` requires.
+            unsafe {
+                (*tp).tv_sec = sec;
+                (*tp).tv_nsec = nsec;
+            }
+            0
+        }
+        // SAFETY: passed on from our caller.
+        None => unsafe { eddy_sim::clock::kernel_clock(clock, tp) },
+    }
+}
+
 /// Log timestamps in simulated time.
 struct SimTime;
 

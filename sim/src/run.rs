@@ -236,8 +236,10 @@ pub fn report_panics(opts: &RunOptions, json: bool) {
 
 /// Runs one seed to completion.
 pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
-    #[allow(clippy::disallowed_methods)] // Wall time of the run, for the report only.
-    let wall = std::time::Instant::now();
+    let wall = crate::clock::wall_now();
+    // From here on the process's clocks read simulated time (see `crate::clock`); turmoil
+    // creates the hosts' runtimes below, so their clocks start from it too.
+    let _clock = crate::clock::Simulated::start();
     let profile = Profile::draw(opts.seed, opts.faults.as_deref());
     let trace = Trace::default();
     let history = History::default();
@@ -329,6 +331,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
     let held_down = ctx.nodes[(opts.seed % ctx.nodes.len() as u64) as usize];
     let mut failure: Option<String> = None;
     loop {
+        crate::clock::set(sim.elapsed());
         let done = match sim.step() {
             Ok(d) => d,
             Err(e) => {
@@ -368,7 +371,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
             eprintln!(
                 "  [{:>6.1}s simulated, {:>5.1}s wall] {} acknowledged, {} down",
                 now as f64 / 1000.0,
-                wall.elapsed().as_secs_f64(),
+                crate::clock::wall_elapsed(wall).as_secs_f64(),
                 history.acked(),
                 cluster.down().len()
             );
@@ -429,7 +432,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         violations,
         held,
         sim_seconds,
-        wall_seconds: wall.elapsed().as_secs_f64(),
+        wall_seconds: crate::clock::wall_elapsed(wall).as_secs_f64(),
         acked_events: history.acked(),
         outcomes: history.counts(),
         faults: profile.classes.keys().map(FaultClass::name).collect(),
