@@ -47,6 +47,10 @@ pub struct NodeConfig {
     pub segment_bytes: u64,
     /// How often each partition leader checks its topic's `retention.ms` and `retention.bytes`.
     pub retention_check_interval_ms: u64,
+    /// Most partition-log files (segments and state files of every replica here) kept open at
+    /// once; others are opened when used and the least recently used are closed. 0 means half
+    /// of the process's open-file limit (which the node raises to the hard limit at start).
+    pub max_open_log_files: u64,
     pub limits: Limits,
 }
 
@@ -63,6 +67,7 @@ impl Default for NodeConfig {
             auto_balance_leaders: true,
             segment_bytes: 64 << 20,
             retention_check_interval_ms: 5000,
+            max_open_log_files: 0,
             limits: Limits::default(),
         }
     }

@@ -124,14 +124,19 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
         config.http_addr = v;
     }
     config.validate().context("invalid configuration")?;
-    raise_open_file_limit();
+    let file_limit = raise_open_file_limit();
+    let max_open_log_files = match config.max_open_log_files {
+        0 => (file_limit / 2).max(64),
+        n => n,
+    };
+    info!(max_open_log_files, open_file_limit = file_limit, "log files kept open at most");
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data_dir {}", config.data_dir.display()))?;
     let state_store = SledStateStore::open(&config.data_dir.join("state")).context("open the state store")?;
     let mut seed = [0u8; 8];
     getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("read OS randomness: {e}"))?;
     let env = NodeEnv {
-        vfs: Arc::new(RealVfs),
+        vfs: Arc::new(RealVfs::new(usize::try_from(max_open_log_files).unwrap_or(usize::MAX))),
         state_store: Arc::new(state_store),
         clock: Arc::new(SystemClock),
         connector: Arc::new(TcpConnector),
@@ -175,20 +180,32 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every partition replica keeps its active segment and its state file open, so a node holding
-/// thousands of replicas needs more descriptors than the usual soft limit of 1024: raise the
-/// soft limit to the hard limit (which an unprivileged process may do).
-fn raise_open_file_limit() {
+/// Raises the soft open-file limit to the hard limit (which an unprivileged process may do) and
+/// returns the limit in effect. Log files are opened on demand within half of it (see
+/// `RealVfs`); the rest is for connections, the state store and reopening.
+fn raise_open_file_limit() -> u64 {
     use nix::sys::resource::Resource;
     use nix::sys::resource::getrlimit;
     use nix::sys::resource::setrlimit;
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => info!(from = soft, to = hard, "raised the open-file limit"),
-            Err(e) => warn!(soft, hard, "could not raise the open-file limit: {e}"),
+            Ok(()) => {
+                info!(from = soft, to = hard, "raised the open-file limit");
+                hard
+            }
+            Err(e) => {
+                warn!(soft, hard, "could not raise the open-file limit: {e}");
+                soft
+            }
         },
-        Ok((soft, _)) => info!(limit = soft, "open-file limit (already at the hard limit)"),
-        Err(e) => warn!("could not read the open-file limit: {e}"),
+        Ok((soft, _)) => {
+            info!(limit = soft, "open-file limit (already at the hard limit)");
+            soft
+        }
+        Err(e) => {
+            warn!("could not read the open-file limit: {e}; assuming 1024");
+            1024
+        }
     }
 }
 

@@ -35,7 +35,7 @@ async fn one_node() -> anyhow::Result<(eddy_node::node::NodeHandle, BrokerClient
         ..NodeConfig::default()
     };
     let env = NodeEnv {
-        vfs: Arc::new(RealVfs),
+        vfs: Arc::new(RealVfs::default()),
         state_store: Arc::new(SledStateStore::open(&dir.path().join("state"))?),
         clock: Arc::new(SystemClock),
         connector: Arc::new(TcpConnector),

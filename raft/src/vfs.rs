@@ -6,6 +6,7 @@
 //! futures, so that a real implementation can run them off the async threads and a simulated one
 //! can model their latency on the simulated clock.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::fs::OpenOptions;
 use std::io;
@@ -13,6 +14,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 
 use futures::future::BoxFuture;
 
@@ -53,8 +57,61 @@ pub trait VFile: Send + Sync + 'static {
 }
 
 /// The real file system.
-#[derive(Debug, Default, Clone)]
-pub struct RealVfs;
+///
+/// A node can hold more segment and state files than it may keep open (10,000 replicas with two
+/// files each is more than many hosts' hard `RLIMIT_NOFILE`), and most of them sit idle. So files
+/// are opened on demand and at most `max_open` descriptors stay open, the least recently used
+/// closed first (as RocksDB's table cache and Kafka's lazy index files do). A file with writes
+/// that are not yet synced keeps its descriptor until the sync: the `fdatasync` that reports a
+/// write error must run on a descriptor that was open when the write happened, and a removed
+/// file's pending sync must still find it. Handles ([`VFile`]) are cheap and never fail to
+/// exist; reopening one whose descriptor was closed can fail like any open.
+#[derive(Clone)]
+pub struct RealVfs {
+    descriptors: Arc<Descriptors>,
+}
+
+impl RealVfs {
+    /// A file system that keeps at most `max_open` descriptors open (at least 1), except for files
+    /// with unsynced writes, which keep theirs until the sync.
+    pub fn new(max_open: usize) -> Self {
+        Self {
+            descriptors: Arc::new(Descriptors {
+                max_open: max_open.max(1),
+                state: Mutex::new(DescriptorState::default()),
+                opens: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Descriptors open now.
+    pub fn open_descriptors(&self) -> usize {
+        self.descriptors.lock().open.len()
+    }
+
+    /// Files opened so far, first opens and reopens after a close.
+    pub fn opens(&self) -> u64 {
+        self.descriptors.opens.load(Ordering::Relaxed)
+    }
+
+    /// The most descriptors kept open.
+    pub fn max_open(&self) -> usize {
+        self.descriptors.max_open
+    }
+}
+
+impl Default for RealVfs {
+    /// 1,024 descriptors: for tests and tools; the node sizes it from its open-file limit.
+    fn default() -> Self {
+        Self::new(1024)
+    }
+}
+
+impl std::fmt::Debug for RealVfs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RealVfs").field("max_open", &self.descriptors.max_open).finish_non_exhaustive()
+    }
+}
 
 impl Vfs for RealVfs {
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
@@ -75,8 +132,9 @@ impl Vfs for RealVfs {
     }
 
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn VFile>> {
-        let file = OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)?;
-        Ok(Arc::new(RealFile { file: Arc::new(file) }))
+        let file = open_rw(path, create)?;
+        let id = self.descriptors.insert(Arc::new(file));
+        Ok(Arc::new(RealFile { id, path: path.to_owned(), descriptors: self.descriptors.clone() }))
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
@@ -96,30 +154,187 @@ impl Vfs for RealVfs {
     }
 }
 
-struct RealFile {
+fn open_rw(path: &Path, create: bool) -> io::Result<File> {
+    OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)
+}
+
+/// The open descriptors of one [`RealVfs`].
+struct Descriptors {
+    max_open: usize,
+    state: Mutex<DescriptorState>,
+    opens: AtomicU64,
+}
+
+#[derive(Default)]
+struct DescriptorState {
+    next_id: u64,
+    /// Advances on every use; orders `by_use`.
+    clock: u64,
+    open: BTreeMap<u64, OpenFile>,
+    /// Open files by last use, least recent first: `clock` at last use → file id.
+    by_use: BTreeMap<u64, u64>,
+}
+
+struct OpenFile {
     file: Arc<File>,
+    last_use: u64,
+    /// Writes since the last completed sync; a file with any keeps its descriptor.
+    unsynced: u64,
+}
+
+impl Descriptors {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DescriptorState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers a newly opened file and returns its id.
+    fn insert(&self, file: Arc<File>) -> u64 {
+        self.opens.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.lock();
+        let id = st.next_id;
+        st.next_id += 1;
+        st.put(id, file);
+        st.evict(self.max_open, id);
+        id
+    }
+
+    /// The descriptor of file `id`, reopened from `path` if it was closed. `write` counts an
+    /// unsynced write, which pins the descriptor until [`Self::synced`].
+    fn get(&self, id: u64, path: &Path, write: bool) -> io::Result<Arc<File>> {
+        {
+            let mut st = self.lock();
+            if let Some(f) = st.touch(id, write) {
+                return Ok(f);
+            }
+        }
+        // Closed: reopen outside the lock (another thread may race us; the first insert wins).
+        let file = Arc::new(open_rw(path, false)?);
+        self.opens.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.lock();
+        if let Some(f) = st.touch(id, write) {
+            return Ok(f);
+        }
+        st.put(id, file.clone());
+        if write {
+            st.open.get_mut(&id).expect("just put").unsynced += 1;
+        }
+        st.evict(self.max_open, id);
+        Ok(file)
+    }
+
+    /// File `id` is open with `unsynced` writes counted before a sync started; that sync has
+    /// completed, so those writes are durable.
+    /// Descriptors kept open past the budget because of unsynced writes close here.
+    fn synced(&self, id: u64, before: u64) {
+        let mut st = self.lock();
+        if let Some(f) = st.open.get_mut(&id) {
+            f.unsynced = f.unsynced.saturating_sub(before);
+        }
+        st.evict(self.max_open, u64::MAX);
+    }
+
+    /// The open descriptor of `id` and its unsynced write count, or `None` if it is closed. A
+    /// descriptor is closed only when every write through it has been synced, so a closed file
+    /// has nothing to sync.
+    fn for_sync(&self, id: u64) -> Option<(Arc<File>, u64)> {
+        let mut st = self.lock();
+        let file = st.touch(id, false)?;
+        let unsynced = st.open[&id].unsynced;
+        Some((file, unsynced))
+    }
+
+    fn remove(&self, id: u64) {
+        let mut st = self.lock();
+        if let Some(f) = st.open.remove(&id) {
+            st.by_use.remove(&f.last_use);
+        }
+    }
+}
+
+impl DescriptorState {
+    fn touch(&mut self, id: u64, write: bool) -> Option<Arc<File>> {
+        self.clock += 1;
+        let now = self.clock;
+        let f = self.open.get_mut(&id)?;
+        self.by_use.remove(&f.last_use);
+        f.last_use = now;
+        if write {
+            f.unsynced += 1;
+        }
+        self.by_use.insert(now, id);
+        Some(f.file.clone())
+    }
+
+    fn put(&mut self, id: u64, file: Arc<File>) {
+        self.clock += 1;
+        self.open.insert(id, OpenFile { file, last_use: self.clock, unsynced: 0 });
+        self.by_use.insert(self.clock, id);
+    }
+
+    /// Closes the least recently used descriptors without unsynced writes (never `keep`) until
+    /// at most `max` are open. Descriptors in use by another thread close when it is done.
+    fn evict(&mut self, max: usize, keep: u64) {
+        if self.open.len() <= max {
+            return;
+        }
+        let mut victims = Vec::new();
+        let mut excess = self.open.len() - max;
+        for (&tick, &id) in &self.by_use {
+            if excess == 0 {
+                break;
+            }
+            if id != keep && self.open[&id].unsynced == 0 {
+                victims.push((tick, id));
+                excess -= 1;
+            }
+        }
+        for (tick, id) in victims {
+            self.by_use.remove(&tick);
+            self.open.remove(&id);
+        }
+    }
+}
+
+/// A handle to a file of a [`RealVfs`]; its descriptor may be closed and reopened underneath.
+struct RealFile {
+    id: u64,
+    path: PathBuf,
+    descriptors: Arc<Descriptors>,
 }
 
 impl VFile for RealFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        self.descriptors.get(self.id, &self.path, false)?.read_exact_at(buf, offset)
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        self.descriptors.get(self.id, &self.path, true)?.write_all_at(buf, offset)
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        Ok(self.descriptors.get(self.id, &self.path, false)?.metadata()?.len())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.file.set_len(len)
+        self.descriptors.get(self.id, &self.path, true)?.set_len(len)
     }
 
     fn sync_data(&self) -> BoxFuture<'static, io::Result<()>> {
-        let file = self.file.clone();
-        Box::pin(blocking(move || file.sync_data()))
+        let opened = self.descriptors.for_sync(self.id);
+        let descriptors = self.descriptors.clone();
+        let id = self.id;
+        Box::pin(async move {
+            let Some((file, unsynced)) = opened else { return Ok(()) };
+            blocking(move || file.sync_data()).await?;
+            descriptors.synced(id, unsynced);
+            Ok(())
+        })
+    }
+}
+
+impl Drop for RealFile {
+    fn drop(&mut self) {
+        self.descriptors.remove(self.id);
     }
 }
 
@@ -138,7 +353,7 @@ mod tests {
     #[tokio::test]
     async fn real_vfs_round_trip() -> io::Result<()> {
         let dir = tempfile::tempdir()?;
-        let vfs = RealVfs;
+        let vfs = RealVfs::default();
         let sub = dir.path().join("a/b");
         vfs.create_dir_all(&sub)?;
         let f = vfs.open(&sub.join("x"), true)?;
@@ -156,6 +371,39 @@ mod tests {
         vfs.sync_dir(&sub).await?;
         vfs.remove_file(&sub.join("x"))?;
         assert!(!vfs.exists(&sub.join("x")));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn descriptors_stay_within_the_budget_and_files_reopen() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let vfs = RealVfs::new(2);
+        let files: Vec<_> =
+            (0..5).map(|i| vfs.open(&dir.path().join(format!("f{i}")), true)).collect::<io::Result<_>>()?;
+        assert!(vfs.open_descriptors() <= 2, "clean files beyond the budget are closed");
+        // Unsynced writes pin their descriptors: all five stay open until synced.
+        for (i, f) in files.iter().enumerate() {
+            f.write_all_at(format!("file {i}").as_bytes(), 0)?;
+        }
+        assert_eq!(vfs.open_descriptors(), 5, "a file with unsynced writes keeps its descriptor");
+        // A removed file's pending sync still goes through its open descriptor.
+        vfs.remove_file(&dir.path().join("f4"))?;
+        for f in &files {
+            f.sync_data().await?;
+        }
+        assert!(vfs.open_descriptors() <= 2, "synced files are closed again: {}", vfs.open_descriptors());
+        let mut buf = [0u8; 6];
+        let opens = vfs.opens();
+        for (i, f) in files.iter().enumerate().take(4) {
+            f.read_exact_at(&mut buf, 0)?;
+            assert_eq!(&buf, format!("file {i}").as_bytes());
+            assert_eq!(f.len()?, 6);
+        }
+        assert!(vfs.opens() > opens, "closed files were reopened to be read");
+        assert!(vfs.open_descriptors() <= 2);
+        // A closed file has nothing unsynced; syncing it is a no-op, even once it is gone.
+        drop(files);
+        assert_eq!(vfs.open_descriptors(), 0, "dropping a handle closes its descriptor");
         Ok(())
     }
 }
