@@ -5,6 +5,7 @@
 //! This crate opens no sockets and reads no clock: listeners, connectors, files and state stores
 //! are handed in by the caller, so the simulator can run it unchanged.
 
+pub mod calls;
 pub mod codec;
 pub mod kv;
 pub mod liveness;

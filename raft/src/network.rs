@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use eddy_proto::RAFT_WIRE_VERSION;
+use eddy_proto::v1::RaftCallKind;
 use eddy_proto::v1::RaftReply;
 use eddy_proto::v1::RaftRequest;
 use eddy_proto::v1::raft_client::RaftClient;
@@ -221,6 +222,48 @@ impl PeerLink {
         })
     }
 
+    /// Makes a short call on the peer's `Calls` stream (see [`crate::calls`]), with the same
+    /// deadline and error mapping as [`Self::unary`].
+    async fn call<T: serde::de::DeserializeOwned>(
+        &mut self,
+        kind: RaftCallKind,
+        action: RPCTypes,
+        ttl: Duration,
+        payload: Vec<u8>,
+        what: &str,
+    ) -> Result<T, RPCError<C>> {
+        if let Some(e) = self.judged_down() {
+            return Err(e);
+        }
+        let link = self.peers.call_link(self.target, &self.addr);
+        let (peers, target, addr) = (self.peers.clone(), self.target, self.addr.clone());
+        let reply = match link
+            .call(move || peers.channel(target, &addr), kind, self.envelope(payload.clone()), ttl)
+            .await
+        {
+            Ok(reply) => reply,
+            // A node of an older version (a rolling upgrade) has no `Calls`: ask it directly.
+            Err(s) if s.code() == Code::Unimplemented => {
+                return match kind {
+                    RaftCallKind::PreVote => {
+                        self.unary(action, ttl, |mut c, r| async move { c.pre_vote(r).await }, payload, what)
+                            .await
+                    }
+                    RaftCallKind::TransferLeader => {
+                        let f = |mut c: RaftClient<Channel>, r| async move { c.transfer_leader(r).await };
+                        self.unary(action, ttl, f, payload, what).await
+                    }
+                    _ => {
+                        self.unary(action, ttl, |mut c, r| async move { c.vote(r).await }, payload, what)
+                            .await
+                    }
+                };
+            }
+            Err(s) => return Err(self.rpc_error(s, action, ttl)),
+        };
+        codec::decode(&reply, what).map_err(|s| self.rpc_error(s, action, ttl))
+    }
+
     fn rpc_error(&self, status: Status, action: RPCTypes, ttl: Duration) -> RPCError<C> {
         status_to_rpc_error(status, action, self.me, self.target, ttl)
     }
@@ -408,14 +451,7 @@ impl RaftNetworkV2<C> for PeerLink {
 
     async fn vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
         let payload = codec::encode(&rpc);
-        self.unary(
-            RPCTypes::Vote,
-            option.hard_ttl(),
-            |mut c, r| async move { c.vote(r).await },
-            payload,
-            "VoteResponse",
-        )
-        .await
+        self.call(RaftCallKind::Vote, RPCTypes::Vote, option.hard_ttl(), payload, "VoteResponse").await
     }
 
     async fn pre_vote(
@@ -424,14 +460,7 @@ impl RaftNetworkV2<C> for PeerLink {
         option: RPCOption,
     ) -> Result<VoteResponse<C>, RPCError<C>> {
         let payload = codec::encode(&rpc);
-        self.unary(
-            RPCTypes::Vote,
-            option.hard_ttl(),
-            |mut c, r| async move { c.pre_vote(r).await },
-            payload,
-            "VoteResponse",
-        )
-        .await
+        self.call(RaftCallKind::PreVote, RPCTypes::Vote, option.hard_ttl(), payload, "VoteResponse").await
     }
 
     async fn full_snapshot(
@@ -469,10 +498,10 @@ impl RaftNetworkV2<C> for PeerLink {
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<C>, RPCError<C>> {
         let payload = codec::encode(&req);
-        self.unary(
+        self.call(
+            RaftCallKind::TransferLeader,
             RPCTypes::TransferLeader,
             option.hard_ttl(),
-            |mut c, r| async move { c.transfer_leader(r).await },
             payload,
             "TransferLeaderResponse",
         )

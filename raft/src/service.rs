@@ -5,11 +5,16 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use eddy_proto::RAFT_WIRE_VERSION;
 use eddy_proto::v1::NodeHeartbeat;
+use eddy_proto::v1::RaftCallKind;
+use eddy_proto::v1::RaftCalls;
 use eddy_proto::v1::RaftReply;
 use eddy_proto::v1::RaftRequest;
+use eddy_proto::v1::RaftResult;
+use eddy_proto::v1::RaftResults;
 use eddy_proto::v1::raft_server;
 use futures::Stream;
 use futures::StreamExt;
@@ -17,6 +22,7 @@ use openraft::raft::AppendEntriesRequest;
 use openraft::raft::TransferLeaderRequest;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Request;
 use tonic::Response;
@@ -24,6 +30,7 @@ use tonic::Status;
 use tonic::Streaming;
 use tracing::debug;
 
+use crate::calls;
 use crate::codec;
 use crate::liveness::Liveness;
 use crate::liveness::TRANSFER_GRACE;
@@ -39,7 +46,11 @@ use crate::types::NodeId;
 use crate::types::Runtime;
 use crate::types::Snapshot;
 
+/// The longest a callee works on a call from a `Calls` stream, whatever deadline it names.
+const CALL_TIMEOUT_MAX_MS: u32 = 60_000;
+
 /// `eddy.v1.Raft` for one node.
+#[derive(Clone)]
 pub struct RaftService {
     registry: Arc<Registry>,
     liveness: Arc<Liveness>,
@@ -78,39 +89,14 @@ impl RaftService {
         check_version(req)?;
         self.group(req.group_id)
     }
-}
 
-fn check_version(req: &RaftRequest) -> Result<(), Status> {
-    if req.version != RAFT_WIRE_VERSION {
-        return Err(Status::invalid_argument(format!(
-            "version: Raft wire version {} is not supported (this node speaks {RAFT_WIRE_VERSION})",
-            req.version
-        )));
-    }
-    Ok(())
-}
-
-fn reply<T: serde::Serialize>(value: &T) -> Response<RaftReply> {
-    Response::new(RaftReply { payload: codec::encode(value).into() })
-}
-
-fn fatal(e: impl std::fmt::Display) -> Status {
-    Status::unavailable(format!("raft group stopped: {e}"))
-}
-
-type ReplyStream = Pin<Box<dyn Stream<Item = Result<RaftReply, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl raft_server::Raft for RaftService {
-    async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        let req = request.into_inner();
+    async fn do_vote(&self, req: RaftRequest) -> Result<RaftReply, Status> {
         let g = self.open(&req)?;
         let resp = g.vote(codec::decode(&req.payload, "VoteRequest")?).await.map_err(fatal)?;
-        Ok(reply(&resp))
+        Ok(reply_body(&resp))
     }
 
-    async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        let req = request.into_inner();
+    async fn do_pre_vote(&self, req: RaftRequest) -> Result<RaftReply, Status> {
         let g = self.open(&req)?;
         let vote_req: VoteRequest<C> = codec::decode(&req.payload, "VoteRequest")?;
         // Leader stickiness from node liveness (partition groups; the metadata group keeps
@@ -135,7 +121,7 @@ impl raft_server::Raft for RaftService {
                 term,
                 "refusing a pre-vote: the leader is alive"
             );
-            return Ok(reply(&VoteResponse::<C>::new(f.vote, None, false)));
+            return Ok(reply_body(&VoteResponse::<C>::new(f.vote, None, false)));
         }
         let resp = g.pre_vote(vote_req).await.map_err(fatal)?;
         if resp.vote_granted
@@ -143,7 +129,79 @@ impl raft_server::Raft for RaftService {
         {
             self.liveness.pre_vote_granted(req.group_id, c);
         }
-        Ok(reply(&resp))
+        Ok(reply_body(&resp))
+    }
+
+    async fn do_transfer_leader(&self, req: RaftRequest) -> Result<RaftReply, Status> {
+        let g = self.open(&req)?;
+        let transfer: TransferLeaderRequest<C> = codec::decode(&req.payload, "TransferLeaderRequest")?;
+        let (leader, term) =
+            (transfer.from_leader().leader_id().voted_for, transfer.from_leader().leader_id().term);
+        let resp = g.transfer_leader(transfer).await.map_err(fatal)?;
+        if req.group_id != META_GROUP {
+            // A leader that started a transfer accepts no writes until it is no longer leader,
+            // and openraft never abandons a transfer; with no election timers, a transfer the
+            // target cannot complete would leave the group stuck. So a replica that still
+            // follows that leader in that term after `TRANSFER_GRACE` counts it as gone.
+            let (liveness, group) = (self.liveness.clone(), req.group_id);
+            tokio::spawn(async move {
+                tokio::time::sleep(TRANSFER_GRACE).await;
+                let f = g.follows();
+                if !f.is_leader && f.leader == Some(leader) && f.vote.leader_id().term == term {
+                    debug!(group, leader, term, "leadership transfer did not complete: electing");
+                    liveness.disown(group, leader, term);
+                }
+            });
+        }
+        Ok(reply_body(&resp))
+    }
+
+    /// A call that arrived on a `Calls` stream.
+    async fn dispatch(&self, kind: i32, req: Option<RaftRequest>) -> Result<RaftReply, Status> {
+        let req = req.ok_or_else(|| Status::invalid_argument("request: missing"))?;
+        match RaftCallKind::try_from(kind) {
+            Ok(RaftCallKind::Vote) => self.do_vote(req).await,
+            Ok(RaftCallKind::PreVote) => self.do_pre_vote(req).await,
+            Ok(RaftCallKind::TransferLeader) => self.do_transfer_leader(req).await,
+            Ok(RaftCallKind::Unspecified) | Err(_) => {
+                Err(Status::invalid_argument(format!("kind: {kind} is not a known Raft call")))
+            }
+        }
+    }
+}
+
+fn check_version(req: &RaftRequest) -> Result<(), Status> {
+    if req.version != RAFT_WIRE_VERSION {
+        return Err(Status::invalid_argument(format!(
+            "version: Raft wire version {} is not supported (this node speaks {RAFT_WIRE_VERSION})",
+            req.version
+        )));
+    }
+    Ok(())
+}
+
+fn reply<T: serde::Serialize>(value: &T) -> Response<RaftReply> {
+    Response::new(reply_body(value))
+}
+
+fn reply_body<T: serde::Serialize>(value: &T) -> RaftReply {
+    RaftReply { payload: codec::encode(value).into() }
+}
+
+fn fatal(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("raft group stopped: {e}"))
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<RaftReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        self.do_vote(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        self.do_pre_vote(request.into_inner()).await.map(Response::new)
     }
 
     async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
@@ -189,28 +247,46 @@ impl raft_server::Raft for RaftService {
     }
 
     async fn transfer_leader(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        let req = request.into_inner();
-        let g = self.open(&req)?;
-        let transfer: TransferLeaderRequest<C> = codec::decode(&req.payload, "TransferLeaderRequest")?;
-        let (leader, term) =
-            (transfer.from_leader().leader_id().voted_for, transfer.from_leader().leader_id().term);
-        let resp = g.transfer_leader(transfer).await.map_err(fatal)?;
-        if req.group_id != META_GROUP {
-            // A leader that started a transfer accepts no writes until it is no longer leader,
-            // and openraft never abandons a transfer; with no election timers, a transfer the
-            // target cannot complete would leave the group stuck. So a replica that still
-            // follows that leader in that term after `TRANSFER_GRACE` counts it as gone.
-            let (liveness, group) = (self.liveness.clone(), req.group_id);
-            tokio::spawn(async move {
-                tokio::time::sleep(TRANSFER_GRACE).await;
-                let f = g.follows();
-                if !f.is_leader && f.leader == Some(leader) && f.vote.leader_id().term == term {
-                    debug!(group, leader, term, "leadership transfer did not complete: electing");
-                    liveness.disown(group, leader, term);
+        self.do_transfer_leader(request.into_inner()).await.map(Response::new)
+    }
+
+    type CallsStream = Pin<Box<dyn Stream<Item = Result<RaftResults, Status>> + Send>>;
+
+    async fn calls(
+        &self,
+        request: Request<Streaming<RaftCalls>>,
+    ) -> Result<Response<Self::CallsStream>, Status> {
+        let mut input = request.into_inner();
+        let (tx, rx) = mpsc::unbounded_channel::<RaftResult>();
+        let (service, shutdown) = (self.clone(), self.shutdown.clone());
+        // Each call runs as a task of its own, so a slow group delays no other group's call.
+        tokio::spawn(async move {
+            loop {
+                let batch = tokio::select! {
+                    m = input.message() => m,
+                    () = shutdown.cancelled() => break,
+                };
+                let Ok(Some(batch)) = batch else { break };
+                for call in batch.calls {
+                    let (service, tx) = (service.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let ttl = Duration::from_millis(u64::from(call.timeout_ms.clamp(1, CALL_TIMEOUT_MAX_MS)));
+                        let r = match tokio::time::timeout(ttl, service.dispatch(call.kind, call.request))
+                            .await
+                        {
+                            Err(_) => Err(Status::deadline_exceeded(format!("no result within {ttl:?}"))),
+                            Ok(r) => r.map(|reply| reply.payload),
+                        };
+                        let _ = tx.send(calls::result(call.id, r));
+                    });
                 }
-            });
-        }
-        Ok(reply(&resp))
+            }
+        });
+        // The stream ends once the caller's calls have ended and every call has its result.
+        let results = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
+            .ready_chunks(calls::CALLS_PER_FRAME)
+            .map(|results| Ok(RaftResults { results }));
+        Ok(Response::new(Box::pin(results.take_until(self.shutdown.clone().cancelled_owned()))))
     }
 
     async fn heartbeat(&self, request: Request<NodeHeartbeat>) -> Result<Response<NodeHeartbeat>, Status> {

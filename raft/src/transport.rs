@@ -14,6 +14,7 @@ use futures::future::BoxFuture;
 use tonic::transport::Channel;
 use tonic::transport::Endpoint;
 
+use crate::calls::CallLink;
 use crate::types::NodeId;
 
 /// How long to wait for a TCP connection to a peer.
@@ -108,15 +109,30 @@ impl Connector for TcpConnector {
     }
 }
 
-/// One channel per peer, keyed by node id and address.
+/// One channel per peer, keyed by node id and address, and one [`CallLink`] on it.
 pub struct Peers {
     connector: Arc<dyn Connector>,
     channels: Mutex<BTreeMap<NodeId, (String, Channel)>>,
+    links: Mutex<BTreeMap<NodeId, (String, Arc<CallLink>)>>,
 }
 
 impl Peers {
     pub fn new(connector: Arc<dyn Connector>) -> Self {
-        Self { connector, channels: Mutex::new(BTreeMap::new()) }
+        Self { connector, channels: Mutex::new(BTreeMap::new()), links: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// The stream that carries every group's short calls to `node` at `addr`; a new one if the
+    /// address changed.
+    pub fn call_link(&self, node: NodeId, addr: &str) -> Arc<CallLink> {
+        let mut links = self.links.lock().expect("peers lock poisoned");
+        if let Some((a, link)) = links.get(&node)
+            && a == addr
+        {
+            return link.clone();
+        }
+        let link = Arc::new(CallLink::new(node));
+        links.insert(node, (addr.to_owned(), link.clone()));
+        link
     }
 
     /// The channel to `node` at `addr`; a new one if the address changed.
@@ -135,6 +151,7 @@ impl Peers {
     /// Makes the next call to `node` open a new connection; calls under way keep theirs.
     pub fn reconnect(&self, node: NodeId) {
         self.channels.lock().expect("peers lock poisoned").remove(&node);
+        self.links.lock().expect("peers lock poisoned").remove(&node);
     }
 
     /// A channel to an address that is not (yet) a known node, e.g. a broker's client port.
