@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -50,6 +51,10 @@ type CallResult = Result<Bytes, Status>;
 pub struct CallLink {
     target: NodeId,
     current: Mutex<Option<Arc<Stream>>>,
+    /// The peer answered `UNIMPLEMENTED`: it is of a version without `Calls` (a rolling
+    /// upgrade), and its calls go the old way until the link is replaced (`Peers::reconnect`,
+    /// when the peer comes back up, as after its upgrade).
+    unsupported: AtomicBool,
 }
 
 /// One `Calls` stream and the calls waiting for its results.
@@ -74,7 +79,12 @@ impl Stream {
 
 impl CallLink {
     pub fn new(target: NodeId) -> Self {
-        Self { target, current: Mutex::new(None) }
+        Self { target, current: Mutex::new(None), unsupported: AtomicBool::new(false) }
+    }
+
+    /// False once the peer has answered that it has no `Calls`.
+    pub fn supported(&self) -> bool {
+        !self.unsupported.load(Ordering::Relaxed)
     }
 
     /// Makes a call on the stream to the peer, opening one on `channel` if none is open, and
@@ -169,6 +179,9 @@ async fn run(
         }
     };
     debug!(target = link.target, "call stream ended: {why}");
+    if why.code() == Code::Unimplemented {
+        link.unsupported.store(true, Ordering::Relaxed);
+    }
     let waiting = {
         let mut w = stream.waiting();
         w.closed = true;

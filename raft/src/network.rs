@@ -19,6 +19,7 @@ use eddy_proto::v1::RaftCallKind;
 use eddy_proto::v1::RaftReply;
 use eddy_proto::v1::RaftRequest;
 use eddy_proto::v1::raft_client::RaftClient;
+use futures::FutureExt;
 use futures::StreamExt;
 use openraft::AnyError;
 use openraft::OptionalSend;
@@ -77,6 +78,10 @@ pub const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(320);
 /// dead node's 1,000 partitions. The group's watch ends the wait when the peer comes back up
 /// (`Trigger::reset_backoff`), so a returning follower is not kept waiting.
 pub const DOWN_BACKOFF: Duration = Duration::from_secs(2);
+/// Largest request of a one-request replication session that goes on the `Calls` stream (see
+/// `PeerLink::stream_append`); a heartbeat is far smaller. Bounds a `Calls` frame to
+/// `CALLS_PER_FRAME` times this.
+pub const SINGLE_CALL_BYTES_MAX: usize = 4096;
 /// gRPC metadata key naming the group of a `StreamAppend` stream.
 pub const GROUP_HEADER: &str = "eddy-group-id";
 /// Largest Raft message, in bytes. Entries are bounded by the produce request limit, and
@@ -237,10 +242,12 @@ impl PeerLink {
         }
         let link = self.peers.call_link(self.target, &self.addr);
         let (peers, target, addr) = (self.peers.clone(), self.target, self.addr.clone());
-        let reply = match link
-            .call(move || peers.channel(target, &addr), kind, self.envelope(payload.clone()), ttl)
-            .await
-        {
+        let called = if link.supported() {
+            link.call(move || peers.channel(target, &addr), kind, self.envelope(payload.clone()), ttl).await
+        } else {
+            Err(Status::unimplemented("the peer has no Calls"))
+        };
+        let reply = match called {
             Ok(reply) => reply,
             // A node of an older version (a rolling upgrade) has no `Calls`: ask it directly.
             Err(s) if s.code() == Code::Unimplemented => {
@@ -262,6 +269,22 @@ impl PeerLink {
             Err(s) => return Err(self.rpc_error(s, action, ttl)),
         };
         codec::decode(&reply, what).map_err(|s| self.rpc_error(s, action, ttl))
+    }
+
+    /// A replication session of one request, on the peer's `Calls` stream.
+    async fn single_append(
+        &mut self,
+        request: RaftRequest,
+        ttl: Duration,
+    ) -> Result<StreamAppendResult<C>, RPCError<C>> {
+        let link = self.peers.call_link(self.target, &self.addr);
+        let (peers, target, addr) = (self.peers.clone(), self.target, self.addr.clone());
+        let action = RPCTypes::AppendEntries;
+        let reply = link
+            .call(move || peers.channel(target, &addr), RaftCallKind::Append, request, ttl)
+            .await
+            .map_err(|s| self.rpc_error(s, action, ttl))?;
+        codec::decode(&reply, "StreamAppendResult").map_err(|s| self.rpc_error(s, action, ttl))
     }
 
     fn rpc_error(&self, status: Status, action: RPCTypes, ttl: Duration) -> RPCError<C> {
@@ -392,7 +415,22 @@ impl RaftNetworkV2<C> for PeerLink {
             if let Some(e) = self.judged_down() {
                 return Err(e);
             }
-            let mut req = tonic::Request::new(futures::stream::once(async move { first }).chain(requests));
+            // A session of one small request (a heartbeat: openraft sends each as a session of
+            // its own) goes on the peer's `Calls` stream with other groups' calls instead of
+            // opening an HTTP/2 stream of its own.
+            let calls = self.peers.call_link(target, &self.addr).supported();
+            let second = match requests.next().now_or_never() {
+                Some(None) if calls && first.payload.len() <= SINGLE_CALL_BYTES_MAX => {
+                    let result = self.single_append(first, ttl).await;
+                    let result = result.inspect_err(|_| failed.mark(target));
+                    return Ok(Box::pin(futures::stream::once(async move { result })) as BoxStream<'s, _>);
+                }
+                Some(None) => None,
+                Some(Some(second)) => Some(second),
+                None => None,
+            };
+            let head = futures::stream::iter(std::iter::once(first).chain(second));
+            let mut req = tonic::Request::new(head.chain(requests));
             req.metadata_mut().insert(GROUP_HEADER, group.into());
             let established = tokio::time::timeout(response_timeout, client.stream_append(req)).await;
             let responses = match established {

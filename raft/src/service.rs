@@ -156,6 +156,21 @@ impl RaftService {
         Ok(reply_body(&resp))
     }
 
+    /// A replication session of one request (a heartbeat), as `stream_append` would run it.
+    async fn do_append_one(&self, req: RaftRequest) -> Result<RaftReply, Status> {
+        let g = self.open(&req)?;
+        let rpc: AppendEntriesRequest<C> = codec::decode(&req.payload, "AppendEntriesRequest")?;
+        let input: futures::stream::BoxStream<'static, AppendEntriesRequest<C>> =
+            Box::pin(futures::stream::once(async move { rpc }));
+        // openraft spawns a task per session; its randomness must come from a seeded scope.
+        let output = Runtime::scope(self.seed ^ req.group_id, async move { g.stream_append(input) }).await;
+        match Box::pin(output).next().await {
+            Some(Ok(result)) => Ok(reply_body(&result)),
+            Some(Err(e)) => Err(fatal(e)),
+            None => Err(Status::unavailable("raft group stopped: the session ended without a result")),
+        }
+    }
+
     /// A call that arrived on a `Calls` stream.
     async fn dispatch(&self, kind: i32, req: Option<RaftRequest>) -> Result<RaftReply, Status> {
         let req = req.ok_or_else(|| Status::invalid_argument("request: missing"))?;
@@ -163,6 +178,7 @@ impl RaftService {
             Ok(RaftCallKind::Vote) => self.do_vote(req).await,
             Ok(RaftCallKind::PreVote) => self.do_pre_vote(req).await,
             Ok(RaftCallKind::TransferLeader) => self.do_transfer_leader(req).await,
+            Ok(RaftCallKind::Append) => self.do_append_one(req).await,
             Ok(RaftCallKind::Unspecified) | Err(_) => {
                 Err(Status::invalid_argument(format!("kind: {kind} is not a known Raft call")))
             }
@@ -270,7 +286,8 @@ impl raft_server::Raft for RaftService {
                 for call in batch.calls {
                     let (service, tx) = (service.clone(), tx.clone());
                     tokio::spawn(async move {
-                        let ttl = Duration::from_millis(u64::from(call.timeout_ms.clamp(1, CALL_TIMEOUT_MAX_MS)));
+                        let ttl =
+                            Duration::from_millis(u64::from(call.timeout_ms.clamp(1, CALL_TIMEOUT_MAX_MS)));
                         let r = match tokio::time::timeout(ttl, service.dispatch(call.kind, call.request))
                             .await
                         {
