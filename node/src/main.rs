@@ -132,11 +132,13 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
     info!(max_open_log_files, open_file_limit = file_limit, "log files kept open at most");
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data_dir {}", config.data_dir.display()))?;
+    let vfs = RealVfs::open(usize::try_from(max_open_log_files).unwrap_or(usize::MAX), &config.data_dir)
+        .context("start the log file system")?;
     let state_store = SledStateStore::open(&config.data_dir.join("state")).context("open the state store")?;
     let mut seed = [0u8; 8];
     getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("read OS randomness: {e}"))?;
     let env = NodeEnv {
-        vfs: Arc::new(RealVfs::new(usize::try_from(max_open_log_files).unwrap_or(usize::MAX))),
+        vfs: Arc::new(vfs),
         state_store: Arc::new(state_store),
         clock: Arc::new(SystemClock),
         connector: Arc::new(TcpConnector),

@@ -73,16 +73,26 @@ pub struct RealVfs {
 
 impl RealVfs {
     /// A file system that keeps at most `max_open` descriptors open (at least 1), except for files
-    /// with unsynced writes, which keep theirs until the sync.
+    /// with unsynced writes, which keep theirs until the sync, and that batches the syncs of
+    /// files on `data_dir`'s filesystem (see `Syncer`).
+    pub fn open(max_open: usize, data_dir: &Path) -> io::Result<Self> {
+        Self::build(max_open, Some(data_dir))
+    }
+
+    /// As [`Self::open`], without batching: every file gets its own `fdatasync` (tests, tools).
     pub fn new(max_open: usize) -> Self {
-        Self {
+        Self::build(max_open, None).expect("start the log syncer thread")
+    }
+
+    fn build(max_open: usize, data_dir: Option<&Path>) -> io::Result<Self> {
+        Ok(Self {
             descriptors: Arc::new(Descriptors {
                 max_open: max_open.max(1),
                 state: Mutex::new(DescriptorState::default()),
                 opens: AtomicU64::new(0),
-                syncer: Syncer::start(),
+                syncer: Syncer::start(data_dir)?,
             }),
-        }
+        })
     }
 
     /// Descriptors open now.
@@ -330,9 +340,18 @@ struct SyncRequest {
 const SYNC_ROUND_MAX: usize = 4096;
 
 impl Syncer {
-    fn start() -> Self {
+    /// Batches syncs of files on the filesystem of `witness_dir` (opened now); with `None`, or on
+    /// a kernel whose `syncfs` does not report errors, every file gets its own `fdatasync`.
+    fn start(witness_dir: Option<&Path>) -> io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<SyncRequest>();
-        let batch = syncfs_reports_errors();
+        let witness = match witness_dir {
+            Some(dir) if syncfs_reports_errors() => {
+                let file = File::open(dir)?;
+                let device = std::os::unix::fs::MetadataExt::dev(&file.metadata()?);
+                Some(Witness { device, file, failed: None })
+            }
+            _ => None,
+        };
         let batched = Arc::new(AtomicU64::new(0));
         let counter = batched.clone();
         // Production only: the simulator's disk is `MemDisk`, which never gets here. The thread
@@ -340,11 +359,9 @@ impl Syncer {
         #[allow(clippy::disallowed_methods)]
         let spawned = std::thread::Builder::new()
             .name("eddy-sync".into())
-            .spawn(move || sync_rounds(&rx, batch, &counter));
-        if let Err(e) = spawned {
-            tracing::error!("could not start the log syncer thread: {e}; syncs will fail");
-        }
-        Self { tx, batched }
+            .spawn(move || sync_rounds(&rx, witness, &counter));
+        spawned?;
+        Ok(Self { tx, batched })
     }
 
     async fn sync(&self, file: Arc<File>) -> io::Result<()> {
@@ -357,7 +374,24 @@ impl Syncer {
     }
 }
 
-fn sync_rounds(rx: &std::sync::mpsc::Receiver<SyncRequest>, batch: bool, batched: &AtomicU64) {
+/// The filesystem a `syncfs` may flush for the syncer: its device, and a descriptor opened
+/// when the node started, before any log write. `syncfs` reports a write-back error of the
+/// filesystem once per descriptor that was open when it happened; through this one, every error
+/// since start-up is reported at the next `syncfs`, whichever file it struck.
+struct Witness {
+    device: u64,
+    file: File,
+    /// Set by the first error a `syncfs` reported: which file it struck is unknown, so from then
+    /// on every sync on this filesystem fails (the log directory is offline, as Kafka takes a log
+    /// directory offline after an I/O error).
+    failed: Option<String>,
+}
+
+fn sync_rounds(
+    rx: &std::sync::mpsc::Receiver<SyncRequest>,
+    mut witness: Option<Witness>,
+    batched: &AtomicU64,
+) {
     while let Ok(first) = rx.recv() {
         let mut round = vec![first];
         while round.len() < SYNC_ROUND_MAX {
@@ -366,34 +400,49 @@ fn sync_rounds(rx: &std::sync::mpsc::Receiver<SyncRequest>, batch: bool, batched
                 Err(_) => break,
             }
         }
-        if !batch || round.len() == 1 {
-            for r in round {
-                let _ = r.done.send(r.file.sync_data());
-            }
-            continue;
-        }
-        // One `syncfs` per filesystem the round's files live on.
-        let mut by_device: BTreeMap<u64, Vec<SyncRequest>> = BTreeMap::new();
+        // The requests for the witness's filesystem are synced together; any other file (none,
+        // when the logs live under the data directory) gets its own `fdatasync`.
+        let mut together = Vec::new();
         for r in round {
-            match r.file.metadata() {
-                Ok(m) => by_device.entry(std::os::unix::fs::MetadataExt::dev(&m)).or_default().push(r),
-                Err(e) => {
+            let device = r.file.metadata().map(|m| std::os::unix::fs::MetadataExt::dev(&m));
+            match (&witness, device) {
+                (_, Err(e)) => {
                     let _ = r.done.send(Err(e));
+                }
+                (Some(w), Ok(d)) if d == w.device => together.push(r),
+                _ => {
+                    let _ = r.done.send(r.file.sync_data());
                 }
             }
         }
-        for (_, requests) in by_device {
-            let result = if requests.len() == 1 {
-                requests[0].file.sync_data()
-            } else {
-                batched.fetch_add(requests.len() as u64, Ordering::Relaxed);
-                syncfs(&requests[0].file)
-            };
-            for r in requests {
-                let _ = r
-                    .done
-                    .send(result.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string())));
+        let Some(w) = witness.as_mut() else { continue };
+        if w.failed.is_none() {
+            match together.len() {
+                0 => continue,
+                1 => {
+                    let r = together.pop().expect("one");
+                    let _ = r.done.send(r.file.sync_data());
+                    continue;
+                }
+                n => {
+                    batched.fetch_add(n as u64, Ordering::Relaxed);
+                    if let Err(e) = syncfs(&w.file) {
+                        tracing::error!(
+                            "syncfs of the log filesystem failed; every log sync fails from now on: {e}"
+                        );
+                        w.failed = Some(e.to_string());
+                    }
+                }
             }
+        }
+        for r in together {
+            let result = match &w.failed {
+                None => Ok(()),
+                Some(e) => {
+                    Err(io::Error::other(format!("an earlier syncfs of the log filesystem failed: {e}")))
+                }
+            };
+            let _ = r.done.send(result);
         }
     }
 }
@@ -531,7 +580,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_syncs_are_made_together() -> io::Result<()> {
         let dir = tempfile::tempdir()?;
-        let vfs = RealVfs::new(4);
+        let vfs = RealVfs::open(4, dir.path())?;
         let files: Vec<_> =
             (0..64).map(|i| vfs.open(&dir.path().join(format!("f{i}")), true)).collect::<io::Result<_>>()?;
         for round in 0..5u8 {
