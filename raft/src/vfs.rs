@@ -322,9 +322,9 @@ impl DescriptorState {
 /// back every dirty file there and flushes the device once (1,000 files with a small append
 /// each: 2.4 ms, against 140 ms one `fdatasync` after another and 36 ms from 16 threads,
 /// `bench/sync_probe.py`). `syncfs` reports write-back errors of the filesystem since Linux
-/// 5.8; on older kernels every file gets its own `fdatasync`. An error fails every request of
-/// that round on that filesystem, so their groups stop accepting writes, as after any failed
-/// sync.
+/// 5.8; on older kernels every file gets its own `fdatasync`. A `syncfs` error takes the
+/// filesystem's logs offline for good (see [`Witness`]): every group on it stops accepting
+/// writes, as after any failed sync.
 struct Syncer {
     tx: std::sync::mpsc::Sender<SyncRequest>,
     /// Files made durable by a `syncfs` together with others.
