@@ -28,6 +28,12 @@ pub enum BrokerError {
     NotReplica { what: String, me: NodeId, replicas: Vec<NodeId> },
     #[error("out-of-order sequence for producer {producer_id}: expected base_sequence {expected}, got {got}")]
     OutOfOrderSequence { producer_id: u64, expected: u64, got: u64 },
+    /// The partition knows nothing of the producer (new and its first batch not yet written, or
+    /// forgotten) and the batch does not start at sequence 0.
+    #[error(
+        "unknown producer {producer_id} on this partition: a first batch must start at sequence 0, got {got}"
+    )]
+    UnknownProducer { producer_id: u64, got: u64 },
     #[error("offset {offset} is below the log start offset {log_start} of {what}")]
     OffsetOutOfRange { what: String, offset: u64, log_start: u64 },
     #[error("{0}")]
@@ -68,6 +74,7 @@ impl BrokerError {
             Self::NotLeader { .. } => "not_leader",
             Self::NotReplica { .. } => "not_replica",
             Self::OutOfOrderSequence { .. } => "out_of_order_sequence",
+            Self::UnknownProducer { .. } => "unknown_producer",
             Self::OffsetOutOfRange { .. } => "offset_out_of_range",
             Self::NotEnoughNodes(_) => "not_enough_nodes",
             Self::UnknownGroup(_) => "unknown_group",
@@ -86,9 +93,10 @@ impl BrokerError {
             Self::Fenced(_) => Code::FailedPrecondition,
             Self::TopicExists(_) => Code::AlreadyExists,
             Self::Conflict(_) => Code::FailedPrecondition,
-            Self::NotLeader { .. } | Self::NotReplica { .. } | Self::OutOfOrderSequence { .. } => {
-                Code::FailedPrecondition
-            }
+            Self::NotLeader { .. }
+            | Self::NotReplica { .. }
+            | Self::OutOfOrderSequence { .. }
+            | Self::UnknownProducer { .. } => Code::FailedPrecondition,
             Self::OffsetOutOfRange { .. } => Code::OutOfRange,
             Self::Timeout(_) => Code::DeadlineExceeded,
             Self::Unavailable(_) => Code::Unavailable,

@@ -22,4 +22,6 @@ pub use group::GroupConfig;
 pub use group::GroupConsumer;
 pub use offsets::OffsetSpec;
 pub use producer::Ack;
+pub use producer::MAX_IN_FLIGHT_LIMIT;
 pub use producer::Producer;
+pub use producer::ProducerConfig;

@@ -1,17 +1,28 @@
 //! [`Producer`]: an idempotent, batching producer for one topic.
 //!
-//! Each partition has a worker with at most one request in flight. Records sent while a request
-//! is in flight queue up and go out together in the next request, so the batch size adapts to
-//! the load: one record per request when idle, thousands under pressure. Each worker has its own
-//! producer id and sequence numbers, and retries a failed request with the same sequence, so a
-//! retry across a leader failover is never written twice.
+//! Each partition has a worker with up to [`ProducerConfig::max_in_flight`] requests in flight.
+//! Records sent while every request slot is taken queue up and go out together in the next
+//! request, so the batch size adapts to the load: one record per request when idle, thousands
+//! under pressure. Each worker has its own producer id and sequence numbers, and retries a failed
+//! request with the same sequence, so a retry across a leader failover is never written twice.
+//!
+//! Requests in flight may reach the partition's log out of order (they travel as separate
+//! HTTP/2 streams, and a leader change sends them to a new node one by one). The partition writes
+//! a producer's batches only in sequence order and refuses one that skips ahead; the worker
+//! handles answers oldest first, and sends a refused batch again once the batches before it are
+//! answered. A retried batch that was already written is answered with its original offsets (the
+//! partition remembers a producer's last five batches, hence at most five in flight).
 
 use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU32;
 use std::sync::atomic::Ordering;
 
 use eddy_proto::v1 as pb;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
@@ -23,6 +34,27 @@ use crate::error::Result;
 
 /// Records queued per partition before `send` waits.
 const QUEUE_RECORDS_MAX: usize = 65_536;
+
+/// The most requests in flight per partition: the partition remembers a producer's last five
+/// batches to answer retries, as Kafka's brokers do.
+pub const MAX_IN_FLIGHT_LIMIT: usize = 5;
+
+/// How a [`Producer`] batches and pipelines. The defaults are what an application should get
+/// without tuning: five requests in flight per partition and no lingering (a record goes out at
+/// once when a request slot is free; under load, batches grow while the slots are taken).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerConfig {
+    /// Requests in flight per partition, 1 to [`MAX_IN_FLIGHT_LIMIT`].
+    pub max_in_flight: usize,
+    /// How long a batch that is not full waits for more records before it is sent.
+    pub linger: std::time::Duration,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        Self { max_in_flight: MAX_IN_FLIGHT_LIMIT, linger: std::time::Duration::ZERO }
+    }
+}
 
 /// Where a record was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +74,7 @@ pub struct Producer {
     topic: String,
     n_partitions: u32,
     max_event_bytes: usize,
+    config: ProducerConfig,
     workers: Mutex<BTreeMap<u32, mpsc::Sender<Pending>>>,
     round_robin: AtomicU32,
     tasks: TaskTracker,
@@ -70,8 +103,19 @@ fn record_size(r: &pb::Record) -> usize {
 }
 
 impl Producer {
-    /// A producer for `topic`, which must exist.
+    /// A producer for `topic`, which must exist, with the default [`ProducerConfig`].
     pub async fn new(client: Client, topic: &str) -> Result<Self> {
+        Self::with_config(client, topic, ProducerConfig::default()).await
+    }
+
+    /// A producer for `topic`, which must exist.
+    pub async fn with_config(client: Client, topic: &str, config: ProducerConfig) -> Result<Self> {
+        if !(1..=MAX_IN_FLIGHT_LIMIT).contains(&config.max_in_flight) {
+            return Err(ClientError::Invalid(format!(
+                "max in-flight requests per partition: 1 to {MAX_IN_FLIGHT_LIMIT}, got {}",
+                config.max_in_flight
+            )));
+        }
         let n_partitions = client.partition_count(topic).await?;
         let max_event_bytes = client
             .metadata()
@@ -85,6 +129,7 @@ impl Producer {
             topic: topic.to_owned(),
             n_partitions,
             max_event_bytes,
+            config,
             workers: Mutex::new(BTreeMap::new()),
             round_robin: AtomicU32::new(0),
             tasks: TaskTracker::new(),
@@ -93,6 +138,10 @@ impl Producer {
 
     pub fn partitions(&self) -> u32 {
         self.n_partitions
+    }
+
+    pub fn config(&self) -> ProducerConfig {
+        self.config
     }
 
     /// Queues `record` for `partition` (or the key's partition, or the next one round-robin),
@@ -131,13 +180,7 @@ impl Producer {
             .entry(partition)
             .or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(QUEUE_RECORDS_MAX);
-                let w = Worker {
-                    client: self.client.clone(),
-                    topic: self.topic.clone(),
-                    partition,
-                    producer_id: None,
-                    sequence: 0,
-                };
+                let w = Worker::new(self.client.clone(), self.topic.clone(), partition, self.config);
                 self.tasks.spawn(w.run(rx));
                 tx
             })
@@ -152,39 +195,142 @@ impl Producer {
     }
 }
 
+/// A batch sent and not yet answered.
+struct Sent {
+    batch: Vec<Pending>,
+    producer_id: u64,
+    base_sequence: u64,
+    /// Whether an earlier request of this partition was unanswered when this one was sent: it
+    /// may then have reached the log first and been refused as out of order, and is sent again
+    /// once the earlier one is answered.
+    behind: bool,
+}
+
+type Answer = BoxFuture<'static, Result<pb::ProduceResponse>>;
+
 struct Worker {
     client: Client,
     topic: String,
     partition: u32,
+    config: ProducerConfig,
     producer_id: Option<u64>,
+    /// The sequence of the next new batch.
     sequence: u64,
+    /// Batches in flight, oldest first, and their answers in the same order.
+    sent: VecDeque<Sent>,
+    answers: FuturesOrdered<Answer>,
+    /// A batch failed for good: nothing new is sent with this producer id, and once every
+    /// batch in flight is answered the next batch starts with a new one.
+    failed: bool,
+    /// Batches to send again, first, with a new producer id (the partition forgot the old one).
+    again: VecDeque<Vec<Pending>>,
+    /// A record taken from the queue that did not fit the batch before it.
+    carry: Option<Pending>,
 }
 
 impl Worker {
-    async fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
-        while let Some(first) = rx.recv().await {
-            let limits = self.client.metadata().limits;
-            let max_records = (limits.max_batch_records.max(1)) as usize;
-            let max_bytes = (limits.max_request_bytes.max(1)) as usize;
-            let mut bytes = first.size;
-            let mut batch = vec![first];
-            while batch.len() < max_records {
-                match rx.try_recv() {
-                    Ok(p) if bytes + p.size <= max_bytes => {
-                        bytes += p.size;
-                        batch.push(p);
-                    }
-                    Ok(p) => {
-                        // Does not fit: it starts the next batch.
-                        self.send(batch).await;
-                        bytes = p.size;
-                        batch = vec![p];
-                    }
-                    Err(_) => break,
-                }
-            }
-            self.send(batch).await;
+    fn new(client: Client, topic: String, partition: u32, config: ProducerConfig) -> Self {
+        Self {
+            client,
+            topic,
+            partition,
+            config,
+            producer_id: None,
+            sequence: 0,
+            sent: VecDeque::new(),
+            answers: FuturesOrdered::new(),
+            failed: false,
+            again: VecDeque::new(),
+            carry: None,
         }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
+        let mut open = true;
+        loop {
+            while !self.failed && self.sent.len() < self.config.max_in_flight {
+                let batch = match self.again.pop_front() {
+                    Some(b) => b,
+                    None => match self.next_batch(&mut rx, &mut open).await {
+                        Some(b) => b,
+                        None => break,
+                    },
+                };
+                self.start(batch).await;
+            }
+            if self.sent.is_empty() && self.again.is_empty() {
+                if !open {
+                    return;
+                }
+                // Nothing in flight: wait for a record.
+                match rx.recv().await {
+                    Some(p) => self.carry = Some(p),
+                    None => open = false,
+                }
+                continue;
+            }
+            let room = !self.failed && self.sent.len() < self.config.max_in_flight;
+            tokio::select! {
+                biased;
+                Some(answer) = self.answers.next() => self.answered(answer),
+                p = rx.recv(), if open && room && self.carry.is_none() && self.again.is_empty() => match p {
+                    Some(p) => self.carry = Some(p),
+                    None => open = false,
+                },
+            }
+        }
+    }
+
+    /// The next batch from the queue: what is there now (after `linger`, if the batch is not
+    /// full), up to the request limits. `None` when the queue is empty.
+    async fn next_batch(
+        &mut self,
+        rx: &mut mpsc::Receiver<Pending>,
+        open: &mut bool,
+    ) -> Option<Vec<Pending>> {
+        let first = match self.carry.take() {
+            Some(p) => p,
+            None => rx.try_recv().ok()?,
+        };
+        let limits = self.client.metadata().limits;
+        let max_records = (limits.max_batch_records.max(1)) as usize;
+        let max_bytes = (limits.max_request_bytes.max(1)) as usize;
+        let mut bytes = first.size;
+        let mut batch = vec![first];
+        let linger = tokio::time::sleep(self.config.linger);
+        tokio::pin!(linger);
+        let mut lingered = self.config.linger.is_zero();
+        while batch.len() < max_records {
+            let p = match rx.try_recv() {
+                Ok(p) => p,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    *open = false;
+                    break;
+                }
+                Err(mpsc::error::TryRecvError::Empty) if lingered => break,
+                Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
+                    p = rx.recv() => match p {
+                        Some(p) => p,
+                        None => {
+                            *open = false;
+                            break;
+                        }
+                    },
+                    () = &mut linger => {
+                        lingered = true;
+                        continue;
+                    }
+                },
+            };
+            if bytes + p.size > max_bytes {
+                // Does not fit: it starts the next batch.
+                self.carry = Some(p);
+                break;
+            }
+            bytes += p.size;
+            batch.push(p);
+        }
+        Some(batch)
     }
 
     async fn producer_id(&mut self) -> Result<u64> {
@@ -206,44 +352,92 @@ impl Worker {
         }
     }
 
-    async fn send(&mut self, batch: Vec<Pending>) {
-        let result = self.try_send(&batch).await;
-        match result {
-            Ok(base_offset) => {
-                for (i, p) in batch.into_iter().enumerate() {
-                    let _ = p.tx.send(Ok(Ack { partition: self.partition, offset: base_offset + i as u64 }));
-                }
-            }
+    /// Sends a new batch with the next sequence numbers.
+    async fn start(&mut self, batch: Vec<Pending>) {
+        let producer_id = match self.producer_id().await {
+            Ok(id) => id,
             Err(e) => {
-                // The sequence can no longer continue where the server expects it: the next
-                // batch starts afresh with a new producer id.
-                self.producer_id = None;
                 for p in batch {
                     let _ = p.tx.send(Err(e.clone()));
                 }
+                return;
             }
-        }
+        };
+        let base_sequence = self.sequence;
+        self.sequence += batch.len() as u64;
+        let sent = Sent { batch, producer_id, base_sequence, behind: !self.sent.is_empty() };
+        self.answers.push_back(self.request(&sent));
+        self.sent.push_back(sent);
     }
 
-    async fn try_send(&mut self, batch: &[Pending]) -> Result<u64> {
-        let producer_id = self.producer_id().await?;
+    fn request(&self, s: &Sent) -> Answer {
         let req = pb::ProduceRequest {
             topic: self.topic.clone(),
             partition: Some(self.partition),
-            records: batch.iter().map(|p| p.record.clone()).collect(),
-            producer_id,
-            base_sequence: self.sequence,
+            records: s.batch.iter().map(|p| p.record.clone()).collect(),
+            producer_id: s.producer_id,
+            base_sequence: s.base_sequence,
             timeout_ms: 0,
         };
-        let resp = self.client.produce(req).await?;
-        if resp.count as usize != batch.len() {
-            return Err(ClientError::Unavailable(format!(
-                "the broker acknowledged {} records of a batch of {}",
-                resp.count,
-                batch.len()
-            )));
+        let client = self.client.clone();
+        Box::pin(async move { client.produce(req).await })
+    }
+
+    /// Handles the answer to the oldest batch in flight.
+    fn answered(&mut self, answer: Result<pb::ProduceResponse>) {
+        let mut s = self.sent.pop_front().expect("an answer belongs to a batch in flight");
+        let code = answer.as_ref().err().and_then(|e| e.code().map(str::to_owned));
+        match answer {
+            Ok(resp) if resp.count as usize == s.batch.len() => {
+                for (i, p) in s.batch.into_iter().enumerate() {
+                    let _ =
+                        p.tx.send(Ok(Ack { partition: self.partition, offset: resp.base_offset + i as u64 }));
+                }
+            }
+            Ok(resp) => {
+                let e = ClientError::Unavailable(format!(
+                    "the broker acknowledged {} records of a batch of {}",
+                    resp.count,
+                    s.batch.len()
+                ));
+                self.fail(s.batch, e)
+            }
+            // This batch overtook an earlier one, which is now answered: send it again, ahead of
+            // the later ones. It is the oldest in flight now, so this happens once per batch.
+            Err(_)
+                if s.behind
+                    && !self.failed
+                    && matches!(code.as_deref(), Some(OUT_OF_ORDER | UNKNOWN_PRODUCER)) =>
+            {
+                s.behind = false;
+                self.answers.push_front(self.request(&s));
+                self.sent.push_front(s);
+            }
+            // The partition does not know this producer (it forgot it: its table is bounded), so
+            // the batch was not written: it goes again, with every later one, under a new id.
+            Err(_) if code.as_deref() == Some(UNKNOWN_PRODUCER) => {
+                self.failed = true;
+                self.again.push_back(s.batch);
+            }
+            Err(e) => self.fail(s.batch, e),
         }
-        self.sequence += batch.len() as u64;
-        Ok(resp.base_offset)
+        if self.failed && self.sent.is_empty() {
+            // Nothing of the old producer id is in flight: start afresh.
+            self.failed = false;
+            self.producer_id = None;
+        }
+    }
+
+    /// Fails a batch for good. Later batches in flight cannot be written after it with the same
+    /// producer id (their sequence does not follow what the partition has), so they fail too as
+    /// they are answered, unless they were written (this one was, and its answer was lost).
+    fn fail(&mut self, batch: Vec<Pending>, e: ClientError) {
+        self.failed = true;
+        for p in batch {
+            let _ = p.tx.send(Err(e.clone()));
+        }
     }
 }
+
+const OUT_OF_ORDER: &str = "out_of_order_sequence";
+const UNKNOWN_PRODUCER: &str = "unknown_producer";

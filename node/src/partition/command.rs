@@ -53,6 +53,10 @@ pub struct ProduceHeader {
     /// The greatest record timestamp of the batch; `None` in entries written before the header
     /// carried it (the records then tell).
     pub max_timestamp_ms: Option<i64>,
+    /// Whether a producer the partition does not know must start at sequence 0 (entries of the
+    /// current format). Entries written before accepted any first sequence; they are applied
+    /// as they were, so every replica replays the same log to the same state.
+    pub strict_sequence: bool,
 }
 
 /// What applying an entry needs, readable without decoding the records.
@@ -80,6 +84,11 @@ pub enum PartitionReply {
         got: u64,
     },
     Invalid(String),
+    /// The partition knows nothing of the producer (new, or forgotten) and the batch does not
+    /// start at sequence 0.
+    UnknownProducer {
+        got: u64,
+    },
 }
 
 /// Why an entry's bytes are not a command this version understands.
@@ -89,8 +98,14 @@ pub struct DecodeError(String);
 
 /// A produce entry whose header has no timestamp (written by earlier versions).
 const KIND_PRODUCE_V1: u8 = 1;
-const KIND_PRODUCE: u8 = 2;
+/// A produce entry with the timestamp, applied without the first-sequence rule (earlier
+/// versions).
+const KIND_PRODUCE_V2: u8 = 2;
 const KIND_ADVANCE_LOG_START: u8 = 3;
+/// The layout of [`KIND_PRODUCE_V2`]; applying it refuses an unknown producer's batch that does
+/// not start at sequence 0 (so pipelined requests that reach the log out of order cannot
+/// reorder a new producer's records).
+const KIND_PRODUCE: u8 = 4;
 /// kind (1) + producer id (8) + base sequence (8) + record count (4).
 const PRODUCE_V1_HEADER_BYTES: usize = 21;
 /// The v1 header + the greatest record timestamp (8).
@@ -133,17 +148,19 @@ impl PartitionCommand {
             Some(&KIND_ADVANCE_LOG_START) if b.len() == ADVANCE_LOG_START_BYTES => {
                 Ok(CommandHeader::AdvanceLogStart { offset: u64_at(1) })
             }
-            Some(&kind @ (KIND_PRODUCE | KIND_PRODUCE_V1)) => {
-                let len = if kind == KIND_PRODUCE { PRODUCE_HEADER_BYTES } else { PRODUCE_V1_HEADER_BYTES };
+            Some(&kind @ (KIND_PRODUCE | KIND_PRODUCE_V2 | KIND_PRODUCE_V1)) => {
+                let len =
+                    if kind == KIND_PRODUCE_V1 { PRODUCE_V1_HEADER_BYTES } else { PRODUCE_HEADER_BYTES };
                 if b.len() < len {
                     return Err(bad());
                 }
-                let max_timestamp_ms = (kind == KIND_PRODUCE).then(|| u64_at(21) as i64);
+                let max_timestamp_ms = (kind != KIND_PRODUCE_V1).then(|| u64_at(21) as i64);
                 Ok(CommandHeader::Produce(ProduceHeader {
                     producer_id: u64_at(1),
                     base_sequence: u64_at(9),
                     count: u32::from_le_bytes(b[17..21].try_into().expect("4 bytes")),
                     max_timestamp_ms,
+                    strict_sequence: kind == KIND_PRODUCE,
                 }))
             }
             _ => Err(bad()),
@@ -196,7 +213,8 @@ mod tests {
                 producer_id: 3,
                 base_sequence: 9,
                 count: 3,
-                max_timestamp_ms: Some(9)
+                max_timestamp_ms: Some(9),
+                strict_sequence: true,
             }))
         );
         assert_eq!(PartitionCommand::decode_batch(&bytes), Ok(b.clone()));
@@ -213,10 +231,26 @@ mod tests {
                 producer_id: 3,
                 base_sequence: 9,
                 count: 3,
-                max_timestamp_ms: None
+                max_timestamp_ms: None,
+                strict_sequence: false,
             }))
         );
-        assert_eq!(PartitionCommand::decode_batch(&v1), Ok(b));
+        assert_eq!(PartitionCommand::decode_batch(&v1), Ok(b.clone()));
+
+        // So does one of the second format, applied without the first-sequence rule.
+        let mut v2 = bytes.to_vec();
+        v2[0] = KIND_PRODUCE_V2;
+        assert_eq!(
+            PartitionCommand::decode_header(&v2),
+            Ok(CommandHeader::Produce(ProduceHeader {
+                producer_id: 3,
+                base_sequence: 9,
+                count: 3,
+                max_timestamp_ms: Some(9),
+                strict_sequence: false,
+            }))
+        );
+        assert_eq!(PartitionCommand::decode_batch(&v2), Ok(b));
     }
 
     #[test]

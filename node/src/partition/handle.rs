@@ -246,6 +246,9 @@ impl PartitionHandle {
             Ok(PartitionReply::OutOfOrderSequence { expected, got }) => {
                 Err(BrokerError::OutOfOrderSequence { producer_id, expected, got })
             }
+            Ok(PartitionReply::UnknownProducer { got }) => {
+                Err(BrokerError::UnknownProducer { producer_id, got })
+            }
             Ok(PartitionReply::Invalid(msg)) => Err(BrokerError::InvalidArgument(msg)),
             Ok(PartitionReply::Done | PartitionReply::LogStart { .. }) => {
                 Err(BrokerError::Internal("produce applied without a result".into()))

@@ -3,8 +3,11 @@
 //!
 //! The table is bounded: at most [`PRODUCERS_MAX`] producers, each with its last
 //! [`BATCHES_PER_PRODUCER`] batches. When full, the producer that wrote least recently (by log
-//! index, so every replica evicts the same one) is forgotten; a forgotten producer's next batch
-//! is accepted as if it were new.
+//! index, so every replica evicts the same one) is forgotten. A producer the table does not know
+//! may start only at sequence 0 (in entries of the current format; earlier entries accepted any
+//! first sequence): pipelined batches of a new producer that reach the log out of order are then
+//! refused instead of written out of order, and a forgotten producer is told so and starts
+//! afresh with a new id.
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
@@ -43,6 +46,8 @@ pub enum SequenceCheck {
     OutOfOrder {
         expected: u64,
     },
+    /// The producer is not in the table and the batch does not start at sequence 0.
+    UnknownProducer,
 }
 
 /// A change to persist.
@@ -80,12 +85,15 @@ impl ProducerTable {
         self.producers.iter()
     }
 
-    pub fn check(&self, producer_id: u64, base_sequence: u64, count: u32) -> SequenceCheck {
+    /// What to do with a batch; `strict`: an unknown producer must start at sequence 0.
+    pub fn check(&self, producer_id: u64, base_sequence: u64, count: u32, strict: bool) -> SequenceCheck {
+        let unknown =
+            if strict && base_sequence != 0 { SequenceCheck::UnknownProducer } else { SequenceCheck::Accept };
         let Some(e) = self.producers.get(&producer_id) else {
-            return SequenceCheck::Accept;
+            return unknown;
         };
         let Some(last) = e.batches.back() else {
-            return SequenceCheck::Accept;
+            return unknown;
         };
         let expected = last.base_sequence + u64::from(last.count);
         if base_sequence == expected {
@@ -136,18 +144,20 @@ mod tests {
     #[test]
     fn sequences() {
         let mut t = ProducerTable::default();
-        assert_eq!(t.check(7, 0, 3), SequenceCheck::Accept);
+        assert_eq!(t.check(7, 0, 3, true), SequenceCheck::Accept);
+        assert_eq!(t.check(7, 3, 2, true), SequenceCheck::UnknownProducer);
+        assert_eq!(t.check(7, 3, 2, false), SequenceCheck::Accept);
         rec(&mut t, 7, 0, 3, 100, 1);
-        assert_eq!(t.check(7, 3, 2), SequenceCheck::Accept);
-        assert_eq!(t.check(7, 0, 3), SequenceCheck::Duplicate { base_offset: 100, count: 3 });
-        assert_eq!(t.check(7, 5, 1), SequenceCheck::OutOfOrder { expected: 3 });
-        assert_eq!(t.check(7, 1, 3), SequenceCheck::OutOfOrder { expected: 3 });
+        assert_eq!(t.check(7, 3, 2, true), SequenceCheck::Accept);
+        assert_eq!(t.check(7, 0, 3, true), SequenceCheck::Duplicate { base_offset: 100, count: 3 });
+        assert_eq!(t.check(7, 5, 1, true), SequenceCheck::OutOfOrder { expected: 3 });
+        assert_eq!(t.check(7, 1, 3, true), SequenceCheck::OutOfOrder { expected: 3 });
         for i in 0..10 {
             rec(&mut t, 7, 3 + i, 1, 103 + i, 2 + i);
         }
         // Only the last five batches are remembered.
-        assert_eq!(t.check(7, 0, 3), SequenceCheck::OutOfOrder { expected: 13 });
-        assert_eq!(t.check(7, 12, 1), SequenceCheck::Duplicate { base_offset: 112, count: 1 });
+        assert_eq!(t.check(7, 0, 3, true), SequenceCheck::OutOfOrder { expected: 13 });
+        assert_eq!(t.check(7, 12, 1, true), SequenceCheck::Duplicate { base_offset: 112, count: 1 });
     }
 
     proptest! {
@@ -170,7 +180,7 @@ mod tests {
                 } else {
                     sent[sent.len() - 1 - back.min(sent.len() - 1).min(BATCHES_PER_PRODUCER - 1)]
                 };
-                match t.check(1, seq, count) {
+                match t.check(1, seq, count, true) {
                     SequenceCheck::Accept => {
                         for k in 0..u64::from(count) {
                             prop_assert!(written.insert(seq + k, next_offset + k).is_none(), "seq {} written twice", seq + k);
@@ -182,7 +192,9 @@ mod tests {
                         prop_assert_eq!(c, count);
                         prop_assert_eq!(written.get(&seq).copied(), Some(base_offset));
                     }
-                    SequenceCheck::OutOfOrder { .. } => prop_assert!(false, "retry of a recent batch refused"),
+                    SequenceCheck::OutOfOrder { .. } | SequenceCheck::UnknownProducer => {
+                        prop_assert!(false, "retry of a recent batch refused")
+                    }
                 }
             }
             prop_assert_eq!(written.len() as u64, next_offset);

@@ -3,6 +3,14 @@
 //! offset index in the state store with the last applied log id, and publishes the new high
 //! watermark.
 //!
+//! The state goes to the store through a [`BufferedTree`]: applies write to memory (readers see
+//! it at once), and the tree below gets it all in one batch every [`PERSIST_INTERVAL`], before
+//! a snapshot, and with any batch that deletes. The store then holds a prefix of the applied log
+//! (as it did before: a batch is durable only after a flush anyway), and a restarted replica
+//! replays the committed log after the stored last applied id. Persisting per apply cost two
+//! `sled` log-buffer writes per Raft entry on every replica, about a third of the nodes' CPU at
+//! one event in flight.
+//!
 //! A snapshot holds the partition's scalar state and producer table, never records: a replica
 //! that installs one has no records before the snapshot's high watermark, so its log starts
 //! there.
@@ -18,6 +26,7 @@ use eddy_raft::Snapshot;
 use eddy_raft::SnapshotData;
 use eddy_raft::SnapshotMeta;
 use eddy_raft::StoredMembership;
+use eddy_raft::kv::BufferedTree;
 use eddy_raft::kv::KvBatch;
 use eddy_raft::kv::KvTree;
 use eddy_raft::kv::StateStore;
@@ -53,6 +62,12 @@ use crate::sm_common;
 /// Index entries deleted per batch when cleaning up below the log start.
 const INDEX_DELETE_CHUNK: usize = 4096;
 
+/// How long the stored state may lag the applied state.
+pub const PERSIST_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Buffered writes that trigger a persist before the interval is up.
+const PENDING_MAX: usize = 16_384;
+
 /// What readers need to know about the applied state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -72,9 +87,10 @@ struct PartitionSnapshot {
 
 pub struct PartitionStateMachine {
     state: PartitionState,
-    tree: Arc<dyn KvTree>,
+    tree: Arc<BufferedTree>,
     store: Arc<dyn StateStore>,
     progress: watch::Sender<Progress>,
+    persisted_at: tokio::time::Instant,
 }
 
 /// The state-store tree of a partition group.
@@ -87,7 +103,9 @@ impl PartitionStateMachine {
         store: Arc<dyn StateStore>,
         group: GroupId,
     ) -> io::Result<(Self, watch::Receiver<Progress>, Arc<dyn KvTree>)> {
-        let tree = store.tree(&tree_name(group))?;
+        let below = store.tree(&tree_name(group))?;
+        delete_below_log_start_of_stored(below.as_ref())?;
+        let tree = Arc::new(BufferedTree::new(below));
         let mut meta: PartitionMeta = match tree.get(META_KEY)? {
             Some(b) => PartitionMeta::decode(&b)?,
             None => PartitionMeta::default(),
@@ -102,9 +120,18 @@ impl PartitionStateMachine {
             producers.push((id, sm_common::decode::<ProducerEntry>(&v, "producer entry")?));
         }
         let state = PartitionState { meta, producers: ProducerTable::from_entries(producers) };
-        delete_below_log_start(tree.as_ref(), &state.meta)?;
         let (progress, rx) = watch::channel(progress_of(&state.meta));
-        Ok((Self { state, tree: tree.clone(), store, progress }, rx, tree))
+        let sm =
+            Self { state, tree: tree.clone(), store, progress, persisted_at: tokio::time::Instant::now() };
+        Ok((sm, rx, tree))
+    }
+}
+
+/// [`delete_below_log_start`] for the stored state, read from `tree`.
+fn delete_below_log_start_of_stored(tree: &dyn KvTree) -> io::Result<()> {
+    match tree.get(META_KEY)? {
+        Some(b) => delete_below_log_start(tree, &PartitionMeta::decode(&b)?),
+        None => Ok(()),
     }
 }
 
@@ -163,7 +190,7 @@ impl RaftStateMachine<C> for PartitionStateMachine {
         let mut replies = Vec::new();
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
-            self.state.meta.last_applied = Some(entry.log_id);
+            let applied_before = self.state.meta.last_applied.replace(entry.log_id);
             let reply = match entry.payload {
                 EntryPayload::Blank => PartitionReply::Done,
                 EntryPayload::Normal(p) => match PartitionCommand::decode_header(&p.0) {
@@ -178,8 +205,13 @@ impl RaftStateMachine<C> for PartitionStateMachine {
                     }
                     Ok(CommandHeader::AdvanceLogStart { offset }) => {
                         // The advance reads the offset index, so what this call applied so far
-                        // goes to the store first. Then readers learn the new log start before
-                        // any index entry below it is deleted.
+                        // goes to the tree first, with the state it describes (should it reach
+                        // the store without the rest, a replay resumes after the entry before
+                        // this one). Then readers learn the new log start before any index
+                        // entry below it is deleted.
+                        let mut before = self.state.meta.clone();
+                        before.last_applied = applied_before;
+                        batch.put(META_KEY, sm_common::encode(&before));
                         self.tree.apply(std::mem::take(&mut batch))?;
                         let reply = self.state.advance_log_start(
                             entry.log_id.index,
@@ -207,6 +239,10 @@ impl RaftStateMachine<C> for PartitionStateMachine {
         // The index entries are written before the high watermark moves, so a reader that sees
         // the new watermark finds every record below it.
         self.tree.apply(batch)?;
+        if self.persisted_at.elapsed() >= PERSIST_INTERVAL || self.tree.pending() >= PENDING_MAX {
+            self.tree.persist()?;
+            self.persisted_at = tokio::time::Instant::now();
+        }
         self.progress.send_replace(progress_of(&self.state.meta));
         for (r, reply) in replies {
             r.send(Reply(reply.encode()));
@@ -252,6 +288,7 @@ impl RaftStateMachine<C> for PartitionStateMachine {
         self.state = PartitionState { meta: m, producers: ProducerTable::from_entries(snap.producers) };
         self.progress.send_replace(progress_of(&self.state.meta));
         delete_below_log_start(self.tree.as_ref(), &self.state.meta)?;
+        self.tree.persist()?;
         self.store.flush().await?;
         Ok(())
     }
@@ -264,7 +301,7 @@ impl RaftStateMachine<C> for PartitionStateMachine {
 /// Builds a snapshot of the partition's state (not its records) as of its creation.
 pub struct PartitionSnapshotBuilder {
     snapshot: Option<PartitionSnapshot>,
-    tree: Arc<dyn KvTree>,
+    tree: Arc<BufferedTree>,
     store: Arc<dyn StateStore>,
 }
 
@@ -280,7 +317,10 @@ impl RaftSnapshotBuilder<C> for PartitionSnapshotBuilder {
         };
         let mut batch = KvBatch::default();
         sm_common::put_snapshot(&mut batch, &meta, &data);
+        // With everything applied so far: the log before the snapshot may be purged once it
+        // exists, so the stored state must not be older than the snapshot.
         self.tree.apply(batch)?;
+        self.tree.persist()?;
         self.store.flush().await?;
         Ok(Snapshot { meta, snapshot: data })
     }

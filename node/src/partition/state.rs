@@ -256,13 +256,16 @@ impl PartitionState {
             return PartitionReply::Invalid("records: a batch needs at least one record".into());
         }
         if b.producer_id != 0 {
-            match self.producers.check(b.producer_id, b.base_sequence, count) {
+            match self.producers.check(b.producer_id, b.base_sequence, count, b.strict_sequence) {
                 SequenceCheck::Accept => {}
                 SequenceCheck::Duplicate { base_offset, count } => {
                     return PartitionReply::Produced { base_offset, count, duplicate: true };
                 }
                 SequenceCheck::OutOfOrder { expected } => {
                     return PartitionReply::OutOfOrderSequence { expected, got: b.base_sequence };
+                }
+                SequenceCheck::UnknownProducer => {
+                    return PartitionReply::UnknownProducer { got: b.base_sequence };
                 }
             }
         }
@@ -388,6 +391,7 @@ mod tests {
             base_sequence: seq,
             count: n as u32,
             max_timestamp_ms: Some(seq as i64),
+            strict_sequence: true,
         }
     }
 
@@ -408,6 +412,7 @@ mod tests {
                 base_sequence: 0,
                 count: ts.len() as u32,
                 max_timestamp_ms: ts.iter().copied().max(),
+                strict_sequence: true,
             };
             st.apply(2 * i as u64 + 1, h, &mut kv);
             t.apply(kv).expect("apply");

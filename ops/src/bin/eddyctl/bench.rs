@@ -18,6 +18,7 @@ use eddy_ops::ClientError;
 use eddy_ops::GroupConfig;
 use eddy_ops::GroupConsumer;
 use eddy_ops::Producer;
+use eddy_ops::ProducerConfig;
 use eddy_ops::ReplicaChoice;
 use eddy_ops::output::Format;
 use eddy_proto::v1 as pb;
@@ -36,13 +37,24 @@ pub enum BenchCommand {
         events: u64,
         #[arg(long, default_value_t = 256)]
         size: usize,
+        /// Events sent and not yet acknowledged, over all partitions.
         #[arg(long, default_value_t = 1)]
         inflight: usize,
         #[arg(long, default_value = "bench")]
         topic: String,
-        /// Keep the topic instead of recreating it (1 partition, replication factor 3).
+        /// Keep the topic instead of recreating it (PARTITIONS partitions, replication factor
+        /// 3).
         #[arg(long)]
         no_reset: bool,
+        /// Spread the events round-robin over this many partitions of the topic.
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// The producer's requests in flight per partition (1 to 5).
+        #[arg(long, default_value_t = eddy_ops::MAX_IN_FLIGHT_LIMIT)]
+        max_in_flight_requests: usize,
+        /// The producer's linger: how long a batch that is not full waits for more events.
+        #[arg(long, default_value_t = 0)]
+        linger_ms: u64,
         /// Unmeasured events sent first.
         #[arg(long, default_value_t = 1000)]
         warmup: u64,
@@ -125,6 +137,24 @@ pub enum BenchCommand {
         /// Groups are named PREFIX-0, PREFIX-1, ...
         #[arg(long, default_value = "bench-groups")]
         group_prefix: String,
+    },
+    /// The machine's floor for an acknowledgement: appends of SIZE bytes each followed by a
+    /// sync (fsync, then fdatasync, which the log uses) in DIR, and 64-byte ping-pongs over one
+    /// loopback TCP connection (the probes of `../shared/bench/nats`). Needs no cluster.
+    /// `floor_ack_us` is one fsync and two round trips: a leader's sync plus a follower's
+    /// request and answer, or the client's and one replication round trip when they overlap.
+    Probe {
+        /// Directory on the disk to probe (e.g. a node's data directory); the system's temporary
+        /// directory when absent.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        /// Appends synced, per kind of sync.
+        #[arg(long, default_value_t = 2000)]
+        syncs: u64,
+        #[arg(long, default_value_t = 4096)]
+        size: usize,
+        #[arg(long, default_value_t = 20_000)]
+        round_trips: u64,
     },
     /// Read N events from a follower in batches (NATS bench "consume").
     Consume {
@@ -233,7 +263,9 @@ fn bar(len: u64, format: Format) -> Option<ProgressBar> {
 }
 
 /// (Re)creates the bench topic: one partition, replication factor 3, and waits for a leader.
-async fn prepare_topic(client: &Client, topic: &str, reset: bool) -> anyhow::Result<()> {
+/// Recreates the bench topic with `partitions` partitions (when `reset`), then waits until each
+/// of its first `partitions` partitions has a leader.
+async fn prepare_topic(client: &Client, topic: &str, reset: bool, partitions: u32) -> anyhow::Result<()> {
     if reset {
         match client.delete_topic(topic).await {
             Ok(()) | Err(ClientError::NotFound(_)) => {}
@@ -242,7 +274,7 @@ async fn prepare_topic(client: &Client, topic: &str, reset: bool) -> anyhow::Res
         // Deletion propagates asynchronously; creation retries until the name is free.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match client.create_topic(topic, 1, 3, BTreeMap::new()).await {
+            match client.create_topic(topic, partitions, 3, BTreeMap::new()).await {
                 Ok(_) => break,
                 Err(ClientError::AlreadyExists(_)) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await
@@ -254,28 +286,31 @@ async fn prepare_topic(client: &Client, topic: &str, reset: bool) -> anyhow::Res
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let md = client.refresh_metadata().await?;
-        if md.partition(topic, 0).is_some_and(|p| p.leader.is_some()) {
+        if (0..partitions).all(|i| md.partition(topic, i).is_some_and(|p| p.leader.is_some())) {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            bail!("topic {topic} has no leader after 30 s");
+            bail!("topic {topic}: not all of partitions 0..{partitions} have a leader after 30 s");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 /// Sends `n` events with at most `window` unacknowledged; returns their ack latencies.
+/// Sends `n` events of `size` bytes round-robin to partitions `0..partitions` with at most
+/// `window` unacknowledged; the histogram of their acknowledgement latencies.
 async fn produce_window(
     producer: &Producer,
     n: u64,
     size: usize,
     window: usize,
+    partitions: u32,
     progress: Option<&ProgressBar>,
 ) -> anyhow::Result<Histogram<u64>> {
     let payload = bytes::Bytes::from(vec![b'x'; size]);
     let mut h = new_hist();
     let mut pending = FuturesUnordered::new();
-    for _ in 0..n {
+    for i in 0..n {
         while pending.len() >= window.max(1) {
             let (t0, r): (Instant, Result<eddy_ops::Ack, ClientError>) =
                 pending.next().await.expect("non-empty");
@@ -288,7 +323,7 @@ async fn produce_window(
         let t0 = Instant::now();
         let ack = producer
             .send(
-                Some(0),
+                Some((i % u64::from(partitions.max(1))) as u32),
                 pb::Record { key: None, value: payload.clone(), headers: vec![], timestamp_ms: None },
             )
             .await?;
@@ -636,8 +671,123 @@ async fn read_replica(client: &Client, topic: &str, partition: u32, node: u64) -
     }
 }
 
+/// Runs `bench probe`, which needs no cluster (so `main` calls it before connecting).
+pub fn probe(
+    format: Format,
+    dir: Option<std::path::PathBuf>,
+    syncs: u64,
+    size: usize,
+    round_trips: u64,
+) -> anyhow::Result<ExitCode> {
+    if syncs == 0 || size == 0 || round_trips == 0 {
+        bail!("--syncs, --size and --round-trips must be above zero");
+    }
+    let dir = dir.unwrap_or_else(std::env::temp_dir);
+    let fsync = sync_probe(&dir, syncs, size, false)?;
+    let fdatasync = sync_probe(&dir, syncs, size, true)?;
+    let rtt = rtt_probe(round_trips)?;
+    let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q);
+    let floor = us(&fsync, 0.5) + 2 * us(&rtt, 0.5);
+    let v = json!({
+        "bench": "probe", "dir": dir.display().to_string(), "size": size,
+        "fsync_p50_us": us(&fsync, 0.5), "fsync_p99_us": us(&fsync, 0.99),
+        "fdatasync_p50_us": us(&fdatasync, 0.5), "fdatasync_p99_us": us(&fdatasync, 0.99),
+        "rtt_p50_us": us(&rtt, 0.5), "rtt_p99_us": us(&rtt, 0.99),
+        "floor_ack_us": floor,
+    });
+    match format {
+        Format::Json => println!("{v}"),
+        Format::Table => {
+            println!("{}", hist_line(&format!("append {size} B + fsync in {}", dir.display()), &fsync));
+            println!(
+                "{}",
+                hist_line(&format!("append {size} B + fdatasync in {}", dir.display()), &fdatasync)
+            );
+            println!("{}", hist_line("loopback TCP round trip, 64 B", &rtt));
+            println!("floor for an acknowledgement (fsync p50 + 2 x round trip p50): {floor} µs");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Appends `size` bytes and syncs, `count` times, in a new file in `dir` (removed after).
+fn sync_probe(
+    dir: &std::path::Path,
+    count: u64,
+    size: usize,
+    datasync: bool,
+) -> anyhow::Result<Histogram<u64>> {
+    use std::io::Write;
+    let path = dir.join(format!(".eddy-sync-probe-{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("create {}", path.display()))?;
+    let buf = vec![0xabu8; size];
+    let mut h = new_hist();
+    let result = (|| -> std::io::Result<()> {
+        for _ in 0..count {
+            let t = Instant::now();
+            f.write_all(&buf)?;
+            if datasync {
+                f.sync_data()?
+            } else {
+                f.sync_all()?
+            }
+            record(&mut h, t.elapsed());
+        }
+        Ok(())
+    })();
+    drop(f);
+    let removed = std::fs::remove_file(&path);
+    result.with_context(|| format!("append and sync {}", path.display()))?;
+    removed.with_context(|| format!("remove {}", path.display()))?;
+    Ok(h)
+}
+
+/// 64-byte ping-pongs over one loopback TCP connection (no Nagle), `count` round trips.
+fn rtt_probe(count: u64) -> anyhow::Result<Histogram<u64>> {
+    use std::io::Read;
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1")?;
+    let addr = listener.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; 64];
+        loop {
+            match s.read_exact(&mut b) {
+                Ok(()) => s.write_all(&b)?,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    let mut h = new_hist();
+    let result = (|| -> std::io::Result<()> {
+        let mut c = std::net::TcpStream::connect(addr)?;
+        c.set_nodelay(true)?;
+        let mut b = [7u8; 64];
+        for _ in 0..count {
+            let t = Instant::now();
+            c.write_all(&b)?;
+            c.read_exact(&mut b)?;
+            record(&mut h, t.elapsed());
+        }
+        Ok(())
+    })();
+    // On a failed connect the echo thread still waits in `accept`: not joined, it ends with the
+    // process.
+    result.context("loopback round trips")?;
+    echo.join().map_err(|_| anyhow::anyhow!("the echo thread panicked"))?.context("echo")?;
+    Ok(h)
+}
+
 pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
+        BenchCommand::Probe { .. } => unreachable!("`main` runs the probe without a cluster"),
         BenchCommand::Groups {
             topic,
             groups,
@@ -742,16 +892,37 @@ pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyho
             }
             Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        BenchCommand::Produce { events, size, inflight, topic, no_reset, warmup, plot } => {
-            prepare_topic(&client, &topic, !no_reset).await?;
+        BenchCommand::Produce {
+            events,
+            size,
+            inflight,
+            topic,
+            no_reset,
+            partitions,
+            max_in_flight_requests,
+            linger_ms,
+            warmup,
+            plot,
+        } => {
+            if partitions == 0 {
+                bail!("--partitions: at least 1");
+            }
+            prepare_topic(&client, &topic, !no_reset, partitions).await?;
             let leader = client.metadata().partition(&topic, 0).and_then(|p| p.leader);
-            let producer = Producer::new(client.clone(), &topic).await?;
+            let config = ProducerConfig {
+                max_in_flight: max_in_flight_requests,
+                linger: Duration::from_millis(linger_ms),
+            };
+            let producer = Producer::with_config(client.clone(), &topic, config).await?;
+            if producer.partitions() < partitions {
+                bail!("--partitions {partitions}: topic {topic} has {} partitions", producer.partitions());
+            }
             if warmup > 0 {
-                produce_window(&producer, warmup, size, inflight.max(16), None).await?;
+                produce_window(&producer, warmup, size, inflight.max(16), partitions, None).await?;
             }
             let progress = bar(events, format);
             let t0 = Instant::now();
-            let h = produce_window(&producer, events, size, inflight, progress.as_ref()).await?;
+            let h = produce_window(&producer, events, size, inflight, partitions, progress.as_ref()).await?;
             let secs = t0.elapsed().as_secs_f64();
             if let Some(b) = progress {
                 b.finish_and_clear();
@@ -771,12 +942,16 @@ pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyho
             }
             let v = json!({
                 "bench": "produce", "events": events, "size": size, "inflight": inflight, "leader": leader,
+                "partitions": partitions, "max_in_flight_requests": max_in_flight_requests, "linger_ms": linger_ms,
                 "seconds": secs, "events_per_sec": eps, "mb_per_sec": mbps, "ack": hist_json(&h),
             });
             match format {
                 Format::Json => println!("{v}"),
                 Format::Table => {
-                    println!("produce: {events} x {size} B, inflight {inflight}, leader node {leader:?}");
+                    println!(
+                        "produce: {events} x {size} B, inflight {inflight}, {partitions} partition(s), \
+                         {max_in_flight_requests} requests in flight per partition, leader of partition 0: node {leader:?}"
+                    );
                     println!("{eps:.0} events/s, {mbps:.1} MB/s in {secs:.2} s");
                     println!("{}", hist_line("ack latency", &h));
                 }
@@ -790,7 +965,7 @@ pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyho
             if rate == 0 {
                 bail!("--rate: at least 1 event per second");
             }
-            prepare_topic(&client, &topic, true).await?;
+            prepare_topic(&client, &topic, true, 1).await?;
             let md = client.metadata();
             let leader = md.partition(&topic, 0).and_then(|p| p.leader);
             let follower =
