@@ -1,6 +1,7 @@
 //! [`Producer`]: an idempotent, batching producer for one topic.
 //!
-//! Each partition has a worker with up to [`ProducerConfig::max_in_flight`] requests in flight.
+//! Each partition has a worker with up to [`ProducerConfig::max_in_flight`] requests in flight
+//! (one by default).
 //! Records sent while every request slot is taken queue up and go out together in the next
 //! request, so the batch size adapts to the load: one record per request when idle, thousands
 //! under pressure. Each worker has its own producer id and sequence numbers, and retries a failed
@@ -15,8 +16,10 @@
 
 use std::collections::BTreeMap;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU32;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 
 use eddy_proto::v1 as pb;
@@ -40,8 +43,16 @@ const QUEUE_RECORDS_MAX: usize = 65_536;
 pub const MAX_IN_FLIGHT_LIMIT: usize = 5;
 
 /// How a [`Producer`] batches and pipelines. The defaults are what an application should get
-/// without tuning: five requests in flight per partition and no lingering (a record goes out at
-/// once when a request slot is free; under load, batches grow while the slots are taken).
+/// without tuning: one request in flight per partition and no lingering (a record goes out at
+/// once when the partition has no request in flight; under load, batches grow while it has).
+///
+/// Why one and not Kafka's five: every request costs the brokers a Raft round (a log append and
+/// an fsync on each replica, replication, apply), which dominates their CPU per event. Measured
+/// on three local nodes (2 cores, 2026-12-04): at 2,000 events/s open loop, the ack p50 was
+/// 0.9 ms with one request in flight and 4.9 ms with five; at 256 events in flight on one
+/// partition, 116k events/s with one and 44k with five (smaller batches, more rounds, and
+/// requests refused for overtaking). More in flight pays where the round trip, not the brokers'
+/// CPU, is the limit (a distant cluster).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProducerConfig {
     /// Requests in flight per partition, 1 to [`MAX_IN_FLIGHT_LIMIT`].
@@ -52,7 +63,7 @@ pub struct ProducerConfig {
 
 impl Default for ProducerConfig {
     fn default() -> Self {
-        Self { max_in_flight: MAX_IN_FLIGHT_LIMIT, linger: std::time::Duration::ZERO }
+        Self { max_in_flight: 1, linger: std::time::Duration::ZERO }
     }
 }
 
@@ -78,6 +89,7 @@ pub struct Producer {
     workers: Mutex<BTreeMap<u32, mpsc::Sender<Pending>>>,
     round_robin: AtomicU32,
     tasks: TaskTracker,
+    peak_in_flight: Arc<AtomicUsize>,
 }
 
 /// The future of one record's acknowledgement.
@@ -133,6 +145,7 @@ impl Producer {
             workers: Mutex::new(BTreeMap::new()),
             round_robin: AtomicU32::new(0),
             tasks: TaskTracker::new(),
+            peak_in_flight: Arc::default(),
         })
     }
 
@@ -142,6 +155,11 @@ impl Producer {
 
     pub fn config(&self) -> ProducerConfig {
         self.config
+    }
+
+    /// The most requests one partition has had in flight at once so far.
+    pub fn peak_in_flight(&self) -> usize {
+        self.peak_in_flight.load(Ordering::Relaxed)
     }
 
     /// Queues `record` for `partition` (or the key's partition, or the next one round-robin),
@@ -180,7 +198,8 @@ impl Producer {
             .entry(partition)
             .or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(QUEUE_RECORDS_MAX);
-                let w = Worker::new(self.client.clone(), self.topic.clone(), partition, self.config);
+                let mut w = Worker::new(self.client.clone(), self.topic.clone(), partition, self.config);
+                w.peak = self.peak_in_flight.clone();
                 self.tasks.spawn(w.run(rx));
                 tx
             })
@@ -226,6 +245,8 @@ struct Worker {
     again: VecDeque<Vec<Pending>>,
     /// A record taken from the queue that did not fit the batch before it.
     carry: Option<Pending>,
+    /// The producer's [`Producer::peak_in_flight`].
+    peak: Arc<AtomicUsize>,
 }
 
 impl Worker {
@@ -242,6 +263,7 @@ impl Worker {
             failed: false,
             again: VecDeque::new(),
             carry: None,
+            peak: Arc::default(),
         }
     }
 
@@ -368,6 +390,7 @@ impl Worker {
         let sent = Sent { batch, producer_id, base_sequence, behind: !self.sent.is_empty() };
         self.answers.push_back(self.request(&sent));
         self.sent.push_back(sent);
+        self.peak.fetch_max(self.sent.len(), Ordering::Relaxed);
     }
 
     fn request(&self, s: &Sent) -> Answer {

@@ -25,6 +25,7 @@ use eddy_ops::ClientConfig;
 use eddy_ops::ClientError;
 use eddy_ops::OffsetSpec;
 use eddy_ops::Producer;
+use eddy_ops::ProducerConfig;
 use eddy_ops::ReplicaChoice;
 use eddy_proto::v1 as pb;
 use futures::StreamExt;
@@ -197,9 +198,15 @@ pub async fn producer(ctx: Ctx, i: u32) -> turmoil::Result {
     let name = format!("producer-{i}");
     let client = ctx.connect().await;
     let mut producers = Vec::new();
+    // Every other producer pipelines (five requests in flight per partition), so requests that
+    // overtake each other, are refused and are sent again meet every fault class.
+    let config = ProducerConfig {
+        max_in_flight: if i % 2 == 1 { eddy_ops::MAX_IN_FLIGHT_LIMIT } else { 1 },
+        ..ProducerConfig::default()
+    };
     for t in ctx.topics() {
         loop {
-            match Producer::new(client.clone(), &t).await {
+            match Producer::with_config(client.clone(), &t, config).await {
                 Ok(p) => break producers.push(p),
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }

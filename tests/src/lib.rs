@@ -520,7 +520,19 @@ impl Cluster {
         prefix: &str,
         interval: Duration,
     ) -> anyhow::Result<BackgroundProducer> {
-        BackgroundProducer::start(&self.brokers(), topic, p, prefix, interval)
+        BackgroundProducer::start(&self.brokers(), topic, p, prefix, interval, &[])
+    }
+
+    /// [`Self::background_producer`] with more `eddyctl produce` arguments.
+    pub fn background_producer_with(
+        &self,
+        topic: &str,
+        p: u32,
+        prefix: &str,
+        interval: Duration,
+        args: &[&str],
+    ) -> anyhow::Result<BackgroundProducer> {
+        BackgroundProducer::start(&self.brokers(), topic, p, prefix, interval, args)
     }
 }
 
@@ -566,10 +578,18 @@ pub struct ProduceReport {
 }
 
 impl BackgroundProducer {
-    fn start(brokers: &str, topic: &str, p: u32, prefix: &str, interval: Duration) -> anyhow::Result<Self> {
+    fn start(
+        brokers: &str,
+        topic: &str,
+        p: u32,
+        prefix: &str,
+        interval: Duration,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         let mut child = Command::new(binary("eddyctl"))
             .args(["--brokers", brokers, "--output", "json", "--request-timeout", "10s", "produce", topic])
             .args(["--partition", &p.to_string()])
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -26,6 +26,7 @@ pub mod metadata_agreement;
 pub mod no_duplicates;
 pub mod no_panics;
 pub mod offsets;
+pub mod producer_order;
 
 /// One replica's Raft log as the checker sees it.
 #[derive(Debug, Clone, Default)]
@@ -72,10 +73,11 @@ pub struct Invariant {
     pub check: fn(&Evidence) -> Vec<String>,
 }
 
-pub const INVARIANTS: [Invariant; 11] = [
+pub const INVARIANTS: [Invariant; 12] = [
     no_panics::INVARIANT,
     acked_not_lost::INVARIANT,
     no_duplicates::INVARIANT,
+    producer_order::INVARIANT,
     offsets::INVARIANT,
     consumer_reads::INVARIANT,
     log_matching::INVARIANT,
@@ -229,6 +231,13 @@ mod tests {
         let v = violated(&e);
         assert!(v.contains(&no_duplicates::INVARIANT.name), "{v:?}");
         assert!(v.contains(&offsets::INVARIANT.name), "{v:?}");
+        // Reordered: "b" was sent after "a" by the same producer but written before it.
+        let e = Evidence {
+            produces: vec![op("a", Some(1)), op("b", Some(0))],
+            audit: audit(&[(1, &["b", "a"])]),
+            ..Default::default()
+        };
+        assert_eq!(violated(&e), vec![producer_order::INVARIANT.name]);
         // A consumer read something that is not in the final log there.
         let mut e = Evidence {
             produces: vec![op("a", Some(0))],

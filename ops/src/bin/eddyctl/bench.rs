@@ -50,7 +50,7 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         partitions: u32,
         /// The producer's requests in flight per partition (1 to 5).
-        #[arg(long, default_value_t = eddy_ops::MAX_IN_FLIGHT_LIMIT)]
+        #[arg(long, default_value_t = eddy_ops::ProducerConfig::default().max_in_flight)]
         max_in_flight_requests: usize,
         /// The producer's linger: how long a batch that is not full waits for more events.
         #[arg(long, default_value_t = 0)]
@@ -77,6 +77,12 @@ pub enum BenchCommand {
         warmup_seconds: u64,
         #[arg(long)]
         plot: Option<std::path::PathBuf>,
+        /// The producer's requests in flight per partition (1 to 5).
+        #[arg(long, default_value_t = eddy_ops::ProducerConfig::default().max_in_flight)]
+        max_in_flight_requests: usize,
+        /// The producer's linger: how long a batch that is not full waits for more events.
+        #[arg(long, default_value_t = 0)]
+        linger_ms: u64,
     },
     /// Write to many partitions of an existing topic at once, one event in flight per
     /// partition, each retried until acknowledged: throughput across partitions, and (with one
@@ -958,7 +964,16 @@ pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyho
             }
             Ok(ExitCode::SUCCESS)
         }
-        BenchCommand::Latency { rate, seconds, size, topic, warmup_seconds, plot } => {
+        BenchCommand::Latency {
+            rate,
+            seconds,
+            size,
+            topic,
+            warmup_seconds,
+            plot,
+            max_in_flight_requests,
+            linger_ms,
+        } => {
             if size < 16 {
                 bail!("--size: at least 16 bytes (the payload carries a timestamp)");
             }
@@ -970,7 +985,11 @@ pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyho
             let leader = md.partition(&topic, 0).and_then(|p| p.leader);
             let follower =
                 md.partition(&topic, 0).and_then(|p| p.replicas.iter().copied().find(|r| Some(*r) != leader));
-            let producer = Producer::new(client.clone(), &topic).await?;
+            let config = ProducerConfig {
+                max_in_flight: max_in_flight_requests,
+                linger: Duration::from_millis(linger_ms),
+            };
+            let producer = Producer::with_config(client.clone(), &topic, config).await?;
             let base = Instant::now();
             let warm_n = rate * warmup_seconds;
             let total = warm_n + rate * seconds;
@@ -1068,6 +1087,7 @@ pub async fn run(client: Client, format: Format, command: BenchCommand) -> anyho
             }
             let v = json!({
                 "bench": "latency", "rate": rate, "seconds": seconds, "size": size, "leader": leader, "consumer_node": follower,
+                "max_in_flight_requests": max_in_flight_requests, "linger_ms": linger_ms,
                 "consumed": consumed, "ack": hist_json(&ack), "e2e": hist_json(&e2e),
             });
             match format {

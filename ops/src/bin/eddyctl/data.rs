@@ -10,6 +10,7 @@ use eddy_ops::Client;
 use eddy_ops::ClientError;
 use eddy_ops::OffsetSpec;
 use eddy_ops::Producer;
+use eddy_ops::ProducerConfig;
 use eddy_ops::ReplicaChoice;
 use eddy_ops::output::record_json;
 use eddy_proto::v1 as pb;
@@ -26,8 +27,9 @@ pub async fn produce(
     topic: &str,
     partition: Option<u32>,
     key: Option<String>,
+    config: ProducerConfig,
 ) -> anyhow::Result<ExitCode> {
-    let producer = Producer::new(client, topic).await?;
+    let producer = Producer::with_config(client, topic, config).await?;
     if let Some(p) = partition
         && p >= producer.partitions()
     {
@@ -83,7 +85,11 @@ pub async fn produce(
     while let Some((i, r)) = pending.next().await {
         handle_ack(i, r);
     }
+    let peak = producer.peak_in_flight();
     producer.close().await;
+    if config.max_in_flight > 1 {
+        eprintln!("at most {peak} requests were in flight per partition at once");
+    }
     if failed > 0 {
         eprintln!("error: {failed} of {n} events were not acknowledged");
         return Ok(ExitCode::FAILURE);

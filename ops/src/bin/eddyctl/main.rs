@@ -134,6 +134,13 @@ pub enum Command {
         /// Key of every event.
         #[arg(long)]
         key: Option<String>,
+        /// Requests in flight per partition (1 to 5); above 1, the most that were in flight at
+        /// once is printed on stderr at the end.
+        #[arg(long, default_value_t = eddy_ops::ProducerConfig::default().max_in_flight)]
+        max_in_flight_requests: usize,
+        /// How long a batch that is not full waits for more events, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        linger_ms: u64,
     },
     /// Print events as JSON lines: of one partition, or, with --group, of the partitions the
     /// group assigns to this member (committing after printing).
@@ -355,7 +362,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Node { command } => admin::node(&client, format, command).await,
         Command::Topic { command } => admin::topic(&client, format, command).await,
         Command::Partition { command } => admin::partition(&client, format, command).await,
-        Command::Produce { topic, partition, key } => data::produce(client, &topic, partition, key).await,
+        Command::Produce { topic, partition, key, max_in_flight_requests, linger_ms } => {
+            let config = eddy_ops::ProducerConfig {
+                max_in_flight: max_in_flight_requests,
+                linger: Duration::from_millis(linger_ms),
+            };
+            data::produce(client, &topic, partition, key, config).await
+        }
         Command::Consume {
             topic,
             partition,
