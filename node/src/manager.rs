@@ -189,6 +189,8 @@ impl PartitionManager {
         if let Err(e) = g.raft().shutdown().await {
             warn!(group, "stopping the group: {e}");
         }
+        // No persist of its state may reach the state store after the tree is dropped.
+        g.close_state();
         drop(g);
         let dir = self.data_dir.join("groups").join(group.to_string());
         if let Err(e) = self.env.vfs.remove_dir_all(&dir) {

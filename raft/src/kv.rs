@@ -76,8 +76,9 @@ impl KvBatch {
 pub struct BufferedTree {
     below: Arc<dyn KvTree>,
     buffer: RwLock<Buffer>,
-    /// One persist at a time (a snapshot builder may persist beside the state machine).
-    persist: std::sync::Mutex<()>,
+    /// One persist at a time (a snapshot builder, or a persist the state machine started in
+    /// the background, may run beside another); `true` once closed.
+    persist: std::sync::Mutex<bool>,
 }
 
 #[derive(Default)]
@@ -90,7 +91,7 @@ struct Buffer {
 
 impl BufferedTree {
     pub fn new(below: Arc<dyn KvTree>) -> Self {
-        Self { below, buffer: RwLock::default(), persist: std::sync::Mutex::default() }
+        Self { below, buffer: RwLock::default(), persist: std::sync::Mutex::new(false) }
     }
 
     /// Puts not yet persisted.
@@ -103,9 +104,18 @@ impl BufferedTree {
         self.persist_with(KvBatch::default())
     }
 
+    /// Waits for a persist under way, then makes every later persist (and write through) do
+    /// nothing: the tree below is about to be dropped, and nothing may write to it after.
+    pub fn close(&self) {
+        *self.persist.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
     /// Hands every pending write and then `then` to the tree below, in one batch.
     fn persist_with(&self, then: KvBatch) -> io::Result<()> {
-        let _one = self.persist.lock().unwrap_or_else(|e| e.into_inner());
+        let closed = self.persist.lock().unwrap_or_else(|e| e.into_inner());
+        if *closed {
+            return Ok(());
+        }
         let persisting = {
             let mut b = self.write();
             if b.pending.is_empty() && then.is_empty() {

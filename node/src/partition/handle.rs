@@ -12,6 +12,7 @@ use eddy_raft::C;
 use eddy_raft::GroupId;
 use eddy_raft::NodeId;
 use eddy_raft::Payload;
+use eddy_raft::kv::BufferedTree;
 use eddy_raft::kv::KvTree;
 use eddy_raft::liveness::Liveness;
 use eddy_raft::log::LogReader;
@@ -113,7 +114,7 @@ pub struct PartitionParts {
     pub me: NodeId,
     pub raft: PartitionRaft,
     pub progress: watch::Receiver<Progress>,
-    pub index: Arc<dyn KvTree>,
+    pub index: Arc<BufferedTree>,
     pub log: LogReader,
     pub meta: MetaHandle,
     pub metrics: Arc<crate::metrics::NodeMetrics>,
@@ -158,6 +159,12 @@ impl PartitionHandle {
     /// Stops the replica's tasks; the Raft group itself is shut down by its owner.
     pub fn stop_tasks(&self) {
         self.inner.stop.cancel();
+    }
+
+    /// Waits for a persist of the replica's state under way and stops every later one: called
+    /// before the state store drops the replica's tree.
+    pub fn close_state(&self) {
+        self.inner.index.close();
     }
 
     pub fn stop_token(&self) -> tokio_util::sync::CancellationToken {

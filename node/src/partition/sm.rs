@@ -4,10 +4,13 @@
 //! watermark.
 //!
 //! The state goes to the store through a [`BufferedTree`]: applies write to memory (readers see
-//! it at once), and the tree below gets it all in one batch every [`PERSIST_INTERVAL`], before
-//! a snapshot, and with any batch that deletes. The store then holds a prefix of the applied log
+//! it at once), and the tree below gets it all in one batch every [`PERSIST_INTERVAL`] (in a
+//! task of its own, so applying does not wait for it: done inline, a second's worth of index
+//! entries stalled every replica's apply once a second, and the ack p99.9 at 2,000 events/s went
+//! from 5 to 15 ms), before a snapshot, and with any batch that deletes. The store then holds a prefix of the applied log
 //! (as it did before: a batch is durable only after a flush anyway), and a restarted replica
-//! replays the committed log after the stored last applied id. Persisting per apply cost two
+//! applies the log after the stored last applied id again once its leader tells it what is
+//! committed. Persisting per apply cost two
 //! `sled` log-buffer writes per Raft entry on every replica, about a third of the nodes' CPU at
 //! one event in flight.
 //!
@@ -66,7 +69,7 @@ const INDEX_DELETE_CHUNK: usize = 4096;
 pub const PERSIST_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Buffered writes that trigger a persist before the interval is up.
-const PENDING_MAX: usize = 16_384;
+const PENDING_MAX: usize = 1_024;
 
 /// What readers need to know about the applied state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -91,6 +94,8 @@ pub struct PartitionStateMachine {
     store: Arc<dyn StateStore>,
     progress: watch::Sender<Progress>,
     persisted_at: tokio::time::Instant,
+    /// The persist started in the background, if it may still run.
+    persisting: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// The state-store tree of a partition group.
@@ -102,7 +107,7 @@ impl PartitionStateMachine {
     pub fn open(
         store: Arc<dyn StateStore>,
         group: GroupId,
-    ) -> io::Result<(Self, watch::Receiver<Progress>, Arc<dyn KvTree>)> {
+    ) -> io::Result<(Self, watch::Receiver<Progress>, Arc<BufferedTree>)> {
         let below = store.tree(&tree_name(group))?;
         delete_below_log_start_of_stored(below.as_ref())?;
         let tree = Arc::new(BufferedTree::new(below));
@@ -121,8 +126,14 @@ impl PartitionStateMachine {
         }
         let state = PartitionState { meta, producers: ProducerTable::from_entries(producers) };
         let (progress, rx) = watch::channel(progress_of(&state.meta));
-        let sm =
-            Self { state, tree: tree.clone(), store, progress, persisted_at: tokio::time::Instant::now() };
+        let sm = Self {
+            state,
+            tree: tree.clone(),
+            store,
+            progress,
+            persisted_at: tokio::time::Instant::now(),
+            persisting: None,
+        };
         Ok((sm, rx, tree))
     }
 }
@@ -239,8 +250,16 @@ impl RaftStateMachine<C> for PartitionStateMachine {
         // The index entries are written before the high watermark moves, so a reader that sees
         // the new watermark finds every record below it.
         self.tree.apply(batch)?;
-        if self.persisted_at.elapsed() >= PERSIST_INTERVAL || self.tree.pending() >= PENDING_MAX {
-            self.tree.persist()?;
+        let due = self.persisted_at.elapsed() >= PERSIST_INTERVAL || self.tree.pending() >= PENDING_MAX;
+        if due && self.persisting.as_ref().is_none_or(|t| t.is_finished()) {
+            let tree = self.tree.clone();
+            self.persisting = Some(tokio::spawn(async move {
+                // A failed persist keeps its writes pending for the next one; the stored state
+                // only lags further (the log replays it).
+                if let Err(e) = tree.persist() {
+                    tracing::warn!("persisting the partition state failed (retried later): {e}");
+                }
+            }));
             self.persisted_at = tokio::time::Instant::now();
         }
         self.progress.send_replace(progress_of(&self.state.meta));
