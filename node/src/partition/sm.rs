@@ -4,15 +4,14 @@
 //! watermark.
 //!
 //! The state goes to the store through a [`BufferedTree`]: applies write to memory (readers see
-//! it at once), and the tree below gets it all in one batch every [`PERSIST_INTERVAL`] (in a
-//! task of its own, so applying does not wait for it: done inline, a second's worth of index
-//! entries stalled every replica's apply once a second, and the ack p99.9 at 2,000 events/s went
-//! from 5 to 15 ms), before a snapshot, and with any batch that deletes. The store then holds a prefix of the applied log
-//! (as it did before: a batch is durable only after a flush anyway), and a restarted replica
-//! applies the log after the stored last applied id again once its leader tells it what is
-//! committed. Persisting per apply cost two
-//! `sled` log-buffer writes per Raft entry on every replica, about a third of the nodes' CPU at
-//! one event in flight.
+//! it at once), and the tree below gets it all in one batch every [`PERSIST_INTERVAL`] or
+//! `PENDING_MAX` writes (in a task of its own, so applying does not wait for it), before a
+//! snapshot, and with any batch that deletes. The store then holds a prefix of the applied log
+//! (as before: a batch is durable only after a flush anyway), and a restarted replica applies
+//! the log after the stored last applied id again once its leader tells it what is committed.
+//! Persisting per apply cost two `sled` log-buffer writes per Raft entry on every replica, about
+//! a third of the nodes' CPU at one event in flight; persisting inline once a second stalled
+//! every replica's apply (the ack p99.9 at 2,000 events/s went from 5 to 15 ms).
 //!
 //! A snapshot holds the partition's scalar state and producer table, never records: a replica
 //! that installs one has no records before the snapshot's high watermark, so its log starts
