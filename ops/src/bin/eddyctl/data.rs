@@ -88,7 +88,7 @@ pub async fn produce(
     let peak = producer.peak_in_flight();
     producer.close().await;
     if config.max_in_flight > 1 {
-        eprintln!("at most {peak} requests were in flight per partition at once");
+        eprintln!("at most {peak} request(s) were in flight per partition at once");
     }
     if failed > 0 {
         eprintln!("error: {failed} of {n} events were not acknowledged");
