@@ -198,8 +198,13 @@ impl Producer {
             .entry(partition)
             .or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(QUEUE_RECORDS_MAX);
-                let mut w = Worker::new(self.client.clone(), self.topic.clone(), partition, self.config);
-                w.peak = self.peak_in_flight.clone();
+                let w = Worker::new(
+                    self.client.clone(),
+                    self.topic.clone(),
+                    partition,
+                    self.config,
+                    self.peak_in_flight.clone(),
+                );
                 self.tasks.spawn(w.run(rx));
                 tx
             })
@@ -250,7 +255,13 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(client: Client, topic: String, partition: u32, config: ProducerConfig) -> Self {
+    fn new(
+        client: Client,
+        topic: String,
+        partition: u32,
+        config: ProducerConfig,
+        peak: Arc<AtomicUsize>,
+    ) -> Self {
         Self {
             client,
             topic,
@@ -263,7 +274,7 @@ impl Worker {
             failed: false,
             again: VecDeque::new(),
             carry: None,
-            peak: Arc::default(),
+            peak,
         }
     }
 

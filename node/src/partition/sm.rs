@@ -107,23 +107,24 @@ impl PartitionStateMachine {
         store: Arc<dyn StateStore>,
         group: GroupId,
     ) -> io::Result<(Self, watch::Receiver<Progress>, Arc<BufferedTree>)> {
+        // The stored state is read, and cleaned up, before the buffer exists (it holds nothing).
         let below = store.tree(&tree_name(group))?;
-        delete_below_log_start_of_stored(below.as_ref())?;
-        let tree = Arc::new(BufferedTree::new(below));
-        let mut meta: PartitionMeta = match tree.get(META_KEY)? {
+        let mut meta: PartitionMeta = match below.get(META_KEY)? {
             Some(b) => PartitionMeta::decode(&b)?,
             None => PartitionMeta::default(),
         };
-        if let Some(b) = tree.get(MEMBERSHIP_KEY)? {
+        if let Some(b) = below.get(MEMBERSHIP_KEY)? {
             meta.membership = sm_common::decode(&b, "partition membership")?;
         }
         let (from, to) = producer_key_range();
         let mut producers = Vec::new();
-        for (k, v) in tree.scan(&from, &to, PRODUCERS_MAX + 1)? {
+        for (k, v) in below.scan(&from, &to, PRODUCERS_MAX + 1)? {
             let id = u64::from_be_bytes(k[1..].try_into().map_err(io::Error::other)?);
             producers.push((id, sm_common::decode::<ProducerEntry>(&v, "producer entry")?));
         }
         let state = PartitionState { meta, producers: ProducerTable::from_entries(producers) };
+        delete_below_log_start(below.as_ref(), &state.meta)?;
+        let tree = Arc::new(BufferedTree::new(below));
         let (progress, rx) = watch::channel(progress_of(&state.meta));
         let sm = Self {
             state,
@@ -134,14 +135,6 @@ impl PartitionStateMachine {
             persisting: None,
         };
         Ok((sm, rx, tree))
-    }
-}
-
-/// [`delete_below_log_start`] for the stored state, read from `tree`.
-fn delete_below_log_start_of_stored(tree: &dyn KvTree) -> io::Result<()> {
-    match tree.get(META_KEY)? {
-        Some(b) => delete_below_log_start(tree, &PartitionMeta::decode(&b)?),
-        None => Ok(()),
     }
 }
 
