@@ -167,18 +167,100 @@ impl PartitionCommand {
         }
     }
 
-    /// The whole batch of a produce entry.
-    pub fn decode_batch(b: &[u8]) -> Result<ProduceBatch, DecodeError> {
+    /// The whole batch of a produce entry. Keys, values and header values are slices of `b`
+    /// (no copy): a fetch hands the bytes it read from the log to the response as they are.
+    pub fn decode_batch(b: &Bytes) -> Result<ProduceBatch, DecodeError> {
         let CommandHeader::Produce(h) = Self::decode_header(b)? else {
             return Err(DecodeError("not a produce entry".into()));
         };
         let start = if h.max_timestamp_ms.is_some() { PRODUCE_HEADER_BYTES } else { PRODUCE_V1_HEADER_BYTES };
-        let records: Vec<StoredRecord> =
-            postcard::from_bytes(&b[start..]).map_err(|e| DecodeError(e.to_string()))?;
+        let records = RecordsReader { buf: b, at: start }.records()?;
         if records.len() != h.count as usize {
             return Err(DecodeError(format!("header says {} records, found {}", h.count, records.len())));
         }
         Ok(ProduceBatch { producer_id: h.producer_id, base_sequence: h.base_sequence, records })
+    }
+}
+
+/// Reads the records of a produce entry, written by postcard as a `Vec<StoredRecord>`, handing
+/// out slices of the entry instead of copies. The layout is postcard's (stable, its wire format
+/// 1.0): a sequence is a varint length and its elements; bytes and strings a varint length and
+/// the bytes; an option a 0/1 tag; an `i64` a zigzag varint. A test holds this reader to
+/// postcard's own decoder for any records.
+struct RecordsReader<'a> {
+    buf: &'a Bytes,
+    at: usize,
+}
+
+impl RecordsReader<'_> {
+    fn records(mut self) -> Result<Vec<StoredRecord>, DecodeError> {
+        let n = self.len()?;
+        // Every record takes at least 4 bytes, so a corrupt length cannot reserve much.
+        let mut out = Vec::with_capacity(n.min((self.buf.len() - self.at) / 4));
+        for _ in 0..n {
+            let key = match self.byte()? {
+                0 => None,
+                1 => Some(self.bytes()?),
+                t => return Err(self.error(&format!("option tag {t}"))),
+            };
+            let value = self.bytes()?;
+            let headers = (0..self.len()?)
+                .map(|_| {
+                    let k = self.bytes()?;
+                    let k = std::str::from_utf8(&k)
+                        .map_err(|_| self.error("a header name that is not UTF-8"))?
+                        .to_owned();
+                    Ok((k, self.bytes()?))
+                })
+                .collect::<Result<Vec<_>, DecodeError>>()?;
+            let z = self.varint()?;
+            let timestamp_ms = ((z >> 1) as i64) ^ -((z & 1) as i64);
+            out.push(StoredRecord { key, value, headers, timestamp_ms });
+        }
+        if self.at != self.buf.len() {
+            return Err(self.error("bytes after the last record"));
+        }
+        Ok(out)
+    }
+
+    fn error(&self, what: &str) -> DecodeError {
+        DecodeError(format!("records: {what} at byte {} of {}", self.at, self.buf.len()))
+    }
+
+    fn byte(&mut self) -> Result<u8, DecodeError> {
+        let b = *self.buf.get(self.at).ok_or_else(|| self.error("end of entry"))?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(self.error("a varint longer than 10 bytes"))
+    }
+
+    fn len(&mut self) -> Result<usize, DecodeError> {
+        let n = self.varint()?;
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= self.buf.len())
+            .ok_or_else(|| self.error(&format!("length {n}")))
+    }
+
+    fn bytes(&mut self) -> Result<Bytes, DecodeError> {
+        let n = self.len()?;
+        if self.buf.len() - self.at < n {
+            return Err(self.error(&format!("{n} bytes past the end")));
+        }
+        let b = self.buf.slice(self.at..self.at + n);
+        self.at += n;
+        Ok(b)
     }
 }
 
@@ -195,6 +277,7 @@ impl PartitionReply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn produce_round_trips_and_the_header_reads_alone() {
@@ -220,20 +303,60 @@ mod tests {
         assert_eq!(PartitionCommand::decode_header(&bytes), header(Some(9), true));
         assert_eq!(PartitionCommand::decode_batch(&bytes), Ok(b.clone()));
         assert!(PartitionCommand::decode_header(&bytes[..10]).is_err());
-        assert!(PartitionCommand::decode_batch(&bytes[..bytes.len() - 1]).is_err());
+        assert!(PartitionCommand::decode_batch(&bytes.slice(..bytes.len() - 1)).is_err());
 
         // An entry of the first format (no timestamp in the header) still reads.
         let mut v1 = vec![KIND_PRODUCE_V1];
         v1.extend_from_slice(&bytes[1..21]);
         v1.extend_from_slice(&bytes[29..]);
         assert_eq!(PartitionCommand::decode_header(&v1), header(None, false));
-        assert_eq!(PartitionCommand::decode_batch(&v1), Ok(b.clone()));
+        assert_eq!(PartitionCommand::decode_batch(&Bytes::from(v1)), Ok(b.clone()));
 
         // So does one of the second format, applied without the first-sequence rule.
         let mut v2 = bytes.to_vec();
         v2[0] = KIND_PRODUCE_V2;
         assert_eq!(PartitionCommand::decode_header(&v2), header(Some(9), false));
-        assert_eq!(PartitionCommand::decode_batch(&v2), Ok(b));
+        assert_eq!(PartitionCommand::decode_batch(&Bytes::from(v2)), Ok(b));
+    }
+
+    fn any_record() -> impl Strategy<Value = StoredRecord> {
+        let bytes = || proptest::collection::vec(any::<u8>(), 0..300).prop_map(Bytes::from);
+        (
+            proptest::option::of(bytes()),
+            bytes(),
+            proptest::collection::vec((".{0,20}", bytes()), 0..4),
+            any::<i64>(),
+        )
+            .prop_map(|(key, value, headers, timestamp_ms)| StoredRecord {
+                key,
+                value,
+                headers,
+                timestamp_ms,
+            })
+    }
+
+    proptest! {
+        /// The slicing reader reads what postcard wrote exactly as postcard's own decoder does,
+        /// and refuses every truncation of it without panicking.
+        #[test]
+        fn records_read_without_copies_match_postcard(
+            records in proptest::collection::vec(any_record(), 0..40),
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let b = ProduceBatch { producer_id: 7, base_sequence: 0, records };
+            let bytes = PartitionCommand::Produce(b.clone()).encode();
+            let by_postcard: Vec<StoredRecord> = postcard::from_bytes(&bytes[PRODUCE_HEADER_BYTES..]).unwrap();
+            prop_assert_eq!(&by_postcard, &b.records);
+            let decoded = PartitionCommand::decode_batch(&bytes).unwrap();
+            prop_assert_eq!(&decoded, &b);
+            // The values are views of the entry's bytes, not copies.
+            for r in decoded.records.iter().filter(|r| !r.value.is_empty()) {
+                let at = r.value.as_ptr() as usize - bytes.as_ptr() as usize;
+                prop_assert!(at < bytes.len());
+            }
+            let short = cut.index(bytes.len() - PRODUCE_HEADER_BYTES) + PRODUCE_HEADER_BYTES;
+            prop_assert!(PartitionCommand::decode_batch(&bytes.slice(..short)).is_err());
+        }
     }
 
     #[test]

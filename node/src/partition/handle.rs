@@ -536,11 +536,15 @@ impl PartitionHandle {
         };
         let mut from = k;
         let mut bytes = 0usize;
+        // Offsets are dense, so no batch starting at or past `end` is needed, and every batch
+        // holds at least one record: read only those batches' log entries.
+        let end = offset.saturating_add(max_records as u64).min(hw);
+        let scan_max = INDEX_SCAN_MAX.min(max_records.saturating_add(1));
         'scan: loop {
             let entries: Vec<IndexEntry> = self
                 .inner
                 .index
-                .scan(&from, &offset_key(hw), INDEX_SCAN_MAX)
+                .scan(&from, &offset_key(end), scan_max)
                 .map_err(internal)?
                 .into_iter()
                 .filter_map(|(k, v)| IndexEntry::decode(&k, &v))
@@ -595,7 +599,7 @@ impl PartitionHandle {
                 }
                 i = j;
             }
-            if entries.len() < INDEX_SCAN_MAX {
+            if entries.len() < scan_max {
                 break;
             }
             from = offset_key(last.base_offset + 1).to_vec();
