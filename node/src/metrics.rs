@@ -26,6 +26,9 @@ fn latency_histogram() -> Histogram {
 pub struct NodeMetrics {
     pub produce_requests: Family<ResultLabel, Counter>,
     pub produce_records: Counter,
+    /// Raft entries proposed for produce requests; fewer than the requests when queued requests
+    /// are coalesced.
+    pub produce_entries: Counter,
     pub produce_latency: Histogram,
     pub fetch_requests: Family<ResultLabel, Counter>,
     pub fetch_records: Counter,
@@ -43,6 +46,7 @@ impl Default for NodeMetrics {
         let m = Self {
             produce_requests: Family::default(),
             produce_records: Counter::default(),
+            produce_entries: Counter::default(),
             produce_latency: latency_histogram(),
             fetch_requests: Family::default(),
             fetch_records: Counter::default(),
@@ -98,6 +102,11 @@ impl NodeMetrics {
             "eddy_produce_records",
             "Records accepted by produce requests",
             self.produce_records.clone(),
+        );
+        reg.register(
+            "eddy_produce_entries",
+            "Raft entries proposed for produce requests (requests queued behind a busy partition share one)",
+            self.produce_entries.clone(),
         );
         reg.register_with_unit(
             "eddy_produce_latency",

@@ -1,7 +1,9 @@
 //! Commands of a partition group and their replies, as they travel in Raft entries.
 //!
 //! A produce request becomes one [`PartitionCommand::Produce`] entry holding the whole record
-//! batch; offsets are not in the entry but assigned when it is applied. Retention proposes
+//! batch; offsets are not in the entry but assigned when it is applied. Requests that queue on a
+//! busy leader are proposed together as one [`PartitionCommand::ProduceBatches`] entry (one Raft
+//! round for all of them), each keeping its own sequence check and reply. Retention proposes
 //! [`PartitionCommand::AdvanceLogStart`], so every replica forgets the same records.
 
 use bytes::Bytes;
@@ -33,10 +35,24 @@ pub struct ProduceBatch {
     pub records: Vec<StoredRecord>,
 }
 
+impl ProduceBatch {
+    /// Whether `next` may follow this batch in one [`PartitionCommand::ProduceBatches`] entry:
+    /// both non-idempotent, or the same producer's next sequence.
+    pub fn coalescible(&self, next: &ProduceBatch) -> bool {
+        self.producer_id == next.producer_id
+            && (self.producer_id == 0
+                || self.base_sequence.checked_add(self.records.len() as u64) == Some(next.base_sequence))
+    }
+}
+
 /// A command of a partition group, as a proposer builds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PartitionCommand {
     Produce(ProduceBatch),
+    /// Several produce requests in one entry, applied one after the other as if each were an
+    /// entry of its own. Either all non-idempotent (producer id 0), or all of one producer with
+    /// contiguous sequences in order (`coalescible` says which batches may follow which).
+    ProduceBatches(Vec<ProduceBatch>),
     /// Retention: records below `offset` are no longer served, and the log entries holding
     /// only such records may be purged. `offset` is a batch's base offset or the high watermark.
     AdvanceLogStart {
@@ -59,11 +75,23 @@ pub struct ProduceHeader {
     pub strict_sequence: bool,
 }
 
-/// What applying an entry needs, readable without decoding the records.
+/// One request's batch inside a [`PartitionCommand::ProduceBatches`] entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubBatch {
+    pub count: u32,
+    pub max_timestamp_ms: i64,
+}
+
+/// What applying an entry needs, readable without decoding the records.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommandHeader {
     Produce(ProduceHeader),
-    AdvanceLogStart { offset: u64 },
+    /// The header describes the whole entry (the first batch's producer and sequence, every
+    /// record); the sub-batches follow each other in the records and in sequence.
+    ProduceBatches(ProduceHeader, Vec<SubBatch>),
+    AdvanceLogStart {
+        offset: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +117,8 @@ pub enum PartitionReply {
     UnknownProducer {
         got: u64,
     },
+    /// For [`PartitionCommand::ProduceBatches`]: each batch's reply, in order.
+    Batches(Vec<PartitionReply>),
 }
 
 /// Why an entry's bytes are not a command this version understands.
@@ -106,6 +136,9 @@ const KIND_ADVANCE_LOG_START: u8 = 3;
 /// not start at sequence 0 (so pipelined requests that reach the log out of order cannot
 /// reorder a new producer's records).
 const KIND_PRODUCE: u8 = 4;
+/// The header of [`KIND_PRODUCE`] for the whole entry, then the number of batches (4) and each
+/// batch's record count (4) and greatest timestamp (8), then every record.
+const KIND_PRODUCE_BATCHES: u8 = 5;
 /// kind (1) + producer id (8) + base sequence (8) + record count (4).
 const PRODUCE_V1_HEADER_BYTES: usize = 21;
 /// The v1 header + the greatest record timestamp (8).
@@ -117,6 +150,8 @@ impl PartitionCommand {
     /// The entry encoding: a fixed header, then the records (postcard). Every replica applies
     /// every entry, and applying reads only the header.
     pub fn encode(&self) -> Bytes {
+        let max_ts =
+            |records: &[StoredRecord]| records.iter().map(|r| r.timestamp_ms).max().unwrap_or(i64::MIN);
         match self {
             PartitionCommand::Produce(b) => {
                 let mut out = Vec::with_capacity(
@@ -126,9 +161,37 @@ impl PartitionCommand {
                 out.extend_from_slice(&b.producer_id.to_le_bytes());
                 out.extend_from_slice(&b.base_sequence.to_le_bytes());
                 out.extend_from_slice(&(b.records.len() as u32).to_le_bytes());
-                let max_ts = b.records.iter().map(|r| r.timestamp_ms).max().unwrap_or(i64::MIN);
-                out.extend_from_slice(&max_ts.to_le_bytes());
+                out.extend_from_slice(&max_ts(&b.records).to_le_bytes());
                 postcard::to_io(&b.records, &mut out).expect("records always encode");
+                out.into()
+            }
+            PartitionCommand::ProduceBatches(batches) => {
+                let records = || batches.iter().flat_map(|b| &b.records);
+                let mut out = Vec::with_capacity(
+                    PRODUCE_HEADER_BYTES
+                        + 4
+                        + 12 * batches.len()
+                        + records().map(|r| r.size() + 16).sum::<usize>(),
+                );
+                let first = batches.first().map_or((0, 0), |b| (b.producer_id, b.base_sequence));
+                out.push(KIND_PRODUCE_BATCHES);
+                out.extend_from_slice(&first.0.to_le_bytes());
+                out.extend_from_slice(&first.1.to_le_bytes());
+                out.extend_from_slice(&(records().count() as u32).to_le_bytes());
+                let all_max = records().map(|r| r.timestamp_ms).max().unwrap_or(i64::MIN);
+                out.extend_from_slice(&all_max.to_le_bytes());
+                out.extend_from_slice(&(batches.len() as u32).to_le_bytes());
+                for b in batches {
+                    out.extend_from_slice(&(b.records.len() as u32).to_le_bytes());
+                    out.extend_from_slice(&max_ts(&b.records).to_le_bytes());
+                }
+                // The records of every batch, as one sequence (postcard's layout of a `Vec`).
+                let n = records().count() as u64;
+                let mut len = [0u8; 10];
+                out.extend_from_slice(postcard::to_slice(&n, &mut len).expect("a varint fits 10 bytes"));
+                for r in records() {
+                    postcard::to_io(r, &mut out).expect("records always encode");
+                }
                 out.into()
             }
             PartitionCommand::AdvanceLogStart { offset } => {
@@ -142,6 +205,10 @@ impl PartitionCommand {
 
     /// The header of an entry.
     pub fn decode_header(b: &[u8]) -> Result<CommandHeader, DecodeError> {
+        if b.first() == Some(&KIND_PRODUCE_BATCHES) {
+            let (h, subs, _) = Self::decode_batches_header(b)?;
+            return Ok(CommandHeader::ProduceBatches(h, subs));
+        }
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         let bad = || DecodeError(format!("{} bytes, kind {:?}", b.len(), b.first()));
         match b.first() {
@@ -167,13 +234,54 @@ impl PartitionCommand {
         }
     }
 
-    /// The whole batch of a produce entry. Keys, values and header values are slices of `b`
-    /// (no copy): a fetch hands the bytes it read from the log to the response as they are.
-    pub fn decode_batch(b: &Bytes) -> Result<ProduceBatch, DecodeError> {
-        let CommandHeader::Produce(h) = Self::decode_header(b)? else {
-            return Err(DecodeError("not a produce entry".into()));
+    /// The header, sub-batches and records' start of a [`KIND_PRODUCE_BATCHES`] entry.
+    fn decode_batches_header(b: &[u8]) -> Result<(ProduceHeader, Vec<SubBatch>, usize), DecodeError> {
+        let bad = |what: &str| DecodeError(format!("{} bytes, several batches: {what}", b.len()));
+        let u32_at = |i: usize| b.get(i..i + 4).map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")));
+        let u64_at = |i: usize| b.get(i..i + 8).map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")));
+        let (Some(producer_id), Some(base_sequence), Some(count), Some(max_ts), Some(n)) =
+            (u64_at(1), u64_at(9), u32_at(17), u64_at(21), u32_at(PRODUCE_HEADER_BYTES))
+        else {
+            return Err(bad("short header"));
         };
-        let start = if h.max_timestamp_ms.is_some() { PRODUCE_HEADER_BYTES } else { PRODUCE_V1_HEADER_BYTES };
+        let start = PRODUCE_HEADER_BYTES + 4 + 12 * n as usize;
+        if b.len() < start {
+            return Err(bad(&format!("{n} batches")));
+        }
+        let at = |i: usize| PRODUCE_HEADER_BYTES + 4 + 12 * i;
+        let subs: Vec<SubBatch> = (0..n as usize)
+            .map(|i| SubBatch {
+                count: u32_at(at(i)).expect("in bounds"),
+                max_timestamp_ms: u64_at(at(i) + 4).expect("in bounds") as i64,
+            })
+            .collect();
+        if subs.iter().map(|s| u64::from(s.count)).sum::<u64>() != u64::from(count) {
+            return Err(bad("the batches' counts do not add up to the entry's"));
+        }
+        let h = ProduceHeader {
+            producer_id,
+            base_sequence,
+            count,
+            max_timestamp_ms: Some(max_ts as i64),
+            strict_sequence: true,
+        };
+        Ok((h, subs, start))
+    }
+
+    /// The whole batch of a produce entry (every record of an entry of several batches). Keys,
+    /// values and header values are slices of `b` (no copy): a fetch hands the bytes it read
+    /// from the log to the response as they are.
+    pub fn decode_batch(b: &Bytes) -> Result<ProduceBatch, DecodeError> {
+        let (h, start) = match Self::decode_header(b)? {
+            CommandHeader::Produce(h) => {
+                (h, if h.max_timestamp_ms.is_some() { PRODUCE_HEADER_BYTES } else { PRODUCE_V1_HEADER_BYTES })
+            }
+            CommandHeader::ProduceBatches(..) => {
+                let (h, _, start) = Self::decode_batches_header(b)?;
+                (h, start)
+            }
+            CommandHeader::AdvanceLogStart { .. } => return Err(DecodeError("not a produce entry".into())),
+        };
         let records = RecordsReader { buf: b, at: start }.records()?;
         if records.len() != h.count as usize {
             return Err(DecodeError(format!("header says {} records, found {}", h.count, records.len())));
@@ -355,6 +463,44 @@ mod tests {
                 prop_assert!(at < bytes.len());
             }
             let short = cut.index(bytes.len() - PRODUCE_HEADER_BYTES) + PRODUCE_HEADER_BYTES;
+            prop_assert!(PartitionCommand::decode_batch(&bytes.slice(..short)).is_err());
+        }
+
+        /// An entry of several batches tells each batch's count and greatest timestamp from its
+        /// header, holds every record in order, and refuses every truncation.
+        #[test]
+        fn several_batches_in_one_entry_round_trip(
+            batches in proptest::collection::vec(proptest::collection::vec(any_record(), 1..8), 1..6),
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let mut seq = 40;
+            let batches: Vec<ProduceBatch> = batches
+                .into_iter()
+                .map(|records| {
+                    let b = ProduceBatch { producer_id: 9, base_sequence: seq, records };
+                    seq += b.records.len() as u64;
+                    b
+                })
+                .collect();
+            prop_assert!(batches.windows(2).all(|w| w[0].coalescible(&w[1])));
+            let bytes = PartitionCommand::ProduceBatches(batches.clone()).encode();
+            let all: Vec<StoredRecord> = batches.iter().flat_map(|b| b.records.clone()).collect();
+            let Ok(CommandHeader::ProduceBatches(h, subs)) = PartitionCommand::decode_header(&bytes) else {
+                panic!("an entry of several batches");
+            };
+            prop_assert_eq!((h.producer_id, h.base_sequence, h.count as usize), (9, 40, all.len()));
+            prop_assert_eq!(h.max_timestamp_ms, all.iter().map(|r| r.timestamp_ms).max());
+            let want: Vec<SubBatch> = batches
+                .iter()
+                .map(|b| SubBatch {
+                    count: b.records.len() as u32,
+                    max_timestamp_ms: b.records.iter().map(|r| r.timestamp_ms).max().unwrap(),
+                })
+                .collect();
+            prop_assert_eq!(subs, want);
+            let decoded = PartitionCommand::decode_batch(&bytes).unwrap();
+            prop_assert_eq!(decoded.records, all);
+            let short = cut.index(bytes.len());
             prop_assert!(PartitionCommand::decode_batch(&bytes.slice(..short)).is_err());
         }
     }

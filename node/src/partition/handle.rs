@@ -1,11 +1,14 @@
 //! [`PartitionHandle`]: a running partition replica as the client services see it.
 //!
 //! Produce goes through Raft on the leader and returns once the batch is committed (on a quorum
-//! of disks) and applied. Fetch reads this replica's own log through the offset index, never
+//! of disks) and applied. While a partition's proposal is in flight, further produce requests
+//! queue and are proposed together in one entry when it is answered (group commit: one Raft
+//! round for all of them, each with its own sequence check and reply). Fetch reads this replica's own log through the offset index, never
 //! past the applied high watermark, so any replica can serve it without talking to the leader.
 
 use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use eddy_raft::C;
@@ -22,6 +25,7 @@ use openraft::errors::ClientWriteError;
 use openraft::errors::ForwardReason;
 use openraft::errors::RaftError;
 use openraft::raft::ClientWriteResponse;
+use tokio::sync::oneshot;
 use tokio::sync::watch;
 use tracing::debug;
 
@@ -50,6 +54,55 @@ pub const LEADER_WAIT: Duration = Duration::from_millis(500);
 
 /// Offset-index entries read per scan while serving a fetch.
 const INDEX_SCAN_MAX: usize = 1024;
+
+/// Produce proposals of one partition in Raft at once. A request that finds this many in
+/// flight queues; when the proposal is answered, everything queued is proposed, coalesced into
+/// as few entries as the batches allow. One keeps each Raft round as full as the load makes it,
+/// and an idle partition's request is proposed at once, by the request's own task.
+const PROPOSALS_IN_FLIGHT_MAX: usize = 1;
+/// Most record bytes coalesced into one entry (a larger request still goes alone).
+const COALESCE_BYTES_MAX: usize = 1 << 20;
+/// Most requests coalesced into one entry.
+const COALESCE_BATCHES_MAX: usize = 256;
+
+/// A produce request queued behind the partition's proposal in flight.
+struct Waiting {
+    batch: ProduceBatch,
+    deadline: tokio::time::Instant,
+    reply: oneshot::Sender<Result<PartitionReply>>,
+    /// Whether the batch was refused once for overtaking (see [`overtook`]) and queued again.
+    retried: bool,
+}
+
+/// Whether a batch was refused only because it reached the leader before an earlier batch of
+/// its producer: pipelined requests travel on separate HTTP/2 streams, so the order in which
+/// the leader starts them is not the order they were sent in. Such a batch is queued once more
+/// (behind the gap's filler, which is usually already queued) instead of being refused to the
+/// client, who would otherwise resend it, and every batch it sent after it, one by one.
+fn overtook(reply: &PartitionReply) -> bool {
+    match *reply {
+        PartitionReply::OutOfOrderSequence { expected, got } => got > expected,
+        PartitionReply::UnknownProducer { got } => got > 0,
+        _ => false,
+    }
+}
+
+/// The partition's produce proposals: how many are in Raft, and the requests queued behind them.
+#[derive(Default)]
+struct Proposals {
+    in_flight: usize,
+    queue: Vec<Waiting>,
+}
+
+/// A proposal slot held by a request's task; released (handing the queue on) when dropped, so a
+/// request whose client goes away mid-write still frees it.
+struct Slot<'a>(&'a PartitionHandle);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.release_slot();
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Produced {
@@ -131,11 +184,12 @@ pub struct PartitionParts {
 #[derive(Clone)]
 pub struct PartitionHandle {
     inner: Arc<PartitionParts>,
+    proposals: Arc<Mutex<Proposals>>,
 }
 
 impl PartitionHandle {
     pub fn new(parts: PartitionParts) -> Self {
-        Self { inner: Arc::new(parts) }
+        Self { inner: Arc::new(parts), proposals: Default::default() }
     }
 
     /// The replica's Raft log, for inspection (the simulator's checker compares replicas).
@@ -216,21 +270,192 @@ impl PartitionHandle {
     /// Appends a batch; returns once it is committed and applied (or refused).
     pub async fn produce(&self, batch: ProduceBatch, timeout: Duration) -> Result<Produced> {
         let producer_id = batch.producer_id;
-        let payload = Payload(PartitionCommand::Produce(batch).encode());
-        let write = self.write(payload);
         let started = tokio::time::Instant::now();
-        let written = tokio::time::timeout(timeout, write).await;
-        if matches!(written, Ok(Ok(_))) {
+        let deadline = started + timeout;
+        // Either this request proposes its batch itself, or it queues and waits for a reply.
+        let turn = {
+            let mut p = self.proposals.lock().expect("proposals lock poisoned");
+            if p.in_flight < PROPOSALS_IN_FLIGHT_MAX {
+                p.in_flight += 1;
+                Ok(batch)
+            } else {
+                Err(Self::enqueue(&mut p, batch, deadline, false))
+            }
+        };
+        let reply = match turn {
+            Ok(batch) => {
+                let slot = Slot(self);
+                let command = PartitionCommand::Produce(batch);
+                match self.propose(&command, timeout).await {
+                    Ok(r) if overtook(&r) => {
+                        // Another request of this producer is about to fill the gap: go again
+                        // once, behind it (the queue is proposed in sequence order).
+                        let PartitionCommand::Produce(batch) = command else { unreachable!() };
+                        let rx = {
+                            let mut p = self.proposals.lock().expect("proposals lock poisoned");
+                            Self::enqueue(&mut p, batch, deadline, true)
+                        };
+                        drop(slot);
+                        self.queued(rx, deadline, timeout).await
+                    }
+                    r => r,
+                }
+            }
+            Err(rx) => self.queued(rx, deadline, timeout).await,
+        };
+        if reply.is_ok() {
             self.inner.metrics.commit_latency.observe(started.elapsed().as_secs_f64());
         }
-        let resp = match written {
-            Err(_) => {
-                return Err(BrokerError::Timeout(format!(
-                    "{}: the batch was not committed within {timeout:?}; it may or may not be written \
-                     (an idempotent producer can retry safely)",
-                    self.what()
-                )));
+        Self::produced(reply?, producer_id)
+    }
+
+    fn enqueue(
+        p: &mut Proposals,
+        batch: ProduceBatch,
+        deadline: tokio::time::Instant,
+        retried: bool,
+    ) -> oneshot::Receiver<Result<PartitionReply>> {
+        let (tx, rx) = oneshot::channel();
+        p.queue.push(Waiting { batch, deadline, reply: tx, retried });
+        rx
+    }
+
+    /// Waits for the reply to a queued request.
+    async fn queued(
+        &self,
+        rx: oneshot::Receiver<Result<PartitionReply>>,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<PartitionReply> {
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(BrokerError::Unavailable(format!(
+                "{}: the replica stopped while the batch was queued; it may or may not be written \
+                 (an idempotent producer can retry safely)",
+                self.what()
+            ))),
+            Err(_) => Err(self.timed_out(timeout)),
+        }
+    }
+
+    fn timed_out(&self, timeout: Duration) -> BrokerError {
+        BrokerError::Timeout(format!(
+            "{}: the batch was not committed within {timeout:?}; it may or may not be written \
+             (an idempotent producer can retry safely)",
+            self.what()
+        ))
+    }
+
+    /// Gives up a proposal slot; if requests are queued, a task of their own proposes them
+    /// (keeping the slot) until the queue is empty.
+    fn release_slot(&self) {
+        let waiting = {
+            let mut p = self.proposals.lock().expect("proposals lock poisoned");
+            if p.queue.is_empty() {
+                p.in_flight -= 1;
+                return;
             }
+            std::mem::take(&mut p.queue)
+        };
+        // Outside a runtime (it is shutting down) the queued requests are dropped, and their
+        // callers hear that the replica stopped.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let this = self.clone();
+            rt.spawn(async move { this.drain(waiting).await });
+        }
+    }
+
+    async fn drain(self, mut waiting: Vec<Waiting>) {
+        loop {
+            self.propose_queued(waiting).await;
+            let mut p = self.proposals.lock().expect("proposals lock poisoned");
+            if p.queue.is_empty() {
+                p.in_flight -= 1;
+                return;
+            }
+            waiting = std::mem::take(&mut p.queue);
+        }
+    }
+
+    /// Proposes queued requests, a producer's batches in sequence order, coalesced into as few
+    /// entries as [`ProduceBatch::coalescible`] and the size bounds allow.
+    async fn propose_queued(&self, mut waiting: Vec<Waiting>) {
+        waiting.retain(|w| !w.reply.is_closed());
+        // Stable: non-idempotent batches (producer 0) keep their arrival order.
+        waiting.sort_by_key(|w| (w.batch.producer_id, w.batch.base_sequence));
+        let mut groups: Vec<Vec<Waiting>> = Vec::new();
+        let mut bytes = 0usize;
+        for w in waiting {
+            let size = w.batch.records.iter().map(StoredRecord::size).sum::<usize>();
+            match groups.last_mut() {
+                Some(g)
+                    if g.len() < COALESCE_BATCHES_MAX
+                        && bytes + size <= COALESCE_BYTES_MAX
+                        && g.last().is_some_and(|l| l.batch.coalescible(&w.batch)) =>
+                {
+                    bytes += size;
+                    g.push(w);
+                }
+                _ => {
+                    bytes = size;
+                    groups.push(vec![w]);
+                }
+            }
+        }
+        // `join_all` polls the writes in order, so they reach Raft in this order.
+        futures::future::join_all(groups.into_iter().map(|g| self.propose_group(g))).await;
+    }
+
+    async fn propose_group(&self, group: Vec<Waiting>) {
+        let now = tokio::time::Instant::now();
+        let timeout = group.iter().map(|w| w.deadline).max().map_or(Duration::ZERO, |d| d - now);
+        let mut batches = Vec::with_capacity(group.len());
+        let mut waiters = Vec::with_capacity(group.len());
+        for w in group {
+            batches.push(w.batch);
+            waiters.push((w.deadline, w.reply, w.retried));
+        }
+        let n = waiters.len();
+        let command = match batches.len() {
+            1 => PartitionCommand::Produce(batches.pop().expect("one batch")),
+            _ => PartitionCommand::ProduceBatches(batches),
+        };
+        let each = match self.propose(&command, timeout).await {
+            Ok(PartitionReply::Batches(each)) if each.len() == n => each,
+            Ok(r) if n == 1 => vec![r],
+            r => {
+                let e = match r {
+                    Ok(r) => BrokerError::Internal(format!("{n} batches were applied with the reply {r:?}")),
+                    Err(e) => e,
+                };
+                for (_, tx, _) in waiters {
+                    let _ = tx.send(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        let batches = match command {
+            PartitionCommand::Produce(b) => vec![b],
+            PartitionCommand::ProduceBatches(bs) => bs,
+            PartitionCommand::AdvanceLogStart { .. } => unreachable!("a produce command"),
+        };
+        let mut p = self.proposals.lock().expect("proposals lock poisoned");
+        for ((batch, (deadline, tx, retried)), r) in batches.into_iter().zip(waiters).zip(each) {
+            if overtook(&r) && !retried {
+                // Go again once, behind the request that fills the gap (see `produce`).
+                p.queue.push(Waiting { batch, deadline, reply: tx, retried: true });
+            } else {
+                let _ = tx.send(Ok(r));
+            }
+        }
+    }
+
+    /// Proposes a produce command and waits (up to `timeout`) for its reply.
+    async fn propose(&self, command: &PartitionCommand, timeout: Duration) -> Result<PartitionReply> {
+        self.inner.metrics.produce_entries.inc();
+        let write = self.write(Payload(command.encode()));
+        let resp = match tokio::time::timeout(timeout, write).await {
+            Err(_) => return Err(self.timed_out(timeout)),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                 return Err(self.not_leader(f.leader_id));
             }
@@ -246,21 +471,24 @@ impl PartitionHandle {
             Ok(Err(e)) => return Err(BrokerError::Unavailable(format!("{}: {e}", self.what()))),
             Ok(Ok(r)) => r,
         };
-        match PartitionReply::decode(&resp.data.0) {
-            Ok(PartitionReply::Produced { base_offset, count, duplicate }) => {
+        PartitionReply::decode(&resp.data.0)
+            .map_err(|e| BrokerError::Internal(format!("undecodable partition reply: {e}")))
+    }
+
+    /// A batch's reply as the client hears it.
+    fn produced(reply: PartitionReply, producer_id: u64) -> Result<Produced> {
+        match reply {
+            PartitionReply::Produced { base_offset, count, duplicate } => {
                 Ok(Produced { base_offset, count, duplicate })
             }
-            Ok(PartitionReply::OutOfOrderSequence { expected, got }) => {
+            PartitionReply::OutOfOrderSequence { expected, got } => {
                 Err(BrokerError::OutOfOrderSequence { producer_id, expected, got })
             }
-            Ok(PartitionReply::UnknownProducer { got }) => {
-                Err(BrokerError::UnknownProducer { producer_id, got })
-            }
-            Ok(PartitionReply::Invalid(msg)) => Err(BrokerError::InvalidArgument(msg)),
-            Ok(PartitionReply::Done | PartitionReply::LogStart { .. }) => {
+            PartitionReply::UnknownProducer { got } => Err(BrokerError::UnknownProducer { producer_id, got }),
+            PartitionReply::Invalid(msg) => Err(BrokerError::InvalidArgument(msg)),
+            PartitionReply::Done | PartitionReply::LogStart { .. } | PartitionReply::Batches(_) => {
                 Err(BrokerError::Internal("produce applied without a result".into()))
             }
-            Err(e) => Err(BrokerError::Internal(format!("undecodable partition reply: {e}"))),
         }
     }
 
@@ -472,6 +700,8 @@ impl PartitionHandle {
         batch
             .records
             .iter()
+            .skip(e.skip as usize)
+            .take(e.count as usize)
             .enumerate()
             .find(|(_, r)| r.timestamp_ms >= ts)
             .map(|(i, r)| (e.base_offset + i as u64, r.timestamp_ms))
@@ -552,11 +782,14 @@ impl PartitionHandle {
             let Some(last) = entries.last().copied() else {
                 break;
             };
-            // Read runs of consecutive log entries with one read each.
+            // Read runs of consecutive log entries with one read each (the batches of an entry
+            // holding several share its log index).
             let mut i = 0;
             while i < entries.len() {
                 let mut j = i + 1;
-                while j < entries.len() && entries[j].log_index == entries[j - 1].log_index + 1 {
+                while j < entries.len()
+                    && entries[j].log_index.checked_sub(entries[j - 1].log_index).is_some_and(|d| d <= 1)
+                {
                     j += 1;
                 }
                 let run = &entries[i..j];
@@ -567,17 +800,37 @@ impl PartitionHandle {
                     .log
                     .read(start, end, max_bytes.saturating_sub(bytes).max(1))
                     .map_err(internal)?;
-                for (e, log_entry) in run.iter().zip(logs.iter()) {
-                    let EntryPayload::Normal(p) = &log_entry.payload else {
+                let mut decoded: Option<(u64, Vec<StoredRecord>)> = None;
+                for e in run {
+                    let Some(log_entry) = logs.get((e.log_index - start) as usize) else {
+                        // The byte budget cut the read short.
+                        break 'scan;
+                    };
+                    if decoded.as_ref().is_none_or(|(at, _)| *at != e.log_index) {
+                        let EntryPayload::Normal(p) = &log_entry.payload else {
+                            return Err(BrokerError::Internal(format!(
+                                "{}: index points at a non-data entry",
+                                self.what()
+                            )));
+                        };
+                        let batch = PartitionCommand::decode_batch(&p.0)
+                            .map_err(|err| BrokerError::Internal(format!("{}: {err}", self.what())))?;
+                        decoded = Some((e.log_index, batch.records));
+                    }
+                    let records = &mut decoded.as_mut().expect("decoded above").1;
+                    let held = records.len();
+                    let Some(records) = records.get_mut(e.skip as usize..e.skip as usize + e.count as usize)
+                    else {
                         return Err(BrokerError::Internal(format!(
-                            "{}: index points at a non-data entry",
-                            self.what()
+                            "{}: the index entry at offset {} names records {}..{} of an entry holding {}",
+                            self.what(),
+                            e.base_offset,
+                            e.skip,
+                            e.skip + e.count,
+                            held
                         )));
                     };
-                    let batch = PartitionCommand::decode_batch(&p.0)
-                        .map_err(|err| BrokerError::Internal(format!("{}: {err}", self.what())))?;
-                    assert_eq!(batch.records.len(), e.count as usize, "index count matches the batch");
-                    for (k, record) in batch.records.into_iter().enumerate() {
+                    for (k, record) in records.iter_mut().enumerate() {
                         let o = e.base_offset + k as u64;
                         if o < offset {
                             continue;
@@ -589,13 +842,16 @@ impl PartitionHandle {
                             break 'scan;
                         }
                         bytes += record.size();
+                        // Each record is served once per read: move it out.
+                        let record = StoredRecord {
+                            key: record.key.take(),
+                            value: std::mem::take(&mut record.value),
+                            headers: std::mem::take(&mut record.headers),
+                            timestamp_ms: record.timestamp_ms,
+                        };
                         out.records.push(FetchedRecord { offset: o, record });
                         out.next_offset = o + 1;
                     }
-                }
-                if logs.len() < run.len() {
-                    // The byte budget cut the read short.
-                    break 'scan;
                 }
                 i = j;
             }

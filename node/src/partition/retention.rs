@@ -206,7 +206,7 @@ mod tests {
     }
 
     fn batch(base_offset: u64, log_index: u64, ts: Option<i64>) -> IndexEntry {
-        IndexEntry { base_offset, log_index, count: 10, max_timestamp_ms: ts }
+        IndexEntry { base_offset, log_index, count: 10, max_timestamp_ms: ts, skip: 0 }
     }
 
     /// Four segments of 100 bytes: log entries 1-3, 4-6, 7-9, 10-12 (active). Each entry but 4

@@ -206,6 +206,9 @@ impl RaftStateMachine<C> for PartitionStateMachine {
                         }
                         self.state.apply(entry.log_id.index, h, &mut batch)
                     }
+                    Ok(CommandHeader::ProduceBatches(h, subs)) => {
+                        self.state.apply_batches(entry.log_id.index, h, &subs, &mut batch)
+                    }
                     Ok(CommandHeader::AdvanceLogStart { offset }) => {
                         // The advance reads the offset index, so what this call applied so far
                         // goes to the tree first, with the state it describes (should it reach

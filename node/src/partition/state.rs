@@ -26,6 +26,7 @@ use serde::Serialize;
 
 use super::command::PartitionReply;
 use super::command::ProduceHeader;
+use super::command::SubBatch;
 use super::producers::BatchRecord;
 use super::producers::ProducerChange;
 use super::producers::ProducerEntry;
@@ -89,22 +90,29 @@ pub struct IndexEntry {
     pub count: u32,
     /// The batch's greatest record timestamp; `None` for entries written before it was kept.
     pub max_timestamp_ms: Option<i64>,
+    /// Records of the log entry before this batch's: non-zero for the later batches of an
+    /// entry holding several.
+    pub skip: u32,
 }
 
 impl IndexEntry {
-    /// log index (8), count (4), and the greatest timestamp (8) when known.
+    /// log index (8), count (4), the greatest timestamp (8) when known, and the records to skip
+    /// (4) when there are any (so entries of one batch keep the earlier formats).
     pub fn value(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(20);
+        let mut v = Vec::with_capacity(24);
         v.extend_from_slice(&self.log_index.to_be_bytes());
         v.extend_from_slice(&self.count.to_be_bytes());
-        if let Some(ts) = self.max_timestamp_ms {
-            v.extend_from_slice(&ts.to_be_bytes());
+        if self.max_timestamp_ms.is_some() || self.skip > 0 {
+            v.extend_from_slice(&self.max_timestamp_ms.unwrap_or(i64::MIN).to_be_bytes());
+        }
+        if self.skip > 0 {
+            v.extend_from_slice(&self.skip.to_be_bytes());
         }
         v
     }
 
     pub fn decode(key: &[u8], value: &[u8]) -> Option<Self> {
-        if key.len() != 9 || key[0] != OFFSET_PREFIX || !(value.len() == 12 || value.len() == 20) {
+        if key.len() != 9 || key[0] != OFFSET_PREFIX || ![12, 20, 24].contains(&value.len()) {
             return None;
         }
         Some(Self {
@@ -114,6 +122,10 @@ impl IndexEntry {
             max_timestamp_ms: match value.get(12..20) {
                 Some(ts) => Some(i64::from_be_bytes(ts.try_into().ok()?)),
                 None => None,
+            },
+            skip: match value.get(20..24) {
+                Some(s) => u32::from_be_bytes(s.try_into().ok()?),
+                None => 0,
             },
         })
     }
@@ -247,10 +259,46 @@ impl PartitionState {
     /// Applies the produce entry at `log_index` (described by its header), adding what must be
     /// persisted to `batch`.
     pub fn apply(&mut self, log_index: u64, b: ProduceHeader, batch: &mut KvBatch) -> PartitionReply {
-        self.apply_produce(log_index, b, batch)
+        self.apply_produce(log_index, b, 0, batch)
     }
 
-    fn apply_produce(&mut self, log_index: u64, b: ProduceHeader, batch: &mut KvBatch) -> PartitionReply {
+    /// Applies an entry of several batches: each is checked, numbered and indexed as if it were
+    /// an entry of its own (a refused one gets no offsets, and the batches after it still go
+    /// through their own checks), so a producer that retries one of them alone is answered as
+    /// if it had been written alone.
+    pub fn apply_batches(
+        &mut self,
+        log_index: u64,
+        h: ProduceHeader,
+        subs: &[SubBatch],
+        batch: &mut KvBatch,
+    ) -> PartitionReply {
+        let mut sequence = h.base_sequence;
+        let mut skip = 0u32;
+        let mut replies = Vec::with_capacity(subs.len());
+        for sub in subs {
+            let b = ProduceHeader {
+                base_sequence: sequence,
+                count: sub.count,
+                max_timestamp_ms: Some(sub.max_timestamp_ms),
+                ..h
+            };
+            replies.push(self.apply_produce(log_index, b, skip, batch));
+            if h.producer_id != 0 {
+                sequence = sequence.saturating_add(u64::from(sub.count));
+            }
+            skip = skip.saturating_add(sub.count);
+        }
+        PartitionReply::Batches(replies)
+    }
+
+    fn apply_produce(
+        &mut self,
+        log_index: u64,
+        b: ProduceHeader,
+        skip: u32,
+        batch: &mut KvBatch,
+    ) -> PartitionReply {
         let count = b.count;
         if count == 0 {
             return PartitionReply::Invalid("records: a batch needs at least one record".into());
@@ -274,7 +322,7 @@ impl PartitionState {
         let max_timestamp_ms = b.max_timestamp_ms;
         batch.put(
             offset_key(base_offset),
-            IndexEntry { base_offset, log_index, count, max_timestamp_ms }.value(),
+            IndexEntry { base_offset, log_index, count, max_timestamp_ms, skip }.value(),
         );
         if let Some(ts) = max_timestamp_ms
             && self.meta.max_timestamp_ms.is_none_or(|m| ts > m)
@@ -395,6 +443,12 @@ mod tests {
         }
     }
 
+    /// `ProduceBatch::coalescible`, for headers.
+    fn coalescible(a: &ProduceHeader, b: &ProduceHeader) -> bool {
+        a.producer_id == b.producer_id
+            && (a.producer_id == 0 || a.base_sequence + u64::from(a.count) == b.base_sequence)
+    }
+
     fn tree() -> Arc<dyn KvTree> {
         eddy_raft::mem::MemStateStore::default().tree("g1").expect("in-memory tree")
     }
@@ -433,6 +487,89 @@ mod tests {
     }
 
     proptest! {
+        /// An entry of several batches is applied exactly as those batches would be, each in an
+        /// entry of its own: same replies (offsets, duplicates, refusals), same producer table,
+        /// same high watermark; and each accepted batch is indexed at its place in the entry.
+        #[test]
+        fn batches_in_one_entry_apply_like_separate_entries(
+            requests in proptest::collection::vec((0u64..3, 1u32..4, 0u8..4, 1usize..4), 1..60)
+        ) {
+            // Each request: producer, record count, what its sequence is (0: the next, 1: a
+            // retry of the producer's last request, 2: a gap, 3: zero), and how many following
+            // requests it may be coalesced with.
+            let mut next = [0u64; 3];
+            let mut last = [(0u64, 1u32); 3];
+            let mut reqs = Vec::new();
+            for (pid, count, kind, _) in &requests {
+                let p = *pid as usize;
+                let seq = match kind {
+                    0 => next[p],
+                    1 => last[p].0,
+                    2 => next[p] + 7,
+                    _ => 0,
+                };
+                let count = if *kind == 1 { last[p].1 } else { *count };
+                if *kind == 0 {
+                    last[p] = (seq, count);
+                    next[p] = seq + u64::from(count);
+                }
+                reqs.push(batch(*pid, seq, count as usize));
+            }
+            // Alone: one entry each.
+            let mut alone = PartitionState::default();
+            let replies_alone: Vec<PartitionReply> = reqs
+                .iter()
+                .enumerate()
+                .map(|(i, h)| alone.apply(i as u64 + 1, *h, &mut KvBatch::default()))
+                .collect();
+            // Coalesced: runs that `ProduceBatch::coalescible` allows, as long as each asks.
+            let mut together = PartitionState::default();
+            let mut replies_together = Vec::new();
+            let mut i = 0;
+            let mut log_index = 0;
+            while i < reqs.len() {
+                let mut j = i + 1;
+                while j < reqs.len() && j - i < requests[i].3 && coalescible(&reqs[j - 1], &reqs[j]) {
+                    j += 1;
+                }
+                log_index += 1;
+                let mut kv = KvBatch::default();
+                if j == i + 1 {
+                    replies_together.push(together.apply(log_index, reqs[i], &mut kv));
+                } else {
+                    let subs: Vec<SubBatch> = reqs[i..j]
+                        .iter()
+                        .map(|h| SubBatch { count: h.count, max_timestamp_ms: h.max_timestamp_ms.unwrap() })
+                        .collect();
+                    let total = subs.iter().map(|s| s.count).sum();
+                    let h = ProduceHeader { count: total, ..reqs[i] };
+                    let PartitionReply::Batches(each) = together.apply_batches(log_index, h, &subs, &mut kv) else {
+                        panic!("an entry of several batches has one reply per batch");
+                    };
+                    prop_assert_eq!(each.len(), j - i);
+                    // Every accepted batch's index entry names its records in the entry.
+                    let mut skip = 0;
+                    for (h, r) in reqs[i..j].iter().zip(&each) {
+                        if let PartitionReply::Produced { base_offset, count, duplicate: false } = r {
+                            let e = kv.ops.iter().find_map(|(k, v)| {
+                                v.as_ref().and_then(|v| IndexEntry::decode(k, v)).filter(|e| e.base_offset == *base_offset)
+                            });
+                            prop_assert_eq!(e.map(|e| (e.log_index, e.skip, e.count)), Some((log_index, skip, *count)));
+                        }
+                        skip += h.count;
+                    }
+                    replies_together.extend(each);
+                }
+                i = j;
+            }
+            prop_assert_eq!(replies_together, replies_alone);
+            prop_assert_eq!(together.meta.next_offset, alone.meta.next_offset);
+            let batches = |st: &PartitionState| -> Vec<(u64, Vec<BatchRecord>)> {
+                st.producer_entries().into_iter().map(|(id, e)| (id, e.batches.into())).collect()
+            };
+            prop_assert_eq!(batches(&together), batches(&alone));
+        }
+
         /// Offsets are dense and assigned in log order; the offset index has one entry per
         /// accepted batch, pointing at its log entry; duplicates get their original offsets.
         #[test]
@@ -460,8 +597,8 @@ mod tests {
                         prop_assert_eq!(st.meta.next_offset, before + n as u64);
                         let e = kv.ops.iter().find_map(|(k, v)| v.as_ref().and_then(|v| IndexEntry::decode(k, v)));
                         let ts = Some(seq as i64);
-                        prop_assert_eq!(e, Some(IndexEntry { base_offset, log_index, count, max_timestamp_ms: ts }));
-                        index.push(IndexEntry { base_offset, log_index, count, max_timestamp_ms: ts });
+                        prop_assert_eq!(e, Some(IndexEntry { base_offset, log_index, count, max_timestamp_ms: ts, skip: 0 }));
+                        index.push(IndexEntry { base_offset, log_index, count, max_timestamp_ms: ts, skip: 0 });
                         next_seq[pid_ix] = seq + n as u64;
                         last_batch[pid_ix] = Some((seq, n, base_offset));
                     }
@@ -551,8 +688,11 @@ mod tests {
 
     #[test]
     fn index_values_of_the_first_format_decode_without_a_timestamp() {
-        let e = IndexEntry { base_offset: 4, log_index: 9, count: 2, max_timestamp_ms: Some(-5) };
+        let e = IndexEntry { base_offset: 4, log_index: 9, count: 2, max_timestamp_ms: Some(-5), skip: 0 };
         assert_eq!(IndexEntry::decode(&offset_key(4), &e.value()), Some(e));
+        let later = IndexEntry { skip: 3, ..e };
+        assert_eq!(later.value().len(), 24);
+        assert_eq!(IndexEntry::decode(&offset_key(4), &later.value()), Some(later));
         let v1 = &e.value()[..12];
         assert_eq!(IndexEntry::decode(&offset_key(4), v1), Some(IndexEntry { max_timestamp_ms: None, ..e }));
         assert_eq!(IndexEntry::decode(&offset_key(4), &e.value()[..15]), None);

@@ -28,6 +28,7 @@ pub async fn produce(
     partition: Option<u32>,
     key: Option<String>,
     config: ProducerConfig,
+    report_in_flight: bool,
 ) -> anyhow::Result<ExitCode> {
     let producer = Producer::with_config(client, topic, config).await?;
     if let Some(p) = partition
@@ -87,7 +88,7 @@ pub async fn produce(
     }
     let peak = producer.peak_in_flight();
     producer.close().await;
-    if config.max_in_flight > 1 {
+    if report_in_flight {
         eprintln!("at most {peak} request(s) were in flight per partition at once");
     }
     if failed > 0 {

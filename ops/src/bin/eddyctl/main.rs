@@ -134,10 +134,10 @@ pub enum Command {
         /// Key of every event.
         #[arg(long)]
         key: Option<String>,
-        /// Requests in flight per partition (1 to 5); above 1, the most that were in flight at
-        /// once is printed on stderr at the end.
-        #[arg(long, default_value_t = eddy_ops::ProducerConfig::default().max_in_flight)]
-        max_in_flight_requests: usize,
+        /// Requests in flight per partition (1 to 5; default 5); when given, the most that were
+        /// in flight at once is printed on stderr at the end.
+        #[arg(long)]
+        max_in_flight_requests: Option<usize>,
         /// How long a batch that is not full waits for more events, in milliseconds.
         #[arg(long, default_value_t = 0)]
         linger_ms: u64,
@@ -364,10 +364,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Partition { command } => admin::partition(&client, format, command).await,
         Command::Produce { topic, partition, key, max_in_flight_requests, linger_ms } => {
             let config = eddy_ops::ProducerConfig {
-                max_in_flight: max_in_flight_requests,
+                max_in_flight: max_in_flight_requests
+                    .unwrap_or(eddy_ops::ProducerConfig::default().max_in_flight),
                 linger: Duration::from_millis(linger_ms),
             };
-            data::produce(client, &topic, partition, key, config).await
+            data::produce(client, &topic, partition, key, config, max_in_flight_requests.is_some()).await
         }
         Command::Consume {
             topic,
