@@ -41,6 +41,13 @@ pub trait KvTree: Send + Sync + 'static {
 
     /// Up to `limit` entries with `from <= key < to`, in key order.
     fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> io::Result<Vec<KvPair>>;
+
+    /// Whether a large write blocks the calling thread on real I/O or locks (then background
+    /// work calls it from a blocking thread, not from an async task). False for in-memory
+    /// trees, so the simulator runs everything on its own deterministic runtime.
+    fn blocks(&self) -> bool {
+        false
+    }
 }
 
 /// Puts and deletes applied together by [`KvTree::apply`].
@@ -97,6 +104,11 @@ impl BufferedTree {
     /// Puts not yet persisted.
     pub fn pending(&self) -> usize {
         self.read().pending.len()
+    }
+
+    /// Whether the tree below blocks (see [`KvTree::blocks`]).
+    pub fn below_blocks(&self) -> bool {
+        self.below.blocks()
     }
 
     /// Hands every pending write to the tree below, in one batch.
@@ -262,6 +274,11 @@ struct SledTree {
 }
 
 impl KvTree for SledTree {
+    /// sled's batches take its global write lock, and flush its I/O buffer before and after.
+    fn blocks(&self) -> bool {
+        true
+    }
+
     fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
         Ok(self.tree.get(key).map_err(sled_err)?.map(|v| v.to_vec()))
     }

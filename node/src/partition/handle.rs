@@ -416,6 +416,9 @@ impl PartitionHandle {
             waiters.push((w.deadline, w.reply, w.retried));
         }
         let n = waiters.len();
+        if n > 1 {
+            debug!(group = self.inner.group, batches = n, "proposing queued produce requests in one entry");
+        }
         let command = match batches.len() {
             1 => PartitionCommand::Produce(batches.pop().expect("one batch")),
             _ => PartitionCommand::ProduceBatches(batches),
