@@ -1,7 +1,7 @@
 //! [`Producer`]: an idempotent, batching producer for one topic.
 //!
 //! Each partition has a worker with up to [`ProducerConfig::max_in_flight`] requests in flight
-//! (one by default).
+//! (five by default).
 //! Records sent while every request slot is taken queue up and go out together in the next
 //! request, so the batch size adapts to the load: one record per request when idle, thousands
 //! under pressure. Each worker has its own producer id and sequence numbers, and retries a failed
@@ -9,7 +9,8 @@
 //!
 //! Requests in flight may reach the partition's log out of order (they travel as separate
 //! HTTP/2 streams, and a leader change sends them to a new node one by one). The partition writes
-//! a producer's batches only in sequence order and refuses one that skips ahead; the worker
+//! a producer's batches only in sequence order and refuses one that skips ahead (its leader
+//! first proposes such a batch once more, behind the batches queued with it); the worker
 //! handles answers oldest first, and sends a refused batch again once the batches before it are
 //! answered. A retried batch that was already written is answered with its original offsets (the
 //! partition remembers a producer's last five batches, hence at most five in flight).
