@@ -291,6 +291,7 @@ impl PartitionHandle {
                         // Another request of this producer is about to fill the gap: go again
                         // once, behind it (the queue is proposed in sequence order).
                         let PartitionCommand::Produce(batch) = command else { unreachable!() };
+                        debug!(group = self.inner.group, "a batch that overtook an earlier one goes again");
                         let rx = {
                             let mut p = self.proposals.lock().expect("proposals lock poisoned");
                             Self::enqueue(&mut p, batch, deadline, true)
@@ -446,6 +447,7 @@ impl PartitionHandle {
         for ((batch, (deadline, tx, retried)), r) in batches.into_iter().zip(waiters).zip(each) {
             if overtook(&r) && !retried {
                 // Go again once, behind the request that fills the gap (see `produce`).
+                debug!(group = self.inner.group, "a batch that overtook an earlier one goes again");
                 p.queue.push(Waiting { batch, deadline, reply: tx, retried: true });
             } else {
                 let _ = tx.send(Ok(r));
