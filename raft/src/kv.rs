@@ -106,9 +106,22 @@ impl BufferedTree {
         self.read().pending.len()
     }
 
-    /// Whether the tree below blocks (see [`KvTree::blocks`]).
-    pub fn below_blocks(&self) -> bool {
-        self.below.blocks()
+    /// Starts a [`Self::persist`] in the background: on a blocking thread when the tree below
+    /// blocks (sled's batch takes its global write lock), so no async worker waits for it; as a
+    /// task otherwise (the simulator's in-memory store stays on its deterministic runtime). A
+    /// failed persist keeps its writes pending for the next one.
+    pub fn persist_in_background(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let tree = self.clone();
+        let persist = move || {
+            if let Err(e) = tree.persist() {
+                tracing::warn!("persisting a state tree failed (retried later): {e}");
+            }
+        };
+        if self.below.blocks() {
+            tokio::task::spawn_blocking(persist)
+        } else {
+            tokio::spawn(async move { persist() })
+        }
     }
 
     /// Hands every pending write to the tree below, in one batch.

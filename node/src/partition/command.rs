@@ -152,43 +152,45 @@ impl PartitionCommand {
     pub fn encode(&self) -> Bytes {
         let max_ts =
             |records: &[StoredRecord]| records.iter().map(|r| r.timestamp_ms).max().unwrap_or(i64::MIN);
+        let capacity = |records: &mut dyn Iterator<Item = &StoredRecord>| {
+            PRODUCE_HEADER_BYTES + records.map(|r| r.size() + 16).sum::<usize>()
+        };
+        // The produce header: kind, producer, first sequence, records, greatest timestamp.
+        let header = |kind: u8, (producer_id, sequence): (u64, u64), count: usize, max_ts: i64, capacity| {
+            let mut out = Vec::with_capacity(capacity);
+            out.push(kind);
+            out.extend_from_slice(&producer_id.to_le_bytes());
+            out.extend_from_slice(&sequence.to_le_bytes());
+            out.extend_from_slice(&(count as u32).to_le_bytes());
+            out.extend_from_slice(&max_ts.to_le_bytes());
+            out
+        };
         match self {
             PartitionCommand::Produce(b) => {
-                let mut out = Vec::with_capacity(
-                    PRODUCE_HEADER_BYTES + b.records.iter().map(|r| r.size() + 16).sum::<usize>(),
-                );
-                out.push(KIND_PRODUCE);
-                out.extend_from_slice(&b.producer_id.to_le_bytes());
-                out.extend_from_slice(&b.base_sequence.to_le_bytes());
-                out.extend_from_slice(&(b.records.len() as u32).to_le_bytes());
-                out.extend_from_slice(&max_ts(&b.records).to_le_bytes());
+                let cap = capacity(&mut b.records.iter());
+                let first = (b.producer_id, b.base_sequence);
+                let mut out = header(KIND_PRODUCE, first, b.records.len(), max_ts(&b.records), cap);
                 postcard::to_io(&b.records, &mut out).expect("records always encode");
                 out.into()
             }
             PartitionCommand::ProduceBatches(batches) => {
                 let records = || batches.iter().flat_map(|b| &b.records);
-                let mut out = Vec::with_capacity(
-                    PRODUCE_HEADER_BYTES
-                        + 4
-                        + 12 * batches.len()
-                        + records().map(|r| r.size() + 16).sum::<usize>(),
-                );
+                let maxes: Vec<i64> = batches.iter().map(|b| max_ts(&b.records)).collect();
+                let count = records().count();
                 let first = batches.first().map_or((0, 0), |b| (b.producer_id, b.base_sequence));
-                out.push(KIND_PRODUCE_BATCHES);
-                out.extend_from_slice(&first.0.to_le_bytes());
-                out.extend_from_slice(&first.1.to_le_bytes());
-                out.extend_from_slice(&(records().count() as u32).to_le_bytes());
-                let all_max = records().map(|r| r.timestamp_ms).max().unwrap_or(i64::MIN);
-                out.extend_from_slice(&all_max.to_le_bytes());
+                let cap = capacity(&mut records()) + 4 + 12 * batches.len();
+                let all_max = maxes.iter().copied().max().unwrap_or(i64::MIN);
+                let mut out = header(KIND_PRODUCE_BATCHES, first, count, all_max, cap);
                 out.extend_from_slice(&(batches.len() as u32).to_le_bytes());
-                for b in batches {
+                for (b, max) in batches.iter().zip(maxes) {
                     out.extend_from_slice(&(b.records.len() as u32).to_le_bytes());
-                    out.extend_from_slice(&max_ts(&b.records).to_le_bytes());
+                    out.extend_from_slice(&max.to_le_bytes());
                 }
                 // The records of every batch, as one sequence (postcard's layout of a `Vec`).
-                let n = records().count() as u64;
                 let mut len = [0u8; 10];
-                out.extend_from_slice(postcard::to_slice(&n, &mut len).expect("a varint fits 10 bytes"));
+                out.extend_from_slice(
+                    postcard::to_slice(&(count as u64), &mut len).expect("a varint fits 10 bytes"),
+                );
                 for r in records() {
                     postcard::to_io(r, &mut out).expect("records always encode");
                 }
@@ -206,7 +208,7 @@ impl PartitionCommand {
     /// The header of an entry.
     pub fn decode_header(b: &[u8]) -> Result<CommandHeader, DecodeError> {
         if b.first() == Some(&KIND_PRODUCE_BATCHES) {
-            let (h, subs, _) = Self::decode_batches_header(b)?;
+            let (h, subs) = Self::decode_batches_header(b)?;
             return Ok(CommandHeader::ProduceBatches(h, subs));
         }
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
@@ -234,8 +236,8 @@ impl PartitionCommand {
         }
     }
 
-    /// The header, sub-batches and records' start of a [`KIND_PRODUCE_BATCHES`] entry.
-    fn decode_batches_header(b: &[u8]) -> Result<(ProduceHeader, Vec<SubBatch>, usize), DecodeError> {
+    /// The header and sub-batches of a [`KIND_PRODUCE_BATCHES`] entry.
+    fn decode_batches_header(b: &[u8]) -> Result<(ProduceHeader, Vec<SubBatch>), DecodeError> {
         let bad = |what: &str| DecodeError(format!("{} bytes, several batches: {what}", b.len()));
         let u32_at = |i: usize| b.get(i..i + 4).map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")));
         let u64_at = |i: usize| b.get(i..i + 8).map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")));
@@ -244,11 +246,11 @@ impl PartitionCommand {
         else {
             return Err(bad("short header"));
         };
-        let start = PRODUCE_HEADER_BYTES + 4 + 12 * n as usize;
+        let start = batches_records_start(n as usize);
         if b.len() < start {
             return Err(bad(&format!("{n} batches")));
         }
-        let at = |i: usize| PRODUCE_HEADER_BYTES + 4 + 12 * i;
+        let at = batches_records_start;
         let subs: Vec<SubBatch> = (0..n as usize)
             .map(|i| SubBatch {
                 count: u32_at(at(i)).expect("in bounds"),
@@ -265,7 +267,7 @@ impl PartitionCommand {
             max_timestamp_ms: Some(max_ts as i64),
             strict_sequence: true,
         };
-        Ok((h, subs, start))
+        Ok((h, subs))
     }
 
     /// The whole batch of a produce entry (every record of an entry of several batches). Keys,
@@ -276,10 +278,7 @@ impl PartitionCommand {
             CommandHeader::Produce(h) => {
                 (h, if h.max_timestamp_ms.is_some() { PRODUCE_HEADER_BYTES } else { PRODUCE_V1_HEADER_BYTES })
             }
-            CommandHeader::ProduceBatches(..) => {
-                let (h, _, start) = Self::decode_batches_header(b)?;
-                (h, start)
-            }
+            CommandHeader::ProduceBatches(h, subs) => (h, batches_records_start(subs.len())),
             CommandHeader::AdvanceLogStart { .. } => return Err(DecodeError("not a produce entry".into())),
         };
         let records = RecordsReader { buf: b, at: start }.records()?;
@@ -288,6 +287,12 @@ impl PartitionCommand {
         }
         Ok(ProduceBatch { producer_id: h.producer_id, base_sequence: h.base_sequence, records })
     }
+}
+
+/// Where the records of a [`KIND_PRODUCE_BATCHES`] entry of `n` batches start (also where its
+/// `n`-th batch's count and timestamp would be).
+fn batches_records_start(n: usize) -> usize {
+    PRODUCE_HEADER_BYTES + 4 + 12 * n
 }
 
 /// Reads the records of a produce entry, written by postcard as a `Vec<StoredRecord>`, handing

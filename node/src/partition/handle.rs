@@ -279,7 +279,9 @@ impl PartitionHandle {
                 p.in_flight += 1;
                 Ok(batch)
             } else {
-                Err(Self::enqueue(&mut p, batch, deadline, false))
+                let (tx, rx) = oneshot::channel();
+                p.queue.push(Waiting { batch, deadline, reply: tx, retried: false });
+                Err(rx)
             }
         };
         let reply = match turn {
@@ -288,14 +290,15 @@ impl PartitionHandle {
                 let command = PartitionCommand::Produce(batch);
                 match self.propose(&command, timeout).await {
                     Ok(r) if overtook(&r) => {
-                        // Another request of this producer is about to fill the gap: go again
-                        // once, behind it (the queue is proposed in sequence order).
+                        // Another request of this producer is about to fill the gap.
                         let PartitionCommand::Produce(batch) = command else { unreachable!() };
-                        debug!(group = self.inner.group, "a batch that overtook an earlier one goes again");
-                        let rx = {
-                            let mut p = self.proposals.lock().expect("proposals lock poisoned");
-                            Self::enqueue(&mut p, batch, deadline, true)
-                        };
+                        let (tx, rx) = oneshot::channel();
+                        self.go_again(
+                            &mut self.proposals.lock().expect("proposals lock poisoned"),
+                            batch,
+                            deadline,
+                            tx,
+                        );
                         drop(slot);
                         self.queued(rx, deadline, timeout).await
                     }
@@ -310,15 +313,17 @@ impl PartitionHandle {
         Self::produced(reply?, producer_id)
     }
 
-    fn enqueue(
+    /// Queues a batch refused for overtaking (see [`overtook`]) once more, behind the request
+    /// that fills its gap (the queue is proposed in sequence order).
+    fn go_again(
+        &self,
         p: &mut Proposals,
         batch: ProduceBatch,
         deadline: tokio::time::Instant,
-        retried: bool,
-    ) -> oneshot::Receiver<Result<PartitionReply>> {
-        let (tx, rx) = oneshot::channel();
-        p.queue.push(Waiting { batch, deadline, reply: tx, retried });
-        rx
+        reply: oneshot::Sender<Result<PartitionReply>>,
+    ) {
+        debug!(group = self.inner.group, "a batch that overtook an earlier one goes again");
+        p.queue.push(Waiting { batch, deadline, reply, retried: true });
     }
 
     /// Waits for the reply to a queued request.
@@ -446,9 +451,7 @@ impl PartitionHandle {
         let mut p = self.proposals.lock().expect("proposals lock poisoned");
         for ((batch, (deadline, tx, retried)), r) in batches.into_iter().zip(waiters).zip(each) {
             if overtook(&r) && !retried {
-                // Go again once, behind the request that fills the gap (see `produce`).
-                debug!(group = self.inner.group, "a batch that overtook an earlier one goes again");
-                p.queue.push(Waiting { batch, deadline, reply: tx, retried: true });
+                self.go_again(&mut p, batch, deadline, tx);
             } else {
                 let _ = tx.send(Ok(r));
             }

@@ -247,21 +247,8 @@ impl RaftStateMachine<C> for PartitionStateMachine {
         self.tree.apply(batch)?;
         let due = self.persisted_at.elapsed() >= PERSIST_INTERVAL || self.tree.pending() >= PENDING_MAX;
         if due && self.persisting.as_ref().is_none_or(|t| t.is_finished()) {
-            let tree = self.tree.clone();
-            let persist = move || {
-                // A failed persist keeps its writes pending for the next one; the stored state
-                // only lags further (the log replays it).
-                if let Err(e) = tree.persist() {
-                    tracing::warn!("persisting the partition state failed (retried later): {e}");
-                }
-            };
-            // sled's batch blocks its thread (and takes sled's global write lock): off the
-            // runtime's workers, so the Raft and request tasks of every partition go on.
-            self.persisting = Some(if self.tree.below_blocks() {
-                tokio::task::spawn_blocking(persist)
-            } else {
-                tokio::spawn(async move { persist() })
-            });
+            // The stored state only lags further if it fails (the log replays it).
+            self.persisting = Some(self.tree.persist_in_background());
             self.persisted_at = tokio::time::Instant::now();
         }
         self.progress.send_replace(progress_of(&self.state.meta));
