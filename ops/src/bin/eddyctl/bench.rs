@@ -149,6 +149,8 @@ pub enum BenchCommand {
     /// loopback TCP connection (the probes of `../shared/bench/nats`). Needs no cluster.
     /// `floor_ack_us` is one fsync and two round trips: a leader's sync plus a follower's
     /// request and answer, or the client's and one replication round trip when they overlap.
+    /// `floor_ack_shared_us` is the same with the sync of WRITERS concurrent writers: the floor
+    /// of a cluster whose replicas share this disk (a local cluster: they sync at once).
     Probe {
         /// Directory on the disk to probe (e.g. a node's data directory); the system's temporary
         /// directory when absent.
@@ -161,6 +163,10 @@ pub enum BenchCommand {
         size: usize,
         #[arg(long, default_value_t = 20_000)]
         round_trips: u64,
+        /// Writers of the shared probe: that many threads append and `fdatasync` at once, each
+        /// in its own file, as the replicas of a cluster on one disk do (`dev` runs three).
+        #[arg(long, default_value_t = 3)]
+        writers: u64,
     },
     /// Read N events from a follower in batches (NATS bench "consume").
     Consume {
@@ -684,22 +690,28 @@ pub fn probe(
     syncs: u64,
     size: usize,
     round_trips: u64,
+    writers: u64,
 ) -> anyhow::Result<ExitCode> {
-    if syncs == 0 || size == 0 || round_trips == 0 {
-        bail!("--syncs, --size and --round-trips must be above zero");
+    if syncs == 0 || size == 0 || round_trips == 0 || writers == 0 {
+        bail!("--syncs, --size, --round-trips and --writers must be above zero");
     }
     let dir = dir.unwrap_or_else(std::env::temp_dir);
-    let fsync = sync_probe(&dir, syncs, size, false)?;
-    let fdatasync = sync_probe(&dir, syncs, size, true)?;
+    let fsync = sync_probe(&dir, syncs, size, false, 1)?;
+    let fdatasync = sync_probe(&dir, syncs, size, true, 1)?;
+    let shared = sync_probe(&dir, syncs, size, true, writers)?;
     let rtt = rtt_probe(round_trips)?;
     let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q);
     let floor = us(&fsync, 0.5) + 2 * us(&rtt, 0.5);
+    let floor_shared = us(&shared, 0.5) + 2 * us(&rtt, 0.5);
     let v = json!({
         "bench": "probe", "dir": dir.display().to_string(), "size": size,
         "fsync_p50_us": us(&fsync, 0.5), "fsync_p99_us": us(&fsync, 0.99),
         "fdatasync_p50_us": us(&fdatasync, 0.5), "fdatasync_p99_us": us(&fdatasync, 0.99),
+        "shared_writers": writers,
+        "fdatasync_shared_p50_us": us(&shared, 0.5), "fdatasync_shared_p99_us": us(&shared, 0.99),
         "rtt_p50_us": us(&rtt, 0.5), "rtt_p99_us": us(&rtt, 0.99),
         "floor_ack_us": floor,
+        "floor_ack_shared_us": floor_shared,
     });
     match format {
         Format::Json => println!("{v}"),
@@ -709,28 +721,65 @@ pub fn probe(
                 "{}",
                 hist_line(&format!("append {size} B + fdatasync in {}", dir.display()), &fdatasync)
             );
+            println!(
+                "{}",
+                hist_line(&format!("the same, {writers} writers at once (one file each)"), &shared)
+            );
             println!("{}", hist_line("loopback TCP round trip, 64 B", &rtt));
             println!("floor for an acknowledgement (fsync p50 + 2 x round trip p50): {floor} µs");
+            println!(
+                "the same with {writers} replicas on this disk (shared fdatasync p50 + 2 x round trip p50): \
+                 {floor_shared} µs"
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Appends `size` bytes and syncs, `count` times, in a new file in `dir` (removed after).
+/// Appends `size` bytes and syncs, `count` times, in a new file in `dir` (removed after); with
+/// several `writers`, each does so in a file of its own at the same time (`count` split among
+/// them), as the replicas of a local cluster do on one disk.
 fn sync_probe(
     dir: &std::path::Path,
     count: u64,
     size: usize,
     datasync: bool,
+    writers: u64,
+) -> anyhow::Result<Histogram<u64>> {
+    let each = (count / writers).max(1);
+    let start = std::sync::Barrier::new(writers as usize);
+    let results: Vec<anyhow::Result<Histogram<u64>>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..writers)
+            .map(|i| {
+                let path = dir.join(format!(".eddy-sync-probe-{}-{i}", std::process::id()));
+                let start = &start;
+                scope.spawn(move || sync_writer(&path, each, size, datasync, start))
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a sync probe thread panicked"))))
+            .collect()
+    });
+    let mut h = new_hist();
+    for r in results {
+        h.add(r?).context("merge histograms")?;
+    }
+    Ok(h)
+}
+
+fn sync_writer(
+    path: &std::path::Path,
+    count: u64,
+    size: usize,
+    datasync: bool,
+    start: &std::sync::Barrier,
 ) -> anyhow::Result<Histogram<u64>> {
     use std::io::Write;
-    let path = dir.join(format!(".eddy-sync-probe-{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("create {}", path.display()))?;
+    let opened = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(path);
+    // Every writer passes the barrier, even one that failed, so that the others are not stuck.
+    start.wait();
+    let mut f = opened.with_context(|| format!("create {}", path.display()))?;
     let buf = vec![0xabu8; size];
     let mut h = new_hist();
     let result = (|| -> std::io::Result<()> {
@@ -747,7 +796,7 @@ fn sync_probe(
         Ok(())
     })();
     drop(f);
-    let removed = std::fs::remove_file(&path);
+    let removed = std::fs::remove_file(path);
     result.with_context(|| format!("append and sync {}", path.display()))?;
     removed.with_context(|| format!("remove {}", path.display()))?;
     Ok(h)

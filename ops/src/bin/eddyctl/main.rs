@@ -329,13 +329,15 @@ fn main() -> ExitCode {
         clap_complete::generate(*shell, &mut Cli::command(), "eddyctl", &mut std::io::stdout());
         return ExitCode::SUCCESS;
     }
-    if let Command::Bench { command: bench::BenchCommand::Probe { dir, syncs, size, round_trips } } =
+    if let Command::Bench { command: bench::BenchCommand::Probe { dir, syncs, size, round_trips, writers } } =
         &cli.command
     {
-        return bench::probe(cli.output, dir.clone(), *syncs, *size, *round_trips).unwrap_or_else(|e| {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        });
+        return bench::probe(cli.output, dir.clone(), *syncs, *size, *round_trips, *writers).unwrap_or_else(
+            |e| {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            },
+        );
     }
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
