@@ -3,11 +3,14 @@
 //! Every status carries a stable `eddy-error` code in its metadata (see `broker.proto`), and a
 //! message that names the field or the reason, so both people and programs can act on it.
 
+use eddy_proto::error_codes;
 use eddy_proto::error_keys;
 use eddy_raft::NodeId;
 use tonic::Code;
 use tonic::Status;
 use tonic::metadata::MetadataValue;
+
+use crate::meta::MetaError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BrokerError {
@@ -67,22 +70,22 @@ fn leader_hint(leader: Option<NodeId>, addr: &Option<String>) -> String {
 impl BrokerError {
     pub fn code(&self) -> &'static str {
         match self {
-            Self::InvalidArgument(_) => "invalid_argument",
-            Self::UnknownTopic(_) => "unknown_topic",
-            Self::UnknownPartition { .. } => "unknown_partition",
-            Self::TopicExists(_) => "topic_exists",
-            Self::NotLeader { .. } => "not_leader",
-            Self::NotReplica { .. } => "not_replica",
-            Self::OutOfOrderSequence { .. } => "out_of_order_sequence",
-            Self::UnknownProducer { .. } => "unknown_producer",
-            Self::OffsetOutOfRange { .. } => "offset_out_of_range",
-            Self::NotEnoughNodes(_) => "not_enough_nodes",
-            Self::UnknownGroup(_) => "unknown_group",
-            Self::Fenced(_) => "fenced",
-            Self::Conflict(_) => "conflict",
-            Self::Timeout(_) => "timeout",
-            Self::Unavailable(_) => "unavailable",
-            Self::Internal(_) => "internal",
+            Self::InvalidArgument(_) => error_codes::INVALID_ARGUMENT,
+            Self::UnknownTopic(_) => error_codes::UNKNOWN_TOPIC,
+            Self::UnknownPartition { .. } => error_codes::UNKNOWN_PARTITION,
+            Self::TopicExists(_) => error_codes::TOPIC_EXISTS,
+            Self::NotLeader { .. } => error_codes::NOT_LEADER,
+            Self::NotReplica { .. } => error_codes::NOT_REPLICA,
+            Self::OutOfOrderSequence { .. } => error_codes::OUT_OF_ORDER_SEQUENCE,
+            Self::UnknownProducer { .. } => error_codes::UNKNOWN_PRODUCER,
+            Self::OffsetOutOfRange { .. } => error_codes::OFFSET_OUT_OF_RANGE,
+            Self::NotEnoughNodes(_) => error_codes::NOT_ENOUGH_NODES,
+            Self::UnknownGroup(_) => error_codes::UNKNOWN_GROUP,
+            Self::Fenced(_) => error_codes::FENCED,
+            Self::Conflict(_) => error_codes::CONFLICT,
+            Self::Timeout(_) => error_codes::TIMEOUT,
+            Self::Unavailable(_) => error_codes::UNAVAILABLE,
+            Self::Internal(_) => error_codes::INTERNAL,
         }
     }
 
@@ -122,6 +125,30 @@ impl From<BrokerError> for Status {
             md.insert(error_keys::LOG_START_OFFSET, MetadataValue::from(*log_start));
         }
         status
+    }
+}
+
+/// The metadata state machine's refusals, as the client sees them.
+impl From<MetaError> for BrokerError {
+    fn from(e: MetaError) -> Self {
+        match e {
+            MetaError::TopicExists(t) => Self::TopicExists(t),
+            MetaError::NotEnoughNodes { replication_factor, nodes } => Self::NotEnoughNodes(format!(
+                "replication_factor: {replication_factor} exceeds the {nodes} nodes in the cluster"
+            )),
+            MetaError::Invalid(m) => Self::InvalidArgument(m),
+            MetaError::UnknownTopic(t) => Self::UnknownTopic(t),
+            MetaError::UnknownPartition { topic, partition, count } => {
+                Self::UnknownPartition { topic, partition, count }
+            }
+            MetaError::UnknownNode(n) => {
+                Self::InvalidArgument(format!("node {n} is not a member of the cluster"))
+            }
+            MetaError::NowhereToGo(m) => Self::NotEnoughNodes(m),
+            MetaError::Conflict(m) => Self::Conflict(m),
+            MetaError::UnknownGroup(g) => Self::UnknownGroup(g),
+            MetaError::Fenced(m) => Self::Fenced(m),
+        }
     }
 }
 

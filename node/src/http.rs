@@ -18,9 +18,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::BrokerState;
-use crate::reconciler::IN_SYNC_LAG_MAX;
-use crate::reconciler::in_sync;
+use crate::control::reconciler::IN_SYNC_LAG_MAX;
+use crate::control::reconciler::in_sync;
+use crate::service::BrokerState;
 use crate::status::is_quiescent;
 
 type Labels = Vec<(String, String)>;
@@ -42,7 +42,7 @@ pub fn not_ready(s: &BrokerState) -> Option<String> {
     if !s.meta.is_ready() {
         return Some("not yet part of the metadata group".into());
     }
-    for g in s.groups.all() {
+    for g in s.replicas.all() {
         let m = g.raft().metrics().borrow_watched().clone();
         if m.current_leader.is_none() {
             return Some(format!("{}/{} has no leader", g.topic(), g.partition()));
@@ -85,7 +85,7 @@ pub fn render(s: &BrokerState) -> String {
     let lag = Family::<Labels, Gauge>::default();
     let view = s.meta.view();
     let (mut leaders, mut replicas, mut under_replicated, mut quiescent) = (0i64, 0i64, 0i64, 0i64);
-    for g in s.groups.all() {
+    for g in s.replicas.all() {
         let st = g.status();
         quiescent += i64::from(is_quiescent(&g.raft().metrics().borrow_watched(), &s.liveness));
         let labels = vec![

@@ -4,22 +4,18 @@
 //! serves `eddy.v1.Broker`, `eddy.v1.Admin` and `eddy.v1.Groups` to clients and `eddy.v1.Raft` to peers. [`node::start`] wires it
 //! together from a config and the injected seams of [`env::NodeEnv`].
 
-pub mod admin;
-pub mod broker;
+pub mod api;
 pub mod config;
-pub mod consumer;
-pub mod controller;
-pub mod coordinator;
+pub mod control;
 pub mod env;
 pub mod error;
 pub mod http;
 pub mod limits;
-pub mod manager;
 pub mod meta;
 pub mod metrics;
 pub mod node;
 pub mod partition;
 pub mod raft_config;
-pub mod reconciler;
+pub mod service;
 pub mod sm_common;
 pub mod status;

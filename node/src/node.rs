@@ -32,20 +32,21 @@ use tracing::info;
 use tracing::info_span;
 use tracing::warn;
 
-use crate::admin::AdminService;
-use crate::broker::BrokerService;
-use crate::broker::BrokerState;
+use crate::api::grpc::admin::AdminService;
+use crate::api::grpc::broker::BrokerService;
+use crate::api::grpc::groups::GroupsService;
 use crate::config::NodeConfig;
-use crate::consumer::GroupsService;
-use crate::controller::Controller;
-use crate::coordinator::Coordinator;
+use crate::control::controller::Controller;
+use crate::control::coordinator::Coordinator;
+use crate::control::manager::PartitionManager;
+use crate::control::manager::Replicas;
+use crate::control::manager::group_seed;
+use crate::control::reconciler::Reconciler;
+use crate::control::reconciler::successor;
 use crate::env::Incoming;
 use crate::env::NodeEnv;
 use crate::env::ProbeSocket;
 use crate::limits::GRPC_MESSAGE_BYTES_MAX;
-use crate::manager::Groups;
-use crate::manager::PartitionManager;
-use crate::manager::group_seed;
 use crate::meta::MetaHandle;
 use crate::meta::MetaStateMachine;
 use crate::meta::handle::MetaForwardService;
@@ -53,8 +54,7 @@ use crate::meta::handle::MetaRaft;
 use crate::meta::state::NodeState;
 use crate::metrics::NodeMetrics;
 use crate::raft_config;
-use crate::reconciler::Reconciler;
-use crate::reconciler::successor;
+use crate::service::BrokerState;
 
 /// How long the Raft server waits for peers' streams to end when the node stops.
 const RAFT_DRAIN: Duration = Duration::from_millis(200);
@@ -81,7 +81,7 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct NodeHandle {
     pub me: NodeId,
     pub meta: MetaHandle,
-    pub groups: Arc<Groups>,
+    pub replicas: Arc<Replicas>,
     pub broker: Arc<BrokerState>,
     pub liveness: Arc<Liveness>,
     cancel: CancellationToken,
@@ -95,7 +95,7 @@ impl NodeHandle {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let (mut leading, mut movable) = (0, 0);
-            for g in self.groups.all() {
+            for g in self.replicas.all() {
                 let (l, m) = hand_over(self.me, g.raft(), &self.liveness).await;
                 (leading, movable) = (leading + l, movable + m);
             }
@@ -224,9 +224,14 @@ async fn join_cluster(
                     info!(via = %target, voter = r.into_inner().voter, "joined the cluster");
                     return;
                 }
+                // Refused for good: a bad request, or the id taken by a node at other addresses.
                 Ok(Err(status))
                     if status.code() == tonic::Code::InvalidArgument
-                        || status.message().contains("already a member") =>
+                        || status
+                            .metadata()
+                            .get(eddy_proto::error_keys::CODE)
+                            .and_then(|v| v.to_str().ok())
+                            == Some(eddy_proto::error_codes::CONFLICT) =>
                 {
                     warn!(via = %target, "the cluster refused to let this node join: {}", status.message());
                     return;
@@ -327,12 +332,12 @@ pub async fn start(
         );
     }
 
-    let groups = Arc::new(Groups::default());
+    let replicas = Arc::new(Replicas::default());
     let broker = Arc::new(BrokerState {
         me,
         limits: config.limits.clone(),
         meta: meta.clone(),
-        groups: groups.clone(),
+        replicas: replicas.clone(),
         clock: env.clock.clone(),
         client_peers,
         metrics: metrics.clone(),
@@ -387,7 +392,7 @@ pub async fn start(
     let reconciler = Arc::new(Reconciler {
         me,
         meta: meta.clone(),
-        groups: groups.clone(),
+        replicas: replicas.clone(),
         liveness: liveness.clone(),
         auto_balance: config.auto_balance_leaders,
         responsive_since: Default::default(),
@@ -463,7 +468,7 @@ pub async fn start(
         segment_bytes: config.segment_bytes,
         retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
         meta: meta.clone(),
-        groups: groups.clone(),
+        replicas: replicas.clone(),
         registry: registry.clone(),
         peers,
         liveness: liveness.clone(),
@@ -513,5 +518,5 @@ pub async fn start(
     }
 
     info!(node = me, "node started");
-    Ok(NodeHandle { me, meta, groups, broker, liveness, cancel, tasks })
+    Ok(NodeHandle { me, meta, replicas, broker, liveness, cancel, tasks })
 }

@@ -17,9 +17,9 @@ use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use tonic::Request;
 
-use crate::broker::BrokerState;
-use crate::reconciler::MembershipView;
-use crate::reconciler::in_sync;
+use crate::control::reconciler::MembershipView;
+use crate::control::reconciler::in_sync;
+use crate::service::BrokerState;
 
 /// How long a node waits for a peer's status when assembling the cluster view.
 pub const STATUS_TIMEOUT: Duration = Duration::from_millis(800);
@@ -91,7 +91,7 @@ impl BrokerState {
     pub fn local_status(&self) -> pb::NodeStatusResponse {
         let mut quiescent = 0;
         let partitions: Vec<pb::PartitionStatus> = self
-            .groups
+            .replicas
             .all()
             .into_iter()
             .map(|h| {

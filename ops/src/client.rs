@@ -10,6 +10,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use eddy_proto::error_codes;
 use eddy_proto::v1 as pb;
 use eddy_proto::v1::admin_client::AdminClient;
 use eddy_proto::v1::broker_client::BrokerClient;
@@ -608,15 +609,16 @@ impl Client {
                 Err(_) => ClientError::Unavailable(format!("{what}: {addr} did not answer in time")),
             };
             match &err {
-                ClientError::Server { code, leader_addr: Some(l), .. } if code == "not_leader" => {
+                ClientError::Server { code, leader_addr: Some(l), .. } if code == error_codes::NOT_LEADER => {
                     target = Some(l.clone());
                     last = err;
                     // The hint may be fresher than our metadata; go there without a long pause.
                     tokio::time::sleep(self.inner.config.backoff_min).await;
                     continue;
                 }
-                // A topic created moments ago may not have reached every node yet.
-                ClientError::NotFound(m) if m.contains("does not exist") => {}
+                // A topic created (or grown) moments ago may not have reached every node yet: a
+                // node's NotFound is `unknown_topic` or `unknown_partition`.
+                ClientError::NotFound(_) => {}
                 e if e.is_retriable() => {}
                 _ => return Err(err),
             }

@@ -1,5 +1,6 @@
 //! Client errors, classified by what a caller can do about them.
 
+use eddy_proto::error_codes;
 use eddy_proto::error_keys;
 use tonic::Code;
 use tonic::Status;
@@ -35,10 +36,10 @@ impl ClientError {
             (_, Some(code)) => {
                 let leader_addr = get(error_keys::LEADER_ADDR);
                 match code.as_str() {
-                    "invalid_argument" | "not_enough_nodes" => Self::Invalid(message),
-                    "unknown_topic" | "unknown_partition" => Self::NotFound(message),
-                    "topic_exists" => Self::AlreadyExists(message),
-                    "offset_out_of_range" => Self::OffsetOutOfRange {
+                    error_codes::INVALID_ARGUMENT | error_codes::NOT_ENOUGH_NODES => Self::Invalid(message),
+                    error_codes::UNKNOWN_TOPIC | error_codes::UNKNOWN_PARTITION => Self::NotFound(message),
+                    error_codes::TOPIC_EXISTS => Self::AlreadyExists(message),
+                    error_codes::OFFSET_OUT_OF_RANGE => Self::OffsetOutOfRange {
                         message,
                         log_start_offset: get(error_keys::LOG_START_OFFSET).and_then(|v| v.parse().ok()),
                     },
@@ -56,7 +57,7 @@ impl ClientError {
     pub fn code(&self) -> Option<&str> {
         match self {
             Self::Server { code, .. } => Some(code),
-            Self::OffsetOutOfRange { .. } => Some("offset_out_of_range"),
+            Self::OffsetOutOfRange { .. } => Some(error_codes::OFFSET_OUT_OF_RANGE),
             _ => None,
         }
     }
@@ -66,7 +67,13 @@ impl ClientError {
         match self {
             Self::Unavailable(_) => true,
             Self::Server { code, .. } => {
-                matches!(code.as_str(), "not_leader" | "not_replica" | "unavailable" | "timeout")
+                matches!(
+                    code.as_str(),
+                    error_codes::NOT_LEADER
+                        | error_codes::NOT_REPLICA
+                        | error_codes::UNAVAILABLE
+                        | error_codes::TIMEOUT
+                )
             }
             _ => false,
         }

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use eddy_proto::error_codes;
 use eddy_proto::v1 as pb;
 use eddy_proto::v1::groups_client::GroupsClient;
 use futures::StreamExt;
@@ -237,7 +238,7 @@ impl GroupConsumer {
                 self.last_heartbeat_ok = Instant::now();
                 self.apply(a).await
             }
-            Err(e) if matches!(e.code(), Some("fenced" | "unknown_group")) => {
+            Err(e) if matches!(e.code(), Some(error_codes::FENCED | error_codes::UNKNOWN_GROUP)) => {
                 info!(group = %self.config.group, member = %self.member_id, "{e}; joining again");
                 self.rejoin().await
             }
@@ -363,7 +364,7 @@ impl GroupConsumer {
                         out.push(Delivered { topic: tp.0.clone(), partition: tp.1, record });
                     }
                 }
-                Err(e) if e.code() == Some("offset_out_of_range") => {
+                Err(e) if e.code() == Some(error_codes::OFFSET_OUT_OF_RANGE) => {
                     // Retention removed what the group had not read yet: go on from the log
                     // start, as Kafka's auto.offset.reset=earliest does.
                     match self.client.list_offsets(&tp.0, tp.1, OffsetSpec::Earliest).await {

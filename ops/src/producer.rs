@@ -477,5 +477,5 @@ impl Worker {
     }
 }
 
-const OUT_OF_ORDER: &str = "out_of_order_sequence";
-const UNKNOWN_PRODUCER: &str = "unknown_producer";
+const OUT_OF_ORDER: &str = eddy_proto::error_codes::OUT_OF_ORDER_SEQUENCE;
+const UNKNOWN_PRODUCER: &str = eddy_proto::error_codes::UNKNOWN_PRODUCER;

@@ -23,6 +23,37 @@ pub mod error_keys {
     pub const LOG_START_OFFSET: &str = "eddy-log-start-offset";
 }
 
+/// The stable error codes a status carries under [`error_keys::CODE`]: the server sets them and
+/// clients act on them, so both take them from here. Never match on an error's message.
+pub mod error_codes {
+    /// The request is malformed; the message names the field.
+    pub const INVALID_ARGUMENT: &str = "invalid_argument";
+    pub const UNKNOWN_TOPIC: &str = "unknown_topic";
+    pub const UNKNOWN_PARTITION: &str = "unknown_partition";
+    pub const TOPIC_EXISTS: &str = "topic_exists";
+    /// This node does not lead the partition or the metadata group; `eddy-leader-id` and `eddy-leader-addr` name the leader when known.
+    pub const NOT_LEADER: &str = "not_leader";
+    /// This node holds no replica of the partition.
+    pub const NOT_REPLICA: &str = "not_replica";
+    /// A batch whose base sequence does not follow the producer's last batch on the partition.
+    pub const OUT_OF_ORDER_SEQUENCE: &str = "out_of_order_sequence";
+    /// The partition does not know the producer, and its batch does not start at sequence 0.
+    pub const UNKNOWN_PRODUCER: &str = "unknown_producer";
+    /// Below the log start offset; `eddy-log-start-offset` says where the log starts.
+    pub const OFFSET_OUT_OF_RANGE: &str = "offset_out_of_range";
+    pub const NOT_ENOUGH_NODES: &str = "not_enough_nodes";
+    /// No consumer group of that name.
+    pub const UNKNOWN_GROUP: &str = "unknown_group";
+    /// A consumer-group member that is no longer a member, or a partition it does not own.
+    pub const FENCED: &str = "fenced";
+    /// The request conflicts with the cluster's state (a move already in progress, say).
+    pub const CONFLICT: &str = "conflict";
+    /// The outcome is unknown: the write may or may not have been applied.
+    pub const TIMEOUT: &str = "timeout";
+    pub const UNAVAILABLE: &str = "unavailable";
+    pub const INTERNAL: &str = "internal";
+}
+
 /// The partition a keyed record goes to when the producer does not name one.
 ///
 /// Client and server must agree on this function, which is why it lives here. It is xxh3 of the

@@ -10,11 +10,11 @@ use std::time::UNIX_EPOCH;
 
 use eddy_node::config::MemberConfig;
 use eddy_node::config::NodeConfig;
+use eddy_node::control::manager::Replicas;
 use eddy_node::env::Clock;
 use eddy_node::env::NodeEnv;
 use eddy_node::env::PlantedBugs;
 use eddy_node::env::ProbeSocket;
-use eddy_node::manager::Groups;
 use eddy_node::meta::MetaHandle;
 use eddy_raft::NodeId;
 use eddy_raft::mem::MemDisk;
@@ -52,7 +52,7 @@ pub fn client_addr(id: NodeId) -> String {
 #[derive(Clone)]
 pub struct NodeRefs {
     pub meta: MetaHandle,
-    pub groups: Arc<Groups>,
+    pub replicas: Arc<Replicas>,
 }
 
 /// A node's durable parts and, while it runs, its handles.
@@ -142,7 +142,7 @@ impl Cluster {
                         .await
                         .map_err(|e| format!("{e:#}"))?;
                     *refs.lock().expect("refs lock poisoned") =
-                        Some(NodeRefs { meta: node.meta.clone(), groups: node.groups.clone() });
+                        Some(NodeRefs { meta: node.meta.clone(), replicas: node.replicas.clone() });
                     // The node runs until its host crashes.
                     std::future::pending::<()>().await;
                     Ok(())

@@ -119,7 +119,7 @@ impl Nemesis {
         } else {
             let mut leaders: Vec<NodeId> = Vec::new();
             for (id, r) in &refs {
-                for g in r.groups.all() {
+                for g in r.replicas.all() {
                     if g.raft().metrics().borrow_watched().current_leader == Some(*id) {
                         leaders.push(*id);
                     }

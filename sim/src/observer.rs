@@ -31,7 +31,7 @@ impl Observer {
                 let m = m.borrow_watched();
                 seen.push((META_GROUP, m.current_term, m.state));
             }
-            for g in refs.groups.all() {
+            for g in refs.replicas.all() {
                 let m = g.raft().metrics();
                 let m = m.borrow_watched();
                 seen.push((g.group(), m.current_term, m.state));

@@ -187,12 +187,12 @@ fn replica_view(g: &eddy_node::partition::PartitionHandle) -> Vec<(u64, String)>
 
 fn collect_internals(cluster: &Cluster, e: &mut Evidence) {
     for id in cluster.nodes.keys() {
-        let Some(NodeRefs { meta, groups }) = cluster.refs(*id) else {
+        let Some(NodeRefs { meta, replicas }) = cluster.refs(*id) else {
             continue;
         };
         let view = meta.view();
         e.metadata.insert(*id, (view.last_applied.map(|l| l.index), format!("{:?}", view.state)));
-        for g in groups.all() {
+        for g in replicas.all() {
             e.replica_views
                 .entry((g.topic().to_owned(), g.partition()))
                 .or_default()

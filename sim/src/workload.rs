@@ -269,7 +269,7 @@ pub async fn consumer(ctx: Ctx, i: u32) -> turmoil::Result {
         let offset = next[key];
         let r = client.fetch(&key.0, key.1, offset, choice, 64 << 10, Duration::from_millis(50)).await;
         if let Err(e) = &r
-            && e.code() == Some("offset_out_of_range")
+            && e.code() == Some(eddy_proto::error_codes::OFFSET_OUT_OF_RANGE)
             && let Ok(start) = client.list_offsets(&key.0, key.1, OffsetSpec::Earliest).await
         {
             // Retention removed what this consumer had not read: go on from the log start.
@@ -385,7 +385,7 @@ async fn read_replica(
                     offset = r.offset + 1;
                 }
             }
-            Err(e) if e.code() == Some("offset_out_of_range") => {
+            Err(e) if e.code() == Some(eddy_proto::error_codes::OFFSET_OUT_OF_RANGE) => {
                 // Retention moved the log start while we read: go on from there.
                 if let Ok(r) = client
                     .list_offsets_on(&key.0, key.1, OffsetSpec::Earliest, ReplicaChoice::Node(node))

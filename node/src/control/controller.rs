@@ -65,7 +65,7 @@ impl Controller {
             if *id == self.me {
                 // A leader cannot remove itself cleanly: hand the leadership over first.
                 let m = self.meta.raft().metrics().borrow_watched().clone();
-                if let Some(to) = crate::reconciler::successor(&m, &self.liveness) {
+                if let Some(to) = crate::control::reconciler::successor(&m, &self.liveness) {
                     info!(to, "this node was removed; handing the metadata leadership over");
                     let _ =
                         eddy_raft::liveness::transfer_leadership(self.meta.raft(), to, &self.liveness).await;

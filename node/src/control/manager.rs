@@ -52,29 +52,29 @@ const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The partition replicas running on this node.
 #[derive(Default)]
-pub struct Groups {
+pub struct Replicas {
     map: RwLock<BTreeMap<GroupId, PartitionHandle>>,
 }
 
-impl Groups {
+impl Replicas {
     pub fn get(&self, group: GroupId) -> Option<PartitionHandle> {
-        self.map.read().expect("groups lock poisoned").get(&group).cloned()
+        self.map.read().expect("replicas lock poisoned").get(&group).cloned()
     }
 
     pub fn all(&self) -> Vec<PartitionHandle> {
-        self.map.read().expect("groups lock poisoned").values().cloned().collect()
+        self.map.read().expect("replicas lock poisoned").values().cloned().collect()
     }
 
     fn insert(&self, h: PartitionHandle) {
-        self.map.write().expect("groups lock poisoned").insert(h.group(), h);
+        self.map.write().expect("replicas lock poisoned").insert(h.group(), h);
     }
 
     fn remove(&self, group: GroupId) -> Option<PartitionHandle> {
-        self.map.write().expect("groups lock poisoned").remove(&group)
+        self.map.write().expect("replicas lock poisoned").remove(&group)
     }
 
     fn take_all(&self) -> Vec<PartitionHandle> {
-        std::mem::take(&mut *self.map.write().expect("groups lock poisoned")).into_values().collect()
+        std::mem::take(&mut *self.map.write().expect("replicas lock poisoned")).into_values().collect()
     }
 }
 
@@ -85,7 +85,7 @@ pub struct PartitionManager {
     pub segment_bytes: u64,
     pub retention_check_interval: Duration,
     pub meta: MetaHandle,
-    pub groups: Arc<Groups>,
+    pub replicas: Arc<Replicas>,
     pub registry: Arc<Registry>,
     pub peers: Arc<Peers>,
     pub liveness: Arc<Liveness>,
@@ -126,7 +126,7 @@ impl PartitionManager {
                 () = retry => {}
             }
         }
-        for g in self.groups.take_all() {
+        for g in self.replicas.take_all() {
             g.stop_tasks();
             self.registry.remove(g.group());
             if let Err(e) = g.raft().shutdown().await {
@@ -139,7 +139,7 @@ impl PartitionManager {
     async fn reconcile(&self, view: &MetaView, cancel: &CancellationToken) -> bool {
         let mut failed = false;
         // Replicas this node no longer holds: their topic is gone, or a move took them away.
-        for g in self.groups.all() {
+        for g in self.replicas.all() {
             let keep = view.partition_of(g.group()).is_some_and(|(_, _, p)| p.holders().contains(&self.me));
             if !keep {
                 self.remove_group(g).await;
@@ -153,7 +153,7 @@ impl PartitionManager {
                 if !p.holders().contains(&self.me) {
                     continue;
                 }
-                if let Some(g) = self.groups.get(p.group_id) {
+                if let Some(g) = self.replicas.get(p.group_id) {
                     g.set_retention(TopicSettings::of(topic));
                     continue;
                 }
@@ -163,7 +163,7 @@ impl PartitionManager {
                     .instrument(span)
                     .await
                 {
-                    Ok(h) => self.groups.insert(h),
+                    Ok(h) => self.replicas.insert(h),
                     Err(e) => {
                         failed = true;
                         warn!(group = p.group_id, "failed to start partition {}/{i}: {e:#}", topic.name)
@@ -183,7 +183,7 @@ impl PartitionManager {
             partition = g.partition(),
             "removing a replica this node no longer holds"
         );
-        self.groups.remove(group);
+        self.replicas.remove(group);
         g.stop_tasks();
         self.registry.remove(group);
         if let Err(e) = g.raft().shutdown().await {

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 use tracing::warn;
 
-use crate::manager::Groups;
+use crate::control::manager::Replicas;
 use crate::meta::MetaCommand;
 use crate::meta::MetaHandle;
 use crate::meta::MetaView;
@@ -202,7 +202,7 @@ pub fn preferred_leader(desired: &[NodeId], view: &MetaView, in_sync: &BTreeSet<
 pub struct Reconciler {
     pub me: NodeId,
     pub meta: MetaHandle,
-    pub groups: Arc<Groups>,
+    pub replicas: Arc<Replicas>,
     pub liveness: Arc<Liveness>,
     /// Move leaderships back to preferred replicas on its own.
     pub auto_balance: bool,
@@ -286,7 +286,7 @@ impl Reconciler {
         let mut moving = std::mem::take(&mut *self.moving.lock().unwrap_or_else(|e| e.into_inner()));
         moving.retain(|_, at| now - *at < TRANSFER_RETRY);
         let mut still_moving = BTreeMap::new();
-        for g in self.groups.all() {
+        for g in self.replicas.all() {
             // What a round needs of the metrics, read in place: a round looks at every group
             // this node leads, and cloning each group's metrics (its membership with every
             // node's addresses, its replication maps) was most of a round's cost.

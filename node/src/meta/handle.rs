@@ -38,7 +38,7 @@ use super::command::MetaReply;
 use super::groups::TopicPartition;
 use super::sm::MetaStateMachine;
 use super::sm::MetaView;
-use crate::coordinator::Liveness;
+use crate::control::coordinator::Liveness;
 use crate::error::BrokerError;
 
 pub type MetaRaft = openraft::Raft<C, MetaStateMachine>;
@@ -83,6 +83,16 @@ enum Attempt {
     Done(MetaReply),
     Forward(NodeId, String),
     Retry(String),
+}
+
+/// A reply as a result: the state machine's refusals travel as [`MetaReply::Error`] (also on
+/// the wire, when a request is forwarded to the leader) and become errors here, so that no
+/// caller matches on them.
+fn into_result(r: MetaReply) -> Result<MetaReply, BrokerError> {
+    match r {
+        MetaReply::Error(e) => Err(e.into()),
+        r => Ok(r),
+    }
 }
 
 fn forward_or_retry(me: NodeId, f: ForwardToLeader<C>) -> Attempt {
@@ -271,6 +281,7 @@ impl MetaHandle {
     }
 
     /// Carries out `req` on the metadata leader; retries through leader changes until `timeout`.
+    /// The state machine's refusals come back as errors.
     async fn request(&self, req: MetaRequest, timeout: Duration) -> Result<MetaReply, BrokerError> {
         let deadline = Instant::now() + timeout;
         let payload: Bytes = postcard::to_stdvec(&req).expect("metadata requests always encode").into();
@@ -284,11 +295,11 @@ impl MetaHandle {
             }
             match tokio::time::timeout(remaining, self.attempt_local(&req)).await {
                 Err(_) => last = "timed out waiting for the metadata group".into(),
-                Ok(Attempt::Done(r)) => return Ok(r),
+                Ok(Attempt::Done(r)) => return into_result(r),
                 Ok(Attempt::Retry(why)) => last = why,
                 Ok(Attempt::Forward(leader, addr)) => {
                     match self.forward(leader, &addr, payload.clone(), remaining).await {
-                        Ok(r) => return Ok(r),
+                        Ok(r) => return into_result(r),
                         Err(status) => {
                             last =
                                 format!("forwarding to metadata leader {leader} failed: {}", status.message())
@@ -309,7 +320,6 @@ impl MetaHandle {
     pub async fn join(&self, id: NodeId, addr: NodeAddr, timeout: Duration) -> Result<bool, BrokerError> {
         match self.request(MetaRequest::Join { id, addr }, timeout).await? {
             MetaReply::Joined { voter } => Ok(voter),
-            MetaReply::Error(e) => Err(crate::broker::meta_error(e)),
             other => Err(BrokerError::Internal(format!("unexpected reply to a join: {other:?}"))),
         }
     }

@@ -2,7 +2,6 @@
 //! call can go to any node; changes go through the metadata group, and the reconcilers on the
 //! partition leaders carry them out.
 
-use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,20 +17,18 @@ use tonic::Request;
 use tonic::Response;
 use tonic::Status;
 
-use crate::broker::BrokerState;
-use crate::broker::meta_error;
+use crate::control::reconciler::Reconciler;
 use crate::error::BrokerError;
 use crate::limits;
 use crate::meta::MetaCommand;
 use crate::meta::MetaReply;
 use crate::meta::state::NodeState;
-use crate::reconciler::Reconciler;
+use crate::service::BrokerState;
+use crate::service::META_WRITE_TIMEOUT;
 use crate::status::STATUS_TIMEOUT;
 
 /// How long a leadership transfer may take before the caller is told it did not complete.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an admin change to the metadata may take.
-const META_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct AdminService {
     state: Arc<BrokerState>,
@@ -44,10 +41,7 @@ impl AdminService {
     }
 
     async fn write(&self, cmd: MetaCommand) -> Result<MetaReply, BrokerError> {
-        match self.state.meta.write(cmd, META_WRITE_TIMEOUT).await? {
-            MetaReply::Error(e) => Err(meta_error(e)),
-            r => Ok(r),
-        }
+        self.state.meta.write(cmd, META_WRITE_TIMEOUT).await
     }
 
     async fn node_summaries(&self) -> (Vec<pb::NodeSummary>, Option<NodeId>) {
@@ -122,7 +116,7 @@ impl Admin for AdminService {
             ))
             .into());
         }
-        let Some(h) = self.state.groups.get(p.group_id) else {
+        let Some(h) = self.state.replicas.get(p.group_id) else {
             return Err(
                 BrokerError::NotLeader { what, me: self.state.me, leader: None, leader_addr: None }.into()
             );
@@ -271,7 +265,7 @@ impl Admin for AdminService {
             let (id, addr) = (*id, n.addr.client_addr.clone());
             async move {
                 if id == self.state.me {
-                    return self.reconciler.round(crate::reconciler::Balance::Now).await;
+                    return self.reconciler.round(crate::control::reconciler::Balance::Now).await;
                 }
                 let mut client = AdminClient::new(self.state.client_peers.channel(id, &addr));
                 let mut req = Request::new(pb::BalanceLeadersRequest {});
@@ -290,7 +284,7 @@ impl Admin for AdminService {
         &self,
         _: Request<pb::BalanceLeadersRequest>,
     ) -> Result<Response<pb::BalanceLeadersResponse>, Status> {
-        let transfers = self.reconciler.round(crate::reconciler::Balance::Now).await;
+        let transfers = self.reconciler.round(crate::control::reconciler::Balance::Now).await;
         Ok(Response::new(pb::BalanceLeadersResponse { transfers }))
     }
 
@@ -298,9 +292,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
-        let req = request.into_inner();
-        limits::validate_topic_name("name", &req.name)?;
-        self.write(MetaCommand::DeleteTopic { name: req.name }).await?;
+        self.state.delete_topic(&request.into_inner().name).await?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
 
@@ -309,18 +301,8 @@ impl Admin for AdminService {
         request: Request<pb::AlterTopicConfigRequest>,
     ) -> Result<Response<pb::AlterTopicConfigResponse>, Status> {
         let req = request.into_inner();
-        limits::validate_topic_name("name", &req.name)?;
-        let set: BTreeMap<String, String> = req.set.into_iter().collect();
-        if set.is_empty() {
-            return Err(BrokerError::InvalidArgument("set: give at least one key=value".into()).into());
-        }
-        limits::validate_topic_config(&set)?;
-        match self.write(MetaCommand::AlterTopicConfig { name: req.name, set }).await? {
-            MetaReply::Topic(t) => {
-                Ok(Response::new(pb::AlterTopicConfigResponse { config: t.config.into_iter().collect() }))
-            }
-            other => Err(BrokerError::Internal(format!("unexpected reply {other:?}")).into()),
-        }
+        let config = self.state.alter_topic_config(&req.name, req.set.into_iter().collect()).await?;
+        Ok(Response::new(pb::AlterTopicConfigResponse { config: config.into_iter().collect() }))
     }
 
     async fn add_partitions(
@@ -328,22 +310,8 @@ impl Admin for AdminService {
         request: Request<pb::AddPartitionsRequest>,
     ) -> Result<Response<pb::AddPartitionsResponse>, Status> {
         let req = request.into_inner();
-        limits::validate_topic_name("name", &req.name)?;
-        let existing = self.state.topic(&req.name)?.partitions.len() as u32;
-        if req.count == 0 || existing + req.count > limits::PARTITIONS_MAX {
-            return Err(BrokerError::InvalidArgument(format!(
-                "count: {} is out of range; a topic has at most {} partitions and this one has {existing}",
-                req.count,
-                limits::PARTITIONS_MAX
-            ))
-            .into());
-        }
-        match self.write(MetaCommand::AddPartitions { name: req.name, count: req.count }).await? {
-            MetaReply::Topic(t) => {
-                Ok(Response::new(pb::AddPartitionsResponse { partitions: t.partitions.len() as u32 }))
-            }
-            other => Err(BrokerError::Internal(format!("unexpected reply {other:?}")).into()),
-        }
+        let partitions = self.state.add_partitions(&req.name, req.count).await?;
+        Ok(Response::new(pb::AddPartitionsResponse { partitions }))
     }
 
     async fn move_partition(

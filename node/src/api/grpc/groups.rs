@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use eddy_proto::v1 as pb;
 use eddy_proto::v1::groups_server::Groups;
@@ -12,8 +11,6 @@ use tonic::Request;
 use tonic::Response;
 use tonic::Status;
 
-use crate::broker::BrokerState;
-use crate::broker::meta_error;
 use crate::error::BrokerError;
 use crate::limits;
 use crate::meta::MetaCommand;
@@ -22,9 +19,9 @@ use crate::meta::groups::Assignment;
 use crate::meta::groups::Assignor;
 use crate::meta::groups::GroupRecord;
 use crate::meta::groups::TopicPartition;
+use crate::service::BrokerState;
+use crate::service::META_WRITE_TIMEOUT;
 
-/// How long a group write may take before the caller is told the outcome is unknown.
-const GROUP_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_SESSION_TIMEOUT_MS: u32 = 10_000;
 /// Members heartbeat this often while partitions move, so that a rebalance completes quickly.
 const REBALANCE_HEARTBEAT_MS: u32 = 100;
@@ -40,10 +37,7 @@ impl GroupsService {
     }
 
     async fn write(&self, cmd: MetaCommand) -> Result<MetaReply, BrokerError> {
-        match self.state.meta.write(cmd, GROUP_WRITE_TIMEOUT).await? {
-            MetaReply::Error(e) => Err(meta_error(e)),
-            r => Ok(r),
-        }
+        self.state.meta.write(cmd, META_WRITE_TIMEOUT).await
     }
 
     fn group(&self, name: &str) -> Result<GroupRecord, BrokerError> {
@@ -174,12 +168,8 @@ impl Groups for GroupsService {
         let r = self
             .state
             .meta
-            .heartbeat(req.group, req.member_id, req.generation, owned, GROUP_WRITE_TIMEOUT)
+            .heartbeat(req.group, req.member_id, req.generation, owned, META_WRITE_TIMEOUT)
             .await?;
-        let r = match r {
-            MetaReply::Error(e) => return Err(meta_error(e).into()),
-            r => r,
-        };
         Ok(Response::new(assignment_reply(r)?))
     }
 
@@ -218,7 +208,7 @@ impl Groups for GroupsService {
         let topics: BTreeSet<String> = req.topics.into_iter().collect();
         // A group that never committed has no offsets: that is an empty answer, not an error.
         let view = if req.linearizable {
-            self.state.meta.linearizable_view(GROUP_WRITE_TIMEOUT).await?
+            self.state.meta.linearizable_view(META_WRITE_TIMEOUT).await?
         } else {
             self.state.meta.view()
         };

@@ -243,7 +243,7 @@ pub async fn group(client: &Client, format: Format, command: GroupCommand) -> an
                     }
                     d.partitions
                 }
-                Err(e) if e.code() == Some("unknown_group") => Vec::new(),
+                Err(e) if e.code() == Some(eddy_proto::error_codes::UNKNOWN_GROUP) => Vec::new(),
                 Err(e) => return Err(e.into()),
             };
             let mut at_time = std::collections::BTreeMap::new();
