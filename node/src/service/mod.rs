@@ -1,9 +1,10 @@
 //! The node's services, whatever protocol a client speaks: producing, fetching and looking up
-//! offsets ([`data`]), and topics and cluster metadata ([`topics`]). They take and return
+//! offsets ([`data`]), topics and cluster metadata ([`topics`]), and consumer groups ([`groups`]). They take and return
 //! Eddy's own types and fail with [`BrokerError`]; the adapters in `crate::api` convert wire
 //! types at the boundary and validate wire-level fields.
 
 pub mod data;
+pub mod groups;
 pub mod topics;
 
 use std::sync::Arc;

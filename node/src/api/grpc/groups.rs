@@ -1,6 +1,5 @@
-//! `eddy.v1.Groups`: consumer groups. Validates at the boundary, sends joins, heartbeats,
-//! commits and resets to the coordinator (the metadata leader) through the metadata handle,
-//! and answers reads from this node's replica of the metadata.
+//! `eddy.v1.Groups`: consumer groups. Validates the wire fields and calls the group service
+//! (`crate::service::groups`).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -13,16 +12,11 @@ use tonic::Status;
 
 use crate::error::BrokerError;
 use crate::limits;
-use crate::meta::MetaCommand;
-use crate::meta::MetaReply;
 use crate::meta::groups::Assignment;
 use crate::meta::groups::Assignor;
-use crate::meta::groups::GroupRecord;
 use crate::meta::groups::TopicPartition;
 use crate::service::BrokerState;
-use crate::service::META_WRITE_TIMEOUT;
-
-const DEFAULT_SESSION_TIMEOUT_MS: u32 = 10_000;
+use crate::service::groups::group_state;
 /// Members heartbeat this often while partitions move, so that a rebalance completes quickly.
 const REBALANCE_HEARTBEAT_MS: u32 = 100;
 const HEARTBEAT_MS_MAX: u32 = 1_000;
@@ -34,28 +28,6 @@ pub struct GroupsService {
 impl GroupsService {
     pub fn new(state: Arc<BrokerState>) -> Self {
         Self { state }
-    }
-
-    async fn write(&self, cmd: MetaCommand) -> Result<MetaReply, BrokerError> {
-        self.state.meta.write(cmd, META_WRITE_TIMEOUT).await
-    }
-
-    fn group(&self, name: &str) -> Result<GroupRecord, BrokerError> {
-        self.state
-            .meta
-            .view()
-            .state
-            .groups
-            .get(name)
-            .map(|g| GroupRecord::clone(g))
-            .ok_or_else(|| BrokerError::UnknownGroup(name.to_owned()))
-    }
-}
-
-fn assignment_reply(r: MetaReply) -> Result<pb::GroupAssignment, BrokerError> {
-    match r {
-        MetaReply::Assignment(a) => Ok(to_pb_assignment(a)),
-        other => Err(BrokerError::Internal(format!("unexpected reply to a group request: {other:?}"))),
     }
 }
 
@@ -116,16 +88,6 @@ fn from_pb_offsets(offsets: Vec<pb::PartitionOffset>) -> Result<Vec<(TopicPartit
         .collect()
 }
 
-fn group_state(g: &GroupRecord) -> &'static str {
-    if g.members.is_empty() {
-        "empty"
-    } else if g.rebalancing() {
-        "rebalancing"
-    } else {
-        "stable"
-    }
-}
-
 #[tonic::async_trait]
 impl Groups for GroupsService {
     async fn join_group(
@@ -134,9 +96,6 @@ impl Groups for GroupsService {
     ) -> Result<Response<pb::GroupAssignment>, Status> {
         let req = request.into_inner();
         group_name(&req.group)?;
-        if req.topics.is_empty() {
-            return Err(BrokerError::InvalidArgument("topics: subscribe to at least one topic".into()).into());
-        }
         for t in &req.topics {
             limits::validate_topic_name("topics", t)?;
         }
@@ -146,15 +105,9 @@ impl Groups for GroupsService {
                 req.assignor
             ))
         })?;
-        let session_timeout_ms =
-            if req.session_timeout_ms == 0 { DEFAULT_SESSION_TIMEOUT_MS } else { req.session_timeout_ms };
-        let topics: Vec<String> = req.topics.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
-        let r = self
-            .write(MetaCommand::JoinGroup { group: req.group.clone(), topics, session_timeout_ms, assignor })
-            .await?;
-        let a = assignment_reply(r)?;
-        self.state.meta.liveness().touch(&req.group, &a.member_id);
-        Ok(Response::new(a))
+        let topics: BTreeSet<String> = req.topics.into_iter().collect();
+        let a = self.state.join_group(&req.group, topics, assignor, req.session_timeout_ms).await?;
+        Ok(Response::new(to_pb_assignment(a)))
     }
 
     async fn heartbeat(
@@ -165,12 +118,8 @@ impl Groups for GroupsService {
         group_name(&req.group)?;
         member_id("member_id", &req.member_id)?;
         let owned = from_pb_tps("owned", req.owned)?;
-        let r = self
-            .state
-            .meta
-            .heartbeat(req.group, req.member_id, req.generation, owned, META_WRITE_TIMEOUT)
-            .await?;
-        Ok(Response::new(assignment_reply(r)?))
+        let a = self.state.group_heartbeat(req.group, req.member_id, req.generation, owned).await?;
+        Ok(Response::new(to_pb_assignment(a)))
     }
 
     async fn leave_group(
@@ -180,7 +129,7 @@ impl Groups for GroupsService {
         let req = request.into_inner();
         group_name(&req.group)?;
         member_id("member_id", &req.member_id)?;
-        self.write(MetaCommand::LeaveGroup { group: req.group, member: req.member_id }).await?;
+        self.state.leave_group(req.group, req.member_id).await?;
         Ok(Response::new(pb::LeaveGroupResponse {}))
     }
 
@@ -191,11 +140,8 @@ impl Groups for GroupsService {
         let req = request.into_inner();
         group_name(&req.group)?;
         let offsets = from_pb_offsets(req.offsets)?;
-        if offsets.is_empty() {
-            return Err(BrokerError::InvalidArgument("offsets: give at least one".into()).into());
-        }
         let member = (!req.member_id.is_empty()).then_some(req.member_id);
-        self.write(MetaCommand::CommitOffsets { group: req.group, member, offsets }).await?;
+        self.state.commit_offsets(req.group, member, offsets).await?;
         Ok(Response::new(pb::CommitOffsetsResponse {}))
     }
 
@@ -206,28 +152,13 @@ impl Groups for GroupsService {
         let req = request.into_inner();
         group_name(&req.group)?;
         let topics: BTreeSet<String> = req.topics.into_iter().collect();
-        // A group that never committed has no offsets: that is an empty answer, not an error.
-        let view = if req.linearizable {
-            self.state.meta.linearizable_view(META_WRITE_TIMEOUT).await?
-        } else {
-            self.state.meta.view()
-        };
-        let offsets = view
+        let offsets = self
             .state
-            .groups
-            .get(&req.group)
-            .map(|g| {
-                g.offsets
-                    .iter()
-                    .filter(|((t, _), _)| topics.is_empty() || topics.contains(t))
-                    .map(|((topic, partition), offset)| pb::PartitionOffset {
-                        topic: topic.clone(),
-                        partition: *partition,
-                        offset: *offset,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+            .committed_offsets(&req.group, &topics, req.linearizable)
+            .await?
+            .into_iter()
+            .map(|((topic, partition), offset)| pb::PartitionOffset { topic, partition, offset })
+            .collect();
         Ok(Response::new(pb::FetchOffsetsResponse { offsets }))
     }
 
@@ -235,17 +166,16 @@ impl Groups for GroupsService {
         &self,
         _request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
-        let view = self.state.meta.view();
-        let groups = view
+        let groups = self
             .state
-            .groups
-            .iter()
+            .list_groups()
+            .into_iter()
             .map(|(name, g)| pb::GroupSummary {
-                name: name.clone(),
+                name,
                 members: g.members.len() as u32,
                 assignor: g.assignor.as_str().into(),
                 generation: g.generation,
-                state: group_state(g).into(),
+                state: group_state(&g).into(),
             })
             .collect();
         Ok(Response::new(pb::ListGroupsResponse { groups }))
@@ -257,7 +187,8 @@ impl Groups for GroupsService {
     ) -> Result<Response<pb::DescribeGroupResponse>, Status> {
         let req = request.into_inner();
         group_name(&req.group)?;
-        let g = self.group(&req.group)?;
+        let d = self.state.describe_group(&req.group).await?;
+        let g = &d.record;
         let members = g
             .members
             .iter()
@@ -268,44 +199,23 @@ impl Groups for GroupsService {
                 session_timeout_ms: m.session_timeout_ms,
             })
             .collect();
-        // Every partition of a subscribed topic, and every partition with a committed offset.
-        let view = self.state.meta.view();
-        let mut tps: BTreeSet<TopicPartition> = g.offsets.keys().cloned().collect();
-        for t in g.members.values().flat_map(|m| m.topics.iter()) {
-            if let Some(rec) = view.state.topics.get(t) {
-                tps.extend((0..rec.partitions.len() as u32).map(|p| (t.clone(), p)));
-            }
-        }
-        let status = self.state.cluster_status().await;
-        let merged = &status.partitions;
-        let partitions = tps
+        let partitions = d
+            .partitions
             .into_iter()
-            .map(|(topic, partition)| {
-                let progress = view
-                    .state
-                    .topics
-                    .get(&topic)
-                    .and_then(|t| t.partitions.get(partition as usize))
-                    .and_then(|p| merged.get(&p.group_id))
-                    .cloned()
-                    .unwrap_or_default();
-                let committed = g.offsets.get(&(topic.clone(), partition)).copied();
-                let lag = progress.hw.saturating_sub(committed.unwrap_or(progress.log_start));
-                pb::GroupPartition {
-                    topic,
-                    partition,
-                    committed,
-                    high_watermark: progress.hw,
-                    lag,
-                    log_start_offset: progress.log_start,
-                }
+            .map(|p| pb::GroupPartition {
+                topic: p.tp.0,
+                partition: p.tp.1,
+                committed: p.committed,
+                high_watermark: p.high_watermark,
+                lag: p.lag,
+                log_start_offset: p.log_start_offset,
             })
             .collect();
         Ok(Response::new(pb::DescribeGroupResponse {
             group: req.group,
             assignor: g.assignor.as_str().into(),
             generation: g.generation,
-            state: group_state(&g).into(),
+            state: group_state(g).into(),
             members,
             partitions,
         }))
@@ -318,10 +228,7 @@ impl Groups for GroupsService {
         let req = request.into_inner();
         group_name(&req.group)?;
         let offsets = from_pb_offsets(req.offsets)?;
-        if offsets.is_empty() {
-            return Err(BrokerError::InvalidArgument("offsets: give at least one".into()).into());
-        }
-        self.write(MetaCommand::ResetOffsets { group: req.group, offsets }).await?;
+        self.state.reset_offsets(req.group, offsets).await?;
         Ok(Response::new(pb::ResetOffsetsResponse {}))
     }
 
@@ -331,7 +238,7 @@ impl Groups for GroupsService {
     ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
         let req = request.into_inner();
         group_name(&req.group)?;
-        self.write(MetaCommand::DeleteGroup { group: req.group }).await?;
+        self.state.delete_group(req.group).await?;
         Ok(Response::new(pb::DeleteGroupResponse {}))
     }
 }
