@@ -33,6 +33,9 @@ pub struct NodeConfig {
     pub raft_addr: String,
     /// `/metrics` and `/health`.
     pub http_addr: String,
+    /// The Kafka-protocol listener; off when absent. Work in progress (issue 10): it answers
+    /// `ApiVersions` only so far.
+    pub kafka_addr: Option<String>,
     /// The nodes that form a new cluster, this one included. Ignored once `data_dir` holds
     /// state. The member with the lowest id creates the metadata group.
     pub initial_members: Vec<MemberConfig>,
@@ -62,6 +65,7 @@ impl Default for NodeConfig {
             client_addr: "127.0.0.1:9091".into(),
             raft_addr: "127.0.0.1:9191".into(),
             http_addr: "127.0.0.1:9291".into(),
+            kafka_addr: None,
             initial_members: Vec::new(),
             join: Vec::new(),
             auto_balance_leaders: true,
@@ -94,7 +98,10 @@ impl NodeConfig {
             ("client_addr", &self.client_addr),
             ("raft_addr", &self.raft_addr),
             ("http_addr", &self.http_addr),
-        ] {
+        ]
+        .into_iter()
+        .chain(self.kafka_addr.iter().map(|a| ("kafka_addr", a)))
+        {
             if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
                 bail!("{name}: {addr:?} is not a host:port address");
             }
@@ -169,6 +176,12 @@ raft_addr = "127.0.0.1:9192"
         assert_eq!(round, c);
         let typo = toml::from_str::<NodeConfig>("node_idd = 1");
         assert!(typo.is_err_and(|e| e.to_string().contains("node_idd")));
+        assert_eq!(c.kafka_addr, None, "the Kafka listener is off unless configured");
+        let with_kafka: NodeConfig =
+            toml::from_str(&format!("kafka_addr = \"127.0.0.1:9391\"\n{text}")).expect("parses");
+        assert_eq!(with_kafka.kafka_addr.as_deref(), Some("127.0.0.1:9391"));
+        let bad = NodeConfig { kafka_addr: Some("nowhere".into()), ..c.clone() };
+        assert!(bad.validate().is_err_and(|e| e.to_string().contains("kafka_addr")));
         let missing_me = NodeConfig { node_id: 3, ..c };
         assert!(missing_me.validate().is_err());
     }

@@ -53,6 +53,9 @@ struct Cli {
     /// Overrides `http_addr`.
     #[arg(long, env = "EDDY_HTTP_ADDR")]
     http_addr: Option<String>,
+    /// Overrides `kafka_addr` (turns the Kafka listener on).
+    #[arg(long, env = "EDDY_KAFKA_ADDR")]
+    kafka_addr: Option<String>,
     /// Log format.
     #[arg(long, env = "EDDY_LOG_FORMAT", value_enum, default_value = "text", global = true)]
     log_format: LogFormat,
@@ -123,6 +126,9 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
     if let Some(v) = cli.http_addr {
         config.http_addr = v;
     }
+    if let Some(v) = cli.kafka_addr {
+        config.kafka_addr = Some(v);
+    }
     config.validate().context("invalid configuration")?;
     let file_limit = raise_open_file_limit();
     let max_open_log_files = match config.max_open_log_files {
@@ -150,6 +156,10 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
     let client = bind("client_addr", &config.client_addr).await?;
     let raft = bind("raft_addr", &config.raft_addr).await?;
     let http = bind("http_addr", &config.http_addr).await?;
+    let kafka = match &config.kafka_addr {
+        Some(addr) => Some(bind("kafka_addr", addr).await?),
+        None => None,
+    };
     info!(node = config.node_id, client = %config.client_addr, raft = %config.raft_addr, http = %config.http_addr, data_dir = %config.data_dir.display(), "starting");
     // Liveness probes use the Raft port number over UDP.
     let probes = std::net::UdpSocket::bind(&config.raft_addr)
@@ -158,6 +168,7 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
     let node = eddy_node::node::start(config, env, tcp_incoming(client), tcp_incoming(raft), probes).await?;
     let http_cancel = CancellationToken::new();
     let http_task = tokio::spawn(eddy_node::http::serve(http, node.broker.clone(), http_cancel.clone()));
+    let kafka_task = kafka.map(|l| tokio::spawn(eddy_node::api::kafka::serve(l, http_cancel.clone())));
 
     signals.recv().await;
     info!("shutting down: handing leaderships to other replicas first");
@@ -174,6 +185,9 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
     let stop = async {
         node.shutdown().await;
         let _ = http_task.await;
+        if let Some(t) = kafka_task {
+            let _ = t.await;
+        }
     };
     tokio::select! {
         () = stop => info!("stopped"),

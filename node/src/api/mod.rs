@@ -2,3 +2,4 @@
 //! validates them (naming the field in the error) and calls the node's services.
 
 pub mod grpc;
+pub mod kafka;
