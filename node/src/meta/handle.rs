@@ -157,6 +157,11 @@ impl MetaHandle {
         self.raft.metrics().borrow_watched().current_leader
     }
 
+    /// The metadata group's voters as this node knows them.
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        self.raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect()
+    }
+
     /// True once this node knows a metadata leader and has applied its log.
     pub fn is_ready(&self) -> bool {
         let m = self.raft.metrics().borrow_watched().clone();

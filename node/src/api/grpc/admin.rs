@@ -49,16 +49,7 @@ impl AdminService {
         let status = self.state.cluster_status().await;
         let leaders = status.leader_counts();
         let replicas = view.state.replica_counts();
-        let voters: BTreeSet<NodeId> = self
-            .state
-            .meta
-            .raft()
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let voters = self.state.meta.voters();
         let nodes = view
             .state
             .nodes
@@ -230,16 +221,7 @@ impl Admin for AdminService {
             .filter(|(id, n)| n.state != NodeState::Removed && !live.contains(id))
             .map(|(id, _)| *id)
             .collect();
-        let voters: Vec<NodeId> = self
-            .state
-            .meta
-            .raft()
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let voters = self.state.meta.voters();
         let voters_up = voters.iter().filter(|v| live.contains(v)).count();
         let metadata_leader = self.state.meta.leader();
         let metadata_quorum = metadata_leader.is_some() && voters_up * 2 > voters.len();
