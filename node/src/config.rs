@@ -33,9 +33,12 @@ pub struct NodeConfig {
     pub raft_addr: String,
     /// `/metrics` and `/health`.
     pub http_addr: String,
-    /// The Kafka-protocol listener; off when absent. Work in progress (issue 10): it answers
-    /// `ApiVersions` only so far.
+    /// The Kafka-protocol listener; off when absent. Other nodes give this address to Kafka
+    /// clients (see `ARCHITECTURE.md`, "Kafka listener").
     pub kafka_addr: Option<String>,
+    /// Where this node runs (a rack, zone or host group). Kafka clients that set `client.rack`
+    /// are sent to a replica in their rack to read (KIP-392).
+    pub rack: Option<String>,
     /// The nodes that form a new cluster, this one included. Ignored once `data_dir` holds
     /// state. The member with the lowest id creates the metadata group.
     pub initial_members: Vec<MemberConfig>,
@@ -66,6 +69,7 @@ impl Default for NodeConfig {
             raft_addr: "127.0.0.1:9191".into(),
             http_addr: "127.0.0.1:9291".into(),
             kafka_addr: None,
+            rack: None,
             initial_members: Vec::new(),
             join: Vec::new(),
             auto_balance_leaders: true,
@@ -105,6 +109,9 @@ impl NodeConfig {
             if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
                 bail!("{name}: {addr:?} is not a host:port address");
             }
+        }
+        if let Some(rack) = &self.rack {
+            crate::limits::validate_rack(rack).map_err(|e| anyhow::anyhow!("rack: {e}"))?;
         }
         if !self.initial_members.is_empty() {
             let me = self.initial_members.iter().find(|m| m.id == self.node_id);
@@ -182,6 +189,12 @@ raft_addr = "127.0.0.1:9192"
         assert_eq!(with_kafka.kafka_addr.as_deref(), Some("127.0.0.1:9391"));
         let bad = NodeConfig { kafka_addr: Some("nowhere".into()), ..c.clone() };
         assert!(bad.validate().is_err_and(|e| e.to_string().contains("kafka_addr")));
+        let racked = NodeConfig { rack: Some("eu-west-1a".into()), ..c.clone() };
+        racked.validate().expect("a rack name");
+        for bad in ["", "rack a", &"r".repeat(65)] {
+            let c = NodeConfig { rack: Some(bad.into()), ..c.clone() };
+            assert!(c.validate().is_err_and(|e| e.to_string().starts_with("rack: ")), "{bad:?}");
+        }
         let missing_me = NodeConfig { node_id: 3, ..c };
         assert!(missing_me.validate().is_err());
     }

@@ -1,7 +1,8 @@
 //! `eddy-node dev`: a local cluster for development, as child processes of this one.
 //!
 //! Node `i` (from 1) gets client port `base + i - 1`, Raft port `base + 100 + i - 1` and HTTP
-//! port `base + 200 + i - 1`, and its data under `<data-dir>/node-<i>`. Run again with the same
+//! port `base + 200 + i - 1`, Kafka port `base + 300 + i - 1`, rack `a`, `b`, `c`, `a`, … (so
+//! that a Kafka client's `client.rack` finds a replica in its rack), and its data under `<data-dir>/node-<i>`. Run again with the same
 //! data directory, the cluster resumes where it stopped. Ctrl-C (or SIGTERM) stops the children
 //! one by one with SIGTERM, and with SIGKILL any that has not stopped after a grace period.
 
@@ -37,7 +38,7 @@ pub struct DevArgs {
 fn configs(args: &DevArgs) -> anyhow::Result<Vec<NodeConfig>> {
     anyhow::ensure!((1..=99).contains(&args.nodes), "--nodes: must be between 1 and 99");
     anyhow::ensure!(
-        args.base_port.checked_add(200 + args.nodes).is_some(),
+        args.base_port.checked_add(300 + args.nodes).is_some(),
         "--base-port: too high for {} nodes",
         args.nodes
     );
@@ -52,10 +53,17 @@ fn configs(args: &DevArgs) -> anyhow::Result<Vec<NodeConfig>> {
             client_addr: port(0, i),
             raft_addr: port(100, i),
             http_addr: port(200, i),
+            kafka_addr: Some(port(300, i)),
+            rack: Some(rack(i)),
             initial_members: members.clone(),
             ..NodeConfig::default()
         })
         .collect())
+}
+
+/// Node `i`'s rack: `a`, `b`, `c`, then around again.
+fn rack(i: u16) -> String {
+    char::from(b'a' + ((i - 1) % 3) as u8).to_string()
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
@@ -92,17 +100,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("Eddy dev cluster: {} nodes, data in {}", configs.len(), args.data_dir.display());
     for c in &configs {
         println!(
-            "  node {}: client {}  raft {}  http {}  log {}",
+            "  node {}: client {}  raft {}  http {}  kafka {}  rack {}  log {}",
             c.node_id,
             c.client_addr,
             c.raft_addr,
             c.http_addr,
+            c.kafka_addr.as_deref().unwrap_or("-"),
+            c.rack.as_deref().unwrap_or("-"),
             args.data_dir.join(format!("node-{}.log", c.node_id)).display()
         );
     }
     println!("brokers: {brokers}");
     println!("  export EDDY_BROKERS={brokers}");
     println!("  eddyctl cluster status");
+    let kafka: Vec<&str> = configs.iter().filter_map(|c| c.kafka_addr.as_deref()).collect();
+    println!("kafka bootstrap servers: {}", kafka.join(","));
+    println!("  kcat -b {} -L", kafka.join(","));
     println!("Press Ctrl-C to stop.");
 
     // A node that exits (or is killed, as in the README's tour) is reported; the others keep

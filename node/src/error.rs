@@ -17,6 +17,10 @@ pub enum BrokerError {
     /// The request is malformed; the message names the field.
     #[error("{0}")]
     InvalidArgument(String),
+    /// An event or request over a size limit (an invalid argument to gRPC clients; Kafka
+    /// clients get `MESSAGE_TOO_LARGE`).
+    #[error("{0}")]
+    TooLarge(String),
     #[error("topic \"{0}\" does not exist")]
     UnknownTopic(String),
     #[error("topic \"{topic}\" has {count} partitions; partition {partition} does not exist")]
@@ -70,7 +74,7 @@ fn leader_hint(leader: Option<NodeId>, addr: &Option<String>) -> String {
 impl BrokerError {
     pub fn code(&self) -> &'static str {
         match self {
-            Self::InvalidArgument(_) => error_codes::INVALID_ARGUMENT,
+            Self::InvalidArgument(_) | Self::TooLarge(_) => error_codes::INVALID_ARGUMENT,
             Self::UnknownTopic(_) => error_codes::UNKNOWN_TOPIC,
             Self::UnknownPartition { .. } => error_codes::UNKNOWN_PARTITION,
             Self::TopicExists(_) => error_codes::TOPIC_EXISTS,
@@ -91,7 +95,7 @@ impl BrokerError {
 
     fn grpc_code(&self) -> Code {
         match self {
-            Self::InvalidArgument(_) | Self::NotEnoughNodes(_) => Code::InvalidArgument,
+            Self::InvalidArgument(_) | Self::TooLarge(_) | Self::NotEnoughNodes(_) => Code::InvalidArgument,
             Self::UnknownTopic(_) | Self::UnknownPartition { .. } | Self::UnknownGroup(_) => Code::NotFound,
             Self::Fenced(_) => Code::FailedPrecondition,
             Self::TopicExists(_) => Code::AlreadyExists,

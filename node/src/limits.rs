@@ -85,6 +85,20 @@ pub fn validate_topic_name(field: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A node's rack: 1 to 64 characters of `[A-Za-z0-9._-]`, so that it reads the same in a
+/// config file, a metric label and a Kafka client's `client.rack`.
+pub fn validate_rack(rack: &str) -> std::result::Result<(), String> {
+    if rack.is_empty() || rack.len() > 64 {
+        return Err(format!("{rack:?} must be 1 to 64 characters long"));
+    }
+    match rack.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        Some(c) => {
+            Err(format!("character {c:?} in {rack:?} is not allowed; racks match [A-Za-z0-9._-]{{1,64}}"))
+        }
+        None => Ok(()),
+    }
+}
+
 /// Topic config keys the broker understands, with their validation.
 pub fn validate_topic_config(config: &std::collections::BTreeMap<String, String>) -> Result<()> {
     for (k, v) in config {

@@ -56,6 +56,9 @@ struct Cli {
     /// Overrides `kafka_addr` (turns the Kafka listener on).
     #[arg(long, env = "EDDY_KAFKA_ADDR")]
     kafka_addr: Option<String>,
+    /// Overrides `rack`.
+    #[arg(long, env = "EDDY_RACK")]
+    rack: Option<String>,
     /// Log format.
     #[arg(long, env = "EDDY_LOG_FORMAT", value_enum, default_value = "text", global = true)]
     log_format: LogFormat,
@@ -129,6 +132,9 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
     if let Some(v) = cli.kafka_addr {
         config.kafka_addr = Some(v);
     }
+    if let Some(v) = cli.rack {
+        config.rack = Some(v);
+    }
     config.validate().context("invalid configuration")?;
     let file_limit = raise_open_file_limit();
     let max_open_log_files = match config.max_open_log_files {
@@ -168,7 +174,8 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
     let node = eddy_node::node::start(config, env, tcp_incoming(client), tcp_incoming(raft), probes).await?;
     let http_cancel = CancellationToken::new();
     let http_task = tokio::spawn(eddy_node::http::serve(http, node.broker.clone(), http_cancel.clone()));
-    let kafka_task = kafka.map(|l| tokio::spawn(eddy_node::api::kafka::serve(l, http_cancel.clone())));
+    let kafka_task = kafka
+        .map(|l| tokio::spawn(eddy_node::api::kafka::serve(l, node.broker.clone(), http_cancel.clone())));
 
     signals.recv().await;
     info!("shutting down: handing leaderships to other replicas first");

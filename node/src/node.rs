@@ -500,6 +500,18 @@ pub async fn start(
             .run(cancel.clone())
             .instrument(info_span!("coordinator", node = me)),
     );
+    spawn_task(
+        &tasks,
+        "registration",
+        crate::control::registration::Registration {
+            me,
+            meta: meta.clone(),
+            kafka_addr: config.kafka_addr.clone(),
+            rack: config.rack.clone(),
+        }
+        .run(cancel.clone())
+        .instrument(info_span!("registration", node = me)),
+    );
     if pristine && !config.join.is_empty() {
         let (join, connector, addr) = (config.join.clone(), env.connector.clone(), config.addr());
         let cancel = cancel.clone();

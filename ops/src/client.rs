@@ -847,6 +847,7 @@ mod tests {
             client_addr: format!("n{id}:9092"),
             raft_addr: String::new(),
             state: "active".into(),
+            ..Default::default()
         };
         let partition =
             pb::PartitionMetadata { partition: 0, leader, replicas: vec![1, 2, 3], ..Default::default() };

@@ -102,6 +102,14 @@ pub enum MetaCommand {
     DeleteGroup {
         group: String,
     },
+    /// A node's description of itself from its configuration (its Kafka listener's address and
+    /// its rack), which other nodes hand to clients. Each node proposes it when its record
+    /// differs from its configuration (see `crate::control::registration`).
+    RegisterNode {
+        node: NodeId,
+        kafka_addr: Option<String>,
+        rack: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

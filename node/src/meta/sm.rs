@@ -53,9 +53,9 @@ pub const PERSIST_INTERVAL: std::time::Duration = std::time::Duration::from_secs
 
 /// The stored metadata state and its snapshots start with this tag and a format version, so that
 /// a build meeting state it cannot read says so instead of failing to decode it. Bump the
-/// version whenever `MetaView` changes shape.
+/// version whenever `MetaView` changes shape, and keep reading the previous one (see [`v2`]).
 const FORMAT_TAG: &[u8; 3] = b"EDM";
-const FORMAT_VERSION: u8 = 2;
+const FORMAT_VERSION: u8 = 3;
 
 fn encode_view(view: &MetaView) -> Vec<u8> {
     let mut out = FORMAT_TAG.to_vec();
@@ -66,13 +66,11 @@ fn encode_view(view: &MetaView) -> Vec<u8> {
 
 fn decode_view(b: &[u8], what: &str) -> io::Result<MetaView> {
     match b.split_at_checked(FORMAT_TAG.len() + 1) {
-        Some((head, body)) if head[..FORMAT_TAG.len()] == FORMAT_TAG[..] => {
-            let version = head[FORMAT_TAG.len()];
-            if version != FORMAT_VERSION {
-                return Err(incompatible(what, &format!("format version {version}")));
-            }
-            sm_common::decode(body, what)
-        }
+        Some((head, body)) if head[..FORMAT_TAG.len()] == FORMAT_TAG[..] => match head[FORMAT_TAG.len()] {
+            FORMAT_VERSION => sm_common::decode(body, what),
+            2 => sm_common::decode::<v2::MetaView>(body, what).map(Into::into),
+            version => Err(incompatible(what, &format!("format version {version}"))),
+        },
         _ => Err(incompatible(what, "an unversioned format (before format version 2)")),
     }
 }
@@ -85,6 +83,71 @@ fn incompatible(what: &str, found: &str) -> io::Error {
              Run the Eddy version that wrote this data_dir, or start this node on an empty data_dir"
         ),
     )
+}
+
+/// Format version 2 (before nodes registered their Kafka address and rack), read and converted.
+mod v2 {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use eddy_raft::GroupId;
+    use eddy_raft::LogId;
+    use eddy_raft::NodeAddr;
+    use eddy_raft::NodeId;
+    use eddy_raft::StoredMembership;
+    use serde::Deserialize;
+
+    use crate::meta::groups::GroupRecord;
+    use crate::meta::state;
+
+    #[derive(Deserialize)]
+    pub struct MetaView {
+        state: MetaState,
+        last_applied: Option<LogId>,
+        membership: StoredMembership,
+    }
+
+    #[derive(Deserialize)]
+    struct MetaState {
+        nodes: BTreeMap<NodeId, NodeRecord>,
+        topics: state::Topics,
+        next_group_id: GroupId,
+        next_producer_id: u64,
+        groups: BTreeMap<String, Arc<GroupRecord>>,
+        next_member_id: u64,
+    }
+
+    #[derive(Deserialize)]
+    struct NodeRecord {
+        addr: NodeAddr,
+        state: state::NodeState,
+    }
+
+    impl From<MetaView> for super::MetaView {
+        fn from(v: MetaView) -> Self {
+            let s = v.state;
+            let nodes = s
+                .nodes
+                .into_iter()
+                .map(|(id, n)| {
+                    (id, state::NodeRecord { addr: n.addr, state: n.state, kafka_addr: None, rack: None })
+                })
+                .collect();
+            super::MetaView {
+                state: state::MetaState {
+                    nodes,
+                    topics: s.topics,
+                    next_group_id: s.next_group_id,
+                    next_producer_id: s.next_producer_id,
+                    groups: s.groups,
+                    next_member_id: s.next_member_id,
+                },
+                last_applied: v.last_applied,
+                membership: v.membership,
+                by_group: Default::default(),
+            }
+        }
+    }
 }
 
 /// A consistent view of the metadata: the state as of `last_applied`.
@@ -372,6 +435,40 @@ mod tests {
         newer[FORMAT_TAG.len()] = FORMAT_VERSION + 1;
         let e = decode_view(&newer, "the stored metadata state").expect_err("a newer version");
         assert!(e.to_string().contains(&format!("format version {}", FORMAT_VERSION + 1)), "{e}");
+
+        // Format version 2 had no node registrations; it is read with none.
+        #[derive(Serialize)]
+        struct NodeV2<'a> {
+            addr: &'a eddy_raft::NodeAddr,
+            state: crate::meta::state::NodeState,
+        }
+        view.state.nodes.insert(
+            1,
+            crate::meta::state::NodeRecord {
+                addr: eddy_raft::NodeAddr { raft_addr: "r:1".into(), client_addr: "c:1".into() },
+                state: crate::meta::state::NodeState::Active,
+                kafka_addr: None,
+                rack: None,
+            },
+        );
+        let s = &view.state;
+        let nodes: BTreeMap<_, _> =
+            s.nodes.iter().map(|(id, n)| (*id, NodeV2 { addr: &n.addr, state: n.state })).collect();
+        let mut v2 = vec![b'E', b'D', b'M', 2];
+        v2.extend(sm_common::encode(&(
+            (&nodes, &s.topics, s.next_group_id, s.next_producer_id, &s.groups, s.next_member_id),
+            &view.last_applied,
+            &view.membership,
+        )));
+        assert_eq!(decode_view(&v2, "state").expect("version 2 decodes"), view);
+        let mut registered = view.clone();
+        registered.state.apply(MetaCommand::RegisterNode {
+            node: 1,
+            kafka_addr: Some("k:1".into()),
+            rack: Some("a".into()),
+        });
+        assert_eq!(decode_view(&encode_view(&registered), "state").expect("decodes"), registered);
+        assert_ne!(registered, view);
 
         let unversioned = sm_common::encode(&view);
         let e = decode_view(&unversioned, "the stored metadata state").expect_err("unversioned");

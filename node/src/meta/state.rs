@@ -64,6 +64,10 @@ impl NodeState {
 pub struct NodeRecord {
     pub addr: NodeAddr,
     pub state: NodeState,
+    /// What the node registered about itself ([`MetaCommand::RegisterNode`]): its Kafka
+    /// listener's address and its rack, both from its configuration.
+    pub kafka_addr: Option<String>,
+    pub rack: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,10 +171,12 @@ impl MetaState {
     /// node of the cluster, with the addresses it registered.
     pub fn apply_membership(&mut self, membership: &Membership) {
         for (id, addr) in membership.nodes() {
-            self.nodes
-                .entry(*id)
-                .and_modify(|n| n.addr = addr.clone())
-                .or_insert_with(|| NodeRecord { addr: addr.clone(), state: NodeState::Active });
+            self.nodes.entry(*id).and_modify(|n| n.addr = addr.clone()).or_insert_with(|| NodeRecord {
+                addr: addr.clone(),
+                state: NodeState::Active,
+                kafka_addr: None,
+                rack: None,
+            });
         }
     }
 
@@ -238,6 +244,14 @@ impl MetaState {
                 self.cancel_move(&topic, partition).map(|()| MetaReply::Done).into()
             }
             MetaCommand::SetNodeState { node, state } => self.set_node_state(node, state).into(),
+            MetaCommand::RegisterNode { node, kafka_addr, rack } => match self.nodes.get_mut(&node) {
+                Some(n) => {
+                    n.kafka_addr = kafka_addr;
+                    n.rack = rack;
+                    MetaReply::Done
+                }
+                None => MetaReply::Error(MetaError::UnknownNode(node)),
+            },
             MetaCommand::SetPreferredLeader { topic, partition, node } => {
                 self.set_preferred_leader(&topic, partition, node).map(|()| MetaReply::Done).into()
             }

@@ -177,7 +177,7 @@ impl BrokerState {
             };
             let size = rec.size();
             if size > max_event {
-                return Err(BrokerError::InvalidArgument(format!(
+                return Err(BrokerError::TooLarge(format!(
                     "records[{i}]: event of {size} bytes exceeds the maximum event size of {max_event} bytes"
                 )));
             }
@@ -185,7 +185,7 @@ impl BrokerState {
             out.push(rec);
         }
         if total > self.limits.max_request_bytes as usize {
-            return Err(BrokerError::InvalidArgument(format!(
+            return Err(BrokerError::TooLarge(format!(
                 "records: {total} bytes exceed the request limit of {} bytes",
                 self.limits.max_request_bytes
             )));

@@ -63,6 +63,8 @@ impl AdminService {
                 replicas: replicas.get(id).copied().unwrap_or(0),
                 up: status.answered.contains_key(id),
                 metadata_voter: voters.contains(id),
+                kafka_addr: n.kafka_addr.clone(),
+                rack: n.rack.clone(),
             })
             .collect();
         (nodes, self.state.meta.leader())

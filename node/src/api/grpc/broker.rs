@@ -219,6 +219,8 @@ impl Broker for BrokerService {
                 client_addr: n.addr.client_addr.clone(),
                 raft_addr: n.addr.raft_addr.clone(),
                 state: n.state.as_str().to_owned(),
+                kafka_addr: n.kafka_addr.clone(),
+                rack: n.rack.clone(),
             })
             .collect();
         Ok(Response::new(pb::MetadataResponse {

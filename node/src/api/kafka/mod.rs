@@ -1,10 +1,23 @@
-//! The Kafka listener (issue 10; work in progress: only `ApiVersions` so far).
+//! The Kafka listener (issue 10): Kafka clients produce, fetch and look up metadata and offsets
+//! over Eddy's services, as gRPC clients do.
 //!
 //! Kafka's framing: every request and response is a 4-byte big-endian length and that many
 //! bytes. A request starts with its header (API key, API version, correlation id, client id; v2
 //! adds tagged fields), whose version follows from the API key and version. A connection's
 //! requests are answered one at a time, so responses go out in request order, as Kafka clients
-//! require. The codecs are `kafka-protocol`'s, generated from Kafka's message schemas.
+//! require (and an idempotent producer's batches reach the log in the order it sent them). The
+//! codecs are `kafka-protocol`'s, generated from Kafka's message schemas.
+//!
+//! A connection that sends something this listener cannot answer (a frame over the size limit,
+//! an unknown API or version, a request that does not decode) is closed with a log line; the
+//! node and its other connections carry on.
+
+mod codes;
+mod data;
+mod metadata;
+mod records;
+
+use std::sync::Arc;
 
 use bytes::Buf;
 use bytes::BufMut;
@@ -23,28 +36,43 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::info;
 use tracing::warn;
 
-/// The largest request frame accepted (Kafka's `socket.request.max.bytes` default); a longer
-/// one closes the connection.
+use crate::service::BrokerState;
+
+/// The largest request frame any listener accepts (Kafka's `socket.request.max.bytes`
+/// default); the node's own limit is lower (see [`frame_bytes_max`]).
 pub const FRAME_BYTES_MAX: usize = 100 << 20;
 
-/// Kafka's `UNSUPPORTED_VERSION` error code.
-const UNSUPPORTED_VERSION: i16 = 35;
+/// The APIs this listener answers, and their versions: only what is implemented and tested
+/// (`tests/tests/kafka.rs` speaks every version listed here).
+pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, 3, 9),
+    (ApiKey::Fetch, 4, 12),
+    (ApiKey::ListOffsets, 1, 6),
+    (ApiKey::Metadata, 0, 12),
+    (ApiKey::ApiVersions, 0, 3),
+    (ApiKey::InitProducerId, 0, 4),
+];
 
-/// The APIs this listener answers, and their versions: only what is implemented and tested.
-pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[(ApiKey::ApiVersions, 0, 3)];
+/// The largest request frame this node takes: a produce request at the node's request limit,
+/// plus room for the request's own fields.
+pub fn frame_bytes_max(broker: &BrokerState) -> usize {
+    (broker.limits.max_request_bytes as usize + (1 << 20)).min(FRAME_BYTES_MAX)
+}
 
 /// Why a connection is closed.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    #[error("request frame of {0} bytes is outside 8..={FRAME_BYTES_MAX}")]
-    Size(i64),
+    #[error("request frame of {size} bytes is outside 8..={max}")]
+    Size { size: i64, max: usize },
     #[error("API key {key} version {version} is not supported by this listener")]
     Unsupported { key: i16, version: i16 },
     #[error("malformed request: {0}")]
     Malformed(String),
+    #[error("response to API key {key} version {version} does not encode: {reason}")]
+    Encode { key: i16, version: i16, reason: String },
 }
 
 fn supported(key: ApiKey) -> Option<(i16, i16)> {
@@ -52,7 +80,7 @@ fn supported(key: ApiKey) -> Option<(i16, i16)> {
 }
 
 /// Accepts connections until `cancel`; each is served by a task of its own.
-pub async fn serve(listener: TcpListener, cancel: CancellationToken) {
+pub async fn serve(listener: TcpListener, broker: Arc<BrokerState>, cancel: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             () = cancel.cancelled() => return,
@@ -61,11 +89,12 @@ pub async fn serve(listener: TcpListener, cancel: CancellationToken) {
         match accepted {
             Ok((stream, peer)) => {
                 let cancel = cancel.clone();
+                let broker = broker.clone();
                 tokio::spawn(async move {
                     tokio::select! {
                         () = cancel.cancelled() => {}
-                        r = connection(stream) => if let Err(e) = r {
-                            debug!(%peer, "kafka connection closed: {e}");
+                        r = connection(stream, &broker) => if let Err(e) = r {
+                            info!(%peer, "kafka connection closed: {e}");
                         }
                     }
                 });
@@ -76,31 +105,86 @@ pub async fn serve(listener: TcpListener, cancel: CancellationToken) {
 }
 
 /// Serves one connection: reads a frame, answers it, and so on until the peer closes.
-async fn connection(mut stream: TcpStream) -> anyhow::Result<()> {
+async fn connection(mut stream: TcpStream, broker: &BrokerState) -> anyhow::Result<()> {
     stream.set_nodelay(true)?;
+    let max = frame_bytes_max(broker);
     loop {
         let len = match stream.read_i32().await {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        if !(8..=FRAME_BYTES_MAX as i64).contains(&i64::from(len)) {
-            return Err(FrameError::Size(i64::from(len)).into());
+        if !(8..=max as i64).contains(&i64::from(len)) {
+            return Err(FrameError::Size { size: i64::from(len), max }.into());
         }
         let mut frame = vec![0u8; len as usize];
         stream.read_exact(&mut frame).await?;
-        let response = handle(Bytes::from(frame))?;
-        let mut out = BytesMut::with_capacity(4 + response.len());
-        out.put_i32(response.len() as i32);
-        out.extend_from_slice(&response);
-        stream.write_all(&out).await?;
+        let response = match parse(Bytes::from(frame))? {
+            Parsed::Answer(r) => Some(r),
+            Parsed::Request(req) => dispatch(broker, req).await?,
+        };
+        // A produce with acks=0 gets no response at all.
+        if let Some(response) = response {
+            let mut out = BytesMut::with_capacity(4 + response.len());
+            out.put_i32(response.len() as i32);
+            out.extend_from_slice(&response);
+            stream.write_all(&out).await?;
+        }
     }
 }
 
-/// Answers one request frame (without its length prefix); the response frame without its length.
-pub fn handle(mut frame: Bytes) -> Result<Bytes, FrameError> {
+/// A request, its header decoded and its body not yet.
+pub struct Request {
+    pub key: ApiKey,
+    pub version: i16,
+    pub header: RequestHeader,
+    pub body: Bytes,
+}
+
+impl Request {
+    /// The body as the request type `T`; all of it must be used.
+    fn decode<T: Decodable>(&mut self) -> Result<T, FrameError> {
+        let t = T::decode(&mut self.body, self.version)
+            .map_err(|e| FrameError::Malformed(format!("{:?} v{}: {e}", self.key, self.version)))?;
+        if self.body.has_remaining() {
+            return Err(FrameError::Malformed(format!(
+                "{:?} v{}: {} bytes after the request",
+                self.key,
+                self.version,
+                self.body.remaining()
+            )));
+        }
+        Ok(t)
+    }
+
+    /// The response frame (without its length) for `body`.
+    fn respond<T: Encodable>(&self, body: &T) -> Result<Bytes, FrameError> {
+        let mut header = ResponseHeader::default();
+        header.correlation_id = self.header.correlation_id;
+        let mut out = BytesMut::new();
+        let encode_error = |e: anyhow::Error| FrameError::Encode {
+            key: self.key as i16,
+            version: self.version,
+            reason: e.to_string(),
+        };
+        header.encode(&mut out, self.key.response_header_version(self.version)).map_err(encode_error)?;
+        body.encode(&mut out, self.version).map_err(encode_error)?;
+        Ok(out.freeze())
+    }
+}
+
+/// What a frame turned out to be.
+pub enum Parsed {
+    /// Answered without the broker (`ApiVersions`).
+    Answer(Bytes),
+    Request(Request),
+}
+
+/// Reads a request frame (without its length prefix): its header, and for `ApiVersions` the
+/// answer.
+pub fn parse(mut frame: Bytes) -> Result<Parsed, FrameError> {
     if frame.len() < 8 {
-        return Err(FrameError::Size(frame.len() as i64));
+        return Err(FrameError::Size { size: frame.len() as i64, max: FRAME_BYTES_MAX });
     }
     let (raw_key, version, correlation_id) =
         ((&frame[0..2]).get_i16(), (&frame[2..4]).get_i16(), (&frame[4..8]).get_i32());
@@ -111,20 +195,52 @@ pub fn handle(mut frame: Bytes) -> Result<Bytes, FrameError> {
     if key == ApiKey::ApiVersions && !(lo..=hi).contains(&version) {
         // KIP-511: a client that asks with a version the broker does not know gets a v0 answer
         // with the error and the supported range, and retries with a version in it.
-        return Ok(api_versions_response(correlation_id, 0, UNSUPPORTED_VERSION));
+        return Ok(Parsed::Answer(api_versions_response(correlation_id, 0, codes::UNSUPPORTED_VERSION)));
     }
     if !(lo..=hi).contains(&version) {
         return Err(FrameError::Unsupported { key: raw_key, version });
     }
     let header = RequestHeader::decode(&mut frame, key.request_header_version(version))
         .map_err(|e| FrameError::Malformed(format!("request header: {e}")))?;
-    match key {
-        ApiKey::ApiVersions => {
-            ApiVersionsRequest::decode(&mut frame, version)
-                .map_err(|e| FrameError::Malformed(format!("ApiVersions request: {e}")))?;
-            Ok(api_versions_response(header.correlation_id, version, 0))
+    let mut req = Request { key, version, header, body: frame };
+    if key == ApiKey::ApiVersions {
+        req.decode::<ApiVersionsRequest>()?;
+        return Ok(Parsed::Answer(api_versions_response(correlation_id, version, codes::NONE)));
+    }
+    Ok(Parsed::Request(req))
+}
+
+/// Answers a request; `None` for a request that gets no response (a produce with acks=0).
+async fn dispatch(broker: &BrokerState, mut req: Request) -> Result<Option<Bytes>, FrameError> {
+    match req.key {
+        ApiKey::Metadata => {
+            let body = req.decode()?;
+            let r = metadata::metadata(broker, body, req.version).await;
+            req.respond(&r).map(Some)
         }
-        _ => Err(FrameError::Unsupported { key: raw_key, version }),
+        ApiKey::Produce => {
+            let body = req.decode()?;
+            match data::produce(broker, body, req.version).await {
+                Some(r) => req.respond(&r).map(Some),
+                None => Ok(None),
+            }
+        }
+        ApiKey::Fetch => {
+            let body = req.decode()?;
+            let r = data::fetch(broker, body, req.version).await;
+            req.respond(&r).map(Some)
+        }
+        ApiKey::ListOffsets => {
+            let body = req.decode()?;
+            let r = data::list_offsets(broker, body, req.version);
+            req.respond(&r).map(Some)
+        }
+        ApiKey::InitProducerId => {
+            let body = req.decode()?;
+            let r = data::init_producer_id(broker, body).await;
+            req.respond(&r).map(Some)
+        }
+        _ => Err(FrameError::Unsupported { key: req.key as i16, version: req.version }),
     }
 }
 
@@ -156,6 +272,14 @@ mod tests {
 
     use super::*;
 
+    fn answer(frame: Bytes) -> Bytes {
+        match parse(frame) {
+            Ok(Parsed::Answer(b)) => b,
+            Ok(Parsed::Request(r)) => panic!("{:?} needs the broker", r.key),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
     fn request(version: i16, correlation_id: i32) -> Bytes {
         let mut header = RequestHeader::default();
         header.request_api_key = ApiKey::ApiVersions as i16;
@@ -184,73 +308,48 @@ mod tests {
     #[test]
     fn api_versions_answers_every_supported_version_with_the_supported_apis() {
         for version in 0..=3 {
-            let (correlation_id, body) =
-                response(handle(request(version, 40 + i32::from(version))).expect("answered"), version);
+            let (correlation_id, body) = response(answer(request(version, 40 + i32::from(version))), version);
             assert_eq!(correlation_id, 40 + i32::from(version), "v{version}");
             assert_eq!(body.error_code, 0, "v{version}");
             let listed: Vec<(i16, i16, i16)> =
                 body.api_keys.iter().map(|a| (a.api_key, a.min_version, a.max_version)).collect();
-            assert_eq!(listed, vec![(ApiKey::ApiVersions as i16, 0, 3)], "v{version}");
+            let expected: Vec<(i16, i16, i16)> =
+                SUPPORTED.iter().map(|(k, lo, hi)| (*k as i16, *lo, *hi)).collect();
+            assert_eq!(listed, expected, "v{version}");
         }
     }
 
     #[test]
     fn a_newer_api_versions_gets_the_v0_error_with_the_supported_range() {
         // Version 4 exists in Kafka but not here yet; the answer is v0-shaped whatever was asked.
-        let (correlation_id, body) = response(handle(request(4, 7)).expect("answered"), 0);
+        let (correlation_id, body) = response(answer(request(4, 7)), 0);
         assert_eq!(correlation_id, 7);
-        assert_eq!(body.error_code, UNSUPPORTED_VERSION);
-        assert_eq!(body.api_keys.len(), 1);
-        assert_eq!(body.api_keys[0].max_version, 3);
+        assert_eq!(body.error_code, codes::UNSUPPORTED_VERSION);
+        assert_eq!(body.api_keys.len(), SUPPORTED.len());
+        let own = body.api_keys.iter().find(|a| a.api_key == ApiKey::ApiVersions as i16).expect("listed");
+        assert_eq!(own.max_version, 3);
     }
 
     #[test]
     fn unsupported_and_malformed_requests_close_the_connection_with_a_reason() {
         let short = Bytes::from_static(&[0, 18, 0]);
-        assert!(matches!(handle(short), Err(FrameError::Size(3))));
-        // Metadata (key 3) is not implemented yet.
-        let mut metadata = BytesMut::new();
-        metadata.put_i16(3);
-        metadata.put_i16(9);
-        metadata.put_i32(1);
-        metadata.put_i16(-1);
-        let e = handle(metadata.freeze()).expect_err("refused");
-        assert_eq!(e.to_string(), "API key 3 version 9 is not supported by this listener");
+        assert!(matches!(parse(short), Err(FrameError::Size { size: 3, .. })));
+        // Metadata (key 3) v13 is not implemented; DescribeAcls (29) not at all.
+        for (key, version) in [(3, 13), (29, 0), (999, 0)] {
+            let mut req = BytesMut::new();
+            req.put_i16(key);
+            req.put_i16(version);
+            req.put_i32(1);
+            req.put_i16(-1);
+            let Err(e) = parse(req.freeze()) else { panic!("{key} v{version} refused") };
+            assert_eq!(
+                e.to_string(),
+                format!("API key {key} version {version} is not supported by this listener")
+            );
+        }
         // A valid header whose body is cut short.
         let full = request(3, 1);
         let cut = full.slice(..full.len() - 3);
-        assert!(matches!(handle(cut), Err(FrameError::Malformed(_))), "a truncated body is malformed");
-    }
-
-    #[tokio::test]
-    async fn a_connection_answers_pipelined_requests_in_order() -> anyhow::Result<()> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let cancel = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, cancel.clone()));
-        let mut c = TcpStream::connect(addr).await?;
-        let mut out = BytesMut::new();
-        for (i, version) in [3i16, 0, 2, 1].into_iter().enumerate() {
-            let r = request(version, i as i32);
-            out.put_i32(r.len() as i32);
-            out.extend_from_slice(&r);
-        }
-        c.write_all(&out).await?;
-        for (i, version) in [3i16, 0, 2, 1].into_iter().enumerate() {
-            let len = tokio::time::timeout(std::time::Duration::from_secs(10), c.read_i32()).await??;
-            let mut frame = vec![0u8; len as usize];
-            c.read_exact(&mut frame).await?;
-            let (correlation_id, body) = response(Bytes::from(frame), version);
-            assert_eq!(correlation_id, i as i32, "responses come back in request order");
-            assert_eq!(body.error_code, 0);
-        }
-        // An oversized frame closes the connection.
-        c.write_all(&(FRAME_BYTES_MAX as i32 + 1).to_be_bytes()).await?;
-        let mut rest = Vec::new();
-        let n = tokio::time::timeout(std::time::Duration::from_secs(10), c.read_to_end(&mut rest)).await??;
-        assert_eq!(n, 0, "the server closed the connection without answering");
-        cancel.cancel();
-        server.await?;
-        Ok(())
+        assert!(matches!(parse(cut), Err(FrameError::Malformed(_))), "a truncated body is malformed");
     }
 }

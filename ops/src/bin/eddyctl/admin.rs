@@ -124,6 +124,8 @@ async fn cluster_status(client: &Client, format: Format) -> anyhow::Result<ExitC
                     json!({
                         "id": n.id,
                         "client_addr": n.client_addr,
+                        "kafka_addr": n.kafka_addr,
+                        "rack": n.rack,
                         "up": up,
                         "state": n.state,
                         "replicas": counts.map(|c| c.0),
@@ -140,13 +142,18 @@ async fn cluster_status(client: &Client, format: Format) -> anyhow::Result<ExitC
                     vec![
                         n.id.to_string(),
                         n.client_addr.clone(),
+                        n.kafka_addr.clone().unwrap_or_default(),
+                        n.rack.clone().unwrap_or_default(),
                         if *up { "up" } else { "DOWN" }.to_string(),
                         n.state.clone(),
                         if md.metadata_leader == Some(n.id) { "metadata leader" } else { "" }.to_string(),
                     ]
                 })
                 .collect();
-            println!("{}", table(&["ID", "CLIENT ADDR", "STATUS", "STATE", "ROLE"], rows));
+            println!(
+                "{}",
+                table(&["ID", "CLIENT ADDR", "KAFKA ADDR", "RACK", "STATUS", "STATE", "ROLE"], rows)
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -211,6 +218,8 @@ fn node_json(n: &pb::NodeSummary) -> Value {
         "id": n.id,
         "state": n.state,
         "client_addr": n.client_addr,
+        "kafka_addr": n.kafka_addr,
+        "rack": n.rack,
         "leaders": n.leaders,
         "replicas": n.replicas,
         "up": n.up,
