@@ -121,11 +121,18 @@ pub fn free_base_port(offsets: &[u16]) -> u16 {
     panic!("no free ports on 127.0.0.1 in {LOW}..{}", LOW + SPAN + 1_000);
 }
 
+/// Node `id`'s rack in test clusters (as in `eddy-node dev`): `a`, `b`, `c`, then around again.
+pub fn rack(id: u64) -> &'static str {
+    ["a", "b", "c"][((id - 1) % 3) as usize]
+}
+
 pub struct NodeProc {
     pub id: u64,
     pub client_addr: String,
     pub raft_addr: String,
     pub http_addr: String,
+    /// The Kafka listener; every test node has one, in rack `a`, `b` or `c` by its id.
+    pub kafka_addr: String,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
     child: Option<Child>,
@@ -230,6 +237,7 @@ impl Cluster {
             client_addr: addr(),
             raft_addr: addr(),
             http_addr: addr(),
+            kafka_addr: addr(),
             config_path: self.dir.path().join(format!("node-{id}.toml")),
             log_path: self.dir.path().join(format!("node-{id}.log")),
             child: None,
@@ -241,11 +249,13 @@ impl Cluster {
         let node = &self.nodes[&id];
         let data_dir = self.dir.path().join(format!("data-{id}"));
         let config = format!(
-            "node_id = {id}\ndata_dir = \"{}\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\nhttp_addr = \"{}\"\n{extra}",
+            "node_id = {id}\ndata_dir = \"{}\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\nhttp_addr = \"{}\"\nkafka_addr = \"{}\"\nrack = \"{}\"\n{extra}",
             data_dir.display(),
             node.client_addr,
             node.raft_addr,
-            node.http_addr
+            node.http_addr,
+            node.kafka_addr,
+            rack(id),
         );
         std::fs::write(&node.config_path, config)?;
         Ok(())
@@ -253,6 +263,11 @@ impl Cluster {
 
     pub fn brokers(&self) -> String {
         self.nodes.values().map(|n| n.client_addr.as_str()).collect::<Vec<_>>().join(",")
+    }
+
+    /// Kafka clients' `bootstrap.servers`.
+    pub fn kafka_bootstrap(&self) -> String {
+        self.nodes.values().map(|n| n.kafka_addr.as_str()).collect::<Vec<_>>().join(",")
     }
 
     pub fn node(&self, id: u64) -> &NodeProc {

@@ -1,0 +1,510 @@
+//! The Kafka listener on real processes, spoken to at the protocol level with `kafka-protocol`'s
+//! codecs: every API and version the listener advertises is exercised and its answer checked;
+//! idempotent producers get Kafka's duplicate and out-of-order answers; fetches from a follower
+//! read what the leader acknowledged; bad frames close only their own connection.
+//!
+//! `kcat.rs` covers the same path through a real Kafka client (librdkafka).
+
+#![allow(clippy::disallowed_methods)] // Tests measure real time.
+
+use std::io::Read;
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use anyhow::Context;
+use anyhow::ensure;
+use bytes::Buf;
+use bytes::BufMut;
+use bytes::Bytes;
+use bytes::BytesMut;
+use eddy_tests::CTL_TIMEOUT;
+use eddy_tests::Cluster;
+use eddy_tests::wait_for;
+use kafka_protocol::indexmap::IndexMap;
+use kafka_protocol::messages::ApiKey;
+use kafka_protocol::messages::ApiVersionsRequest;
+use kafka_protocol::messages::ApiVersionsResponse;
+use kafka_protocol::messages::FetchRequest;
+use kafka_protocol::messages::FetchResponse;
+use kafka_protocol::messages::InitProducerIdRequest;
+use kafka_protocol::messages::InitProducerIdResponse;
+use kafka_protocol::messages::ListOffsetsRequest;
+use kafka_protocol::messages::ListOffsetsResponse;
+use kafka_protocol::messages::MetadataRequest;
+use kafka_protocol::messages::MetadataResponse;
+use kafka_protocol::messages::ProduceRequest;
+use kafka_protocol::messages::ProduceResponse;
+use kafka_protocol::messages::RequestHeader;
+use kafka_protocol::messages::ResponseHeader;
+use kafka_protocol::messages::TopicName;
+use kafka_protocol::messages::fetch_request::FetchPartition;
+use kafka_protocol::messages::fetch_request::FetchTopic;
+use kafka_protocol::messages::list_offsets_request::ListOffsetsPartition;
+use kafka_protocol::messages::list_offsets_request::ListOffsetsTopic;
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::produce_request::PartitionProduceData;
+use kafka_protocol::messages::produce_request::TopicProduceData;
+use kafka_protocol::protocol::Decodable;
+use kafka_protocol::protocol::Encodable;
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::records::Compression;
+use kafka_protocol::records::Record;
+use kafka_protocol::records::RecordBatchDecoder;
+use kafka_protocol::records::RecordBatchEncoder;
+use kafka_protocol::records::RecordEncodeOptions;
+use kafka_protocol::records::TimestampType;
+
+const TOPIC: &str = "kv";
+const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A blocking Kafka connection that sends one request and reads its answer.
+struct Conn {
+    stream: TcpStream,
+    correlation: i32,
+}
+
+impl Conn {
+    fn open(addr: &str) -> anyhow::Result<Self> {
+        let stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(Self { stream, correlation: 0 })
+    }
+
+    fn frame<Req: Encodable>(
+        &mut self,
+        key: ApiKey,
+        version: i16,
+        req: &Req,
+    ) -> anyhow::Result<(i32, Bytes)> {
+        self.correlation += 1;
+        let mut header = RequestHeader::default();
+        header.request_api_key = key as i16;
+        header.request_api_version = version;
+        header.correlation_id = self.correlation;
+        header.client_id = Some(StrBytes::from_static_str("eddy-test"));
+        let mut body = BytesMut::new();
+        header.encode(&mut body, key.request_header_version(version))?;
+        req.encode(&mut body, version).with_context(|| format!("encode {key:?} v{version}"))?;
+        let mut out = BytesMut::new();
+        out.put_i32(body.len() as i32);
+        out.extend_from_slice(&body);
+        Ok((self.correlation, out.freeze()))
+    }
+
+    fn send<Req: Encodable>(&mut self, key: ApiKey, version: i16, req: &Req) -> anyhow::Result<i32> {
+        let (correlation, frame) = self.frame(key, version, req)?;
+        self.stream.write_all(&frame)?;
+        Ok(correlation)
+    }
+
+    fn receive<Resp: Decodable>(
+        &mut self,
+        key: ApiKey,
+        version: i16,
+        correlation: i32,
+    ) -> anyhow::Result<Resp> {
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).with_context(|| format!("read the {key:?} v{version} response"))?;
+        let mut frame = vec![0u8; i32::from_be_bytes(len) as usize];
+        self.stream.read_exact(&mut frame)?;
+        let mut frame = Bytes::from(frame);
+        let header = ResponseHeader::decode(&mut frame, key.response_header_version(version))?;
+        ensure!(header.correlation_id == correlation, "{key:?} v{version}: responses out of order");
+        let resp = Resp::decode(&mut frame, version).with_context(|| format!("decode {key:?} v{version}"))?;
+        ensure!(!frame.has_remaining(), "{key:?} v{version}: {} bytes after the response", frame.remaining());
+        Ok(resp)
+    }
+
+    fn call<Req: Encodable, Resp: Decodable>(
+        &mut self,
+        key: ApiKey,
+        version: i16,
+        req: &Req,
+    ) -> anyhow::Result<Resp> {
+        let c = self.send(key, version, req)?;
+        self.receive(key, version, c)
+    }
+
+    /// Whether the server closed the connection (reads end) within the timeout.
+    fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(self.stream.read(&mut buf), Ok(0) | Err(_))
+    }
+}
+
+fn record(key: &str, value: &str, header: &str, timestamp: i64) -> Record {
+    let mut headers = IndexMap::new();
+    headers.insert(StrBytes::from_static_str("h"), Some(Bytes::from(header.to_owned())));
+    Record {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id: -1,
+        producer_epoch: -1,
+        timestamp_type: TimestampType::Creation,
+        offset: 0,
+        sequence: -1,
+        timestamp,
+        key: Some(Bytes::from(key.to_owned())),
+        value: Some(Bytes::from(value.to_owned())),
+        headers,
+    }
+}
+
+fn batch(records: &[Record], compression: Compression) -> anyhow::Result<Bytes> {
+    let mut out = BytesMut::new();
+    RecordBatchEncoder::encode(&mut out, records, &RecordEncodeOptions { version: 2, compression })?;
+    Ok(out.freeze())
+}
+
+fn produce_request(partition: i32, records: Bytes, acks: i16) -> ProduceRequest {
+    let mut p = PartitionProduceData::default();
+    p.index = partition;
+    p.records = Some(records);
+    let mut t = TopicProduceData::default();
+    t.name = TopicName(StrBytes::from_static_str(TOPIC));
+    t.partition_data = vec![p];
+    let mut req = ProduceRequest::default();
+    req.acks = acks;
+    req.timeout_ms = 10_000;
+    req.topic_data = vec![t];
+    req
+}
+
+/// The one partition answer of a produce: (error code, base offset).
+fn produced(r: &ProduceResponse) -> anyhow::Result<(i16, i64)> {
+    let p = r.responses.first().and_then(|t| t.partition_responses.first()).context("no partition answer")?;
+    Ok((p.error_code, p.base_offset))
+}
+
+fn fetch_request(partition: i32, offset: i64, max_wait_ms: i32) -> FetchRequest {
+    let mut p = FetchPartition::default();
+    p.partition = partition;
+    p.fetch_offset = offset;
+    p.partition_max_bytes = 1 << 20;
+    let mut t = FetchTopic::default();
+    t.topic = TopicName(StrBytes::from_static_str(TOPIC));
+    t.partitions = vec![p];
+    let mut req = FetchRequest::default();
+    req.max_wait_ms = max_wait_ms;
+    req.min_bytes = 1;
+    req.max_bytes = 8 << 20;
+    req.topics = vec![t];
+    req
+}
+
+fn list_offsets_request(partition: i32, timestamp: i64) -> ListOffsetsRequest {
+    let mut p = ListOffsetsPartition::default();
+    p.partition_index = partition;
+    p.timestamp = timestamp;
+    let mut t = ListOffsetsTopic::default();
+    t.name = TopicName(StrBytes::from_static_str(TOPIC));
+    t.partitions = vec![p];
+    let mut req = ListOffsetsRequest::default();
+    req.replica_id = (-1).into();
+    req.topics = vec![t];
+    req
+}
+
+fn metadata_request(version: i16) -> MetadataRequest {
+    let mut t = MetadataRequestTopic::default();
+    t.name = Some(TopicName(StrBytes::from_static_str(TOPIC)));
+    let mut req = MetadataRequest::default();
+    req.topics = Some(vec![t]);
+    if version >= 4 {
+        req.allow_auto_topic_creation = false;
+    }
+    req
+}
+
+#[test]
+fn kafka_protocol_every_advertised_version() -> anyhow::Result<()> {
+    let c = Cluster::start(3)?;
+    let result = scenario(&c);
+    if result.is_err() {
+        for id in c.nodes.keys() {
+            eprintln!("--- node {id} log tail ---\n{}", c.log_tail(*id, 30));
+        }
+    }
+    result
+}
+
+fn scenario(c: &Cluster) -> anyhow::Result<()> {
+    let out = c.ctl(
+        &["topic", "create", TOPIC, "--partitions", "3", "--replication-factor", "3"],
+        None,
+        CTL_TIMEOUT,
+    )?;
+    ensure!(out.ok(), "create topic: {}", out.stderr);
+    let mut conn = Conn::open(&c.node(1).kafka_addr)?;
+
+    // ApiVersions: what is advertised is what is tested below, version by version.
+    let versions: ApiVersionsResponse = conn.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default())?;
+    ensure!(versions.error_code == 0);
+    let range = |key: ApiKey| {
+        versions
+            .api_keys
+            .iter()
+            .find(|a| a.api_key == key as i16)
+            .map(|a| a.min_version..=a.max_version)
+            .with_context(|| format!("{key:?} is advertised"))
+    };
+    let advertised: Vec<i16> = versions.api_keys.iter().map(|a| a.api_key).collect();
+    let tested = [
+        ApiKey::Produce,
+        ApiKey::Fetch,
+        ApiKey::ListOffsets,
+        ApiKey::Metadata,
+        ApiKey::ApiVersions,
+        ApiKey::InitProducerId,
+    ];
+    ensure!(
+        advertised == tested.iter().map(|k| *k as i16).collect::<Vec<_>>(),
+        "advertised {advertised:?}: every advertised API must be tested here"
+    );
+    for v in range(ApiKey::ApiVersions)? {
+        let r: ApiVersionsResponse = conn.call(ApiKey::ApiVersions, v, &ApiVersionsRequest::default())?;
+        ensure!(r.error_code == 0 && r.api_keys.len() == tested.len(), "ApiVersions v{v}");
+    }
+
+    // Metadata: brokers with their Kafka addresses and racks, the topic's leaders.
+    let mut leaders = Vec::new();
+    for v in range(ApiKey::Metadata)? {
+        let md: MetadataResponse =
+            wait_for(&format!("Metadata v{v} with every leader"), Duration::from_secs(30), || {
+                let md: MetadataResponse = conn.call(ApiKey::Metadata, v, &metadata_request(v)).ok()?;
+                let t = md.topics.first()?;
+                (t.error_code == 0
+                    && t.partitions.len() == 3
+                    && t.partitions.iter().all(|p| p.error_code == 0 && p.leader_id.0 > 0))
+                .then_some(md)
+            })?;
+        ensure!(md.brokers.len() == 3, "Metadata v{v}: {} brokers", md.brokers.len());
+        for b in &md.brokers {
+            let n = c.node(b.node_id.0 as u64);
+            ensure!(
+                format!("{}:{}", b.host.as_str(), b.port) == n.kafka_addr,
+                "Metadata v{v}: broker {} address",
+                b.node_id.0
+            );
+            if v >= 1 {
+                ensure!(
+                    b.rack.as_ref().map(|r| r.as_str()) == Some(eddy_tests::rack(n.id)),
+                    "Metadata v{v}: broker {} rack {:?}",
+                    b.node_id.0,
+                    b.rack
+                );
+            }
+        }
+        let t = &md.topics[0];
+        ensure!(t.name.as_ref().map(|n| n.as_str()) == Some(TOPIC));
+        for p in &t.partitions {
+            ensure!(p.replica_nodes.len() == 3, "Metadata v{v}: partition {} replicas", p.partition_index);
+            ensure!(p.isr_nodes.contains(&p.leader_id), "Metadata v{v}: the leader is in sync");
+        }
+        leaders = t.partitions.iter().map(|p| p.leader_id.0 as u64).collect();
+    }
+    // An unknown topic is named in the answer.
+    let mut unknown = metadata_request(12);
+    unknown.topics.as_mut().expect("topics")[0].name = Some(TopicName(StrBytes::from_static_str("nope")));
+    let md: MetadataResponse = conn.call(ApiKey::Metadata, 12, &unknown)?;
+    ensure!(md.topics[0].error_code == 3, "UNKNOWN_TOPIC_OR_PARTITION for an unknown topic");
+
+    // Produce, every version, to partition 0's leader; offsets follow each other.
+    let leader = leaders[0];
+    let follower = (1..=3).find(|n| *n != leader).expect("a follower");
+    let mut to_leader = Conn::open(&c.node(leader).kafka_addr)?;
+    let t0 = 1_700_000_000_000i64;
+    let mut sent = Vec::new();
+    for v in range(ApiKey::Produce)? {
+        let r = record(&format!("k{v}"), &format!("value {v}"), &format!("h{v}"), t0 + i64::from(v));
+        let resp: ProduceResponse = to_leader.call(
+            ApiKey::Produce,
+            v,
+            &produce_request(0, batch(&[r.clone()], Compression::None)?, -1),
+        )?;
+        let (code, offset) = produced(&resp)?;
+        ensure!(code == 0, "Produce v{v}: error {code}");
+        ensure!(offset == sent.len() as i64, "Produce v{v}: offset {offset}, expected {}", sent.len());
+        sent.push(r);
+    }
+    // A follower refuses a produce with NOT_LEADER_OR_FOLLOWER, which sends a client to the leader.
+    let mut to_follower = Conn::open(&c.node(follower).kafka_addr)?;
+    let resp: ProduceResponse = to_follower.call(
+        ApiKey::Produce,
+        9,
+        &produce_request(0, batch(&sent[..1], Compression::None)?, -1),
+    )?;
+    ensure!(produced(&resp)?.0 == 6, "produce on a follower: {:?}", produced(&resp));
+    // A batch whose CRC does not match, and a compressed batch, are refused by code.
+    let mut corrupt = batch(&sent[..1], Compression::None)?.to_vec();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 1;
+    let resp: ProduceResponse =
+        to_leader.call(ApiKey::Produce, 9, &produce_request(0, Bytes::from(corrupt), -1))?;
+    ensure!(produced(&resp)?.0 == 2, "CORRUPT_MESSAGE: {:?}", produced(&resp));
+
+    // Fetch, every version, from a follower: it serves what the leader acknowledged.
+    for v in range(ApiKey::Fetch)? {
+        let resp: FetchResponse =
+            wait_for(&format!("Fetch v{v} from the follower"), Duration::from_secs(20), || {
+                let resp: FetchResponse =
+                    to_follower.call(ApiKey::Fetch, v, &fetch_request(0, 0, 500)).ok()?;
+                let p = &resp.responses.first()?.partitions.first()?;
+                (p.error_code == 0 && p.high_watermark == sent.len() as i64).then_some(resp)
+            })?;
+        let p = &resp.responses[0].partitions[0];
+        let records: Vec<Record> =
+            RecordBatchDecoder::decode_all(&mut p.records.clone().context("records")?)?
+                .into_iter()
+                .flat_map(|s| s.records)
+                .collect();
+        ensure!(records.len() == sent.len(), "Fetch v{v}: {} records", records.len());
+        for (i, (got, want)) in records.iter().zip(&sent).enumerate() {
+            ensure!(got.offset == i as i64, "Fetch v{v}: offset");
+            ensure!(got.key == want.key && got.value == want.value, "Fetch v{v}: record {i}");
+            ensure!(
+                got.headers == want.headers && got.timestamp == want.timestamp,
+                "Fetch v{v}: record {i} headers/timestamp"
+            );
+        }
+    }
+    // A long poll waits for a record and answers when it arrives (not after the whole wait).
+    let next = sent.len() as i64;
+    let poll = to_follower.send(ApiKey::Fetch, 12, &fetch_request(0, next, 15_000))?;
+    let started = std::time::Instant::now();
+    let resp: ProduceResponse = to_leader.call(
+        ApiKey::Produce,
+        9,
+        &produce_request(0, batch(&[record("late", "late", "x", t0 + 100)], Compression::None)?, -1),
+    )?;
+    ensure!(produced(&resp)? == (0, next));
+    let resp: FetchResponse = to_follower.receive(ApiKey::Fetch, 12, poll)?;
+    let p = &resp.responses[0].partitions[0];
+    let got = RecordBatchDecoder::decode_all(&mut p.records.clone().context("records")?)?;
+    ensure!(got.iter().map(|s| s.records.len()).sum::<usize>() == 1, "the long poll returned the new record");
+    ensure!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered when the record arrived: {:?}",
+        started.elapsed()
+    );
+    // Below the log start: OFFSET_OUT_OF_RANGE is not possible without retention; a negative offset is invalid.
+    let resp: FetchResponse = to_follower.call(ApiKey::Fetch, 12, &fetch_request(0, -5, 0))?;
+    ensure!(resp.responses[0].partitions[0].error_code != 0, "a negative offset is refused");
+
+    // ListOffsets, every version: earliest, latest, by timestamp.
+    let total = next + 1;
+    for v in range(ApiKey::ListOffsets)? {
+        for (ts, want) in
+            [(-2i64, 0i64), (-1, total), (t0 + 3, 0), (t0 + 5, 2), (t0 + 100, next), (t0 + 1_000, -1)]
+        {
+            let resp: ListOffsetsResponse =
+                to_leader.call(ApiKey::ListOffsets, v, &list_offsets_request(0, ts))?;
+            let p = &resp.topics[0].partitions[0];
+            ensure!(
+                p.error_code == 0 && p.offset == want,
+                "ListOffsets v{v} timestamp {ts}: offset {} (error {}), expected {want}",
+                p.offset,
+                p.error_code
+            );
+        }
+    }
+
+    // InitProducerId, every version, and Kafka's idempotence rules on partition 1.
+    let mut pids = Vec::new();
+    for v in range(ApiKey::InitProducerId)? {
+        let mut req = InitProducerIdRequest::default();
+        req.transactional_id = None;
+        req.transaction_timeout_ms = 60_000;
+        let r: InitProducerIdResponse = conn.call(ApiKey::InitProducerId, v, &req)?;
+        ensure!(
+            r.error_code == 0 && r.producer_id.0 > 0 && r.producer_epoch == 0,
+            "InitProducerId v{v}: {r:?}"
+        );
+        pids.push(r.producer_id.0);
+    }
+    pids.dedup();
+    ensure!(pids.len() == range(ApiKey::InitProducerId)?.count(), "every producer id is new");
+    let pid = pids[0];
+    let mut to_leader1 = Conn::open(&c.node(leaders[1]).kafka_addr)?;
+    let idempotent = |seq: i32, n: usize| -> anyhow::Result<Bytes> {
+        let records: Vec<Record> = (0..n)
+            .map(|i| {
+                let mut r = record("p", &format!("seq {}", seq as usize + i), "x", t0);
+                r.producer_id = pid;
+                r.producer_epoch = 0;
+                r.sequence = seq + i as i32;
+                r.offset = i as i64;
+                r
+            })
+            .collect();
+        batch(&records, Compression::None)
+    };
+    let first: ProduceResponse =
+        to_leader1.call(ApiKey::Produce, 9, &produce_request(1, idempotent(0, 2)?, -1))?;
+    let (code, base) = produced(&first)?;
+    ensure!(code == 0, "idempotent produce: error {code}");
+    let again: ProduceResponse =
+        to_leader1.call(ApiKey::Produce, 9, &produce_request(1, idempotent(0, 2)?, -1))?;
+    ensure!(
+        produced(&again)? == (0, base),
+        "a duplicate batch is answered with its original offset: {:?}",
+        produced(&again)
+    );
+    let gap: ProduceResponse =
+        to_leader1.call(ApiKey::Produce, 9, &produce_request(1, idempotent(5, 1)?, -1))?;
+    ensure!(produced(&gap)?.0 == 45, "a sequence gap is OUT_OF_ORDER_SEQUENCE_NUMBER: {:?}", produced(&gap));
+    let next_batch: ProduceResponse =
+        to_leader1.call(ApiKey::Produce, 9, &produce_request(1, idempotent(2, 1)?, -1))?;
+    ensure!(produced(&next_batch)? == (0, base + 2), "the next sequence is appended");
+
+    // acks=0 gets no response: the next answer on the connection is the next request's.
+    let silent =
+        to_leader.send(ApiKey::Produce, 9, &produce_request(0, batch(&sent[..1], Compression::None)?, 0))?;
+    let md: MetadataResponse = to_leader.call(ApiKey::Metadata, 12, &metadata_request(12))?;
+    ensure!(md.topics.len() == 1, "answered after the acks=0 produce (correlation {silent} got no response)");
+
+    // Pipelined requests are answered in order.
+    let mut pipelined = Vec::new();
+    for v in [0i16, 12, 3, 9] {
+        let (corr, frame) = conn.frame(ApiKey::Metadata, v, &metadata_request(v))?;
+        conn.stream.write_all(&frame)?;
+        pipelined.push((v, corr));
+    }
+    for (v, corr) in pipelined {
+        let _: MetadataResponse = conn.receive(ApiKey::Metadata, v, corr)?;
+    }
+
+    // Bad frames close only their own connection; the node keeps serving the others.
+    let bad_frames: Vec<(&str, Vec<u8>)> = vec![
+        ("an oversized frame", (200i32 << 20).to_be_bytes().to_vec()),
+        ("a negative length", (-1i32).to_be_bytes().to_vec()),
+        (
+            "an unknown API key",
+            [&14i32.to_be_bytes()[..], &[0x7f, 0x7f, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 0, 0]].concat(),
+        ),
+        (
+            "garbage in a Metadata body",
+            [&12i32.to_be_bytes()[..], &[0, 3, 0, 12, 0, 0, 0, 1, 0x55, 0x55, 0x55, 0x55]].concat(),
+        ),
+    ];
+    for (what, bytes) in bad_frames {
+        let mut bad = Conn::open(&c.node(1).kafka_addr)?;
+        bad.stream.write_all(&bytes)?;
+        ensure!(bad.closed(), "{what}: the connection is closed");
+        let r: ApiVersionsResponse = conn.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default())?;
+        ensure!(r.error_code == 0, "{what}: the other connection still works");
+    }
+    // A client that sends half a frame and goes away.
+    let mut half = Conn::open(&c.node(1).kafka_addr)?;
+    half.stream.write_all(&100i32.to_be_bytes())?;
+    half.stream.write_all(&[0, 18])?;
+    drop(half);
+    let r: ApiVersionsResponse = conn.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default())?;
+    ensure!(r.error_code == 0, "still serving after a truncated frame");
+    ensure!(c.running().len() == 3, "every node is still running");
+    Ok(())
+}
