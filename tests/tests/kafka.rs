@@ -324,7 +324,7 @@ fn scenario(c: &Cluster) -> anyhow::Result<()> {
         let resp: ProduceResponse = to_leader.call(
             ApiKey::Produce,
             v,
-            &produce_request(0, batch(&[r.clone()], Compression::None)?, -1),
+            &produce_request(0, batch(std::slice::from_ref(&r), Compression::None)?, -1),
         )?;
         let (code, offset) = produced(&resp)?;
         ensure!(code == 0, "Produce v{v}: error {code}");
