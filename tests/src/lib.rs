@@ -53,6 +53,47 @@ pub fn binary(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// An outside program a test needs, by its path: found on `PATH`, or installed from Debian's
+/// `package` when running as root (as CI does). A test never skips for want of one: this fails,
+/// saying what to install.
+pub fn program(name: &str, package: &str) -> anyhow::Result<PathBuf> {
+    static INSTALLING: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = INSTALLING.lock().unwrap_or_else(|e| e.into_inner());
+    let find = || {
+        std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    };
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    let uid = Command::new("id").arg("-u").output().context("run id -u")?;
+    ensure!(
+        String::from_utf8_lossy(&uid.stdout).trim() == "0",
+        "{name} is not installed and this test is not running as root to install it: run `apt-get install {package}`"
+    );
+    let apt = |args: &[&str]| -> anyhow::Result<bool> {
+        let out = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+            .context("run apt-get")?;
+        if !out.status.success() {
+            eprintln!("apt-get {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(out.status.success())
+    };
+    let install = ["install", "-y", "--no-install-recommends", package];
+    if !apt(&install)? {
+        // The package lists may be missing or stale on a fresh machine.
+        ensure!(apt(&["update"])?, "apt-get update failed; cannot install {package}");
+        ensure!(apt(&install)?, "apt-get install {package} failed");
+    }
+    find().with_context(|| format!("{package} was installed but {name} is not on PATH"))
+}
+
 /// Polls `f` until it returns `Some`, or fails after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;

@@ -111,7 +111,8 @@ async fn produce_partition(
     let Ok(partition) = u32::try_from(index) else {
         return Err((codes::UNKNOWN_TOPIC_OR_PARTITION, format!("partition {index} does not exist")));
     };
-    let mut batches = records::decode_produced(data.unwrap_or_default(), max_records)
+    let decompressed_max = broker.limits.max_request_bytes as usize;
+    let mut batches = records::decode_produced(data.unwrap_or_default(), max_records, decompressed_max)
         .map_err(|e| (e.code(), e.to_string()))?;
     // Kafka's rule for format v2: exactly one batch per partition in a request.
     if batches.len() != 1 {

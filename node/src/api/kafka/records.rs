@@ -5,7 +5,8 @@
 //! fetch encodes the stored records into one uncompressed v2 batch per answer. The decision and
 //! its cost are in ARCHITECTURE.md ("Kafka listener"). What does not survive the conversion:
 //! a null value (stored as an empty one), a null header value (likewise), a repeated header key
-//! (the codec keeps the last), and the producer's compression (fetches are uncompressed).
+//! (the codec keeps the last), and the producer's compression (batches of every Kafka codec are
+//! accepted; fetches are uncompressed).
 
 use bytes::Buf;
 use bytes::Bytes;
@@ -57,6 +58,9 @@ pub enum RecordsError {
     /// More records than a request may carry (`RECORD_LIST_TOO_LARGE`).
     #[error("{0}")]
     TooMany(String),
+    /// A compressed batch that decompresses past the limit (`MESSAGE_TOO_LARGE`).
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl RecordsError {
@@ -66,13 +70,21 @@ impl RecordsError {
             RecordsError::Unsupported(_) => super::codes::UNSUPPORTED_FOR_MESSAGE_FORMAT,
             RecordsError::UnsupportedCompression(_) => super::codes::UNSUPPORTED_COMPRESSION_TYPE,
             RecordsError::TooMany(_) => super::codes::RECORD_LIST_TOO_LARGE,
+            RecordsError::TooLarge(_) => super::codes::MESSAGE_TOO_LARGE,
         }
     }
 }
 
 /// Decodes the batches of one partition's produce data. Every header field the codec would
 /// trust is checked first, so that no count or length from the wire sizes an allocation.
-pub fn decode_produced(mut data: Bytes, max_records: usize) -> Result<Vec<ProducedBatch>, RecordsError> {
+///
+/// Compressed batches (gzip, snappy, lz4, zstd) are decompressed to at most `decompressed_max`
+/// bytes each.
+pub fn decode_produced(
+    mut data: Bytes,
+    max_records: usize,
+    decompressed_max: usize,
+) -> Result<Vec<ProducedBatch>, RecordsError> {
     let mut out = Vec::new();
     let mut total = 0usize;
     while data.has_remaining() {
@@ -106,14 +118,18 @@ pub fn decode_produced(mut data: Bytes, max_records: usize) -> Result<Vec<Produc
                 "transactional and control batches are not supported (Eddy has no Kafka transactions)".into(),
             ));
         }
-        let compressed = attributes & 0x7 != 0;
-        if compressed {
-            return Err(RecordsError::UnsupportedCompression(format!(
-                "compression codec {} is not supported yet; produce uncompressed batches \
-                 (compression.type=none)",
-                attributes & 0x7
-            )));
-        }
+        let codec = match attributes & 0x7 {
+            0 => Compression::None,
+            1 => Compression::Gzip,
+            2 => Compression::Snappy,
+            3 => Compression::Lz4,
+            4 => Compression::Zstd,
+            other => {
+                return Err(RecordsError::UnsupportedCompression(format!(
+                    "compression codec {other} does not exist"
+                )));
+            }
+        };
         let count = (&data[RECORD_COUNT_AT..RECORD_COUNT_AT + 4]).get_i32();
         let body = end - BATCH_HEADER_BYTES;
         let Ok(count) = usize::try_from(count) else {
@@ -130,10 +146,22 @@ pub fn decode_produced(mut data: Bytes, max_records: usize) -> Result<Vec<Produc
                 "{total} records exceed the limit of {max_records} per partition in a request"
             )));
         }
-        check_records(&data[BATCH_HEADER_BYTES..end], count)?;
+        if codec == Compression::None {
+            check_records(&data[BATCH_HEADER_BYTES..end], count)?;
+        }
         let mut batch = data.split_to(end);
-        let set = RecordBatchDecoder::decode(&mut batch).map_err(|e| RecordsError::Corrupt(e.to_string()))?;
-        if set.compression != Compression::None || batch.has_remaining() {
+        // Compressed records are checked once decompressed (with a bound on their size), inside
+        // the codec's decoding; the reason for a refusal comes back through `refused`.
+        let refused = std::cell::RefCell::new(None);
+        let decompress = |compressed: &mut Bytes, codec: Compression| -> anyhow::Result<Bytes> {
+            let out = decompress(compressed, codec, decompressed_max)
+                .and_then(|out| check_records(&out, count).map(|()| out))
+                .inspect_err(|e| *refused.borrow_mut() = Some(e.clone()))?;
+            Ok(out)
+        };
+        let set = RecordBatchDecoder::decode_with_custom_compression(&mut batch, Some(decompress))
+            .map_err(|e| refused.take().unwrap_or_else(|| RecordsError::Corrupt(e.to_string())))?;
+        if batch.has_remaining() {
             return Err(RecordsError::Corrupt("batch length disagrees with its records".into()));
         }
         let Some(first) = set.records.first() else {
@@ -201,6 +229,70 @@ fn check_records(mut body: &[u8], count: usize) -> Result<(), RecordsError> {
         return Err(RecordsError::Corrupt(format!("bytes past the {count} records the batch counts")));
     }
     Ok(())
+}
+
+/// A batch's records, decompressed, refused past `max` bytes. Each codec is read as a stream
+/// bounded by `max`, or (snappy) its blocks' stated lengths are checked before anything is
+/// allocated for them.
+fn decompress(data: &[u8], codec: Compression, max: usize) -> Result<Bytes, RecordsError> {
+    use std::io::Read;
+    let bounded = |r: &mut dyn Read, what: &str| -> Result<Bytes, RecordsError> {
+        let mut out = Vec::new();
+        r.take(max as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| RecordsError::Corrupt(format!("{what} records do not decompress: {e}")))?;
+        if out.len() > max {
+            return Err(RecordsError::TooLarge(format!(
+                "{what} batch decompresses to more than {max} bytes"
+            )));
+        }
+        Ok(Bytes::from(out))
+    };
+    match codec {
+        Compression::None => Ok(Bytes::copy_from_slice(data)),
+        Compression::Gzip => bounded(&mut flate2::read::GzDecoder::new(data), "gzip"),
+        Compression::Lz4 => bounded(&mut lz4_flex::frame::FrameDecoder::new(data), "lz4"),
+        Compression::Zstd => {
+            let mut d = ruzstd::decoding::StreamingDecoder::new(data)
+                .map_err(|e| RecordsError::Corrupt(format!("zstd records do not decompress: {e}")))?;
+            bounded(&mut d, "zstd")
+        }
+        Compression::Snappy => snappy(data, max),
+    }
+}
+
+/// Kafka's snappy: xerial's framing (a magic header, then blocks each with a 4-byte length), or
+/// one raw snappy block from clients that do not frame.
+fn snappy(data: &[u8], max: usize) -> Result<Bytes, RecordsError> {
+    const XERIAL_MAGIC: &[u8] = b"\x82SNAPPY\x00";
+    const XERIAL_HEADER: usize = 16;
+    let corrupt = |e: String| RecordsError::Corrupt(format!("snappy records do not decompress: {e}"));
+    let mut out = Vec::new();
+    let block = |b: &[u8], out: &mut Vec<u8>| -> Result<(), RecordsError> {
+        let len = snap::raw::decompress_len(b).map_err(|e| corrupt(e.to_string()))?;
+        if out.len().saturating_add(len) > max {
+            return Err(RecordsError::TooLarge(format!(
+                "snappy batch decompresses to more than {max} bytes"
+            )));
+        }
+        let at = out.len();
+        out.resize(at + len, 0);
+        snap::raw::Decoder::new().decompress(b, &mut out[at..]).map_err(|e| corrupt(e.to_string()))?;
+        Ok(())
+    };
+    if !data.starts_with(XERIAL_MAGIC) {
+        block(data, &mut out)?;
+        return Ok(Bytes::from(out));
+    }
+    let mut rest = data.get(XERIAL_HEADER..).ok_or_else(|| corrupt("a short xerial header".into()))?;
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_at_checked(4).ok_or_else(|| corrupt("a short block length".into()))?;
+        let len = u32::from_be_bytes(len.try_into().expect("4 bytes")) as usize;
+        let (b, tail) = tail.split_at_checked(len).ok_or_else(|| corrupt("a block past the data".into()))?;
+        block(b, &mut out)?;
+        rest = tail;
+    }
+    Ok(Bytes::from(out))
 }
 
 /// A zigzag varint (Kafka's record fields), as an `i64`.
@@ -303,7 +395,7 @@ mod tests {
             assert_eq!(d.headers.get(&StrBytes::from_static_str("h")), Some(&Some(Bytes::from_static(b"v"))));
         }
         // What a producer sends decodes into the same records.
-        let produced = decode_produced(batch, 100).expect("a valid batch");
+        let produced = decode_produced(batch, 100, 1 << 20).expect("a valid batch");
         assert_eq!(produced.len(), 1);
         assert_eq!(produced[0].producer_id, -1);
         let keys: Vec<_> = produced[0].records.iter().map(|r| r.key.clone().expect("key")).collect();
@@ -318,21 +410,109 @@ mod tests {
         let mut bad = good.to_vec();
         let last = bad.len() - 1;
         bad[last] ^= 0xff;
-        assert!(matches!(decode_produced(Bytes::from(bad), 10), Err(RecordsError::Corrupt(_))));
+        assert!(matches!(decode_produced(Bytes::from(bad), 10, 1 << 20), Err(RecordsError::Corrupt(_))));
         // A record count no batch of this size can hold is refused before anything is sized by it.
         let mut huge = good.to_vec();
         huge[RECORD_COUNT_AT..RECORD_COUNT_AT + 4].copy_from_slice(&i32::MAX.to_be_bytes());
-        assert!(matches!(decode_produced(Bytes::from(huge), usize::MAX), Err(RecordsError::Corrupt(_))));
+        assert!(matches!(
+            decode_produced(Bytes::from(huge), usize::MAX, 1 << 20),
+            Err(RecordsError::Corrupt(_))
+        ));
         // Too many records for the limit.
         let many: Vec<_> = (0..5).map(|o| stored(o, "k", "v")).collect();
-        let e = decode_produced(encode_fetched(&many, false), 4).expect_err("over the limit");
+        let e = decode_produced(encode_fetched(&many, false), 4, 1 << 20).expect_err("over the limit");
         assert_eq!(e.code(), super::super::codes::RECORD_LIST_TOO_LARGE);
         // Older message formats.
         let mut v1 = good.to_vec();
         v1[MAGIC_AT] = 1;
-        assert!(matches!(decode_produced(Bytes::from(v1), 10), Err(RecordsError::Unsupported(_))));
+        assert!(matches!(decode_produced(Bytes::from(v1), 10, 1 << 20), Err(RecordsError::Unsupported(_))));
         // Truncated, and a length that runs past the data.
-        assert!(decode_produced(good.slice(..good.len() - 1), 10).is_err());
-        assert!(decode_produced(good.slice(..30), 10).is_err());
+        assert!(decode_produced(good.slice(..good.len() - 1), 10, 1 << 20).is_err());
+        assert!(decode_produced(good.slice(..30), 10, 1 << 20).is_err());
+    }
+
+    /// The records of `batch` compressed with `codec`, as a Kafka producer sends them.
+    fn compress(records: &[u8], codec: Compression) -> Vec<u8> {
+        use std::io::Write;
+        match codec {
+            Compression::None => records.to_vec(),
+            Compression::Gzip => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                e.write_all(records).expect("gzip");
+                e.finish().expect("gzip")
+            }
+            Compression::Lz4 => {
+                let mut e = lz4_flex::frame::FrameEncoder::new(Vec::new());
+                e.write_all(records).expect("lz4");
+                e.finish().expect("lz4")
+            }
+            Compression::Zstd => {
+                let mut out = Vec::new();
+                ruzstd::encoding::compress(records, &mut out, ruzstd::encoding::CompressionLevel::Fastest);
+                out
+            }
+            Compression::Snappy => {
+                // xerial framing, as the Java client and librdkafka send it, in two blocks.
+                let mut out = b"\x82SNAPPY\x00\0\0\0\x01\0\0\0\x01".to_vec();
+                let (a, b) = records.split_at(records.len() / 2);
+                for block in [a, b] {
+                    let c = snap::raw::Encoder::new().compress_vec(block).expect("snappy");
+                    out.extend_from_slice(&(c.len() as u32).to_be_bytes());
+                    out.extend_from_slice(&c);
+                }
+                out
+            }
+        }
+    }
+
+    #[test]
+    fn every_kafka_codec_decompresses_within_a_bound() {
+        let records: Vec<_> = (0..50).map(|o| stored(o, &format!("key-{o}"), &"v".repeat(100))).collect();
+        let plain = encode_fetched(&records, false);
+        let body = &plain[BATCH_HEADER_BYTES..];
+        for codec in
+            [Compression::None, Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd]
+        {
+            let compressed = compress(body, codec);
+            let out = decompress(&compressed, codec, 1 << 20).unwrap_or_else(|e| panic!("{codec:?}: {e}"));
+            assert_eq!(&out[..], body, "{codec:?}");
+            check_records(&out, 50).expect("the records check out");
+            // Past the bound: refused, whatever the codec.
+            let e = decompress(&compressed, codec, body.len() - 1);
+            if codec != Compression::None {
+                assert!(matches!(e, Err(RecordsError::TooLarge(_))), "{codec:?}: {e:?}");
+            }
+        }
+        // Raw snappy is read too; a block that claims a huge length is refused before anything
+        // is allocated for it.
+        let raw = snap::raw::Encoder::new().compress_vec(body).expect("snappy");
+        assert_eq!(&decompress(&raw, Compression::Snappy, 1 << 20).expect("raw snappy")[..], body);
+        let claims_4gib = [0xff, 0xff, 0xff, 0xff, 0x0f, 0];
+        assert!(matches!(
+            decompress(&claims_4gib, Compression::Snappy, 1 << 20),
+            Err(RecordsError::TooLarge(_))
+        ));
+        // A gzip bomb (64 MiB of zeros) stops at the bound.
+        let zeros = compress(&vec![0u8; 64 << 20], Compression::Gzip);
+        assert!(matches!(decompress(&zeros, Compression::Gzip, 1 << 20), Err(RecordsError::TooLarge(_))));
+        assert!(matches!(decompress(b"not gzip", Compression::Gzip, 1 << 20), Err(RecordsError::Corrupt(_))));
+    }
+
+    #[test]
+    fn record_checks_bound_every_count_by_the_bytes_that_follow() {
+        // One record: length 9, attributes, timestamp delta 0, offset delta 0, key -1 (null),
+        // value of 1 byte, then a header count.
+        let with_headers = |count: u8| vec![0x12, 0, 0, 0, 0x01, 0x02, b'v', count, 0, 0];
+        check_records(&[0x0e, 0, 0, 0, 0x01, 0x02, b'v', 0], 1).expect("no headers");
+        // A header count of 1,000,000 in a record with two bytes left.
+        let mut huge = with_headers(0);
+        huge.truncate(7);
+        huge.extend_from_slice(&[0x80, 0x89, 0x7a, 0, 0]);
+        huge[0] = 0x16;
+        assert!(check_records(&huge, 1).is_err());
+        assert!(check_records(&with_headers(2), 1).is_ok(), "a header with an empty key and value");
+        assert!(check_records(&with_headers(4), 1).is_err(), "two headers do not fit");
+        assert!(check_records(&[0x0e, 0, 0, 0, 0x01, 0x02, b'v', 0], 2).is_err(), "one record, not two");
+        assert!(check_records(&[0x7f], 1).is_err(), "a length past the data");
     }
 }

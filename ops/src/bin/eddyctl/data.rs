@@ -27,9 +27,14 @@ pub async fn produce(
     topic: &str,
     partition: Option<u32>,
     key: Option<String>,
+    headers: Vec<(String, String)>,
     config: ProducerConfig,
     report_in_flight: bool,
 ) -> anyhow::Result<ExitCode> {
+    let headers: Vec<pb::Header> = headers
+        .into_iter()
+        .map(|(key, value)| pb::Header { key, value: value.into_bytes().into() })
+        .collect();
     let producer = Producer::with_config(client, topic, config).await?;
     if let Some(p) = partition
         && p >= producer.partitions()
@@ -59,7 +64,7 @@ pub async fn produce(
         let record = pb::Record {
             key: key.clone().map(|k| k.into_bytes().into()),
             value: line.into_bytes().into(),
-            headers: vec![],
+            headers: headers.clone(),
             timestamp_ms: None,
         };
         match producer.send(partition, record).await {

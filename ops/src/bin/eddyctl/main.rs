@@ -134,6 +134,9 @@ pub enum Command {
         /// Key of every event.
         #[arg(long)]
         key: Option<String>,
+        /// A header of every event, KEY=VALUE; repeat for more.
+        #[arg(long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
         /// Requests in flight per partition (1 to 5; default 5); when given, the most that were
         /// in flight at once is printed on stderr at the end.
         #[arg(long)]
@@ -364,13 +367,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Node { command } => admin::node(&client, format, command).await,
         Command::Topic { command } => admin::topic(&client, format, command).await,
         Command::Partition { command } => admin::partition(&client, format, command).await,
-        Command::Produce { topic, partition, key, max_in_flight_requests, linger_ms } => {
+        Command::Produce { topic, partition, key, headers, max_in_flight_requests, linger_ms } => {
             let config = eddy_ops::ProducerConfig {
                 max_in_flight: max_in_flight_requests
                     .unwrap_or(eddy_ops::ProducerConfig::default().max_in_flight),
                 linger: Duration::from_millis(linger_ms),
             };
-            data::produce(client, &topic, partition, key, config, max_in_flight_requests.is_some()).await
+            data::produce(client, &topic, partition, key, headers, config, max_in_flight_requests.is_some())
+                .await
         }
         Command::Consume {
             topic,
@@ -417,4 +421,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Key=value pairs as a map.
 pub fn kv_map(v: Vec<(String, String)>) -> BTreeMap<String, String> {
     v.into_iter().collect()
+}
+
+/// `--header KEY=VALUE`.
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
