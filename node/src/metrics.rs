@@ -16,6 +16,12 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabel {
+    /// The Kafka API's name, e.g. `Fetch`.
+    pub api: String,
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs to ~26 s.
     Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
@@ -39,6 +45,12 @@ pub struct NodeMetrics {
     /// How long the metadata state machine took to apply one batch of entries (decode, apply,
     /// persist, publish the new view).
     pub meta_apply_latency: Histogram,
+    /// Kafka listener: requests by API, records served and accepted, and fetches sent to a
+    /// replica in the client's rack (KIP-392).
+    pub kafka_requests: Family<ApiLabel, Counter>,
+    pub kafka_fetch_records: Counter,
+    pub kafka_produce_records: Counter,
+    pub kafka_read_replica_redirects: Counter,
 }
 
 impl Default for NodeMetrics {
@@ -54,6 +66,10 @@ impl Default for NodeMetrics {
             commit_latency: latency_histogram(),
             fsync_latency: latency_histogram(),
             meta_apply_latency: latency_histogram(),
+            kafka_requests: Family::default(),
+            kafka_fetch_records: Counter::default(),
+            kafka_produce_records: Counter::default(),
+            kafka_read_replica_redirects: Counter::default(),
         };
         // A series that exists from the start, at zero: rate() works from the first scrape,
         // and the family is there on a node that has not served a request yet.
@@ -116,6 +132,22 @@ impl NodeMetrics {
         );
         reg.register("eddy_fetch_requests", "Fetch requests handled, by result", self.fetch_requests.clone());
         reg.register("eddy_fetch_records", "Records returned by fetches", self.fetch_records.clone());
+        reg.register("eddy_kafka_requests", "Kafka requests answered, by API", self.kafka_requests.clone());
+        reg.register(
+            "eddy_kafka_fetch_records",
+            "Records this node served to Kafka fetches",
+            self.kafka_fetch_records.clone(),
+        );
+        reg.register(
+            "eddy_kafka_produce_records",
+            "Records accepted from Kafka producers",
+            self.kafka_produce_records.clone(),
+        );
+        reg.register(
+            "eddy_kafka_read_replica_redirects",
+            "Kafka fetches answered with a preferred read replica in the client's rack (KIP-392)",
+            self.kafka_read_replica_redirects.clone(),
+        );
         reg.register_with_unit(
             "eddy_fetch_latency",
             "Fetch request latency (including long-poll waits)",

@@ -372,6 +372,22 @@ fn scenario(c: &Cluster) -> anyhow::Result<()> {
             );
         }
     }
+    // KIP-392: the leader sends a consumer in a follower's rack to that follower (no records),
+    // and serves one in its own rack.
+    for (rack, want) in [(eddy_tests::rack(follower), follower as i32), (eddy_tests::rack(leader), -1)] {
+        let mut req = fetch_request(0, 0, 0);
+        req.rack_id = StrBytes::from_string(rack.to_owned());
+        let resp: FetchResponse = to_leader.call(ApiKey::Fetch, 12, &req)?;
+        let p = &resp.responses[0].partitions[0];
+        ensure!(
+            p.preferred_read_replica.0 == want,
+            "rack {rack}: preferred read replica {:?}",
+            p.preferred_read_replica
+        );
+        let n = RecordBatchDecoder::decode_all(&mut p.records.clone().unwrap_or_default())?.len();
+        ensure!((n == 0) == (want > 0), "rack {rack}: records only without a redirect");
+    }
+
     // A long poll waits for a record and answers when it arrives (not after the whole wait).
     let next = sent.len() as i64;
     let poll = to_follower.send(ApiKey::Fetch, 12, &fetch_request(0, next, 15_000))?;

@@ -60,6 +60,17 @@ fn kcat(kcat: &Path, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Strin
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// A counter from node `id`'s `/metrics`.
+fn kafka_counter(c: &Cluster, id: u64, name: &str) -> anyhow::Result<f64> {
+    let (status, body) = c.http_get(id, "/metrics")?;
+    ensure!(status == 200, "/metrics answered {status}");
+    let line = body
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}_total ")))
+        .with_context(|| format!("{name} on node {id}"))?;
+    Ok(line.rsplit(' ').next().context("value")?.parse()?)
+}
+
 fn json_lines(out: &str) -> anyhow::Result<Vec<Value>> {
     out.lines()
         .filter(|l| !l.trim().is_empty())
@@ -170,6 +181,66 @@ fn scenario(c: &Cluster, kcat_bin: &Path) -> anyhow::Result<()> {
         );
         ensure!(m["ts"].as_i64().is_some_and(|t| t > 1_600_000_000_000), "timestamp of message {i}: {m}");
     }
+
+    // Follower fetching (KIP-392): a consumer in a follower's rack is sent by the leader to that
+    // follower, which serves the records from its replica.
+    let leader = md["topics"]
+        .as_array()
+        .context("topics")?
+        .iter()
+        .find(|t| t["topic"] == TOPIC)
+        .context("topic")?["partitions"][0]["leader"]
+        .as_u64()
+        .context("leader")?;
+    let follower = c.nodes.keys().copied().find(|n| *n != leader).context("a follower")?;
+    let before = (
+        kafka_counter(c, follower, "eddy_kafka_fetch_records")?,
+        kafka_counter(c, leader, "eddy_kafka_read_replica_redirects")?,
+    );
+    let rack = format!("client.rack={}", eddy_tests::rack(follower));
+    let out = kcat(
+        kcat_bin,
+        &[
+            "-b",
+            b,
+            "-C",
+            "-t",
+            TOPIC,
+            "-p",
+            "0",
+            "-o",
+            "beginning",
+            "-c",
+            &total.to_string(),
+            "-e",
+            "-J",
+            "-X",
+            &rack,
+        ],
+        None,
+    )?;
+    let from_follower = json_lines(&out)?;
+    ensure!(from_follower.len() == total, "read {} of {total} with {rack}", from_follower.len());
+    for (f, l) in from_follower.iter().zip(&read) {
+        for field in ["offset", "key", "payload", "headers", "ts"] {
+            ensure!(f[field] == l[field], "{field} differs: {f} vs {l}");
+        }
+    }
+    // kcat names the broker that served each event: after the first fetch, the follower.
+    ensure!(
+        from_follower.last().is_some_and(|m| m["broker"] == follower),
+        "served by {follower}: {:?}",
+        from_follower.last()
+    );
+    let after = (
+        kafka_counter(c, follower, "eddy_kafka_fetch_records")?,
+        kafka_counter(c, leader, "eddy_kafka_read_replica_redirects")?,
+    );
+    ensure!(
+        after.0 >= before.0 + total as f64,
+        "node {follower} (rack {rack}) served the records: {before:?} -> {after:?}"
+    );
+    ensure!(after.1 > before.1, "leader {leader} redirected the consumer: {before:?} -> {after:?}");
 
     // Seek by timestamp: from the timestamp of the first zstd event, the first event read is at
     // or before it in the log and every one after has a timestamp at or after it.

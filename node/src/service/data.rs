@@ -7,6 +7,8 @@ use bytes::Bytes;
 use super::BrokerState;
 use super::META_WRITE_TIMEOUT;
 use super::partition_index;
+use eddy_raft::NodeId;
+
 use crate::error::BrokerError;
 use crate::limits;
 use crate::meta::MetaCommand;
@@ -135,6 +137,32 @@ impl BrokerState {
     ) -> Result<ListedOffset, BrokerError> {
         let topic = self.topic(topic)?;
         self.replica(&topic, partition)?.list_offset(spec)
+    }
+
+    /// A replica in `rack` to serve a consumer of a partition instead of this node (KIP-392's
+    /// preferred read replica): chosen only by the leader, only among replicas in sync and
+    /// alive that have a Kafka listener; `None` when this node is in that rack, or none is.
+    pub fn read_replica_in_rack(&self, topic: &str, partition: u32, rack: &str) -> Option<NodeId> {
+        use openraft::async_runtime::WatchReceiver;
+        let (_, p) = self.partition(topic, partition).ok()?;
+        let h = self.replicas.get(p.group_id)?;
+        let view = self.meta.view();
+        let in_rack = |n: NodeId| {
+            view.state
+                .nodes
+                .get(&n)
+                .is_some_and(|r| r.rack.as_deref() == Some(rack) && r.kafka_addr.is_some())
+        };
+        if in_rack(self.me) {
+            return None;
+        }
+        let metrics = h.raft().metrics();
+        let m = metrics.borrow_watched();
+        if m.current_leader != Some(self.me) {
+            return None;
+        }
+        let ready = crate::control::reconciler::responsive(&m, &self.liveness);
+        p.replicas.iter().copied().find(|r| *r != self.me && in_rack(*r) && ready.contains(r))
     }
 
     /// A new producer id, unique in the cluster.

@@ -23,6 +23,8 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::codes;
 use super::records;
+use eddy_raft::NodeId;
+
 use crate::error::BrokerError;
 use crate::partition::handle::Fetched;
 use crate::partition::handle::OffsetSpec;
@@ -147,7 +149,12 @@ async fn produce_partition(
         timeout_ms,
     };
     match broker.produce(req).await {
-        Ok(o) => Ok(o.produced.base_offset as i64),
+        Ok(o) => {
+            if !o.produced.duplicate {
+                broker.metrics.kafka_produce_records.inc_by(u64::from(o.produced.count));
+            }
+            Ok(o.produced.base_offset as i64)
+        }
         Err(e) => Err((codes::code(&e), e.to_string())),
     }
 }
@@ -163,7 +170,7 @@ struct Wanted {
 /// Answers a fetch: when the partitions together have less than `min_bytes`, waits up to
 /// `max_wait_ms` for any of them to get a record, then reads them all again. Each partition is read from
 /// this node's replica up to its commit point.
-pub async fn fetch(broker: &BrokerState, req: FetchRequest, _version: i16) -> FetchResponse {
+pub async fn fetch(broker: &BrokerState, req: FetchRequest, version: i16) -> FetchResponse {
     let wanted: Vec<Wanted> = req
         .topics
         .iter()
@@ -176,7 +183,22 @@ pub async fn fetch(broker: &BrokerState, req: FetchRequest, _version: i16) -> Fe
             })
         })
         .collect();
-    let max_wait = Duration::from_millis(u64::try_from(req.max_wait_ms).unwrap_or(0));
+    // KIP-392: a leader sends a consumer in another rack to a caught-up replica in its rack.
+    let redirect: Vec<Option<NodeId>> = wanted
+        .iter()
+        .map(|w| {
+            let partition = u32::try_from(w.partition).ok()?;
+            (version >= 11 && !req.rack_id.is_empty())
+                .then(|| broker.read_replica_in_rack(&w.topic, partition, req.rack_id.as_str()))
+                .flatten()
+        })
+        .collect();
+    let redirected = redirect.iter().any(Option::is_some);
+    let max_wait = if redirected {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(u64::try_from(req.max_wait_ms).unwrap_or(0))
+    };
     let mut read = read_all(broker, &wanted, Duration::ZERO).await;
     let bytes: usize =
         read.iter().filter_map(|r| r.as_ref().ok()).flat_map(|f| &f.records).map(|r| r.record.size()).sum();
@@ -211,7 +233,7 @@ pub async fn fetch(broker: &BrokerState, req: FetchRequest, _version: i16) -> Fe
     let mut out = FetchResponse::default();
     let mut budget = usize::try_from(req.max_bytes).unwrap_or(0).max(1);
     let mut first = true;
-    for (w, r) in wanted.iter().zip(read) {
+    for ((w, r), redirect) in wanted.iter().zip(read).zip(redirect) {
         let mut pd = PartitionData::default();
         pd.partition_index = w.partition;
         match r {
@@ -219,6 +241,13 @@ pub async fn fetch(broker: &BrokerState, req: FetchRequest, _version: i16) -> Fe
                 pd.high_watermark = f.high_watermark as i64;
                 pd.last_stable_offset = f.high_watermark as i64;
                 pd.log_start_offset = f.log_start_offset as i64;
+                if let Some(replica) = redirect {
+                    // No records: the client reads them from `replica` from now on.
+                    pd.preferred_read_replica = super::metadata::broker_id(replica);
+                    broker.metrics.kafka_read_replica_redirects.inc();
+                    push_partition(&mut out, &w.topic, pd);
+                    continue;
+                }
                 let size: usize = f.records.iter().map(|r| r.record.size()).sum();
                 // The first partition with records is answered whatever its size (a consumer
                 // must be able to make progress); the others while the request's limit allows.
@@ -227,6 +256,7 @@ pub async fn fetch(broker: &BrokerState, req: FetchRequest, _version: i16) -> Fe
                     budget = budget.saturating_sub(size);
                     let log_append = broker.topic(&w.topic).is_ok_and(|t| t.log_append_time());
                     pd.records = Some(records::encode_fetched(&f.records, log_append));
+                    broker.metrics.kafka_fetch_records.inc_by(f.records.len() as u64);
                 }
             }
             Err(e) => {
@@ -237,18 +267,22 @@ pub async fn fetch(broker: &BrokerState, req: FetchRequest, _version: i16) -> Fe
                 }
             }
         }
-        let topic = kafka_protocol::messages::TopicName(StrBytes::from_string(w.topic.clone()));
-        match out.responses.last_mut() {
-            Some(t) if t.topic == topic => t.partitions.push(pd),
-            _ => {
-                let mut t = FetchableTopicResponse::default();
-                t.topic = topic;
-                t.partitions.push(pd);
-                out.responses.push(t);
-            }
-        }
+        push_partition(&mut out, &w.topic, pd);
     }
     out
+}
+
+/// Adds a partition's answer under its topic (partitions of a topic are asked together).
+fn push_partition(out: &mut FetchResponse, topic: &str, pd: PartitionData) {
+    match out.responses.last_mut() {
+        Some(t) if t.topic.as_str() == topic => t.partitions.push(pd),
+        _ => {
+            let mut t = FetchableTopicResponse::default();
+            t.topic = kafka_protocol::messages::TopicName(StrBytes::from_string(topic.to_owned()));
+            t.partitions.push(pd);
+            out.responses.push(t);
+        }
+    }
 }
 
 async fn read_all(

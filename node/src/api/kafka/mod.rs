@@ -212,6 +212,8 @@ pub fn parse(mut frame: Bytes) -> Result<Parsed, FrameError> {
 
 /// Answers a request; `None` for a request that gets no response (a produce with acks=0).
 async fn dispatch(broker: &BrokerState, mut req: Request) -> Result<Option<Bytes>, FrameError> {
+    let api = crate::metrics::ApiLabel { api: format!("{:?}", req.key) };
+    broker.metrics.kafka_requests.get_or_create(&api).inc();
     match req.key {
         ApiKey::Metadata => {
             let body = req.decode()?;
