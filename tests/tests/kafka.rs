@@ -25,26 +25,51 @@ use kafka_protocol::indexmap::IndexMap;
 use kafka_protocol::messages::ApiKey;
 use kafka_protocol::messages::ApiVersionsRequest;
 use kafka_protocol::messages::ApiVersionsResponse;
+use kafka_protocol::messages::DescribeGroupsRequest;
+use kafka_protocol::messages::DescribeGroupsResponse;
 use kafka_protocol::messages::FetchRequest;
 use kafka_protocol::messages::FetchResponse;
+use kafka_protocol::messages::FindCoordinatorRequest;
+use kafka_protocol::messages::FindCoordinatorResponse;
+use kafka_protocol::messages::GroupId;
+use kafka_protocol::messages::HeartbeatRequest;
+use kafka_protocol::messages::HeartbeatResponse;
 use kafka_protocol::messages::InitProducerIdRequest;
 use kafka_protocol::messages::InitProducerIdResponse;
+use kafka_protocol::messages::JoinGroupRequest;
+use kafka_protocol::messages::JoinGroupResponse;
+use kafka_protocol::messages::LeaveGroupRequest;
+use kafka_protocol::messages::LeaveGroupResponse;
+use kafka_protocol::messages::ListGroupsRequest;
+use kafka_protocol::messages::ListGroupsResponse;
 use kafka_protocol::messages::ListOffsetsRequest;
 use kafka_protocol::messages::ListOffsetsResponse;
 use kafka_protocol::messages::MetadataRequest;
 use kafka_protocol::messages::MetadataResponse;
+use kafka_protocol::messages::OffsetCommitRequest;
+use kafka_protocol::messages::OffsetCommitResponse;
+use kafka_protocol::messages::OffsetFetchRequest;
+use kafka_protocol::messages::OffsetFetchResponse;
 use kafka_protocol::messages::ProduceRequest;
 use kafka_protocol::messages::ProduceResponse;
 use kafka_protocol::messages::RequestHeader;
 use kafka_protocol::messages::ResponseHeader;
+use kafka_protocol::messages::SyncGroupRequest;
+use kafka_protocol::messages::SyncGroupResponse;
 use kafka_protocol::messages::TopicName;
 use kafka_protocol::messages::fetch_request::FetchPartition;
 use kafka_protocol::messages::fetch_request::FetchTopic;
+use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+use kafka_protocol::messages::leave_group_request::MemberIdentity;
 use kafka_protocol::messages::list_offsets_request::ListOffsetsPartition;
 use kafka_protocol::messages::list_offsets_request::ListOffsetsTopic;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::offset_commit_request::OffsetCommitRequestPartition;
+use kafka_protocol::messages::offset_commit_request::OffsetCommitRequestTopic;
+use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
 use kafka_protocol::messages::produce_request::PartitionProduceData;
 use kafka_protocol::messages::produce_request::TopicProduceData;
+use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
 use kafka_protocol::protocol::Decodable;
 use kafka_protocol::protocol::Encodable;
 use kafka_protocol::protocol::StrBytes;
@@ -220,6 +245,221 @@ fn metadata_request(version: i16) -> MetadataRequest {
     req
 }
 
+/// One member's life in a consumer group, once per version: round `i` speaks version `i` of
+/// every group API (or its highest), so every advertised version is spoken at least once.
+fn group_rounds(
+    c: &Cluster,
+    range: &dyn Fn(ApiKey) -> anyhow::Result<std::ops::RangeInclusive<i16>>,
+) -> anyhow::Result<()> {
+    let keys = [
+        ApiKey::FindCoordinator,
+        ApiKey::JoinGroup,
+        ApiKey::SyncGroup,
+        ApiKey::Heartbeat,
+        ApiKey::LeaveGroup,
+        ApiKey::OffsetCommit,
+        ApiKey::OffsetFetch,
+        ApiKey::ListGroups,
+        ApiKey::DescribeGroups,
+    ];
+    let mut highest = 0;
+    for k in keys {
+        highest = highest.max(*range(k)?.end());
+    }
+    let mut any = Conn::open(&c.node(1).kafka_addr)?;
+    for round in 0..=highest {
+        let v = |k: ApiKey| -> anyhow::Result<i16> {
+            let r = range(k)?;
+            Ok(round.clamp(*r.start(), *r.end()))
+        };
+        let group = format!("g{round}");
+        let gid = || GroupId(StrBytes::from_string(group.clone()));
+        // FindCoordinator: the metadata leader, wherever it is asked.
+        let mut find = FindCoordinatorRequest::default();
+        let fv = v(ApiKey::FindCoordinator)?;
+        if fv >= 4 {
+            find.coordinator_keys = vec![StrBytes::from_string(group.clone())];
+        } else {
+            find.key = StrBytes::from_string(group.clone());
+        }
+        let found: FindCoordinatorResponse = any.call(ApiKey::FindCoordinator, fv, &find)?;
+        let (code, node) = if fv >= 4 {
+            let k = found.coordinators.first().context("a coordinator")?;
+            (k.error_code, k.node_id.0)
+        } else {
+            (found.error_code, found.node_id.0)
+        };
+        ensure!(code == 0 && node > 0, "FindCoordinator v{fv}: error {code}, node {node}");
+        let mut coord = Conn::open(&c.node(node as u64).kafka_addr)?;
+        // JoinGroup (v4 and later: first without a member id, which the coordinator hands out).
+        let jv = v(ApiKey::JoinGroup)?;
+        let mut join = JoinGroupRequest::default();
+        join.group_id = gid();
+        join.session_timeout_ms = 10_000;
+        join.rebalance_timeout_ms = 10_000;
+        join.protocol_type = StrBytes::from_static_str("consumer");
+        let mut proto = JoinGroupRequestProtocol::default();
+        proto.name = StrBytes::from_static_str("range");
+        proto.metadata = Bytes::from_static(b"subscription");
+        join.protocols = vec![proto];
+        let mut joined: JoinGroupResponse = coord.call(ApiKey::JoinGroup, jv, &join)?;
+        if jv >= 4 {
+            ensure!(
+                joined.error_code == 79,
+                "JoinGroup v{jv}: MEMBER_ID_REQUIRED first, got {}",
+                joined.error_code
+            );
+            join.member_id = joined.member_id.clone();
+            joined = coord.call(ApiKey::JoinGroup, jv, &join)?;
+        }
+        ensure!(joined.error_code == 0, "JoinGroup v{jv}: error {}", joined.error_code);
+        ensure!(
+            joined.leader == joined.member_id && joined.members.len() == 1,
+            "JoinGroup v{jv}: the only member leads"
+        );
+        ensure!(
+            joined.members[0].metadata == Bytes::from_static(b"subscription"),
+            "JoinGroup v{jv}: metadata"
+        );
+        let (member, generation) = (joined.member_id.clone(), joined.generation_id);
+        // SyncGroup: the leader's assignment comes back.
+        let sv = v(ApiKey::SyncGroup)?;
+        let mut sync = SyncGroupRequest::default();
+        sync.group_id = gid();
+        sync.generation_id = generation;
+        sync.member_id = member.clone();
+        if sv >= 5 {
+            sync.protocol_type = Some(StrBytes::from_static_str("consumer"));
+            sync.protocol_name = Some(StrBytes::from_static_str("range"));
+        }
+        let mut a = SyncGroupRequestAssignment::default();
+        a.member_id = member.clone();
+        a.assignment = Bytes::from_static(b"kv:0,1,2");
+        sync.assignments = vec![a];
+        let synced: SyncGroupResponse = coord.call(ApiKey::SyncGroup, sv, &sync)?;
+        ensure!(
+            synced.error_code == 0 && synced.assignment == Bytes::from_static(b"kv:0,1,2"),
+            "SyncGroup v{sv}: {synced:?}"
+        );
+        // Heartbeat: fine in this generation, fenced in another.
+        let hv = v(ApiKey::Heartbeat)?;
+        let mut hb = HeartbeatRequest::default();
+        hb.group_id = gid();
+        hb.generation_id = generation;
+        hb.member_id = member.clone();
+        let r: HeartbeatResponse = coord.call(ApiKey::Heartbeat, hv, &hb)?;
+        ensure!(r.error_code == 0, "Heartbeat v{hv}: {}", r.error_code);
+        hb.generation_id = generation + 1;
+        let r: HeartbeatResponse = coord.call(ApiKey::Heartbeat, hv, &hb)?;
+        ensure!(
+            r.error_code == 22,
+            "Heartbeat v{hv} in another generation: ILLEGAL_GENERATION, got {}",
+            r.error_code
+        );
+        // OffsetCommit, then OffsetFetch reads it back; a stale generation is refused.
+        let cv = v(ApiKey::OffsetCommit)?;
+        let commit = |generation: i32, offset: i64| {
+            let mut p = OffsetCommitRequestPartition::default();
+            p.partition_index = 2;
+            p.committed_offset = offset;
+            let mut t = OffsetCommitRequestTopic::default();
+            t.name = TopicName(StrBytes::from_static_str(TOPIC));
+            t.partitions = vec![p];
+            let mut req = OffsetCommitRequest::default();
+            req.group_id = gid();
+            req.generation_id_or_member_epoch = generation;
+            req.member_id = member.clone();
+            req.topics = vec![t];
+            req
+        };
+        let r: OffsetCommitResponse =
+            coord.call(ApiKey::OffsetCommit, cv, &commit(generation, 5 + i64::from(round)))?;
+        ensure!(r.topics[0].partitions[0].error_code == 0, "OffsetCommit v{cv}: {r:?}");
+        {
+            let r: OffsetCommitResponse =
+                coord.call(ApiKey::OffsetCommit, cv, &commit(generation - 1, 99))?;
+            ensure!(
+                r.topics[0].partitions[0].error_code == 22,
+                "OffsetCommit v{cv} in an old generation: {r:?}"
+            );
+        }
+        let ov = v(ApiKey::OffsetFetch)?;
+        let mut of = OffsetFetchRequest::default();
+        of.group_id = gid();
+        let mut t = OffsetFetchRequestTopic::default();
+        t.name = TopicName(StrBytes::from_static_str(TOPIC));
+        t.partition_indexes = vec![2, 1];
+        of.topics = Some(vec![t]);
+        let r: OffsetFetchResponse = coord.call(ApiKey::OffsetFetch, ov, &of)?;
+        let got: Vec<(i32, i64)> =
+            r.topics[0].partitions.iter().map(|p| (p.partition_index, p.committed_offset)).collect();
+        ensure!(got == vec![(2, 5 + i64::from(round)), (1, -1)], "OffsetFetch v{ov}: {got:?}");
+        // ListGroups and DescribeGroups see the member.
+        let lv = v(ApiKey::ListGroups)?;
+        let r: ListGroupsResponse = coord.call(ApiKey::ListGroups, lv, &ListGroupsRequest::default())?;
+        ensure!(
+            r.groups
+                .iter()
+                .any(|g| g.group_id.as_str() == group && (lv < 4 || g.group_state.as_str() == "Stable")),
+            "ListGroups v{lv}"
+        );
+        let dv = v(ApiKey::DescribeGroups)?;
+        let mut dg = DescribeGroupsRequest::default();
+        dg.groups = vec![gid()];
+        let r: DescribeGroupsResponse = coord.call(ApiKey::DescribeGroups, dv, &dg)?;
+        let d = &r.groups[0];
+        ensure!(d.group_state.as_str() == "Stable" && d.members.len() == 1, "DescribeGroups v{dv}: {d:?}");
+        ensure!(
+            d.members[0].member_assignment == Bytes::from_static(b"kv:0,1,2"),
+            "DescribeGroups v{dv}: assignment"
+        );
+        // LeaveGroup: the group is empty; its offsets stay.
+        let lgv = v(ApiKey::LeaveGroup)?;
+        let mut leave = LeaveGroupRequest::default();
+        leave.group_id = gid();
+        if lgv >= 3 {
+            let mut m = MemberIdentity::default();
+            m.member_id = member.clone();
+            leave.members = vec![m];
+        } else {
+            leave.member_id = member.clone();
+        }
+        let r: LeaveGroupResponse = coord.call(ApiKey::LeaveGroup, lgv, &leave)?;
+        let code = if lgv >= 3 { r.members.first().map_or(-1, |m| m.error_code) } else { r.error_code };
+        ensure!(r.error_code == 0 && code == 0, "LeaveGroup v{lgv}: {r:?}");
+        let r: HeartbeatResponse = coord.call(ApiKey::Heartbeat, hv, &hb)?;
+        ensure!(r.error_code == 25, "after leaving: UNKNOWN_MEMBER_ID, got {}", r.error_code);
+        let r: DescribeGroupsResponse = coord.call(ApiKey::DescribeGroups, dv, &dg)?;
+        ensure!(
+            r.groups[0].group_state.as_str() == "Empty",
+            "DescribeGroups v{dv} after leaving: {:?}",
+            r.groups[0]
+        );
+    }
+    // A node that does not coordinate says so.
+    let leader = c
+        .nodes
+        .keys()
+        .copied()
+        .find(|n| {
+            let mut find = FindCoordinatorRequest::default();
+            find.key = StrBytes::from_static_str("x");
+            Conn::open(&c.node(1).kafka_addr)
+                .and_then(|mut conn| {
+                    conn.call::<_, FindCoordinatorResponse>(ApiKey::FindCoordinator, 3, &find)
+                })
+                .is_ok_and(|r| r.node_id.0 as u64 == *n)
+        })
+        .context("the coordinator")?;
+    let other = c.nodes.keys().copied().find(|n| *n != leader).context("another node")?;
+    let mut hb = HeartbeatRequest::default();
+    hb.group_id = GroupId(StrBytes::from_static_str("g0"));
+    hb.member_id = StrBytes::from_static_str("m");
+    let r: HeartbeatResponse = Conn::open(&c.node(other).kafka_addr)?.call(ApiKey::Heartbeat, 4, &hb)?;
+    ensure!(r.error_code == 16, "NOT_COORDINATOR from node {other}, got {}", r.error_code);
+    Ok(())
+}
+
 #[test]
 fn kafka_protocol_every_advertised_version() -> anyhow::Result<()> {
     let c = Cluster::start(3)?;
@@ -252,7 +492,7 @@ fn scenario(c: &Cluster) -> anyhow::Result<()> {
             .map(|a| a.min_version..=a.max_version)
             .with_context(|| format!("{key:?} is advertised"))
     };
-    let advertised: Vec<i16> = versions.api_keys.iter().map(|a| a.api_key).collect();
+    let advertised: std::collections::BTreeSet<i16> = versions.api_keys.iter().map(|a| a.api_key).collect();
     let tested = [
         ApiKey::Produce,
         ApiKey::Fetch,
@@ -260,9 +500,18 @@ fn scenario(c: &Cluster) -> anyhow::Result<()> {
         ApiKey::Metadata,
         ApiKey::ApiVersions,
         ApiKey::InitProducerId,
+        ApiKey::FindCoordinator,
+        ApiKey::JoinGroup,
+        ApiKey::SyncGroup,
+        ApiKey::Heartbeat,
+        ApiKey::LeaveGroup,
+        ApiKey::OffsetCommit,
+        ApiKey::OffsetFetch,
+        ApiKey::ListGroups,
+        ApiKey::DescribeGroups,
     ];
     ensure!(
-        advertised == tested.iter().map(|k| *k as i16).collect::<Vec<_>>(),
+        advertised == tested.iter().map(|k| *k as i16).collect(),
         "advertised {advertised:?}: every advertised API must be tested here"
     );
     for v in range(ApiKey::ApiVersions)? {
@@ -476,6 +725,8 @@ fn scenario(c: &Cluster) -> anyhow::Result<()> {
     let next_batch: ProduceResponse =
         to_leader1.call(ApiKey::Produce, 9, &produce_request(1, idempotent(2, 1)?, -1))?;
     ensure!(produced(&next_batch)? == (0, base + 2), "the next sequence is appended");
+
+    group_rounds(c, &range)?;
 
     // acks=0 gets no response: the next answer on the connection is the next request's.
     let silent =

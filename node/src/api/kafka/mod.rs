@@ -14,6 +14,8 @@
 
 mod codes;
 mod data;
+mod group_requests;
+pub mod groups;
 mod metadata;
 mod records;
 
@@ -54,7 +56,22 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Metadata, 0, 12),
     (ApiKey::ApiVersions, 0, 3),
     (ApiKey::InitProducerId, 0, 4),
+    (ApiKey::FindCoordinator, 0, 4),
+    (ApiKey::JoinGroup, 0, 7),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::LeaveGroup, 0, 4),
+    (ApiKey::OffsetCommit, 2, 8),
+    (ApiKey::OffsetFetch, 1, 7),
+    (ApiKey::ListGroups, 0, 4),
+    (ApiKey::DescribeGroups, 0, 5),
 ];
+
+/// What every connection shares: the services, and the consumer groups this node coordinates.
+pub struct Listener {
+    pub broker: Arc<BrokerState>,
+    pub groups: Arc<groups::KafkaGroups>,
+}
 
 /// The largest request frame this node takes: a produce request at the node's request limit,
 /// plus room for the request's own fields.
@@ -81,6 +98,13 @@ fn supported(key: ApiKey) -> Option<(i16, i16)> {
 
 /// Accepts connections until `cancel`; each is served by a task of its own.
 pub async fn serve(listener: TcpListener, broker: Arc<BrokerState>, cancel: CancellationToken) {
+    let ctx = Arc::new(Listener { broker, groups: Arc::default() });
+    let ticks = tokio::spawn(groups::run_ticks(ctx.groups.clone(), cancel.clone()));
+    accept(listener, ctx, cancel).await;
+    let _ = ticks.await;
+}
+
+async fn accept(listener: TcpListener, ctx: Arc<Listener>, cancel: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             () = cancel.cancelled() => return,
@@ -89,11 +113,11 @@ pub async fn serve(listener: TcpListener, broker: Arc<BrokerState>, cancel: Canc
         match accepted {
             Ok((stream, peer)) => {
                 let cancel = cancel.clone();
-                let broker = broker.clone();
+                let ctx = ctx.clone();
                 tokio::spawn(async move {
                     tokio::select! {
                         () = cancel.cancelled() => {}
-                        r = connection(stream, &broker) => if let Err(e) = r {
+                        r = connection(stream, peer, &ctx) => if let Err(e) = r {
                             info!(%peer, "kafka connection closed: {e}");
                         }
                     }
@@ -105,9 +129,10 @@ pub async fn serve(listener: TcpListener, broker: Arc<BrokerState>, cancel: Canc
 }
 
 /// Serves one connection: reads a frame, answers it, and so on until the peer closes.
-async fn connection(mut stream: TcpStream, broker: &BrokerState) -> anyhow::Result<()> {
+async fn connection(mut stream: TcpStream, peer: std::net::SocketAddr, ctx: &Listener) -> anyhow::Result<()> {
     stream.set_nodelay(true)?;
-    let max = frame_bytes_max(broker);
+    let max = frame_bytes_max(&ctx.broker);
+    let host = format!("/{}", peer.ip());
     loop {
         let len = match stream.read_i32().await {
             Ok(n) => n,
@@ -121,7 +146,7 @@ async fn connection(mut stream: TcpStream, broker: &BrokerState) -> anyhow::Resu
         stream.read_exact(&mut frame).await?;
         let response = match parse(Bytes::from(frame))? {
             Parsed::Answer(r) => Some(r),
-            Parsed::Request(req) => dispatch(broker, req).await?,
+            Parsed::Request(req) => dispatch(ctx, &host, req).await?,
         };
         // A produce with acks=0 gets no response at all.
         if let Some(response) = response {
@@ -211,7 +236,9 @@ pub fn parse(mut frame: Bytes) -> Result<Parsed, FrameError> {
 }
 
 /// Answers a request; `None` for a request that gets no response (a produce with acks=0).
-async fn dispatch(broker: &BrokerState, mut req: Request) -> Result<Option<Bytes>, FrameError> {
+async fn dispatch(ctx: &Listener, host: &str, mut req: Request) -> Result<Option<Bytes>, FrameError> {
+    let (broker, groups) = (&*ctx.broker, &*ctx.groups);
+    let version = req.version;
     let api = crate::metrics::ApiLabel { api: format!("{:?}", req.key) };
     broker.metrics.kafka_requests.get_or_create(&api).inc();
     match req.key {
@@ -240,6 +267,44 @@ async fn dispatch(broker: &BrokerState, mut req: Request) -> Result<Option<Bytes
         ApiKey::InitProducerId => {
             let body = req.decode()?;
             let r = data::init_producer_id(broker, body).await;
+            req.respond(&r).map(Some)
+        }
+        ApiKey::FindCoordinator => {
+            let r = group_requests::find_coordinator(broker, req.decode()?, version);
+            req.respond(&r).map(Some)
+        }
+        ApiKey::JoinGroup => {
+            let client_id = req.header.client_id.as_ref().map(|c| c.to_string()).unwrap_or_default();
+            let r =
+                group_requests::join_group(broker, groups, req.decode()?, version, &client_id, host).await;
+            req.respond(&r).map(Some)
+        }
+        ApiKey::SyncGroup => {
+            let r = group_requests::sync_group(broker, groups, req.decode()?, version).await;
+            req.respond(&r).map(Some)
+        }
+        ApiKey::Heartbeat => {
+            let r = group_requests::heartbeat(broker, groups, req.decode()?);
+            req.respond(&r).map(Some)
+        }
+        ApiKey::LeaveGroup => {
+            let r = group_requests::leave_group(broker, groups, req.decode()?, version);
+            req.respond(&r).map(Some)
+        }
+        ApiKey::OffsetCommit => {
+            let r = group_requests::offset_commit(broker, groups, req.decode()?).await;
+            req.respond(&r).map(Some)
+        }
+        ApiKey::OffsetFetch => {
+            let r = group_requests::offset_fetch(broker, req.decode()?);
+            req.respond(&r).map(Some)
+        }
+        ApiKey::ListGroups => {
+            let r = group_requests::list_groups(broker, groups, req.decode()?);
+            req.respond(&r).map(Some)
+        }
+        ApiKey::DescribeGroups => {
+            let r = group_requests::describe_groups(broker, groups, req.decode()?);
             req.respond(&r).map(Some)
         }
         _ => Err(FrameError::Unsupported { key: req.key as i16, version: req.version }),
