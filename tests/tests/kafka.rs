@@ -22,9 +22,19 @@ use eddy_tests::CTL_TIMEOUT;
 use eddy_tests::Cluster;
 use eddy_tests::wait_for;
 use kafka_protocol::indexmap::IndexMap;
+use kafka_protocol::messages::AlterConfigsRequest;
+use kafka_protocol::messages::AlterConfigsResponse;
 use kafka_protocol::messages::ApiKey;
 use kafka_protocol::messages::ApiVersionsRequest;
 use kafka_protocol::messages::ApiVersionsResponse;
+use kafka_protocol::messages::CreatePartitionsRequest;
+use kafka_protocol::messages::CreatePartitionsResponse;
+use kafka_protocol::messages::CreateTopicsRequest;
+use kafka_protocol::messages::CreateTopicsResponse;
+use kafka_protocol::messages::DeleteTopicsRequest;
+use kafka_protocol::messages::DeleteTopicsResponse;
+use kafka_protocol::messages::DescribeConfigsRequest;
+use kafka_protocol::messages::DescribeConfigsResponse;
 use kafka_protocol::messages::DescribeGroupsRequest;
 use kafka_protocol::messages::DescribeGroupsResponse;
 use kafka_protocol::messages::FetchRequest;
@@ -34,6 +44,8 @@ use kafka_protocol::messages::FindCoordinatorResponse;
 use kafka_protocol::messages::GroupId;
 use kafka_protocol::messages::HeartbeatRequest;
 use kafka_protocol::messages::HeartbeatResponse;
+use kafka_protocol::messages::IncrementalAlterConfigsRequest;
+use kafka_protocol::messages::IncrementalAlterConfigsResponse;
 use kafka_protocol::messages::InitProducerIdRequest;
 use kafka_protocol::messages::InitProducerIdResponse;
 use kafka_protocol::messages::JoinGroupRequest;
@@ -57,8 +69,16 @@ use kafka_protocol::messages::ResponseHeader;
 use kafka_protocol::messages::SyncGroupRequest;
 use kafka_protocol::messages::SyncGroupResponse;
 use kafka_protocol::messages::TopicName;
+use kafka_protocol::messages::alter_configs_request::AlterConfigsResource;
+use kafka_protocol::messages::alter_configs_request::AlterableConfig;
+use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+use kafka_protocol::messages::create_topics_request::CreatableTopic;
+use kafka_protocol::messages::create_topics_request::CreatableTopicConfig;
+use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
 use kafka_protocol::messages::fetch_request::FetchPartition;
 use kafka_protocol::messages::fetch_request::FetchTopic;
+use kafka_protocol::messages::incremental_alter_configs_request::AlterConfigsResource as IncrementalAlterConfigsResource;
+use kafka_protocol::messages::incremental_alter_configs_request::AlterableConfig as IncrementalAlterableConfig;
 use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
 use kafka_protocol::messages::leave_group_request::MemberIdentity;
 use kafka_protocol::messages::list_offsets_request::ListOffsetsPartition;
@@ -243,6 +263,169 @@ fn metadata_request(version: i16) -> MetadataRequest {
         req.allow_auto_topic_creation = false;
     }
     req
+}
+
+/// A topic's life through the admin APIs, once per version (as [`group_rounds`]).
+fn admin_rounds(
+    c: &Cluster,
+    range: &dyn Fn(ApiKey) -> anyhow::Result<std::ops::RangeInclusive<i16>>,
+) -> anyhow::Result<()> {
+    let keys = [
+        ApiKey::CreateTopics,
+        ApiKey::DeleteTopics,
+        ApiKey::CreatePartitions,
+        ApiKey::DescribeConfigs,
+        ApiKey::AlterConfigs,
+        ApiKey::IncrementalAlterConfigs,
+    ];
+    let mut highest = 0;
+    for k in keys {
+        highest = highest.max(*range(k)?.end());
+    }
+    let mut conn = Conn::open(&c.node(2).kafka_addr)?;
+    for round in 0..=highest {
+        let v = |k: ApiKey| -> anyhow::Result<i16> {
+            let r = range(k)?;
+            Ok(round.clamp(*r.start(), *r.end()))
+        };
+        let name = format!("admin-{round}");
+        let topic = || TopicName(StrBytes::from_string(name.clone()));
+        // CreateTopics with a setting; an unknown setting and a taken name are refused by code.
+        let cv = v(ApiKey::CreateTopics)?;
+        let create = |name: TopicName, configs: &[(&str, &str)]| {
+            let mut t = CreatableTopic::default();
+            t.name = name;
+            t.num_partitions = 2;
+            t.replication_factor = 3;
+            t.configs = configs
+                .iter()
+                .map(|(k, v)| {
+                    let mut c = CreatableTopicConfig::default();
+                    c.name = StrBytes::from_string(k.to_string());
+                    c.value = Some(StrBytes::from_string(v.to_string()));
+                    c
+                })
+                .collect();
+            let mut req = CreateTopicsRequest::default();
+            req.topics = vec![t];
+            req.timeout_ms = 10_000;
+            req
+        };
+        let r: CreateTopicsResponse =
+            conn.call(ApiKey::CreateTopics, cv, &create(topic(), &[("retention.ms", "3600000")]))?;
+        ensure!(r.topics[0].error_code == 0, "CreateTopics v{cv}: {r:?}");
+        let r: CreateTopicsResponse = conn.call(ApiKey::CreateTopics, cv, &create(topic(), &[]))?;
+        ensure!(r.topics[0].error_code == 36, "CreateTopics v{cv} again: TOPIC_ALREADY_EXISTS, got {r:?}");
+        let other = TopicName(StrBytes::from_string(format!("{name}-x")));
+        let r: CreateTopicsResponse =
+            conn.call(ApiKey::CreateTopics, cv, &create(other, &[("cleanup.policy", "compact")]))?;
+        ensure!(
+            r.topics[0].error_code == 40,
+            "CreateTopics v{cv} with compaction: INVALID_CONFIG, got {r:?}"
+        );
+        // DescribeConfigs shows the setting by Kafka's name.
+        let dv = v(ApiKey::DescribeConfigs)?;
+        let describe = || {
+            let mut res = DescribeConfigsResource::default();
+            res.resource_type = 2;
+            res.resource_name = StrBytes::from_string(name.clone());
+            res.configuration_keys = None;
+            let mut req = DescribeConfigsRequest::default();
+            req.resources = vec![res];
+            req
+        };
+        let config = |r: &DescribeConfigsResponse, key: &str| {
+            r.results[0]
+                .configs
+                .iter()
+                .find(|c| c.name.as_str() == key)
+                .and_then(|c| c.value.as_ref().map(|v| v.to_string()))
+        };
+        let r: DescribeConfigsResponse = conn.call(ApiKey::DescribeConfigs, dv, &describe())?;
+        ensure!(r.results[0].error_code == 0, "DescribeConfigs v{dv}: {r:?}");
+        ensure!(config(&r, "retention.ms").as_deref() == Some("3600000"), "DescribeConfigs v{dv}: {r:?}");
+        ensure!(config(&r, "message.timestamp.type").as_deref() == Some("CreateTime"));
+        // IncrementalAlterConfigs sets one key; AlterConfigs replaces them all.
+        let iv = v(ApiKey::IncrementalAlterConfigs)?;
+        let mut ic = IncrementalAlterableConfig::default();
+        ic.name = StrBytes::from_static_str("message.timestamp.type");
+        ic.config_operation = 0;
+        ic.value = Some(StrBytes::from_static_str("LogAppendTime"));
+        let mut ires = IncrementalAlterConfigsResource::default();
+        ires.resource_type = 2;
+        ires.resource_name = StrBytes::from_string(name.clone());
+        ires.configs = vec![ic];
+        let mut ireq = IncrementalAlterConfigsRequest::default();
+        ireq.resources = vec![ires];
+        let r: IncrementalAlterConfigsResponse = conn.call(ApiKey::IncrementalAlterConfigs, iv, &ireq)?;
+        ensure!(r.responses[0].error_code == 0, "IncrementalAlterConfigs v{iv}: {r:?}");
+        let r: DescribeConfigsResponse = conn.call(ApiKey::DescribeConfigs, dv, &describe())?;
+        ensure!(
+            config(&r, "message.timestamp.type").as_deref() == Some("LogAppendTime"),
+            "after IncrementalAlterConfigs"
+        );
+        ensure!(
+            config(&r, "retention.ms").as_deref() == Some("3600000"),
+            "an incremental change keeps the rest"
+        );
+        let av = v(ApiKey::AlterConfigs)?;
+        let mut ac = AlterableConfig::default();
+        ac.name = StrBytes::from_static_str("retention.bytes");
+        ac.value = Some(StrBytes::from_static_str("1048576"));
+        let mut ares = AlterConfigsResource::default();
+        ares.resource_type = 2;
+        ares.resource_name = StrBytes::from_string(name.clone());
+        ares.configs = vec![ac];
+        let mut areq = AlterConfigsRequest::default();
+        areq.resources = vec![ares];
+        let r: AlterConfigsResponse = conn.call(ApiKey::AlterConfigs, av, &areq)?;
+        ensure!(r.responses[0].error_code == 0, "AlterConfigs v{av}: {r:?}");
+        let r: DescribeConfigsResponse = conn.call(ApiKey::DescribeConfigs, dv, &describe())?;
+        ensure!(config(&r, "retention.bytes").as_deref() == Some("1048576"), "after AlterConfigs: {r:?}");
+        ensure!(
+            config(&r, "retention.ms").as_deref() == Some("-1"),
+            "AlterConfigs resets what it does not name: {r:?}"
+        );
+        ensure!(config(&r, "message.timestamp.type").as_deref() == Some("CreateTime"), "and this: {r:?}");
+        // CreatePartitions to a total of 4; fewer is refused.
+        let pv = v(ApiKey::CreatePartitions)?;
+        let grow = |count: i32| {
+            let mut t = CreatePartitionsTopic::default();
+            t.name = topic();
+            t.count = count;
+            t.assignments = None;
+            let mut req = CreatePartitionsRequest::default();
+            req.topics = vec![t];
+            req.timeout_ms = 10_000;
+            req
+        };
+        let r: CreatePartitionsResponse = conn.call(ApiKey::CreatePartitions, pv, &grow(4))?;
+        ensure!(r.results[0].error_code == 0, "CreatePartitions v{pv}: {r:?}");
+        let r: CreatePartitionsResponse = conn.call(ApiKey::CreatePartitions, pv, &grow(3))?;
+        ensure!(
+            r.results[0].error_code == 37,
+            "CreatePartitions v{pv} shrinking: INVALID_PARTITIONS, got {r:?}"
+        );
+        let md: MetadataResponse = {
+            let mut req = metadata_request(12);
+            req.topics.as_mut().expect("topics")[0].name = Some(topic());
+            conn.call(ApiKey::Metadata, 12, &req)?
+        };
+        ensure!(md.topics[0].partitions.len() == 4, "the topic has 4 partitions: {:?}", md.topics[0]);
+        // DeleteTopics; then it is unknown.
+        let tv = v(ApiKey::DeleteTopics)?;
+        let mut del = DeleteTopicsRequest::default();
+        del.topic_names = vec![topic()];
+        del.timeout_ms = 10_000;
+        let r: DeleteTopicsResponse = conn.call(ApiKey::DeleteTopics, tv, &del)?;
+        ensure!(r.responses[0].error_code == 0, "DeleteTopics v{tv}: {r:?}");
+        let r: DeleteTopicsResponse = conn.call(ApiKey::DeleteTopics, tv, &del)?;
+        ensure!(
+            r.responses[0].error_code == 3,
+            "DeleteTopics v{tv} again: UNKNOWN_TOPIC_OR_PARTITION, got {r:?}"
+        );
+    }
+    Ok(())
 }
 
 /// One member's life in a consumer group, once per version: round `i` speaks version `i` of
@@ -509,6 +692,12 @@ fn scenario(c: &Cluster) -> anyhow::Result<()> {
         ApiKey::OffsetFetch,
         ApiKey::ListGroups,
         ApiKey::DescribeGroups,
+        ApiKey::CreateTopics,
+        ApiKey::DeleteTopics,
+        ApiKey::CreatePartitions,
+        ApiKey::DescribeConfigs,
+        ApiKey::AlterConfigs,
+        ApiKey::IncrementalAlterConfigs,
     ];
     ensure!(
         advertised == tested.iter().map(|k| *k as i16).collect(),
@@ -727,6 +916,7 @@ fn scenario(c: &Cluster) -> anyhow::Result<()> {
     ensure!(produced(&next_batch)? == (0, base + 2), "the next sequence is appended");
 
     group_rounds(c, &range)?;
+    admin_rounds(c, &range)?;
 
     // acks=0 gets no response: the next answer on the connection is the next request's.
     let silent =

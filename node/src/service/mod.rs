@@ -70,6 +70,15 @@ impl BrokerState {
             .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))
     }
 
+    /// Waits (up to `timeout`) until this node's metadata view satisfies `done`: after a write
+    /// that the metadata leader applied, so that the next request to this node sees it
+    /// (read-your-writes for a client that stays on this node). Whether it got there.
+    pub async fn await_view(&self, timeout: Duration, done: impl Fn(&crate::meta::MetaView) -> bool) -> bool {
+        let mut rx = self.meta.subscribe();
+        // Cancel-safe: waiting on a watch only observes values.
+        tokio::time::timeout(timeout, rx.wait_for(|v| done(v))).await.is_ok_and(|r| r.is_ok())
+    }
+
     /// This node's replica of a partition, for reading it.
     fn replica(&self, topic: &TopicRecord, partition: u32) -> Result<PartitionHandle, BrokerError> {
         let p = &topic.partitions[partition_index(topic, partition)?];

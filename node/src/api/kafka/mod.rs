@@ -12,6 +12,7 @@
 //! an unknown API or version, a request that does not decode) is closed with a log line; the
 //! node and its other connections carry on.
 
+mod admin;
 mod codes;
 mod data;
 mod group_requests;
@@ -65,6 +66,12 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetFetch, 1, 7),
     (ApiKey::ListGroups, 0, 4),
     (ApiKey::DescribeGroups, 0, 5),
+    (ApiKey::CreateTopics, 2, 5),
+    (ApiKey::DeleteTopics, 1, 5),
+    (ApiKey::CreatePartitions, 0, 3),
+    (ApiKey::DescribeConfigs, 1, 4),
+    (ApiKey::AlterConfigs, 0, 2),
+    (ApiKey::IncrementalAlterConfigs, 0, 1),
 ];
 
 /// What every connection shares: the services, and the consumer groups this node coordinates.
@@ -305,6 +312,30 @@ async fn dispatch(ctx: &Listener, host: &str, mut req: Request) -> Result<Option
         }
         ApiKey::DescribeGroups => {
             let r = group_requests::describe_groups(broker, groups, req.decode()?);
+            req.respond(&r).map(Some)
+        }
+        ApiKey::CreateTopics => {
+            let r = admin::create_topics(broker, req.decode()?, version).await;
+            req.respond(&r).map(Some)
+        }
+        ApiKey::DeleteTopics => {
+            let r = admin::delete_topics(broker, req.decode()?, version).await;
+            req.respond(&r).map(Some)
+        }
+        ApiKey::CreatePartitions => {
+            let r = admin::create_partitions(broker, req.decode()?).await;
+            req.respond(&r).map(Some)
+        }
+        ApiKey::DescribeConfigs => {
+            let r = admin::describe_configs(broker, req.decode()?, version);
+            req.respond(&r).map(Some)
+        }
+        ApiKey::AlterConfigs => {
+            let r = admin::alter_configs(broker, req.decode()?).await;
+            req.respond(&r).map(Some)
+        }
+        ApiKey::IncrementalAlterConfigs => {
+            let r = admin::incremental_alter_configs(broker, req.decode()?).await;
             req.respond(&r).map(Some)
         }
         _ => Err(FrameError::Unsupported { key: req.key as i16, version: req.version }),
