@@ -69,10 +69,16 @@ pub fn program(name: &str, package: &str) -> anyhow::Result<PathBuf> {
     if let Some(p) = find() {
         return Ok(p);
     }
+    apt_install(package)?;
+    find().with_context(|| format!("{package} was installed but {name} is not on PATH"))
+}
+
+/// Installs a Debian package (as root; otherwise fails saying what to install).
+pub fn apt_install(package: &str) -> anyhow::Result<()> {
     let uid = Command::new("id").arg("-u").output().context("run id -u")?;
     ensure!(
         String::from_utf8_lossy(&uid.stdout).trim() == "0",
-        "{name} is not installed and this test is not running as root to install it: run `apt-get install {package}`"
+        "this test needs Debian's {package} and is not running as root to install it: run `apt-get install {package}`"
     );
     let apt = |args: &[&str]| -> anyhow::Result<bool> {
         let out = Command::new("apt-get")
@@ -91,7 +97,7 @@ pub fn program(name: &str, package: &str) -> anyhow::Result<PathBuf> {
         ensure!(apt(&["update"])?, "apt-get update failed; cannot install {package}");
         ensure!(apt(&install)?, "apt-get install {package} failed");
     }
-    find().with_context(|| format!("{package} was installed but {name} is not on PATH"))
+    Ok(())
 }
 
 /// Polls `f` until it returns `Some`, or fails after `timeout`.
@@ -304,6 +310,22 @@ impl Cluster {
 
     pub fn brokers(&self) -> String {
         self.nodes.values().map(|n| n.client_addr.as_str()).collect::<Vec<_>>().join(",")
+    }
+
+    /// Waits until every running node has registered its Kafka listener (Kafka clients see a
+    /// node as a broker from then on).
+    pub fn wait_for_kafka(&self) -> anyhow::Result<()> {
+        let want = self.running().len();
+        wait_for("every node's Kafka listener registered", Duration::from_secs(30), || {
+            let out = self.ctl(&["cluster", "status", "--output", "json"], None, CTL_TIMEOUT).ok()?;
+            let v = out.json().ok()?;
+            let n = v["nodes"]
+                .as_array()?
+                .iter()
+                .filter(|n| n["kafka_addr"].is_string() && n["rack"].is_string())
+                .count();
+            (n == want).then_some(())
+        })
     }
 
     /// Kafka clients' `bootstrap.servers`.

@@ -82,7 +82,7 @@ fn json_lines(out: &str) -> anyhow::Result<Vec<Value>> {
 fn kcat_produces_and_consumes_with_every_codec() -> anyhow::Result<()> {
     let kcat_bin = eddy_tests::program("kcat", "kcat")?;
     let c = Cluster::start(3)?;
-    let result = scenario(&c, &kcat_bin);
+    let result = c.wait_for_kafka().and_then(|()| scenario(&c, &kcat_bin));
     if result.is_err() {
         for id in c.nodes.keys() {
             eprintln!("--- node {id} log tail ---\n{}", c.log_tail(*id, 30));

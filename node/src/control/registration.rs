@@ -17,6 +17,8 @@ use crate::meta::MetaCommand;
 use crate::meta::MetaHandle;
 
 const INTERVAL: Duration = Duration::from_secs(1);
+/// Until registered: a node's Kafka clients see no broker for it before then.
+const INTERVAL_UNREGISTERED: Duration = Duration::from_millis(100);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Registration {
@@ -31,11 +33,8 @@ impl Registration {
         loop {
             let view = self.meta.view();
             // A node not yet in the node table (joining) waits until it is.
-            let stale = view
-                .state
-                .nodes
-                .get(&self.me)
-                .is_some_and(|n| n.kafka_addr != self.kafka_addr || n.rack != self.rack);
+            let record = view.state.nodes.get(&self.me);
+            let stale = record.is_some_and(|n| n.kafka_addr != self.kafka_addr || n.rack != self.rack);
             if stale {
                 let cmd = MetaCommand::RegisterNode {
                     node: self.me,
@@ -47,10 +46,11 @@ impl Registration {
                     Err(e) => warn!("registering the Kafka address and rack failed (will retry): {e}"),
                 }
             }
+            let pause = if stale || record.is_none() { INTERVAL_UNREGISTERED } else { INTERVAL };
             tokio::select! {
                 // Both arms only wait.
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(INTERVAL) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }

@@ -61,9 +61,10 @@ pub async fn metadata(broker: &BrokerState, req: MetadataRequest, version: i16) 
     if version >= 2 {
         out.cluster_id = None;
     }
-    if version >= 1 {
+    if version >= 1 && kafka_nodes.contains(&broker.me) {
         // Any node creates topics and changes configurations (it forwards to the metadata
-        // leader), so this node is as good a "controller" as any, and reachable.
+        // leader), so this node is as good a "controller" as any, and reachable. Until it is
+        // among the brokers (registered), there is none (-1), and clients ask again.
         out.controller_id = broker_id(broker.me);
     }
     // v0: an empty list means every topic; v1 and later: null means every topic.
