@@ -450,4 +450,199 @@ mod tests {
         let cut = full.slice(..full.len() - 3);
         assert!(matches!(parse(cut), Err(FrameError::Malformed(_))), "a truncated body is malformed");
     }
+
+    /// Decodes a request's body as its API's type (what `dispatch` does before answering).
+    fn decode_body(mut req: Request) -> Result<(), FrameError> {
+        use kafka_protocol::messages::*;
+        match req.key {
+            ApiKey::Produce => req.decode::<ProduceRequest>().map(drop),
+            ApiKey::Fetch => req.decode::<FetchRequest>().map(drop),
+            ApiKey::ListOffsets => req.decode::<ListOffsetsRequest>().map(drop),
+            ApiKey::Metadata => req.decode::<MetadataRequest>().map(drop),
+            ApiKey::InitProducerId => req.decode::<InitProducerIdRequest>().map(drop),
+            ApiKey::FindCoordinator => req.decode::<FindCoordinatorRequest>().map(drop),
+            ApiKey::JoinGroup => req.decode::<JoinGroupRequest>().map(drop),
+            ApiKey::SyncGroup => req.decode::<SyncGroupRequest>().map(drop),
+            ApiKey::Heartbeat => req.decode::<HeartbeatRequest>().map(drop),
+            ApiKey::LeaveGroup => req.decode::<LeaveGroupRequest>().map(drop),
+            ApiKey::OffsetCommit => req.decode::<OffsetCommitRequest>().map(drop),
+            ApiKey::OffsetFetch => req.decode::<OffsetFetchRequest>().map(drop),
+            ApiKey::ListGroups => req.decode::<ListGroupsRequest>().map(drop),
+            ApiKey::DescribeGroups => req.decode::<DescribeGroupsRequest>().map(drop),
+            ApiKey::CreateTopics => req.decode::<CreateTopicsRequest>().map(drop),
+            ApiKey::DeleteTopics => req.decode::<DeleteTopicsRequest>().map(drop),
+            ApiKey::CreatePartitions => req.decode::<CreatePartitionsRequest>().map(drop),
+            ApiKey::DescribeConfigs => req.decode::<DescribeConfigsRequest>().map(drop),
+            ApiKey::AlterConfigs => req.decode::<AlterConfigsRequest>().map(drop),
+            ApiKey::IncrementalAlterConfigs => req.decode::<IncrementalAlterConfigsRequest>().map(drop),
+            k => panic!("{k:?} is in SUPPORTED but not here"),
+        }
+    }
+
+    /// A request header for `key` v`version`, then `body`.
+    fn frame(key: ApiKey, version: i16, body: &[u8]) -> Bytes {
+        let mut header = RequestHeader::default();
+        header.request_api_key = key as i16;
+        header.request_api_version = version;
+        header.correlation_id = 9;
+        header.client_id = Some(StrBytes::from_static_str("fuzz"));
+        let mut out = BytesMut::new();
+        header.encode(&mut out, key.request_header_version(version)).expect("encode");
+        out.extend_from_slice(body);
+        out.freeze()
+    }
+
+    /// Every supported (API, version).
+    fn every_version() -> Vec<(ApiKey, i16)> {
+        SUPPORTED.iter().flat_map(|(k, lo, hi)| (*lo..=*hi).map(move |v| (*k, v))).collect()
+    }
+
+    fn parse_and_decode(frame: Bytes) {
+        if let Ok(Parsed::Request(req)) = parse(frame) {
+            let _ = decode_body(req);
+        }
+    }
+
+    #[test]
+    fn huge_declared_counts_are_refused_without_allocating() {
+        // A body that starts with the largest count, as an i32 and as a compact (varint) length,
+        // in front of a few bytes: the first array of every request must not be sized by it.
+        let bodies: [&[u8]; 2] =
+            [&[0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 1], &[0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 1]];
+        for (key, version) in every_version() {
+            for body in bodies {
+                parse_and_decode(frame(key, version, body));
+            }
+        }
+        // The 8-byte Metadata v0 frame from kafka-protocol-rs#152.
+        let mut metadata = BytesMut::new();
+        metadata.extend_from_slice(&[0, 3, 0, 0, 0, 0, 0, 1, 0xff, 0xff]);
+        metadata.extend_from_slice(&[0x03, 0x3c, 0x0c, 0x00, 0xb6]);
+        match parse(metadata.freeze()) {
+            Ok(Parsed::Request(req)) => assert!(decode_body(req).is_err(), "refused"),
+            Ok(Parsed::Answer(_)) => panic!("not an ApiVersions"),
+            Err(_) => {}
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Random bodies behind a valid header of every supported API and version, and random
+        /// frames: decoding fails or succeeds, and never panics or aborts.
+        #[test]
+        fn random_frames_never_panic(
+            which in 0usize..1000,
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let all = every_version();
+            let (key, version) = all[which % all.len()];
+            parse_and_decode(frame(key, version, &body));
+            parse_and_decode(Bytes::from(raw));
+        }
+
+        /// Valid requests with bytes flipped, cut short or stretched.
+        #[test]
+        fn mutated_requests_never_panic(
+            which in 0usize..1000,
+            flips in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 1..8),
+            cut in proptest::option::of(0usize..4096),
+        ) {
+            let all = every_version();
+            let (key, version) = all[which % all.len()];
+            let valid = valid_request(key, version);
+            let mut bytes = valid.to_vec();
+            for (at, b) in flips {
+                if !bytes.is_empty() {
+                    let i = at % bytes.len();
+                    bytes[i] ^= b;
+                }
+            }
+            if let Some(c) = cut {
+                bytes.truncate(c % (bytes.len() + 1));
+            }
+            parse_and_decode(Bytes::from(bytes));
+        }
+    }
+
+    /// A well-formed request of `key` v`version` with some content (a topic, a partition, a
+    /// record batch for Produce), to mutate.
+    fn valid_request(key: ApiKey, version: i16) -> Bytes {
+        use kafka_protocol::messages::*;
+        let topic = TopicName(StrBytes::from_static_str("orders"));
+        let mut body = BytesMut::new();
+        let enc =
+            |body: &mut BytesMut, r: &dyn Fn(&mut BytesMut) -> anyhow::Result<()>| r(body).expect("encodes");
+        match key {
+            ApiKey::Produce => {
+                let records = records::encode_fetched(
+                    &[crate::partition::handle::FetchedRecord {
+                        offset: 0,
+                        record: crate::partition::command::StoredRecord {
+                            key: Some(Bytes::from_static(b"k")),
+                            value: Bytes::from_static(b"v"),
+                            headers: vec![("h".into(), Bytes::from_static(b"x"))],
+                            timestamp_ms: 1,
+                        },
+                    }],
+                    false,
+                );
+                let mut p = produce_request::PartitionProduceData::default();
+                p.records = Some(records);
+                let mut t = produce_request::TopicProduceData::default();
+                t.name = topic;
+                t.partition_data = vec![p];
+                let mut r = ProduceRequest::default();
+                r.topic_data = vec![t];
+                enc(&mut body, &|b| r.encode(b, version));
+            }
+            ApiKey::Fetch => {
+                let mut t = fetch_request::FetchTopic::default();
+                t.topic = topic;
+                t.partitions = vec![fetch_request::FetchPartition::default()];
+                let mut r = FetchRequest::default();
+                r.topics = vec![t];
+                enc(&mut body, &|b| r.encode(b, version));
+            }
+            ApiKey::Metadata => {
+                let mut t = metadata_request::MetadataRequestTopic::default();
+                t.name = Some(topic);
+                let mut r = MetadataRequest::default();
+                r.topics = Some(vec![t]);
+                enc(&mut body, &|b| r.encode(b, version));
+            }
+            ApiKey::JoinGroup => {
+                let mut p = join_group_request::JoinGroupRequestProtocol::default();
+                p.name = StrBytes::from_static_str("range");
+                let mut r = JoinGroupRequest::default();
+                r.protocols = vec![p];
+                enc(&mut body, &|b| r.encode(b, version));
+            }
+            // Every other API: its default request.
+            ApiKey::ApiVersions => default::<ApiVersionsRequest>(&mut body, version),
+            ApiKey::ListOffsets => default::<ListOffsetsRequest>(&mut body, version),
+            ApiKey::InitProducerId => default::<InitProducerIdRequest>(&mut body, version),
+            ApiKey::FindCoordinator => default::<FindCoordinatorRequest>(&mut body, version),
+            ApiKey::SyncGroup => default::<SyncGroupRequest>(&mut body, version),
+            ApiKey::Heartbeat => default::<HeartbeatRequest>(&mut body, version),
+            ApiKey::LeaveGroup => default::<LeaveGroupRequest>(&mut body, version),
+            ApiKey::OffsetCommit => default::<OffsetCommitRequest>(&mut body, version),
+            ApiKey::OffsetFetch => default::<OffsetFetchRequest>(&mut body, version),
+            ApiKey::ListGroups => default::<ListGroupsRequest>(&mut body, version),
+            ApiKey::DescribeGroups => default::<DescribeGroupsRequest>(&mut body, version),
+            ApiKey::CreateTopics => default::<CreateTopicsRequest>(&mut body, version),
+            ApiKey::DeleteTopics => default::<DeleteTopicsRequest>(&mut body, version),
+            ApiKey::CreatePartitions => default::<CreatePartitionsRequest>(&mut body, version),
+            ApiKey::DescribeConfigs => default::<DescribeConfigsRequest>(&mut body, version),
+            ApiKey::AlterConfigs => default::<AlterConfigsRequest>(&mut body, version),
+            ApiKey::IncrementalAlterConfigs => default::<IncrementalAlterConfigsRequest>(&mut body, version),
+            k => panic!("{k:?} is in SUPPORTED but not here"),
+        }
+        frame(key, version, &body)
+    }
+
+    fn default<T: Encodable + Default>(body: &mut BytesMut, version: i16) {
+        T::default().encode(body, version).expect("a default request encodes");
+    }
 }
