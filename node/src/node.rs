@@ -267,6 +267,21 @@ async fn check_identity(env: &NodeEnv, me: NodeId) -> anyhow::Result<()> {
 
 /// Starts a node: opens its storage, joins (or forms) the metadata group, and serves clients on
 /// `client_incoming` and peers on `raft_incoming`, with liveness probes on `probes`.
+/// Adds gRPC reflection, as `grpc.reflection.v1` and as `v1alpha` (which older grpcurl and
+/// Python's grpcio-reflection still ask for), so `grpcurl list` works with either.
+pub fn with_reflection(
+    router: tonic::transport::server::Router,
+) -> anyhow::Result<tonic::transport::server::Router> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(eddy_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok(router
+        .add_service(builder().build_v1().context("build the reflection service")?)
+        .add_service(builder().build_v1alpha().context("build the v1alpha reflection service")?))
+}
+
 pub async fn start(
     config: NodeConfig,
     env: NodeEnv,
@@ -384,11 +399,6 @@ pub async fn start(
     health.set_serving::<BrokerServer<BrokerService>>().await;
     health.set_serving::<AdminServer<AdminService>>().await;
     health.set_serving::<GroupsServer<GroupsService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(eddy_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("build the reflection service")?;
     let reconciler = Arc::new(Reconciler {
         me,
         meta: meta.clone(),
@@ -405,16 +415,18 @@ pub async fn start(
     let broker_service = BrokerServer::new(BrokerService::new(broker.clone()))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    let router = with_reflection(
+        tonic::transport::Server::builder()
+            .initial_connection_window_size(CLIENT_CONNECTION_WINDOW)
+            .initial_stream_window_size(CLIENT_STREAM_WINDOW)
+            .add_service(health_service),
+    )?;
     let shutdown = cancel.clone();
     spawn_task(
         &tasks,
         "client_server",
         async move {
-            let r = tonic::transport::Server::builder()
-                .initial_connection_window_size(CLIENT_CONNECTION_WINDOW)
-                .initial_stream_window_size(CLIENT_STREAM_WINDOW)
-                .add_service(health_service)
-                .add_service(reflection)
+            let r = router
                 .add_service(broker_service)
                 .add_service(admin_service)
                 .add_service(groups_service)
@@ -531,4 +543,67 @@ pub async fn start(
 
     info!(node = me, "node started");
     Ok(NodeHandle { me, meta, replicas, broker, liveness, cancel, tasks })
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_reflection::pb::v1;
+    use tonic_reflection::pb::v1alpha;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn reflection_answers_as_v1_and_as_v1alpha() -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (_, health) = tonic_health::server::health_reporter();
+        let router = with_reflection(tonic::transport::Server::builder().add_service(health))?;
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(router.serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            stop.clone().cancelled_owned(),
+        ));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await?;
+
+        let ask = v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = v1::server_reflection_client::ServerReflectionClient::new(channel.clone())
+            .server_reflection_info(tokio_stream::iter([ask]))
+            .await?
+            .into_inner();
+        let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+            answers.message().await?.and_then(|r| r.message_response)
+        else {
+            anyhow::bail!("v1: no service list");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(names.iter().any(|n| n == "eddy.v1.Broker"), "v1 lists {names:?}");
+
+        let ask = v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            )),
+        };
+        let mut answers = v1alpha::server_reflection_client::ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter([ask]))
+            .await?
+            .into_inner();
+        let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+            answers.message().await?.and_then(|r| r.message_response)
+        else {
+            anyhow::bail!("v1alpha: no service list");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(names.iter().any(|n| n == "eddy.v1.Groups"), "v1alpha lists {names:?}");
+        stop.cancel();
+        server.await??;
+        Ok(())
+    }
 }

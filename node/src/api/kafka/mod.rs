@@ -97,6 +97,33 @@ pub enum FrameError {
     Malformed(String),
     #[error("response to API key {key} version {version} does not encode: {reason}")]
     Encode { key: i16, version: i16, reason: String },
+    #[error("the rest of a {0}-byte frame did not arrive within {FRAME_READ_TIMEOUT:?}")]
+    Slow(usize),
+    #[error("no request for {IDLE_TIMEOUT:?}")]
+    Idle,
+}
+
+/// How long a client may take to send the rest of a frame once its length has arrived.
+pub const FRAME_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A connection without a request for this long is closed (Kafka's `connections.max.idle.ms`).
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Reads one request frame (without its length); `None` when the peer closed between frames.
+async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R, max: usize) -> anyhow::Result<Option<Bytes>> {
+    let len = match tokio::time::timeout(IDLE_TIMEOUT, r.read_i32()).await {
+        Err(_) => return Err(FrameError::Idle.into()),
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Ok(Err(e)) => return Err(e.into()),
+    };
+    if !(8..=max as i64).contains(&i64::from(len)) {
+        return Err(FrameError::Size { size: i64::from(len), max }.into());
+    }
+    let mut frame = vec![0u8; len as usize];
+    match tokio::time::timeout(FRAME_READ_TIMEOUT, r.read_exact(&mut frame)).await {
+        Err(_) => Err(FrameError::Slow(len as usize).into()),
+        Ok(r) => r.map(|_| Some(Bytes::from(frame))).map_err(Into::into),
+    }
 }
 
 fn supported(key: ApiKey) -> Option<(i16, i16)> {
@@ -141,17 +168,8 @@ async fn connection(mut stream: TcpStream, peer: std::net::SocketAddr, ctx: &Lis
     let max = frame_bytes_max(&ctx.broker);
     let host = format!("/{}", peer.ip());
     loop {
-        let len = match stream.read_i32().await {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        if !(8..=max as i64).contains(&i64::from(len)) {
-            return Err(FrameError::Size { size: i64::from(len), max }.into());
-        }
-        let mut frame = vec![0u8; len as usize];
-        stream.read_exact(&mut frame).await?;
-        let response = match parse(Bytes::from(frame))? {
+        let Some(frame) = read_frame(&mut stream, max).await? else { return Ok(()) };
+        let response = match parse(frame)? {
             Parsed::Answer(r) => Some(r),
             Parsed::Request(req) => dispatch(ctx, &host, req).await?,
         };
@@ -501,6 +519,32 @@ mod tests {
         if let Ok(Parsed::Request(req)) = parse(frame) {
             let _ = decode_body(req);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_and_idle_clients_are_disconnected() {
+        // Half a frame, then nothing: refused after FRAME_READ_TIMEOUT.
+        let (mut client, mut server) = tokio::io::duplex(1 << 10);
+        client.write_all(&100i32.to_be_bytes()).await.expect("write");
+        client.write_all(&[0, 18, 0]).await.expect("write");
+        let e = read_frame(&mut server, 1 << 20).await.expect_err("slow");
+        assert!(e.to_string().contains("did not arrive within"), "{e}");
+        // Nothing at all: refused after IDLE_TIMEOUT.
+        let (_client, mut server) = tokio::io::duplex(1 << 10);
+        let started = tokio::time::Instant::now();
+        let e = read_frame(&mut server, 1 << 20).await.expect_err("idle");
+        assert!(e.to_string().starts_with("no request for"), "{e}");
+        assert!(started.elapsed() >= IDLE_TIMEOUT);
+        // A whole frame is read; a close between frames is the end, not an error.
+        let (mut client, mut server) = tokio::io::duplex(1 << 10);
+        client.write_all(&8i32.to_be_bytes()).await.expect("write");
+        client.write_all(&[1; 8]).await.expect("write");
+        drop(client);
+        assert_eq!(
+            read_frame(&mut server, 1 << 20).await.expect("a frame").expect("some"),
+            Bytes::from_static(&[1; 8])
+        );
+        assert!(read_frame(&mut server, 1 << 20).await.expect("closed").is_none());
     }
 
     #[test]
