@@ -33,9 +33,10 @@ def create_topic(bootstrap, topic, partitions, replication):
     print(json.dumps({"created": topic, "partitions": len(t.partitions)}))
 
 
-def produce(bootstrap, topic, count, acked_path, start="0"):
+def produce(bootstrap, topic, count, acked_path, start="0", rate="0"):
     """An idempotent producer (acks=all) writing `count` events with unique values (event-N
-    from N = `start`); every acknowledged event goes to `acked_path` as {"p","o","v"}."""
+    from N = `start`), at most `rate` per second when not 0; every acknowledged event goes to
+    `acked_path` as {"p","o","v"}."""
     from confluent_kafka import Producer
 
     p = Producer(
@@ -57,7 +58,11 @@ def produce(bootstrap, topic, count, acked_path, start="0"):
             else:
                 emit(acked, p=msg.partition(), o=msg.offset(), v=msg.value().decode())
 
-        for i in range(int(start), int(start) + int(count)):
+        began = time.monotonic()
+        for n, i in enumerate(range(int(start), int(start) + int(count))):
+            if float(rate) > 0:
+                while time.monotonic() < began + n / float(rate):
+                    p.poll(0.001)
             while True:
                 try:
                     p.produce(topic, key=str(i % 97).encode(), value=f"event-{i}".encode(), on_delivery=delivered)
@@ -88,6 +93,35 @@ def read_all(bootstrap, topic, partitions, out_path, idle_s):
                 last = time.monotonic()
     c.close()
     print(json.dumps({"read": n}))
+
+
+def follow(bootstrap, topic, rack, count, out_path):
+    """Reads partition 0 from offset 0 with `client.rack` (so from the replica in that rack,
+    KIP-392) until `count` events; an offset reset is an error (auto.offset.reset=error)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "follow",
+            "enable.auto.commit": False,
+            "client.rack": rack,
+            "auto.offset.reset": "error",
+        }
+    )
+    c.assign([TopicPartition(topic, 0, 0)])
+    n = 0
+    deadline = time.monotonic() + 240
+    with open(out_path, "w") as out:
+        while n < int(count) and time.monotonic() < deadline:
+            for m in c.consume(1000, 0.5):
+                if m.error():
+                    raise SystemExit(f"consume error: {m.error()}")
+                emit(out, o=m.offset(), v=m.value().decode())
+                n += 1
+    c.close()
+    print(json.dumps({"read": n}))
+    sys.exit(0 if n == int(count) else 1)
 
 
 def member(client, bootstrap, topic, group, assignor, out_path):
@@ -170,4 +204,4 @@ def member(client, bootstrap, topic, group, assignor, out_path):
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"create-topic": create_topic, "produce": produce, "read-all": read_all, "member": member}[cmd](*args)
+    {"create-topic": create_topic, "produce": produce, "read-all": read_all, "follow": follow, "member": member}[cmd](*args)

@@ -207,6 +207,111 @@ fn idempotent_producer_loses_and_duplicates_nothing_when_a_leader_is_killed() ->
     })
 }
 
+#[test]
+fn a_consumer_in_a_followers_rack_reads_through_leadership_transfers_without_a_reset() -> anyhow::Result<()> {
+    with_cluster(|c, py| {
+        let b = c.kafka_bootstrap();
+        let out = c.ctl(
+            &["topic", "create", "racked", "--partitions", "1", "--replication-factor", "3"],
+            None,
+            CTL_TIMEOUT,
+        )?;
+        ensure!(out.ok(), "create: {}", out.stderr);
+        let t = c.wait_for_leaders("racked", 3)?;
+        let leader = t["partitions"][0]["leader"].as_u64().context("leader")?;
+        let follower = c.nodes.keys().copied().find(|n| *n != leader).context("a follower")?;
+        const EVENTS: usize = 20_000;
+        let dir = c.dir.path().to_path_buf();
+        let (acked_path, read_path) = (dir.join("acked.jsonl"), dir.join("read.jsonl"));
+        let events = EVENTS.to_string();
+        let mut children = Children(vec![
+            spawn(
+                py,
+                &[
+                    "follow",
+                    &b,
+                    "racked",
+                    eddy_tests::rack(follower),
+                    &events,
+                    read_path.to_str().context("path")?,
+                ],
+                Some(&dir.join("follow.err")),
+            )?,
+            spawn(
+                py,
+                &["produce", &b, "racked", &events, acked_path.to_str().context("path")?, "0", "4000"],
+                Some(&dir.join("produce.err")),
+            )?,
+        ]);
+        // The producer writes 4,000 events/s (5 s), so the leadership moves while it reads:
+        // to each other node and back.
+        let mut to = leader;
+        for step in 0..3 {
+            let want = (step + 1) * EVENTS / 5;
+            wait_for(&format!("{want} events read"), Duration::from_secs(120), || {
+                (lines(&read_path).len() >= want).then_some(())
+            })?;
+            to = c.nodes.keys().copied().find(|n| *n != to).context("another node")?;
+            let out = c.ctl(
+                &["partition", "transfer-leadership", "racked/0", "--to", &to.to_string()],
+                None,
+                CTL_TIMEOUT,
+            )?;
+            ensure!(out.ok(), "transfer to {to}: {}", out.stderr);
+        }
+        let producer = children.0.pop().context("producer")?;
+        let (ok, out) = wait_with_deadline(producer, Duration::from_secs(180))?;
+        ensure!(
+            ok,
+            "producer: {out}\n{}",
+            std::fs::read_to_string(dir.join("produce.err")).unwrap_or_default()
+        );
+        let follow = children.0.pop().context("follower")?;
+        let (ok, out) = wait_with_deadline(follow, Duration::from_secs(240))?;
+        ensure!(
+            ok,
+            "the consumer failed (an offset reset is a failure): {out}\n{}",
+            std::fs::read_to_string(dir.join("follow.err")).unwrap_or_default()
+        );
+        // Every event once, in offset order, as acknowledged: no reset went back or skipped.
+        let acked: BTreeMap<u64, String> = lines(&acked_path)
+            .iter()
+            .filter_map(|a| Some((a["o"].as_u64()?, a["v"].as_str()?.to_owned())))
+            .collect();
+        let read = lines(&read_path);
+        ensure!(
+            read.len() == EVENTS && acked.len() == EVENTS,
+            "read {}, acknowledged {}",
+            read.len(),
+            acked.len()
+        );
+        for (i, r) in read.iter().enumerate() {
+            ensure!(r["o"] == i, "position {i}: offset {}", r["o"]);
+            ensure!(
+                acked.get(&(i as u64)).is_some_and(|v| r["v"] == v.as_str()),
+                "offset {i}: {} vs {:?}",
+                r["v"],
+                acked.get(&(i as u64))
+            );
+        }
+        // The node in the consumer's rack served it (all of it while it was a follower).
+        let (status, body) = c.http_get(follower, "/metrics")?;
+        ensure!(status == 200);
+        let served: f64 = body
+            .lines()
+            .find_map(|l| l.strip_prefix("eddy_kafka_fetch_records_total "))
+            .context("eddy_kafka_fetch_records_total")?
+            .parse()?;
+        ensure!(served > 0.0, "node {follower} in rack {} served no records", eddy_tests::rack(follower));
+        ensure!(
+            lines(&acked_path).last().and_then(|a| a["t"].as_f64())
+                > read.get(EVENTS / 2).and_then(|r| r["t"].as_f64()),
+            "the producer was still writing while the consumer read (the transfers happened mid-stream)"
+        );
+        Ok(())
+    })
+}
+
 /// Waits for a child to exit (killing it at the deadline): (success, stdout).
 fn wait_with_deadline(mut child: Child, timeout: Duration) -> anyhow::Result<(bool, String)> {
     let deadline = std::time::Instant::now() + timeout;
