@@ -3,14 +3,14 @@
 same run, rep-major so that a disturbance hits one rep of each row.
 
     target/kafka-venv/bin/python bench/kafka_compare.py [--target-dir target] [--reps 3]
-                                                         [--events 200000] [--out FILE]
+                                                         [--events 200000] [--window 4096] [--out FILE]
 
 Needs confluent-kafka in the running Python (`cargo test -p eddy-tests --test kafka_clients`
 makes `target/kafka-venv` with it). Rows, for 256-byte events on a one-partition topic:
 
-- produce: gRPC `eddyctl bench produce --inflight 256 --linger-ms 5` against a confluent-kafka
-  producer (librdkafka) with acks=all and linger.ms=5, each writing EVENTS events as fast as it
-  is acknowledged; events/s, ack latency p50/p99 (Kafka: from produce() to the delivery report),
+- produce: gRPC `eddyctl bench produce --inflight WINDOW --linger-ms 5` against a
+  confluent-kafka producer (librdkafka) with acks=all and linger.ms=5 kept to the same WINDOW of
+  unacknowledged events, each writing EVENTS events as fast as they are acknowledged; events/s, ack latency p50/p99 (Kafka: from produce() to the delivery report),
   and CPU µs per event (the three nodes and the client).
 - consume from a follower: `eddyctl bench consume` against a confluent-kafka consumer with
   client.rack set to a follower's rack (KIP-392), reading the EVENTS events from the start.
@@ -56,17 +56,18 @@ def bench(c, *args):
         raise SystemExit(f"eddyctl bench {' '.join(args)}: {err}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     client = (after.ru_utime + after.ru_stime) - (child.ru_utime + child.ru_stime)
-    return json.loads(out.strip().splitlines()[-1]), nodes_cpu(c) - before + client
+    nodes = nodes_cpu(c) - before
+    return json.loads(out.strip().splitlines()[-1]), nodes + client, nodes
 
 
-def grpc_produce(c, events):
-    r, cpu = bench(c, "produce", "--events", str(events), "--size", "256", "--inflight", "256",
+def grpc_produce(c, events, window):
+    r, cpu, nodes = bench(c, "produce", "--events", str(events), "--size", "256", "--inflight", str(window),
                    "--linger-ms", "5", "--topic", "grpc")
     return dict(eps=r.get("events_per_sec") or r["events_per_s"], p50=r["ack"]["p50_ms"], p99=r["ack"]["p99_ms"],
-                cpu_us=cpu / events * 1e6)
+                cpu_us=cpu / events * 1e6, node_cpu_us=nodes / events * 1e6)
 
 
-def kafka_produce(c, events, topic):
+def kafka_produce(c, events, topic, window):
     p = Producer({"bootstrap.servers": c.bootstrap(), "acks": "all", "linger.ms": 5,
                   "queue.buffering.max.messages": 1000000})
     payload = b"x" * 256
@@ -84,7 +85,9 @@ def kafka_produce(c, events, topic):
         p.produce(topic, payload, partition=0)
     p.flush(60)
     cpu0, t0, c0 = nodes_cpu(c), time.monotonic(), time.process_time()
-    for _ in range(events):
+    for i in range(events):
+        while i - len(lat) - len(failed) >= window:
+            p.poll(0.001)
         sent = time.monotonic()
         while True:
             try:
@@ -95,17 +98,19 @@ def kafka_produce(c, events, topic):
         p.poll(0)
     p.flush(300)
     elapsed = time.monotonic() - t0
-    cpu = nodes_cpu(c) - cpu0 + (time.process_time() - c0)
+    nodes = nodes_cpu(c) - cpu0
+    cpu = nodes + (time.process_time() - c0)
     if failed or len(lat) != events:
         raise SystemExit(f"kafka produce: {len(lat)} of {events} delivered, errors {failed[:3]}")
     lat.sort()
     return dict(eps=events / elapsed, p50=lat[len(lat) // 2] * 1e3, p99=lat[int(len(lat) * 0.99)] * 1e3,
-                cpu_us=cpu / events * 1e6)
+                cpu_us=cpu / events * 1e6, node_cpu_us=nodes / events * 1e6)
 
 
 def grpc_consume(c, events):
-    r, cpu = bench(c, "consume", "--events", str(events), "--topic", "grpc")
-    return dict(eps=r.get("events_per_sec") or r["events_per_s"], cpu_us=cpu / events * 1e6)
+    r, cpu, nodes = bench(c, "consume", "--events", str(events), "--topic", "grpc")
+    return dict(eps=r.get("events_per_sec") or r["events_per_s"], cpu_us=cpu / events * 1e6,
+                node_cpu_us=nodes / events * 1e6)
 
 
 def kafka_consume(c, events, topic, rack):
@@ -115,16 +120,17 @@ def kafka_consume(c, events, topic, rack):
     cpu0, t0, c0 = nodes_cpu(c), time.monotonic(), time.process_time()
     n = 0
     while n < events:
-        for m in cons.consume(10000, 5.0):
+        for m in cons.consume(min(10000, events - n), 5.0):
             if m.error():
                 raise SystemExit(f"kafka consume: {m.error()}")
             n += 1
         if time.monotonic() - t0 > 300:
             raise SystemExit(f"kafka consume: {n} of {events} in 300 s")
     elapsed = time.monotonic() - t0
-    cpu = nodes_cpu(c) - cpu0 + (time.process_time() - c0)
+    nodes = nodes_cpu(c) - cpu0
+    cpu = nodes + (time.process_time() - c0)
     cons.close()
-    return dict(eps=n / elapsed, cpu_us=cpu / n * 1e6)
+    return dict(eps=n / elapsed, cpu_us=cpu / n * 1e6, node_cpu_us=nodes / n * 1e6)
 
 
 def main():
@@ -132,6 +138,8 @@ def main():
     ap.add_argument("--target-dir", default="target")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--events", type=int, default=200000)
+    ap.add_argument("--window", type=int, default=4096,
+                    help="events sent and not yet acknowledged, for both producers")
     ap.add_argument("--out")
     a = ap.parse_args()
     rows = {k: [] for k in ["grpc produce", "kafka produce", "grpc consume", "kafka consume"]}
@@ -146,28 +154,32 @@ def main():
             leader = t["partitions"][0]["leader"]
             follower_rack = "abc"[(leader % 3)]  # node leader+1's rack: a follower
             c.wait("Kafka registrations", lambda: all(n.get("kafka_addr") for n in json.loads(c.ctl("cluster", "status")[1])["nodes"]))
-            rows["grpc produce"].append(grpc_produce(c, a.events))
-            rows["kafka produce"].append(kafka_produce(c, a.events, "kafka"))
+            rows["grpc produce"].append(grpc_produce(c, a.events, a.window))
+            rows["kafka produce"].append(kafka_produce(c, a.events, "kafka", a.window))
             rows["grpc consume"].append(grpc_consume(c, a.events))
             rows["kafka consume"].append(kafka_consume(c, a.events, "kafka", follower_rack))
         finally:
             c.stop()
         print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1]['eps']:,.0f}/s" for k, v in rows.items()), file=sys.stderr)
     med = lambda k, f: statistics.median(r[f] for r in rows[k])
-    print(f"{'workload':<16} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/ev':>10}")
+
+    def ratio(f, a, b):
+        # CPU of a short read can be below the clock tick: no ratio then.
+        return f"{med(a, f) / med(b, f):.2f}x" if med(b, f) > 0 else "n/a"
+    print(f"{'workload':<16} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/ev':>10} {'nodes us/ev':>11}")
     for k in rows:
         p50 = f"{med(k, 'p50'):8.2f}" if "p50" in rows[k][0] else f"{'':>8}"
         p99 = f"{med(k, 'p99'):8.2f}" if "p99" in rows[k][0] else f"{'':>8}"
-        print(f"{k:<16} {med(k, 'eps'):10,.0f} {p50} {p99} {med(k, 'cpu_us'):10.1f}")
-    print(f"kafka/grpc produce events/s {med('kafka produce', 'eps') / med('grpc produce', 'eps'):.2f}x, "
-          f"p50 {med('kafka produce', 'p50') / med('grpc produce', 'p50'):.2f}x, "
-          f"CPU/ev {med('kafka produce', 'cpu_us') / med('grpc produce', 'cpu_us'):.2f}x; "
-          f"consume events/s {med('kafka consume', 'eps') / med('grpc consume', 'eps'):.2f}x")
+        print(f"{k:<16} {med(k, 'eps'):10,.0f} {p50} {p99} {med(k, 'cpu_us'):10.1f} {med(k, 'node_cpu_us'):11.1f}")
+    kp, gp, kc, gc = "kafka produce", "grpc produce", "kafka consume", "grpc consume"
+    print(f"kafka/grpc produce events/s {ratio('eps', kp, gp)}, p50 {ratio('p50', kp, gp)}, "
+          f"CPU/ev {ratio('cpu_us', kp, gp)} (nodes only {ratio('node_cpu_us', kp, gp)}); "
+          f"consume events/s {ratio('eps', kc, gc)}, nodes CPU/ev {ratio('node_cpu_us', kc, gc)}")
     if a.out:
         with open(a.out, "a") as f:
             for k, v in rows.items():
                 for i, r in enumerate(v):
-                    f.write(json.dumps(dict(workload=k, rep=i, events=a.events, **r)) + "\n")
+                    f.write(json.dumps(dict(workload=k, rep=i, events=a.events, window=a.window, **r)) + "\n")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,13 @@ pub struct Producer {
 }
 
 /// The future of one record's acknowledgement.
-pub struct AckFuture(oneshot::Receiver<Result<Ack>>);
+///
+/// Its poll spends none of tokio's cooperative budget: a caller that holds many of them in a
+/// `FuturesUnordered` (a window of 32,768 acks) otherwise has each exhausted-budget poll wake
+/// the future again, and the set is polled over and over; `eddyctl bench produce --inflight
+/// 32768` spent 6.8 s of CPU for 200,000 acks, 95% of it in those wake-ups, against 0.15 s now.
+/// A oneshot resolves once, so it cannot starve the task it runs in.
+pub struct AckFuture(tokio::task::Unconstrained<oneshot::Receiver<Result<Ack>>>);
 
 impl std::future::Future for AckFuture {
     type Output = Result<Ack>;
@@ -193,7 +199,7 @@ impl Producer {
         tx.send(Pending { record, size, tx: ack_tx })
             .await
             .map_err(|_| ClientError::Unavailable("the producer stopped".into()))?;
-        Ok(AckFuture(ack_rx))
+        Ok(AckFuture(tokio::task::unconstrained(ack_rx)))
     }
 
     fn worker(&self, partition: u32) -> mpsc::Sender<Pending> {
