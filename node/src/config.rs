@@ -39,6 +39,17 @@ pub struct NodeConfig {
     /// Where this node runs (a rack, zone or host group). Kafka clients that set `client.rack`
     /// are sent to a replica in their rack to read (KIP-392).
     pub rack: Option<String>,
+    /// Create a topic when a Kafka client asks for its metadata and it does not exist (Kafka's
+    /// `auto.create.topics.enable`; off by default, as in Redpanda: a typo in a producer's topic
+    /// name should fail, not create a topic). It gets [`NodeConfig::default_partitions`] and
+    /// [`NodeConfig::default_replication_factor`] and the broker's topic defaults.
+    pub auto_create_topics: bool,
+    /// Partitions of a topic created by auto-creation or by a Kafka `CreateTopics` that asks for
+    /// the broker's default (-1): Kafka's `num.partitions`.
+    pub default_partitions: u32,
+    /// Replicas of such a topic, or as many as the cluster has nodes when it has fewer: Kafka's
+    /// `default.replication.factor`.
+    pub default_replication_factor: u32,
     /// The nodes that form a new cluster, this one included. Ignored once `data_dir` holds
     /// state. The member with the lowest id creates the metadata group.
     pub initial_members: Vec<MemberConfig>,
@@ -70,6 +81,9 @@ impl Default for NodeConfig {
             http_addr: "127.0.0.1:9291".into(),
             kafka_addr: None,
             rack: None,
+            auto_create_topics: false,
+            default_partitions: 1,
+            default_replication_factor: 3,
             initial_members: Vec::new(),
             join: Vec::new(),
             auto_balance_leaders: true,
@@ -112,6 +126,20 @@ impl NodeConfig {
         }
         if let Some(rack) = &self.rack {
             crate::limits::validate_rack(rack).map_err(|e| anyhow::anyhow!("rack: {e}"))?;
+        }
+        if !(1..=crate::limits::PARTITIONS_MAX).contains(&self.default_partitions) {
+            bail!(
+                "default_partitions: {} is out of range; a topic has 1 to {} partitions",
+                self.default_partitions,
+                crate::limits::PARTITIONS_MAX
+            );
+        }
+        if !(1..=crate::limits::REPLICATION_FACTOR_MAX).contains(&self.default_replication_factor) {
+            bail!(
+                "default_replication_factor: {} is out of range; it must be 1 to {}",
+                self.default_replication_factor,
+                crate::limits::REPLICATION_FACTOR_MAX
+            );
         }
         if !self.initial_members.is_empty() {
             let me = self.initial_members.iter().find(|m| m.id == self.node_id);
@@ -194,6 +222,14 @@ raft_addr = "127.0.0.1:9192"
         for bad in ["", "rack a", &"r".repeat(65)] {
             let c = NodeConfig { rack: Some(bad.into()), ..c.clone() };
             assert!(c.validate().is_err_and(|e| e.to_string().starts_with("rack: ")), "{bad:?}");
+        }
+        assert!(!c.auto_create_topics, "Kafka topic auto-creation is off unless configured");
+        for (bad, name) in [
+            (NodeConfig { default_partitions: 0, ..c.clone() }, "default_partitions"),
+            (NodeConfig { default_replication_factor: 0, ..c.clone() }, "default_replication_factor"),
+            (NodeConfig { default_replication_factor: 99, ..c.clone() }, "default_replication_factor"),
+        ] {
+            assert!(bad.validate().is_err_and(|e| e.to_string().starts_with(name)), "{name}");
         }
         let missing_me = NodeConfig { node_id: 3, ..c };
         assert!(missing_me.validate().is_err());

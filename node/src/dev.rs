@@ -55,6 +55,9 @@ fn configs(args: &DevArgs) -> anyhow::Result<Vec<NodeConfig>> {
             http_addr: port(200, i),
             kafka_addr: Some(port(300, i)),
             rack: Some(rack(i)),
+            // As a Kafka dev broker does: a Kafka client's first produce creates its topic.
+            auto_create_topics: true,
+            default_partitions: 3,
             initial_members: members.clone(),
             ..NodeConfig::default()
         })
@@ -116,6 +119,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let kafka: Vec<&str> = configs.iter().filter_map(|c| c.kafka_addr.as_deref()).collect();
     println!("kafka bootstrap servers: {}", kafka.join(","));
     println!("  kcat -b {} -L", kafka.join(","));
+    println!("  (a topic a Kafka client names is created with 3 partitions: auto_create_topics = true)");
     println!("Press Ctrl-C to stop.");
 
     // A node that exits (or is killed, as in the README's tour) is reported; the others keep

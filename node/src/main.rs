@@ -171,11 +171,18 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
     let probes = std::net::UdpSocket::bind(&config.raft_addr)
         .with_context(|| format!("bind raft_addr {} (UDP, for liveness probes)", config.raft_addr))?;
     let probes = ProbeSocket::Thread(probes);
+    let kafka_settings = eddy_node::api::kafka::Settings::from_config(&config);
     let node = eddy_node::node::start(config, env, tcp_incoming(client), tcp_incoming(raft), probes).await?;
     let http_cancel = CancellationToken::new();
     let http_task = tokio::spawn(eddy_node::http::serve(http, node.broker.clone(), http_cancel.clone()));
-    let kafka_task = kafka
-        .map(|l| tokio::spawn(eddy_node::api::kafka::serve(l, node.broker.clone(), http_cancel.clone())));
+    let kafka_task = kafka.map(|l| {
+        tokio::spawn(eddy_node::api::kafka::serve(
+            l,
+            node.broker.clone(),
+            kafka_settings,
+            http_cancel.clone(),
+        ))
+    });
 
     signals.recv().await;
     info!("shutting down: handing leaderships to other replicas first");

@@ -230,6 +230,8 @@ static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: BTreeMap<u64, NodeProc>,
+    /// Node racks are this followed by the node id when set, else [`rack`].
+    rack_prefix: Option<&'static str>,
     /// Released after `Drop` has stopped every node (fields drop after `drop` runs).
     _serial: std::sync::MutexGuard<'static, ()>,
 }
@@ -242,9 +244,14 @@ impl Cluster {
 
     /// [`Cluster::start`] with `extra` (top-level TOML keys) added to every node's config.
     pub fn start_with(n: u64, extra: &str) -> anyhow::Result<Self> {
+        Self::start_racked(n, extra, None)
+    }
+
+    /// [`Cluster::start_with`], with node `i` in rack `{rack_prefix}{i}` when a prefix is given.
+    pub fn start_racked(n: u64, extra: &str, rack_prefix: Option<&'static str>) -> anyhow::Result<Self> {
         let serial = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::Builder::new().prefix("eddy-cluster-").tempdir()?;
-        let mut c = Self { dir, nodes: BTreeMap::new(), _serial: serial };
+        let mut c = Self { dir, nodes: BTreeMap::new(), rack_prefix, _serial: serial };
         for id in 1..=n {
             c.add_node_proc(id);
         }
@@ -302,7 +309,7 @@ impl Cluster {
             node.raft_addr,
             node.http_addr,
             node.kafka_addr,
-            rack(id),
+            self.rack_prefix.map_or_else(|| rack(id).to_owned(), |p| format!("{p}{id}")),
         );
         std::fs::write(&node.config_path, config)?;
         Ok(())

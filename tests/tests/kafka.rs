@@ -848,6 +848,28 @@ fn scenario(c: &Cluster) -> anyhow::Result<()> {
     // Below the log start: OFFSET_OUT_OF_RANGE is not possible without retention; a negative offset is invalid.
     let resp: FetchResponse = to_follower.call(ApiKey::Fetch, 12, &fetch_request(0, -5, 0))?;
     ensure!(resp.responses[0].partitions[0].error_code != 0, "a negative offset is refused");
+    // Past the end, on the leader (which has applied an entry of its term) and on a follower
+    // (which tells the client to go back to the leader): OFFSET_OUT_OF_RANGE, as in Kafka, at
+    // once and not after the long poll; at the end: a long poll.
+    for conn in [&mut to_leader, &mut to_follower] {
+        let started = std::time::Instant::now();
+        let resp: FetchResponse = conn.call(ApiKey::Fetch, 12, &fetch_request(0, next + 10, 10_000))?;
+        let p = &resp.responses[0].partitions[0];
+        ensure!(p.error_code == 1, "past the end: OFFSET_OUT_OF_RANGE, not {}", p.error_code);
+        ensure!(started.elapsed() < Duration::from_secs(5), "answered at once: {:?}", started.elapsed());
+    }
+    let resp: FetchResponse = to_leader.call(ApiKey::Fetch, 12, &fetch_request(0, next + 1, 200))?;
+    ensure!(resp.responses[0].partitions[0].error_code == 0, "at the end: no error");
+    // A request's max_bytes bounds the whole answer even when a partition may have more: the
+    // first record always, then what fits.
+    let mut small = fetch_request(0, 0, 0);
+    small.max_bytes = 1;
+    let resp: FetchResponse = to_leader.call(ApiKey::Fetch, 12, &small)?;
+    let got = RecordBatchDecoder::decode_all(
+        &mut resp.responses[0].partitions[0].records.clone().context("records")?,
+    )?;
+    let n: usize = got.iter().map(|s| s.records.len()).sum();
+    ensure!(n == 1, "max_bytes 1 with 1 MiB per partition: one record, not {n}");
 
     // ListOffsets, every version: earliest, latest, by timestamp.
     let total = next + 1;

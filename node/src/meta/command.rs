@@ -110,6 +110,12 @@ pub enum MetaCommand {
         kafka_addr: Option<String>,
         rack: Option<String>,
     },
+    /// [`MetaCommand::CommitOffsets`] for an unfenced commit with each offset's metadata string
+    /// (a Kafka client's `committed_metadata`; empty for none).
+    CommitOffsetsWithMetadata {
+        group: String,
+        offsets: Vec<(TopicPartition, u64, String)>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -95,6 +95,9 @@ pub struct GroupRecord {
     pub members: BTreeMap<String, Arc<MemberRecord>>,
     /// Committed offsets: the next offset the group will consume in each partition.
     pub offsets: BTreeMap<TopicPartition, u64>,
+    /// The metadata string a Kafka client committed with an offset, where it gave a non-empty
+    /// one; it goes with that offset (a later commit without one, or a reset, drops it).
+    pub offset_metadata: BTreeMap<TopicPartition, String>,
 }
 
 /// What a member may do now: the reply to a join or a heartbeat.
@@ -111,7 +114,13 @@ pub struct Assignment {
 
 impl GroupRecord {
     pub fn new(assignor: Assignor) -> Self {
-        Self { assignor, generation: 0, members: BTreeMap::new(), offsets: BTreeMap::new() }
+        Self {
+            assignor,
+            generation: 0,
+            members: BTreeMap::new(),
+            offsets: BTreeMap::new(),
+            offset_metadata: BTreeMap::new(),
+        }
     }
 
     /// The partitions `member` may consume now.

@@ -53,9 +53,9 @@ pub const PERSIST_INTERVAL: std::time::Duration = std::time::Duration::from_secs
 
 /// The stored metadata state and its snapshots start with this tag and a format version, so that
 /// a build meeting state it cannot read says so instead of failing to decode it. Bump the
-/// version whenever `MetaView` changes shape, and keep reading the previous one (see [`v2`]).
+/// version whenever `MetaView` changes shape, and keep reading the previous ones (see [`v3`]).
 const FORMAT_TAG: &[u8; 3] = b"EDM";
-const FORMAT_VERSION: u8 = 3;
+const FORMAT_VERSION: u8 = 4;
 
 fn encode_view(view: &MetaView) -> Vec<u8> {
     let mut out = FORMAT_TAG.to_vec();
@@ -68,6 +68,7 @@ fn decode_view(b: &[u8], what: &str) -> io::Result<MetaView> {
     match b.split_at_checked(FORMAT_TAG.len() + 1) {
         Some((head, body)) if head[..FORMAT_TAG.len()] == FORMAT_TAG[..] => match head[FORMAT_TAG.len()] {
             FORMAT_VERSION => sm_common::decode(body, what),
+            3 => sm_common::decode::<v3::MetaView>(body, what).map(Into::into),
             2 => sm_common::decode::<v2::MetaView>(body, what).map(Into::into),
             version => Err(incompatible(what, &format!("format version {version}"))),
         },
@@ -85,19 +86,91 @@ fn incompatible(what: &str, found: &str) -> io::Error {
     )
 }
 
-/// Format version 2 (before nodes registered their Kafka address and rack), read and converted.
-mod v2 {
+/// Format version 3 (before consumer groups kept Kafka clients' offset metadata strings), read
+/// and converted.
+mod v3 {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
+    use eddy_raft::GroupId;
+    use eddy_raft::LogId;
+    use eddy_raft::NodeId;
+    use eddy_raft::StoredMembership;
+    use serde::Deserialize;
+
+    use crate::meta::groups;
+    use crate::meta::state;
+
+    #[derive(Deserialize)]
+    pub struct MetaView {
+        state: MetaState,
+        last_applied: Option<LogId>,
+        membership: StoredMembership,
+    }
+
+    #[derive(Deserialize)]
+    struct MetaState {
+        nodes: BTreeMap<NodeId, state::NodeRecord>,
+        topics: state::Topics,
+        next_group_id: GroupId,
+        next_producer_id: u64,
+        groups: BTreeMap<String, GroupRecord>,
+        next_member_id: u64,
+    }
+
+    /// A consumer group as versions 2 and 3 stored it.
+    #[derive(Deserialize)]
+    pub struct GroupRecord {
+        assignor: groups::Assignor,
+        generation: u64,
+        members: BTreeMap<String, Arc<groups::MemberRecord>>,
+        offsets: BTreeMap<groups::TopicPartition, u64>,
+    }
+
+    /// Version 3's groups in today's shape.
+    pub fn groups(old: BTreeMap<String, GroupRecord>) -> BTreeMap<String, Arc<groups::GroupRecord>> {
+        old.into_iter()
+            .map(|(name, g)| {
+                let mut new = groups::GroupRecord::new(g.assignor);
+                new.generation = g.generation;
+                new.members = g.members;
+                new.offsets = g.offsets;
+                (name, Arc::new(new))
+            })
+            .collect()
+    }
+
+    impl From<MetaView> for super::MetaView {
+        fn from(v: MetaView) -> Self {
+            let s = v.state;
+            super::MetaView {
+                state: state::MetaState {
+                    nodes: s.nodes,
+                    topics: s.topics,
+                    next_group_id: s.next_group_id,
+                    next_producer_id: s.next_producer_id,
+                    groups: groups(s.groups),
+                    next_member_id: s.next_member_id,
+                },
+                last_applied: v.last_applied,
+                membership: v.membership,
+                by_group: Default::default(),
+            }
+        }
+    }
+}
+
+/// Format version 2 (before nodes registered their Kafka address and rack), read and converted.
+mod v2 {
     use eddy_raft::GroupId;
     use eddy_raft::LogId;
     use eddy_raft::NodeAddr;
     use eddy_raft::NodeId;
     use eddy_raft::StoredMembership;
     use serde::Deserialize;
+    use std::collections::BTreeMap;
 
-    use crate::meta::groups::GroupRecord;
+    use super::v3::GroupRecord;
     use crate::meta::state;
 
     #[derive(Deserialize)]
@@ -113,7 +186,7 @@ mod v2 {
         topics: state::Topics,
         next_group_id: GroupId,
         next_producer_id: u64,
-        groups: BTreeMap<String, Arc<GroupRecord>>,
+        groups: BTreeMap<String, GroupRecord>,
         next_member_id: u64,
     }
 
@@ -139,7 +212,7 @@ mod v2 {
                     topics: s.topics,
                     next_group_id: s.next_group_id,
                     next_producer_id: s.next_producer_id,
-                    groups: s.groups,
+                    groups: super::v3::groups(s.groups),
                     next_member_id: s.next_member_id,
                 },
                 last_applied: v.last_applied,
@@ -293,7 +366,10 @@ impl RaftStateMachine<C> for MetaStateMachine {
                 EntryPayload::Blank => MetaReply::Done,
                 EntryPayload::Normal(p) => match MetaCommand::decode(&p.0) {
                     Ok(cmd) => {
-                        structural |= !matches!(cmd, MetaCommand::CommitOffsets { .. });
+                        structural |= !matches!(
+                            cmd,
+                            MetaCommand::CommitOffsets { .. } | MetaCommand::CommitOffsetsWithMetadata { .. }
+                        );
                         self.view.state.apply(cmd)
                     }
                     // Every replica decodes the same bytes the same way, so replying with an
@@ -461,6 +537,29 @@ mod tests {
             &view.membership,
         )));
         assert_eq!(decode_view(&v2, "state").expect("version 2 decodes"), view);
+
+        // Format version 3 had no offset metadata in consumer groups; it is read with none.
+        let mut with_group = view.clone();
+        let mut g = crate::meta::groups::GroupRecord::new(crate::meta::groups::Assignor::Range);
+        g.generation = 4;
+        g.offsets.insert(("t".into(), 0), 9);
+        with_group.state.groups.insert("g".into(), Arc::new(g.clone()));
+        let s = &with_group.state;
+        let groups_v3: BTreeMap<_, _> = s
+            .groups
+            .iter()
+            .map(|(name, g)| (name, (g.assignor, g.generation, &g.members, &g.offsets)))
+            .collect();
+        let mut v3 = vec![b'E', b'D', b'M', 3];
+        v3.extend(sm_common::encode(&(
+            (&s.nodes, &s.topics, s.next_group_id, s.next_producer_id, &groups_v3, s.next_member_id),
+            &with_group.last_applied,
+            &with_group.membership,
+        )));
+        assert_eq!(decode_view(&v3, "state").expect("version 3 decodes"), with_group);
+        g.offset_metadata.insert(("t".into(), 0), "checkpoint".into());
+        with_group.state.groups.insert("g".into(), Arc::new(g));
+        assert_eq!(decode_view(&encode_view(&with_group), "state").expect("decodes"), with_group);
         let mut registered = view.clone();
         registered.state.apply(MetaCommand::RegisterNode {
             node: 1,

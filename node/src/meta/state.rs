@@ -200,7 +200,9 @@ impl MetaState {
                 Some(_) => {
                     for g in self.groups.values_mut() {
                         if g.offsets.keys().any(|(t, _)| *t == name) {
-                            Arc::make_mut(g).offsets.retain(|(t, _), _| *t != name);
+                            let g = Arc::make_mut(g);
+                            g.offsets.retain(|(t, _), _| *t != name);
+                            g.offset_metadata.retain(|(t, _), _| *t != name);
                         }
                     }
                     self.rebalance_groups();
@@ -287,7 +289,11 @@ impl MetaState {
                 }
             }
             MetaCommand::CommitOffsets { group, member, offsets } => {
+                let offsets = offsets.into_iter().map(|(tp, o)| (tp, o, String::new())).collect();
                 self.commit_offsets(group, member, offsets).map(|()| MetaReply::Done).into()
+            }
+            MetaCommand::CommitOffsetsWithMetadata { group, offsets } => {
+                self.commit_offsets(group, None, offsets).map(|()| MetaReply::Done).into()
             }
             MetaCommand::ResetOffsets { group, offsets } => {
                 self.reset_offsets(group, offsets).map(|()| MetaReply::Done).into()
@@ -381,12 +387,15 @@ impl MetaState {
         Ok(())
     }
 
+    /// Commits `offsets`, each with its metadata string (empty for none).
     fn commit_offsets(
         &mut self,
         group: String,
         member: Option<String>,
-        offsets: Vec<(TopicPartition, u64)>,
+        with_metadata: Vec<(TopicPartition, u64, String)>,
     ) -> Result<(), MetaError> {
+        let offsets: Vec<(TopicPartition, u64)> =
+            with_metadata.iter().map(|(tp, o, _)| (tp.clone(), *o)).collect();
         self.check_offsets(&offsets)?;
         match (self.groups.get(&group), &member) {
             (Some(g), _) => g.check_commit(&group, member.as_deref(), &offsets)?,
@@ -401,7 +410,15 @@ impl MetaState {
             .groups
             .entry(group)
             .or_insert_with(|| Arc::new(GroupRecord::new(Assignor::CooperativeSticky)));
-        Arc::make_mut(g).offsets.extend(offsets);
+        let g = Arc::make_mut(g);
+        g.offsets.extend(offsets);
+        for (tp, _, metadata) in with_metadata {
+            if metadata.is_empty() {
+                g.offset_metadata.remove(&tp);
+            } else {
+                g.offset_metadata.insert(tp, metadata);
+            }
+        }
         Ok(())
     }
 
@@ -419,7 +436,11 @@ impl MetaState {
             .groups
             .entry(group)
             .or_insert_with(|| Arc::new(GroupRecord::new(Assignor::CooperativeSticky)));
-        Arc::make_mut(g).offsets.extend(offsets);
+        let g = Arc::make_mut(g);
+        for (tp, _) in &offsets {
+            g.offset_metadata.remove(tp);
+        }
+        g.offsets.extend(offsets);
         Ok(())
     }
 
@@ -944,5 +965,35 @@ mod tests {
         ));
         assert!(Arc::ptr_eq(&s.topics["a"], &published.topics["a"]));
         assert!(!Arc::ptr_eq(&s.topics["b"], &published.topics["b"]));
+    }
+
+    #[test]
+    fn an_offset_keeps_the_metadata_committed_with_it_until_the_next_commit_or_reset() {
+        let mut s = cluster(3);
+        create(&mut s, "a", 2, 3);
+        let tp = |p| ("a".to_string(), p);
+        let with = |offsets: Vec<(TopicPartition, u64, &str)>| MetaCommand::CommitOffsetsWithMetadata {
+            group: "g".into(),
+            offsets: offsets.into_iter().map(|(tp, o, m)| (tp, o, m.to_owned())).collect(),
+        };
+        assert_eq!(s.apply(with(vec![(tp(0), 5, "checkpoint-5"), (tp(1), 3, "")])), MetaReply::Done);
+        let g = &s.groups["g"];
+        assert_eq!((g.offsets[&tp(0)], g.offsets[&tp(1)]), (5, 3));
+        assert_eq!(g.offset_metadata.get(&tp(0)).map(String::as_str), Some("checkpoint-5"));
+        assert_eq!(g.offset_metadata.get(&tp(1)), None, "empty metadata is none");
+        // A commit without metadata (gRPC's) drops the old offset's.
+        let plain = MetaCommand::CommitOffsets { group: "g".into(), member: None, offsets: vec![(tp(0), 6)] };
+        assert_eq!(s.apply(plain), MetaReply::Done);
+        assert_eq!(s.groups["g"].offset_metadata.get(&tp(0)), None);
+        assert_eq!(s.apply(with(vec![(tp(0), 7, "m7"), (tp(1), 4, "m4")])), MetaReply::Done);
+        let reset = MetaCommand::ResetOffsets { group: "g".into(), offsets: vec![(tp(1), 0)] };
+        assert_eq!(s.apply(reset), MetaReply::Done);
+        assert_eq!(s.groups["g"].offset_metadata.get(&tp(1)), None, "a reset drops it");
+        assert_eq!(s.groups["g"].offset_metadata.get(&tp(0)).map(String::as_str), Some("m7"));
+        // A refused commit (backwards) keeps the metadata too.
+        assert!(matches!(s.apply(with(vec![(tp(0), 2, "older")])), MetaReply::Error(_)));
+        assert_eq!(s.groups["g"].offset_metadata.get(&tp(0)).map(String::as_str), Some("m7"));
+        assert_eq!(s.apply(MetaCommand::DeleteTopic { name: "a".into() }), MetaReply::Done);
+        assert!(s.groups["g"].offset_metadata.is_empty(), "the topic's metadata goes with it");
     }
 }

@@ -254,6 +254,23 @@ impl PartitionHandle {
         }
     }
 
+    /// Whether `offset` lies past the end of this partition's log for certain: past what this
+    /// replica has applied, where this replica is a follower (it may only lag the leader: a
+    /// Kafka consumer then goes back to the leader, as KIP-392 has it) or a leader that has
+    /// applied an entry of its own term. A new leader that has not may not have applied all
+    /// that its predecessor acknowledged yet, so a consumer's position past its end is no
+    /// proof of anything there.
+    pub fn past_end(&self, offset: u64) -> bool {
+        let settled = {
+            let metrics = self.inner.raft.metrics();
+            let m = metrics.borrow_watched();
+            m.current_leader != Some(self.inner.me)
+                || m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
+        };
+        // Read after the metrics: what they report applied, the progress already shows.
+        settled && offset > self.inner.progress.borrow().next_offset
+    }
+
     pub fn log_bytes(&self) -> u64 {
         self.inner.log.bytes()
     }

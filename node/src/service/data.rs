@@ -127,6 +127,12 @@ impl BrokerState {
         Ok(f)
     }
 
+    /// Whether `offset` is past the end of this node's replica of a partition for certain (see
+    /// [`crate::partition::handle::PartitionHandle::past_end`]).
+    pub fn past_end(&self, topic: &str, partition: u32, offset: u64) -> bool {
+        self.topic(topic).and_then(|t| self.replica(&t, partition)).is_ok_and(|h| h.past_end(offset))
+    }
+
     /// The earliest or latest offset of a partition, or the first at or after a timestamp, from
     /// this node's replica.
     pub fn list_offset(

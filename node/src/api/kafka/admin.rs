@@ -9,6 +9,7 @@
 //! `INVALID_CONFIG`, naming it.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use kafka_protocol::messages::AlterConfigsRequest;
 use kafka_protocol::messages::AlterConfigsResponse;
@@ -39,6 +40,7 @@ use crate::limits;
 use crate::meta::state::TopicRecord;
 use crate::service::BrokerState;
 use crate::service::topics::NewTopic;
+use eddy_raft::NodeId;
 
 /// The topic settings Kafka clients can read and set, by Kafka's names.
 pub const KAFKA_CONFIGS: &[&str] = &[
@@ -59,6 +61,9 @@ const BROKER: i8 = 4;
 /// Kafka's config sources and types (DescribeConfigs v1 and later, v3 and later).
 const SOURCE_TOPIC: i8 = 1;
 const SOURCE_DEFAULT: i8 = 5;
+/// A broker setting from the node's config file (Kafka's STATIC_BROKER_CONFIG).
+const SOURCE_STATIC_BROKER: i8 = 4;
+const TYPE_BOOLEAN: i8 = 1;
 const TYPE_STRING: i8 = 2;
 const TYPE_INT: i8 = 3;
 const TYPE_LONG: i8 = 5;
@@ -143,19 +148,21 @@ fn configs_to_eddy<'a>(
 
 pub async fn create_topics(
     broker: &BrokerState,
+    settings: &super::Settings,
     req: CreateTopicsRequest,
     version: i16,
 ) -> CreateTopicsResponse {
-    let nodes = broker.meta.view().state.nodes.len() as u32;
+    let nodes = super::metadata::members(broker);
     let mut out = CreateTopicsResponse::default();
     for t in req.topics {
         let mut r = CreatableTopicResult::default();
         let name = t.name.to_string();
-        // -1 asks for the broker's defaults (KIP-464): one partition, and three replicas or as
-        // many as there are nodes.
-        let partitions = if t.num_partitions == -1 { 1 } else { t.num_partitions };
+        // -1 asks for the broker's defaults (KIP-464): `default_partitions`, and
+        // `default_replication_factor` replicas or as many as there are nodes.
+        let partitions =
+            if t.num_partitions == -1 { settings.default_partitions as i32 } else { t.num_partitions };
         let replication = if t.replication_factor == -1 {
-            i32::try_from(nodes.min(3)).unwrap_or(3)
+            settings.replication_for(nodes) as i32
         } else {
             i32::from(t.replication_factor)
         };
@@ -199,6 +206,10 @@ pub async fn create_topics(
         };
         if matches!(result, Ok(Some(_))) {
             broker.await_view(VIEW_WAIT, |v| v.state.topics.contains_key(&name)).await;
+            // As Kafka's controller does within the request's timeout: answer once every
+            // partition has a leader, so that the client's next Metadata shows them.
+            let wait = Duration::from_millis(u64::try_from(req.timeout_ms).unwrap_or(0)).min(LEADERS_WAIT);
+            await_leaders(broker, &name, wait).await;
         }
         r.name = t.name;
         match result {
@@ -229,6 +240,27 @@ pub async fn create_topics(
         out.topics.push(r);
     }
     out
+}
+
+/// The longest a CreateTopics waits for its partitions' leaders (less if the request says so).
+pub const LEADERS_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits up to `wait` until the cluster status shows a leader for every partition of `topic`.
+pub async fn await_leaders(broker: &BrokerState, topic: &str, wait: Duration) {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let led = broker.cluster_metadata(&[topic.to_owned()]).await.is_ok_and(|m| {
+            m.topics.iter().all(|t| {
+                t.partitions
+                    .iter()
+                    .all(|p| m.status.partitions.get(&p.group_id).is_some_and(|s| s.leader.is_some()))
+            })
+        });
+        if led || tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Admin errors by Kafka's codes where they differ from the data path's.
@@ -327,6 +359,7 @@ pub async fn create_partitions(
 
 pub fn describe_configs(
     broker: &BrokerState,
+    settings: &super::Settings,
     req: DescribeConfigsRequest,
     version: i16,
 ) -> DescribeConfigsResponse {
@@ -364,8 +397,34 @@ pub fn describe_configs(
                     r.error_message = Some(s(e.to_string()));
                 }
             },
-            // Node settings are not exposed through Kafka; an empty answer, not an error.
-            BROKER => {}
+            BROKER => match broker_configs(broker, settings, res.resource_name.as_str()) {
+                Ok(configs) => {
+                    r.configs = configs
+                        .into_iter()
+                        .filter(|(name, ..)| {
+                            res.configuration_keys
+                                .as_ref()
+                                .is_none_or(|keys| keys.iter().any(|k| k.as_str() == *name))
+                        })
+                        .map(|(name, value, kind)| {
+                            let mut c = DescribeConfigsResourceResult::default();
+                            c.name = s(name);
+                            c.value = Some(s(value));
+                            c.read_only = true;
+                            c.config_source = SOURCE_STATIC_BROKER;
+                            if version >= 3 {
+                                c.config_type = kind;
+                                c.documentation = None;
+                            }
+                            c
+                        })
+                        .collect();
+                }
+                Err(message) => {
+                    r.error_code = codes::INVALID_REQUEST;
+                    r.error_message = Some(s(message));
+                }
+            },
             other => {
                 r.error_code = codes::INVALID_REQUEST;
                 r.error_message = Some(s(format!("resource type {other} is not supported")));
@@ -374,6 +433,31 @@ pub fn describe_configs(
         out.results.push(r);
     }
     out
+}
+
+/// A broker's settings under Kafka's names, read-only: its id and rack (from the node registry,
+/// for any node), and for this node the Kafka listener's topic defaults.
+fn broker_configs(
+    broker: &BrokerState,
+    settings: &super::Settings,
+    name: &str,
+) -> Result<Vec<(&'static str, String, i8)>, String> {
+    let id: NodeId =
+        name.parse().map_err(|_| format!("broker {name:?}: a broker is named by its node id"))?;
+    let view = broker.meta.view();
+    let node =
+        view.state.nodes.get(&id).ok_or_else(|| format!("broker {id} is not a node of this cluster"))?;
+    let mut out = vec![("broker.id", id.to_string(), TYPE_INT)];
+    if let Some(rack) = &node.rack {
+        out.push(("broker.rack", rack.clone(), TYPE_STRING));
+    }
+    if id == broker.me {
+        out.push(("auto.create.topics.enable", settings.auto_create_topics.to_string(), TYPE_BOOLEAN));
+        out.push(("num.partitions", settings.default_partitions.to_string(), TYPE_INT));
+        out.push(("default.replication.factor", settings.default_replication_factor.to_string(), TYPE_INT));
+        out.push(("message.max.bytes", broker.limits.max_event_bytes.to_string(), TYPE_INT));
+    }
+    Ok(out)
 }
 
 /// The changes of one AlterConfigs / IncrementalAlterConfigs resource: Kafka key, and its new

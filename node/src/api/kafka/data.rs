@@ -179,7 +179,9 @@ pub async fn fetch(broker: &BrokerState, req: FetchRequest, version: i16) -> Fet
                 topic: t.topic.as_str().to_owned(),
                 partition: p.partition,
                 offset: p.fetch_offset,
-                max_bytes: p.partition_max_bytes,
+                // No partition may fill more than the whole answer may hold; the first with
+                // records still gets at least one (the read always returns one).
+                max_bytes: p.partition_max_bytes.min(req.max_bytes.max(1)),
             })
         })
         .collect();
@@ -200,6 +202,7 @@ pub async fn fetch(broker: &BrokerState, req: FetchRequest, version: i16) -> Fet
         Duration::from_millis(u64::try_from(req.max_wait_ms).unwrap_or(0))
     };
     let mut read = read_all(broker, &wanted, Duration::ZERO).await;
+    beyond_end(broker, &wanted, &mut read);
     let bytes: usize =
         read.iter().filter_map(|r| r.as_ref().ok()).flat_map(|f| &f.records).map(|r| r.record.size()).sum();
     let any_error = read.iter().any(Result::is_err);
@@ -229,6 +232,7 @@ pub async fn fetch(broker: &BrokerState, req: FetchRequest, version: i16) -> Fet
         }
         drop(waits);
         read = read_all(broker, &wanted, Duration::ZERO).await;
+        beyond_end(broker, &wanted, &mut read);
     }
     let mut out = FetchResponse::default();
     let mut budget = usize::try_from(req.max_bytes).unwrap_or(0).max(1);
@@ -281,6 +285,25 @@ fn push_partition(out: &mut FetchResponse, topic: &str, pd: PartitionData) {
             t.topic = kafka_protocol::messages::TopicName(StrBytes::from_string(topic.to_owned()));
             t.partitions.push(pd);
             out.responses.push(t);
+        }
+    }
+}
+
+/// A position past the end of the log is `OFFSET_OUT_OF_RANGE`, as in Kafka (the consumer
+/// applies `auto.offset.reset`, or, reading from a follower, goes back to the leader), where
+/// the replica knows it to be past the end; otherwise it is read as the end (a long poll).
+fn beyond_end(broker: &BrokerState, wanted: &[Wanted], read: &mut [Result<Fetched, BrokerError>]) {
+    for (w, r) in wanted.iter().zip(read.iter_mut()) {
+        let Ok(f) = r else { continue };
+        let (Ok(partition), Ok(offset)) = (u32::try_from(w.partition), u64::try_from(w.offset)) else {
+            continue;
+        };
+        if f.records.is_empty() && offset > f.high_watermark && broker.past_end(&w.topic, partition, offset) {
+            *r = Err(BrokerError::OffsetOutOfRange {
+                what: format!("{}/{partition}", w.topic),
+                offset,
+                log_start: f.log_start_offset,
+            });
         }
     }
 }

@@ -42,6 +42,10 @@ use super::metadata::broker_id;
 use super::metadata::host_port;
 use crate::service::BrokerState;
 
+/// The longest metadata string an offset commit may carry (Kafka's `offset.metadata.max.bytes`
+/// default); a longer one is refused with `OFFSET_METADATA_TOO_LARGE`.
+pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
+
 fn s(v: impl Into<String>) -> StrBytes {
     StrBytes::from_string(v.into())
 }
@@ -239,11 +243,15 @@ pub async fn offset_commit(
         let topic = view.state.topics.get(t.name.as_str());
         let mut parts = Vec::new();
         for p in &t.partitions {
+            let metadata = p.committed_metadata.as_deref().unwrap_or_default();
             let code =
                 match (error, topic, u32::try_from(p.partition_index), u64::try_from(p.committed_offset)) {
                     (Some(e), ..) => e,
+                    (None, Some(_), ..) if metadata.len() > OFFSET_METADATA_BYTES_MAX => {
+                        codes::OFFSET_METADATA_TOO_LARGE
+                    }
                     (None, Some(topic), Ok(i), Ok(o)) if (i as usize) < topic.partitions.len() => {
-                        offsets.push(((t.name.to_string(), i), o));
+                        offsets.push(((t.name.to_string(), i), o, metadata.to_owned()));
                         codes::NONE
                     }
                     (None, Some(_), _, Err(_)) => codes::INVALID_REQUEST,
@@ -283,11 +291,12 @@ pub async fn offset_commit(
     out
 }
 
-/// OffsetFetch (v0–7: one group): the committed offsets, -1 where there is none.
+/// OffsetFetch (v0–7: one group): the committed offsets, -1 where there is none, with the
+/// metadata strings committed with them.
 pub fn offset_fetch(broker: &BrokerState, req: OffsetFetchRequest) -> OffsetFetchResponse {
     let view = broker.meta.view();
-    let committed =
-        view.state.groups.get(req.group_id.as_str()).map(|g| g.offsets.clone()).unwrap_or_default();
+    let group = view.state.groups.get(req.group_id.as_str()).cloned();
+    let committed = group.as_ref().map(|g| g.offsets.clone()).unwrap_or_default();
     let asked: Vec<(TopicName, Vec<i32>)> = match req.topics {
         Some(topics) => topics.into_iter().map(|t| (t.name, t.partition_indexes)).collect(),
         // Null (v2 and later): every partition the group has committed.
@@ -312,11 +321,12 @@ pub fn offset_fetch(broker: &BrokerState, req: OffsetFetchRequest) -> OffsetFetc
                 .map(|i| {
                     let mut p = OffsetFetchResponsePartition::default();
                     p.partition_index = i;
-                    p.committed_offset = u32::try_from(i)
-                        .ok()
-                        .and_then(|i| committed.get(&(name.to_string(), i)))
-                        .map_or(-1, |o| *o as i64);
-                    p.metadata = Some(StrBytes::default());
+                    let key = u32::try_from(i).ok().map(|i| (name.to_string(), i));
+                    p.committed_offset =
+                        key.as_ref().and_then(|k| committed.get(k)).map_or(-1, |o| *o as i64);
+                    let metadata =
+                        key.as_ref().zip(group.as_ref()).and_then(|(k, g)| g.offset_metadata.get(k));
+                    p.metadata = Some(metadata.map_or_else(StrBytes::default, |m| s(m.clone())));
                     p
                 })
                 .collect();

@@ -501,13 +501,14 @@ pub fn is_coordinator(broker: &BrokerState, groups: &KafkaGroups) -> bool {
     me
 }
 
-/// Commits offsets (checked by the caller) through the metadata group.
+/// Commits offsets (checked by the caller), each with its metadata string, through the
+/// metadata group.
 pub async fn commit(
     broker: &BrokerState,
     group: &str,
-    offsets: Vec<((String, u32), u64)>,
+    offsets: Vec<((String, u32), u64, String)>,
 ) -> Result<(), i16> {
-    let cmd = MetaCommand::CommitOffsets { group: group.to_owned(), member: None, offsets };
+    let cmd = MetaCommand::CommitOffsetsWithMetadata { group: group.to_owned(), offsets };
     broker.meta.write(cmd, META_WRITE_TIMEOUT).await.map(|_| ()).map_err(|e| codes::code(&e))
 }
 

@@ -1,6 +1,7 @@
 //! `Metadata`: the brokers (nodes with a Kafka listener, with their racks) and each topic's
 //! partitions with leader, replicas and in-sync replicas, from this node's metadata view and the
-//! cluster status it gathered (at most a moment old, as the gRPC `Metadata` answer).
+//! cluster status it gathered (at most a moment old, as the gRPC `Metadata` answer). With
+//! `auto_create_topics`, a topic that is asked for and does not exist is created.
 
 use eddy_raft::NodeId;
 use kafka_protocol::messages::BrokerId;
@@ -12,10 +13,14 @@ use kafka_protocol::messages::metadata_response::MetadataResponsePartition;
 use kafka_protocol::messages::metadata_response::MetadataResponseTopic;
 use kafka_protocol::protocol::StrBytes;
 
+use super::Settings;
 use super::codes;
+use crate::error::BrokerError;
+use crate::limits;
 use crate::meta::state::NodeState;
 use crate::meta::state::TopicRecord;
 use crate::service::BrokerState;
+use crate::service::topics::NewTopic;
 use crate::status::Merged;
 
 /// Kafka's id for a node. Kafka broker ids are 32-bit; a node id beyond that has none (-1).
@@ -31,7 +36,37 @@ pub fn host_port(addr: &str) -> Option<(StrBytes, i32)> {
     Some((StrBytes::from_string(host.to_owned()), i32::from(port)))
 }
 
-pub async fn metadata(broker: &BrokerState, req: MetadataRequest, version: i16) -> MetadataResponse {
+/// The cluster's nodes that are not removed: what a default replication factor is capped by.
+pub fn members(broker: &BrokerState) -> usize {
+    broker.meta.view().state.nodes.values().filter(|n| n.state != NodeState::Removed).count()
+}
+
+pub async fn metadata(
+    broker: &BrokerState,
+    settings: &Settings,
+    req: MetadataRequest,
+    version: i16,
+) -> MetadataResponse {
+    // v0-v3 always allow it; v4 added the client's switch (a consumer turns it off).
+    let may_create = settings.auto_create_topics && (version < 4 || req.allow_auto_topic_creation);
+    // Topics created here: Kafka answers them LEADER_NOT_AVAILABLE at once, and the client asks
+    // again; waiting (briefly) for their leaders answers them whole, and keeps a client from
+    // taking a partition without a leader yet for an error (librdkafka's offsetsForTimes does).
+    let mut not_created = std::collections::BTreeMap::new();
+    if may_create && let Some(topics) = &req.topics {
+        let view = broker.meta.view();
+        for name in topics.iter().filter_map(|t| t.name.as_ref()) {
+            if view.state.topics.contains_key(name.as_str()) || not_created.contains_key(name.as_str()) {
+                continue;
+            }
+            let code = auto_create(broker, settings, name.as_str()).await;
+            if code == codes::LEADER_NOT_AVAILABLE {
+                broker.await_view(AUTO_CREATE_WAIT, |v| v.state.topics.contains_key(name.as_str())).await;
+                super::admin::await_leaders(broker, name.as_str(), AUTO_CREATE_WAIT).await;
+            }
+            not_created.insert(name.to_string(), code);
+        }
+    }
     let mut out = MetadataResponse::default();
     let m = match broker.cluster_metadata(&[]).await {
         Ok(m) => m,
@@ -83,7 +118,10 @@ pub async fn metadata(broker: &BrokerState, req: MetadataRequest, version: i16) 
                     Some(name) => match m.view.state.topics.get(name.as_str()) {
                         Some(t) => out.topics.push(describe(t)),
                         None => {
-                            unknown.error_code = codes::UNKNOWN_TOPIC_OR_PARTITION;
+                            unknown.error_code = not_created
+                                .get(name.as_str())
+                                .copied()
+                                .unwrap_or(codes::UNKNOWN_TOPIC_OR_PARTITION);
                             unknown.name = Some(name);
                             out.topics.push(unknown);
                         }
@@ -99,6 +137,36 @@ pub async fn metadata(broker: &BrokerState, req: MetadataRequest, version: i16) 
         }
     }
     out
+}
+
+/// How long a `Metadata` that created a topic waits for it to show with its leaders.
+const AUTO_CREATE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Creates a topic a client asked for (`auto_create_topics`) with the broker's defaults:
+/// `LEADER_NOT_AVAILABLE` when it was created (or already was), as Kafka answers such a topic,
+/// or why it could not be.
+async fn auto_create(broker: &BrokerState, settings: &Settings, name: &str) -> i16 {
+    if let Err(e) = limits::validate_topic_name("topic", name) {
+        tracing::debug!("kafka metadata: not creating {name:?}: {e}");
+        return codes::INVALID_TOPIC_EXCEPTION;
+    }
+    let new = NewTopic {
+        name: name.to_owned(),
+        partitions: settings.default_partitions,
+        replication_factor: settings.replication_for(members(broker)),
+        config: Default::default(),
+    };
+    match broker.create_topic(new).await {
+        Ok(_) => {
+            tracing::info!(topic = name, "created a topic a Kafka client asked for (auto_create_topics)");
+            codes::LEADER_NOT_AVAILABLE
+        }
+        Err(BrokerError::TopicExists(_)) => codes::LEADER_NOT_AVAILABLE,
+        Err(e) => {
+            tracing::warn!(topic = name, "kafka metadata: auto-creating the topic failed: {e}");
+            codes::code(&e)
+        }
+    }
 }
 
 fn topic(
