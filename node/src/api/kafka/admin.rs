@@ -154,6 +154,9 @@ pub async fn create_topics(
 ) -> CreateTopicsResponse {
     let nodes = super::metadata::members(broker);
     let mut out = CreateTopicsResponse::default();
+    // The request's timeout bounds the wait for leaders of all its topics together.
+    let leaders_by = tokio::time::Instant::now()
+        + Duration::from_millis(u64::try_from(req.timeout_ms).unwrap_or(0)).min(LEADERS_WAIT);
     for t in req.topics {
         let mut r = CreatableTopicResult::default();
         let name = t.name.to_string();
@@ -208,8 +211,8 @@ pub async fn create_topics(
             broker.await_view(VIEW_WAIT, |v| v.state.topics.contains_key(&name)).await;
             // As Kafka's controller does within the request's timeout: answer once every
             // partition has a leader, so that the client's next Metadata shows them.
-            let wait = Duration::from_millis(u64::try_from(req.timeout_ms).unwrap_or(0)).min(LEADERS_WAIT);
-            await_leaders(broker, &name, wait).await;
+            await_leaders(broker, &name, leaders_by.saturating_duration_since(tokio::time::Instant::now()))
+                .await;
         }
         r.name = t.name;
         match result {

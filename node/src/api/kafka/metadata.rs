@@ -56,15 +56,18 @@ pub async fn metadata(
     if may_create && let Some(topics) = &req.topics {
         let view = broker.meta.view();
         for name in topics.iter().filter_map(|t| t.name.as_ref()) {
-            if view.state.topics.contains_key(name.as_str()) || not_created.contains_key(name.as_str()) {
-                continue;
+            if !view.state.topics.contains_key(name.as_str()) && !not_created.contains_key(name.as_str()) {
+                let code = auto_create(broker, settings, name.as_str()).await;
+                not_created.insert(name.to_string(), code);
             }
-            let code = auto_create(broker, settings, name.as_str()).await;
-            if code == codes::LEADER_NOT_AVAILABLE {
-                broker.await_view(AUTO_CREATE_WAIT, |v| v.state.topics.contains_key(name.as_str())).await;
-                super::admin::await_leaders(broker, name.as_str(), AUTO_CREATE_WAIT).await;
-            }
-            not_created.insert(name.to_string(), code);
+        }
+        // One bound for the whole request, however many topics it created.
+        let deadline = tokio::time::Instant::now() + AUTO_CREATE_WAIT;
+        for (name, _) in not_created.iter().filter(|(_, code)| **code == codes::LEADER_NOT_AVAILABLE) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            broker.await_view(left, |v| v.state.topics.contains_key(name.as_str())).await;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            super::admin::await_leaders(broker, name, left).await;
         }
     }
     let mut out = MetadataResponse::default();
