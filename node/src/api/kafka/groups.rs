@@ -86,6 +86,13 @@ struct Member {
     sync: Option<oneshot::Sender<Synced>>,
 }
 
+impl Member {
+    /// The metadata this member sent for `protocol` (empty if it sent none).
+    fn metadata_for(&self, protocol: &str) -> Bytes {
+        self.protocols.iter().find(|(n, _)| n == protocol).map(|(_, b)| b.clone()).unwrap_or_default()
+    }
+}
+
 struct Group {
     state: State,
     generation: i32,
@@ -170,19 +177,8 @@ impl Group {
         }
         let leader = self.leader.clone().unwrap_or_default();
         let protocol = self.protocol.clone().unwrap_or_default();
-        let everyone: Vec<(String, Bytes)> = self
-            .members
-            .iter()
-            .map(|(id, m)| {
-                let meta = m
-                    .protocols
-                    .iter()
-                    .find(|(n, _)| *n == protocol)
-                    .map(|(_, b)| b.clone())
-                    .unwrap_or_default();
-                (id.clone(), meta)
-            })
-            .collect();
+        let everyone: Vec<(String, Bytes)> =
+            self.members.iter().map(|(id, m)| (id.clone(), m.metadata_for(&protocol))).collect();
         self.state = State::CompletingRebalance;
         for (id, m) in &mut self.members {
             m.last_seen = now;
@@ -474,12 +470,7 @@ impl KafkaGroups {
                 .members
                 .iter()
                 .map(|(id, m)| {
-                    let meta = m
-                        .protocols
-                        .iter()
-                        .find(|(n, _)| *n == protocol)
-                        .map(|(_, b)| b.clone())
-                        .unwrap_or_default();
+                    let meta = m.metadata_for(&protocol);
                     (id.clone(), m.client_id.clone(), m.client_host.clone(), meta, m.assignment.clone())
                 })
                 .collect(),
