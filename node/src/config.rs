@@ -12,6 +12,15 @@ use serde::Deserialize;
 use serde::Serialize;
 
 use crate::limits::Limits;
+pub use crate::security::tls::TlsConfig;
+
+/// Whether `addr` (`host:port`) is on the loopback interface.
+fn is_loopback(addr: &str) -> bool {
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(a) => a.ip().is_loopback(),
+        Err(_) => addr.rsplit_once(':').is_some_and(|(h, _)| h == "localhost"),
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,7 +77,28 @@ pub struct NodeConfig {
     /// once; others are opened when used and the least recently used are closed. 0 means half
     /// of the process's open-file limit (which the node raises to the hard limit at start).
     pub max_open_log_files: u64,
+    /// TLS on every listener and between nodes (mutual TLS with node certificates); off when
+    /// absent. See `ARCHITECTURE.md`, "Security".
+    pub tls: Option<TlsConfig>,
+    /// Which listeners require callers to authenticate (and then authorize them with ACLs).
+    pub authentication: Authentication,
+    /// Principals (`User:NAME`) that every ACL check lets through, as Kafka's `super.users`.
+    pub superusers: Vec<String>,
+    /// Connections each listener (client, Raft, Kafka, HTTP) keeps open at once; more are closed
+    /// as soon as they are accepted.
+    pub max_connections: usize,
     pub limits: Limits,
+}
+
+/// Per-listener authentication (see [`NodeConfig::authentication`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Authentication {
+    /// `eddy.v1.Broker`, `Admin` and `Groups`: a bearer token or a client certificate.
+    pub client: bool,
+    /// The Kafka listener: SASL (PLAIN with a token as the password, SCRAM-SHA-256/512) or a
+    /// client certificate.
+    pub kafka: bool,
 }
 
 impl Default for NodeConfig {
@@ -90,6 +120,10 @@ impl Default for NodeConfig {
             segment_bytes: 64 << 20,
             retention_check_interval_ms: 5000,
             max_open_log_files: 0,
+            tls: None,
+            authentication: Authentication::default(),
+            superusers: Vec::new(),
+            max_connections: 10_000,
             limits: Limits::default(),
         }
     }
@@ -171,10 +205,42 @@ impl NodeConfig {
                 self.retention_check_interval_ms
             );
         }
+        for s in &self.superusers {
+            let name = s
+                .strip_prefix("User:")
+                .ok_or_else(|| anyhow::anyhow!("superusers: {s:?} is not of the form User:NAME"))?;
+            eddy_proto::credentials::validate_user_name(name)
+                .map_err(|e| anyhow::anyhow!("superusers: {e}"))?;
+        }
+        if self.max_connections == 0 {
+            bail!("max_connections: must be at least 1");
+        }
+        if self.tls.is_none() {
+            let open: Vec<(&str, &String)> =
+                [("client_addr", &self.client_addr), ("raft_addr", &self.raft_addr)]
+                    .into_iter()
+                    .chain(self.kafka_addr.iter().map(|a| ("kafka_addr", a)))
+                    .filter(|(_, a)| !is_loopback(a))
+                    .collect();
+            if (self.authentication.client || self.authentication.kafka)
+                && let Some((name, addr)) = open.first()
+            {
+                bail!(
+                    "authentication is on but [tls] is not configured, and {name} {addr} is not a loopback address: \
+                     tokens and passwords would cross the network in the clear. Configure [tls] (eddyctl cert), \
+                     or bind to 127.0.0.1"
+                );
+            }
+        }
         if self.limits.max_event_bytes == 0 || self.limits.max_event_bytes > self.limits.max_request_bytes {
             bail!("limits.max_event_bytes: must be between 1 and limits.max_request_bytes");
         }
         Ok(())
+    }
+
+    /// Whether any listener authenticates its callers.
+    pub fn authenticates(&self) -> bool {
+        self.authentication.client || self.authentication.kafka
     }
 
     pub fn addr(&self) -> NodeAddr {
@@ -231,6 +297,26 @@ raft_addr = "127.0.0.1:9192"
         ] {
             assert!(bad.validate().is_err_and(|e| e.to_string().starts_with(name)), "{name}");
         }
+        let secured = NodeConfig {
+            authentication: Authentication { client: true, kafka: false },
+            superusers: vec!["User:admin".into()],
+            ..c.clone()
+        };
+        secured.validate().expect("authentication on loopback without TLS (the simulator's setup)");
+        let exposed = NodeConfig { kafka_addr: Some("0.0.0.0:9391".into()), ..secured.clone() };
+        let e = exposed.validate().expect_err("authentication without TLS off loopback");
+        assert!(
+            e.to_string().contains("[tls] is not configured") && e.to_string().contains("0.0.0.0:9391"),
+            "{e}"
+        );
+        let bad_super = NodeConfig { superusers: vec!["admin".into()], ..c.clone() };
+        assert!(bad_super.validate().is_err_and(|e| e.to_string().starts_with("superusers")));
+        let with_tls: NodeConfig = toml::from_str(&format!(
+            "superusers = [\"User:admin\"]\n{text}\n[tls]\ncert = \"n.pem\"\nkey = \"n.key\"\nca = \"ca.pem\"\nrequire_client_cert = true\n[authentication]\nclient = true\nkafka = true\n"
+        ))
+        .expect("parses [tls] and [authentication]");
+        assert!(with_tls.tls.as_ref().is_some_and(|t| t.require_client_cert));
+        assert!(with_tls.authentication.kafka);
         let missing_me = NodeConfig { node_id: 3, ..c };
         assert!(missing_me.validate().is_err());
     }

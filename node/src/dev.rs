@@ -33,9 +33,56 @@ pub struct DevArgs {
     /// Client port of node 1; see the module docs for the others.
     #[arg(long, default_value_t = 9091)]
     base_port: u16,
+    /// No TLS and no authentication: every listener in plaintext, open to anyone who can
+    /// reach it (loopback only).
+    #[arg(long)]
+    insecure: bool,
 }
 
-fn configs(args: &DevArgs) -> anyhow::Result<Vec<NodeConfig>> {
+/// The bootstrap superuser of a secure dev cluster (its client certificate is in `certs/`).
+const DEV_SUPERUSER: &str = "admin";
+
+/// The certificates of a secure dev cluster, made on its first start under `<data-dir>/certs`
+/// and kept: a CA, one certificate per node, and the superuser's client certificate.
+struct DevCerts {
+    dir: PathBuf,
+}
+
+impl DevCerts {
+    fn ensure(data_dir: &std::path::Path, nodes: u16) -> anyhow::Result<Self> {
+        let dir = data_dir.join("certs");
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+        let ca = if ca_cert.exists() && ca_key.exists() {
+            eddy_ops::pki::Ca::load(&std::fs::read_to_string(&ca_cert)?, &std::fs::read_to_string(&ca_key)?)
+                .with_context(|| format!("load the dev CA in {}", dir.display()))?
+        } else {
+            let ca = eddy_ops::pki::Ca::new("Eddy dev CA")?;
+            std::fs::write(&ca_cert, &ca.issued.cert_pem)?;
+            eddy_ops::pki::write_private(&ca_key, &ca.issued.key_pem)?;
+            ca
+        };
+        let write = |stem: &str, issued: eddy_ops::pki::Issued| -> anyhow::Result<()> {
+            std::fs::write(dir.join(format!("{stem}.pem")), issued.cert_pem)?;
+            eddy_ops::pki::write_private(&dir.join(format!("{stem}.key")), &issued.key_pem)
+        };
+        for i in 1..=u64::from(nodes) {
+            if !dir.join(format!("node-{i}.pem")).exists() {
+                write(&format!("node-{i}"), ca.node(i, &["127.0.0.1".into(), "localhost".into()])?)?;
+            }
+        }
+        if !dir.join(format!("{DEV_SUPERUSER}.pem")).exists() {
+            write(DEV_SUPERUSER, ca.client(DEV_SUPERUSER)?)?;
+        }
+        Ok(Self { dir })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        std::path::absolute(self.dir.join(name)).unwrap_or_else(|_| self.dir.join(name))
+    }
+}
+
+fn configs(args: &DevArgs, certs: Option<&DevCerts>) -> anyhow::Result<Vec<NodeConfig>> {
     anyhow::ensure!((1..=99).contains(&args.nodes), "--nodes: must be between 1 and 99");
     anyhow::ensure!(
         args.base_port.checked_add(300 + args.nodes).is_some(),
@@ -59,6 +106,15 @@ fn configs(args: &DevArgs) -> anyhow::Result<Vec<NodeConfig>> {
             auto_create_topics: true,
             default_partitions: 3,
             initial_members: members.clone(),
+            tls: certs.map(|c| eddy_node::config::TlsConfig {
+                cert: c.path(&format!("node-{i}.pem")),
+                key: c.path(&format!("node-{i}.key")),
+                ca: c.path("ca.pem"),
+                require_client_cert: false,
+                http: false,
+            }),
+            authentication: eddy_node::config::Authentication { client: certs.is_some(), kafka: false },
+            superusers: if certs.is_some() { vec![format!("User:{DEV_SUPERUSER}")] } else { Vec::new() },
             ..NodeConfig::default()
         })
         .collect())
@@ -70,9 +126,10 @@ fn rack(i: u16) -> String {
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    let configs = configs(&args)?;
     let stop_signal = signal()?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("create {}", args.data_dir.display()))?;
+    let certs = if args.insecure { None } else { Some(DevCerts::ensure(&args.data_dir, args.nodes)?) };
+    let configs = configs(&args, certs.as_ref())?;
     let exe = std::env::current_exe().context("find the eddy-node executable")?;
     let mut children: Vec<(u64, Child)> = Vec::new();
     for c in &configs {
@@ -115,7 +172,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     println!("brokers: {brokers}");
     println!("  export EDDY_BROKERS={brokers}");
-    println!("  eddyctl cluster status");
+    match &certs {
+        Some(c) => {
+            // The superuser's credentials, for eddyctl; printed as paths, never as secrets.
+            println!("  export EDDY_CA={}", c.path("ca.pem").display());
+            println!("  export EDDY_CERT={}", c.path(&format!("{DEV_SUPERUSER}.pem")).display());
+            println!("  export EDDY_KEY={}", c.path(&format!("{DEV_SUPERUSER}.key")).display());
+            println!("  eddyctl cluster status");
+            println!(
+                "  (TLS on the client and Raft ports; you are User:{DEV_SUPERUSER}, a superuser. eddyctl user create NAME makes more users)"
+            );
+        }
+        None => {
+            println!("  eddyctl cluster status");
+            println!("  (--insecure: no TLS, no authentication)");
+        }
+    }
     let kafka: Vec<&str> = configs.iter().filter_map(|c| c.kafka_addr.as_deref()).collect();
     println!("kafka bootstrap servers: {}", kafka.join(","));
     println!("  kcat -b {} -L", kafka.join(","));

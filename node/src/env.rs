@@ -67,19 +67,40 @@ pub struct PlantedBugs {
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
+/// What a server knows about the other end of a connection: its address when there is one,
+/// and whether it spoke TLS with a certificate, and whose. Handed to each request (tonic's
+/// connect info) and read by authentication (`crate::security`).
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    pub remote: Option<std::net::SocketAddr>,
+    pub tls: bool,
+    pub cert: Option<crate::security::tls::CertIdentity>,
+}
+
 /// An accepted connection, whatever its transport.
-pub struct BoxedIo(pub Pin<Box<dyn Io>>);
+pub struct BoxedIo {
+    io: Pin<Box<dyn Io>>,
+    pub info: PeerInfo,
+    /// The listener's connection slot, held until the connection closes.
+    pub permit: Option<std::sync::Arc<tokio::sync::OwnedSemaphorePermit>>,
+}
 
 impl BoxedIo {
     pub fn new(io: impl Io) -> Self {
-        Self(Box::pin(io))
+        Self::with_info(io, PeerInfo::default())
+    }
+
+    pub fn with_info(io: impl Io, info: PeerInfo) -> Self {
+        Self { io: Box::pin(io), info, permit: None }
     }
 }
 
 impl tonic::transport::server::Connected for BoxedIo {
-    type ConnectInfo = ();
+    type ConnectInfo = PeerInfo;
 
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
 }
 
 impl AsyncRead for BoxedIo {
@@ -88,21 +109,21 @@ impl AsyncRead for BoxedIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.0.as_mut().poll_read(cx, buf)
+        self.io.as_mut().poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for BoxedIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.0.as_mut().poll_write(cx, buf)
+        self.io.as_mut().poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.0.as_mut().poll_flush(cx)
+        self.io.as_mut().poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.0.as_mut().poll_shutdown(cx)
+        self.io.as_mut().poll_shutdown(cx)
     }
 }
 
@@ -123,9 +144,9 @@ pub type Incoming = BoxStream<'static, io::Result<BoxedIo>>;
 /// Accepts connections from a real TCP listener.
 pub fn tcp_incoming(listener: tokio::net::TcpListener) -> Incoming {
     Box::pin(futures::stream::unfold(listener, |l| async move {
-        let r = l.accept().await.map(|(s, _)| {
+        let r = l.accept().await.map(|(s, remote)| {
             let _ = s.set_nodelay(true);
-            BoxedIo::new(s)
+            BoxedIo::with_info(s, PeerInfo { remote: Some(remote), ..PeerInfo::default() })
         });
         Some((r, l))
     }))

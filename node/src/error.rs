@@ -61,6 +61,12 @@ pub enum BrokerError {
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// No credentials, or credentials this node does not accept.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller is known and no ACL allows the operation.
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 fn leader_hint(leader: Option<NodeId>, addr: &Option<String>) -> String {
@@ -90,6 +96,8 @@ impl BrokerError {
             Self::Timeout(_) => error_codes::TIMEOUT,
             Self::Unavailable(_) => error_codes::UNAVAILABLE,
             Self::Internal(_) => error_codes::INTERNAL,
+            Self::Unauthenticated(_) => error_codes::UNAUTHENTICATED,
+            Self::PermissionDenied(_) => error_codes::PERMISSION_DENIED,
         }
     }
 
@@ -99,6 +107,8 @@ impl BrokerError {
             Self::UnknownTopic(_) | Self::UnknownPartition { .. } | Self::UnknownGroup(_) => Code::NotFound,
             Self::Fenced(_) => Code::FailedPrecondition,
             Self::TopicExists(_) => Code::AlreadyExists,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::Conflict(_) => Code::FailedPrecondition,
             Self::NotLeader { .. }
             | Self::NotReplica { .. }

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod node;
 pub mod partition;
 pub mod raft_config;
+pub mod security;
 pub mod service;
 pub mod sm_common;
 pub mod status;

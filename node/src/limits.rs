@@ -16,6 +16,8 @@ pub const PRODUCE_TIMEOUT_MS_DEFAULT: u32 = 10_000;
 pub const FETCH_WAIT_MS_MAX: u32 = 30_000;
 /// gRPC messages up to this size are decoded, so that oversized fields get a precise error.
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// The largest request to `eddy.v1.Admin` and `eddy.v1.Groups`, which carry no events.
+pub const CONTROL_MESSAGE_BYTES_MAX: usize = 4 << 20;
 /// Bounds of a topic's `segment.bytes`.
 pub const SEGMENT_BYTES_MIN: u64 = 16 << 10;
 pub const SEGMENT_BYTES_MAX: u64 = 1 << 30;

@@ -22,6 +22,15 @@ pub struct ApiLabel {
     pub api: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabel {
+    /// `client`, `raft`, `kafka` or `http`.
+    pub listener: String,
+    /// Why: `no_credentials`, `bad_token`, `unknown_user`, `not_a_node`, `node_not_member`,
+    /// `plaintext`, `handshake`, `handshake_timeout`, `sasl`, `connection_limit`, `denied`.
+    pub reason: String,
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs to ~26 s.
     Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
@@ -51,6 +60,11 @@ pub struct NodeMetrics {
     pub kafka_fetch_records: Counter,
     pub kafka_produce_records: Counter,
     pub kafka_read_replica_redirects: Counter,
+    /// Authentication failures and refused connections, by listener and reason (never with
+    /// the credentials that failed).
+    pub auth_failures: Family<RefusalLabel, Counter>,
+    /// Requests refused because no ACL allows them, by listener.
+    pub authorization_denials: Family<RefusalLabel, Counter>,
 }
 
 impl Default for NodeMetrics {
@@ -70,6 +84,8 @@ impl Default for NodeMetrics {
             kafka_fetch_records: Counter::default(),
             kafka_produce_records: Counter::default(),
             kafka_read_replica_redirects: Counter::default(),
+            auth_failures: Family::default(),
+            authorization_denials: Family::default(),
         };
         // A series that exists from the start, at zero: rate() works from the first scrape,
         // and the family is there on a node that has not served a request yet.
@@ -81,6 +97,22 @@ impl Default for NodeMetrics {
 }
 
 impl NodeMetrics {
+    pub fn auth_failure(&self, listener: &str, reason: &str) {
+        self.auth_failures
+            .get_or_create(&RefusalLabel { listener: listener.to_owned(), reason: reason.to_owned() })
+            .inc();
+    }
+
+    pub fn connection_refused(&self, listener: &str, reason: &str) {
+        self.auth_failure(listener, reason);
+    }
+
+    pub fn authorization_denied(&self, listener: &str) {
+        self.authorization_denials
+            .get_or_create(&RefusalLabel { listener: listener.to_owned(), reason: "denied".to_owned() })
+            .inc();
+    }
+
     pub fn observe_request<T, E: AsCode>(
         family: &Family<ResultLabel, Counter>,
         latency: &Histogram,
@@ -165,6 +197,16 @@ impl NodeMetrics {
             "Duration of each group-commit fdatasync of a log",
             prometheus_client::registry::Unit::Seconds,
             self.fsync_latency.clone(),
+        );
+        reg.register(
+            "eddy_auth_failures",
+            "Authentication failures and refused connections, by listener and reason",
+            self.auth_failures.clone(),
+        );
+        reg.register(
+            "eddy_authorization_denials",
+            "Requests refused because no ACL allows them, by listener",
+            self.authorization_denials.clone(),
         );
         reg.register_with_unit(
             "eddy_meta_apply_latency",

@@ -54,6 +54,12 @@ use crate::meta::handle::MetaRaft;
 use crate::meta::state::NodeState;
 use crate::metrics::NodeMetrics;
 use crate::raft_config;
+use crate::security::Security;
+use crate::security::layer::AuthLayer;
+use crate::security::tls::CertIdentity;
+use crate::security::tls::Guard;
+use crate::security::tls::PlaintextAnswer;
+use crate::security::tls::TlsMaterial;
 use crate::service::BrokerState;
 
 /// How long the Raft server waits for peers' streams to end when the node stops.
@@ -69,6 +75,17 @@ const RAFT_PENDING_RESETS_MAX: usize = 1 << 16;
 /// requests of every partition it writes to.
 const CLIENT_CONNECTION_WINDOW: u32 = 16 << 20;
 const CLIENT_STREAM_WINDOW: u32 = 1 << 20;
+/// HTTP/2 limits of the client listener. Streams: a producer keeps thousands of requests in
+/// flight on one connection (`eddyctl bench produce --inflight`). Resets: h2's defaults, which
+/// cut off a rapid-reset flood (CVE-2023-44487) after 20 streams cancelled before they were
+/// accepted. Keep-alive closes connections whose peer stopped answering PINGs.
+const CLIENT_CONCURRENT_STREAMS_MAX: u32 = 8192;
+const CLIENT_PENDING_RESETS_MAX: usize = 20;
+const CLIENT_LOCAL_RESETS_MAX: usize = 1024;
+const CLIENT_HEADER_LIST_BYTES_MAX: u32 = 16 << 10;
+const CLIENT_FRAME_BYTES_MAX: u32 = 1 << 20;
+const CLIENT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const CLIENT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a shutdown waits for servers to drain and groups to stop.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -269,9 +286,9 @@ async fn check_identity(env: &NodeEnv, me: NodeId) -> anyhow::Result<()> {
 /// `client_incoming` and peers on `raft_incoming`, with liveness probes on `probes`.
 /// Adds gRPC reflection, as `grpc.reflection.v1` and as `v1alpha` (which older grpcurl and
 /// Python's grpcio-reflection still ask for), so `grpcurl list` works with either.
-pub fn with_reflection(
-    router: tonic::transport::server::Router,
-) -> anyhow::Result<tonic::transport::server::Router> {
+pub fn with_reflection<L>(
+    router: tonic::transport::server::Router<L>,
+) -> anyhow::Result<tonic::transport::server::Router<L>> {
     let builder = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(eddy_proto::FILE_DESCRIPTOR_SET)
@@ -284,13 +301,31 @@ pub fn with_reflection(
 
 pub async fn start(
     config: NodeConfig,
-    env: NodeEnv,
+    mut env: NodeEnv,
     client_incoming: Incoming,
     raft_incoming: Incoming,
     probes: ProbeSocket,
 ) -> anyhow::Result<NodeHandle> {
     config.validate()?;
     let me = config.node_id;
+    let tls = match &config.tls {
+        Some(c) => {
+            crate::security::tls::install_crypto_provider();
+            let m = TlsMaterial::load(c)?;
+            if m.identity != Some(CertIdentity::Node(me)) {
+                bail!(
+                    "tls.cert {} names {:?}, but this is node {me}: each node needs a certificate of its own (eddyctl cert create-node {me})",
+                    c.cert.display(),
+                    m.identity
+                );
+            }
+            // Every channel to a peer is TLS, with this node's certificate, and checks that the
+            // peer is the node it dialled.
+            env.connector = Arc::new(crate::security::tls::TlsConnector { config: m.client_config()? });
+            Some(m)
+        }
+        None => None,
+    };
     check_identity(&env, me).await?;
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -347,6 +382,37 @@ pub async fn start(
         );
     }
 
+    let security = Arc::new(Security::new(
+        me,
+        meta.clone(),
+        config.superusers.iter().cloned().collect(),
+        config.initial_members.iter().map(|m| m.id).collect(),
+        metrics.clone(),
+    ));
+    let guard = |listener: &'static str, require_client_cert: bool| -> anyhow::Result<Guard> {
+        Ok(Guard {
+            listener,
+            tls: match &tls {
+                Some(m) => {
+                    Some(tokio_rustls::TlsAcceptor::from(m.server_config(require_client_cert, &[b"h2"])?))
+                }
+                None => None,
+            },
+            max_connections: config.max_connections,
+            handshake_timeout: crate::security::tls::HANDSHAKE_TIMEOUT,
+            metrics: metrics.clone(),
+            plaintext_answer: PlaintextAnswer::Grpc,
+        })
+    };
+    // Between nodes a certificate is always required; on the client port when configured.
+    let raft_incoming = crate::security::tls::guard(raft_incoming, guard("raft", true)?);
+    let client_incoming = crate::security::tls::guard(
+        client_incoming,
+        guard("client", tls.as_ref().is_some_and(|t| t.require_client_cert))?,
+    );
+    let raft_auth = AuthLayer::new(security.clone(), "raft", tls.is_some());
+    let client_auth = AuthLayer::new(security.clone(), "client", config.authentication.client);
+
     let replicas = Arc::new(Replicas::default());
     let broker = Arc::new(BrokerState {
         me,
@@ -357,6 +423,9 @@ pub async fn start(
         client_peers,
         metrics: metrics.clone(),
         liveness: liveness.clone(),
+        security: security.clone(),
+        tls: tls.clone(),
+        config: Arc::new(config.clone()),
         status_cache: Default::default(),
         local_status_cache: Default::default(),
     });
@@ -370,6 +439,7 @@ pub async fn start(
         "raft_server",
         async move {
             let server = tonic::transport::Server::builder()
+                .layer(raft_auth)
                 .http2_max_pending_accept_reset_streams(Some(RAFT_PENDING_RESETS_MAX))
                 // The same windows and reset limit as the peers' channels to this server (see
                 // `eddy_raft::transport::endpoint`): the peers are the cluster's own nodes.
@@ -410,15 +480,29 @@ pub async fn start(
         pending: Default::default(),
         waiting: Default::default(),
     });
-    let admin_service = AdminServer::new(AdminService::new(broker.clone(), reconciler.clone()));
-    let groups_service = GroupsServer::new(GroupsService::new(broker.clone()));
+    // Explicit message limits per service: events travel through Broker only.
+    let admin_service = AdminServer::new(AdminService::new(broker.clone(), reconciler.clone()))
+        .max_decoding_message_size(crate::limits::CONTROL_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    let groups_service = GroupsServer::new(GroupsService::new(broker.clone()))
+        .max_decoding_message_size(crate::limits::CONTROL_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
     let broker_service = BrokerServer::new(BrokerService::new(broker.clone()))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
     let router = with_reflection(
         tonic::transport::Server::builder()
+            .layer(client_auth)
             .initial_connection_window_size(CLIENT_CONNECTION_WINDOW)
             .initial_stream_window_size(CLIENT_STREAM_WINDOW)
+            // Explicit HTTP/2 limits: a client is not trusted the way a peer node is.
+            .max_concurrent_streams(Some(CLIENT_CONCURRENT_STREAMS_MAX))
+            .http2_max_pending_accept_reset_streams(Some(CLIENT_PENDING_RESETS_MAX))
+            .http2_max_local_error_reset_streams(Some(CLIENT_LOCAL_RESETS_MAX))
+            .http2_max_header_list_size(Some(CLIENT_HEADER_LIST_BYTES_MAX))
+            .max_frame_size(Some(CLIENT_FRAME_BYTES_MAX))
+            .http2_keepalive_interval(Some(CLIENT_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(CLIENT_KEEPALIVE_TIMEOUT))
             .add_service(health_service),
     )?;
     let shutdown = cancel.clone();

@@ -37,7 +37,77 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// How long a produce keeps retrying before it fails.
     pub delivery_timeout: Duration,
+    /// Sent as `authorization: Bearer …` with every request.
+    pub token: Option<Token>,
+    /// TLS for [`Client::connect`]'s channels; plaintext when absent.
+    pub tls: Option<TlsOptions>,
 }
+
+/// A user's token; its `Debug` shows only the user, so it never reaches a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let user = eddy_proto::credentials::token_user(&self.0).unwrap_or("?");
+        write!(f, "Token({user}.…)")
+    }
+}
+
+/// TLS settings of a client (PEM contents, not paths).
+#[derive(Clone)]
+pub struct TlsOptions {
+    /// The CA that signed the nodes' certificates.
+    pub ca_pem: String,
+    /// A client certificate and its key, to authenticate as the user it names.
+    pub identity: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Adds the bearer token to each request.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl Credentials {
+    pub fn new(token: Option<&Token>) -> Result<Self> {
+        let header = match token {
+            None => None,
+            Some(t) => {
+                let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                    format!("Bearer {}", t.0).parse().map_err(|_| {
+                        ClientError::Invalid("--token: not a valid token (printable ASCII)".into())
+                    })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+        };
+        Ok(Self { header })
+    }
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(
+        &mut self,
+        mut req: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel to a broker that sends the client's credentials.
+pub type Chan = tonic::service::interceptor::InterceptedService<Channel, Credentials>;
 
 impl Default for ClientConfig {
     fn default() -> Self {
@@ -46,6 +116,8 @@ impl Default for ClientConfig {
             backoff_min: Duration::from_millis(25),
             backoff_max: Duration::from_millis(250),
             delivery_timeout: Duration::from_secs(30),
+            token: None,
+            tls: None,
         }
     }
 }
@@ -137,14 +209,56 @@ pub trait Connect: Send + Sync + 'static {
     fn channel(&self, addr: &str) -> Result<Channel>;
 }
 
-/// Channels over real TCP.
+/// Channels over real TCP, with TLS when configured.
 #[derive(Debug, Default, Clone)]
-pub struct TcpConnect;
+pub struct TcpConnect {
+    pub tls: Option<TlsOptions>,
+}
+
+impl TcpConnect {
+    pub fn new(tls: Option<TlsOptions>) -> Self {
+        Self { tls }
+    }
+}
+
+/// The URL of a broker address (`host:port`, or with `http://` or `https://`), and whether it
+/// is TLS. A plaintext `http://` address with TLS settings is refused rather than silently
+/// sent in the clear.
+pub fn broker_url(addr: &str, tls: bool) -> Result<(String, bool)> {
+    if let Some(rest) = addr.strip_prefix("http://") {
+        if tls {
+            return Err(ClientError::Invalid(format!(
+                "--brokers: {addr:?} is a plaintext (http://) address, but TLS options (--ca, --cert, --key) are given; \
+                 use https://{rest} or {rest}"
+            )));
+        }
+        return Ok((addr.to_owned(), false));
+    }
+    if let Some(rest) = addr.strip_prefix("https://") {
+        if !tls {
+            return Err(ClientError::Invalid(format!(
+                "--brokers: {addr:?} is a TLS (https://) address; give the cluster's CA with --ca (env EDDY_CA)"
+            )));
+        }
+        return Ok((format!("https://{rest}"), true));
+    }
+    Ok((format!("{}://{addr}", if tls { "https" } else { "http" }), tls))
+}
 
 impl Connect for TcpConnect {
     fn channel(&self, addr: &str) -> Result<Channel> {
-        let ep = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| ClientError::Invalid(format!("--brokers: {addr:?} is not a valid address: {e}")))?
+        let (url, tls) = broker_url(addr, self.tls.is_some())?;
+        let mut ep = Endpoint::from_shared(url)
+            .map_err(|e| ClientError::Invalid(format!("--brokers: {addr:?} is not a valid address: {e}")))?;
+        if tls && let Some(t) = &self.tls {
+            let mut c = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&t.ca_pem));
+            if let Some((cert, key)) = &t.identity {
+                c = c.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
+            ep = ep.tls_config(c).map_err(|e| ClientError::Invalid(format!("TLS settings: {e}")))?;
+        }
+        let ep = ep
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
@@ -164,6 +278,7 @@ impl Connect for TcpConnect {
 }
 
 struct Inner {
+    credentials: Credentials,
     bootstrap: Vec<String>,
     connect: Arc<dyn Connect>,
     config: ClientConfig,
@@ -186,7 +301,8 @@ pub struct Client {
 impl Client {
     /// Connects to the cluster through any of `brokers` (`host:port`), loading its metadata.
     pub async fn connect(brokers: &[String], config: ClientConfig) -> Result<Self> {
-        Self::connect_with(brokers, config, Arc::new(TcpConnect)).await
+        let connect = Arc::new(TcpConnect::new(config.tls.clone()));
+        Self::connect_with(brokers, config, connect).await
     }
 
     /// Like [`Client::connect`], over the network `connect` provides.
@@ -198,8 +314,10 @@ impl Client {
         if brokers.is_empty() {
             return Err(ClientError::Invalid("--brokers: at least one broker address is needed".into()));
         }
+        let credentials = Credentials::new(config.token.as_ref())?;
         let client = Self {
             inner: Arc::new(Inner {
+                credentials,
                 bootstrap: brokers.to_vec(),
                 connect,
                 config,
@@ -219,14 +337,14 @@ impl Client {
     }
 
     /// A gRPC client for the broker at `addr`.
-    pub fn broker(&self, addr: &str) -> Result<BrokerClient<Channel>> {
+    pub fn broker(&self, addr: &str) -> Result<BrokerClient<Chan>> {
         Ok(BrokerClient::new(self.channel(addr)?)
             .max_decoding_message_size(RESPONSE_BYTES_MAX)
             .max_encoding_message_size(RESPONSE_BYTES_MAX))
     }
 
     /// The channel to the broker at `addr`, shared by every call to it.
-    pub fn channel(&self, addr: &str) -> Result<Channel> {
+    pub fn channel(&self, addr: &str) -> Result<Chan> {
         let mut channels = self.inner.channels.lock().expect("channel lock poisoned");
         let ch = match channels.get(addr) {
             Some(c) => c.clone(),
@@ -236,7 +354,7 @@ impl Client {
                 ch
             }
         };
-        Ok(ch)
+        Ok(tonic::service::interceptor::InterceptedService::new(ch, self.inner.credentials.clone()))
     }
 
     /// The addresses to try for a cluster-wide request: known nodes first, then the bootstrap list.
@@ -285,7 +403,7 @@ impl Client {
     /// recently did not answer are asked last (see [`UNRESPONSIVE_FOR`]).
     pub async fn call_any<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T>
     where
-        F: FnMut(BrokerClient<Channel>) -> Fut,
+        F: FnMut(BrokerClient<Chan>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         self.call_any_channel(what, |ch| {
@@ -299,7 +417,7 @@ impl Client {
     /// Like [`Client::call_any`], for `eddy.v1.Admin`.
     pub async fn admin_any<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T>
     where
-        F: FnMut(AdminClient<Channel>) -> Fut,
+        F: FnMut(AdminClient<Chan>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         self.call_any_channel(what, |ch| f(AdminClient::new(ch))).await
@@ -309,7 +427,7 @@ impl Client {
     /// other than `eddy.v1.Broker`.
     pub async fn call_any_channel<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T>
     where
-        F: FnMut(Channel) -> Fut,
+        F: FnMut(Chan) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         let timeout = self.inner.config.request_timeout;
@@ -330,7 +448,7 @@ impl Client {
         mut f: F,
     ) -> Result<T>
     where
-        F: FnMut(Channel, Duration) -> Fut,
+        F: FnMut(Chan, Duration) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
         R: FnMut() -> RFut,
         RFut: std::future::Future<Output = ()>,
@@ -388,7 +506,7 @@ impl Client {
         mut f: F,
     ) -> Result<T>
     where
-        F: FnMut(BrokerClient<Channel>, Duration) -> Fut,
+        F: FnMut(BrokerClient<Chan>, Duration) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         if let ReplicaChoice::Node(n) = choice
@@ -523,8 +641,20 @@ impl Client {
             return Ok(t.partitions.len() as u32);
         }
         let md = self.refresh_metadata().await?;
-        md.topics
-            .get(topic)
+        if let Some(t) = md.topics.get(topic) {
+            return Ok(t.partitions.len() as u32);
+        }
+        // Absent from the listing: asked by name, the cluster says why (a topic this user may
+        // not describe is left out of listings, and refused by name).
+        let resp = self
+            .call_any("metadata", |mut c| {
+                let req = self.request(pb::MetadataRequest { topics: vec![topic.to_owned()] });
+                async move { c.metadata(req).await }
+            })
+            .await?;
+        resp.topics
+            .iter()
+            .find(|t| t.name == topic)
             .map(|t| t.partitions.len() as u32)
             .ok_or_else(|| ClientError::NotFound(format!("topic \"{topic}\" does not exist")))
     }
@@ -583,7 +713,7 @@ impl Client {
         mut call: F,
     ) -> Result<T>
     where
-        F: FnMut(Channel, Duration) -> Fut,
+        F: FnMut(Chan, Duration) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         let deadline = Instant::now() + budget;
@@ -637,6 +767,95 @@ impl Client {
             Some(a) => a.to_owned(),
             None => self.candidates().into_iter().next().unwrap_or_else(|| self.inner.bootstrap[0].clone()),
         }
+    }
+
+    /// Creates user `name` (or gives an existing one a new token when `replace`) and returns
+    /// its token: made here, from the OS's randomness, and sent to no node; the cluster stores
+    /// only what verifies it.
+    pub async fn create_user(&self, name: &str, replace: bool) -> Result<Token> {
+        eddy_proto::credentials::validate_user_name(name)
+            .map_err(|e| ClientError::Invalid(format!("user: {e}")))?;
+        let mut secret = [0u8; eddy_proto::credentials::SECRET_BYTES];
+        let mut salts = [[0u8; eddy_proto::credentials::SALT_BYTES]; 3];
+        getrandom::fill(&mut secret).map_err(|e| ClientError::Unavailable(format!("OS randomness: {e}")))?;
+        for s in &mut salts {
+            getrandom::fill(s).map_err(|e| ClientError::Unavailable(format!("OS randomness: {e}")))?;
+        }
+        let token = eddy_proto::credentials::token(name, &secret);
+        let req = pb::CreateUserRequest {
+            name: name.to_owned(),
+            credentials: Some(eddy_proto::credentials::credentials(&token, &salts)),
+            replace,
+        };
+        self.admin_any("create user", |mut c| {
+            let r = self.request(req.clone());
+            async move { c.create_user(r).await }
+        })
+        .await?;
+        Ok(Token(token))
+    }
+
+    /// Deletes a user; false when there was none.
+    pub async fn delete_user(&self, name: &str) -> Result<bool> {
+        let req = pb::DeleteUserRequest { name: name.to_owned() };
+        let r = self
+            .admin_any("delete user", |mut c| {
+                let r = self.request(req.clone());
+                async move { c.delete_user(r).await }
+            })
+            .await?;
+        Ok(r.deleted)
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<String>> {
+        let r = self
+            .admin_any("list users", |mut c| {
+                let r = self.request(pb::ListUsersRequest {});
+                async move { c.list_users(r).await }
+            })
+            .await?;
+        Ok(r.users)
+    }
+
+    /// Adds an ACL binding; false when it existed.
+    pub async fn add_acl(&self, b: pb::AclBinding) -> Result<bool> {
+        let r = self
+            .admin_any("add acl", |mut c| {
+                let r = self.request(b.clone());
+                async move { c.add_acl(r).await }
+            })
+            .await?;
+        Ok(r.added)
+    }
+
+    /// Removes an ACL binding; false when there was none.
+    pub async fn remove_acl(&self, b: pb::AclBinding) -> Result<bool> {
+        let r = self
+            .admin_any("remove acl", |mut c| {
+                let r = self.request(b.clone());
+                async move { c.remove_acl(r).await }
+            })
+            .await?;
+        Ok(r.removed)
+    }
+
+    pub async fn list_acls(&self) -> Result<Vec<pb::AclBinding>> {
+        let r = self
+            .admin_any("list acls", |mut c| {
+                let r = self.request(pb::ListAclsRequest {});
+                async move { c.list_acls(r).await }
+            })
+            .await?;
+        Ok(r.bindings)
+    }
+
+    /// Who the cluster takes this client for.
+    pub async fn who_am_i(&self) -> Result<pb::WhoAmIResponse> {
+        self.admin_any("who am i", |mut c| {
+            let r = self.request(pb::WhoAmIRequest {});
+            async move { c.who_am_i(r).await }
+        })
+        .await
     }
 
     pub async fn list_nodes(&self) -> Result<pb::ListNodesResponse> {

@@ -174,7 +174,7 @@ impl GroupConsumer {
     /// Runs a group call against the brokers in turn until one answers.
     async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T>
     where
-        F: FnMut(GroupsClient<tonic::transport::Channel>) -> Fut,
+        F: FnMut(GroupsClient<crate::client::Chan>) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut f = f;

@@ -10,6 +10,7 @@ pub mod error;
 pub mod group;
 pub mod offsets;
 pub mod output;
+pub mod pki;
 pub mod producer;
 
 pub use client::Client;
@@ -17,6 +18,8 @@ pub use client::ClientConfig;
 pub use client::Connect;
 pub use client::ReplicaChoice;
 pub use client::TcpConnect;
+pub use client::TlsOptions;
+pub use client::Token;
 pub use error::ClientError;
 pub use group::GroupConfig;
 pub use group::GroupConsumer;

@@ -52,7 +52,13 @@ pub mod error_codes {
     pub const TIMEOUT: &str = "timeout";
     pub const UNAVAILABLE: &str = "unavailable";
     pub const INTERNAL: &str = "internal";
+    /// No credentials, or credentials the node does not accept (gRPC `UNAUTHENTICATED`).
+    pub const UNAUTHENTICATED: &str = "unauthenticated";
+    /// The caller is known but no ACL allows the operation (gRPC `PERMISSION_DENIED`).
+    pub const PERMISSION_DENIED: &str = "permission_denied";
 }
+
+pub mod credentials;
 
 /// The partition a keyed record goes to when the producer does not name one.
 ///

@@ -33,6 +33,13 @@ pub trait Connector: Send + Sync + 'static {
     /// A channel to `addr` (`host:port`). It connects on first use and reconnects after a
     /// failure; every call on it must still carry its own deadline.
     fn channel(&self, addr: &str) -> Channel;
+
+    /// A channel to node `node` (when known) at `addr`: a connector that can tell nodes apart
+    /// (TLS, by their certificates) refuses a peer that is not the node it dialled.
+    fn channel_to(&self, node: Option<NodeId>, addr: &str) -> Channel {
+        let _ = node;
+        self.channel(addr)
+    }
 }
 
 /// A datagram socket, for node liveness probes: a real UDP socket, or the simulator's.
@@ -143,7 +150,7 @@ impl Peers {
         {
             return ch.clone();
         }
-        let ch = self.connector.channel(addr);
+        let ch = self.connector.channel_to(Some(node), addr);
         channels.insert(node, (addr.to_owned(), ch.clone()));
         ch
     }

@@ -130,6 +130,7 @@ impl Ctx {
             backoff_min: Duration::from_millis(20),
             backoff_max: Duration::from_millis(250),
             delivery_timeout: Duration::from_secs(15),
+            ..ClientConfig::default()
         };
         loop {
             match Client::connect_with(&self.brokers, config.clone(), Arc::new(SimConnect)).await {

@@ -13,6 +13,8 @@ use super::groups::Assignor;
 use super::groups::TopicPartition;
 use super::state::NodeState;
 use super::state::TopicRecord;
+use crate::security::acl::AclBinding;
+use crate::security::users::UserRecord;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaCommand {
@@ -116,6 +118,20 @@ pub enum MetaCommand {
         group: String,
         offsets: Vec<(TopicPartition, u64, String)>,
     },
+    /// Create a user with these credentials, or replace an existing user's when `replace`.
+    PutUser {
+        name: String,
+        record: UserRecord,
+        replace: bool,
+    },
+    /// Answers [`MetaReply::Changed`]: false when there was no such user.
+    DeleteUser {
+        name: String,
+    },
+    /// Answers [`MetaReply::Changed`]: false when the binding existed.
+    AddAcl(AclBinding),
+    /// Answers [`MetaReply::Changed`]: false when there was no such binding.
+    RemoveAcl(AclBinding),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +150,8 @@ pub enum MetaReply {
     /// A member's assignment, after a join or heartbeat.
     Assignment(Assignment),
     Error(MetaError),
+    /// Whether a command changed anything (users and ACL bindings).
+    Changed(bool),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

@@ -55,7 +55,7 @@ pub const PERSIST_INTERVAL: std::time::Duration = std::time::Duration::from_secs
 /// a build meeting state it cannot read says so instead of failing to decode it. Bump the
 /// version whenever `MetaView` changes shape, and keep reading the previous ones (see [`v3`]).
 const FORMAT_TAG: &[u8; 3] = b"EDM";
-const FORMAT_VERSION: u8 = 4;
+const FORMAT_VERSION: u8 = 5;
 
 fn encode_view(view: &MetaView) -> Vec<u8> {
     let mut out = FORMAT_TAG.to_vec();
@@ -68,6 +68,7 @@ fn decode_view(b: &[u8], what: &str) -> io::Result<MetaView> {
     match b.split_at_checked(FORMAT_TAG.len() + 1) {
         Some((head, body)) if head[..FORMAT_TAG.len()] == FORMAT_TAG[..] => match head[FORMAT_TAG.len()] {
             FORMAT_VERSION => sm_common::decode(body, what),
+            4 => sm_common::decode::<v4::MetaView>(body, what).map(Into::into),
             3 => sm_common::decode::<v3::MetaView>(body, what).map(Into::into),
             2 => sm_common::decode::<v2::MetaView>(body, what).map(Into::into),
             version => Err(incompatible(what, &format!("format version {version}"))),
@@ -84,6 +85,58 @@ fn incompatible(what: &str, found: &str) -> io::Error {
              Run the Eddy version that wrote this data_dir, or start this node on an empty data_dir"
         ),
     )
+}
+
+/// Format version 4 (before users and ACL bindings), read and converted.
+mod v4 {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use eddy_raft::GroupId;
+    use eddy_raft::LogId;
+    use eddy_raft::NodeId;
+    use eddy_raft::StoredMembership;
+    use serde::Deserialize;
+
+    use crate::meta::groups;
+    use crate::meta::state;
+
+    #[derive(Deserialize)]
+    pub struct MetaView {
+        state: MetaState,
+        last_applied: Option<LogId>,
+        membership: StoredMembership,
+    }
+
+    #[derive(Deserialize)]
+    struct MetaState {
+        nodes: BTreeMap<NodeId, state::NodeRecord>,
+        topics: state::Topics,
+        next_group_id: GroupId,
+        next_producer_id: u64,
+        groups: BTreeMap<String, Arc<groups::GroupRecord>>,
+        next_member_id: u64,
+    }
+
+    impl From<MetaView> for super::MetaView {
+        fn from(v: MetaView) -> Self {
+            let s = v.state;
+            super::MetaView {
+                state: state::MetaState {
+                    nodes: s.nodes,
+                    topics: s.topics,
+                    next_group_id: s.next_group_id,
+                    next_producer_id: s.next_producer_id,
+                    groups: s.groups,
+                    next_member_id: s.next_member_id,
+                    ..Default::default()
+                },
+                last_applied: v.last_applied,
+                membership: v.membership,
+                by_group: Default::default(),
+            }
+        }
+    }
 }
 
 /// Format version 3 (before consumer groups kept Kafka clients' offset metadata strings), read
@@ -151,6 +204,7 @@ mod v3 {
                     next_producer_id: s.next_producer_id,
                     groups: groups(s.groups),
                     next_member_id: s.next_member_id,
+                    ..Default::default()
                 },
                 last_applied: v.last_applied,
                 membership: v.membership,
@@ -214,6 +268,7 @@ mod v2 {
                     next_producer_id: s.next_producer_id,
                     groups: super::v3::groups(s.groups),
                     next_member_id: s.next_member_id,
+                    ..Default::default()
                 },
                 last_applied: v.last_applied,
                 membership: v.membership,
@@ -560,6 +615,34 @@ mod tests {
         g.offset_metadata.insert(("t".into(), 0), "checkpoint".into());
         with_group.state.groups.insert("g".into(), Arc::new(g));
         assert_eq!(decode_view(&encode_view(&with_group), "state").expect("decodes"), with_group);
+
+        // Format version 4 had no users or ACL bindings; it is read with none.
+        let s = &with_group.state;
+        let mut v4 = vec![b'E', b'D', b'M', 4];
+        v4.extend(sm_common::encode(&(
+            (&s.nodes, &s.topics, s.next_group_id, s.next_producer_id, &s.groups, s.next_member_id),
+            &with_group.last_applied,
+            &with_group.membership,
+        )));
+        assert_eq!(decode_view(&v4, "state").expect("version 4 decodes"), with_group);
+        let mut secured = with_group.clone();
+        let creds = eddy_proto::credentials::credentials("alice.secret", &[[1; 16], [2; 16], [3; 16]]);
+        let record = crate::security::users::UserRecord::from_proto(&creds).expect("valid");
+        secured.state.apply(MetaCommand::PutUser { name: "alice".into(), record, replace: false });
+        let binding = crate::security::acl::AclBinding::from_proto(&eddy_proto::v1::AclBinding {
+            principal: "User:alice".into(),
+            resource_type: "topic".into(),
+            resource: "orders.".into(),
+            pattern: "prefixed".into(),
+            operation: "write".into(),
+            permission: "allow".into(),
+        })
+        .expect("valid");
+        assert_eq!(secured.state.apply(MetaCommand::AddAcl(binding.clone())), MetaReply::Changed(true));
+        assert_eq!(secured.state.apply(MetaCommand::AddAcl(binding)), MetaReply::Changed(false));
+        assert_eq!(decode_view(&encode_view(&secured), "state").expect("decodes"), secured);
+        assert_ne!(secured, with_group);
+
         let mut registered = view.clone();
         registered.state.apply(MetaCommand::RegisterNode {
             node: 1,

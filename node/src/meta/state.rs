@@ -21,6 +21,8 @@ use super::groups::Assignor;
 use super::groups::GroupRecord;
 use super::groups::MemberRecord;
 use super::groups::TopicPartition;
+use crate::security::acl::AclBinding;
+use crate::security::users::UserRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum NodeState {
@@ -151,6 +153,10 @@ pub struct MetaState {
     pub groups: BTreeMap<String, Arc<GroupRecord>>,
     /// Member ids are never reused, which fences a member whose session expired.
     pub next_member_id: u64,
+    /// Users with secret credentials, by name.
+    pub users: BTreeMap<String, Arc<UserRecord>>,
+    /// Every ACL binding (shared, so that cloning the state for each applied entry stays cheap).
+    pub acls: Arc<BTreeSet<AclBinding>>,
 }
 
 impl Default for MetaState {
@@ -162,6 +168,8 @@ impl Default for MetaState {
             next_producer_id: 1,
             groups: BTreeMap::new(),
             next_member_id: 1,
+            users: BTreeMap::new(),
+            acls: Arc::default(),
         }
     }
 }
@@ -295,6 +303,18 @@ impl MetaState {
             MetaCommand::CommitOffsetsWithMetadata { group, offsets } => {
                 self.commit_offsets(group, None, offsets).map(|()| MetaReply::Done).into()
             }
+            MetaCommand::PutUser { name, record, replace } => {
+                if !replace && self.users.contains_key(&name) {
+                    return MetaReply::Error(MetaError::Conflict(format!(
+                        "user \"{name}\" already exists; delete it first, or replace its token"
+                    )));
+                }
+                self.users.insert(name, Arc::new(record));
+                MetaReply::Done
+            }
+            MetaCommand::DeleteUser { name } => MetaReply::Changed(self.users.remove(&name).is_some()),
+            MetaCommand::AddAcl(b) => MetaReply::Changed(Arc::make_mut(&mut self.acls).insert(b)),
+            MetaCommand::RemoveAcl(b) => MetaReply::Changed(Arc::make_mut(&mut self.acls).remove(&b)),
             MetaCommand::ResetOffsets { group, offsets } => {
                 self.reset_offsets(group, offsets).map(|()| MetaReply::Done).into()
             }

@@ -39,6 +39,13 @@ pub struct BrokerState {
     pub client_peers: Arc<Peers>,
     pub metrics: Arc<NodeMetrics>,
     pub liveness: Arc<eddy_raft::liveness::Liveness>,
+    /// Users, ACL bindings and superusers, for the listeners' authentication and authorization.
+    pub security: Arc<crate::security::Security>,
+    /// This node's TLS certificates, when `[tls]` is configured (for listeners started outside
+    /// `node::start`: Kafka and HTTP).
+    pub tls: Option<crate::security::tls::TlsMaterial>,
+    /// The node's configuration, as it started.
+    pub config: Arc<crate::config::NodeConfig>,
     /// The last cluster status gathered, and when (see [`BrokerState::cluster_status`]).
     pub status_cache: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<crate::status::ClusterStatus>)>>,
     /// This node's own report, for `recent` asks (see `BrokerState::recent_local_status`).

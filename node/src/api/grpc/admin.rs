@@ -23,6 +23,12 @@ use crate::limits;
 use crate::meta::MetaCommand;
 use crate::meta::MetaReply;
 use crate::meta::state::NodeState;
+use crate::security::Caller;
+use crate::security::acl::AclBinding;
+use crate::security::acl::Operation;
+use crate::security::acl::Principal;
+use crate::security::acl::ResourceType;
+use crate::security::users::UserRecord;
 use crate::service::BrokerState;
 use crate::service::META_WRITE_TIMEOUT;
 use crate::status::STATUS_TIMEOUT;
@@ -276,7 +282,10 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
-        self.state.delete_topic(&request.into_inner().name).await?;
+        let caller = Caller::of(&request)?;
+        let req = request.into_inner();
+        caller.check(Operation::Delete, ResourceType::Topic, &req.name)?;
+        self.state.delete_topic(&req.name).await?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
 
@@ -284,7 +293,9 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::AlterTopicConfigRequest>,
     ) -> Result<Response<pb::AlterTopicConfigResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
+        caller.check(Operation::Alter, ResourceType::Topic, &req.name)?;
         let config = self.state.alter_topic_config(&req.name, req.set.into_iter().collect()).await?;
         Ok(Response::new(pb::AlterTopicConfigResponse { config: config.into_iter().collect() }))
     }
@@ -293,7 +304,9 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::AddPartitionsRequest>,
     ) -> Result<Response<pb::AddPartitionsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
+        caller.check(Operation::Alter, ResourceType::Topic, &req.name)?;
         let partitions = self.state.add_partitions(&req.name, req.count).await?;
         Ok(Response::new(pb::AddPartitionsResponse { partitions }))
     }
@@ -348,9 +361,17 @@ impl Admin for AdminService {
     }
 
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
         if req.node_id == 0 {
             return Err(BrokerError::InvalidArgument("node_id: must be at least 1".into()).into());
+        }
+        if caller.restricted() && caller.principal != Principal::Node(req.node_id) {
+            return Err(BrokerError::PermissionDenied(format!(
+                "{} may not join the cluster as node {}: a node joins with its own node certificate",
+                caller.principal, req.node_id
+            ))
+            .into());
         }
         if req.client_addr.is_empty() || req.raft_addr.is_empty() {
             return Err(BrokerError::InvalidArgument("client_addr, raft_addr: both are needed".into()).into());
@@ -358,5 +379,87 @@ impl Admin for AdminService {
         let addr = NodeAddr { raft_addr: req.raft_addr, client_addr: req.client_addr };
         let voter = self.state.meta.join(req.node_id, addr, META_WRITE_TIMEOUT).await?;
         Ok(Response::new(pb::JoinResponse { voter }))
+    }
+
+    async fn create_user(
+        &self,
+        request: Request<pb::CreateUserRequest>,
+    ) -> Result<Response<pb::CreateUserResponse>, Status> {
+        let req = request.into_inner();
+        eddy_proto::credentials::validate_user_name(&req.name)
+            .map_err(|e| BrokerError::InvalidArgument(format!("name: {e}")))?;
+        let creds =
+            req.credentials.ok_or_else(|| BrokerError::InvalidArgument("credentials: missing".into()))?;
+        let record = UserRecord::from_proto(&creds).map_err(BrokerError::InvalidArgument)?;
+        match self.write(MetaCommand::PutUser { name: req.name, record, replace: req.replace }).await? {
+            MetaReply::Error(e) => Err(BrokerError::from(e).into()),
+            _ => Ok(Response::new(pb::CreateUserResponse {})),
+        }
+    }
+
+    async fn delete_user(
+        &self,
+        request: Request<pb::DeleteUserRequest>,
+    ) -> Result<Response<pb::DeleteUserResponse>, Status> {
+        let req = request.into_inner();
+        eddy_proto::credentials::validate_user_name(&req.name)
+            .map_err(|e| BrokerError::InvalidArgument(format!("name: {e}")))?;
+        let deleted = changed(self.write(MetaCommand::DeleteUser { name: req.name }).await?)?;
+        Ok(Response::new(pb::DeleteUserResponse { deleted }))
+    }
+
+    async fn list_users(
+        &self,
+        _: Request<pb::ListUsersRequest>,
+    ) -> Result<Response<pb::ListUsersResponse>, Status> {
+        let users = self.state.meta.view().state.users.keys().cloned().collect();
+        Ok(Response::new(pb::ListUsersResponse { users }))
+    }
+
+    async fn add_acl(
+        &self,
+        request: Request<pb::AclBinding>,
+    ) -> Result<Response<pb::AddAclResponse>, Status> {
+        let b = AclBinding::from_proto(request.get_ref()).map_err(BrokerError::InvalidArgument)?;
+        let added = changed(self.write(MetaCommand::AddAcl(b)).await?)?;
+        Ok(Response::new(pb::AddAclResponse { added }))
+    }
+
+    async fn remove_acl(
+        &self,
+        request: Request<pb::AclBinding>,
+    ) -> Result<Response<pb::RemoveAclResponse>, Status> {
+        let b = AclBinding::from_proto(request.get_ref()).map_err(BrokerError::InvalidArgument)?;
+        let removed = changed(self.write(MetaCommand::RemoveAcl(b)).await?)?;
+        Ok(Response::new(pb::RemoveAclResponse { removed }))
+    }
+
+    async fn list_acls(
+        &self,
+        _: Request<pb::ListAclsRequest>,
+    ) -> Result<Response<pb::ListAclsResponse>, Status> {
+        let bindings = self.state.meta.view().state.acls.iter().map(AclBinding::to_proto).collect();
+        Ok(Response::new(pb::ListAclsResponse { bindings }))
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            principal: caller.principal.to_string(),
+            superuser: caller.superuser,
+            authenticated_by: caller.via.as_str().to_owned(),
+        }))
+    }
+}
+
+/// The answer of a command that reports whether it changed anything.
+fn changed(reply: MetaReply) -> Result<bool, BrokerError> {
+    match reply {
+        MetaReply::Changed(c) => Ok(c),
+        MetaReply::Error(e) => Err(e.into()),
+        other => Err(BrokerError::Internal(format!("unexpected metadata reply {other:?}"))),
     }
 }

@@ -16,6 +16,9 @@ use crate::limits;
 use crate::meta::state::TopicRecord;
 use crate::metrics::NodeMetrics;
 use crate::partition::handle::OffsetSpec;
+use crate::security::Caller;
+use crate::security::acl::Operation;
+use crate::security::acl::ResourceType;
 use crate::service::BrokerState;
 use crate::service::data::Fetch;
 use crate::service::data::NewRecord;
@@ -157,7 +160,11 @@ impl Broker for BrokerService {
         &self,
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::CreateTopicResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
+        if !caller.allows(Operation::Create, ResourceType::Cluster, "") {
+            caller.check(Operation::Create, ResourceType::Topic, &req.name)?;
+        }
         let t = self
             .state
             .create_topic(NewTopic {
@@ -172,13 +179,15 @@ impl Broker for BrokerService {
 
     async fn list_topics(
         &self,
-        _: Request<pb::ListTopicsRequest>,
+        request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let view = self.state.meta.view();
         let topics = view
             .state
             .topics
             .values()
+            .filter(|t| caller.allows(Operation::Describe, ResourceType::Topic, &t.name))
             .map(|t| pb::TopicSummary {
                 name: t.name.clone(),
                 partitions: t.partitions.len() as u32,
@@ -192,8 +201,10 @@ impl Broker for BrokerService {
         &self,
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
         limits::validate_topic_name("name", &req.name)?;
+        caller.check(Operation::Describe, ResourceType::Topic, &req.name)?;
         let t = self.state.topic(&req.name)?;
         let status = self.state.cluster_status().await;
         Ok(Response::new(pb::DescribeTopicResponse { topic: Some(topic_metadata(&t, &status.partitions)) }))
@@ -203,12 +214,19 @@ impl Broker for BrokerService {
         &self,
         request: Request<pb::MetadataRequest>,
     ) -> Result<Response<pb::MetadataResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
         for name in &req.topics {
             limits::validate_topic_name("topics", name)?;
+            caller.check(Operation::Describe, ResourceType::Topic, name)?;
         }
         let m = self.state.cluster_metadata(&req.topics).await?;
-        let topics = m.topics.iter().map(|t| topic_metadata(t, &m.status.partitions)).collect();
+        let topics = m
+            .topics
+            .iter()
+            .filter(|t| caller.allows(Operation::Describe, ResourceType::Topic, &t.name))
+            .map(|t| topic_metadata(t, &m.status.partitions))
+            .collect();
         let nodes = m
             .view
             .state
@@ -245,7 +263,12 @@ impl Broker for BrokerService {
         request: Request<pb::ProduceRequest>,
     ) -> Result<Response<pb::ProduceResponse>, Status> {
         let started = tokio::time::Instant::now();
-        let r = self.produce_inner(request.into_inner()).await;
+        let caller = Caller::of(&request)?;
+        let req = request.into_inner();
+        let r = match caller.check(Operation::Write, ResourceType::Topic, &req.topic) {
+            Ok(()) => self.produce_inner(req).await,
+            Err(e) => Err(e),
+        };
         let m = &self.state.metrics;
         NodeMetrics::observe_request(&m.produce_requests, &m.produce_latency, started.elapsed(), &r);
         r.map(Response::new).map_err(Status::from)
@@ -253,7 +276,12 @@ impl Broker for BrokerService {
 
     async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
         let started = tokio::time::Instant::now();
-        let r = self.fetch_inner(request.into_inner()).await;
+        let caller = Caller::of(&request)?;
+        let req = request.into_inner();
+        let r = match caller.check(Operation::Read, ResourceType::Topic, &req.topic) {
+            Ok(()) => self.fetch_inner(req).await,
+            Err(e) => Err(e),
+        };
         let m = &self.state.metrics;
         NodeMetrics::observe_request(&m.fetch_requests, &m.fetch_latency, started.elapsed(), &r);
         r.map(Response::new).map_err(Status::from)
@@ -273,6 +301,9 @@ impl Broker for BrokerService {
         &self,
         request: Request<pb::ListOffsetsRequest>,
     ) -> Result<Response<pb::ListOffsetsResponse>, Status> {
-        self.list_offsets_inner(request.into_inner()).map(Response::new).map_err(Status::from)
+        let caller = Caller::of(&request)?;
+        let req = request.into_inner();
+        caller.check(Operation::Describe, ResourceType::Topic, &req.topic)?;
+        self.list_offsets_inner(req).map(Response::new).map_err(Status::from)
     }
 }

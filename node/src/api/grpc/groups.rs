@@ -10,6 +10,10 @@ use tonic::Request;
 use tonic::Response;
 use tonic::Status;
 
+use crate::security::Caller;
+use crate::security::acl::Operation;
+use crate::security::acl::ResourceType;
+
 use crate::error::BrokerError;
 use crate::limits;
 use crate::meta::groups::Assignment;
@@ -88,16 +92,31 @@ fn from_pb_offsets(offsets: Vec<pb::PartitionOffset>) -> Result<Vec<(TopicPartit
         .collect()
 }
 
+/// Committing or resetting offsets: read on the group and on every topic named (Kafka's rule for
+/// OffsetCommit).
+fn check_group_and_topics(
+    caller: &Caller,
+    group: &str,
+    offsets: &[(crate::meta::groups::TopicPartition, u64)],
+) -> Result<(), BrokerError> {
+    caller.check(Operation::Read, ResourceType::Group, group)?;
+    let topics: BTreeSet<&str> = offsets.iter().map(|((t, _), _)| t.as_str()).collect();
+    topics.into_iter().try_for_each(|t| caller.check(Operation::Read, ResourceType::Topic, t))
+}
+
 #[tonic::async_trait]
 impl Groups for GroupsService {
     async fn join_group(
         &self,
         request: Request<pb::JoinGroupRequest>,
     ) -> Result<Response<pb::GroupAssignment>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
         group_name(&req.group)?;
+        caller.check(Operation::Read, ResourceType::Group, &req.group)?;
         for t in &req.topics {
             limits::validate_topic_name("topics", t)?;
+            caller.check(Operation::Describe, ResourceType::Topic, t)?;
         }
         let assignor = Assignor::parse(&req.assignor).ok_or_else(|| {
             BrokerError::InvalidArgument(format!(
@@ -114,8 +133,10 @@ impl Groups for GroupsService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::GroupAssignment>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
         group_name(&req.group)?;
+        caller.check(Operation::Read, ResourceType::Group, &req.group)?;
         member_id("member_id", &req.member_id)?;
         let owned = from_pb_tps("owned", req.owned)?;
         let a = self.state.group_heartbeat(req.group, req.member_id, req.generation, owned).await?;
@@ -126,8 +147,10 @@ impl Groups for GroupsService {
         &self,
         request: Request<pb::LeaveGroupRequest>,
     ) -> Result<Response<pb::LeaveGroupResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
         group_name(&req.group)?;
+        caller.check(Operation::Read, ResourceType::Group, &req.group)?;
         member_id("member_id", &req.member_id)?;
         self.state.leave_group(req.group, req.member_id).await?;
         Ok(Response::new(pb::LeaveGroupResponse {}))
@@ -137,9 +160,11 @@ impl Groups for GroupsService {
         &self,
         request: Request<pb::CommitOffsetsRequest>,
     ) -> Result<Response<pb::CommitOffsetsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
         group_name(&req.group)?;
         let offsets = from_pb_offsets(req.offsets)?;
+        check_group_and_topics(&caller, &req.group, &offsets)?;
         let member = (!req.member_id.is_empty()).then_some(req.member_id);
         self.state.commit_offsets(req.group, member, offsets).await?;
         Ok(Response::new(pb::CommitOffsetsResponse {}))
@@ -149,14 +174,17 @@ impl Groups for GroupsService {
         &self,
         request: Request<pb::FetchOffsetsRequest>,
     ) -> Result<Response<pb::FetchOffsetsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
         group_name(&req.group)?;
+        caller.check(Operation::Describe, ResourceType::Group, &req.group)?;
         let topics: BTreeSet<String> = req.topics.into_iter().collect();
         let offsets = self
             .state
             .committed_offsets(&req.group, &topics, req.linearizable)
             .await?
             .into_iter()
+            .filter(|((topic, _), _)| caller.allows(Operation::Describe, ResourceType::Topic, topic))
             .map(|((topic, partition), offset)| pb::PartitionOffset { topic, partition, offset })
             .collect();
         Ok(Response::new(pb::FetchOffsetsResponse { offsets }))
@@ -164,12 +192,14 @@ impl Groups for GroupsService {
 
     async fn list_groups(
         &self,
-        _request: Request<pb::ListGroupsRequest>,
+        request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let groups = self
             .state
             .list_groups()
             .into_iter()
+            .filter(|(name, _)| caller.allows(Operation::Describe, ResourceType::Group, name))
             .map(|(name, g)| pb::GroupSummary {
                 name,
                 members: g.members.len() as u32,
@@ -185,8 +215,10 @@ impl Groups for GroupsService {
         &self,
         request: Request<pb::DescribeGroupRequest>,
     ) -> Result<Response<pb::DescribeGroupResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
         group_name(&req.group)?;
+        caller.check(Operation::Describe, ResourceType::Group, &req.group)?;
         let d = self.state.describe_group(&req.group).await?;
         let g = &d.record;
         let members = g
@@ -202,6 +234,7 @@ impl Groups for GroupsService {
         let partitions = d
             .partitions
             .into_iter()
+            .filter(|p| caller.allows(Operation::Describe, ResourceType::Topic, &p.tp.0))
             .map(|p| pb::GroupPartition {
                 topic: p.tp.0,
                 partition: p.tp.1,
@@ -225,9 +258,11 @@ impl Groups for GroupsService {
         &self,
         request: Request<pb::ResetOffsetsRequest>,
     ) -> Result<Response<pb::ResetOffsetsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
         group_name(&req.group)?;
         let offsets = from_pb_offsets(req.offsets)?;
+        check_group_and_topics(&caller, &req.group, &offsets)?;
         self.state.reset_offsets(req.group, offsets).await?;
         Ok(Response::new(pb::ResetOffsetsResponse {}))
     }
@@ -236,8 +271,10 @@ impl Groups for GroupsService {
         &self,
         request: Request<pb::DeleteGroupRequest>,
     ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
         group_name(&req.group)?;
+        caller.check(Operation::Delete, ResourceType::Group, &req.group)?;
         self.state.delete_group(req.group).await?;
         Ok(Response::new(pb::DeleteGroupResponse {}))
     }

@@ -38,6 +38,8 @@ pub const GROUP_ID_NOT_FOUND: i16 = 69;
 pub const UNSUPPORTED_COMPRESSION_TYPE: i16 = 76;
 pub const INVALID_RECORD: i16 = 87;
 pub const UNKNOWN_TOPIC_ID: i16 = 100;
+pub const TOPIC_AUTHORIZATION_FAILED: i16 = 29;
+pub const SASL_AUTHENTICATION_FAILED: i16 = 58;
 
 /// The Kafka error code for an error of Eddy's services. Retriable conditions map to Kafka's
 /// retriable codes (a client refreshes its metadata on `NOT_LEADER_OR_FOLLOWER` and retries).
@@ -56,5 +58,7 @@ pub fn code(e: &BrokerError) -> i16 {
         BrokerError::Timeout(_) => REQUEST_TIMED_OUT,
         BrokerError::Unavailable(_) => LEADER_NOT_AVAILABLE,
         BrokerError::Fenced(_) | BrokerError::Internal(_) => UNKNOWN_SERVER_ERROR,
+        BrokerError::PermissionDenied(_) => TOPIC_AUTHORIZATION_FAILED,
+        BrokerError::Unauthenticated(_) => SASL_AUTHENTICATION_FAILED,
     }
 }

@@ -24,7 +24,7 @@ use crate::kv_map;
 /// How often `--wait` and `--watch` poll the cluster.
 const POLL: Duration = Duration::from_secs(1);
 
-fn print_json(v: &Value) {
+pub fn print_json(v: &Value) {
     println!("{v}");
 }
 

@@ -23,6 +23,7 @@ mod admin;
 mod bench;
 mod data;
 mod groups;
+mod security;
 
 /// Exit code for "unhealthy" or "partial".
 pub const EXIT_UNHEALTHY: u8 = 3;
@@ -30,15 +31,26 @@ pub const EXIT_UNHEALTHY: u8 = 3;
 #[derive(Parser, Debug)]
 #[command(name = "eddyctl", version, about = "Operate an Eddy cluster")]
 pub struct Cli {
-    /// Broker client addresses, comma-separated.
-    #[arg(
-        long,
-        env = "EDDY_BROKERS",
-        default_value = "127.0.0.1:9091",
-        value_delimiter = ',',
-        global = true
-    )]
-    pub brokers: Vec<String>,
+    /// Broker client addresses, comma-separated: `host:port`, or `https://host:port` (default
+    /// 127.0.0.1:9091, or the profile's).
+    #[arg(long, env = "EDDY_BROKERS", value_delimiter = ',', global = true)]
+    pub brokers: Option<Vec<String>>,
+    /// The cluster's CA certificate (PEM): connect with TLS and trust only it.
+    #[arg(long, env = "EDDY_CA", global = true)]
+    pub ca: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) to authenticate as the user it names; needs --key.
+    #[arg(long, env = "EDDY_CERT", global = true)]
+    pub cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "EDDY_KEY", global = true)]
+    pub key: Option<std::path::PathBuf>,
+    /// A user's token (`eddyctl user create`), sent as `authorization: Bearer …`.
+    #[arg(long, env = "EDDY_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// A TOML file with brokers and credentials (see `eddyctl --help` of `profile`); options
+    /// and environment variables override it.
+    #[arg(long, env = "EDDY_PROFILE", global = true)]
+    pub profile: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table, global = true)]
     pub output: Format,
@@ -195,6 +207,21 @@ pub enum Command {
         #[command(subcommand)]
         command: bench::BenchCommand,
     },
+    /// Certificates for people without a PKI: a CA, node and client certificates.
+    Cert {
+        #[command(subcommand)]
+        command: security::CertCommand,
+    },
+    /// Users with tokens: create (prints the token once), delete, list, whoami.
+    User {
+        #[command(subcommand)]
+        command: security::UserCommand,
+    },
+    /// Access control bindings (Kafka's model): add, remove, list.
+    Acl {
+        #[command(subcommand)]
+        command: security::AclCommand,
+    },
     /// Print a shell completion script.
     Completion {
         #[arg(value_enum)]
@@ -326,11 +353,19 @@ pub enum PartitionCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // ring, explicitly: with two providers linked in, rustls would refuse to guess.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDDYCTL_LOG").unwrap_or_else(|_| "warn".into());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
     if let Command::Completion { shell } = &cli.command {
         clap_complete::generate(*shell, &mut Cli::command(), "eddyctl", &mut std::io::stdout());
         return ExitCode::SUCCESS;
+    }
+    if let Command::Cert { command } = cli.command {
+        return security::cert(cli.output, command).unwrap_or_else(|e| {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        });
     }
     if let Command::Bench { command: bench::BenchCommand::Probe { dir, syncs, size, round_trips, writers } } =
         &cli.command
@@ -359,8 +394,25 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = ClientConfig { request_timeout: cli.request_timeout, ..ClientConfig::default() };
-    let client = Client::connect(&cli.brokers, config).await.context("connect to the cluster")?;
+    let mut config = ClientConfig { request_timeout: cli.request_timeout, ..ClientConfig::default() };
+    let profile = match &cli.profile {
+        Some(p) => security::Profile::load(p)?,
+        None => security::Profile::default(),
+    };
+    let brokers = cli
+        .brokers
+        .clone()
+        .or((!profile.brokers.is_empty()).then_some(profile.brokers))
+        .unwrap_or_else(|| vec!["127.0.0.1:9091".to_owned()]);
+    let creds = security::Credentials {
+        brokers: brokers.clone(),
+        ca: cli.ca.clone().or(profile.ca),
+        cert: cli.cert.clone().or(profile.cert),
+        key: cli.key.clone().or(profile.key),
+        token: cli.token.clone().or(profile.token),
+    };
+    creds.apply(&mut config)?;
+    let client = Client::connect(&brokers, config).await.context("connect to the cluster")?;
     let format = cli.output;
     match cli.command {
         Command::Cluster { command } => admin::cluster(&client, format, command).await,
@@ -414,7 +466,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Group { command } => groups::group(&client, format, command).await,
         Command::Bench { command } => bench::run(client, format, command).await,
-        Command::Completion { .. } => unreachable!("handled before connecting"),
+        Command::User { command } => security::user(&client, format, command).await,
+        Command::Acl { command } => security::acl(&client, format, command).await,
+        Command::Cert { .. } | Command::Completion { .. } => unreachable!("handled before connecting"),
     }
 }
 
