@@ -410,7 +410,7 @@ pub async fn start(
         client_incoming,
         guard("client", tls.as_ref().is_some_and(|t| t.require_client_cert))?,
     );
-    let raft_auth = AuthLayer::new(security.clone(), "raft", tls.is_some());
+    let raft_auth = AuthLayer::nodes_only(security.clone(), "raft", tls.is_some());
     let client_auth = AuthLayer::new(security.clone(), "client", config.authentication.client);
 
     let replicas = Arc::new(Replicas::default());

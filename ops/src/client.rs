@@ -122,6 +122,18 @@ impl Default for ClientConfig {
     }
 }
 
+/// A hint for the TLS failures whose rustls names are cryptic.
+fn tls_hint(e: &ClientError) -> &'static str {
+    let m = e.to_string();
+    if m.contains("invalid peer certificate") {
+        " (the node's certificate is not issued by the CA given with --ca / EDDY_CA, or not for this address)"
+    } else if m.contains("CertificateRequired") || m.contains("certificate required") {
+        " (this listener requires a client certificate: --cert and --key)"
+    } else {
+        ""
+    }
+}
+
 /// Whether a call's outcome came from the broker: anything but a timeout or a connection that
 /// could not be made.
 fn answered<T, E>(outcome: &std::result::Result<std::result::Result<T, tonic::Status>, E>) -> bool {
@@ -477,7 +489,8 @@ impl Client {
                         if !e.is_retriable() {
                             return Err(e);
                         }
-                        last = ClientError::Unavailable(format!("{what}: broker {addr}: {e}"));
+                        last =
+                            ClientError::Unavailable(format!("{what}: broker {addr}: {e}{}", tls_hint(&e)));
                     }
                     Err(_) => {
                         last =

@@ -230,6 +230,8 @@ static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: BTreeMap<u64, NodeProc>,
+    /// Set for a cluster started with [`Cluster::start_secure`].
+    pub secure: Option<Secure>,
     /// Node racks are this followed by the node id when set, else [`rack`].
     rack_prefix: Option<&'static str>,
     /// Released after `Drop` has stopped every node (fields drop after `drop` runs).
@@ -251,7 +253,39 @@ impl Cluster {
     pub fn start_racked(n: u64, extra: &str, rack_prefix: Option<&'static str>) -> anyhow::Result<Self> {
         let serial = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::Builder::new().prefix("eddy-cluster-").tempdir()?;
-        let mut c = Self { dir, nodes: BTreeMap::new(), rack_prefix, _serial: serial };
+        let mut c = Self { dir, nodes: BTreeMap::new(), secure: None, rack_prefix, _serial: serial };
+        Self::form(&mut c, n, extra)?;
+        Ok(c)
+    }
+
+    /// A cluster with TLS everywhere (mutual between nodes, certificates made with
+    /// `eddyctl cert`), authentication on the client and Kafka listeners as `kafka_auth` says,
+    /// and `User:admin` a superuser; [`Cluster::ctl`] runs as admin, by its client certificate.
+    pub fn start_secure(n: u64, kafka_auth: bool) -> anyhow::Result<Self> {
+        let serial = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::Builder::new().prefix("eddy-cluster-").tempdir()?;
+        let certs = dir.path().join("certs");
+        let cert = |args: &[&str]| -> anyhow::Result<()> {
+            let mut full = vec!["cert"];
+            full.extend_from_slice(args);
+            full.extend_from_slice(&["--dir", certs.to_str().context("path")?]);
+            let out = run_eddyctl(&full, &[], None, CTL_TIMEOUT)?;
+            ensure!(out.ok(), "eddyctl {full:?} failed: {out:?}");
+            Ok(())
+        };
+        cert(&["create-ca"])?;
+        cert(&["create-client", "admin"])?;
+        for id in 1..=n + 2 {
+            cert(&["create-node", &id.to_string()])?;
+        }
+        let secure = Secure { certs: certs.clone(), kafka_auth };
+        let mut c =
+            Self { dir, nodes: BTreeMap::new(), secure: Some(secure), rack_prefix: None, _serial: serial };
+        Self::form(&mut c, n, "")?;
+        Ok(c)
+    }
+
+    fn form(c: &mut Self, n: u64, extra: &str) -> anyhow::Result<()> {
         for id in 1..=n {
             c.add_node_proc(id);
         }
@@ -266,7 +300,7 @@ impl Cluster {
             c.write_config(id, &members)?;
             c.start_node(id)?;
         }
-        Ok(c)
+        Ok(())
     }
 
     /// Starts node `id` with `join` set to the client addresses of the running nodes, as an
@@ -302,8 +336,21 @@ impl Cluster {
     fn write_config(&self, id: u64, extra: &str) -> anyhow::Result<()> {
         let node = &self.nodes[&id];
         let data_dir = self.dir.path().join(format!("data-{id}"));
+        let (top, tables) = match &self.secure {
+            None => (String::new(), String::new()),
+            Some(s) => {
+                let c = s.certs.display();
+                (
+                    "superusers = [\"User:admin\"]\n".to_owned(),
+                    format!(
+                        "[tls]\ncert = \"{c}/node-{id}.pem\"\nkey = \"{c}/node-{id}.key\"\nca = \"{c}/ca.pem\"\n[authentication]\nclient = true\nkafka = {}\n",
+                        s.kafka_auth
+                    ),
+                )
+            }
+        };
         let config = format!(
-            "node_id = {id}\ndata_dir = \"{}\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\nhttp_addr = \"{}\"\nkafka_addr = \"{}\"\nrack = \"{}\"\n{extra}",
+            "{top}node_id = {id}\ndata_dir = \"{}\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\nhttp_addr = \"{}\"\nkafka_addr = \"{}\"\nrack = \"{}\"\n{extra}{tables}",
             data_dir.display(),
             node.client_addr,
             node.raft_addr,
@@ -425,9 +472,70 @@ impl Cluster {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    /// Runs `eddyctl --brokers <all> --output json ARGS` with `stdin`, killing it after `timeout`.
+    /// Runs `eddyctl --brokers <all> --output json ARGS` with `stdin`, killing it after `timeout`;
+    /// in a secure cluster, as the superuser admin.
     pub fn ctl(&self, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> anyhow::Result<CtlOutput> {
-        run_ctl(&self.brokers(), args, stdin, timeout)
+        match &self.secure {
+            None => run_ctl(&self.brokers(), args, stdin, timeout),
+            Some(s) => ctl_as(&s.admin(), &self.brokers(), args, stdin, timeout),
+        }
+    }
+}
+
+/// Runs `eddyctl --brokers BROKERS --output json ARGS` with the credentials `who` gives (see
+/// [`Secure`]).
+pub fn ctl_as(
+    who: &[(&str, String)],
+    brokers: &str,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+) -> anyhow::Result<CtlOutput> {
+    let mut full: Vec<&str> = vec!["--brokers", brokers, "--output", "json"];
+    for (flag, value) in who {
+        full.push(flag);
+        full.push(value);
+    }
+    full.extend_from_slice(args);
+    run_eddyctl(&full, &[], stdin, timeout)
+}
+
+/// The certificates of a secure cluster (see [`Cluster::start_secure`]).
+#[derive(Clone, Debug)]
+pub struct Secure {
+    /// `ca.pem`/`.key`, `admin.pem`/`.key`, and `node-ID.pem`/`.key` for a few more ids than
+    /// the cluster started with (for nodes that join later).
+    pub certs: PathBuf,
+    pub kafka_auth: bool,
+}
+
+impl Secure {
+    pub fn path(&self, name: &str) -> String {
+        self.certs.join(name).display().to_string()
+    }
+
+    /// eddyctl options: TLS with the cluster CA, nothing else.
+    pub fn anonymous(&self) -> Vec<(&'static str, String)> {
+        vec![("--ca", self.path("ca.pem"))]
+    }
+
+    /// eddyctl options: the superuser's client certificate.
+    pub fn admin(&self) -> Vec<(&'static str, String)> {
+        self.cert_of("admin")
+    }
+
+    /// eddyctl options: the client or node certificate `stem`.pem.
+    pub fn cert_of(&self, stem: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("--ca", self.path("ca.pem")),
+            ("--cert", self.path(&format!("{stem}.pem"))),
+            ("--key", self.path(&format!("{stem}.key"))),
+        ]
+    }
+
+    /// eddyctl options: a token.
+    pub fn token(&self, token: &str) -> Vec<(&'static str, String)> {
+        vec![("--ca", self.path("ca.pem")), ("--token", token.to_owned())]
     }
 }
 

@@ -153,6 +153,8 @@ fn wait_for_progress(producers: &[BackgroundProducer], n: usize) -> anyhow::Resu
 struct Dev {
     child: Child,
     brokers: String,
+    /// What dev printed as `export EDDY_…=…` lines (the CA and the superuser's certificate).
+    env: Vec<(String, String)>,
     data_dir: std::path::PathBuf,
 }
 
@@ -171,15 +173,34 @@ impl Dev {
         // The thread ends when dev exits and closes its stdout.
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(b) = line.strip_prefix("brokers: ") {
-                    let _ = tx.send(b.to_owned());
+                if line.starts_with("Press Ctrl-C") {
+                    let _ = tx.send(None);
+                } else {
+                    let _ = tx.send(Some(line));
                 }
             }
         });
-        let mut dev = Self { child, brokers: String::new(), data_dir: data_dir.to_owned() };
-        dev.brokers =
-            rx.recv_timeout(Duration::from_secs(30)).context("eddy-node dev printed no brokers line")?;
+        let mut dev = Self { child, brokers: String::new(), env: Vec::new(), data_dir: data_dir.to_owned() };
+        loop {
+            let line = rx.recv_timeout(Duration::from_secs(30)).context("eddy-node dev stopped printing")?;
+            let Some(line) = line else { break };
+            if let Some(b) = line.strip_prefix("brokers: ") {
+                dev.brokers = b.to_owned();
+            }
+            if let Some((k, v)) = line.trim().strip_prefix("export ").and_then(|kv| kv.split_once('=')) {
+                dev.env.push((k.to_owned(), v.to_owned()));
+            }
+        }
+        ensure!(!dev.brokers.is_empty(), "eddy-node dev printed no brokers line");
         Ok(dev)
+    }
+
+    /// `eddyctl --output json ARGS` with only what dev printed to export (no --brokers).
+    fn ctl(&self, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> anyhow::Result<CtlOutput> {
+        let mut full = vec!["--output", "json"];
+        full.extend_from_slice(args);
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        run_eddyctl(&full, &env, stdin, timeout)
     }
 
     /// The last `n` lines (above debug) of every node's log (dev keeps them beside the data).
@@ -244,22 +265,31 @@ fn dev_stops_and_resumes(data: &Path) -> anyhow::Result<()> {
     let mut dev = Dev::start(data, base)?;
     let expected: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", base + i)).collect();
     ensure!(dev.brokers == expected.join(","), "dev printed brokers {:?}", dev.brokers);
+    let exported: Vec<&str> = dev.env.iter().map(|(k, _)| k.as_str()).collect();
+    ensure!(
+        exported == ["EDDY_BROKERS", "EDDY_CA", "EDDY_CERT", "EDDY_KEY"],
+        "dev exports {exported:?}: a TLS cluster and its superuser's certificate by default"
+    );
+    let out = dev.ctl(&["user", "whoami"], None, CTL_TIMEOUT)?;
+    ensure!(out.ok() && out.json()?["principal"] == "User:admin", "the exported credentials: {out:?}");
+    let plain = run_ctl(&dev.brokers, &["--request-timeout", "3s", "topic", "list"], None, CTL_TIMEOUT)?;
+    ensure!(!plain.ok() && plain.stderr.contains("requires TLS"), "plaintext to dev: {plain:?}");
 
     let health = ["cluster", "health", "--exit-when-healthy", "--timeout", "40s"];
-    let out = run_ctl(&dev.brokers, &health, None, Duration::from_secs(60))?;
+    let out = dev.ctl(&health, None, Duration::from_secs(60))?;
     ensure!(out.ok(), "the dev cluster is not healthy: {out:?}\ndev's log:\n{}", dev.log_tail(80));
     // One line per look until healthy; the last is the verdict.
     let json = out.json_lines()?.pop().context("health printed nothing")?;
     ensure!(json["healthy"] == true && json["metadata_quorum"] == true, "health says {json}");
 
     let create = ["topic", "create", TOPIC, "--partitions", "1", "--replication-factor", "3"];
-    let out = run_ctl(&dev.brokers, &create, None, CTL_TIMEOUT)?;
+    let out = dev.ctl(&create, None, CTL_TIMEOUT)?;
     ensure!(out.ok(), "topic create failed: {out:?}");
     let events = values("dev", 10);
     let input: String = events.iter().map(|v| format!("{v}\n")).collect();
     let produce = ["produce", TOPIC, "--partition", "0"];
     let out = retry("a produce to the new topic", Duration::from_secs(30), || {
-        let out = run_ctl(&dev.brokers, &produce, Some(input.as_bytes()), CTL_TIMEOUT)?;
+        let out = dev.ctl(&produce, Some(input.as_bytes()), CTL_TIMEOUT)?;
         ensure!(out.ok(), "produce failed: {out:?}");
         Ok(out)
     })?;
@@ -274,11 +304,11 @@ fn dev_stops_and_resumes(data: &Path) -> anyhow::Result<()> {
 
     // Again, on the same data: the topic and its events are still there.
     let dev = Dev::start(data, base)?;
-    let out = run_ctl(&dev.brokers, &health, None, Duration::from_secs(60))?;
+    let out = dev.ctl(&health, None, Duration::from_secs(60))?;
     ensure!(out.ok(), "the resumed dev cluster is not healthy: {out:?}\ndev's log:\n{}", dev.log_tail(80));
     let consume = ["consume", TOPIC, "--partition", "0", "--count", "10"];
     let out = retry("the events produced before the restart", Duration::from_secs(30), || {
-        let out = run_ctl(&dev.brokers, &consume, None, CTL_TIMEOUT)?;
+        let out = dev.ctl(&consume, None, CTL_TIMEOUT)?;
         ensure!(out.ok(), "consume failed: {out:?}");
         Ok(out)
     })?;

@@ -31,11 +31,18 @@ pub struct AuthLayer {
     /// Whether requests must authenticate and are authorized. When false every request gets an
     /// unrestricted caller (a listener without authentication).
     enforce: bool,
+    /// Only the cluster's nodes, whatever the method (the Raft listener).
+    nodes_only: bool,
 }
 
 impl AuthLayer {
     pub fn new(security: Arc<Security>, listener: &'static str, enforce: bool) -> Self {
-        Self { security, listener, enforce }
+        Self { security, listener, enforce, nodes_only: false }
+    }
+
+    /// A layer for a listener that only the cluster's nodes may use.
+    pub fn nodes_only(security: Arc<Security>, listener: &'static str, enforce: bool) -> Self {
+        Self { security, listener, enforce, nodes_only: true }
     }
 
     fn fail(&self, f: AuthFailure, status: Status) -> Status {
@@ -58,6 +65,7 @@ impl AuthLayer {
         let Some(rule) = rules::grpc(path) else {
             return Err(BrokerError::PermissionDenied(format!("{path}: no access rule; refused")).into());
         };
+        let rule = if self.nodes_only { Rule::Node } else { rule };
         let peer = req.extensions().get::<PeerInfo>();
         let bearer = req
             .headers()

@@ -116,13 +116,18 @@ impl Security {
         if record.verify_token(token) { Ok(user.to_owned()) } else { Err(AuthFailure::BadToken) }
     }
 
-    /// Whether node `id` may speak Raft to this one: a member that has not been removed (or,
-    /// before the metadata records any node, one of `initial_members`).
+    /// Whether node `id` may speak Raft to this one: a member that has not been removed. Before
+    /// this node's metadata records any node: one of `initial_members` when it forms the cluster,
+    /// and any node the CA vouched for when it joins one (it holds nothing yet, and learns the
+    /// members from the metadata the leader sends it).
     pub fn node_is_member(&self, id: NodeId) -> bool {
         let view = self.meta.view();
         match view.state.nodes.get(&id) {
             Some(n) => n.state != NodeState::Removed,
-            None => view.state.nodes.is_empty() && self.initial_members.contains(&id),
+            None => {
+                view.state.nodes.is_empty()
+                    && (self.initial_members.is_empty() || self.initial_members.contains(&id))
+            }
         }
     }
 

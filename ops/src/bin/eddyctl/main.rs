@@ -41,9 +41,13 @@ pub struct Cli {
     /// A client certificate (PEM) to authenticate as the user it names; needs --key.
     #[arg(long, env = "EDDY_CERT", global = true)]
     pub cert: Option<std::path::PathBuf>,
-    /// The client certificate's private key (PEM).
-    #[arg(long, env = "EDDY_KEY", global = true)]
+    /// The client certificate's private key (PEM). Give it before the command (`produce --key`
+    /// is an event's key), or as --tls-key anywhere.
+    #[arg(long, env = "EDDY_KEY")]
     pub key: Option<std::path::PathBuf>,
+    /// The same as --key, accepted after the command too.
+    #[arg(long, global = true)]
+    pub tls_key: Option<std::path::PathBuf>,
     /// A user's token (`eddyctl user create`), sent as `authorization: Bearer …`.
     #[arg(long, env = "EDDY_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
@@ -408,7 +412,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         brokers: brokers.clone(),
         ca: cli.ca.clone().or(profile.ca),
         cert: cli.cert.clone().or(profile.cert),
-        key: cli.key.clone().or(profile.key),
+        key: cli.key.clone().or(cli.tls_key.clone()).or(profile.key),
         token: cli.token.clone().or(profile.token),
     };
     creds.apply(&mut config)?;

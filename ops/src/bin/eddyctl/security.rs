@@ -93,6 +93,7 @@ impl Credentials {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::enum_variant_names)] // The commands are create-ca, create-node, create-client.
 pub enum CertCommand {
     /// A new certificate authority: writes DIR/ca.pem and DIR/ca.key.
     CreateCa {

@@ -1,0 +1,313 @@
+//! A secure cluster end to end (issue 11): TLS everywhere with certificates made by
+//! `eddyctl cert`, mutual TLS between nodes, users with tokens, ACLs, and what survives restarts,
+//! a metadata failover and a node that joins later. Everything goes through `eddyctl`, as an
+//! operator would.
+
+#![allow(clippy::disallowed_methods)] // Tests measure real time.
+
+use std::io::Read;
+use std::io::Write;
+use std::time::Duration;
+use std::time::Instant;
+
+use anyhow::Context;
+use anyhow::ensure;
+use eddy_tests::CTL_TIMEOUT;
+use eddy_tests::Cluster;
+use eddy_tests::CtlOutput;
+use eddy_tests::run_eddyctl;
+use eddy_tests::wait_for;
+
+const SHORT: Duration = Duration::from_secs(20);
+
+fn refused(out: &CtlOutput, needle: &str) -> anyhow::Result<()> {
+    ensure!(!out.ok(), "expected a refusal mentioning {needle:?}, got success: {out:?}");
+    ensure!(out.stderr.contains(needle), "expected {needle:?} in the error: {}", out.stderr);
+    Ok(())
+}
+
+/// `GET /metrics` of a node, as text.
+fn metrics(http_addr: &str) -> anyhow::Result<String> {
+    let mut s = std::net::TcpStream::connect(http_addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
+
+/// The `eddy_auth_failures_total` lines of every node's metrics.
+fn auth_failures(c: &Cluster) -> anyhow::Result<String> {
+    let mut reasons = String::new();
+    for n in c.nodes.values().filter(|n| n.is_running()) {
+        let m = metrics(&n.http_addr)?;
+        reasons.extend(
+            m.lines().filter(|l| l.starts_with("eddy_auth_failures_total")).map(|l| format!("{l}\n")),
+        );
+    }
+    Ok(reasons)
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &std::path::Path, needle: &[u8]) -> anyhow::Result<Vec<String>> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let t = e.file_type()?;
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() {
+                let bytes = std::fs::read(e.path())?;
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    found.push(e.path().display().to_string());
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[test]
+fn a_secure_cluster_authenticates_authorizes_and_keeps_its_users() -> anyhow::Result<()> {
+    let mut c = Cluster::start_secure(3, false)?;
+    let s = c.secure.clone().context("secure")?;
+    let result = secure_cluster(&mut c, &s);
+    if result.is_err() {
+        for id in c.nodes.keys() {
+            eprintln!("--- node {id}\n{}", c.log_tail(*id, 40));
+        }
+    }
+    result
+}
+
+fn secure_cluster(c: &mut Cluster, s: &eddy_tests::Secure) -> anyhow::Result<()> {
+    let all = c.brokers();
+    let admin = s.admin();
+    let ctl = |who: &[(&str, String)], brokers: &str, args: &[&str], stdin: Option<&[u8]>| {
+        eddy_tests::ctl_as(who, brokers, args, stdin, CTL_TIMEOUT)
+    };
+
+    // The cluster elects and replicates over mutual TLS: a topic of 3 replicas takes writes
+    // and every replica serves them.
+    let health = ["cluster", "health", "--exit-when-healthy", "--timeout", "40s"];
+    let out = ctl(&admin, &all, &health, None)?;
+    ensure!(out.ok(), "the secure cluster is not healthy: {out:?}");
+    let out = ctl(&admin, &all, &["user", "whoami"], None)?;
+    ensure!(
+        out.ok() && out.json()?["principal"] == "User:admin" && out.json()?["superuser"] == true,
+        "{out:?}"
+    );
+    for t in ["orders.eu", "payments"] {
+        let out = ctl(
+            &admin,
+            &all,
+            &["topic", "create", t, "--partitions", "1", "--replication-factor", "3"],
+            None,
+        )?;
+        ensure!(out.ok(), "topic create {t}: {out:?}");
+        c.wait_for_leaders(t, 3)?;
+    }
+    let out = ctl(&admin, &all, &["produce", "orders.eu", "--partition", "0"], Some(b"one\ntwo\n"))?;
+    ensure!(out.ok() && out.json_lines()?.len() == 2, "admin produce: {out:?}");
+    for id in 1..=3u64 {
+        let replica = id.to_string();
+        let args = ["consume", "orders.eu", "--partition", "0", "--count", "2", "--replica", &replica];
+        let out = wait_for("the replica to have both events", SHORT, || {
+            ctl(&admin, &all, &args, None)
+                .ok()
+                .filter(|o| o.ok() && o.json_lines().is_ok_and(|l| l.len() == 2))
+        })?;
+        ensure!(out.stdout.contains("\"one\"") && out.stdout.contains("\"two\""), "replica {id}: {out:?}");
+    }
+
+    // Acceptance 1: plaintext to a TLS node, a wrong CA, and a plaintext address with TLS
+    // options each fail with a message that says so.
+    let plain =
+        run_eddyctl(&["--brokers", &all, "--request-timeout", "3s", "topic", "list"], &[], None, SHORT)?;
+    refused(&plain, "requires TLS")?;
+    let other = c.dir.path().join("other-ca");
+    let out =
+        run_eddyctl(&["cert", "create-ca", "--dir", other.to_str().context("path")?], &[], None, SHORT)?;
+    ensure!(out.ok(), "{out:?}");
+    let wrong_ca = vec![("--ca", other.join("ca.pem").display().to_string())];
+    let out = ctl(&wrong_ca, &all, &["--request-timeout", "3s", "topic", "list"], None)?;
+    refused(&out, "not issued by the CA given with --ca")?;
+    let first = c.node(1).client_addr.clone();
+    let out = ctl(&admin, &format!("http://{first}"), &["topic", "list"], None)?;
+    refused(&out, "plaintext (http://) address")?;
+    let out = ctl(&admin, &format!("https://{first}"), &["topic", "list"], None)?;
+    ensure!(out.ok(), "an https:// address with the right CA works: {out:?}");
+
+    // Acceptance 2: only nodes of the cluster speak Raft; a node certificate is no user.
+    let raft = c.node(1).raft_addr.clone();
+    let out = ctl(&admin, &raft, &["--request-timeout", "3s", "topic", "list"], None)?;
+    refused(&out, "for the cluster's nodes only")?;
+    let out = ctl(&s.anonymous(), &raft, &["--request-timeout", "3s", "topic", "list"], None)?;
+    ensure!(!out.ok(), "the Raft port takes no connection without a certificate: {out:?}");
+    let out = ctl(&s.cert_of("node-5"), &raft, &["--request-timeout", "3s", "topic", "list"], None)?;
+    refused(&out, "node 5 is not a member")?;
+    let out = ctl(&s.cert_of("node-2"), &all, &["topic", "list"], None)?;
+    refused(&out, "Node:2 is a node identity and has no user rights")?;
+
+    // Acceptance 3 and 5: alice, her token, and a prefixed write binding.
+    let out = ctl(&admin, &all, &["user", "create", "alice"], None)?;
+    ensure!(out.ok(), "user create: {out:?}");
+    let created = out.json()?;
+    ensure!(created["user"] == "alice", "{created}");
+    let token = created["token"].as_str().context("token")?.to_owned();
+    let alice = s.token(&token);
+    let out = ctl(&s.anonymous(), &all, &["topic", "list"], None)?;
+    refused(&out, "no credentials")?;
+    let wrong = format!("alice.{}", "A".repeat(43));
+    let out = ctl(&s.token(&wrong), &all, &["topic", "list"], None)?;
+    refused(&out, "the token is not valid")?;
+    let out = ctl(&alice, &all, &["produce", "orders.eu"], Some(b"x\n"))?;
+    refused(&out, "User:alice may not")?;
+    let grant = [
+        "acl",
+        "add",
+        "--principal",
+        "User:alice",
+        "--allow",
+        "--operation",
+        "write",
+        "--topic",
+        "orders.",
+        "--pattern",
+        "prefixed",
+    ];
+    let out = ctl(&admin, &all, &grant, None)?;
+    ensure!(out.ok() && out.json()?["added"] == true, "acl add: {out:?}");
+    let out = ctl(&admin, &all, &["acl", "list"], None)?;
+    ensure!(
+        out.ok() && out.json()?["bindings"].as_array().is_some_and(|b| b.len() == 1),
+        "acl list: {out:?}"
+    );
+    let out = wait_for("alice's write to be allowed", SHORT, || {
+        ctl(&alice, &all, &["produce", "orders.eu", "--partition", "0"], Some(b"by-alice\n"))
+            .ok()
+            .filter(CtlOutput::ok)
+    })?;
+    ensure!(out.json_lines()?.len() == 1, "{out:?}");
+    let out = ctl(&alice, &all, &["produce", "payments"], Some(b"x\n"))?;
+    refused(&out, "User:alice may not describe topic \"payments\"")?;
+    let out = ctl(&alice, &all, &["topic", "delete", "orders.eu"], None)?;
+    refused(&out, "User:alice may not delete topic \"orders.eu\"")?;
+    let out = ctl(&alice, &all, &["topic", "list"], None)?;
+    let listed: Vec<String> = out.json()?["topics"]
+        .as_array()
+        .context("topics")?
+        .iter()
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(listed == ["orders.eu"], "alice's listing is filtered to what she may describe: {listed:?}");
+    let out = ctl(&alice, &all, &["node", "list"], None)?;
+    refused(&out, "User:alice may not describe the cluster")?;
+
+    // Failures are counted by reason (before the restart below resets the counters).
+    let reasons = auth_failures(c)?;
+    for reason in
+        ["bad_token", "no_credentials", "plaintext", "node_as_user", "not_a_node", "node_not_member"]
+    {
+        ensure!(reasons.contains(&format!("reason=\"{reason}\"")), "no {reason} counted: {reasons}");
+    }
+
+    // Acceptance 6: users and bindings survive a restart of every node, the loss of the
+    // metadata leader, and reach a node that joins later.
+    for id in 1..=3 {
+        ensure!(c.stop_node(id, Duration::from_secs(20))?, "node {id} did not stop");
+    }
+    for id in 1..=3 {
+        c.start_node(id)?;
+    }
+    let out = ctl(&admin, &all, &health, None)?;
+    ensure!(out.ok(), "not healthy after the restart: {out:?}");
+    wait_for("alice to write after the restart", Duration::from_secs(30), || {
+        ctl(&alice, &all, &["produce", "orders.eu", "--partition", "0"], Some(b"after-restart\n"))
+            .ok()
+            .filter(CtlOutput::ok)
+    })?;
+    let out = ctl(&admin, &all, &["node", "list"], None)?;
+    let leader = out.json()?["metadata_leader"].as_u64().context("metadata leader")?;
+    c.kill_node(leader)?;
+    let rest: Vec<String> =
+        c.nodes.values().filter(|n| n.id != leader).map(|n| n.client_addr.clone()).collect();
+    let rest = rest.join(",");
+    wait_for("alice to write with the metadata leader gone", Duration::from_secs(30), || {
+        ctl(&alice, &rest, &["produce", "orders.eu", "--partition", "0"], Some(b"after-failover\n"))
+            .ok()
+            .filter(CtlOutput::ok)
+    })?;
+    c.start_node(leader)?;
+    c.join_node(4)?;
+    let four = c.node(4).client_addr.clone();
+    wait_for("node 4 to join and serve alice", Duration::from_secs(60), || {
+        ctl(&alice, &four, &["user", "whoami"], None).ok().filter(|o| o.ok())
+    })?;
+    let out = ctl(&alice, &four, &["topic", "list"], None)?;
+    ensure!(
+        out.ok() && out.stdout.contains("orders.eu") && !out.stdout.contains("payments"),
+        "node 4: {out:?}"
+    );
+
+    // The binding removed: refused on every node.
+    let revoke = [
+        "acl",
+        "remove",
+        "--principal",
+        "User:alice",
+        "--allow",
+        "--operation",
+        "write",
+        "--topic",
+        "orders.",
+        "--pattern",
+        "prefixed",
+    ];
+    let out = ctl(&admin, &all, &revoke, None)?;
+    ensure!(out.ok() && out.json()?["removed"] == true, "acl remove: {out:?}");
+    let all4 = c.brokers();
+    wait_for("alice to be refused once the binding is gone", SHORT, || {
+        ctl(&alice, &all4, &["produce", "orders.eu", "--partition", "0"], Some(b"x\n"))
+            .ok()
+            .filter(|o| o.stderr.contains("User:alice may not"))
+    })?;
+
+    // Acceptance 3: a deleted user's token is refused on every node once the deletion is
+    // applied there; how long that takes is printed.
+    let out = ctl(&admin, &all4, &["user", "delete", "alice"], None)?;
+    ensure!(out.ok() && out.json()?["deleted"] == true, "user delete: {out:?}");
+    let deleted_at = Instant::now();
+    for n in c.nodes.values() {
+        wait_for("the deletion to reach the node", SHORT, || {
+            ctl(&alice, &n.client_addr, &["user", "whoami"], None)
+                .ok()
+                .filter(|o| o.stderr.contains("the token is not valid"))
+        })?;
+        eprintln!(
+            "node {}: the deleted user's token refused {:?} after the deletion",
+            n.id,
+            deleted_at.elapsed()
+        );
+    }
+
+    // Acceptance 7: the token appears in no file of any node, no log, no metrics.
+    let secret = token.rsplit_once('.').context("token shape")?.1.as_bytes().to_vec();
+    let found = files_containing(c.dir.path(), &secret)?;
+    ensure!(found.is_empty(), "the token's secret is in {found:?}");
+    let reasons = auth_failures(c)?;
+    ensure!(
+        reasons.contains("reason=\"unknown_user\""),
+        "the deleted user's refusals are counted: {reasons}"
+    );
+    for n in c.nodes.values() {
+        ensure!(
+            !metrics(&n.http_addr)?.contains(std::str::from_utf8(&secret)?),
+            "node {}'s metrics show the token",
+            n.id
+        );
+    }
+    Ok(())
+}
