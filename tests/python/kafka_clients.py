@@ -202,6 +202,47 @@ def member(client, bootstrap, topic, group, assignor, out_path):
         emit(out, ev="stopped")
 
 
+def secure_produce(bootstrap, topic, ca, mechanism, user, password, count):
+    """Produces `count` events over SASL_SSL with `mechanism` (PLAIN, SCRAM-SHA-256 or -512) and
+    prints {"delivered": n, "errors": [...]}: what the broker let through and why not."""
+    from confluent_kafka import Producer
+
+    errors = []
+    p = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "security.protocol": "SASL_SSL",
+            "ssl.ca.location": ca,
+            "sasl.mechanisms": mechanism,
+            "sasl.username": user,
+            "sasl.password": password,
+            "enable.idempotence": True,
+            "acks": "all",
+            "message.timeout.ms": 15000,
+            "error_cb": lambda e: errors.append(str(e)),
+        }
+    )
+    delivered = []
+
+    def done(err, msg):
+        if err is not None:
+            errors.append(err.name() if hasattr(err, "name") else str(err))
+        else:
+            delivered.append(msg.offset())
+
+    for i in range(int(count)):
+        p.produce(topic, value=f"{mechanism}-{i}".encode(), on_delivery=done)
+    p.flush(30)
+    print(json.dumps({"delivered": len(delivered), "errors": sorted(set(errors))}))
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"create-topic": create_topic, "produce": produce, "read-all": read_all, "follow": follow, "member": member}[cmd](*args)
+    {
+        "create-topic": create_topic,
+        "produce": produce,
+        "read-all": read_all,
+        "follow": follow,
+        "member": member,
+        "secure-produce": secure_produce,
+    }[cmd](*args)

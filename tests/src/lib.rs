@@ -1075,3 +1075,38 @@ impl Drop for GroupMember {
         let _ = self.child.wait();
     }
 }
+
+/// The client versions the test installs (pinned, so a new release cannot change the test).
+pub const KAFKA_PYTHON_PACKAGES: &[&str] = &["confluent-kafka==2.16.1", "kafka-python==3.0.12"];
+
+/// `target/kafka-venv`'s python, with [`KAFKA_PYTHON_PACKAGES`] installed.
+pub fn kafka_python() -> anyhow::Result<PathBuf> {
+    let target =
+        crate::binary("eddy-node").parent().and_then(Path::parent).context("target directory")?.to_path_buf();
+    let venv = target.join("kafka-venv");
+    let python = venv.join("bin/python");
+    let marker = venv.join("installed.txt");
+    let wanted = KAFKA_PYTHON_PACKAGES.join("\n");
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m == wanted) {
+        return Ok(python);
+    }
+    let system = crate::program("python3", "python3")?;
+    let made = Command::new(&system).args(["-m", "venv", "--clear"]).arg(&venv).output()?;
+    if !made.status.success() {
+        // Debian's python3 needs python3-venv for this.
+        crate::apt_install("python3-venv")?;
+        let again = Command::new(&system).args(["-m", "venv", "--clear"]).arg(&venv).output()?;
+        ensure!(again.status.success(), "python3 -m venv failed: {}", String::from_utf8_lossy(&again.stderr));
+    }
+    let pip = Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(KAFKA_PYTHON_PACKAGES)
+        .output()?;
+    ensure!(
+        pip.status.success(),
+        "pip install {KAFKA_PYTHON_PACKAGES:?} failed: {}",
+        String::from_utf8_lossy(&pip.stderr)
+    );
+    std::fs::write(&marker, wanted)?;
+    Ok(python)
+}

@@ -66,6 +66,10 @@ use kafka_protocol::messages::ProduceRequest;
 use kafka_protocol::messages::ProduceResponse;
 use kafka_protocol::messages::RequestHeader;
 use kafka_protocol::messages::ResponseHeader;
+use kafka_protocol::messages::SaslAuthenticateRequest;
+use kafka_protocol::messages::SaslAuthenticateResponse;
+use kafka_protocol::messages::SaslHandshakeRequest;
+use kafka_protocol::messages::SaslHandshakeResponse;
 use kafka_protocol::messages::SyncGroupRequest;
 use kafka_protocol::messages::SyncGroupResponse;
 use kafka_protocol::messages::TopicName;
@@ -698,6 +702,8 @@ fn scenario(c: &Cluster) -> anyhow::Result<()> {
         ApiKey::DescribeConfigs,
         ApiKey::AlterConfigs,
         ApiKey::IncrementalAlterConfigs,
+        ApiKey::SaslHandshake,
+        ApiKey::SaslAuthenticate,
     ];
     ensure!(
         advertised == tested.iter().map(|k| *k as i16).collect(),
@@ -985,5 +991,55 @@ fn scenario(c: &Cluster) -> anyhow::Result<()> {
     let r: ApiVersionsResponse = conn.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default())?;
     ensure!(r.error_code == 0, "still serving after a truncated frame");
     ensure!(c.running().len() == 3, "every node is still running");
+
+    // SASL (on a listener that does not require it, it still authenticates): a user's token
+    // with PLAIN at every SaslAuthenticate version; an unknown mechanism and a wrong token are
+    // refused, the latter closing the connection after the answer.
+    let out = c.ctl(&["user", "create", "kafka-user"], None, CTL_TIMEOUT)?;
+    ensure!(out.ok(), "user create: {out:?}");
+    let token = out.json()?["token"].as_str().context("token")?.to_owned();
+    for hv in range(ApiKey::SaslHandshake)?.filter(|v| *v >= 1) {
+        let mut conn = Conn::open(&c.node(2).kafka_addr)?;
+        let mut hs = SaslHandshakeRequest::default();
+        hs.mechanism = StrBytes::from_static_str("GSSAPI");
+        let r: SaslHandshakeResponse = conn.call(ApiKey::SaslHandshake, hv, &hs)?;
+        ensure!(
+            r.error_code == 33,
+            "an unknown mechanism is UNSUPPORTED_SASL_MECHANISM, got {}",
+            r.error_code
+        );
+        ensure!(
+            r.mechanisms.iter().any(|m| m.as_str() == "SCRAM-SHA-512"),
+            "mechanisms offered: {:?}",
+            r.mechanisms
+        );
+    }
+    for av in range(ApiKey::SaslAuthenticate)? {
+        for (password, ok) in [(token.clone(), true), (format!("kafka-user.{}", "C".repeat(43)), false)] {
+            let mut conn = Conn::open(&c.node(2).kafka_addr)?;
+            let mut hs = SaslHandshakeRequest::default();
+            hs.mechanism = StrBytes::from_static_str("PLAIN");
+            let r: SaslHandshakeResponse = conn.call(ApiKey::SaslHandshake, 1, &hs)?;
+            ensure!(r.error_code == 0, "PLAIN handshake: {}", r.error_code);
+            let mut auth = SaslAuthenticateRequest::default();
+            auth.auth_bytes = bytes::Bytes::from(format!("\0kafka-user\0{password}"));
+            let r: SaslAuthenticateResponse = conn.call(ApiKey::SaslAuthenticate, av, &auth)?;
+            if ok {
+                ensure!(r.error_code == 0, "SaslAuthenticate v{av}: {:?}", r.error_message);
+                let md: MetadataResponse = conn.call(ApiKey::Metadata, 12, &metadata_request(12))?;
+                ensure!(!md.brokers.is_empty(), "requests go on after authentication");
+            } else {
+                ensure!(
+                    r.error_code == 58,
+                    "a wrong token is SASL_AUTHENTICATION_FAILED, got {}",
+                    r.error_code
+                );
+                let after: anyhow::Result<MetadataResponse> =
+                    conn.call(ApiKey::Metadata, 12, &metadata_request(12));
+                ensure!(after.is_err(), "the connection closes after a failed authentication");
+            }
+        }
+    }
+
     Ok(())
 }

@@ -30,40 +30,10 @@ use eddy_tests::Cluster;
 use eddy_tests::wait_for;
 use serde_json::Value;
 
-/// The client versions the test installs (pinned, so a new release cannot change the test).
-const PACKAGES: &[&str] = &["confluent-kafka==2.16.1", "kafka-python==3.0.12"];
 const TOPIC: &str = "orders";
 
-/// `target/kafka-venv`'s python, with [`PACKAGES`] installed.
 fn python() -> anyhow::Result<PathBuf> {
-    let target = eddy_tests::binary("eddy-node")
-        .parent()
-        .and_then(Path::parent)
-        .context("target directory")?
-        .to_path_buf();
-    let venv = target.join("kafka-venv");
-    let python = venv.join("bin/python");
-    let marker = venv.join("installed.txt");
-    let wanted = PACKAGES.join("\n");
-    if std::fs::read_to_string(&marker).is_ok_and(|m| m == wanted) {
-        return Ok(python);
-    }
-    let system = eddy_tests::program("python3", "python3")?;
-    let made = Command::new(&system).args(["-m", "venv", "--clear"]).arg(&venv).output()?;
-    if !made.status.success() {
-        // Debian's python3 needs python3-venv for this.
-        eddy_tests::apt_install("python3-venv")?;
-        let again = Command::new(&system).args(["-m", "venv", "--clear"]).arg(&venv).output()?;
-        ensure!(again.status.success(), "python3 -m venv failed: {}", String::from_utf8_lossy(&again.stderr));
-    }
-    let pip = Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(PACKAGES).output()?;
-    ensure!(
-        pip.status.success(),
-        "pip install {PACKAGES:?} failed: {}",
-        String::from_utf8_lossy(&pip.stderr)
-    );
-    std::fs::write(&marker, wanted)?;
-    Ok(python)
+    eddy_tests::kafka_python()
 }
 
 fn script() -> PathBuf {

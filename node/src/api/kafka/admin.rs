@@ -38,6 +38,9 @@ use super::codes;
 use crate::error::BrokerError;
 use crate::limits;
 use crate::meta::state::TopicRecord;
+use crate::security::Caller;
+use crate::security::acl::Operation;
+use crate::security::acl::ResourceType;
 use crate::service::BrokerState;
 use crate::service::topics::NewTopic;
 use eddy_raft::NodeId;
@@ -148,6 +151,7 @@ fn configs_to_eddy<'a>(
 
 pub async fn create_topics(
     broker: &BrokerState,
+    caller: &Caller,
     settings: &super::Settings,
     req: CreateTopicsRequest,
     version: i16,
@@ -169,7 +173,14 @@ pub async fn create_topics(
         } else {
             i32::from(t.replication_factor)
         };
-        let checked = if let Err(e) = limits::validate_topic_name("name", &name) {
+        let allowed = caller.allows(Operation::Create, ResourceType::Cluster, "")
+            || caller.check(Operation::Create, ResourceType::Topic, &name).is_ok();
+        let checked = if !allowed {
+            Err((
+                codes::TOPIC_AUTHORIZATION_FAILED,
+                format!("{} may not create topic \"{name}\"", caller.principal),
+            ))
+        } else if let Err(e) = limits::validate_topic_name("name", &name) {
             Err((codes::INVALID_TOPIC_EXCEPTION, e.to_string()))
         } else if !t.assignments.is_empty() {
             Err((
@@ -276,6 +287,7 @@ fn admin_code(e: &BrokerError) -> i16 {
 
 pub async fn delete_topics(
     broker: &BrokerState,
+    caller: &Caller,
     req: DeleteTopicsRequest,
     version: i16,
 ) -> DeleteTopicsResponse {
@@ -288,7 +300,12 @@ pub async fn delete_topics(
     for name in names {
         let mut r = DeletableTopicResult::default();
         match &name {
-            Some(n) => match broker.delete_topic(n.as_str()).await {
+            Some(n) => match async {
+                caller.check(Operation::Delete, ResourceType::Topic, n.as_str())?;
+                broker.delete_topic(n.as_str()).await
+            }
+            .await
+            {
                 Ok(()) => {
                     broker.await_view(VIEW_WAIT, |v| !v.state.topics.contains_key(n.as_str())).await;
                 }
@@ -310,12 +327,16 @@ pub async fn delete_topics(
 /// CreatePartitions: Kafka's `count` is the new total.
 pub async fn create_partitions(
     broker: &BrokerState,
+    caller: &Caller,
     req: CreatePartitionsRequest,
 ) -> CreatePartitionsResponse {
     let mut out = CreatePartitionsResponse::default();
     for t in req.topics {
         let mut r = CreatePartitionsTopicResult::default();
-        let result = match broker.topic(t.name.as_str()) {
+        let topic = caller
+            .check(Operation::Alter, ResourceType::Topic, t.name.as_str())
+            .and_then(|()| broker.topic(t.name.as_str()));
+        let result = match topic {
             Err(e) => Err((codes::code(&e), e.to_string())),
             Ok(_) if t.assignments.as_ref().is_some_and(|a| !a.is_empty()) => {
                 Err((codes::INVALID_REQUEST, "manual replica assignments are not supported".to_owned()))
@@ -362,6 +383,7 @@ pub async fn create_partitions(
 
 pub fn describe_configs(
     broker: &BrokerState,
+    caller: &Caller,
     settings: &super::Settings,
     req: DescribeConfigsRequest,
     version: i16,
@@ -372,6 +394,20 @@ pub fn describe_configs(
         r.resource_type = res.resource_type;
         r.resource_name = res.resource_name.clone();
         r.error_message = None;
+        let (kind, name) = match res.resource_type {
+            TOPIC => (ResourceType::Topic, res.resource_name.as_str()),
+            _ => (ResourceType::Cluster, ""),
+        };
+        if let Err(e) = caller.check(Operation::Describe, kind, name) {
+            r.error_code = if kind == ResourceType::Topic {
+                codes::TOPIC_AUTHORIZATION_FAILED
+            } else {
+                codes::CLUSTER_AUTHORIZATION_FAILED
+            };
+            r.error_message = Some(s(e.to_string()));
+            out.results.push(r);
+            continue;
+        }
         match res.resource_type {
             TOPIC => match broker.topic(res.resource_name.as_str()) {
                 Ok(t) => {
@@ -503,7 +539,20 @@ pub async fn alter_topic(
     Ok(())
 }
 
-pub async fn alter_configs(broker: &BrokerState, req: AlterConfigsRequest) -> AlterConfigsResponse {
+/// Alter on the resource: the topic, or (brokers) the cluster.
+fn may_alter(caller: &Caller, resource_type: i8, name: &str) -> Result<(), (i16, String)> {
+    let (kind, code) = match resource_type {
+        TOPIC => (ResourceType::Topic, codes::TOPIC_AUTHORIZATION_FAILED),
+        _ => (ResourceType::Cluster, codes::CLUSTER_AUTHORIZATION_FAILED),
+    };
+    caller.check(Operation::Alter, kind, name).map_err(|e| (code, e.to_string()))
+}
+
+pub async fn alter_configs(
+    broker: &BrokerState,
+    caller: &Caller,
+    req: AlterConfigsRequest,
+) -> AlterConfigsResponse {
     let mut out = AlterConfigsResponse::default();
     for res in req.resources {
         let given: Vec<(String, Option<String>)> = res
@@ -512,6 +561,7 @@ pub async fn alter_configs(broker: &BrokerState, req: AlterConfigsRequest) -> Al
             .map(|c| (c.name.to_string(), c.value.as_ref().map(|v| v.to_string())))
             .collect();
         let result = match res.resource_type {
+            _ if let Err(e) = may_alter(caller, res.resource_type, res.resource_name.as_str()) => Err(e),
             TOPIC => {
                 let topic = broker.topic(res.resource_name.as_str()).ok();
                 let changes = full_replacement(topic.as_deref(), &given);
@@ -526,6 +576,7 @@ pub async fn alter_configs(broker: &BrokerState, req: AlterConfigsRequest) -> Al
 
 pub async fn incremental_alter_configs(
     broker: &BrokerState,
+    caller: &Caller,
     req: IncrementalAlterConfigsRequest,
 ) -> IncrementalAlterConfigsResponse {
     let mut out = IncrementalAlterConfigsResponse::default();
@@ -550,6 +601,7 @@ pub async fn incremental_alter_configs(
                 }
             }
         }
+        let refused = may_alter(caller, res.resource_type, res.resource_name.as_str()).err().or(refused);
         let result = match (refused, res.resource_type) {
             (Some(e), _) => Err(e),
             (None, TOPIC) => {

@@ -2,6 +2,10 @@
 
 use std::time::Duration;
 
+use crate::security::Caller;
+use crate::security::acl::Operation;
+use crate::security::acl::ResourceType;
+
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use kafka_protocol::messages::FetchRequest;
@@ -48,7 +52,12 @@ fn eddy_producer(producer_id: i64, epoch: i16) -> Option<u64> {
 }
 
 /// Answers a produce request; `None` for acks=0, which gets no response.
-pub async fn produce(broker: &BrokerState, req: ProduceRequest, version: i16) -> Option<ProduceResponse> {
+pub async fn produce(
+    broker: &BrokerState,
+    caller: &Caller,
+    req: ProduceRequest,
+    version: i16,
+) -> Option<ProduceResponse> {
     let acks = req.acks;
     let timeout_ms = u32::try_from(req.timeout_ms).unwrap_or(0);
     let max_records = broker.limits.max_batch_records as usize;
@@ -67,6 +76,8 @@ pub async fn produce(broker: &BrokerState, req: ProduceRequest, version: i16) ->
             Err((codes::INVALID_REQUIRED_ACKS, format!("acks={acks}: only -1 (all), 0 and 1 are valid")))
         } else if transactional {
             Err((codes::INVALID_REQUEST, "transactional produce is not supported".to_owned()))
+        } else if let Err(e) = caller.check(Operation::Write, ResourceType::Topic, topic.as_str()) {
+            Err((codes::TOPIC_AUTHORIZATION_FAILED, e.to_string()))
         } else {
             produce_partition(broker, &topic, index, data, max_records, timeout_ms).await
         };
@@ -170,7 +181,7 @@ struct Wanted {
 /// Answers a fetch: when the partitions together have less than `min_bytes`, waits up to
 /// `max_wait_ms` for any of them to get a record, then reads them all again. Each partition is read from
 /// this node's replica up to its commit point.
-pub async fn fetch(broker: &BrokerState, req: FetchRequest, version: i16) -> FetchResponse {
+pub async fn fetch(broker: &BrokerState, caller: &Caller, req: FetchRequest, version: i16) -> FetchResponse {
     let wanted: Vec<Wanted> = req
         .topics
         .iter()
@@ -201,7 +212,7 @@ pub async fn fetch(broker: &BrokerState, req: FetchRequest, version: i16) -> Fet
     } else {
         Duration::from_millis(u64::try_from(req.max_wait_ms).unwrap_or(0))
     };
-    let mut read = read_all(broker, &wanted, Duration::ZERO).await;
+    let mut read = read_all(broker, caller, &wanted, Duration::ZERO).await;
     beyond_end(broker, &wanted, &mut read);
     let bytes: usize =
         read.iter().filter_map(|r| r.as_ref().ok()).flat_map(|f| &f.records).map(|r| r.record.size()).sum();
@@ -215,7 +226,7 @@ pub async fn fetch(broker: &BrokerState, req: FetchRequest, version: i16) -> Fet
             .zip(&read)
             .filter_map(|(w, r)| {
                 let next = r.as_ref().ok()?.next_offset;
-                Some(fetch_one(broker, w, next as i64, max_wait))
+                Some(fetch_one(broker, caller, w, next as i64, max_wait))
             })
             .collect();
         let deadline = tokio::time::sleep(max_wait);
@@ -231,7 +242,7 @@ pub async fn fetch(broker: &BrokerState, req: FetchRequest, version: i16) -> Fet
             }
         }
         drop(waits);
-        read = read_all(broker, &wanted, Duration::ZERO).await;
+        read = read_all(broker, caller, &wanted, Duration::ZERO).await;
         beyond_end(broker, &wanted, &mut read);
     }
     let mut out = FetchResponse::default();
@@ -310,18 +321,21 @@ fn beyond_end(broker: &BrokerState, wanted: &[Wanted], read: &mut [Result<Fetche
 
 async fn read_all(
     broker: &BrokerState,
+    caller: &Caller,
     wanted: &[Wanted],
     wait: Duration,
 ) -> Vec<Result<Fetched, BrokerError>> {
-    futures::future::join_all(wanted.iter().map(|w| fetch_one(broker, w, w.offset, wait))).await
+    futures::future::join_all(wanted.iter().map(|w| fetch_one(broker, caller, w, w.offset, wait))).await
 }
 
 async fn fetch_one(
     broker: &BrokerState,
+    caller: &Caller,
     w: &Wanted,
     offset: i64,
     wait: Duration,
 ) -> Result<Fetched, BrokerError> {
+    caller.check(Operation::Read, ResourceType::Topic, &w.topic)?;
     let (Ok(partition), Ok(offset)) = (u32::try_from(w.partition), u64::try_from(offset)) else {
         return Err(BrokerError::InvalidArgument(format!(
             "partition {} offset {offset}: negative values are not valid",
@@ -341,7 +355,12 @@ async fn fetch_one(
 }
 
 /// Answers `ListOffsets`: -2 is the log start, -1 the high watermark, anything else a timestamp.
-pub fn list_offsets(broker: &BrokerState, req: ListOffsetsRequest, _version: i16) -> ListOffsetsResponse {
+pub fn list_offsets(
+    broker: &BrokerState,
+    caller: &Caller,
+    req: ListOffsetsRequest,
+    _version: i16,
+) -> ListOffsetsResponse {
     let mut out = ListOffsetsResponse::default();
     for t in req.topics {
         let mut topic = ListOffsetsTopicResponse::default();
@@ -354,7 +373,9 @@ pub fn list_offsets(broker: &BrokerState, req: ListOffsetsRequest, _version: i16
                 ts if ts >= 0 => Some(OffsetSpec::Timestamp(ts)),
                 _ => None,
             };
+            let allowed = caller.check(Operation::Describe, ResourceType::Topic, t.name.as_str());
             let found = match (spec, u32::try_from(p.partition_index)) {
+                _ if let Err(e) = allowed => Err(e),
                 (Some(spec), Ok(partition)) => {
                     broker.list_offset(t.name.as_str(), partition, spec).map(|l| (spec, l))
                 }

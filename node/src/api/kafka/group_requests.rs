@@ -40,6 +40,9 @@ use super::groups::Join;
 use super::groups::KafkaGroups;
 use super::metadata::broker_id;
 use super::metadata::host_port;
+use crate::security::Caller;
+use crate::security::acl::Operation;
+use crate::security::acl::ResourceType;
 use crate::service::BrokerState;
 
 /// The longest metadata string an offset commit may carry (Kafka's `offset.metadata.max.bytes`
@@ -53,6 +56,7 @@ fn s(v: impl Into<String>) -> StrBytes {
 /// FindCoordinator: the metadata leader coordinates every group.
 pub fn find_coordinator(
     broker: &BrokerState,
+    caller: &Caller,
     req: FindCoordinatorRequest,
     version: i16,
 ) -> FindCoordinatorResponse {
@@ -75,8 +79,14 @@ pub fn find_coordinator(
     let keys = if version >= 4 { req.coordinator_keys } else { vec![req.key] };
     for key in keys {
         let mut c = Coordinator::default();
+        let allowed = caller.allows(Operation::Describe, ResourceType::Group, key.as_str());
         c.key = key;
         match &found {
+            _ if !allowed => {
+                c.error_code = codes::GROUP_AUTHORIZATION_FAILED;
+                c.error_message = Some(s(format!("{} may not describe the group", caller.principal)));
+                c.node_id = (-1).into();
+            }
             Ok((id, (host, port))) => {
                 c.node_id = broker_id(*id);
                 c.host = host.clone();
@@ -227,10 +237,13 @@ pub fn leave_group(
 
 pub async fn offset_commit(
     broker: &BrokerState,
+    caller: &Caller,
     groups: &KafkaGroups,
     req: OffsetCommitRequest,
 ) -> OffsetCommitResponse {
-    let error = if !groups::is_coordinator(broker, groups) {
+    let error = if !caller.allows(Operation::Read, ResourceType::Group, req.group_id.as_str()) {
+        Some(codes::GROUP_AUTHORIZATION_FAILED)
+    } else if !groups::is_coordinator(broker, groups) {
         Some(codes::NOT_COORDINATOR)
     } else {
         groups.check_commit(&req.group_id, &req.member_id, req.generation_id_or_member_epoch)
@@ -241,12 +254,14 @@ pub async fn offset_commit(
     let mut answers: Vec<(TopicName, Vec<(i32, i16)>)> = Vec::new();
     for t in &req.topics {
         let topic = view.state.topics.get(t.name.as_str());
+        let topic_allowed = caller.allows(Operation::Read, ResourceType::Topic, t.name.as_str());
         let mut parts = Vec::new();
         for p in &t.partitions {
             let metadata = p.committed_metadata.as_deref().unwrap_or_default();
             let code =
                 match (error, topic, u32::try_from(p.partition_index), u64::try_from(p.committed_offset)) {
                     (Some(e), ..) => e,
+                    _ if !topic_allowed => codes::TOPIC_AUTHORIZATION_FAILED,
                     (None, Some(_), ..) if metadata.len() > OFFSET_METADATA_BYTES_MAX => {
                         codes::OFFSET_METADATA_TOO_LARGE
                     }
@@ -293,7 +308,12 @@ pub async fn offset_commit(
 
 /// OffsetFetch (v0–7: one group): the committed offsets, -1 where there is none, with the
 /// metadata strings committed with them.
-pub fn offset_fetch(broker: &BrokerState, req: OffsetFetchRequest) -> OffsetFetchResponse {
+pub fn offset_fetch(broker: &BrokerState, caller: &Caller, req: OffsetFetchRequest) -> OffsetFetchResponse {
+    if !caller.allows(Operation::Describe, ResourceType::Group, req.group_id.as_str()) {
+        let mut out = OffsetFetchResponse::default();
+        out.error_code = codes::GROUP_AUTHORIZATION_FAILED;
+        return out;
+    }
     let view = broker.meta.view();
     let group = view.state.groups.get(req.group_id.as_str()).cloned();
     let committed = group.as_ref().map(|g| g.offsets.clone()).unwrap_or_default();
@@ -302,7 +322,9 @@ pub fn offset_fetch(broker: &BrokerState, req: OffsetFetchRequest) -> OffsetFetc
         // Null (v2 and later): every partition the group has committed.
         None => {
             let mut by_topic: Vec<(TopicName, Vec<i32>)> = Vec::new();
-            for (t, p) in committed.keys() {
+            for (t, p) in
+                committed.keys().filter(|(t, _)| caller.allows(Operation::Describe, ResourceType::Topic, t))
+            {
                 match by_topic.last_mut() {
                     Some((name, ps)) if name.as_str() == t => ps.push(*p as i32),
                     _ => by_topic.push((TopicName(s(t.clone())), vec![*p as i32])),
@@ -316,11 +338,17 @@ pub fn offset_fetch(broker: &BrokerState, req: OffsetFetchRequest) -> OffsetFetc
         .into_iter()
         .map(|(name, partitions)| {
             let mut t = OffsetFetchResponseTopic::default();
+            let allowed = caller.allows(Operation::Describe, ResourceType::Topic, name.as_str());
             t.partitions = partitions
                 .into_iter()
                 .map(|i| {
                     let mut p = OffsetFetchResponsePartition::default();
                     p.partition_index = i;
+                    if !allowed {
+                        p.error_code = codes::TOPIC_AUTHORIZATION_FAILED;
+                        p.committed_offset = -1;
+                        return p;
+                    }
                     let key = u32::try_from(i).ok().map(|i| (name.to_string(), i));
                     p.committed_offset =
                         key.as_ref().and_then(|k| committed.get(k)).map_or(-1, |o| *o as i64);
@@ -337,12 +365,17 @@ pub fn offset_fetch(broker: &BrokerState, req: OffsetFetchRequest) -> OffsetFetc
     out
 }
 
-pub fn list_groups(broker: &BrokerState, groups: &KafkaGroups, req: ListGroupsRequest) -> ListGroupsResponse {
+pub fn list_groups(
+    broker: &BrokerState,
+    caller: &Caller,
+    groups: &KafkaGroups,
+    req: ListGroupsRequest,
+) -> ListGroupsResponse {
     let mut out = ListGroupsResponse::default();
     let view = broker.meta.view();
     let mut names: std::collections::BTreeSet<String> = view.state.groups.keys().cloned().collect();
     names.extend(groups.names());
-    for name in names {
+    for name in names.into_iter().filter(|n| caller.allows(Operation::Describe, ResourceType::Group, n)) {
         let (state, protocol_type) = match groups.describe(&name) {
             Some(d) => (d.state.as_str(), d.protocol_type),
             None => ("Empty", "consumer".to_owned()),
@@ -361,6 +394,7 @@ pub fn list_groups(broker: &BrokerState, groups: &KafkaGroups, req: ListGroupsRe
 
 pub fn describe_groups(
     broker: &BrokerState,
+    caller: &Caller,
     groups: &KafkaGroups,
     req: DescribeGroupsRequest,
 ) -> DescribeGroupsResponse {
@@ -369,6 +403,9 @@ pub fn describe_groups(
     for name in req.groups {
         let mut g = DescribedGroup::default();
         match groups.describe(&name) {
+            _ if !caller.allows(Operation::Describe, ResourceType::Group, name.as_str()) => {
+                g.error_code = codes::GROUP_AUTHORIZATION_FAILED;
+            }
             Some(d) => {
                 g.group_state = s(d.state.as_str());
                 g.protocol_type = s(d.protocol_type);

@@ -19,6 +19,9 @@ use crate::error::BrokerError;
 use crate::limits;
 use crate::meta::state::NodeState;
 use crate::meta::state::TopicRecord;
+use crate::security::Caller;
+use crate::security::acl::Operation;
+use crate::security::acl::ResourceType;
 use crate::service::BrokerState;
 use crate::service::topics::NewTopic;
 use crate::status::Merged;
@@ -43,6 +46,7 @@ pub fn members(broker: &BrokerState) -> usize {
 
 pub async fn metadata(
     broker: &BrokerState,
+    caller: &Caller,
     settings: &Settings,
     req: MetadataRequest,
     version: i16,
@@ -57,7 +61,14 @@ pub async fn metadata(
         let view = broker.meta.view();
         for name in topics.iter().filter_map(|t| t.name.as_ref()) {
             if !view.state.topics.contains_key(name.as_str()) && !not_created.contains_key(name.as_str()) {
-                let code = auto_create(broker, settings, name.as_str()).await;
+                // Kafka's rule: create on the cluster, or on the topic.
+                let code = if caller.allows(Operation::Create, ResourceType::Cluster, "")
+                    || caller.allows(Operation::Create, ResourceType::Topic, name.as_str())
+                {
+                    auto_create(broker, settings, name.as_str()).await
+                } else {
+                    codes::TOPIC_AUTHORIZATION_FAILED
+                };
                 not_created.insert(name.to_string(), code);
             }
         }
@@ -113,11 +124,25 @@ pub async fn metadata(
     };
     let describe = |t: &TopicRecord| topic(t, &m.status.partitions, &kafka_nodes);
     match wanted {
-        None => out.topics = m.topics.iter().map(|t| describe(t)).collect(),
+        // Every topic: those the caller may describe.
+        None => {
+            out.topics = m
+                .topics
+                .iter()
+                .filter(|t| caller.allows(Operation::Describe, ResourceType::Topic, &t.name))
+                .map(|t| describe(t))
+                .collect();
+        }
         Some(names) => {
             for name in names {
                 let mut unknown = MetadataResponseTopic::default();
                 match name {
+                    // Refused whether or not it exists: its existence is not for this caller.
+                    Some(name) if !caller.allows(Operation::Describe, ResourceType::Topic, name.as_str()) => {
+                        unknown.error_code = codes::TOPIC_AUTHORIZATION_FAILED;
+                        unknown.name = Some(name);
+                        out.topics.push(unknown);
+                    }
                     Some(name) => match m.view.state.topics.get(name.as_str()) {
                         Some(t) => out.topics.push(describe(t)),
                         None => {

@@ -19,6 +19,7 @@ mod group_requests;
 pub mod groups;
 mod metadata;
 mod records;
+pub mod sasl;
 
 use std::sync::Arc;
 
@@ -37,11 +38,17 @@ use kafka_protocol::protocol::Encodable;
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 use tracing::warn;
 
+use crate::security::AuthFailure;
+use crate::security::AuthMethod;
+use crate::security::Caller;
+use crate::security::acl::Operation;
+use crate::security::acl::Principal;
+use crate::security::acl::ResourceType;
+use crate::security::tls::CertIdentity;
 use crate::service::BrokerState;
 
 /// The largest request frame any listener accepts (Kafka's `socket.request.max.bytes`
@@ -72,6 +79,10 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeConfigs, 1, 4),
     (ApiKey::AlterConfigs, 0, 2),
     (ApiKey::IncrementalAlterConfigs, 0, 1),
+    // v0 is listed because librdkafka requires it to see SASL at all; clients that know
+    // SaslAuthenticate (Kafka 1.0+) use v1, and only that flow is served.
+    (ApiKey::SaslHandshake, 0, 1),
+    (ApiKey::SaslAuthenticate, 0, 2),
 ];
 
 /// What every connection shares: the services, the consumer groups this node coordinates, and
@@ -166,27 +177,53 @@ pub async fn serve(
     settings: Settings,
     cancel: CancellationToken,
 ) {
+    // TLS (when configured) and the connection cap, as on every listener; a Kafka client
+    // that speaks plaintext to a TLS listener is closed (the protocol has no way to say why).
+    let tls = match &broker.tls {
+        None => None,
+        Some(m) => match m.server_config(m.require_client_cert, &[]) {
+            Ok(c) => Some(tokio_rustls::TlsAcceptor::from(c)),
+            Err(e) => {
+                warn!("kafka listener: TLS configuration: {e:#}; not serving");
+                return;
+            }
+        },
+    };
+    let guard = crate::security::tls::Guard {
+        listener: "kafka",
+        tls,
+        max_connections: broker.config.max_connections,
+        handshake_timeout: crate::security::tls::HANDSHAKE_TIMEOUT,
+        metrics: broker.metrics.clone(),
+        plaintext_answer: crate::security::tls::PlaintextAnswer::Close,
+    };
+    let incoming = crate::security::tls::guard(crate::env::tcp_incoming(listener), guard);
     let ctx = Arc::new(Listener { broker, groups: Arc::default(), settings });
     let ticks = tokio::spawn(groups::run_ticks(ctx.groups.clone(), cancel.clone()));
-    accept(listener, ctx, cancel).await;
+    accept(incoming, ctx, cancel).await;
     let _ = ticks.await;
 }
 
-async fn accept(listener: TcpListener, ctx: Arc<Listener>, cancel: CancellationToken) {
+async fn accept(mut incoming: crate::env::Incoming, ctx: Arc<Listener>, cancel: CancellationToken) {
+    use futures::StreamExt;
     loop {
         let accepted = tokio::select! {
             () = cancel.cancelled() => return,
-            a = listener.accept() => a,
+            a = incoming.next() => match a {
+                Some(a) => a,
+                None => return,
+            },
         };
         match accepted {
-            Ok((stream, peer)) => {
+            Ok(io) => {
                 let cancel = cancel.clone();
                 let ctx = ctx.clone();
                 tokio::spawn(async move {
+                    let peer = io.info.remote;
                     tokio::select! {
                         () = cancel.cancelled() => {}
-                        r = connection(stream, peer, &ctx) => if let Err(e) = r {
-                            info!(%peer, "kafka connection closed: {e}");
+                        r = connection(io, &ctx) => if let Err(e) = r {
+                            info!(?peer, "kafka connection closed: {e}");
                         }
                     }
                 });
@@ -196,25 +233,143 @@ async fn accept(listener: TcpListener, ctx: Arc<Listener>, cancel: CancellationT
     }
 }
 
+/// Who a connection is: set from its client certificate, or by SASL.
+struct Session {
+    principal: Option<(Principal, AuthMethod)>,
+    sasl: sasl::Sasl,
+}
+
 /// Serves one connection: reads a frame, answers it, and so on until the peer closes.
-async fn connection(mut stream: TcpStream, peer: std::net::SocketAddr, ctx: &Listener) -> anyhow::Result<()> {
-    stream.set_nodelay(true)?;
+async fn connection(mut stream: crate::env::BoxedIo, ctx: &Listener) -> anyhow::Result<()> {
     let max = frame_bytes_max(&ctx.broker);
-    let host = format!("/{}", peer.ip());
+    let host = format!("/{}", stream.info.remote.map(|r| r.ip().to_string()).unwrap_or_default());
+    let security = &ctx.broker.security;
+    let enforce = ctx.broker.config.authentication.kafka;
+    let mut session = Session {
+        principal: match &stream.info.cert {
+            Some(CertIdentity::User(u)) => Some((Principal::User(u.clone()), AuthMethod::Certificate)),
+            Some(CertIdentity::Node(id)) => Some((Principal::Node(*id), AuthMethod::Certificate)),
+            None if !enforce => Some((Principal::Anonymous, AuthMethod::None)),
+            None => None,
+        },
+        sasl: sasl::Sasl::Start,
+    };
     loop {
         let Some(frame) = read_frame(&mut stream, max).await? else { return Ok(()) };
         let response = match parse(frame)? {
             Parsed::Answer(r) => Some(r),
-            Parsed::Request(req) => dispatch(ctx, &host, req).await?,
+            Parsed::Request(req) if matches!(req.key, ApiKey::SaslHandshake | ApiKey::SaslAuthenticate) => {
+                let (response, close) = authenticate(ctx, &mut session, req)?;
+                if close {
+                    write_response(&mut stream, &response).await?;
+                    anyhow::bail!("SASL authentication failed");
+                }
+                Some(response)
+            }
+            Parsed::Request(req) => {
+                let Some((principal, via)) = &session.principal else {
+                    security.metrics.auth_failure("kafka", AuthFailure::NoCredentials.reason());
+                    anyhow::bail!("{:?} before SASL authentication (this listener requires it)", req.key);
+                };
+                // A user deleted since it authenticated is refused from then on.
+                if *via == AuthMethod::Sasl
+                    && let Principal::User(u) = principal
+                    && !security.meta.view().state.users.contains_key(u)
+                {
+                    security.metrics.auth_failure("kafka", AuthFailure::UnknownUser.reason());
+                    anyhow::bail!("user {u} was deleted; closing its connection");
+                }
+                // A fresh decision per request: ACL changes apply to open connections.
+                let caller = security.caller(principal.clone(), *via, enforce, "kafka");
+                dispatch(ctx, &host, &caller, req).await?
+            }
         };
         // A produce with acks=0 gets no response at all.
         if let Some(response) = response {
-            let mut out = BytesMut::with_capacity(4 + response.len());
-            out.put_i32(response.len() as i32);
-            out.extend_from_slice(&response);
-            stream.write_all(&out).await?;
+            write_response(&mut stream, &response).await?;
         }
     }
+}
+
+async fn write_response(stream: &mut crate::env::BoxedIo, response: &[u8]) -> std::io::Result<()> {
+    let mut out = BytesMut::with_capacity(4 + response.len());
+    out.put_i32(response.len() as i32);
+    out.extend_from_slice(response);
+    stream.write_all(&out).await?;
+    stream.flush().await
+}
+
+/// `SaslHandshake` and `SaslAuthenticate`: the response, and whether to close the connection
+/// after it (a failed authentication).
+fn authenticate(
+    ctx: &Listener,
+    session: &mut Session,
+    mut req: Request,
+) -> Result<(Bytes, bool), FrameError> {
+    use kafka_protocol::messages::SaslAuthenticateRequest;
+    use kafka_protocol::messages::SaslAuthenticateResponse;
+    use kafka_protocol::messages::SaslHandshakeRequest;
+    use kafka_protocol::messages::SaslHandshakeResponse;
+    use kafka_protocol::protocol::StrBytes;
+    let security = &ctx.broker.security;
+    if req.key == ApiKey::SaslHandshake {
+        let body: SaslHandshakeRequest = req.decode()?;
+        let mut out = SaslHandshakeResponse::default();
+        out.mechanisms = sasl::MECHANISMS.iter().map(|m| StrBytes::from_static_str(m)).collect();
+        match (&session.sasl, sasl::Mechanism::parse(body.mechanism.as_str())) {
+            (sasl::Sasl::Start, Some(m)) => session.sasl = sasl::Sasl::Chosen(m),
+            (sasl::Sasl::Start, None) => out.error_code = codes::UNSUPPORTED_SASL_MECHANISM,
+            _ => out.error_code = codes::ILLEGAL_SASL_STATE,
+        }
+        return Ok((req.respond(&out)?, out.error_code != codes::NONE));
+    }
+    let body: SaslAuthenticateRequest = req.decode()?;
+    let step = match std::mem::take(&mut session.sasl) {
+        sasl::Sasl::Chosen(sasl::Mechanism::Plain) => sasl::plain(security, &body.auth_bytes),
+        sasl::Sasl::Chosen(sasl::Mechanism::Scram(hash)) => {
+            let mut nonce = [0u8; 18];
+            if getrandom::fill(&mut nonce).is_err() {
+                sasl::Step::Failed("no randomness for a nonce".into(), AuthFailure::BadToken)
+            } else {
+                use base64::Engine;
+                let nonce = base64::engine::general_purpose::STANDARD.encode(nonce);
+                match sasl::scram_first(security, hash, &body.auth_bytes, &nonce) {
+                    Ok(state) => {
+                        let first = state.server_first().as_bytes().to_vec();
+                        session.sasl = sasl::Sasl::ScramFinal(state);
+                        sasl::Step::Continue(first)
+                    }
+                    Err(step) => step,
+                }
+            }
+        }
+        sasl::Sasl::ScramFinal(state) => state.finish(&body.auth_bytes),
+        sasl::Sasl::Start | sasl::Sasl::Done => {
+            sasl::Step::Failed("SaslAuthenticate before a SaslHandshake".into(), AuthFailure::NoCredentials)
+        }
+    };
+    let mut out = SaslAuthenticateResponse::default();
+    let close = match step {
+        sasl::Step::Continue(reply) => {
+            out.auth_bytes = reply.into();
+            false
+        }
+        sasl::Step::Authenticated { user, reply } => {
+            out.auth_bytes = reply.into();
+            info!(user = %user, "kafka client authenticated");
+            session.principal = Some((Principal::User(user), AuthMethod::Sasl));
+            session.sasl = sasl::Sasl::Done;
+            false
+        }
+        sasl::Step::Failed(reason, failure) => {
+            security.metrics.auth_failure("kafka", failure.reason());
+            info!(reason = failure.reason(), "kafka SASL authentication failed: {reason}");
+            out.error_code = codes::SASL_AUTHENTICATION_FAILED;
+            out.error_message = Some(StrBytes::from_string(format!("authentication failed: {reason}")));
+            true
+        }
+    };
+    Ok((req.respond(&out)?, close))
 }
 
 /// A request, its header decoded and its body not yet.
@@ -298,7 +453,12 @@ pub fn parse(mut frame: Bytes) -> Result<Parsed, FrameError> {
 }
 
 /// Answers a request; `None` for a request that gets no response (a produce with acks=0).
-async fn dispatch(ctx: &Listener, host: &str, mut req: Request) -> Result<Option<Bytes>, FrameError> {
+async fn dispatch(
+    ctx: &Listener,
+    host: &str,
+    caller: &Caller,
+    mut req: Request,
+) -> Result<Option<Bytes>, FrameError> {
     let (broker, groups) = (&*ctx.broker, &*ctx.groups);
     let version = req.version;
     let api = crate::metrics::ApiLabel { api: format!("{:?}", req.key) };
@@ -306,24 +466,24 @@ async fn dispatch(ctx: &Listener, host: &str, mut req: Request) -> Result<Option
     match req.key {
         ApiKey::Metadata => {
             let body = req.decode()?;
-            let r = metadata::metadata(broker, &ctx.settings, body, req.version).await;
+            let r = metadata::metadata(broker, caller, &ctx.settings, body, req.version).await;
             req.respond(&r).map(Some)
         }
         ApiKey::Produce => {
             let body = req.decode()?;
-            match data::produce(broker, body, req.version).await {
+            match data::produce(broker, caller, body, req.version).await {
                 Some(r) => req.respond(&r).map(Some),
                 None => Ok(None),
             }
         }
         ApiKey::Fetch => {
             let body = req.decode()?;
-            let r = data::fetch(broker, body, req.version).await;
+            let r = data::fetch(broker, caller, body, req.version).await;
             req.respond(&r).map(Some)
         }
         ApiKey::ListOffsets => {
             let body = req.decode()?;
-            let r = data::list_offsets(broker, body, req.version);
+            let r = data::list_offsets(broker, caller, body, req.version);
             req.respond(&r).map(Some)
         }
         ApiKey::InitProducerId => {
@@ -332,69 +492,102 @@ async fn dispatch(ctx: &Listener, host: &str, mut req: Request) -> Result<Option
             req.respond(&r).map(Some)
         }
         ApiKey::FindCoordinator => {
-            let r = group_requests::find_coordinator(broker, req.decode()?, version);
+            let r = group_requests::find_coordinator(broker, caller, req.decode()?, version);
             req.respond(&r).map(Some)
         }
+        // The group's members: read on the group (Kafka's rule), checked before the group
+        // sees the request.
         ApiKey::JoinGroup => {
             let client_id = req.header.client_id.as_ref().map(|c| c.to_string()).unwrap_or_default();
-            let r =
-                group_requests::join_group(broker, groups, req.decode()?, version, &client_id, host).await;
+            let body: kafka_protocol::messages::JoinGroupRequest = req.decode()?;
+            let r = if may_read_group(caller, body.group_id.as_str()) {
+                group_requests::join_group(broker, groups, body, version, &client_id, host).await
+            } else {
+                let mut r = kafka_protocol::messages::JoinGroupResponse::default();
+                r.error_code = codes::GROUP_AUTHORIZATION_FAILED;
+                r
+            };
             req.respond(&r).map(Some)
         }
         ApiKey::SyncGroup => {
-            let r = group_requests::sync_group(broker, groups, req.decode()?, version).await;
+            let body: kafka_protocol::messages::SyncGroupRequest = req.decode()?;
+            let r = if may_read_group(caller, body.group_id.as_str()) {
+                group_requests::sync_group(broker, groups, body, version).await
+            } else {
+                let mut r = kafka_protocol::messages::SyncGroupResponse::default();
+                r.error_code = codes::GROUP_AUTHORIZATION_FAILED;
+                r
+            };
             req.respond(&r).map(Some)
         }
         ApiKey::Heartbeat => {
-            let r = group_requests::heartbeat(broker, groups, req.decode()?);
+            let body: kafka_protocol::messages::HeartbeatRequest = req.decode()?;
+            let r = if may_read_group(caller, body.group_id.as_str()) {
+                group_requests::heartbeat(broker, groups, body)
+            } else {
+                let mut r = kafka_protocol::messages::HeartbeatResponse::default();
+                r.error_code = codes::GROUP_AUTHORIZATION_FAILED;
+                r
+            };
             req.respond(&r).map(Some)
         }
         ApiKey::LeaveGroup => {
-            let r = group_requests::leave_group(broker, groups, req.decode()?, version);
+            let body: kafka_protocol::messages::LeaveGroupRequest = req.decode()?;
+            let r = if may_read_group(caller, body.group_id.as_str()) {
+                group_requests::leave_group(broker, groups, body, version)
+            } else {
+                let mut r = kafka_protocol::messages::LeaveGroupResponse::default();
+                r.error_code = codes::GROUP_AUTHORIZATION_FAILED;
+                r
+            };
             req.respond(&r).map(Some)
         }
         ApiKey::OffsetCommit => {
-            let r = group_requests::offset_commit(broker, groups, req.decode()?).await;
+            let r = group_requests::offset_commit(broker, caller, groups, req.decode()?).await;
             req.respond(&r).map(Some)
         }
         ApiKey::OffsetFetch => {
-            let r = group_requests::offset_fetch(broker, req.decode()?);
+            let r = group_requests::offset_fetch(broker, caller, req.decode()?);
             req.respond(&r).map(Some)
         }
         ApiKey::ListGroups => {
-            let r = group_requests::list_groups(broker, groups, req.decode()?);
+            let r = group_requests::list_groups(broker, caller, groups, req.decode()?);
             req.respond(&r).map(Some)
         }
         ApiKey::DescribeGroups => {
-            let r = group_requests::describe_groups(broker, groups, req.decode()?);
+            let r = group_requests::describe_groups(broker, caller, groups, req.decode()?);
             req.respond(&r).map(Some)
         }
         ApiKey::CreateTopics => {
-            let r = admin::create_topics(broker, &ctx.settings, req.decode()?, version).await;
+            let r = admin::create_topics(broker, caller, &ctx.settings, req.decode()?, version).await;
             req.respond(&r).map(Some)
         }
         ApiKey::DeleteTopics => {
-            let r = admin::delete_topics(broker, req.decode()?, version).await;
+            let r = admin::delete_topics(broker, caller, req.decode()?, version).await;
             req.respond(&r).map(Some)
         }
         ApiKey::CreatePartitions => {
-            let r = admin::create_partitions(broker, req.decode()?).await;
+            let r = admin::create_partitions(broker, caller, req.decode()?).await;
             req.respond(&r).map(Some)
         }
         ApiKey::DescribeConfigs => {
-            let r = admin::describe_configs(broker, &ctx.settings, req.decode()?, version);
+            let r = admin::describe_configs(broker, caller, &ctx.settings, req.decode()?, version);
             req.respond(&r).map(Some)
         }
         ApiKey::AlterConfigs => {
-            let r = admin::alter_configs(broker, req.decode()?).await;
+            let r = admin::alter_configs(broker, caller, req.decode()?).await;
             req.respond(&r).map(Some)
         }
         ApiKey::IncrementalAlterConfigs => {
-            let r = admin::incremental_alter_configs(broker, req.decode()?).await;
+            let r = admin::incremental_alter_configs(broker, caller, req.decode()?).await;
             req.respond(&r).map(Some)
         }
         _ => Err(FrameError::Unsupported { key: req.key as i16, version: req.version }),
     }
+}
+
+fn may_read_group(caller: &Caller, group: &str) -> bool {
+    caller.check(Operation::Read, ResourceType::Group, group).is_ok()
 }
 
 fn api_versions_response(correlation_id: i32, version: i16, error_code: i16) -> Bytes {
@@ -530,6 +723,8 @@ mod tests {
             ApiKey::DescribeConfigs => req.decode::<DescribeConfigsRequest>().map(drop),
             ApiKey::AlterConfigs => req.decode::<AlterConfigsRequest>().map(drop),
             ApiKey::IncrementalAlterConfigs => req.decode::<IncrementalAlterConfigsRequest>().map(drop),
+            ApiKey::SaslHandshake => req.decode::<SaslHandshakeRequest>().map(drop),
+            ApiKey::SaslAuthenticate => req.decode::<SaslAuthenticateRequest>().map(drop),
             k => panic!("{k:?} is in SUPPORTED but not here"),
         }
     }
@@ -718,6 +913,8 @@ mod tests {
             ApiKey::DescribeConfigs => default::<DescribeConfigsRequest>(&mut body, version),
             ApiKey::AlterConfigs => default::<AlterConfigsRequest>(&mut body, version),
             ApiKey::IncrementalAlterConfigs => default::<IncrementalAlterConfigsRequest>(&mut body, version),
+            ApiKey::SaslHandshake => default::<SaslHandshakeRequest>(&mut body, version),
+            ApiKey::SaslAuthenticate => default::<SaslAuthenticateRequest>(&mut body, version),
             k => panic!("{k:?} is in SUPPORTED but not here"),
         }
         frame(key, version, &body)
