@@ -67,6 +67,9 @@ pub enum BrokerError {
     /// The caller is known and no ACL allows the operation.
     #[error("{0}")]
     PermissionDenied(String),
+    /// Over a quota: nothing was done; retry after `retry_after_ms`.
+    #[error("{message}")]
+    Throttled { message: String, retry_after_ms: u64 },
 }
 
 fn leader_hint(leader: Option<NodeId>, addr: &Option<String>) -> String {
@@ -98,6 +101,7 @@ impl BrokerError {
             Self::Internal(_) => error_codes::INTERNAL,
             Self::Unauthenticated(_) => error_codes::UNAUTHENTICATED,
             Self::PermissionDenied(_) => error_codes::PERMISSION_DENIED,
+            Self::Throttled { .. } => error_codes::THROTTLED,
         }
     }
 
@@ -109,6 +113,7 @@ impl BrokerError {
             Self::TopicExists(_) => Code::AlreadyExists,
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
+            Self::Throttled { .. } => Code::ResourceExhausted,
             Self::Conflict(_) => Code::FailedPrecondition,
             Self::NotLeader { .. }
             | Self::NotReplica { .. }
@@ -134,6 +139,9 @@ impl From<BrokerError> for Status {
             if let Some(a) = leader_addr.as_deref().and_then(|a| MetadataValue::try_from(a).ok()) {
                 md.insert(error_keys::LEADER_ADDR, a);
             }
+        }
+        if let BrokerError::Throttled { retry_after_ms, .. } = &e {
+            md.insert(error_keys::RETRY_AFTER_MS, MetadataValue::from(*retry_after_ms));
         }
         if let BrokerError::OffsetOutOfRange { log_start, .. } = &e {
             md.insert(error_keys::LOG_START_OFFSET, MetadataValue::from(*log_start));

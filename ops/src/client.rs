@@ -746,9 +746,17 @@ impl Client {
                 self.inner.config.request_timeout.min(deadline.saturating_duration_since(Instant::now()));
             let answer = tokio::time::timeout(attempt_timeout, call(channel, attempt_timeout)).await;
             self.note_answer(&addr, answered(&answer));
+            let mut retry_after = None;
             let err = match answer {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
-                Ok(Err(status)) => ClientError::from_status(&status),
+                Ok(Err(status)) => {
+                    retry_after = status
+                        .metadata()
+                        .get(eddy_proto::error_keys::RETRY_AFTER_MS)
+                        .and_then(|v| v.to_str().ok()?.parse().ok())
+                        .map(Duration::from_millis);
+                    ClientError::from_status(&status)
+                }
                 Err(_) => ClientError::Unavailable(format!("{what}: {addr} did not answer in time")),
             };
             match &err {
@@ -757,6 +765,13 @@ impl Client {
                     last = err;
                     // The hint may be fresher than our metadata; go there without a long pause.
                     tokio::time::sleep(self.inner.config.backoff_min).await;
+                    continue;
+                }
+                // Over a quota: wait as long as the node says (nothing was written).
+                ClientError::Server { code, .. } if code == error_codes::THROTTLED => {
+                    let wait = retry_after.unwrap_or(self.inner.config.backoff_max);
+                    tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now()))).await;
+                    last = err;
                     continue;
                 }
                 // A topic created (or grown) moments ago may not have reached every node yet: a
@@ -860,6 +875,26 @@ impl Client {
             })
             .await?;
         Ok(r.bindings)
+    }
+
+    /// Sets a user's byte-rate quotas (both `None` removes them).
+    pub async fn set_quota(&self, q: pb::Quota) -> Result<()> {
+        self.admin_any("set quota", |mut c| {
+            let r = self.request(q.clone());
+            async move { c.set_quota(r).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn list_quotas(&self) -> Result<Vec<pb::Quota>> {
+        let r = self
+            .admin_any("list quotas", |mut c| {
+                let r = self.request(pb::ListQuotasRequest {});
+                async move { c.list_quotas(r).await }
+            })
+            .await?;
+        Ok(r.quotas)
     }
 
     /// Who the cluster takes this client for.

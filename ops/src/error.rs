@@ -73,6 +73,7 @@ impl ClientError {
                         | error_codes::NOT_REPLICA
                         | error_codes::UNAVAILABLE
                         | error_codes::TIMEOUT
+                        | error_codes::THROTTLED
                 )
             }
             _ => false,

@@ -21,6 +21,8 @@ pub mod error_keys {
     pub const LEADER_ADDR: &str = "eddy-leader-addr";
     /// With `offset_out_of_range`: the log start offset of the replica that answered.
     pub const LOG_START_OFFSET: &str = "eddy-log-start-offset";
+    /// With `throttled`: milliseconds to wait before retrying.
+    pub const RETRY_AFTER_MS: &str = "eddy-retry-after-ms";
 }
 
 /// The stable error codes a status carries under [`error_keys::CODE`]: the server sets them and
@@ -56,6 +58,8 @@ pub mod error_codes {
     pub const UNAUTHENTICATED: &str = "unauthenticated";
     /// The caller is known but no ACL allows the operation (gRPC `PERMISSION_DENIED`).
     pub const PERMISSION_DENIED: &str = "permission_denied";
+    /// Over a quota; nothing was done. `eddy-retry-after-ms` says when to retry.
+    pub const THROTTLED: &str = "throttled";
 }
 
 pub mod credentials;

@@ -262,6 +262,11 @@ impl Cluster {
     /// `eddyctl cert`), authentication on the client and Kafka listeners as `kafka_auth` says,
     /// and `User:admin` a superuser; [`Cluster::ctl`] runs as admin, by its client certificate.
     pub fn start_secure(n: u64, kafka_auth: bool) -> anyhow::Result<Self> {
+        Self::start_secure_with(n, kafka_auth, "")
+    }
+
+    /// [`Cluster::start_secure`] with `extra` (TOML tables) in every node's config.
+    pub fn start_secure_with(n: u64, kafka_auth: bool, extra: &str) -> anyhow::Result<Self> {
         let serial = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::Builder::new().prefix("eddy-cluster-").tempdir()?;
         let certs = dir.path().join("certs");
@@ -281,7 +286,7 @@ impl Cluster {
         let secure = Secure { certs: certs.clone(), kafka_auth };
         let mut c =
             Self { dir, nodes: BTreeMap::new(), secure: Some(secure), rack_prefix: None, _serial: serial };
-        Self::form(&mut c, n, "")?;
+        Self::form(&mut c, n, extra)?;
         Ok(c)
     }
 

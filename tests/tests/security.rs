@@ -504,3 +504,148 @@ fn kafka_secure(
     })?;
     Ok(())
 }
+
+/// A producer over eddyctl as `who`, fed `line_bytes`-byte events by a thread (at most
+/// `rate` bytes/s when given) until stopped; the acknowledgements are counted as they come.
+struct QuotaProducer {
+    child: std::process::Child,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl QuotaProducer {
+    fn start(
+        who: &[(&str, String)],
+        brokers: &str,
+        topic: &str,
+        line_bytes: usize,
+        rate: Option<u64>,
+    ) -> anyhow::Result<Self> {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        use std::sync::atomic::Ordering;
+        let mut args: Vec<String> =
+            vec!["--brokers".into(), brokers.into(), "--output".into(), "json".into()];
+        for (flag, value) in who {
+            args.push((*flag).into());
+            args.push(value.clone());
+        }
+        // One request in flight: a throttled producer's requests wait their turn one by one
+        // rather than all at once past the delivery timeout.
+        args.extend(
+            ["produce", topic, "--partition", "0", "--max-in-flight-requests", "1"].map(String::from),
+        );
+        let mut child = std::process::Command::new(eddy_tests::binary("eddyctl"))
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut stdin = child.stdin.take().context("stdin")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (stop_w, line) = (stop.clone(), format!("{}\n", "q".repeat(line_bytes - 1)));
+        let writer = std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut sent = 0u64;
+            while !stop_w.load(Ordering::Relaxed) {
+                if let Some(rate) = rate {
+                    let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait.min(Duration::from_millis(20)));
+                        continue;
+                    }
+                }
+                if stdin.write_all(line.as_bytes()).is_err() {
+                    break;
+                }
+                sent += line.len() as u64;
+            }
+        });
+        let acked_r = acked.clone();
+        let bytes = line_bytes as u64 - 1;
+        // Ends when eddyctl exits and closes its stdout.
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if l.contains("\"offset\"") {
+                    acked_r.fetch_add(bytes, Ordering::Relaxed);
+                }
+            }
+        });
+        Ok(Self { child, stop, acked, writer: Some(writer) })
+    }
+
+    fn acked(&self) -> u64 {
+        self.acked.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for QuotaProducer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Acceptance 9: a produce quota of 1 MB/s holds within 20% over 30 s, while another user
+/// producing at 4 MB/s on the same partition leader gets all of it through.
+#[test]
+fn a_produce_quota_holds_and_spares_other_users() -> anyhow::Result<()> {
+    const QUOTA: u64 = 1_000_000;
+    const BOB_RATE: u64 = 4_000_000;
+    const RUN: Duration = Duration::from_secs(30);
+    // Requests of at most 256 KiB, so that what passes arrives in steps far below the quota.
+    let limits = "[limits]\nmax_event_bytes = 65536\nmax_request_bytes = 262144\n";
+    let c = Cluster::start_secure_with(3, false, limits)?;
+    let s = c.secure.clone().context("secure")?;
+    let all = c.brokers();
+    let admin = s.admin();
+    let ctl = |args: &[&str]| eddy_tests::ctl_as(&admin, &all, args, None, CTL_TIMEOUT);
+    ensure!(ctl(&["cluster", "health", "--exit-when-healthy", "--timeout", "40s"])?.ok());
+    ensure!(ctl(&["topic", "create", "metered", "--partitions", "1", "--replication-factor", "3"])?.ok());
+    c.wait_for_leaders("metered", 3)?;
+    let mut tokens = Vec::new();
+    for user in ["alice", "bob"] {
+        let out = ctl(&["user", "create", user])?;
+        ensure!(out.ok(), "{out:?}");
+        tokens.push(out.json()?["token"].as_str().context("token")?.to_owned());
+    }
+    let grant =
+        ["acl", "add", "--principal", "User:*", "--allow", "--operation", "write", "--topic", "metered"];
+    ensure!(ctl(&grant)?.ok());
+    let out = ctl(&["quota", "set", "--user", "alice", "--producer-byte-rate", &QUOTA.to_string()])?;
+    ensure!(out.ok(), "{out:?}");
+    let out = ctl(&["quota", "list"])?;
+    ensure!(out.json()?["quotas"][0]["producer_byte_rate"] == QUOTA, "{out:?}");
+
+    let alice = QuotaProducer::start(&s.token(&tokens[0]), &all, "metered", 10_000, None)?;
+    let bob = QuotaProducer::start(&s.token(&tokens[1]), &all, "metered", 10_000, Some(BOB_RATE))?;
+    let started = Instant::now();
+    // The first acknowledgements mark the start of the measured run.
+    wait_for("both producers' first acknowledgements", SHORT, || {
+        (alice.acked() > 0 && bob.acked() > 0).then_some(())
+    })?;
+    let (a0, b0, t0) = (alice.acked(), bob.acked(), Instant::now());
+    while t0.elapsed() < RUN {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let alice_rate = (alice.acked() - a0) as f64 / secs;
+    let bob_rate = (bob.acked() - b0) as f64 / secs;
+    eprintln!(
+        "over {secs:.1} s (after {:?} to start): alice {alice_rate:.0} B/s under a {QUOTA} B/s quota, bob {bob_rate:.0} B/s offered {BOB_RATE} B/s",
+        t0.duration_since(started)
+    );
+    ensure!(
+        (0.8 * QUOTA as f64..=1.2 * QUOTA as f64).contains(&alice_rate),
+        "alice's rate {alice_rate:.0} B/s is not within 20% of her quota"
+    );
+    ensure!(bob_rate >= 0.85 * BOB_RATE as f64, "bob got {bob_rate:.0} B/s of the {BOB_RATE} B/s he offered");
+    Ok(())
+}

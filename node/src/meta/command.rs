@@ -132,6 +132,11 @@ pub enum MetaCommand {
     AddAcl(AclBinding),
     /// Answers [`MetaReply::Changed`]: false when there was no such binding.
     RemoveAcl(AclBinding),
+    /// Set a user's quotas (both `None` removes them).
+    SetQuota {
+        user: String,
+        quota: crate::security::quota::UserQuota,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -157,6 +157,8 @@ pub struct MetaState {
     pub users: BTreeMap<String, Arc<UserRecord>>,
     /// Every ACL binding (shared, so that cloning the state for each applied entry stays cheap).
     pub acls: Arc<BTreeSet<AclBinding>>,
+    /// Byte-rate quotas by user (`*`: every user without its own).
+    pub quotas: BTreeMap<String, crate::security::quota::UserQuota>,
 }
 
 impl Default for MetaState {
@@ -170,6 +172,7 @@ impl Default for MetaState {
             next_member_id: 1,
             users: BTreeMap::new(),
             acls: Arc::default(),
+            quotas: BTreeMap::new(),
         }
     }
 }
@@ -315,6 +318,14 @@ impl MetaState {
             MetaCommand::DeleteUser { name } => MetaReply::Changed(self.users.remove(&name).is_some()),
             MetaCommand::AddAcl(b) => MetaReply::Changed(Arc::make_mut(&mut self.acls).insert(b)),
             MetaCommand::RemoveAcl(b) => MetaReply::Changed(Arc::make_mut(&mut self.acls).remove(&b)),
+            MetaCommand::SetQuota { user, quota } => {
+                if quota == crate::security::quota::UserQuota::default() {
+                    self.quotas.remove(&user);
+                } else {
+                    self.quotas.insert(user, quota);
+                }
+                MetaReply::Done
+            }
             MetaCommand::ResetOffsets { group, offsets } => {
                 self.reset_offsets(group, offsets).map(|()| MetaReply::Done).into()
             }

@@ -8,6 +8,7 @@
 
 pub mod acl;
 pub mod layer;
+pub mod quota;
 pub mod rules;
 pub mod tls;
 pub mod users;
@@ -83,6 +84,8 @@ pub struct Security {
     pub metrics: Arc<NodeMetrics>,
     /// The index of the last ACL bindings seen; rebuilt when the bindings change.
     acls: Mutex<(Arc<BTreeSet<AclBinding>>, Arc<AclIndex>)>,
+    /// This node's byte-rate meters.
+    pub quotas: quota::Quotas,
 }
 
 impl Security {
@@ -93,7 +96,15 @@ impl Security {
         initial_members: BTreeSet<NodeId>,
         metrics: Arc<NodeMetrics>,
     ) -> Self {
-        Self { me, meta, superusers, initial_members, metrics, acls: Mutex::default() }
+        Self {
+            me,
+            meta,
+            superusers,
+            initial_members,
+            metrics,
+            acls: Mutex::default(),
+            quotas: Default::default(),
+        }
     }
 
     /// The ACL bindings in force, indexed.
@@ -106,6 +117,41 @@ impl Security {
             *cached = (view.state.acls.clone(), Arc::new(AclIndex::new(&view.state.acls)));
         }
         cached.1.clone()
+    }
+
+    /// The quota of `principal` (its own, or the default user's); `None` for non-users and
+    /// users without one.
+    pub fn quota_of(&self, principal: &Principal) -> Option<(String, quota::UserQuota)> {
+        let Principal::User(user) = principal else { return None };
+        let view = self.meta.view();
+        let q =
+            view.state.quotas.get(user).or_else(|| view.state.quotas.get(quota::DEFAULT_USER)).copied()?;
+        Some((user.clone(), q))
+    }
+
+    /// Waits until `principal` may send a request of `bytes` in direction `d`, and charges it:
+    /// at most [`quota::HOLD_MAX`]; then `Err` with how much longer it would have to wait.
+    pub async fn admit(
+        &self,
+        principal: &Principal,
+        d: quota::Direction,
+        bytes: u64,
+    ) -> Result<(), std::time::Duration> {
+        let Some((user, q)) = self.quota_of(principal) else { return Ok(()) };
+        let deadline = tokio::time::Instant::now() + quota::HOLD_MAX;
+        loop {
+            match self.quotas.admit(&user, d, bytes, Some(q)) {
+                Ok(()) => return Ok(()),
+                Err(wait) if tokio::time::Instant::now() + wait <= deadline => tokio::time::sleep(wait).await,
+                Err(wait) => return Err(wait),
+            }
+        }
+    }
+
+    /// Charges `bytes` served to (or taken from) `principal` and returns what it owes now.
+    pub fn charge(&self, principal: &Principal, d: quota::Direction, bytes: u64) -> std::time::Duration {
+        let Some((user, q)) = self.quota_of(principal) else { return std::time::Duration::ZERO };
+        self.quotas.charge(&user, d, bytes, Some(q))
     }
 
     /// The user a bearer token (or SASL/PLAIN password) belongs to.

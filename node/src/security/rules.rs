@@ -66,6 +66,8 @@ pub const GRPC: &[(&str, Rule)] = &[
     ("/eddy.v1.Admin/RemoveAcl", Rule::Cluster(Alter)),
     ("/eddy.v1.Admin/ListAcls", Rule::Cluster(Describe)),
     ("/eddy.v1.Admin/WhoAmI", Rule::Public),
+    ("/eddy.v1.Admin/SetQuota", Rule::Cluster(Alter)),
+    ("/eddy.v1.Admin/ListQuotas", Rule::Cluster(Describe)),
     // eddy.v1.Groups
     ("/eddy.v1.Groups/JoinGroup", Rule::PerResource("read on the group, describe on each topic")),
     ("/eddy.v1.Groups/Heartbeat", Rule::PerResource("read on the group")),

@@ -442,6 +442,48 @@ impl Admin for AdminService {
         Ok(Response::new(pb::ListAclsResponse { bindings }))
     }
 
+    async fn set_quota(&self, request: Request<pb::Quota>) -> Result<Response<pb::SetQuotaResponse>, Status> {
+        let q = request.into_inner();
+        if q.user != crate::security::quota::DEFAULT_USER {
+            eddy_proto::credentials::validate_user_name(&q.user)
+                .map_err(|e| BrokerError::InvalidArgument(format!("user: {e}")))?;
+        }
+        if q.producer_byte_rate == Some(0) || q.consumer_byte_rate == Some(0) {
+            return Err(BrokerError::InvalidArgument(
+                "a byte rate is at least 1; omit it for no limit".into(),
+            )
+            .into());
+        }
+        let quota = crate::security::quota::UserQuota {
+            producer_byte_rate: q.producer_byte_rate,
+            consumer_byte_rate: q.consumer_byte_rate,
+        };
+        match self.write(MetaCommand::SetQuota { user: q.user, quota }).await? {
+            MetaReply::Error(e) => Err(BrokerError::from(e).into()),
+            _ => Ok(Response::new(pb::SetQuotaResponse {})),
+        }
+    }
+
+    async fn list_quotas(
+        &self,
+        _: Request<pb::ListQuotasRequest>,
+    ) -> Result<Response<pb::ListQuotasResponse>, Status> {
+        let quotas = self
+            .state
+            .meta
+            .view()
+            .state
+            .quotas
+            .iter()
+            .map(|(user, q)| pb::Quota {
+                user: user.clone(),
+                producer_byte_rate: q.producer_byte_rate,
+                consumer_byte_rate: q.consumer_byte_rate,
+            })
+            .collect();
+        Ok(Response::new(pb::ListQuotasResponse { quotas }))
+    }
+
     async fn who_am_i(
         &self,
         request: Request<pb::WhoAmIRequest>,

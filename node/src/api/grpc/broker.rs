@@ -19,6 +19,7 @@ use crate::partition::handle::OffsetSpec;
 use crate::security::Caller;
 use crate::security::acl::Operation;
 use crate::security::acl::ResourceType;
+use crate::security::quota::Direction;
 use crate::service::BrokerState;
 use crate::service::data::Fetch;
 use crate::service::data::NewRecord;
@@ -125,6 +126,12 @@ impl BrokerService {
             node_id: self.state.me,
         })
     }
+}
+
+/// The bytes of a record that count against a produce quota: key, value and headers.
+fn record_bytes(r: &pb::Record) -> u64 {
+    let key = r.key.as_ref().map_or(0, |k| k.len());
+    (key + r.value.len() + r.headers.iter().map(|h| h.key.len() + h.value.len()).sum::<usize>()) as u64
 }
 
 /// A topic's wire form, with each partition's progress as the cluster reported it.
@@ -265,8 +272,20 @@ impl Broker for BrokerService {
         let started = tokio::time::Instant::now();
         let caller = Caller::of(&request)?;
         let req = request.into_inner();
+        let bytes: u64 = req.records.iter().map(record_bytes).sum();
         let r = match caller.check(Operation::Write, ResourceType::Topic, &req.topic) {
-            Ok(()) => self.produce_inner(req).await,
+            // Admitted under the user's quota before anything is written.
+            Ok(()) => match self.state.security.admit(&caller.principal, Direction::Produce, bytes).await {
+                Ok(()) => self.produce_inner(req).await,
+                Err(wait) => Err(BrokerError::Throttled {
+                    message: format!(
+                        "{} is over its produce quota; retry in {} ms (nothing was written)",
+                        caller.principal,
+                        wait.as_millis()
+                    ),
+                    retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                }),
+            },
             Err(e) => Err(e),
         };
         let m = &self.state.metrics;
@@ -279,9 +298,24 @@ impl Broker for BrokerService {
         let caller = Caller::of(&request)?;
         let req = request.into_inner();
         let r = match caller.check(Operation::Read, ResourceType::Topic, &req.topic) {
-            Ok(()) => self.fetch_inner(req).await,
+            Ok(()) => {
+                // A user over its fetch quota waits (bounded) before it reads more.
+                let _ = self.state.security.admit(&caller.principal, Direction::Fetch, 0).await;
+                self.fetch_inner(req).await
+            }
             Err(e) => Err(e),
         };
+        if let Ok(f) = &r {
+            let bytes: usize = f
+                .records
+                .iter()
+                .map(|r| {
+                    let key = r.key.as_ref().map_or(0, |k| k.len());
+                    key + r.value.len() + r.headers.iter().map(|h| h.key.len() + h.value.len()).sum::<usize>()
+                })
+                .sum();
+            self.state.security.charge(&caller.principal, Direction::Fetch, bytes as u64);
+        }
         let m = &self.state.metrics;
         NodeMetrics::observe_request(&m.fetch_requests, &m.fetch_latency, started.elapsed(), &r);
         r.map(Response::new).map_err(Status::from)

@@ -256,6 +256,7 @@ async fn connection(mut stream: crate::env::BoxedIo, ctx: &Listener) -> anyhow::
     };
     loop {
         let Some(frame) = read_frame(&mut stream, max).await? else { return Ok(()) };
+        let mut mute = std::time::Duration::ZERO;
         let response = match parse(frame)? {
             Parsed::Answer(r) => Some(r),
             Parsed::Request(req) if matches!(req.key, ApiKey::SaslHandshake | ApiKey::SaslAuthenticate) => {
@@ -281,14 +282,34 @@ async fn connection(mut stream: crate::env::BoxedIo, ctx: &Listener) -> anyhow::
                 }
                 // A fresh decision per request: ACL changes apply to open connections.
                 let caller = security.caller(principal.clone(), *via, enforce, "kafka");
-                dispatch(ctx, &host, &caller, req).await?
+                dispatch(ctx, &host, &caller, req, &mut mute).await?
             }
         };
         // A produce with acks=0 gets no response at all.
         if let Some(response) = response {
             write_response(&mut stream, &response).await?;
         }
+        // A client over its quota that throttles itself (KIP-219) is not read from meanwhile.
+        tokio::time::sleep(std::mem::take(&mut mute)).await;
     }
+}
+
+/// How a quota's delay is served (KIP-219): produce from v6 and fetch from v8 answer at once
+/// with `throttle_time_ms`, the client waits that long, and the broker reads nothing more from
+/// it meanwhile (`mute`); older versions get their answer late instead.
+async fn throttle(
+    version: i16,
+    kip219_from: i16,
+    hold: std::time::Duration,
+    mute: &mut std::time::Duration,
+) -> i32 {
+    let hold = hold.min(crate::security::quota::THROTTLE_MAX);
+    if version >= kip219_from {
+        *mute = hold;
+    } else {
+        tokio::time::sleep(hold).await;
+    }
+    i32::try_from(hold.as_millis()).unwrap_or(i32::MAX)
 }
 
 async fn write_response(stream: &mut crate::env::BoxedIo, response: &[u8]) -> std::io::Result<()> {
@@ -458,7 +479,9 @@ async fn dispatch(
     host: &str,
     caller: &Caller,
     mut req: Request,
+    mute: &mut std::time::Duration,
 ) -> Result<Option<Bytes>, FrameError> {
+    use crate::security::quota::Direction;
     let (broker, groups) = (&*ctx.broker, &*ctx.groups);
     let version = req.version;
     let api = crate::metrics::ApiLabel { api: format!("{:?}", req.key) };
@@ -470,15 +493,39 @@ async fn dispatch(
             req.respond(&r).map(Some)
         }
         ApiKey::Produce => {
-            let body = req.decode()?;
-            match data::produce(broker, caller, body, req.version).await {
-                Some(r) => req.respond(&r).map(Some),
-                None => Ok(None),
+            let body: kafka_protocol::messages::ProduceRequest = req.decode()?;
+            let bytes: usize = body
+                .topic_data
+                .iter()
+                .flat_map(|t| &t.partition_data)
+                .filter_map(|p| p.records.as_ref())
+                .map(bytes::Bytes::len)
+                .sum();
+            let produced = data::produce(broker, caller, body, req.version).await;
+            let hold = broker.security.charge(&caller.principal, Direction::Produce, bytes as u64);
+            match produced {
+                Some(mut r) => {
+                    r.throttle_time_ms = throttle(version, 6, hold, mute).await;
+                    req.respond(&r).map(Some)
+                }
+                None => {
+                    *mute = hold;
+                    Ok(None)
+                }
             }
         }
         ApiKey::Fetch => {
             let body = req.decode()?;
-            let r = data::fetch(broker, caller, body, req.version).await;
+            let mut r = data::fetch(broker, caller, body, req.version).await;
+            let bytes: usize = r
+                .responses
+                .iter()
+                .flat_map(|t| &t.partitions)
+                .filter_map(|p| p.records.as_ref())
+                .map(bytes::Bytes::len)
+                .sum();
+            let hold = broker.security.charge(&caller.principal, Direction::Fetch, bytes as u64);
+            r.throttle_time_ms = throttle(version, 8, hold, mute).await;
             req.respond(&r).map(Some)
         }
         ApiKey::ListOffsets => {

@@ -221,6 +221,11 @@ pub enum Command {
         #[command(subcommand)]
         command: security::UserCommand,
     },
+    /// Per-user byte-rate quotas: set, list.
+    Quota {
+        #[command(subcommand)]
+        command: security::QuotaCommand,
+    },
     /// Access control bindings (Kafka's model): add, remove, list.
     Acl {
         #[command(subcommand)]
@@ -472,6 +477,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench { command } => bench::run(client, format, command).await,
         Command::User { command } => security::user(&client, format, command).await,
         Command::Acl { command } => security::acl(&client, format, command).await,
+        Command::Quota { command } => security::quota(&client, format, command).await,
         Command::Cert { .. } | Command::Completion { .. } => unreachable!("handled before connecting"),
     }
 }

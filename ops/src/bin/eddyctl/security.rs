@@ -146,6 +146,67 @@ pub enum UserCommand {
     Whoami,
 }
 
+#[derive(Subcommand, Debug)]
+pub enum QuotaCommand {
+    /// Sets a user's byte-rate quotas on every node (`*`: the default for users without their
+    /// own); give neither rate to remove them.
+    Set {
+        #[arg(long)]
+        user: String,
+        /// Bytes per second the user may produce to each node (Kafka's producer_byte_rate).
+        #[arg(long)]
+        producer_byte_rate: Option<u64>,
+        /// Bytes per second each node may serve the user (Kafka's consumer_byte_rate).
+        #[arg(long)]
+        consumer_byte_rate: Option<u64>,
+    },
+    List,
+}
+
+pub async fn quota(client: &Client, format: Format, command: QuotaCommand) -> anyhow::Result<ExitCode> {
+    let rate = |r: Option<u64>| r.map_or_else(|| "-".to_owned(), |r| r.to_string());
+    match command {
+        QuotaCommand::Set { user, producer_byte_rate, consumer_byte_rate } => {
+            client
+                .set_quota(pb::Quota { user: user.clone(), producer_byte_rate, consumer_byte_rate })
+                .await?;
+            match format {
+                Format::Json => print_json(
+                    &json!({"user": user, "producer_byte_rate": producer_byte_rate, "consumer_byte_rate": consumer_byte_rate}),
+                ),
+                Format::Table => println!(
+                    "quotas of {user}: produce {} B/s, fetch {} B/s",
+                    rate(producer_byte_rate),
+                    rate(consumer_byte_rate)
+                ),
+            }
+        }
+        QuotaCommand::List => {
+            let quotas = client.list_quotas().await?;
+            match format {
+                Format::Json => print_json(
+                    &json!({"quotas": quotas.iter().map(|q| json!({"user": q.user, "producer_byte_rate": q.producer_byte_rate, "consumer_byte_rate": q.consumer_byte_rate})).collect::<Vec<_>>()}),
+                ),
+                Format::Table => print!(
+                    "{}",
+                    table(
+                        &["USER", "PRODUCER BYTE RATE", "CONSUMER BYTE RATE"],
+                        quotas
+                            .iter()
+                            .map(|q| vec![
+                                q.user.clone(),
+                                rate(q.producer_byte_rate),
+                                rate(q.consumer_byte_rate)
+                            ])
+                            .collect()
+                    )
+                ),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[derive(clap::Args, Debug, Clone)]
 #[command(group(clap::ArgGroup::new("permission").required(true).args(["allow", "deny"])))]
 #[command(group(clap::ArgGroup::new("resource").required(true).args(["topic", "group", "cluster"])))]
