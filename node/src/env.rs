@@ -75,6 +75,44 @@ pub struct PeerInfo {
     pub remote: Option<std::net::SocketAddr>,
     pub tls: bool,
     pub cert: Option<crate::security::tls::CertIdentity>,
+    /// Shared by every request on the connection; lets a request's layer close it.
+    pub conn: Arc<ConnGuard>,
+}
+
+/// Requests a client abandoned on one connection before they were answered, per second: a
+/// client that opens streams and resets them at once (the HTTP/2 "rapid reset" flood,
+/// CVE-2023-44487) makes the server start work it then throws away, and is cut off.
+#[derive(Debug, Default)]
+pub struct ConnGuard {
+    /// (start of the current second, requests abandoned in it).
+    abandoned: std::sync::Mutex<Option<(tokio::time::Instant, u32)>>,
+    killed: std::sync::atomic::AtomicBool,
+}
+
+/// Abandoned requests per second past which a connection is closed.
+pub const ABANDONED_PER_SECOND_MAX: u32 = 200;
+
+impl ConnGuard {
+    /// Counts an abandoned request; true when this closed the connection.
+    pub fn abandoned(&self) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut a = self.abandoned.lock().expect("conn guard lock poisoned");
+        let (start, n) = match *a {
+            Some((start, n)) if now.duration_since(start) < std::time::Duration::from_secs(1) => {
+                (start, n + 1)
+            }
+            _ => (now, 1),
+        };
+        *a = Some((start, n));
+        if n > ABANDONED_PER_SECOND_MAX && !self.killed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return true;
+        }
+        false
+    }
+
+    pub fn is_killed(&self) -> bool {
+        self.killed.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// An accepted connection, whatever its transport.
@@ -109,12 +147,18 @@ impl AsyncRead for BoxedIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.info.conn.is_killed() {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionAborted, "connection cut off")));
+        }
         self.io.as_mut().poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for BoxedIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.info.conn.is_killed() {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionAborted, "connection cut off")));
+        }
         self.io.as_mut().poll_write(cx, buf)
     }
 

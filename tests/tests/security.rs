@@ -649,3 +649,117 @@ fn a_produce_quota_holds_and_spares_other_users() -> anyhow::Result<()> {
     ensure!(bob_rate >= 0.85 * BOB_RATE as f64, "bob got {bob_rate:.0} B/s of the {BOB_RATE} B/s he offered");
     Ok(())
 }
+
+/// Acceptance 8, on a node that allows 20 connections per listener: connections past the cap
+/// are closed at once; a client that opens a connection to a TLS port and never speaks is
+/// closed after the handshake deadline; an event over the size limit is refused; and through
+/// all of it the node stays healthy and serves.
+#[test]
+fn connection_caps_handshake_deadlines_and_size_limits_hold() -> anyhow::Result<()> {
+    const CAP: usize = 20;
+    let c = Cluster::start_secure_with(1, false, &format!("max_connections = {CAP}\n"))?;
+    let s = c.secure.clone().context("secure")?;
+    let addr = c.node(1).client_addr.clone();
+    let admin = s.admin();
+    let ctl =
+        |args: &[&str], stdin: Option<&[u8]>| eddy_tests::ctl_as(&admin, &addr, args, stdin, CTL_TIMEOUT);
+    ensure!(ctl(&["cluster", "health", "--exit-when-healthy", "--timeout", "40s"], None)?.ok());
+    ensure!(
+        ctl(&["topic", "create", "limits", "--partitions", "1", "--replication-factor", "1"], None)?.ok()
+    );
+    c.wait_for_leaders("limits", 1)?;
+
+    // CAP silent connections take every slot (they have not even begun TLS).
+    let opened = Instant::now();
+    let mut silent: Vec<std::net::TcpStream> =
+        (0..CAP).map(|_| std::net::TcpStream::connect(&addr)).collect::<Result<_, _>>()?;
+    let closed_at_once = |s: &mut std::net::TcpStream| -> anyhow::Result<bool> {
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut b = [0u8; 1];
+        Ok(matches!(s.read(&mut b), Ok(0))
+            || matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset))
+    };
+    // One more is closed at once.
+    let mut extra = std::net::TcpStream::connect(&addr)?;
+    ensure!(closed_at_once(&mut extra)?, "a connection past the cap of {CAP} was kept open");
+    // The silent ones are closed at the handshake deadline (10 s), not before 9 s.
+    for s in &mut silent {
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut b = [0u8; 1];
+        let r = s.read(&mut b);
+        ensure!(matches!(r, Ok(0)) || r.is_err(), "a silent connection got data: {r:?}");
+    }
+    let took = opened.elapsed();
+    eprintln!("silent TLS connections closed {took:?} after they opened");
+    ensure!(took >= Duration::from_secs(9) && took < Duration::from_secs(20), "closed after {took:?}");
+    drop(silent);
+    // The slots are free again, and the node serves.
+    let out = ctl(&["produce", "limits", "--partition", "0"], Some(b"after\n"))?;
+    ensure!(out.ok(), "the node serves after its slots were taken: {out:?}");
+
+    // An event over max_event_bytes (1 MiB) is refused with the limit named; the node is fine.
+    let big = format!("{}\n", "x".repeat((1 << 20) + 10));
+    let out = ctl(&["produce", "limits", "--partition", "0"], Some(big.as_bytes()))?;
+    ensure!(!out.ok() && out.stderr.contains("max_event_bytes"), "an oversized event: {out:?}");
+    let out = ctl(&["cluster", "health"], None)?;
+    ensure!(out.ok(), "healthy after the refusals: {out:?}");
+    let reasons = auth_failures(&c)?;
+    for reason in ["connection_limit", "handshake_timeout"] {
+        ensure!(reasons.contains(&format!("reason=\"{reason}\"")), "no {reason} counted: {reasons}");
+    }
+    Ok(())
+}
+
+/// Acceptance 8: a client that opens HTTP/2 streams and resets them at once (CVE-2023-44487)
+/// is cut off by the client listener, and the node serves everyone else.
+#[test]
+fn rapid_resets_are_cut_off() -> anyhow::Result<()> {
+    let c = Cluster::start(1)?;
+    let addr = c.node(1).client_addr.clone();
+    let out = c.ctl(&["cluster", "health", "--exit-when-healthy", "--timeout", "40s"], None, CTL_TIMEOUT)?;
+    ensure!(out.ok(), "{out:?}");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (sent, cut) = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&addr).await?;
+        let (mut client, conn) = h2::client::handshake(tcp).await?;
+        let driver = tokio::spawn(conn);
+        let mut sent = 0usize;
+        let mut cut = false;
+        // Rounds of 50 calls that wait for their request bodies, all reset once the server has
+        // begun them.
+        'rounds: for _ in 0..200 {
+            let mut streams = Vec::new();
+            for _ in 0..50 {
+                let req = http::Request::post(format!("http://{addr}/eddy.v1.Broker/Fetch"))
+                    .header("content-type", "application/grpc")
+                    .body(())?;
+                let ready = tokio::time::timeout(Duration::from_secs(5), client.clone().ready()).await;
+                let Ok(Ok(mut ready)) = ready else {
+                    cut = true;
+                    break 'rounds;
+                };
+                match ready.send_request(req, false) {
+                    Ok((_, stream)) => streams.push(stream),
+                    Err(_) => {
+                        cut = true;
+                        break 'rounds;
+                    }
+                }
+                client = ready;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            for mut stream in streams {
+                stream.send_reset(h2::Reason::CANCEL);
+                sent += 1;
+            }
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(10), driver).await;
+        cut |= matches!(ended, Ok(Ok(Err(_))) | Ok(Ok(Ok(()))));
+        anyhow::Ok((sent, cut))
+    })?;
+    eprintln!("the connection was cut off after {sent} reset streams");
+    ensure!(cut && sent < 10_000, "{sent} rapid resets were all accepted");
+    let out = c.ctl(&["topic", "list"], None, CTL_TIMEOUT)?;
+    ensure!(out.ok(), "the node serves after the flood: {out:?}");
+    Ok(())
+}

@@ -164,11 +164,50 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         match self.layer.decide(&req) {
+            // Between nodes, abandoned calls are the normal end of a vote whose deadline
+            // passed; a client that abandons hundreds a second is flooding.
+            Ok(caller)
+                if !self.layer.nodes_only
+                    && let Some(peer) = req.extensions().get::<PeerInfo>() =>
+            {
+                let conn = peer.conn.clone();
+                req.extensions_mut().insert(caller);
+                let fut = self.inner.call(req);
+                let (security, listener) = (self.layer.security.clone(), self.layer.listener);
+                Box::pin(async move {
+                    let mut watch = Abandoned { conn, done: false, security, listener };
+                    let r = fut.await;
+                    watch.done = true;
+                    r
+                })
+            }
             Ok(caller) => {
                 req.extensions_mut().insert(caller);
                 Box::pin(self.inner.call(req))
             }
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+        }
+    }
+}
+
+/// Counts a request whose future is dropped before it produced a response (its stream was
+/// reset), and closes the connection past [`crate::env::ABANDONED_PER_SECOND_MAX`] a second.
+struct Abandoned {
+    conn: Arc<crate::env::ConnGuard>,
+    done: bool,
+    security: Arc<Security>,
+    listener: &'static str,
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if !self.done && self.conn.abandoned() {
+            self.security.metrics.auth_failure(self.listener, "rapid_reset");
+            tracing::warn!(
+                listener = self.listener,
+                "closed a connection that abandoned over {} requests in a second (rapid reset)",
+                crate::env::ABANDONED_PER_SECOND_MAX
+            );
         }
     }
 }
