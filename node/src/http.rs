@@ -34,7 +34,50 @@ pub async fn serve(
     state: Arc<BrokerState>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(cancel.cancelled_owned()).await
+    // The connection cap always; TLS when `[tls] http = true`.
+    let tls = match &state.tls {
+        Some(m) if m.http => Some(tokio_rustls::TlsAcceptor::from(
+            m.server_config(false, &[b"http/1.1"]).map_err(|e| std::io::Error::other(format!("{e:#}")))?,
+        )),
+        _ => None,
+    };
+    let guard = crate::security::tls::Guard {
+        listener: "http",
+        tls,
+        max_connections: state.config.max_connections,
+        handshake_timeout: crate::security::tls::HANDSHAKE_TIMEOUT,
+        metrics: state.metrics.clone(),
+        plaintext_answer: crate::security::tls::PlaintextAnswer::Close,
+    };
+    let incoming = crate::security::tls::guard(crate::env::tcp_incoming(listener), guard);
+    axum::serve(Guarded(incoming), router(state)).with_graceful_shutdown(cancel.cancelled_owned()).await
+}
+
+/// A guarded listener (see `security::tls::guard`) as axum takes it.
+struct Guarded(crate::env::Incoming);
+
+impl axum::serve::Listener for Guarded {
+    type Io = crate::env::BoxedIo;
+    type Addr = Option<std::net::SocketAddr>;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use futures::StreamExt;
+        loop {
+            match self.0.next().await {
+                Some(Ok(io)) => {
+                    let addr = io.info.remote;
+                    return (io, addr);
+                }
+                Some(Err(e)) => tracing::debug!("http listener: accept failed: {e}"),
+                // The guard's stream ends only with its listener, which lives as long as this.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(None)
+    }
 }
 
 /// Why the node is not ready yet, if it is not.
