@@ -74,7 +74,17 @@ impl DevCerts {
         if !dir.join(format!("{DEV_SUPERUSER}.pem")).exists() {
             write(DEV_SUPERUSER, ca.client(DEV_SUPERUSER)?)?;
         }
-        Ok(Self { dir })
+        let certs = Self { dir };
+        // librdkafka's settings for the superuser (kcat reads them from $KCAT_CONFIG;
+        // confluent-kafka takes the same keys).
+        let kafka = format!(
+            "security.protocol=SSL\nssl.ca.location={}\nssl.certificate.location={}\nssl.key.location={}\n",
+            certs.path("ca.pem").display(),
+            certs.path(&format!("{DEV_SUPERUSER}.pem")).display(),
+            certs.path(&format!("{DEV_SUPERUSER}.key")).display()
+        );
+        std::fs::write(certs.dir.join("kafka.properties"), kafka).context("write kafka.properties")?;
+        Ok(certs)
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -113,7 +123,10 @@ fn configs(args: &DevArgs, certs: Option<&DevCerts>) -> anyhow::Result<Vec<NodeC
                 require_client_cert: false,
                 http: false,
             }),
-            authentication: eddy_node::config::Authentication { client: certs.is_some(), kafka: false },
+            authentication: eddy_node::config::Authentication {
+                client: certs.is_some(),
+                kafka: certs.is_some(),
+            },
             superusers: if certs.is_some() { vec![format!("User:{DEV_SUPERUSER}")] } else { Vec::new() },
             ..NodeConfig::default()
         })
@@ -190,6 +203,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let kafka: Vec<&str> = configs.iter().filter_map(|c| c.kafka_addr.as_deref()).collect();
     println!("kafka bootstrap servers: {}", kafka.join(","));
+    if let Some(c) = &certs {
+        // TLS with the superuser's certificate; other users use SASL_SSL with their tokens.
+        println!("  export KCAT_CONFIG={}", c.path("kafka.properties").display());
+    }
     println!("  kcat -b {} -L", kafka.join(","));
     println!("  (a topic a Kafka client names is created with 3 partitions: auto_create_topics = true)");
     println!("Press Ctrl-C to stop.");

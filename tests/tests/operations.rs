@@ -267,7 +267,7 @@ fn dev_stops_and_resumes(data: &Path) -> anyhow::Result<()> {
     ensure!(dev.brokers == expected.join(","), "dev printed brokers {:?}", dev.brokers);
     let exported: Vec<&str> = dev.env.iter().map(|(k, _)| k.as_str()).collect();
     ensure!(
-        exported == ["EDDY_BROKERS", "EDDY_CA", "EDDY_CERT", "EDDY_KEY"],
+        exported == ["EDDY_BROKERS", "EDDY_CA", "EDDY_CERT", "EDDY_KEY", "KCAT_CONFIG"],
         "dev exports {exported:?}: a TLS cluster and its superuser's certificate by default"
     );
     let out = dev.ctl(&["user", "whoami"], None, CTL_TIMEOUT)?;
