@@ -61,10 +61,45 @@ fn main() {
     }
     println!("{} bindings (100 users x 10, 10 for User:*); and 1,000 for one user", set.len());
     let idx = AclIndex::new(&set);
-    time("user with 10 bindings, write allowed by a literal", &idx, "user42", Operation::Write, ResourceType::Topic, "team42.topic3");
-    time("user with 10 bindings, read allowed by a prefix", &idx, "user42", Operation::Read, ResourceType::Topic, "team42.orders");
-    time("user with 10 bindings, refused (nothing matches)", &idx, "user42", Operation::Write, ResourceType::Topic, "payments");
+    time(
+        "user with 10 bindings, write allowed by a literal",
+        &idx,
+        "user42",
+        Operation::Write,
+        ResourceType::Topic,
+        "team42.topic3",
+    );
+    time(
+        "user with 10 bindings, read allowed by a prefix",
+        &idx,
+        "user42",
+        Operation::Read,
+        ResourceType::Topic,
+        "team42.orders",
+    );
+    time(
+        "user with 10 bindings, refused (nothing matches)",
+        &idx,
+        "user42",
+        Operation::Write,
+        ResourceType::Topic,
+        "payments",
+    );
     let idx = AclIndex::new(&heavy);
-    time("user with 1,000 prefixed bindings, allowed by the last", &idx, "heavy", Operation::Write, ResourceType::Topic, "topic0999.x");
-    time("user with 1,000 prefixed bindings, refused", &idx, "heavy", Operation::Write, ResourceType::Topic, "other");
+    time(
+        "user with 1,000 prefixed bindings, allowed by the last",
+        &idx,
+        "heavy",
+        Operation::Write,
+        ResourceType::Topic,
+        "topic0999.x",
+    );
+    time(
+        "user with 1,000 prefixed bindings, refused",
+        &idx,
+        "heavy",
+        Operation::Write,
+        ResourceType::Topic,
+        "other",
+    );
 }
