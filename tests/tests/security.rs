@@ -20,6 +20,24 @@ use eddy_tests::wait_for;
 
 const SHORT: Duration = Duration::from_secs(20);
 
+/// `eddyctl acl add|remove` of alice's binding in these tests: write on every topic that starts
+/// with `orders.`.
+fn acl(verb: &str) -> [&str; 11] {
+    [
+        "acl",
+        verb,
+        "--principal",
+        "User:alice",
+        "--allow",
+        "--operation",
+        "write",
+        "--topic",
+        "orders.",
+        "--pattern",
+        "prefixed",
+    ]
+}
+
 fn refused(out: &CtlOutput, needle: &str) -> anyhow::Result<()> {
     ensure!(!out.ok(), "expected a refusal mentioning {needle:?}, got success: {out:?}");
     ensure!(out.stderr.contains(needle), "expected {needle:?} in the error: {}", out.stderr);
@@ -165,19 +183,7 @@ fn secure_cluster(c: &mut Cluster, s: &eddy_tests::Secure) -> anyhow::Result<()>
     refused(&out, "the token is not valid")?;
     let out = ctl(&alice, &all, &["produce", "orders.eu"], Some(b"x\n"))?;
     refused(&out, "User:alice may not")?;
-    let grant = [
-        "acl",
-        "add",
-        "--principal",
-        "User:alice",
-        "--allow",
-        "--operation",
-        "write",
-        "--topic",
-        "orders.",
-        "--pattern",
-        "prefixed",
-    ];
+    let grant = acl("add");
     let out = ctl(&admin, &all, &grant, None)?;
     ensure!(out.ok() && out.json()?["added"] == true, "acl add: {out:?}");
     let out = ctl(&admin, &all, &["acl", "list"], None)?;
@@ -253,19 +259,7 @@ fn secure_cluster(c: &mut Cluster, s: &eddy_tests::Secure) -> anyhow::Result<()>
     );
 
     // The binding removed: refused on every node.
-    let revoke = [
-        "acl",
-        "remove",
-        "--principal",
-        "User:alice",
-        "--allow",
-        "--operation",
-        "write",
-        "--topic",
-        "orders.",
-        "--pattern",
-        "prefixed",
-    ];
+    let revoke = acl("remove");
     let out = ctl(&admin, &all, &revoke, None)?;
     ensure!(out.ok() && out.json()?["removed"] == true, "acl remove: {out:?}");
     let all4 = c.brokers();
@@ -387,19 +381,7 @@ fn kafka_secure(
     let out = ctl(&["user", "create", "alice"])?;
     ensure!(out.ok(), "{out:?}");
     let token = out.json()?["token"].as_str().context("token")?.to_owned();
-    let grant = [
-        "acl",
-        "add",
-        "--principal",
-        "User:alice",
-        "--allow",
-        "--operation",
-        "write",
-        "--topic",
-        "orders.",
-        "--pattern",
-        "prefixed",
-    ];
+    let grant = acl("add");
     ensure!(ctl(&grant)?.ok());
     let bootstrap = c.kafka_bootstrap();
     let ca = s.path("ca.pem");
@@ -485,19 +467,7 @@ fn kafka_secure(
     let (ok, _, _) = run_bounded(kcat, &["-b", &bootstrap, "-L", "-m", "5"], None, Duration::from_secs(30))?;
     ensure!(!ok, "kcat in plaintext listed the cluster");
     // The binding removed: refused, also on a connection opened before.
-    let revoke = [
-        "acl",
-        "remove",
-        "--principal",
-        "User:alice",
-        "--allow",
-        "--operation",
-        "write",
-        "--topic",
-        "orders.",
-        "--pattern",
-        "prefixed",
-    ];
+    let revoke = acl("remove");
     ensure!(ctl(&revoke)?.ok());
     wait_for("alice's Kafka writes to be refused", SHORT, || {
         kcat_produce("SCRAM-SHA-256", &token, "orders.eu").ok().filter(|(ok, _)| !ok)

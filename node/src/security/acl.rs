@@ -237,7 +237,14 @@ impl AclIndex {
 mod tests {
     use super::*;
 
-    fn bind(principal: &str, rt: &str, res: &str, pat: &str, op: &str, perm: &str) -> AclBinding {
+    fn parse(
+        principal: &str,
+        rt: &str,
+        res: &str,
+        pat: &str,
+        op: &str,
+        perm: &str,
+    ) -> Result<AclBinding, String> {
         AclBinding::from_proto(&eddy_proto::v1::AclBinding {
             principal: principal.into(),
             resource_type: rt.into(),
@@ -246,7 +253,10 @@ mod tests {
             operation: op.into(),
             permission: perm.into(),
         })
-        .expect("valid binding")
+    }
+
+    fn bind(principal: &str, rt: &str, res: &str, pat: &str, op: &str, perm: &str) -> AclBinding {
+        parse(principal, rt, res, pat, op, perm).expect("valid binding")
     }
 
     #[test]
@@ -277,16 +287,7 @@ mod tests {
 
     #[test]
     fn bad_bindings_name_the_field() {
-        let b = |principal: &str, rt: &str, res: &str, pat: &str, op: &str, perm: &str| {
-            AclBinding::from_proto(&eddy_proto::v1::AclBinding {
-                principal: principal.into(),
-                resource_type: rt.into(),
-                resource: res.into(),
-                pattern: pat.into(),
-                operation: op.into(),
-                permission: perm.into(),
-            })
-        };
+        let b = parse;
         for (r, field) in [
             (b("alice", "topic", "t", "", "read", "allow"), "principal"),
             (b("User:alice", "table", "t", "", "read", "allow"), "resource_type"),
