@@ -1,12 +1,13 @@
-//! Acceptance 4 of issue 11 for gRPC: every method of `eddy.v1.Broker`, `Admin`, `Groups` and
-//! `Raft` (and health), called by a user with no binding, with literal allows of exactly what
-//! the method needs, with prefixed allows, with a deny over those allows, and by a superuser.
-//! Each call names resources that do not exist (or is invalid past its authorization), so an
-//! allowed call changes nothing; what is checked is whether authorization let it through.
-//! Listings are checked to be filtered.
+//! Acceptance 4 of issue 11: every method of `eddy.v1.Broker`, `Admin`, `Groups` and `Raft`
+//! (and health), and every Kafka API, called by a user with no binding, with literal allows of
+//! exactly what the method needs, with prefixed allows, with a deny over those allows, by a
+//! superuser, and by nobody. Each call names resources that do not exist (or is invalid past
+//! its authorization, or only validated), so an allowed call changes nothing; what is checked
+//! is whether authorization let it through. Listings are checked to be filtered.
 
 #![allow(clippy::disallowed_methods)] // Tests measure real time.
 
+use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,7 +15,11 @@ use anyhow::ensure;
 use eddy_proto::v1 as pb;
 use eddy_tests::CTL_TIMEOUT;
 use eddy_tests::Cluster;
+use kafka_conn::Conn;
 use tonic::transport::Channel;
+
+#[path = "support/kafka_conn.rs"]
+mod kafka_conn;
 
 /// A topic and a group that do not exist, and the prefixes that cover them.
 const TOPIC: &str = "orders.none";
@@ -232,15 +237,6 @@ async fn call(ch: &Channel, token: Option<&str>, method: &str) -> Result<(), ton
     }
 }
 
-/// Whether authorization let each of `methods` through.
-async fn run_all(ch: &Channel, token: Option<&str>, methods: &[&str]) -> Vec<bool> {
-    let mut out = Vec::new();
-    for m in methods {
-        out.push(passed(&call(ch, token, m).await));
-    }
-    out
-}
-
 /// Whether authorization let the call through (anything but `UNAUTHENTICATED` and
 /// `PERMISSION_DENIED`: the method's own answer, often "not found" or "invalid").
 fn passed(r: &Result<(), tonic::Status>) -> bool {
@@ -278,9 +274,408 @@ async fn set_acls(admin: &Channel, bindings: &[pb::AclBinding], add: bool) -> an
     Ok(())
 }
 
+/// Who calls, in a column of the matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Who {
+    /// alice: by token on gRPC, by SASL PLAIN on Kafka.
+    Alice,
+    /// admin, a superuser, by its client certificate.
+    Superuser,
+    /// Nobody: TLS with no credentials.
+    Anonymous,
+}
+
+/// The columns: no binding, literal allows, prefixed allows, a deny over the literal allows,
+/// the superuser, and nobody.
+const COLUMNS: &str = "[none, literal, prefixed, deny over allow, superuser, anonymous]";
+
+/// Runs every row of `rows` in every column, changing alice's bindings (through `admin`)
+/// once per kind of need, and checks each outcome against `expected(need)`. `run` calls the
+/// given rows as `who` and gives their outcomes in order. Returns the table, one line a row.
+async fn matrix<T, F, Fut>(
+    admin: &Channel,
+    rows: &[(&'static str, Need)],
+    mut run: F,
+    expected: impl Fn(Need) -> [T; 6],
+) -> anyhow::Result<Vec<String>>
+where
+    T: Copy + PartialEq + std::fmt::Debug + Default,
+    F: FnMut(Who, Vec<&'static str>) -> Fut,
+    Fut: Future<Output = Vec<T>>,
+{
+    let mut table = Vec::new();
+    // Rows that need the same bindings share each change of the bindings.
+    let mut needs: Vec<Need> = Vec::new();
+    for (_, need) in rows {
+        if !needs.contains(need) {
+            needs.push(*need);
+        }
+    }
+    for need in needs {
+        let names: Vec<&'static str> = rows.iter().filter(|(_, n)| *n == need).map(|(m, _)| *m).collect();
+        let bindings: &[(&str, &str)] = match need {
+            Need::Bindings(b) => b,
+            _ => &[],
+        };
+        let mut got = vec![[T::default(); 6]; names.len()];
+        let mut record = |column: usize, outcomes: Vec<T>| {
+            for (g, o) in got.iter_mut().zip(outcomes) {
+                g[column] = o;
+            }
+        };
+        // No binding.
+        record(0, run(Who::Alice, names.clone()).await);
+        // Literal allows of what the rows need; then a deny of everything on the same resources
+        // beside them (deny over allow).
+        let literal: Vec<_> = bindings.iter().map(|(rt, op)| binding(rt, op, false, false)).collect();
+        set_acls(admin, &literal, true).await?;
+        record(1, run(Who::Alice, names.clone()).await);
+        let denies: Vec<_> = bindings.iter().map(|(rt, _)| binding(rt, "all", false, true)).collect();
+        set_acls(admin, &denies, true).await?;
+        record(3, run(Who::Alice, names.clone()).await);
+        set_acls(admin, &denies, false).await?;
+        set_acls(admin, &literal, false).await?;
+        // Prefixed allows.
+        let prefixed: Vec<_> = bindings.iter().map(|(rt, op)| binding(rt, op, true, false)).collect();
+        set_acls(admin, &prefixed, true).await?;
+        record(2, run(Who::Alice, names.clone()).await);
+        set_acls(admin, &prefixed, false).await?;
+        record(4, run(Who::Superuser, names.clone()).await);
+        record(5, run(Who::Anonymous, names.clone()).await);
+        let want = expected(need);
+        for (m, g) in names.iter().zip(&got) {
+            table.push(format!("{m:32} {g:?}"));
+            ensure!(*g == want, "{m}: {COLUMNS} = {g:?}, expected {want:?}");
+        }
+    }
+    Ok(table)
+}
+
+/// What a Kafka request got.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Outcome {
+    /// An answer without an authorization error (often "unknown topic" or "invalid").
+    #[default]
+    Answered,
+    /// `TOPIC_`, `GROUP_` or `CLUSTER_AUTHORIZATION_FAILED` (29, 30, 31) somewhere in the answer.
+    Refused,
+    /// The connection closed with no answer: a request before authentication.
+    Closed,
+}
+
+/// Every Kafka API the listener serves, and what it needs (as `METHODS` for gRPC). A few APIs
+/// appear twice, once per kind of resource they name.
+const KAFKA_APIS: &[(&str, Need)] = &[
+    ("ApiVersions", Need::Public),
+    ("SaslHandshake", Need::Public),
+    ("SaslAuthenticate", Need::Public),
+    ("Metadata", Need::Bindings(&[("topic", "describe")])),
+    ("Produce", Need::Bindings(&[("topic", "write")])),
+    ("Fetch", Need::Bindings(&[("topic", "read")])),
+    ("ListOffsets", Need::Bindings(&[("topic", "describe")])),
+    ("InitProducerId", Need::AnyUser),
+    ("FindCoordinator", Need::Bindings(&[("group", "describe")])),
+    ("JoinGroup", Need::Bindings(&[("group", "read")])),
+    ("SyncGroup", Need::Bindings(&[("group", "read")])),
+    ("Heartbeat", Need::Bindings(&[("group", "read")])),
+    ("LeaveGroup", Need::Bindings(&[("group", "read")])),
+    ("OffsetCommit", Need::Bindings(&[("group", "read"), ("topic", "read")])),
+    ("OffsetFetch", Need::Bindings(&[("group", "describe"), ("topic", "describe")])),
+    ("ListGroups", Need::AnyUser),
+    ("DescribeGroups", Need::Bindings(&[("group", "describe")])),
+    ("CreateTopics", Need::Bindings(&[("topic", "create")])),
+    ("DeleteTopics", Need::Bindings(&[("topic", "delete")])),
+    ("CreatePartitions", Need::Bindings(&[("topic", "alter")])),
+    ("DescribeConfigs/topic", Need::Bindings(&[("topic", "describe")])),
+    ("DescribeConfigs/broker", Need::Bindings(&[("cluster", "describe")])),
+    ("AlterConfigs/topic", Need::Bindings(&[("topic", "alter")])),
+    ("AlterConfigs/broker", Need::Bindings(&[("cluster", "alter")])),
+    ("IncrementalAlterConfigs/topic", Need::Bindings(&[("topic", "alter")])),
+    ("IncrementalAlterConfigs/broker", Need::Bindings(&[("cluster", "alter")])),
+];
+
+/// How to reach the Kafka listener as each caller.
+#[derive(Clone)]
+struct KafkaCallers {
+    addr: String,
+    tls: kafka_conn::Tls,
+    admin: kafka_conn::Tls,
+    token: String,
+}
+
+impl KafkaCallers {
+    fn connect(&self, who: Who) -> anyhow::Result<Conn> {
+        match who {
+            Who::Alice => {
+                let mut c = Conn::open_tls(&self.addr, &self.tls)?;
+                c.sasl_plain("alice", &self.token)?;
+                Ok(c)
+            }
+            Who::Superuser => Conn::open_tls(&self.addr, &self.admin),
+            Who::Anonymous => Conn::open_tls(&self.addr, &self.tls),
+        }
+    }
+
+    /// Calls `api` as `who` on a connection of its own.
+    fn outcome(&self, who: Who, api: &str) -> anyhow::Result<Outcome> {
+        // SASL is how alice authenticates: her column is a connection before it.
+        let mut conn =
+            self.connect(if api.starts_with("Sasl") && who == Who::Alice { Who::Anonymous } else { who })?;
+        let codes = match kafka_call(&mut conn, api) {
+            Ok(codes) => codes,
+            // Closed with no answer: read errors, not a response that failed to decode.
+            Err(e) if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some()) => {
+                return Ok(Outcome::Closed);
+            }
+            Err(e) => return Err(e.context(format!("{api} as {who:?}"))),
+        };
+        Ok(if codes.iter().any(|c| matches!(c, 29..=31)) { Outcome::Refused } else { Outcome::Answered })
+    }
+}
+
+/// Sends `api`'s request (naming TOPIC and GROUP, changing nothing) and gives every error code
+/// of its answer.
+fn kafka_call(conn: &mut Conn, api: &str) -> anyhow::Result<Vec<i16>> {
+    use kafka_protocol::messages::*;
+    use kafka_protocol::protocol::StrBytes;
+    let topic = || TopicName(StrBytes::from_static_str(TOPIC));
+    let group = || GroupId(StrBytes::from_static_str(GROUP));
+    let s = StrBytes::from_static_str;
+    const TOPIC_RESOURCE: i8 = 2;
+    const BROKER_RESOURCE: i8 = 4;
+    Ok(match api {
+        "ApiVersions" => {
+            let r: ApiVersionsResponse = conn.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default())?;
+            vec![r.error_code]
+        }
+        "SaslHandshake" => {
+            let mut req = SaslHandshakeRequest::default();
+            req.mechanism = s("PLAIN");
+            let r: SaslHandshakeResponse = conn.call(ApiKey::SaslHandshake, 1, &req)?;
+            vec![r.error_code]
+        }
+        // A handshake, then a wrong token: SASL_AUTHENTICATION_FAILED is the answer.
+        "SaslAuthenticate" => {
+            let mut hs = SaslHandshakeRequest::default();
+            hs.mechanism = s("PLAIN");
+            let _: SaslHandshakeResponse = conn.call(ApiKey::SaslHandshake, 1, &hs)?;
+            let mut req = SaslAuthenticateRequest::default();
+            req.auth_bytes = bytes::Bytes::from_static(b"\0nobody\0nobody.wrong");
+            let r: SaslAuthenticateResponse = conn.call(ApiKey::SaslAuthenticate, 2, &req)?;
+            ensure!(r.error_code == 58, "a wrong token is SASL_AUTHENTICATION_FAILED: {r:?}");
+            vec![r.error_code]
+        }
+        "Metadata" => {
+            let mut t = metadata_request::MetadataRequestTopic::default();
+            t.name = Some(topic());
+            let mut req = MetadataRequest::default();
+            req.topics = Some(vec![t]);
+            let r: MetadataResponse = conn.call(ApiKey::Metadata, 12, &req)?;
+            r.topics.iter().map(|t| t.error_code).collect()
+        }
+        "Produce" => {
+            let batch = kafka_conn::batch(
+                &[kafka_conn::record("k", "v", "h", 0)],
+                kafka_protocol::records::Compression::None,
+            )?;
+            let mut p = produce_request::PartitionProduceData::default();
+            p.records = Some(batch);
+            let mut t = produce_request::TopicProduceData::default();
+            t.name = topic();
+            t.partition_data = vec![p];
+            let mut req = ProduceRequest::default();
+            req.acks = -1;
+            req.timeout_ms = 10_000;
+            req.topic_data = vec![t];
+            let r: ProduceResponse = conn.call(ApiKey::Produce, 9, &req)?;
+            r.responses.iter().flat_map(|t| &t.partition_responses).map(|p| p.error_code).collect()
+        }
+        "Fetch" => {
+            let mut p = fetch_request::FetchPartition::default();
+            p.partition_max_bytes = 1 << 20;
+            let mut t = fetch_request::FetchTopic::default();
+            t.topic = topic();
+            t.partitions = vec![p];
+            let mut req = FetchRequest::default();
+            req.max_bytes = 1 << 20;
+            req.topics = vec![t];
+            let r: FetchResponse = conn.call(ApiKey::Fetch, 12, &req)?;
+            let mut codes = vec![r.error_code];
+            codes.extend(r.responses.iter().flat_map(|t| &t.partitions).map(|p| p.error_code));
+            codes
+        }
+        "ListOffsets" => {
+            let mut p = list_offsets_request::ListOffsetsPartition::default();
+            p.timestamp = -1;
+            let mut t = list_offsets_request::ListOffsetsTopic::default();
+            t.name = topic();
+            t.partitions = vec![p];
+            let mut req = ListOffsetsRequest::default();
+            req.replica_id = (-1).into();
+            req.topics = vec![t];
+            let r: ListOffsetsResponse = conn.call(ApiKey::ListOffsets, 6, &req)?;
+            r.topics.iter().flat_map(|t| &t.partitions).map(|p| p.error_code).collect()
+        }
+        "InitProducerId" => {
+            let mut req = InitProducerIdRequest::default();
+            req.transaction_timeout_ms = 60_000;
+            let r: InitProducerIdResponse = conn.call(ApiKey::InitProducerId, 4, &req)?;
+            vec![r.error_code]
+        }
+        "FindCoordinator" => {
+            let mut req = FindCoordinatorRequest::default();
+            req.key = s(GROUP);
+            let r: FindCoordinatorResponse = conn.call(ApiKey::FindCoordinator, 3, &req)?;
+            vec![r.error_code]
+        }
+        // A session timeout of 0: INVALID_SESSION_TIMEOUT once allowed.
+        "JoinGroup" => {
+            let mut p = join_group_request::JoinGroupRequestProtocol::default();
+            p.name = s("range");
+            let mut req = JoinGroupRequest::default();
+            req.group_id = group();
+            req.protocol_type = s("consumer");
+            req.protocols = vec![p];
+            let r: JoinGroupResponse = conn.call(ApiKey::JoinGroup, 5, &req)?;
+            vec![r.error_code]
+        }
+        "SyncGroup" => {
+            let mut req = SyncGroupRequest::default();
+            req.group_id = group();
+            req.generation_id = 1;
+            req.member_id = s("m");
+            let r: SyncGroupResponse = conn.call(ApiKey::SyncGroup, 5, &req)?;
+            vec![r.error_code]
+        }
+        "Heartbeat" => {
+            let mut req = HeartbeatRequest::default();
+            req.group_id = group();
+            req.generation_id = 1;
+            req.member_id = s("m");
+            let r: HeartbeatResponse = conn.call(ApiKey::Heartbeat, 4, &req)?;
+            vec![r.error_code]
+        }
+        "LeaveGroup" => {
+            let mut m = leave_group_request::MemberIdentity::default();
+            m.member_id = s("m");
+            let mut req = LeaveGroupRequest::default();
+            req.group_id = group();
+            req.members = vec![m];
+            let r: LeaveGroupResponse = conn.call(ApiKey::LeaveGroup, 4, &req)?;
+            let mut codes = vec![r.error_code];
+            codes.extend(r.members.iter().map(|m| m.error_code));
+            codes
+        }
+        // A simple commit (no member), so the topic's check is reached; the topic is unknown.
+        "OffsetCommit" => {
+            let mut p = offset_commit_request::OffsetCommitRequestPartition::default();
+            p.committed_offset = 1;
+            let mut t = offset_commit_request::OffsetCommitRequestTopic::default();
+            t.name = topic();
+            t.partitions = vec![p];
+            let mut req = OffsetCommitRequest::default();
+            req.group_id = group();
+            req.generation_id_or_member_epoch = -1;
+            req.topics = vec![t];
+            let r: OffsetCommitResponse = conn.call(ApiKey::OffsetCommit, 8, &req)?;
+            r.topics.iter().flat_map(|t| &t.partitions).map(|p| p.error_code).collect()
+        }
+        "OffsetFetch" => {
+            let mut t = offset_fetch_request::OffsetFetchRequestTopic::default();
+            t.name = topic();
+            t.partition_indexes = vec![0];
+            let mut req = OffsetFetchRequest::default();
+            req.group_id = group();
+            req.topics = Some(vec![t]);
+            let r: OffsetFetchResponse = conn.call(ApiKey::OffsetFetch, 7, &req)?;
+            let mut codes = vec![r.error_code];
+            codes.extend(r.topics.iter().flat_map(|t| &t.partitions).map(|p| p.error_code));
+            codes
+        }
+        "ListGroups" => {
+            let r: ListGroupsResponse = conn.call(ApiKey::ListGroups, 4, &ListGroupsRequest::default())?;
+            vec![r.error_code]
+        }
+        "DescribeGroups" => {
+            let mut req = DescribeGroupsRequest::default();
+            req.groups = vec![group()];
+            let r: DescribeGroupsResponse = conn.call(ApiKey::DescribeGroups, 5, &req)?;
+            r.groups.iter().map(|g| g.error_code).collect()
+        }
+        "CreateTopics" => {
+            let mut t = create_topics_request::CreatableTopic::default();
+            t.name = topic();
+            t.num_partitions = 1;
+            t.replication_factor = 1;
+            let mut req = CreateTopicsRequest::default();
+            req.topics = vec![t];
+            req.timeout_ms = 10_000;
+            req.validate_only = true;
+            let r: CreateTopicsResponse = conn.call(ApiKey::CreateTopics, 5, &req)?;
+            r.topics.iter().map(|t| t.error_code).collect()
+        }
+        "DeleteTopics" => {
+            let mut req = DeleteTopicsRequest::default();
+            req.topic_names = vec![topic()];
+            req.timeout_ms = 10_000;
+            let r: DeleteTopicsResponse = conn.call(ApiKey::DeleteTopics, 5, &req)?;
+            r.responses.iter().map(|t| t.error_code).collect()
+        }
+        "CreatePartitions" => {
+            let mut t = create_partitions_request::CreatePartitionsTopic::default();
+            t.name = topic();
+            t.count = 2;
+            let mut req = CreatePartitionsRequest::default();
+            req.topics = vec![t];
+            req.timeout_ms = 10_000;
+            req.validate_only = true;
+            let r: CreatePartitionsResponse = conn.call(ApiKey::CreatePartitions, 3, &req)?;
+            r.results.iter().map(|t| t.error_code).collect()
+        }
+        "DescribeConfigs/topic" | "DescribeConfigs/broker" => {
+            let mut res = describe_configs_request::DescribeConfigsResource::default();
+            (res.resource_type, res.resource_name) =
+                if api.ends_with("topic") { (TOPIC_RESOURCE, s(TOPIC)) } else { (BROKER_RESOURCE, s("1")) };
+            let mut req = DescribeConfigsRequest::default();
+            req.resources = vec![res];
+            let r: DescribeConfigsResponse = conn.call(ApiKey::DescribeConfigs, 4, &req)?;
+            r.results.iter().map(|r| r.error_code).collect()
+        }
+        "AlterConfigs/topic" | "AlterConfigs/broker" => {
+            let mut c = alter_configs_request::AlterableConfig::default();
+            c.name = s("retention.ms");
+            c.value = Some(s("3600000"));
+            let mut res = alter_configs_request::AlterConfigsResource::default();
+            (res.resource_type, res.resource_name) =
+                if api.ends_with("topic") { (TOPIC_RESOURCE, s(TOPIC)) } else { (BROKER_RESOURCE, s("1")) };
+            res.configs = vec![c];
+            let mut req = AlterConfigsRequest::default();
+            req.resources = vec![res];
+            req.validate_only = true;
+            let r: AlterConfigsResponse = conn.call(ApiKey::AlterConfigs, 2, &req)?;
+            r.responses.iter().map(|r| r.error_code).collect()
+        }
+        "IncrementalAlterConfigs/topic" | "IncrementalAlterConfigs/broker" => {
+            let mut c = incremental_alter_configs_request::AlterableConfig::default();
+            c.name = s("retention.ms");
+            c.value = Some(s("3600000"));
+            let mut res = incremental_alter_configs_request::AlterConfigsResource::default();
+            (res.resource_type, res.resource_name) =
+                if api.ends_with("topic") { (TOPIC_RESOURCE, s(TOPIC)) } else { (BROKER_RESOURCE, s("1")) };
+            res.configs = vec![c];
+            let mut req = IncrementalAlterConfigsRequest::default();
+            req.resources = vec![res];
+            req.validate_only = true;
+            let r: IncrementalAlterConfigsResponse = conn.call(ApiKey::IncrementalAlterConfigs, 1, &req)?;
+            r.responses.iter().map(|r| r.error_code).collect()
+        }
+        other => anyhow::bail!("no call for {other}"),
+    })
+}
+
 #[test]
-fn every_grpc_method_under_every_kind_of_binding() -> anyhow::Result<()> {
-    let c = Cluster::start_secure(1, false)?;
+fn every_grpc_method_and_kafka_api_under_every_kind_of_binding() -> anyhow::Result<()> {
+    let c = Cluster::start_secure(1, true)?;
     let s = c.secure.clone().context("secure")?;
     let out = c.ctl(&["cluster", "health", "--exit-when-healthy", "--timeout", "40s"], None, CTL_TIMEOUT)?;
     ensure!(out.ok(), "{out:?}");
@@ -301,85 +696,116 @@ fn every_grpc_method_under_every_kind_of_binding() -> anyhow::Result<()> {
     let ca = std::fs::read_to_string(s.path("ca.pem"))?;
     let (cert, key) =
         (std::fs::read_to_string(s.path("admin.pem"))?, std::fs::read_to_string(s.path("admin.key"))?);
+    let kafka = KafkaCallers {
+        addr: c.node(1).kafka_addr.clone(),
+        tls: kafka_conn::Tls { ca: ca.clone(), identity: None },
+        admin: kafka_conn::Tls { ca: ca.clone(), identity: Some((cert.clone(), key.clone())) },
+        token: token.clone(),
+    };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
-        let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(&ca));
-        let user = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls.clone())?.connect().await?;
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&ca));
+        let user = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls.clone())?
+            .connect()
+            .await?;
         let admin = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
             .tls_config(tls.identity(tonic::transport::Identity::from_pem(&cert, &key)))?
             .connect()
             .await?;
-        let alice = Some(token.as_str());
-        let mut table = Vec::new();
-        // Methods that need the same bindings share each change of the bindings.
-        let mut needs: Vec<Need> = Vec::new();
-        for (_, need) in METHODS {
-            if !needs.contains(need) {
-                needs.push(*need);
-            }
-        }
-        for need in needs {
-            let methods: Vec<&str> = METHODS.iter().filter(|(_, n)| *n == need).map(|(m, _)| *m).collect();
-            let bindings: &[(&str, &str)] = match need {
-                Need::Bindings(b) => b,
-                _ => &[],
+
+        // gRPC: whether authorization let each call through.
+        let grpc = |who: Who, methods: Vec<&'static str>| {
+            let (ch, tok) = match who {
+                Who::Alice => (user.clone(), Some(token.clone())),
+                Who::Superuser => (admin.clone(), None),
+                Who::Anonymous => (user.clone(), None),
             };
-            let mut got = vec![[false; 6]; methods.len()];
-            let record = |i: usize, out: Vec<bool>, got: &mut Vec<[bool; 6]>| {
-                for (g, o) in got.iter_mut().zip(out) {
-                    g[i] = o;
+            async move {
+                let mut out = Vec::new();
+                for m in methods {
+                    out.push(passed(&call(&ch, tok.as_deref(), m).await));
                 }
-            };
-            // No binding.
-            record(0, run_all(&user, alice, &methods).await, &mut got);
-            // Literal allows of what the methods need; then a deny of everything on the same
-            // resources beside them (deny over allow).
-            let literal: Vec<_> = bindings.iter().map(|(rt, op)| binding(rt, op, false, false)).collect();
-            set_acls(&admin, &literal, true).await?;
-            record(1, run_all(&user, alice, &methods).await, &mut got);
-            let denies: Vec<_> = bindings.iter().map(|(rt, _)| binding(rt, "all", false, true)).collect();
-            set_acls(&admin, &denies, true).await?;
-            record(3, run_all(&user, alice, &methods).await, &mut got);
-            set_acls(&admin, &denies, false).await?;
-            set_acls(&admin, &literal, false).await?;
-            // Prefixed allows.
-            let prefixed: Vec<_> = bindings.iter().map(|(rt, op)| binding(rt, op, true, false)).collect();
-            set_acls(&admin, &prefixed, true).await?;
-            record(2, run_all(&user, alice, &methods).await, &mut got);
-            set_acls(&admin, &prefixed, false).await?;
-            // The superuser, by its certificate; and nobody at all.
-            record(4, run_all(&admin, None, &methods).await, &mut got);
-            record(5, run_all(&user, None, &methods).await, &mut got);
-            let expected = match need {
-                Need::Public => [true, true, true, true, true, true],
-                Need::AnyUser => [true, true, true, true, true, false],
-                Need::Nodes => [false; 6],
-                Need::Bindings(_) => [false, true, true, false, true, false],
-            };
-            for (m, g) in methods.iter().zip(&got) {
-                let [none, lit, prefix, deny, superuser, anonymous] = *g;
-                table.push(format!("{m:28} none={none:5} literal={lit:5} prefix={prefix:5} deny-over-allow={deny:5} superuser={superuser:5} anonymous={anonymous:5}"));
-                ensure!(
-                    *g == expected,
-                    "{m}: [none, literal, prefixed, deny over allow, superuser, anonymous] = {g:?}, expected {expected:?}"
-                );
+                out
             }
+        };
+        let table = matrix(&admin, METHODS, grpc, |need| match need {
+            Need::Public => [true, true, true, true, true, true],
+            Need::AnyUser => [true, true, true, true, true, false],
+            Need::Nodes => [false; 6],
+            Need::Bindings(_) => [false, true, true, false, true, false],
+        })
+        .await?;
+        eprintln!("gRPC: passed authorization, {COLUMNS}\n{}", table.join("\n"));
+
+        // Kafka: answered, refused by an authorization error code, or closed (no SASL). Every
+        // API the listener advertises has its rows.
+        let advertised: kafka_protocol::messages::ApiVersionsResponse = kafka.connect(Who::Anonymous)?.call(
+            kafka_protocol::messages::ApiKey::ApiVersions,
+            3,
+            &kafka_protocol::messages::ApiVersionsRequest::default(),
+        )?;
+        for a in &advertised.api_keys {
+            let key = kafka_protocol::messages::ApiKey::try_from(a.api_key)
+                .map_err(|()| anyhow::anyhow!("unknown API key {}", a.api_key))?;
+            let name = format!("{key:?}");
+            ensure!(
+                KAFKA_APIS.iter().any(|(row, _)| row.split('/').next() == Some(name.as_str())),
+                "the Kafka listener serves {name}, which has no row in KAFKA_APIS"
+            );
         }
-        eprintln!("{}", table.join("\n"));
+        let kafka_run = |who: Who, apis: Vec<&'static str>| {
+            let k = kafka.clone();
+            async move {
+                apis.iter()
+                    .map(|api| k.outcome(who, api).unwrap_or_else(|e| panic!("{e:#}")))
+                    .collect::<Vec<_>>()
+            }
+        };
+        use Outcome::*;
+        let table = matrix(&admin, KAFKA_APIS, kafka_run, |need| match need {
+            Need::Public => [Answered; 6],
+            Need::AnyUser => [Answered, Answered, Answered, Answered, Answered, Closed],
+            Need::Nodes => [Refused; 6],
+            Need::Bindings(_) => [Refused, Answered, Answered, Refused, Answered, Closed],
+        })
+        .await?;
+        eprintln!("Kafka: {COLUMNS}\n{}", table.join("\n"));
 
         // Listings are filtered, not refused.
         let list = |ch: Channel, tok: Option<String>| async move {
-            let r = pb::broker_client::BrokerClient::new(ch).list_topics(req(pb::ListTopicsRequest {}, tok.as_deref())).await?;
+            let r = pb::broker_client::BrokerClient::new(ch)
+                .list_topics(req(pb::ListTopicsRequest {}, tok.as_deref()))
+                .await?;
             anyhow::Ok(r.into_inner().topics.into_iter().map(|t| t.name).collect::<Vec<_>>())
         };
-        ensure!(list(user.clone(), Some(token.clone())).await?.is_empty(), "alice sees no topic without a binding");
+        let kafka_list = |who: Who| -> anyhow::Result<Vec<String>> {
+            let mut conn = kafka.connect(who)?;
+            let mut req = kafka_protocol::messages::MetadataRequest::default();
+            req.topics = None;
+            let r: kafka_protocol::messages::MetadataResponse =
+                conn.call(kafka_protocol::messages::ApiKey::Metadata, 12, &req)?;
+            let mut names: Vec<String> =
+                r.topics.iter().filter_map(|t| t.name.as_ref().map(|n| n.to_string())).collect();
+            names.sort();
+            Ok(names)
+        };
+        ensure!(
+            list(user.clone(), Some(token.clone())).await?.is_empty(),
+            "alice sees no topic without a binding"
+        );
+        ensure!(kafka_list(Who::Alice)?.is_empty(), "alice's Kafka Metadata of all topics: none");
         let see = [binding("topic", "read", true, false)];
         set_acls(&admin, &see, true).await?;
         let seen = list(user.clone(), Some(token.clone())).await?;
         ensure!(seen == ["orders.visible"], "alice sees what she may describe: {seen:?}");
+        let seen = kafka_list(Who::Alice)?;
+        ensure!(seen == ["orders.visible"], "alice's Kafka Metadata of all topics: {seen:?}");
         let all = list(admin.clone(), None).await?;
         ensure!(all.len() == 2, "the superuser sees every topic: {all:?}");
+        ensure!(kafka_list(Who::Superuser)?.len() == 2, "the superuser's Kafka Metadata lists every topic");
         anyhow::Ok(())
     })
 }

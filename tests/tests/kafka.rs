@@ -7,21 +7,21 @@
 
 #![allow(clippy::disallowed_methods)] // Tests measure real time.
 
-use std::io::Read;
+#[path = "support/kafka_conn.rs"]
+mod kafka_conn;
+
 use std::io::Write;
-use std::net::TcpStream;
 use std::time::Duration;
 
 use anyhow::Context;
 use anyhow::ensure;
-use bytes::Buf;
-use bytes::BufMut;
 use bytes::Bytes;
-use bytes::BytesMut;
 use eddy_tests::CTL_TIMEOUT;
 use eddy_tests::Cluster;
 use eddy_tests::wait_for;
-use kafka_protocol::indexmap::IndexMap;
+use kafka_conn::Conn;
+use kafka_conn::batch;
+use kafka_conn::record;
 use kafka_protocol::messages::AlterConfigsRequest;
 use kafka_protocol::messages::AlterConfigsResponse;
 use kafka_protocol::messages::ApiKey;
@@ -64,8 +64,6 @@ use kafka_protocol::messages::OffsetFetchRequest;
 use kafka_protocol::messages::OffsetFetchResponse;
 use kafka_protocol::messages::ProduceRequest;
 use kafka_protocol::messages::ProduceResponse;
-use kafka_protocol::messages::RequestHeader;
-use kafka_protocol::messages::ResponseHeader;
 use kafka_protocol::messages::SaslAuthenticateRequest;
 use kafka_protocol::messages::SaslAuthenticateResponse;
 use kafka_protocol::messages::SaslHandshakeRequest;
@@ -94,120 +92,12 @@ use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
 use kafka_protocol::messages::produce_request::PartitionProduceData;
 use kafka_protocol::messages::produce_request::TopicProduceData;
 use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
-use kafka_protocol::protocol::Decodable;
-use kafka_protocol::protocol::Encodable;
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::Compression;
 use kafka_protocol::records::Record;
 use kafka_protocol::records::RecordBatchDecoder;
-use kafka_protocol::records::RecordBatchEncoder;
-use kafka_protocol::records::RecordEncodeOptions;
-use kafka_protocol::records::TimestampType;
 
 const TOPIC: &str = "kv";
-const IO_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// A blocking Kafka connection that sends one request and reads its answer.
-struct Conn {
-    stream: TcpStream,
-    correlation: i32,
-}
-
-impl Conn {
-    fn open(addr: &str) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
-        Ok(Self { stream, correlation: 0 })
-    }
-
-    fn frame<Req: Encodable>(
-        &mut self,
-        key: ApiKey,
-        version: i16,
-        req: &Req,
-    ) -> anyhow::Result<(i32, Bytes)> {
-        self.correlation += 1;
-        let mut header = RequestHeader::default();
-        header.request_api_key = key as i16;
-        header.request_api_version = version;
-        header.correlation_id = self.correlation;
-        header.client_id = Some(StrBytes::from_static_str("eddy-test"));
-        let mut body = BytesMut::new();
-        header.encode(&mut body, key.request_header_version(version))?;
-        req.encode(&mut body, version).with_context(|| format!("encode {key:?} v{version}"))?;
-        let mut out = BytesMut::new();
-        out.put_i32(body.len() as i32);
-        out.extend_from_slice(&body);
-        Ok((self.correlation, out.freeze()))
-    }
-
-    fn send<Req: Encodable>(&mut self, key: ApiKey, version: i16, req: &Req) -> anyhow::Result<i32> {
-        let (correlation, frame) = self.frame(key, version, req)?;
-        self.stream.write_all(&frame)?;
-        Ok(correlation)
-    }
-
-    fn receive<Resp: Decodable>(
-        &mut self,
-        key: ApiKey,
-        version: i16,
-        correlation: i32,
-    ) -> anyhow::Result<Resp> {
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len).with_context(|| format!("read the {key:?} v{version} response"))?;
-        let mut frame = vec![0u8; i32::from_be_bytes(len) as usize];
-        self.stream.read_exact(&mut frame)?;
-        let mut frame = Bytes::from(frame);
-        let header = ResponseHeader::decode(&mut frame, key.response_header_version(version))?;
-        ensure!(header.correlation_id == correlation, "{key:?} v{version}: responses out of order");
-        let resp = Resp::decode(&mut frame, version).with_context(|| format!("decode {key:?} v{version}"))?;
-        ensure!(!frame.has_remaining(), "{key:?} v{version}: {} bytes after the response", frame.remaining());
-        Ok(resp)
-    }
-
-    fn call<Req: Encodable, Resp: Decodable>(
-        &mut self,
-        key: ApiKey,
-        version: i16,
-        req: &Req,
-    ) -> anyhow::Result<Resp> {
-        let c = self.send(key, version, req)?;
-        self.receive(key, version, c)
-    }
-
-    /// Whether the server closed the connection (reads end) within the timeout.
-    fn closed(&mut self) -> bool {
-        let mut buf = [0u8; 64];
-        matches!(self.stream.read(&mut buf), Ok(0) | Err(_))
-    }
-}
-
-fn record(key: &str, value: &str, header: &str, timestamp: i64) -> Record {
-    let mut headers = IndexMap::new();
-    headers.insert(StrBytes::from_static_str("h"), Some(Bytes::from(header.to_owned())));
-    Record {
-        transactional: false,
-        control: false,
-        delete_horizon: false,
-        partition_leader_epoch: -1,
-        producer_id: -1,
-        producer_epoch: -1,
-        timestamp_type: TimestampType::Creation,
-        offset: 0,
-        sequence: -1,
-        timestamp,
-        key: Some(Bytes::from(key.to_owned())),
-        value: Some(Bytes::from(value.to_owned())),
-        headers,
-    }
-}
-
-fn batch(records: &[Record], compression: Compression) -> anyhow::Result<Bytes> {
-    let mut out = BytesMut::new();
-    RecordBatchEncoder::encode(&mut out, records, &RecordEncodeOptions { version: 2, compression })?;
-    Ok(out.freeze())
-}
 
 fn produce_request(partition: i32, records: Bytes, acks: i16) -> ProduceRequest {
     let mut p = PartitionProduceData::default();
