@@ -61,6 +61,9 @@ pub struct NodeEnv {
 pub struct PlantedBugs {
     /// A follower serves records past its commit point.
     pub follower_reads_uncommitted: bool,
+    /// A bearer token (or SASL/PLAIN password) is accepted on its user name alone: its secret
+    /// is not checked.
+    pub tokens_unchecked: bool,
 }
 
 /// Any byte stream a server can accept connections on.

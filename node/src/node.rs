@@ -311,7 +311,7 @@ pub async fn start(
     let tls = match &config.tls {
         Some(c) => {
             crate::security::tls::install_crypto_provider();
-            let m = TlsMaterial::load(c)?;
+            let m = TlsMaterial::load(c, &*env.vfs, env.clock.clone())?;
             if m.identity != Some(CertIdentity::Node(me)) {
                 bail!(
                     "tls.cert {} names {:?}, but this is node {me}: each node needs a certificate of its own (eddyctl cert create-node {me})",
@@ -321,7 +321,10 @@ pub async fn start(
             }
             // Every channel to a peer is TLS, with this node's certificate, and checks that the
             // peer is the node it dialled.
-            env.connector = Arc::new(crate::security::tls::TlsConnector { config: m.client_config()? });
+            env.connector = Arc::new(crate::security::tls::TlsConnector {
+                inner: env.connector.clone(),
+                config: m.client_config()?,
+            });
             Some(m)
         }
         None => None,
@@ -382,13 +385,19 @@ pub async fn start(
         );
     }
 
-    let security = Arc::new(Security::new(
+    #[allow(unused_mut)] // Mutated only with planted bugs.
+    let mut security = Security::new(
         me,
         meta.clone(),
         config.superusers.iter().cloned().collect(),
         config.initial_members.iter().map(|m| m.id).collect(),
         metrics.clone(),
-    ));
+    );
+    #[cfg(feature = "planted-bugs")]
+    {
+        security.bugs = env.bugs;
+    }
+    let security = Arc::new(security);
     let guard = |listener: &'static str, require_client_cert: bool| -> anyhow::Result<Guard> {
         Ok(Guard {
             listener,

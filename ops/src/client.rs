@@ -63,6 +63,18 @@ pub struct TlsOptions {
     pub identity: Option<(String, String)>,
 }
 
+impl TlsOptions {
+    /// tonic's TLS settings for an endpoint: trust the CA, present the certificate if any.
+    pub fn tonic(&self) -> tonic::transport::ClientTlsConfig {
+        let c = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem));
+        match &self.identity {
+            Some((cert, key)) => c.identity(tonic::transport::Identity::from_pem(cert, key)),
+            None => c,
+        }
+    }
+}
+
 impl std::fmt::Debug for TlsOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsOptions")
@@ -263,12 +275,7 @@ impl Connect for TcpConnect {
         let mut ep = Endpoint::from_shared(url)
             .map_err(|e| ClientError::Invalid(format!("--brokers: {addr:?} is not a valid address: {e}")))?;
         if tls && let Some(t) = &self.tls {
-            let mut c = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(&t.ca_pem));
-            if let Some((cert, key)) = &t.identity {
-                c = c.identity(tonic::transport::Identity::from_pem(cert, key));
-            }
-            ep = ep.tls_config(c).map_err(|e| ClientError::Invalid(format!("TLS settings: {e}")))?;
+            ep = ep.tls_config(t.tonic()).map_err(|e| ClientError::Invalid(format!("TLS settings: {e}")))?;
         }
         let ep = ep
             .connect_timeout(Duration::from_secs(2))
@@ -801,18 +808,30 @@ impl Client {
     /// its token: made here, from the OS's randomness, and sent to no node; the cluster stores
     /// only what verifies it.
     pub async fn create_user(&self, name: &str, replace: bool) -> Result<Token> {
-        eddy_proto::credentials::validate_user_name(name)
-            .map_err(|e| ClientError::Invalid(format!("user: {e}")))?;
         let mut secret = [0u8; eddy_proto::credentials::SECRET_BYTES];
         let mut salts = [[0u8; eddy_proto::credentials::SALT_BYTES]; 3];
         getrandom::fill(&mut secret).map_err(|e| ClientError::Unavailable(format!("OS randomness: {e}")))?;
         for s in &mut salts {
             getrandom::fill(s).map_err(|e| ClientError::Unavailable(format!("OS randomness: {e}")))?;
         }
-        let token = eddy_proto::credentials::token(name, &secret);
+        self.create_user_from(name, replace, &secret, &salts).await
+    }
+
+    /// [`Client::create_user`] with the token's secret and the verifiers' salts given (the
+    /// simulator's, drawn from its seed).
+    pub async fn create_user_from(
+        &self,
+        name: &str,
+        replace: bool,
+        secret: &[u8; eddy_proto::credentials::SECRET_BYTES],
+        salts: &[[u8; eddy_proto::credentials::SALT_BYTES]; 3],
+    ) -> Result<Token> {
+        eddy_proto::credentials::validate_user_name(name)
+            .map_err(|e| ClientError::Invalid(format!("user: {e}")))?;
+        let token = eddy_proto::credentials::token(name, secret);
         let req = pb::CreateUserRequest {
             name: name.to_owned(),
-            credentials: Some(eddy_proto::credentials::credentials(&token, &salts)),
+            credentials: Some(eddy_proto::credentials::credentials(&token, salts)),
             replace,
         };
         self.admin_any("create user", |mut c| {

@@ -126,6 +126,21 @@ impl MemDisk {
         }
     }
 
+    /// Puts a durable file on the disk, as an operator places one before the node starts (the
+    /// simulator's certificates).
+    pub fn install(&self, path: &Path, bytes: &[u8]) {
+        let mut st = self.lock();
+        for a in path.ancestors().skip(1) {
+            st.dirs.insert(a.to_owned());
+        }
+        st.next_inode += 1;
+        let ino = st.next_inode;
+        st.inodes
+            .insert(ino, Inodes { current: bytes.to_vec(), durable: bytes.to_vec(), ..Default::default() });
+        st.names.insert(path.to_owned(), ino);
+        st.durable_names.insert(path.to_owned(), ino);
+    }
+
     /// Total bytes a running process sees, for reports.
     pub fn bytes(&self) -> usize {
         self.lock().inodes.values().map(|f| f.current.len()).sum()
@@ -201,6 +216,14 @@ impl Vfs for MemDisk {
         st.names.retain(|p, _| !p.starts_with(path));
         st.dirs.retain(|p| !p.starts_with(path));
         Ok(())
+    }
+
+    fn read_small(&self, path: &Path, max: u64) -> io::Result<Vec<u8>> {
+        let st = self.lock();
+        let ino = st.names.get(path).ok_or_else(|| not_found(path))?;
+        let data = st.inodes.get(ino).map(|f| f.current.clone()).unwrap_or_default();
+        crate::vfs::too_big(path, data.len() as u64, max)?;
+        Ok(data)
     }
 
     fn sync_dir(&self, path: &Path) -> BoxFuture<'static, io::Result<()>> {

@@ -40,7 +40,18 @@ pub trait Connector: Send + Sync + 'static {
         let _ = node;
         self.channel(addr)
     }
+
+    /// How this connector opens a byte stream to `addr`, for a connector layered on top of it
+    /// (TLS): each call of the returned function is one connection attempt.
+    fn dial(&self, addr: &str) -> Dial;
 }
+
+/// A byte stream to a peer, as a [`Connector`] dials it.
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Stream for T {}
+
+/// Opens one connection to a fixed address each time it is called (see [`Connector::dial`]).
+pub type Dial = Arc<dyn Fn() -> BoxFuture<'static, io::Result<Box<dyn Stream>>> + Send + Sync>;
 
 /// A datagram socket, for node liveness probes: a real UDP socket, or the simulator's.
 pub trait Datagrams: Send + Sync + 'static {
@@ -113,6 +124,18 @@ impl Connector for TcpConnector {
             // An unparsable address yields a channel whose every call fails with that error.
             Err(_) => Endpoint::from_static("http://invalid.invalid:1").connect_lazy(),
         }
+    }
+
+    fn dial(&self, addr: &str) -> Dial {
+        let target = addr.to_owned();
+        Arc::new(move || {
+            let target = target.clone();
+            Box::pin(async move {
+                let stream = tokio::net::TcpStream::connect(&target).await?;
+                stream.set_nodelay(true)?;
+                Ok(Box::new(stream) as Box<dyn Stream>)
+            })
+        })
     }
 }
 

@@ -38,6 +38,10 @@ pub trait Vfs: Send + Sync + 'static {
 
     /// Makes the directory's entries (created and removed files) durable.
     fn sync_dir(&self, path: &Path) -> BoxFuture<'static, io::Result<()>>;
+
+    /// The whole of a small file the node only reads (a certificate, a key), opened read-only:
+    /// at most `max` bytes, else an error.
+    fn read_small(&self, path: &Path, max: u64) -> io::Result<Vec<u8>>;
 }
 
 /// An open file.
@@ -168,6 +172,25 @@ impl Vfs for RealVfs {
         let path: PathBuf = path.to_owned();
         Box::pin(blocking(move || File::open(&path)?.sync_all()))
     }
+
+    fn read_small(&self, path: &Path, max: u64) -> io::Result<Vec<u8>> {
+        use std::io::Read;
+        let mut buf = Vec::new();
+        File::open(path)?.take(max + 1).read_to_end(&mut buf)?;
+        too_big(path, buf.len() as u64, max)?;
+        Ok(buf)
+    }
+}
+
+/// The error of [`Vfs::read_small`] for a file over its limit.
+pub fn too_big(path: &Path, len: u64, max: u64) -> io::Result<()> {
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: more than the {max} bytes expected", path.display()),
+        ));
+    }
+    Ok(())
 }
 
 fn open_rw(path: &Path, create: bool) -> io::Result<File> {

@@ -22,6 +22,90 @@ use eddy_raft::mem::MemStateStore;
 
 use crate::net;
 
+/// The superuser of the simulated cluster, by its client certificate: the driver's setup
+/// creates the workload's user and bindings with it.
+pub const SIM_ADMIN: &str = "sim-admin";
+/// The user every workload client authenticates as, by token.
+pub const WORKLOAD_USER: &str = "workload";
+/// A user who may only read topic `t0`: the intruder's produces as it must be refused.
+pub const READER_USER: &str = "reader";
+/// Where a node's certificates are on its simulated disk.
+const CERT_DIR: &str = "/certs";
+
+/// The simulated cluster's security, made from the seed: a CA, a certificate per node (so
+/// every listener and every channel between nodes is TLS, mutual between nodes), the
+/// superuser's client certificate, and the workload user's token. Nodes authenticate every
+/// client request and authorize it with ACLs, so the code under test is what a secure
+/// production cluster runs. Keys are Ed25519 from the seed (`eddy_ops::pki::Ca::seeded`), so a
+/// seed's runs send the same bytes, and so the same TLS records.
+pub struct SimSecurity {
+    pub ca_pem: String,
+    nodes: BTreeMap<NodeId, eddy_ops::pki::Issued>,
+    admin: eddy_ops::pki::Issued,
+    seed: u64,
+}
+
+/// A user's token secret and the salts of its verifiers.
+pub type UserSecret =
+    ([u8; eddy_proto::credentials::SECRET_BYTES], [[u8; eddy_proto::credentials::SALT_BYTES]; 3]);
+
+impl SimSecurity {
+    fn new(seed: u64, ids: impl Iterator<Item = NodeId>) -> Self {
+        let ca = eddy_ops::pki::Ca::seeded("eddy-sim", seed).expect("a seeded CA");
+        let nodes = ids.map(|id| (id, ca.node(id, &[host_name(id)]).expect("a node certificate"))).collect();
+        let admin = ca.client(SIM_ADMIN).expect("a client certificate");
+        Self { ca_pem: ca.issued.cert_pem.clone(), nodes, admin, seed }
+    }
+
+    /// User `name`'s secret and salts, drawn from the seed.
+    pub fn secret_of(&self, name: &str) -> UserSecret {
+        use rand::RngCore;
+        use rand::SeedableRng;
+        let salt = name
+            .bytes()
+            .fold(0x5eed_70ce_2f1e_a3b1u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(self.seed ^ salt);
+        let mut secret = [0u8; eddy_proto::credentials::SECRET_BYTES];
+        rng.fill_bytes(&mut secret);
+        let mut salts = [[0u8; eddy_proto::credentials::SALT_BYTES]; 3];
+        salts.iter_mut().for_each(|s| rng.fill_bytes(s));
+        (secret, salts)
+    }
+
+    /// User `name`'s token.
+    pub fn token_of(&self, name: &str) -> eddy_ops::Token {
+        eddy_ops::Token(eddy_proto::credentials::token(name, &self.secret_of(name).0))
+    }
+
+    /// TLS for the workload's clients: the CA, no certificate.
+    pub fn client_tls(&self) -> eddy_ops::TlsOptions {
+        eddy_ops::TlsOptions { ca_pem: self.ca_pem.clone(), identity: None }
+    }
+
+    /// TLS for the superuser: the CA and its client certificate.
+    pub fn admin_tls(&self) -> eddy_ops::TlsOptions {
+        let identity = Some((self.admin.cert_pem.clone(), self.admin.key_pem.clone()));
+        eddy_ops::TlsOptions { ca_pem: self.ca_pem.clone(), identity }
+    }
+
+    /// Puts node `id`'s certificate, key and the CA on its disk, and gives the `[tls]` table
+    /// naming them.
+    fn install(&self, id: NodeId, disk: &MemDisk) -> eddy_node::config::TlsConfig {
+        let dir = std::path::Path::new(CERT_DIR);
+        let issued = &self.nodes[&id];
+        disk.install(&dir.join("ca.pem"), self.ca_pem.as_bytes());
+        disk.install(&dir.join("node.pem"), issued.cert_pem.as_bytes());
+        disk.install(&dir.join("node.key"), issued.key_pem.as_bytes());
+        eddy_node::config::TlsConfig {
+            cert: dir.join("node.pem"),
+            key: dir.join("node.key"),
+            ca: dir.join("ca.pem"),
+            require_client_cert: false,
+            http: false,
+        }
+    }
+}
+
 pub const CLIENT_PORT: u16 = 9091;
 pub const RAFT_PORT: u16 = 9191;
 /// The simulated wall clock starts here (2026-01-01T00:00:00Z), the same in every run.
@@ -68,6 +152,7 @@ pub struct Cluster {
     pub nodes: BTreeMap<NodeId, NodeSlot>,
     pub seed: u64,
     pub bugs: PlantedBugs,
+    pub security: Arc<SimSecurity>,
 }
 
 impl Cluster {
@@ -89,7 +174,8 @@ impl Cluster {
                 )
             })
             .collect();
-        Self { nodes, seed, bugs }
+        let security = Arc::new(SimSecurity::new(seed, 1..=n));
+        Self { nodes, seed, bugs, security }
     }
 
     pub fn brokers(&self) -> Vec<String> {
@@ -117,6 +203,9 @@ impl Cluster {
                 initial_members: members.clone(),
                 // Often enough that retention (when a topic has it) acts during the chaos.
                 retention_check_interval_ms: 1000,
+                tls: Some(self.security.install(slot.id, &slot.disk)),
+                authentication: eddy_node::config::Authentication { client: true, kafka: true },
+                superusers: vec![format!("User:{SIM_ADMIN}")],
                 ..NodeConfig::default()
             };
             let (disk, store, refs) = (slot.disk.clone(), slot.store.clone(), slot.refs.clone());

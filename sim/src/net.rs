@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use eddy_node::env::BoxedIo;
 use eddy_node::env::Incoming;
+use eddy_raft::transport::Connector;
+use eddy_raft::transport::Dial;
+use eddy_raft::transport::Stream;
 use futures::future::BoxFuture;
 use hyper_util::rt::TokioIo;
 use tonic::transport::Channel;
@@ -17,14 +20,17 @@ use tonic::transport::Endpoint;
 /// An endpoint with the node's timeouts and keep-alives, without adaptive flow control (its
 /// bandwidth estimate reads the real clock, which would break determinism).
 fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(eddy_raft::transport::CONNECT_TIMEOUT)
+    Ok(with_settings(Endpoint::from_shared(format!("http://{addr}"))?))
+}
+
+fn with_settings(ep: Endpoint) -> Endpoint {
+    ep.connect_timeout(eddy_raft::transport::CONNECT_TIMEOUT)
         .http2_keep_alive_interval(eddy_raft::transport::KEEPALIVE_INTERVAL)
         .keep_alive_timeout(eddy_raft::transport::KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
         .initial_connection_window_size(eddy_raft::transport::CONNECTION_WINDOW)
         .initial_stream_window_size(eddy_raft::transport::STREAM_WINDOW)
-        .http2_max_local_error_reset_streams(None))
+        .http2_max_local_error_reset_streams(None)
 }
 
 /// Pause between connection attempts after failures, doubling up to this. It must stay well
@@ -39,19 +45,19 @@ struct ConnectPacing {
     gap: Duration,
 }
 
-/// A lazily connecting channel over turmoil TCP.
+/// Opens turmoil TCP connections to `addr`.
 ///
 /// Connection attempts are paced: after a failure, the next attempt waits (50 ms doubling to
 /// 400 ms). turmoil 0.7 never frees the local port of a
 /// connection attempt that fails or is abandoned, and tonic reconnects without pause, so an
 /// unpaced channel to a dead peer would exhaust the host's ports in a long run.
-fn turmoil_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+fn turmoil_dial(addr: &str) -> Dial {
     let target = addr.to_owned();
     let pacing = Arc::new(Mutex::new(ConnectPacing::default()));
-    Ok(endpoint(addr)?.connect_with_connector_lazy(tower::service_fn(move |_| {
+    Arc::new(move || {
         let target = target.clone();
         let pacing = pacing.clone();
-        async move {
+        Box::pin(async move {
             // Wait out the pause (rather than failing at once: a caller that retries at once
             // would spin without simulated time passing).
             let start = {
@@ -66,26 +72,54 @@ fn turmoil_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
             tokio::time::sleep_until(start).await;
             let stream = turmoil::net::TcpStream::connect(target.as_str()).await?;
             pacing.lock().expect("pacing lock poisoned").gap = Duration::ZERO;
-            Ok::<_, io::Error>(TokioIo::new(stream))
-        }
-    })))
+            Ok(Box::new(stream) as Box<dyn Stream>)
+        })
+    })
 }
 
-/// Node-to-node channels.
+/// A lazily connecting channel to `endpoint` over turmoil TCP; with TLS when `endpoint` has a
+/// TLS configuration (tonic layers it on the streams).
+fn turmoil_channel(endpoint: Endpoint, addr: &str) -> Channel {
+    let dial = turmoil_dial(addr);
+    endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
+        let dial = dial.clone();
+        async move { dial().await.map(TokioIo::new) }
+    }))
+}
+
+/// Node-to-node channels (the node layers TLS on [`Connector::dial`] when it has TLS).
 pub struct SimConnector;
 
-impl eddy_raft::transport::Connector for SimConnector {
+impl Connector for SimConnector {
     fn channel(&self, addr: &str) -> Channel {
-        turmoil_channel(addr).unwrap_or_else(|_| Endpoint::from_static("http://invalid:1").connect_lazy())
+        match endpoint(addr) {
+            Ok(ep) => turmoil_channel(ep, addr),
+            Err(_) => Endpoint::from_static("http://invalid:1").connect_lazy(),
+        }
+    }
+
+    fn dial(&self, addr: &str) -> Dial {
+        turmoil_dial(addr)
     }
 }
 
-/// Client-to-node channels, for the `ops` client the workload uses.
-pub struct SimConnect;
+/// Client-to-node channels, for the `ops` clients of the workload and the driver: TLS with
+/// the cluster CA (and a client certificate, for the driver's superuser) when the cluster has it.
+#[derive(Default)]
+pub struct SimConnect {
+    pub tls: Option<eddy_ops::TlsOptions>,
+}
 
 impl eddy_ops::Connect for SimConnect {
     fn channel(&self, addr: &str) -> eddy_ops::error::Result<Channel> {
-        turmoil_channel(addr).map_err(|e| eddy_ops::ClientError::Invalid(format!("{addr}: {e}")))
+        let invalid = |e: tonic::transport::Error| eddy_ops::ClientError::Invalid(format!("{addr}: {e}"));
+        let ep = match &self.tls {
+            Some(tls) => Endpoint::from_shared(format!("https://{addr}"))
+                .and_then(|ep| ep.tls_config(tls.tonic()))
+                .map_err(invalid)?,
+            None => Endpoint::from_shared(format!("http://{addr}")).map_err(invalid)?,
+        };
+        Ok(turmoil_channel(with_settings(ep), addr))
     }
 }
 

@@ -49,6 +49,13 @@ pub fn text(r: &RunReport, verbose: bool) -> String {
         "outcomes: {}",
         r.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
     );
+    if !r.intruder.is_empty() {
+        let _ = writeln!(
+            out,
+            "intruder requests: {}",
+            r.intruder.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+        );
+    }
     let _ = writeln!(
         out,
         "verdict: {}  ({:.1} simulated s in {:.1} wall s = {:.1}x; {} events acknowledged; trace {})",

@@ -49,6 +49,8 @@ pub enum Bug {
     AckBeforeFsync,
     /// A follower serves records past its commit point.
     FollowerReadsUncommitted,
+    /// A node accepts a bearer token on its user name alone, without checking its secret.
+    TokensUnchecked,
 }
 
 impl Bug {
@@ -56,6 +58,7 @@ impl Bug {
         match self {
             Bug::AckBeforeFsync => "ack-before-fsync",
             Bug::FollowerReadsUncommitted => "follower-reads-uncommitted",
+            Bug::TokensUnchecked => "tokens-unchecked",
         }
     }
 }
@@ -126,6 +129,9 @@ pub struct RunReport {
     /// How many faults of each class were injected.
     pub injected: BTreeMap<String, u32>,
     pub leader_changes: usize,
+    /// What the intruder's requests got (`workload::intruder`): refused, unavailable, passed,
+    /// served.
+    pub intruder: BTreeMap<&'static str, usize>,
     pub trace_hash: String,
     pub command: String,
     #[serde(skip)]
@@ -255,7 +261,10 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         // turmoil does not free the ports of failed connection attempts; use them all.
         .ephemeral_ports(1024..=65535)
         .build();
-    let bugs = PlantedBugs { follower_reads_uncommitted: opts.bug == Some(Bug::FollowerReadsUncommitted) };
+    let bugs = PlantedBugs {
+        follower_reads_uncommitted: opts.bug == Some(Bug::FollowerReadsUncommitted),
+        tokens_unchecked: opts.bug == Some(Bug::TokensUnchecked),
+    };
     let mut cluster = Cluster::new(opts.nodes, opts.seed, bugs, opts.bug == Some(Bug::AckBeforeFsync));
     cluster.register(&mut sim);
 
@@ -281,6 +290,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         quiet_restart: Arc::new(AtomicU8::new(0)),
         audit: audit.clone(),
         nodes: cluster.nodes.keys().copied().collect(),
+        security: cluster.security.clone(),
     };
     // Three client machines: one runs setup, admin actions and the final verification in turn;
     // one runs every producer; one every consumer. (Fewer hosts make the simulation faster;
@@ -289,7 +299,9 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
     let c = ctx.clone();
     sim.client("admin", async move {
         workload::setup(c.clone()).await?;
-        workload::admin(c.clone()).await?;
+        let (admin, intruder) = futures::join!(workload::admin(c.clone()), workload::intruder(c.clone()));
+        admin?;
+        intruder?;
         workload::verifier(c).await
     });
     let c = ctx.clone();
@@ -426,6 +438,10 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
     trace.push(sim.elapsed().as_millis() as u64, "history", format!("{history_hash:016x}"));
     let events = trace.events();
     let leader_changes = events.iter().filter(|e| e.kind == "leader").count();
+    let mut intruder = BTreeMap::new();
+    for p in &evidence.audit.probes {
+        *intruder.entry(p.outcome.kind()).or_insert(0) += 1;
+    }
     Ok(RunReport {
         seed: opts.seed,
         verdict: if violations.is_empty() { "pass" } else { "fail" },
@@ -439,6 +455,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         profile: profile.describe(),
         injected: nemesis.injected.iter().map(|(c, n)| (c.name().to_owned(), *n)).collect(),
         leader_changes,
+        intruder,
         trace_hash: format!("{:016x}", trace.hash()),
         command: opts.command(),
         trace: events,

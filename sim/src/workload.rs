@@ -79,6 +79,8 @@ pub struct Audit {
     /// The offset of the last record the verifier wrote to each partition.
     pub markers: BTreeMap<PartitionKey, u64>,
     pub done: bool,
+    /// The intruder's requests and what they got.
+    pub probes: Vec<AuthProbe>,
 }
 
 /// What the clients share.
@@ -97,6 +99,8 @@ pub struct Ctx {
     pub audit: Arc<Mutex<Audit>>,
     /// Node ids, for the audit.
     pub nodes: Vec<u64>,
+    /// The cluster's CA and the workload's credentials.
+    pub security: Arc<crate::cluster::SimSecurity>,
 }
 
 pub fn now_ms() -> u64 {
@@ -123,21 +127,41 @@ impl Ctx {
         SmallRng::seed_from_u64(self.seed ^ salt.wrapping_mul(0x2545_f491_4f6c_dd1d))
     }
 
-    /// A client, retrying until some node answers.
+    /// A client of the workload's user (by token), retrying until some node answers.
     async fn connect(&self) -> Client {
+        let tls = self.security.client_tls();
+        self.connect_as(Some(self.security.token_of(crate::cluster::WORKLOAD_USER)), tls).await
+    }
+
+    /// A client of the superuser (by client certificate).
+    async fn connect_admin(&self) -> Client {
+        self.connect_as(None, self.security.admin_tls()).await
+    }
+
+    async fn connect_as(&self, token: Option<eddy_ops::Token>, tls: eddy_ops::TlsOptions) -> Client {
+        loop {
+            match self.try_connect(token.clone(), tls.clone()).await {
+                Ok(c) => return c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// One attempt at a client with these credentials (connecting reads the cluster's metadata).
+    async fn try_connect(
+        &self,
+        token: Option<eddy_ops::Token>,
+        tls: eddy_ops::TlsOptions,
+    ) -> eddy_ops::error::Result<Client> {
         let config = ClientConfig {
             request_timeout: Duration::from_secs(2),
             backoff_min: Duration::from_millis(20),
             backoff_max: Duration::from_millis(250),
             delivery_timeout: Duration::from_secs(15),
-            ..ClientConfig::default()
+            token,
+            tls: Some(tls.clone()),
         };
-        loop {
-            match Client::connect_with(&self.brokers, config.clone(), Arc::new(SimConnect)).await {
-                Ok(c) => return c,
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
+        Client::connect_with(&self.brokers, config, Arc::new(SimConnect { tls: Some(tls) })).await
     }
 
     async fn wait_ready(&self) {
@@ -147,7 +171,134 @@ impl Ctx {
     }
 }
 
+/// The workload's user and what it may do: every topic and group, and the cluster (its admin
+/// actions move partitions and leaders). Made by the superuser, retried until the cluster
+/// answers; creating the user again with the same secret and salts changes nothing.
+async fn authorize_workload(ctx: &Ctx) {
+    use crate::cluster::READER_USER;
+    use crate::cluster::WORKLOAD_USER;
+    let admin = ctx.connect_admin().await;
+    for user in [WORKLOAD_USER, READER_USER] {
+        let (secret, salts) = ctx.security.secret_of(user);
+        while admin.create_user_from(user, true, &secret, &salts).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let bindings = [
+        (WORKLOAD_USER, "topic", "*", "all"),
+        (WORKLOAD_USER, "group", "*", "all"),
+        (WORKLOAD_USER, "cluster", "", "all"),
+        (READER_USER, "topic", "t0", "read"),
+    ];
+    for (user, resource_type, resource, operation) in bindings {
+        let b = eddy_proto::v1::AclBinding {
+            principal: format!("User:{user}"),
+            resource_type: resource_type.into(),
+            resource: resource.into(),
+            pattern: "literal".into(),
+            operation: operation.into(),
+            permission: "allow".into(),
+        };
+        while admin.add_acl(b.clone()).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// What an intruder's request got (see [`intruder`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// `UNAUTHENTICATED` or `PERMISSION_DENIED`: what it must get.
+    Refused,
+    /// No node answered (a fault): says nothing.
+    Unavailable(String),
+    /// Another error: authentication and authorization let the request through to fail later.
+    Passed(String),
+    /// The request was served.
+    Served(String),
+}
+
+impl ProbeOutcome {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::Unavailable(_) => "unavailable",
+            Self::Passed(_) => "passed",
+            Self::Served(_) => "served",
+        }
+    }
+}
+
+/// One request of the intruder.
+#[derive(Debug, Clone)]
+pub struct AuthProbe {
+    pub at_ms: u64,
+    pub who: &'static str,
+    pub outcome: ProbeOutcome,
+}
+
+/// Requests that every node must refuse, made now and then during the chaos: no credentials,
+/// the workload user's name with a wrong secret, and a produce by a user who may only read.
+pub async fn intruder(ctx: Ctx) -> turmoil::Result {
+    use crate::cluster::READER_USER;
+    use crate::cluster::WORKLOAD_USER;
+    ctx.wait_ready().await;
+    let mut rng = ctx.rng(4000);
+    let chaos_end = ctx.config.chaos_end.as_millis() as u64;
+    let wrong = eddy_ops::Token(eddy_proto::credentials::token(
+        WORKLOAD_USER,
+        &[0x5a; eddy_proto::credentials::SECRET_BYTES],
+    ));
+    let reader = ctx.security.token_of(READER_USER);
+    let classify = |e: ClientError| match e {
+        ClientError::Server { code, .. }
+            if code == eddy_proto::error_codes::UNAUTHENTICATED
+                || code == eddy_proto::error_codes::PERMISSION_DENIED =>
+        {
+            ProbeOutcome::Refused
+        }
+        ClientError::Unavailable(m) => ProbeOutcome::Unavailable(m),
+        other => ProbeOutcome::Passed(other.to_string()),
+    };
+    loop {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(2_000..6_000))).await;
+        if now_ms() >= chaos_end {
+            return Ok(());
+        }
+        let (who, token) = match rng.random_range(0..3) {
+            0 => ("anonymous", None),
+            1 => ("wrong-token", Some(wrong.clone())),
+            _ => ("reader", Some(reader.clone())),
+        };
+        let outcome = match ctx.try_connect(token, ctx.security.client_tls()).await {
+            Err(e) => classify(e),
+            Ok(client) if who == "reader" => {
+                let req = eddy_proto::v1::ProduceRequest {
+                    topic: topic_name(0),
+                    partition: Some(0),
+                    records: vec![eddy_proto::v1::Record { value: "intruder".into(), ..Default::default() }],
+                    ..Default::default()
+                };
+                match client.produce(req).await {
+                    Ok(r) => {
+                        ProbeOutcome::Served(format!("produce acknowledged at offset {}", r.base_offset))
+                    }
+                    Err(e) => classify(e),
+                }
+            }
+            Ok(_) => ProbeOutcome::Served("metadata answered".into()),
+        };
+        ctx.trace.push(now_ms(), "intruder", format!("{who}: {outcome:?}"));
+        ctx.audit.lock().expect("audit lock poisoned").probes.push(AuthProbe {
+            at_ms: now_ms(),
+            who,
+            outcome,
+        });
+    }
+}
+
 pub async fn setup(ctx: Ctx) -> turmoil::Result {
+    authorize_workload(&ctx).await;
     let client = ctx.connect().await;
     for (i, t) in ctx.topics().into_iter().enumerate() {
         let mut config = BTreeMap::new();

@@ -32,6 +32,13 @@ fn a_seed_passes_and_replays_to_the_same_trace() {
     assert_eq!(first.verdict, "pass", "violations: {:?}", first.violations);
     assert!(first.acked_events > 1000, "the workload acknowledged only {} events", first.acked_events);
     assert!(!first.faults.is_empty(), "every seed injects some fault class");
+    // The cluster runs with TLS and authentication: the workload got through as its user, and
+    // the intruder's requests (no credentials, a wrong token, a reader's produce) were refused.
+    assert!(
+        first.intruder.get("refused").is_some_and(|n| *n > 0),
+        "the intruder was refused at least once: {:?}",
+        first.intruder
+    );
     let second = eddy_sim::run::run(&opts).expect("run");
     assert_eq!(first.trace_hash, second.trace_hash, "the same seed must give the same trace");
     assert_eq!(first.trace.len(), second.trace.len());

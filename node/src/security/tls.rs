@@ -15,6 +15,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use eddy_raft::NodeId;
+use eddy_raft::transport::Dial;
+use eddy_raft::transport::Stream;
+use eddy_raft::vfs::Vfs;
 use futures::StreamExt;
 use rustls::RootCertStore;
 use rustls::ServerConfig;
@@ -32,6 +35,7 @@ use tracing::debug;
 use tracing::info;
 
 use crate::env::BoxedIo;
+use crate::env::Clock;
 use crate::env::Incoming;
 use crate::env::PeerInfo;
 
@@ -98,13 +102,38 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read_certs(path: &Path, what: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("{what}: read {}", path.display()))?
+/// The most bytes a certificate or key file may have.
+const PEM_FILE_MAX: u64 = 1 << 20;
+
+fn read_pem(vfs: &dyn Vfs, path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    vfs.read_small(path, PEM_FILE_MAX).with_context(|| format!("{what}: read {}", path.display()))
+}
+
+fn read_certs(vfs: &dyn Vfs, path: &Path, what: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = read_pem(vfs, path, what)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+        .map(|c| c.map(CertificateDer::into_owned))
         .collect::<Result<_, _>>()
         .with_context(|| format!("{what}: {} is not a PEM certificate file", path.display()))?;
     anyhow::ensure!(!certs.is_empty(), "{what}: {} holds no certificate", path.display());
     Ok(certs)
+}
+
+/// rustls's clock: the node's (simulated time in the simulator), for certificate validity.
+#[derive(Clone)]
+struct NodeTime(Arc<dyn Clock>);
+
+impl std::fmt::Debug for NodeTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeTime")
+    }
+}
+
+impl rustls::time_provider::TimeProvider for NodeTime {
+    fn current_time(&self) -> Option<rustls_pki_types::UnixTime> {
+        let ms = u64::try_from(self.0.now_ms()).ok()?;
+        Some(rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_millis(ms)))
+    }
 }
 
 /// Loaded certificates and keys, from which every TLS configuration of a node is built.
@@ -116,15 +145,17 @@ pub struct TlsMaterial {
     pub identity: Option<CertIdentity>,
     pub require_client_cert: bool,
     pub http: bool,
+    time: Arc<NodeTime>,
 }
 
 impl TlsMaterial {
-    pub fn load(c: &TlsConfig) -> anyhow::Result<Self> {
-        let chain = read_certs(&c.cert, "tls.cert")?;
-        let key = PrivateKeyDer::from_pem_file(&c.key)
+    /// Reads the files `c` names from `vfs`; certificates are checked against `clock`.
+    pub fn load(c: &TlsConfig, vfs: &dyn Vfs, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let chain = read_certs(vfs, &c.cert, "tls.cert")?;
+        let key = PrivateKeyDer::from_pem_slice(&read_pem(vfs, &c.key, "tls.key")?)
             .with_context(|| format!("tls.key: {} is not a PEM private key file", c.key.display()))?;
         let mut roots = RootCertStore::empty();
-        for ca in read_certs(&c.ca, "tls.ca")? {
+        for ca in read_certs(vfs, &c.ca, "tls.ca")? {
             roots
                 .add(ca)
                 .with_context(|| format!("tls.ca: {} is not a usable CA certificate", c.ca.display()))?;
@@ -137,6 +168,7 @@ impl TlsMaterial {
             identity,
             require_client_cert: c.require_client_cert,
             http: c.http,
+            time: Arc::new(NodeTime(clock)),
         };
         // Fails now, with the reason, rather than at the first connection.
         m.server_config(false, &[]).context("tls.cert and tls.key do not form a usable pair")?;
@@ -144,7 +176,9 @@ impl TlsMaterial {
     }
 
     /// A server configuration; client certificates are verified against the CA, and required
-    /// when `require_client_cert`.
+    /// when `require_client_cert`. No session resumption: connections here are long-lived, and
+    /// a handshake that never depends on a ticket's age on two clocks behaves the same in every
+    /// simulator run.
     pub fn server_config(
         &self,
         require_client_cert: bool,
@@ -152,26 +186,29 @@ impl TlsMaterial {
     ) -> anyhow::Result<Arc<ServerConfig>> {
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider());
         let verifier = if require_client_cert { verifier } else { verifier.allow_unauthenticated() };
-        let mut config = ServerConfig::builder_with_provider(provider())
+        let mut config = ServerConfig::builder_with_details(provider(), self.time.clone())
             .with_safe_default_protocol_versions()
             .context("TLS protocol versions")?
             .with_client_cert_verifier(verifier.build().context("client certificate verifier")?)
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .context("certificate and key")?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Ok(Arc::new(config))
     }
 
     /// The configuration of this node's channels to its peers: it presents its own certificate
     /// and trusts the cluster CA only.
     pub fn client_config(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        let mut config = rustls::ClientConfig::builder_with_details(provider(), self.time.clone())
             .with_safe_default_protocol_versions()
             .context("TLS protocol versions")?
             .with_root_certificates(self.roots.clone())
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .context("client certificate and key")?;
         config.alpn_protocols = vec![b"h2".to_vec()];
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(Arc::new(config))
     }
 }
@@ -359,10 +396,45 @@ impl tokio::io::AsyncWrite for Prefixed {
     }
 }
 
-/// Channels to peers over TLS, each checking that the peer's certificate names the node it was
-/// dialled as (a node that presents another node's certificate is refused).
+/// Channels to peers over TLS on the streams `inner` dials (real TCP, or the simulator's), each
+/// checking that the peer's certificate names the node it was dialled as (a node that presents
+/// another node's certificate is refused).
 pub struct TlsConnector {
+    pub inner: Arc<dyn eddy_raft::transport::Connector>,
     pub config: Arc<rustls::ClientConfig>,
+}
+
+impl TlsConnector {
+    /// Opens TLS connections to `addr`, over the streams the inner connector dials; with `node`,
+    /// refuses a peer whose certificate names another node.
+    fn tls_dial(&self, node: Option<NodeId>, addr: &str) -> Dial {
+        let (config, target, dial) = (self.config.clone(), addr.to_owned(), self.inner.dial(addr));
+        Arc::new(move || {
+            let (config, target, dial) = (config.clone(), target.clone(), dial.clone());
+            Box::pin(async move {
+                let stream = dial().await?;
+                let host = target.rsplit_once(':').map_or(target.as_str(), |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name = ServerName::try_from(host.to_owned())
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{target}: {e}")))?;
+                let mut tls = tokio_rustls::TlsConnector::from(config).connect(name, stream).await?;
+                if let Some(expected) = node {
+                    let (_, conn) = tls.get_ref();
+                    let found = conn.peer_certificates().and_then(|c| c.first()).and_then(|c| identity_of(c));
+                    if found != Some(CertIdentity::Node(expected)) {
+                        let _ = tls.shutdown().await;
+                        return Err(io::Error::new(
+                            io::ErrorKind::PermissionDenied,
+                            format!(
+                                "{target} presented a certificate for {found:?}, not for node {expected}"
+                            ),
+                        ));
+                    }
+                }
+                Ok(Box::new(tls) as Box<dyn Stream>)
+            })
+        })
+    }
 }
 
 impl eddy_raft::transport::Connector for TlsConnector {
@@ -374,34 +446,15 @@ impl eddy_raft::transport::Connector for TlsConnector {
         let Ok(endpoint) = eddy_raft::transport::endpoint(addr) else {
             return tonic::transport::Endpoint::from_static("http://invalid.invalid:1").connect_lazy();
         };
-        let (config, target) = (self.config.clone(), addr.to_owned());
+        let dial = self.tls_dial(node, addr);
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
-            let (config, target) = (config.clone(), target.clone());
-            async move {
-                let stream = tokio::net::TcpStream::connect(&target).await?;
-                stream.set_nodelay(true)?;
-                let host = target.rsplit_once(':').map_or(target.as_str(), |(h, _)| h);
-                let host = host.trim_start_matches('[').trim_end_matches(']');
-                let name = ServerName::try_from(host.to_owned())
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{target}: {e}")))?;
-                let tls = tokio_rustls::TlsConnector::from(config).connect(name, stream).await?;
-                if let Some(expected) = node {
-                    let (_, conn) = tls.get_ref();
-                    let found = conn.peer_certificates().and_then(|c| c.first()).and_then(|c| identity_of(c));
-                    if found != Some(CertIdentity::Node(expected)) {
-                        let mut tls = tls;
-                        let _ = tls.shutdown().await;
-                        return Err(io::Error::new(
-                            io::ErrorKind::PermissionDenied,
-                            format!(
-                                "{target} presented a certificate for {found:?}, not for node {expected}"
-                            ),
-                        ));
-                    }
-                }
-                Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
+            let dial = dial.clone();
+            async move { dial().await.map(hyper_util::rt::TokioIo::new) }
         }))
+    }
+
+    fn dial(&self, addr: &str) -> Dial {
+        self.tls_dial(None, addr)
     }
 }
 

@@ -20,6 +20,7 @@ pub mod consumer_reads;
 pub mod election_safety;
 pub mod group_commits;
 pub mod group_consumes_all;
+pub mod intruders_refused;
 pub mod liveness;
 pub mod log_matching;
 pub mod metadata_agreement;
@@ -73,7 +74,7 @@ pub struct Invariant {
     pub check: fn(&Evidence) -> Vec<String>,
 }
 
-pub const INVARIANTS: [Invariant; 12] = [
+pub const INVARIANTS: [Invariant; 13] = [
     no_panics::INVARIANT,
     acked_not_lost::INVARIANT,
     no_duplicates::INVARIANT,
@@ -86,6 +87,7 @@ pub const INVARIANTS: [Invariant; 12] = [
     group_commits::INVARIANT,
     group_consumes_all::INVARIANT,
     liveness::INVARIANT,
+    intruders_refused::INVARIANT,
 ];
 
 const EXAMPLES_MAX: usize = 8;
