@@ -267,6 +267,15 @@ impl Cluster {
 
     /// [`Cluster::start_secure`] with `extra` (TOML tables) in every node's config.
     pub fn start_secure_with(n: u64, kafka_auth: bool, extra: &str) -> anyhow::Result<Self> {
+        Self::start_secure_inner(n, kafka_auth, extra, false)
+    }
+
+    /// [`Cluster::start_secure`] with `/metrics` and `/health` over HTTPS too (`[tls] http`).
+    pub fn start_secure_https(n: u64, kafka_auth: bool) -> anyhow::Result<Self> {
+        Self::start_secure_inner(n, kafka_auth, "", true)
+    }
+
+    fn start_secure_inner(n: u64, kafka_auth: bool, extra: &str, https: bool) -> anyhow::Result<Self> {
         let serial = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::Builder::new().prefix("eddy-cluster-").tempdir()?;
         let certs = dir.path().join("certs");
@@ -283,7 +292,7 @@ impl Cluster {
         for id in 1..=n + 2 {
             cert(&["create-node", &id.to_string()])?;
         }
-        let secure = Secure { certs: certs.clone(), kafka_auth };
+        let secure = Secure { certs: certs.clone(), kafka_auth, https };
         let mut c =
             Self { dir, nodes: BTreeMap::new(), secure: Some(secure), rack_prefix: None, _serial: serial };
         Self::form(&mut c, n, extra)?;
@@ -348,8 +357,8 @@ impl Cluster {
                 (
                     "superusers = [\"User:admin\"]\n".to_owned(),
                     format!(
-                        "[tls]\ncert = \"{c}/node-{id}.pem\"\nkey = \"{c}/node-{id}.key\"\nca = \"{c}/ca.pem\"\n[authentication]\nclient = true\nkafka = {}\n",
-                        s.kafka_auth
+                        "[tls]\ncert = \"{c}/node-{id}.pem\"\nkey = \"{c}/node-{id}.key\"\nca = \"{c}/ca.pem\"\nhttp = {}\n[authentication]\nclient = true\nkafka = {}\n",
+                        s.https, s.kafka_auth
                     ),
                 )
             }
@@ -512,6 +521,8 @@ pub struct Secure {
     /// the cluster started with (for nodes that join later).
     pub certs: PathBuf,
     pub kafka_auth: bool,
+    /// `/metrics` and `/health` over HTTPS (`[tls] http = true`).
+    pub https: bool,
 }
 
 impl Secure {

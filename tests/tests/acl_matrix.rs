@@ -675,7 +675,7 @@ fn kafka_call(conn: &mut Conn, api: &str) -> anyhow::Result<Vec<i16>> {
 
 #[test]
 fn every_grpc_method_and_kafka_api_under_every_kind_of_binding() -> anyhow::Result<()> {
-    let c = Cluster::start_secure(1, true)?;
+    let c = Cluster::start_secure_https(1, true)?;
     let s = c.secure.clone().context("secure")?;
     let out = c.ctl(&["cluster", "health", "--exit-when-healthy", "--timeout", "40s"], None, CTL_TIMEOUT)?;
     ensure!(out.ok(), "{out:?}");
@@ -807,5 +807,24 @@ fn every_grpc_method_and_kafka_api_under_every_kind_of_binding() -> anyhow::Resu
         ensure!(all.len() == 2, "the superuser sees every topic: {all:?}");
         ensure!(kafka_list(Who::Superuser)?.len() == 2, "the superuser's Kafka Metadata lists every topic");
         anyhow::Ok(())
-    })
+    })?;
+
+    // `[tls] http = true`: /metrics and /health over HTTPS with the cluster CA; a plaintext
+    // request gets no answer.
+    let http = c.node(1).http_addr.clone();
+    for (path, expect) in [("/metrics", "eddy_auth_failures_total"), ("/health", "")] {
+        use std::io::Read;
+        use std::io::Write;
+        let mut tls = kafka_conn::tls_stream(&http, &kafka.tls)?;
+        write!(tls, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        tls.flush()?;
+        let mut text = String::new();
+        // A peer that closes without TLS's close_notify ends the read with an error after the body.
+        let _ = tls.read_to_string(&mut text);
+        ensure!(text.starts_with("HTTP/1.1 200"), "GET {path} over HTTPS: {text:.200}");
+        ensure!(text.contains(expect), "GET {path} over HTTPS lacks {expect:?}");
+    }
+    let plain = c.http_get(1, "/metrics");
+    ensure!(plain.is_err(), "a plaintext GET of an HTTPS listener gets no answer: {plain:?}");
+    Ok(())
 }

@@ -68,33 +68,7 @@ impl Conn {
     /// A TLS connection to `addr` (a `127.0.0.1:PORT`; the node certificates name `localhost`
     /// and `127.0.0.1`).
     pub fn open_tls(addr: &str, tls: &Tls) -> anyhow::Result<Self> {
-        use rustls_pki_types::CertificateDer;
-        use rustls_pki_types::PrivateKeyDer;
-        use rustls_pki_types::pem::PemObject;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(tls.ca.as_bytes()) {
-            roots.add(c?)?;
-        }
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots);
-        let config = match &tls.identity {
-            Some((cert, key)) => {
-                let chain = CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-                builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(key.as_bytes())?)?
-            }
-            None => builder.with_no_client_auth(),
-        };
-        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_owned();
-        let name = rustls_pki_types::ServerName::try_from(host)?;
-        let session = rustls::ClientConnection::new(Arc::new(config), name)?;
-        let mut stream = rustls::StreamOwned::new(session, socket(addr)?);
-        // Complete the handshake now, so that a refused certificate fails here.
-        while stream.conn.is_handshaking() {
-            stream.conn.complete_io(&mut stream.sock).context("TLS handshake")?;
-        }
-        Ok(Self { stream: Box::new(stream), correlation: 0 })
+        Ok(Self { stream: tls_stream(addr, tls)?, correlation: 0 })
     }
 
     /// SaslHandshake v1 and SaslAuthenticate v2 with PLAIN: `user` and `password` (a token).
@@ -171,6 +145,36 @@ impl Conn {
         let mut buf = [0u8; 64];
         matches!(self.stream.read(&mut buf), Ok(0) | Err(_))
     }
+}
+
+/// A TLS stream to `addr` with its handshake done (so that a refused certificate fails here).
+pub fn tls_stream(addr: &str, tls: &Tls) -> anyhow::Result<Box<dyn Stream>> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(tls.ca.as_bytes()) {
+        roots.add(c?)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let config = match &tls.identity {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(key.as_bytes())?)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_owned();
+    let name = rustls_pki_types::ServerName::try_from(host)?;
+    let session = rustls::ClientConnection::new(Arc::new(config), name)?;
+    let mut stream = rustls::StreamOwned::new(session, socket(addr)?);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock).context("TLS handshake")?;
+    }
+    Ok(Box::new(stream))
 }
 
 /// A record with a key, a value, header `h`, and a timestamp.
