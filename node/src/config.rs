@@ -14,12 +14,9 @@ use serde::Serialize;
 use crate::limits::Limits;
 pub use crate::security::tls::TlsConfig;
 
-/// Whether `addr` (`host:port`) is on the loopback interface.
-fn is_loopback(addr: &str) -> bool {
-    match addr.parse::<std::net::SocketAddr>() {
-        Ok(a) => a.ip().is_loopback(),
-        Err(_) => addr.rsplit_once(':').is_some_and(|(h, _)| h == "localhost"),
-    }
+/// Whether `addr` (`host:port`) names every interface (`0.0.0.0`, `[::]`).
+fn is_wildcard(addr: &str) -> bool {
+    addr.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_unspecified())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,10 +33,18 @@ pub struct NodeConfig {
     /// This node's id, unique in the cluster and never reused. Must be at least 1.
     pub node_id: NodeId,
     pub data_dir: PathBuf,
-    /// `eddy.v1.Broker` for clients and `eddyctl`; also the address other nodes give clients.
+    /// `eddy.v1.Broker` for clients and `eddyctl`: the address this node binds. Other nodes
+    /// give clients [`NodeConfig::advertised_client_addr`], which defaults to it.
     pub client_addr: String,
-    /// `eddy.v1.Raft`, between nodes.
+    /// `eddy.v1.Raft`, between nodes (and UDP liveness probes): the address this node binds.
     pub raft_addr: String,
+    /// The client address others reach this node at, when it differs from the one it binds
+    /// (`0.0.0.0:9091`, a container's or NAT's inside address). Default: `client_addr`.
+    pub advertised_client_addr: Option<String>,
+    /// The Raft address peers reach this node at; default `raft_addr`.
+    pub advertised_raft_addr: Option<String>,
+    /// The Kafka address given to Kafka clients; default `kafka_addr`.
+    pub advertised_kafka_addr: Option<String>,
     /// `/metrics` and `/health`.
     pub http_addr: String,
     /// The Kafka-protocol listener; off when absent. Other nodes give this address to Kafka
@@ -110,6 +115,9 @@ impl Default for NodeConfig {
             raft_addr: "127.0.0.1:9191".into(),
             http_addr: "127.0.0.1:9291".into(),
             kafka_addr: None,
+            advertised_client_addr: None,
+            advertised_raft_addr: None,
+            advertised_kafka_addr: None,
             rack: None,
             auto_create_topics: false,
             default_partitions: 1,
@@ -153,9 +161,30 @@ impl NodeConfig {
         ]
         .into_iter()
         .chain(self.kafka_addr.iter().map(|a| ("kafka_addr", a)))
+        .chain(self.advertised_client_addr.iter().map(|a| ("advertised_client_addr", a)))
+        .chain(self.advertised_raft_addr.iter().map(|a| ("advertised_raft_addr", a)))
+        .chain(self.advertised_kafka_addr.iter().map(|a| ("advertised_kafka_addr", a)))
         {
             if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
                 bail!("{name}: {addr:?} is not a host:port address");
+            }
+        }
+        if self.advertised_kafka_addr.is_some() && self.kafka_addr.is_none() {
+            bail!("advertised_kafka_addr: set without kafka_addr (the Kafka listener is off)");
+        }
+        // A wildcard address is where a node listens, never where it can be reached.
+        for (bind, advertised, name) in [
+            (&self.client_addr, self.advertised_client(), "client_addr"),
+            (&self.raft_addr, self.advertised_raft(), "raft_addr"),
+        ]
+        .into_iter()
+        .chain(self.kafka_addr.as_ref().map(|k| (k, self.advertised_kafka().unwrap_or(k), "kafka_addr")))
+        {
+            if is_wildcard(advertised) {
+                bail!(
+                    "{name}: {bind} binds every interface, which is not an address other nodes and clients can reach; \
+                     set advertised_{name} to the address they reach this node at"
+                );
             }
         }
         if let Some(rack) = &self.rack {
@@ -180,10 +209,13 @@ impl NodeConfig {
             let Some(me) = me else {
                 bail!("initial_members: must include this node (node_id {})", self.node_id);
             };
-            if me.client_addr != self.client_addr || me.raft_addr != self.raft_addr {
+            if me.client_addr != self.advertised_client() || me.raft_addr != self.advertised_raft() {
                 bail!(
-                    "initial_members: the entry for node {} must have the same addresses as client_addr and raft_addr",
-                    self.node_id
+                    "initial_members: the entry for node {} must have the addresses this node advertises: {} and {} \
+                     (advertised_client_addr and advertised_raft_addr, or client_addr and raft_addr)",
+                    self.node_id,
+                    self.advertised_client(),
+                    self.advertised_raft()
                 );
             }
             let mut ids: Vec<_> = self.initial_members.iter().map(|m| m.id).collect();
@@ -215,22 +247,15 @@ impl NodeConfig {
         if self.max_connections == 0 {
             bail!("max_connections: must be at least 1");
         }
-        if self.tls.is_none() {
-            let open: Vec<(&str, &String)> =
-                [("client_addr", &self.client_addr), ("raft_addr", &self.raft_addr)]
-                    .into_iter()
-                    .chain(self.kafka_addr.iter().map(|a| ("kafka_addr", a)))
-                    .filter(|(_, a)| !is_loopback(a))
-                    .collect();
-            if (self.authentication.client || self.authentication.kafka)
-                && let Some((name, addr)) = open.first()
-            {
-                bail!(
-                    "authentication is on but [tls] is not configured, and {name} {addr} is not a loopback address: \
-                     tokens and passwords would cross the network in the clear. Configure [tls] (eddyctl cert), \
-                     or bind to 127.0.0.1"
-                );
-            }
+        // Nodes prove who they are to each other by their certificates: without TLS a node's
+        // calls to its peers' client listeners (status, leader balancing, joining) would have no
+        // credentials, and tokens would cross in the clear.
+        if self.tls.is_none() && self.authenticates() {
+            bail!(
+                "authentication is on but [tls] is not configured: nodes prove who they are to each other \
+                 with certificates, and tokens must not cross the network in the clear. Configure [tls] \
+                 (eddyctl cert create-ca, create-node), or turn [authentication] off"
+            );
         }
         if self.limits.max_event_bytes == 0 || self.limits.max_event_bytes > self.limits.max_request_bytes {
             bail!("limits.max_event_bytes: must be between 1 and limits.max_request_bytes");
@@ -243,8 +268,25 @@ impl NodeConfig {
         self.authentication.client || self.authentication.kafka
     }
 
+    /// The addresses other nodes and clients reach this node at.
     pub fn addr(&self) -> NodeAddr {
-        NodeAddr { raft_addr: self.raft_addr.clone(), client_addr: self.client_addr.clone() }
+        NodeAddr {
+            raft_addr: self.advertised_raft().to_owned(),
+            client_addr: self.advertised_client().to_owned(),
+        }
+    }
+
+    pub fn advertised_client(&self) -> &str {
+        self.advertised_client_addr.as_deref().unwrap_or(&self.client_addr)
+    }
+
+    pub fn advertised_raft(&self) -> &str {
+        self.advertised_raft_addr.as_deref().unwrap_or(&self.raft_addr)
+    }
+
+    /// The address Kafka clients are given; `None` without a Kafka listener.
+    pub fn advertised_kafka(&self) -> Option<&str> {
+        self.advertised_kafka_addr.as_deref().or(self.kafka_addr.as_deref())
     }
 }
 
@@ -302,13 +344,28 @@ raft_addr = "127.0.0.1:9192"
             superusers: vec!["User:admin".into()],
             ..c.clone()
         };
-        secured.validate().expect("authentication on loopback without TLS (the simulator's setup)");
-        let exposed = NodeConfig { kafka_addr: Some("0.0.0.0:9391".into()), ..secured.clone() };
-        let e = exposed.validate().expect_err("authentication without TLS off loopback");
-        assert!(
-            e.to_string().contains("[tls] is not configured") && e.to_string().contains("0.0.0.0:9391"),
-            "{e}"
-        );
+        let e = secured.validate().expect_err("authentication without TLS, even on loopback");
+        assert!(e.to_string().contains("[tls] is not configured"), "{e}");
+        // Bound to every interface: only with the address to advertise.
+        let wild = NodeConfig { client_addr: "0.0.0.0:9091".into(), ..c.clone() };
+        let e = wild.validate().expect_err("a wildcard bind without an advertised address");
+        assert!(e.to_string().contains("advertised_client_addr"), "{e}");
+        let advertised = NodeConfig {
+            client_addr: "0.0.0.0:9091".into(),
+            raft_addr: "0.0.0.0:9191".into(),
+            advertised_client_addr: Some(c.client_addr.clone()),
+            advertised_raft_addr: Some(c.raft_addr.clone()),
+            ..c.clone()
+        };
+        advertised.validate().expect("bound to 0.0.0.0, advertising the member addresses");
+        assert_eq!(advertised.addr(), c.addr(), "others are given the advertised addresses");
+        let elsewhere =
+            NodeConfig { advertised_client_addr: Some("10.0.0.9:9091".into()), ..advertised.clone() };
+        let e =
+            elsewhere.validate().expect_err("an initial_members entry that is not what the node advertises");
+        assert!(e.to_string().contains("10.0.0.9:9091"), "{e}");
+        let kafka_off = NodeConfig { advertised_kafka_addr: Some("10.0.0.9:9391".into()), ..c.clone() };
+        assert!(kafka_off.validate().is_err_and(|e| e.to_string().starts_with("advertised_kafka_addr")));
         let bad_super = NodeConfig { superusers: vec!["admin".into()], ..c.clone() };
         assert!(bad_super.validate().is_err_and(|e| e.to_string().starts_with("superusers")));
         let with_tls: NodeConfig = toml::from_str(&format!(

@@ -611,7 +611,7 @@ pub async fn start(
         crate::control::registration::Registration {
             me,
             meta: meta.clone(),
-            kafka_addr: config.kafka_addr.clone(),
+            kafka_addr: config.advertised_kafka().map(str::to_owned),
             rack: config.rack.clone(),
         }
         .run(cancel.clone())

@@ -172,9 +172,10 @@ fn frame_offsets(data: &[u8]) -> io::Result<Vec<usize>> {
 }
 
 /// A log of `entries(1, 16)` in small segments, all durable. Entries 1..=12 are appended in
-/// batches of three; 13..=16 in one batch larger than a segment, so they make up the last
-/// segment on their own. Returns the disk, the entries, and the path of the last segment.
-async fn tail_fixture() -> io::Result<(MemDisk, Vec<Entry>, PathBuf)> {
+/// batches of three; 13..=16 in one batch larger than a segment, which fills the active segment
+/// and goes on into new ones, the last of which holds several entries. Returns the disk, the
+/// entries, the path of the last segment, and how many entries come before it.
+async fn tail_fixture() -> io::Result<(MemDisk, Vec<Entry>, PathBuf, usize)> {
     let disk = MemDisk::new();
     let all = entries(1, 16);
     let (mut store, _) = open(&disk, SEGMENT_BYTES_SMALL).await?;
@@ -186,9 +187,9 @@ async fn tail_fixture() -> io::Result<(MemDisk, Vec<Entry>, PathBuf)> {
     append_durable(&mut store, tail).await?;
     drop(store);
     let (first, path) = segment_files(&disk)?.pop().expect("the log has segments");
-    assert_eq!(first, 13, "the tail batch starts the last segment");
+    assert!(first > 12 && first < 16, "the tail batch ends in a segment of several entries: {first}");
     assert!(segment_files(&disk)?.len() >= 3, "the fixture spans several segments");
-    Ok((disk, all, path))
+    Ok((disk, all, path, first as usize - 1))
 }
 
 /// Recovery after the last segment is cut at every byte keeps exactly the complete frames, cuts
@@ -196,10 +197,9 @@ async fn tail_fixture() -> io::Result<(MemDisk, Vec<Entry>, PathBuf)> {
 /// appends which survive a crash.
 #[tokio::test]
 async fn recovery_cuts_a_torn_tail_at_every_byte() -> io::Result<()> {
-    let (base, all, seg_path) = tail_fixture().await?;
+    let (base, all, seg_path, n_before) = tail_fixture().await?;
     let full = read_file(&base, &seg_path)?;
     let offsets = frame_offsets(&full)?;
-    let n_before = 12;
     for cut in 0..=full.len() {
         let ctx = format!("cut at byte {cut} of {}", full.len());
         let disk = copy_disk(&base).await?;
@@ -238,10 +238,9 @@ async fn recovery_cuts_a_torn_tail_at_every_byte() -> io::Result<()> {
 /// damaged frame: no damaged entry is ever returned, and the cut is reported with a reason.
 #[tokio::test]
 async fn recovery_cuts_at_a_corrupt_frame_at_every_byte() -> io::Result<()> {
-    let (base, all, seg_path) = tail_fixture().await?;
+    let (base, all, seg_path, n_before) = tail_fixture().await?;
     let full = read_file(&base, &seg_path)?;
     let offsets = frame_offsets(&full)?;
-    let n_before = 12;
     for pos in 0..full.len() {
         let ctx = format!("byte {pos} of {} flipped", full.len());
         let disk = copy_disk(&base).await?;
@@ -277,7 +276,7 @@ async fn recovery_cuts_at_a_corrupt_frame_at_every_byte() -> io::Result<()> {
 /// the log must stay contiguous.
 #[tokio::test]
 async fn corruption_in_an_earlier_segment_removes_every_later_segment() -> io::Result<()> {
-    let (base, all, _) = tail_fixture().await?;
+    let (base, all, _, _) = tail_fixture().await?;
     let files = segment_files(&base)?;
     let (first, path) = files[1].clone();
     let data = read_file(&base, &path)?;
@@ -311,7 +310,7 @@ async fn corruption_in_an_earlier_segment_removes_every_later_segment() -> io::R
 /// everything before the hole is purged.
 #[tokio::test]
 async fn recovery_handles_gaps_between_segments() -> io::Result<()> {
-    let (base, all, _) = tail_fixture().await?;
+    let (base, all, _, _) = tail_fixture().await?;
     let stray: Vec<Entry> = (30..=32).map(|i| entry(9, i, 10)).collect();
     let mut stray_bytes = Vec::new();
     for e in &stray {
@@ -476,7 +475,9 @@ async fn a_crash_after_a_truncation_leaves_no_hole_at_the_start() -> io::Result<
     let (mut store, _) = open(&disk, SEGMENT_BYTES).await?;
     let mut pending = Vec::new();
     let mut next = 1;
-    for sizes in [&[0][..], &[0, 10], &[104, 69, 68], &[21, 14]] {
+    // Frames of 25 bytes plus the payload: 1..=3 take 85 bytes, 4 does not fit beside them,
+    // 4..=6 take 375, and 7 does not fit beside those.
+    for sizes in [&[0][..], &[0, 10], &[300, 0, 0], &[21, 14]] {
         let batch: Vec<Entry> =
             sizes.iter().enumerate().map(|(i, &len)| entry(1, next + i as u64, len)).collect();
         next += sizes.len() as u64;
@@ -743,6 +744,40 @@ async fn segments_are_listed_and_their_size_can_change() -> io::Result<()> {
     let segs = reader.segments();
     assert_eq!(segs.len(), before, "no new segment: {segs:?}");
     assert!(segs.last().is_some_and(|s| s.bytes > SEGMENT_BYTES_SMALL && s.next_index == 61), "{segs:?}");
+    Ok(())
+}
+
+/// One append larger than a segment (a follower's replication batch) is split across segments,
+/// each within the bound unless it holds a single larger entry, and reads and recovery see the
+/// same log. (Before, a batch went whole into the active segment, and followers kept hundreds
+/// of kilobytes that retention could not free.)
+#[tokio::test]
+async fn a_large_batch_is_split_across_segments() -> io::Result<()> {
+    let disk = MemDisk::new();
+    let (mut store, _) = open(&disk, SEGMENT_BYTES_SMALL).await?;
+    let mut all = entries(1, 40);
+    // An entry larger than a segment, in the middle of the next batch.
+    let mut second = entries(41, 60);
+    second[5] = entry(log_term(&second[5].log_id), 46, 3 * SEGMENT_BYTES_SMALL as usize);
+    append_durable(&mut store, all.clone()).await?;
+    append_durable(&mut store, second.clone()).await?;
+    all.extend(second);
+    let segs = store.reader().segments();
+    assert!(segs.len() >= 10, "{segs:?}");
+    for s in &segs {
+        let single = s.next_index - s.first_index == 1;
+        assert!(s.bytes <= SEGMENT_BYTES_SMALL || single, "a segment over the bound holds one entry: {s:?}");
+    }
+    assert!(
+        segs.iter().any(|s| s.first_index == 46 && s.next_index == 47),
+        "the large entry alone: {segs:?}"
+    );
+    assert_log(&mut store, None, &all, "after the appends").await?;
+    drop(store);
+    disk.crash(None);
+    let (mut store, report) = open(&disk, SEGMENT_BYTES_SMALL).await?;
+    assert_eq!(report.truncated_bytes, 0, "{report:?}");
+    assert_log(&mut store, None, &all, "after recovery").await?;
     Ok(())
 }
 

@@ -40,6 +40,7 @@ enum Undo {
 
 struct Active {
     class: FaultClass,
+    started_at: u64,
     ends_at: u64,
     undo: Undo,
 }
@@ -53,6 +54,8 @@ pub struct Nemesis {
     hosts: Vec<String>,
     /// How many faults of each class were injected.
     pub injected: BTreeMap<FaultClass, u32>,
+    /// Every fault that ended: (class, from, to), simulated ms; for the reports' shading.
+    pub intervals: Vec<(FaultClass, u64, u64)>,
 }
 
 impl Nemesis {
@@ -60,7 +63,15 @@ impl Nemesis {
         let mut rng = SmallRng::seed_from_u64(seed ^ 0x4e4e_4e4e_0000_0002);
         let next_at =
             profile.classes.iter().map(|(c, s)| (*c, 3_000 + exp_gap(&mut rng, s.mean_gap_ms))).collect();
-        Self { profile, rng, next_at, active: Vec::new(), hosts, injected: BTreeMap::new() }
+        Self {
+            profile,
+            rng,
+            next_at,
+            active: Vec::new(),
+            hosts,
+            injected: BTreeMap::new(),
+            intervals: Vec::new(),
+        }
     }
 
     /// Injects and undoes faults due at `now` (simulated ms).
@@ -91,7 +102,7 @@ impl Nemesis {
                 self.rng.random_range(s.min_duration_ms..=s.max_duration_ms.max(s.min_duration_ms));
             if let Some(undo) = self.inject(now, class, duration, sim, cluster, trace) {
                 *self.injected.entry(class).or_default() += 1;
-                self.active.push(Active { class, ends_at: now + duration, undo });
+                self.active.push(Active { class, started_at: now, ends_at: now + duration, undo });
             }
         }
     }
@@ -301,6 +312,7 @@ impl Nemesis {
             }
         }
         trace.push(now, "heal", format!("{} ended", a.class));
+        self.intervals.push((a.class, a.started_at, now));
     }
 
     /// Ends every fault: repairs every link, resets loss and latency, restarts every node.

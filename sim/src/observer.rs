@@ -1,5 +1,10 @@
 //! Watches the running nodes from outside: which node leads each group in each term (for the
 //! election-safety check and the timeline), sampled every few simulated milliseconds.
+//!
+//! A leadership is logged once, when a node is first seen leading a (group, term). A node that
+//! still believes it leads an older term than one already seen for its group (isolated, it has
+//! not heard of the election) is logged once as a stale leader, not as a change: while a stale
+//! leader and the new one alternate in the samples, nothing more is logged.
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
@@ -17,8 +22,10 @@ use crate::trace::Trace;
 pub struct Observer {
     /// (group, term) -> nodes seen leading it.
     pub leaders: BTreeMap<(GroupId, u64), BTreeSet<NodeId>>,
-    /// The last (term, leader) logged per group, to log changes only.
-    last: BTreeMap<GroupId, (u64, NodeId)>,
+    /// The highest term seen led per group.
+    newest: BTreeMap<GroupId, u64>,
+    /// (group, term, node) logged as stale leaders.
+    stale: BTreeSet<(GroupId, u64, NodeId)>,
 }
 
 impl Observer {
@@ -40,10 +47,19 @@ impl Observer {
                 if state != ServerState::Leader {
                     continue;
                 }
-                self.leaders.entry((group, term)).or_default().insert(*id);
-                if self.last.get(&group) != Some(&(term, *id)) {
-                    self.last.insert(group, (term, *id));
+                let newest = self.newest.entry(group).or_insert(term);
+                if term > *newest {
+                    *newest = term;
+                }
+                let newest = *newest;
+                if self.leaders.entry((group, term)).or_default().insert(*id) {
                     trace.push(now, "leader", format!("group {group} term {term}: n{id}"));
+                } else if term < newest && self.stale.insert((group, term, *id)) {
+                    trace.push(
+                        now,
+                        "stale-leader",
+                        format!("group {group}: n{id} still leads term {term}; term {newest} has a leader"),
+                    );
                 }
             }
         }

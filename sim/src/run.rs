@@ -129,6 +129,11 @@ pub struct RunReport {
     /// How many faults of each class were injected.
     pub injected: BTreeMap<String, u32>,
     pub leader_changes: usize,
+    /// Every fault, as (class, from, to) in simulated ms, for the reports' shading.
+    pub fault_intervals: Vec<(&'static str, u64, u64)>,
+    /// Acknowledged produces per second and their ack latency (see `report::Series`).
+    #[serde(skip)]
+    pub series: crate::report::Series,
     /// What the intruder's requests got (`workload::intruder`): refused, unavailable, passed,
     /// served.
     pub intruder: BTreeMap<&'static str, usize>,
@@ -455,6 +460,8 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         profile: profile.describe(),
         injected: nemesis.injected.iter().map(|(c, n)| (c.name().to_owned(), *n)).collect(),
         leader_changes,
+        fault_intervals: nemesis.intervals.iter().map(|(c, a, b)| (c.name(), *a, *b)).collect(),
+        series: crate::report::Series::of(&evidence.produces),
         intruder,
         trace_hash: format!("{:016x}", trace.hash()),
         command: opts.command(),

@@ -586,9 +586,33 @@ fn topic_changes_metrics_and_cli_conventions() -> anyhow::Result<()> {
         c.check_all_replicas("t1", &acked)?;
         let list = ctl_ok(c, &["topic", "list"])?;
         ensure!(list["topics"][0]["name"] == "t1" && list["topics"][0]["partitions"] == 4, "list: {list}");
+        // Deleted while node 3 is down: when it returns, it removes the topic's partition
+        // directories too (every node holds every partition here, so its directories come to
+        // match node 1's).
+        let (groups_1, groups_3) = (c.data_dir(1).join("groups"), c.data_dir(3).join("groups"));
+        let groups = |dir: &Path| -> anyhow::Result<Vec<String>> {
+            let mut names: Vec<String> = std::fs::read_dir(dir)?
+                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<Result<_, _>>()?;
+            names.sort();
+            Ok(names)
+        };
+        let before = groups(&groups_3)?;
+        c.kill_node(3)?;
         ctl_ok(c, &["topic", "delete", "t1"])?;
         let list = ctl_ok(c, &["topic", "list"])?;
         ensure!(list["topics"].as_array().is_some_and(Vec::is_empty), "after delete: {list}");
+        c.start_node(3)?;
+        ensure_healthy(c)?;
+        let remaining =
+            wait_for("node 3 to remove the deleted topic's directories", Duration::from_secs(30), || {
+                let (mine, theirs) = (groups(&groups_3).ok()?, groups(&groups_1).ok()?);
+                (mine == theirs).then_some(mine)
+            })?;
+        ensure!(
+            remaining.len() + 4 <= before.len(),
+            "t1's 4 partitions are gone: {before:?} → {remaining:?}"
+        );
         let out = ctl(c, &["topic", "describe", "t1"])?;
         ensure!(out.code == Some(1) && out.stderr.contains("does not exist"), "describe deleted: {out:?}");
         let out = ctl(c, &["topic", "delete", "t1"])?;

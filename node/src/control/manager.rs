@@ -171,7 +171,38 @@ impl PartitionManager {
                 }
             }
         }
+        self.remove_deleted_groups(view);
         failed
+    }
+
+    /// Deletes the log and state of partition groups whose topic was deleted while this node was
+    /// down (a running replica is removed by `reconcile` itself). Only groups the view knows were
+    /// created (below `next_group_id`) and that no topic holds any more: group ids are never
+    /// reused, so such a group is gone for good, however far behind this view is. (A replica
+    /// moved away while the node was down is not touched: a view behind the move back would
+    /// delete a live replica.)
+    fn remove_deleted_groups(&self, view: &MetaView) {
+        let root = self.data_dir.join("groups");
+        let Ok(names) = self.env.vfs.list_dir(&root) else { return };
+        for name in names {
+            let Ok(group) = name.parse::<GroupId>() else { continue };
+            // The metadata group's log lives beside the partitions' (and no topic holds it).
+            if group == eddy_raft::META_GROUP
+                || group >= view.state.next_group_id
+                || view.partition_of(group).is_some()
+                || self.replicas.get(group).is_some()
+            {
+                continue;
+            }
+            info!(group, "removing the log and state of a partition whose topic was deleted");
+            let dir = root.join(&name);
+            if let Err(e) = self.env.vfs.remove_dir_all(&dir) {
+                warn!(group, "deleting {}: {e}", dir.display());
+            }
+            if let Err(e) = self.env.state_store.drop_tree(&crate::partition::sm::tree_name(group)) {
+                warn!(group, "deleting the group's state: {e}");
+            }
+        }
     }
 
     /// Stops a replica and deletes its log and state.

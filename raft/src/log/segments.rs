@@ -256,36 +256,57 @@ impl Segments {
                 last.index
             )));
         }
-        let mut buf = Vec::new();
-        let mut rel_positions = Vec::with_capacity(entries.len());
+        // The entries go to the active segment while they fit, then on into new segments: a
+        // batch (a follower's replication batch, a leader's coalesced proposal) never makes a
+        // segment exceed `segment_bytes_max` unless a single entry does, so retention can free
+        // every segment below the log start.
+        let mut new_segment = match self.segments.last() {
+            None => true,
+            Some(s) => s.next_index() != first_index,
+        };
+        let mut filled = if new_segment { 0 } else { self.segments.last().map_or(0, |s| s.end) };
+        let (mut run_first, mut buf, mut positions) = (first_index, Vec::new(), Vec::new());
         for (i, e) in entries.iter().enumerate() {
             assert_eq!(e.log_id.index, first_index + i as u64, "appended entries must be contiguous");
-            rel_positions.push(buf.len() as u64);
+            let start = buf.len();
             frame::encode(e, &mut buf);
-        }
-        let need_new = match self.segments.last() {
-            None => true,
-            Some(s) => {
-                s.next_index() != first_index
-                    || (s.end > 0 && s.end + buf.len() as u64 > self.segment_bytes_max)
+            let used = filled + start as u64;
+            if used > 0 && used + (buf.len() - start) as u64 > self.segment_bytes_max {
+                // This frame starts a new segment; what came before it fills the current one.
+                let frame = buf.split_off(start);
+                if !buf.is_empty() {
+                    self.write_run(run_first, new_segment, &buf, &positions)?;
+                }
+                (run_first, new_segment, filled, buf) = (e.log_id.index, true, 0, frame);
+                positions.clear();
+                positions.push(0);
+            } else {
+                positions.push(start as u64);
             }
-        };
-        if need_new {
-            let path = self.dir.join(segment_name(first_index));
+        }
+        self.write_run(run_first, new_segment, &buf, &positions)?;
+        self.last_log_id = Some(entries.last().expect("non-empty").log_id);
+        Ok(())
+    }
+
+    /// Writes encoded frames starting with entry `first` at the end of the active segment, or of
+    /// a new segment when `new_segment`; `positions` are the frames' offsets in `buf`.
+    fn write_run(&mut self, first: u64, new_segment: bool, buf: &[u8], positions: &[u64]) -> io::Result<()> {
+        if new_segment {
+            let path = self.dir.join(segment_name(first));
             let file = self.vfs.open(&path, true)?;
             // A leftover file of that name (from a cut tail) must not keep stale bytes.
             file.set_len(0)?;
-            self.segments.push(Segment { first_index, path, file, positions: Vec::new(), end: 0 });
+            self.segments.push(Segment { first_index: first, path, file, positions: Vec::new(), end: 0 });
             self.dir_dirty = true;
         }
         let seg = self.segments.last_mut().expect("a segment exists");
-        seg.file.write_all_at(&buf, seg.end)?;
-        seg.positions.extend(rel_positions.iter().map(|p| seg.end + p));
+        seg.file.write_all_at(buf, seg.end)?;
+        seg.positions.extend(positions.iter().map(|p| seg.end + p));
         seg.end += buf.len() as u64;
         if !self.dirty.last().is_some_and(|f| Arc::ptr_eq(f, &seg.file)) {
             self.dirty.push(seg.file.clone());
         }
-        self.last_log_id = Some(entries.last().expect("non-empty").log_id);
         Ok(())
     }
 

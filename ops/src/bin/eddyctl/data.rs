@@ -118,11 +118,17 @@ pub async fn offset_at(
     Ok(r.offset)
 }
 
+/// Consumes one partition from `from` (the log start when absent). With `follow_log_start`, a
+/// position that retention purged before it was read moves to the log start (Kafka's
+/// `auto.offset.reset=earliest`): right for a position found by time, whose events retention
+/// may delete between the lookup and the first fetch; an explicit `--from OFFSET` fails instead.
+#[allow(clippy::too_many_arguments)]
 pub async fn consume(
     client: &Client,
     topic: &str,
     partition: u32,
     from: Option<u64>,
+    follow_log_start: bool,
     count: Option<u64>,
     replica: ReplicaChoice,
     wait_ms: u32,
@@ -137,9 +143,9 @@ pub async fn consume(
     while count.is_none_or(|c| printed < c) {
         let wait = Duration::from_millis(u64::from(wait_ms));
         let resp = match client.fetch(topic, partition, offset, replica, 1 << 20, wait).await {
-            // Without --from, start wherever the log starts (retention may have moved it).
+            // Start wherever the log starts (retention may have moved it).
             Err(ClientError::OffsetOutOfRange { log_start_offset: Some(start), .. })
-                if from.is_none() && start > offset =>
+                if follow_log_start && start > offset =>
             {
                 offset = start;
                 continue;

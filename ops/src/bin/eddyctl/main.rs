@@ -469,7 +469,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Some(ts) => Some(data::offset_at(&client, &topic, partition, ts, replica).await?),
                     None => from,
                 };
-                data::consume(&client, &topic, partition, from, count, replica, wait_ms).await
+                let follow_log_start = from_time.is_some() || from.is_none();
+                data::consume(&client, &topic, partition, from, follow_log_start, count, replica, wait_ms)
+                    .await
             }
             (None, None) => unreachable!("clap requires --partition without --group"),
         },
