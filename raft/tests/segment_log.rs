@@ -781,6 +781,35 @@ async fn a_large_batch_is_split_across_segments() -> io::Result<()> {
     Ok(())
 }
 
+/// Recovery reads a segment in chunks (1 MiB): a 3 MiB segment comes back whole, and a corrupt
+/// byte past the first chunks cuts it at the frame that holds it, keeping every frame before.
+#[tokio::test]
+async fn recovery_of_a_segment_larger_than_its_read_chunk() -> io::Result<()> {
+    let disk = MemDisk::new();
+    let (mut store, _) = open(&disk, 64 << 20).await?;
+    let all: Vec<Entry> = (1..=3200).map(|i| entry(1, i, 1000)).collect();
+    for batch in all.chunks(100) {
+        append_durable(&mut store, batch.to_vec()).await?;
+    }
+    drop(store);
+    let (_, path) = segment_files(&disk)?.pop().expect("one segment");
+    let data = read_file(&disk, &path)?;
+    assert!(data.len() > 3 << 20, "{} bytes", data.len());
+    let (mut store, report) = open(&disk, 64 << 20).await?;
+    assert_eq!(report.truncated_bytes, 0, "{report:?}");
+    assert_log(&mut store, None, &all, "a large segment recovered").await?;
+    drop(store);
+
+    let offsets = frame_offsets(&data)?;
+    let bad_frame = offsets.iter().position(|o| *o > (2 << 20) + 12_345).expect("a frame past 2 MiB");
+    let mut corrupt = data.clone();
+    corrupt[offsets[bad_frame] + 40] ^= 0xff;
+    write_file(&disk, &path, &corrupt).await?;
+    let (mut store, report) = open(&disk, 64 << 20).await?;
+    assert_eq!(report.truncated_bytes, (data.len() - offsets[bad_frame]) as u64, "{report:?}");
+    assert_log(&mut store, None, &all[..bad_frame], "cut at the corrupt frame").await
+}
+
 /// A purge interrupted after recording the purge point but before deleting the segments is
 /// completed by recovery.
 #[tokio::test]

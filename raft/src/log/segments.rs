@@ -84,19 +84,15 @@ pub struct Segments {
     dir_dirty: bool,
 }
 
+/// How much of a segment recovery reads at a time.
+const RECOVERY_CHUNK_BYTES: usize = 1 << 20;
+
 fn segment_name(first_index: u64) -> String {
     format!("{first_index:020}{SUFFIX}")
 }
 
 fn parse_segment_name(name: &str) -> Option<u64> {
     name.strip_suffix(SUFFIX)?.parse().ok()
-}
-
-fn read_all(file: &dyn VFile) -> io::Result<Bytes> {
-    let len = usize::try_from(file.len()?).map_err(io::Error::other)?;
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, 0)?;
-    Ok(Bytes::from(buf))
 }
 
 impl Segments {
@@ -153,13 +149,17 @@ impl Segments {
                 }
             }
             let file = vfs.open(&path, false)?;
-            let data = read_all(file.as_ref())?;
+            // Read in chunks, not whole: a node opening thousands of replicas at start-up holds
+            // about one chunk (or one frame) per replica being recovered, not one segment.
+            let len = file.len()?;
+            let mut pending = Bytes::new(); // Undecoded bytes, from file offset `pos`.
+            let mut read_to = 0u64;
             let mut positions = Vec::new();
-            let mut pos = 0usize;
+            let mut pos = 0u64;
             let mut bad: Option<String> = None;
-            while pos < data.len() {
-                match frame::decode(&data.slice(pos..)) {
-                    Ok((entry, len)) => {
+            while !(pending.is_empty() && read_to >= len) {
+                match frame::decode(&pending) {
+                    Ok((entry, flen)) => {
                         let expected = first_index + positions.len() as u64;
                         if entry.log_id.index != expected {
                             bad = Some(format!(
@@ -168,9 +168,19 @@ impl Segments {
                             ));
                             break;
                         }
-                        positions.push(pos as u64);
+                        positions.push(pos);
                         last_log_id = Some(entry.log_id);
-                        pos += len;
+                        pos += flen as u64;
+                        pending = pending.slice(flen..);
+                    }
+                    Err(FrameError::Truncated { need, have }) if read_to < len => {
+                        let want = (RECOVERY_CHUNK_BYTES as u64).max((need - have) as u64).min(len - read_to);
+                        let mut joined = Vec::with_capacity(pending.len() + want as usize);
+                        joined.extend_from_slice(&pending);
+                        joined.resize(pending.len() + want as usize, 0);
+                        file.read_exact_at(&mut joined[pending.len()..], read_to)?;
+                        read_to += want;
+                        pending = Bytes::from(joined);
                     }
                     Err(e @ (FrameError::Truncated { .. } | FrameError::Corrupt(_))) => {
                         bad = Some(format!("{name} at byte {pos}: {e}"));
@@ -179,9 +189,9 @@ impl Segments {
                 }
             }
             if let Some(reason) = bad {
-                report.truncated_bytes += (data.len() - pos) as u64;
+                report.truncated_bytes += len - pos;
                 report.reason = Some(reason);
-                file.set_len(pos as u64)?;
+                file.set_len(pos)?;
                 file.sync_data().await?;
                 cut = true;
             }
@@ -193,7 +203,7 @@ impl Segments {
                 removed_any = true;
                 continue;
             }
-            segments.push(Segment { first_index, path, file, positions, end: pos as u64 });
+            segments.push(Segment { first_index, path, file, positions, end: pos });
         }
 
         // Segments wholly at or below the purge point are no longer needed.
