@@ -49,7 +49,7 @@ fn run(py: &Path, args: &[&str], timeout: Duration) -> anyhow::Result<String> {
             let out = child.wait_with_output()?;
             ensure!(
                 status.success(),
-                "{args:?} failed: {}\n{}",
+                "{args:?} failed ({status}): {}\n{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
