@@ -443,6 +443,9 @@ fn kafka_call(conn: &mut Conn, api: &str) -> anyhow::Result<Vec<i16>> {
     let s = StrBytes::from_static_str;
     const TOPIC_RESOURCE: i8 = 2;
     const BROKER_RESOURCE: i8 = 4;
+    // The resource of the `/topic` and `/broker` rows.
+    let resource =
+        || if api.ends_with("topic") { (TOPIC_RESOURCE, s(TOPIC)) } else { (BROKER_RESOURCE, s("1")) };
     Ok(match api {
         "ApiVersions" => {
             let r: ApiVersionsResponse = conn.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default())?;
@@ -634,8 +637,7 @@ fn kafka_call(conn: &mut Conn, api: &str) -> anyhow::Result<Vec<i16>> {
         }
         "DescribeConfigs/topic" | "DescribeConfigs/broker" => {
             let mut res = describe_configs_request::DescribeConfigsResource::default();
-            (res.resource_type, res.resource_name) =
-                if api.ends_with("topic") { (TOPIC_RESOURCE, s(TOPIC)) } else { (BROKER_RESOURCE, s("1")) };
+            (res.resource_type, res.resource_name) = resource();
             let mut req = DescribeConfigsRequest::default();
             req.resources = vec![res];
             let r: DescribeConfigsResponse = conn.call(ApiKey::DescribeConfigs, 4, &req)?;
@@ -646,8 +648,7 @@ fn kafka_call(conn: &mut Conn, api: &str) -> anyhow::Result<Vec<i16>> {
             c.name = s("retention.ms");
             c.value = Some(s("3600000"));
             let mut res = alter_configs_request::AlterConfigsResource::default();
-            (res.resource_type, res.resource_name) =
-                if api.ends_with("topic") { (TOPIC_RESOURCE, s(TOPIC)) } else { (BROKER_RESOURCE, s("1")) };
+            (res.resource_type, res.resource_name) = resource();
             res.configs = vec![c];
             let mut req = AlterConfigsRequest::default();
             req.resources = vec![res];
@@ -660,8 +661,7 @@ fn kafka_call(conn: &mut Conn, api: &str) -> anyhow::Result<Vec<i16>> {
             c.name = s("retention.ms");
             c.value = Some(s("3600000"));
             let mut res = incremental_alter_configs_request::AlterConfigsResource::default();
-            (res.resource_type, res.resource_name) =
-                if api.ends_with("topic") { (TOPIC_RESOURCE, s(TOPIC)) } else { (BROKER_RESOURCE, s("1")) };
+            (res.resource_type, res.resource_name) = resource();
             res.configs = vec![c];
             let mut req = IncrementalAlterConfigsRequest::default();
             req.resources = vec![res];
