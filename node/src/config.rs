@@ -82,6 +82,10 @@ pub struct NodeConfig {
     /// once; others are opened when used and the least recently used are closed. 0 means half
     /// of the process's open-file limit (which the node raises to the hard limit at start).
     pub max_open_log_files: u64,
+    /// Below this many bytes available on `data_dir`'s filesystem the node refuses writes (with
+    /// the error `disk_full`) and hands its leaderships over, until space is freed (see
+    /// `disk.rs`). The reserve keeps room for the metadata, state store and replication.
+    pub storage_min_free_bytes: u64,
     /// TLS on every listener and between nodes (mutual TLS with node certificates); off when
     /// absent. See `ARCHITECTURE.md`, "Security".
     pub tls: Option<TlsConfig>,
@@ -128,6 +132,7 @@ impl Default for NodeConfig {
             segment_bytes: 64 << 20,
             retention_check_interval_ms: 5000,
             max_open_log_files: 0,
+            storage_min_free_bytes: 64 << 20,
             tls: None,
             authentication: Authentication::default(),
             superusers: Vec::new(),

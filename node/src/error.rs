@@ -67,6 +67,9 @@ pub enum BrokerError {
     /// The caller is known and no ACL allows the operation.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The node's data disk is below its reserve: nothing was written; retry later or elsewhere.
+    #[error("{0}")]
+    DiskFull(String),
     /// Over a quota: nothing was done; retry after `retry_after_ms`.
     #[error("{message}")]
     Throttled { message: String, retry_after_ms: u64 },
@@ -102,6 +105,7 @@ impl BrokerError {
             Self::Unauthenticated(_) => error_codes::UNAUTHENTICATED,
             Self::PermissionDenied(_) => error_codes::PERMISSION_DENIED,
             Self::Throttled { .. } => error_codes::THROTTLED,
+            Self::DiskFull(_) => error_codes::DISK_FULL,
         }
     }
 
@@ -113,7 +117,7 @@ impl BrokerError {
             Self::TopicExists(_) => Code::AlreadyExists,
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
-            Self::Throttled { .. } => Code::ResourceExhausted,
+            Self::Throttled { .. } | Self::DiskFull(_) => Code::ResourceExhausted,
             Self::Conflict(_) => Code::FailedPrecondition,
             Self::NotLeader { .. }
             | Self::NotReplica { .. }

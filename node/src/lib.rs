@@ -7,6 +7,7 @@
 pub mod api;
 pub mod config;
 pub mod control;
+pub mod disk;
 pub mod env;
 pub mod error;
 pub mod http;

@@ -64,6 +64,8 @@ use crate::service::BrokerState;
 
 /// How long the Raft server waits for peers' streams to end when the node stops.
 const RAFT_DRAIN: Duration = Duration::from_millis(200);
+/// How often the data disk's available space is read (see `disk.rs`).
+const DISK_CHECK: Duration = Duration::from_secs(1);
 /// Streams a peer may cancel before the Raft server accepted them, per connection, before the
 /// connection is closed. h2's default (20) guards a public server against rapid-reset floods;
 /// between nodes, thousands of groups campaigning at once cancel that many vote RPCs whose
@@ -111,13 +113,7 @@ impl NodeHandle {
     pub async fn hand_over_leadership(&self, within: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let (mut leading, mut movable) = (0, 0);
-            for g in self.replicas.all() {
-                let (l, m) = hand_over(self.me, g.raft(), &self.liveness).await;
-                (leading, movable) = (leading + l, movable + m);
-            }
-            let (l, m) = hand_over(self.me, self.meta.raft(), &self.liveness).await;
-            (leading, movable) = (leading + l, movable + m);
+            let (leading, movable) = hand_over_all(self.me, &self.replicas, &self.meta, &self.liveness).await;
             // With no replica to take over (the others are down or stopping too), waiting
             // longer only delays the stop.
             if leading == 0 || movable == 0 || tokio::time::Instant::now() >= deadline {
@@ -144,6 +140,46 @@ impl NodeHandle {
     /// True once the node takes part in the metadata group (knows its leader).
     pub fn is_ready(&self) -> bool {
         self.meta.is_ready()
+    }
+}
+
+/// One pass of asking responsive voters to take over every group `me` leads. Returns (groups
+/// `me` leads, groups with a voter to ask).
+async fn hand_over_all(
+    me: NodeId,
+    replicas: &Replicas,
+    meta: &MetaHandle,
+    liveness: &Arc<Liveness>,
+) -> (usize, usize) {
+    let (mut leading, mut movable) = (0, 0);
+    for g in replicas.all() {
+        let (l, m) = hand_over(me, g.raft(), liveness).await;
+        (leading, movable) = (leading + l, movable + m);
+    }
+    let (l, m) = hand_over(me, meta.raft(), liveness).await;
+    (leading + l, movable + m)
+}
+
+/// Watches the data disk's space every [`DISK_CHECK`]: while it is below the reserve, writes are
+/// refused (see `disk.rs`) and every leadership this node holds is handed to another replica,
+/// so that the partitions it led take writes elsewhere.
+async fn watch_disk(
+    disk: Arc<crate::disk::DiskSpace>,
+    vfs: Arc<dyn eddy_raft::vfs::Vfs>,
+    me: NodeId,
+    replicas: Arc<Replicas>,
+    meta: MetaHandle,
+    liveness: Arc<Liveness>,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(DISK_CHECK) => {}
+        }
+        if disk.refresh(&*vfs) {
+            hand_over_all(me, &replicas, &meta, &liveness).await;
+        }
     }
 }
 
@@ -423,6 +459,8 @@ pub async fn start(
     let client_auth = AuthLayer::new(security.clone(), "client", config.authentication.client);
 
     let replicas = Arc::new(Replicas::default());
+    let disk =
+        Arc::new(crate::disk::DiskSpace::new(me, config.data_dir.clone(), config.storage_min_free_bytes));
     let broker = Arc::new(BrokerState {
         me,
         limits: config.limits.clone(),
@@ -435,6 +473,7 @@ pub async fn start(
         security: security.clone(),
         tls: tls.clone(),
         config: Arc::new(config.clone()),
+        disk: disk.clone(),
         status_cache: Default::default(),
         local_status_cache: Default::default(),
     });
@@ -535,6 +574,20 @@ pub async fn start(
     // Node liveness: probes to every other node in the metadata, whatever the groups.
     spawn_probes(&tasks, &liveness, probes, peers.clone(), cancel.clone())?;
     spawn_task(&tasks, "pulse", liveness.clone().pulse(cancel.clone()));
+    spawn_task(
+        &tasks,
+        "disk",
+        watch_disk(
+            disk,
+            env.vfs.clone(),
+            me,
+            replicas.clone(),
+            meta.clone(),
+            liveness.clone(),
+            cancel.clone(),
+        )
+        .instrument(info_span!("disk", node = me)),
+    );
     spawn_task(
         &tasks,
         "wakes",

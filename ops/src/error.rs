@@ -74,6 +74,7 @@ impl ClientError {
                         | error_codes::UNAVAILABLE
                         | error_codes::TIMEOUT
                         | error_codes::THROTTLED
+                        | error_codes::DISK_FULL
                 )
             }
             _ => false,

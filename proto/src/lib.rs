@@ -60,6 +60,10 @@ pub mod error_codes {
     pub const PERMISSION_DENIED: &str = "permission_denied";
     /// Over a quota; nothing was done. `eddy-retry-after-ms` says when to retry.
     pub const THROTTLED: &str = "throttled";
+    /// The node's data disk is below its reserve (`storage_min_free_bytes`); nothing was
+    /// written. Retriable: the node hands its leaderships over, and writes resume once space is
+    /// freed.
+    pub const DISK_FULL: &str = "disk_full";
 }
 
 pub mod credentials;

@@ -78,6 +78,10 @@ struct DiskState {
     /// `ack-before-fsync` of the simulator.
     fsync_lies: bool,
     sync_latency: Duration,
+    /// The disk's size: a write that would grow the files past it fails with `StorageFull`
+    /// (the simulator's `disk-full` fault). `None`: unbounded.
+    capacity: Option<u64>,
+    space_low: bool,
 }
 
 /// A simulated disk. Cloning shares the disk.
@@ -94,6 +98,12 @@ impl MemDisk {
     /// Makes `sync_data` and `sync_dir` take this long (on the tokio clock).
     pub fn set_sync_latency(&self, latency: Duration) {
         self.lock().sync_latency = latency;
+    }
+
+    /// Bounds the disk to `capacity` bytes (`None`: unbounded). Shrinking it below what is
+    /// stored fails every write that grows a file until space is freed or the bound raised.
+    pub fn set_capacity(&self, capacity: Option<u64>) {
+        self.lock().capacity = capacity;
     }
 
     /// Makes `sync_data` lie: it succeeds without persisting anything.
@@ -156,6 +166,20 @@ fn not_found(path: &Path) -> io::Error {
 }
 
 impl Vfs for MemDisk {
+    fn available_bytes(&self, _path: &Path) -> io::Result<u64> {
+        let st = self.lock();
+        let used: u64 = st.inodes.values().map(|f| f.current.len() as u64).sum();
+        Ok(st.capacity.map_or(u64::MAX, |c| c.saturating_sub(used)))
+    }
+
+    fn set_space_low(&self, low: bool) {
+        self.lock().space_low = low;
+    }
+
+    fn space_low(&self) -> bool {
+        self.lock().space_low
+    }
+
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         let mut st = self.lock();
         for a in path.ancestors() {
@@ -281,6 +305,19 @@ impl VFile for MemFile {
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let st = self.disk.lock();
+        if let Some(capacity) = st.capacity {
+            let used: u64 = st.inodes.values().map(|f| f.current.len() as u64).sum();
+            let len = st.inodes.get(&self.ino).map_or(0, |f| f.current.len() as u64);
+            let grows = (offset + buf.len() as u64).saturating_sub(len);
+            if used + grows > capacity {
+                return Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!("no space left on device: {used} of {capacity} bytes used"),
+                ));
+            }
+        }
+        drop(st);
         self.with(|f| {
             let change = Change::Write(usize::try_from(offset).map_err(io::Error::other)?, buf.to_vec());
             change.apply(&mut f.current);

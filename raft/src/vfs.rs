@@ -42,6 +42,22 @@ pub trait Vfs: Send + Sync + 'static {
     /// The whole of a small file the node only reads (a certificate, a key), opened read-only:
     /// at most `max` bytes, else an error.
     fn read_small(&self, path: &Path, max: u64) -> io::Result<Vec<u8>>;
+
+    /// Bytes that unprivileged writes may still use on the filesystem holding `path`.
+    fn available_bytes(&self, path: &Path) -> io::Result<u64>;
+
+    /// Sets whether space is below the node's reserve (`storage_min_free_bytes`): while it is,
+    /// log appends wait as on a full disk, so the reserve is left to the state store, votes and
+    /// the metadata the node must still write (see `LogStore::append`).
+    fn set_space_low(&self, low: bool);
+
+    fn space_low(&self) -> bool;
+}
+
+/// Whether `e` says the disk (or the user's quota) is full: a write that wrote nothing durable
+/// and may succeed once space is freed, unlike a failed `fsync`.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
 }
 
 /// An open file.
@@ -91,6 +107,7 @@ impl RealVfs {
     fn build(max_open: usize, data_dir: Option<&Path>) -> io::Result<Self> {
         Ok(Self {
             descriptors: Arc::new(Descriptors {
+                space_low: Default::default(),
                 max_open: max_open.max(1),
                 state: Mutex::new(DescriptorState::default()),
                 opens: AtomicU64::new(0),
@@ -180,6 +197,19 @@ impl Vfs for RealVfs {
         too_big(path, buf.len() as u64, max)?;
         Ok(buf)
     }
+
+    fn available_bytes(&self, path: &Path) -> io::Result<u64> {
+        let st = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
+        Ok(st.blocks_available().saturating_mul(st.fragment_size()))
+    }
+
+    fn set_space_low(&self, low: bool) {
+        self.descriptors.space_low.store(low, Ordering::Relaxed);
+    }
+
+    fn space_low(&self) -> bool {
+        self.descriptors.space_low.load(Ordering::Relaxed)
+    }
 }
 
 /// The error of [`Vfs::read_small`] for a file over its limit.
@@ -199,6 +229,7 @@ fn open_rw(path: &Path, create: bool) -> io::Result<File> {
 
 /// The open descriptors of one [`RealVfs`], and its syncer.
 struct Descriptors {
+    space_low: std::sync::atomic::AtomicBool,
     max_open: usize,
     state: Mutex<DescriptorState>,
     opens: AtomicU64,

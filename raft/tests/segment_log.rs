@@ -1049,3 +1049,40 @@ proptest! {
         runtime.block_on(run_model(ops))?;
     }
 }
+
+/// An append that meets a full disk, here in the middle of a batch that spans segments, writes
+/// nothing: it waits, the log reads as before, and once space is freed the same append
+/// completes and the log (and its recovery) holds every entry once. Before, openraft got the
+/// error and stopped the group for good.
+#[tokio::test(start_paused = true)]
+async fn an_append_on_a_full_disk_waits_for_space_and_leaves_the_log_as_it_was() -> io::Result<()> {
+    let disk = MemDisk::new();
+    let (mut store, _) = open(&disk, SEGMENT_BYTES_SMALL).await?;
+    let first = entries(1, 10);
+    append_durable(&mut store, first.clone()).await?;
+    // Room for about two more segments' worth, not for the whole next batch.
+    disk.set_capacity(Some(disk.bytes() as u64 + 2 * SEGMENT_BYTES_SMALL));
+    let second = entries(11, 60);
+    let segments_before = store.reader().segments();
+    let mut reader = store.reader();
+    let blocked = tokio::spawn(async move {
+        let rx = append(&mut store, second).await?;
+        flushed(rx).await?;
+        Ok::<_, io::Error>(store)
+    });
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert!(!blocked.is_finished(), "the append waits while the disk is full");
+    assert_eq!(reader.segments(), segments_before, "nothing of the batch is in the log");
+    let read = reader.try_get_log_entries(1..100).await?;
+    assert_eq!(read.len(), 10, "only the first batch reads back");
+    disk.set_capacity(None);
+    let mut store = blocked.await.map_err(io::Error::other)??;
+    let all = entries(1, 60);
+    assert_log(&mut store, None, &all, "after space was freed").await?;
+    drop(store);
+    disk.crash(None);
+    let (mut store, report) = open(&disk, SEGMENT_BYTES_SMALL).await?;
+    assert_eq!(report.truncated_bytes, 0, "{report:?}");
+    assert_log(&mut store, None, &all, "after recovery").await?;
+    Ok(())
+}

@@ -6,6 +6,7 @@ pub mod checker;
 pub mod clock;
 pub mod cluster;
 pub mod history;
+pub mod jepsen;
 pub mod nemesis;
 pub mod net;
 pub mod observer;

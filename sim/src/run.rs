@@ -2,11 +2,6 @@
 //! nemesis injects faults, heal, let the verifier audit, then check the evidence.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::AtomicU8;
-use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -32,7 +27,6 @@ use crate::profile::Profile;
 use crate::trace::Trace;
 use crate::trace::TraceEvent;
 use crate::workload;
-use crate::workload::Audit;
 use crate::workload::Ctx;
 use crate::workload::WorkloadConfig;
 
@@ -283,20 +277,15 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         events_per_sec: opts.events_per_sec,
         chaos_end: opts.duration,
     };
-    let audit = Arc::new(Mutex::new(Audit::default()));
-    let ctx = Ctx {
-        brokers: cluster.brokers(),
-        config: config.clone(),
-        seed: opts.seed,
-        history: history.clone(),
-        trace: trace.clone(),
-        ready: Arc::new(AtomicBool::new(false)),
-        producers_done: Arc::new(AtomicUsize::new(0)),
-        quiet_restart: Arc::new(AtomicU8::new(0)),
-        audit: audit.clone(),
-        nodes: cluster.nodes.keys().copied().collect(),
-        security: cluster.security.clone(),
-    };
+    let mut ctx = Ctx::new(
+        cluster.brokers(),
+        config.clone(),
+        opts.seed,
+        cluster.nodes.keys().copied().collect(),
+        Some(cluster.security.clone()),
+    );
+    (ctx.trace, ctx.history) = (trace.clone(), history.clone());
+    let audit = ctx.audit.clone();
     // Three client machines: one runs setup, admin actions and the final verification in turn;
     // one runs every producer; one every consumer. (Fewer hosts make the simulation faster;
     // each client still has its own connections.)

@@ -99,12 +99,29 @@ pub struct Ctx {
     pub audit: Arc<Mutex<Audit>>,
     /// Node ids, for the audit.
     pub nodes: Vec<u64>,
-    /// The cluster's CA and the workload's credentials.
-    pub security: Arc<crate::cluster::SimSecurity>,
+    /// The cluster's CA and the workload's credentials; `None` for a plaintext cluster without
+    /// authentication (the real-process runner's), reached over the operating system's TCP.
+    pub security: Option<Arc<crate::cluster::SimSecurity>>,
 }
 
+/// When the real-process runner's current round started; unset in a simulation.
+static REAL_EPOCH: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+
+/// Starts the clock of a real-process round: from now on, [`now_ms`] outside a simulation counts
+/// from here. The simulator never calls this.
+pub fn start_real_clock() {
+    #[allow(clippy::disallowed_methods)] // Real processes: the runner measures real time.
+    let now = std::time::Instant::now();
+    *REAL_EPOCH.lock().expect("epoch lock") = Some(now);
+}
+
+/// Milliseconds since the run started: simulated time in a simulation, real time since
+/// [`start_real_clock`] in a real-process round (0 before it).
 pub fn now_ms() -> u64 {
-    turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as u64)
+    if let Some(d) = turmoil::sim_elapsed() {
+        return d.as_millis() as u64;
+    }
+    REAL_EPOCH.lock().expect("epoch lock").map_or(0, |e| e.elapsed().as_millis() as u64)
 }
 
 fn topic_name(i: u32) -> String {
@@ -112,6 +129,29 @@ fn topic_name(i: u32) -> String {
 }
 
 impl Ctx {
+    /// A fresh context: nothing recorded yet, the audit empty, nobody ready.
+    pub fn new(
+        brokers: Vec<String>,
+        config: WorkloadConfig,
+        seed: u64,
+        nodes: Vec<u64>,
+        security: Option<Arc<crate::cluster::SimSecurity>>,
+    ) -> Self {
+        Self {
+            brokers,
+            config,
+            seed,
+            history: History::default(),
+            trace: Trace::default(),
+            ready: Arc::new(AtomicBool::new(false)),
+            producers_done: Arc::new(AtomicUsize::new(0)),
+            quiet_restart: Arc::new(AtomicU8::new(0)),
+            audit: Arc::new(Mutex::new(Audit::default())),
+            nodes,
+            security,
+        }
+    }
+
     fn topics(&self) -> Vec<String> {
         (0..self.config.topics).map(topic_name).collect()
     }
@@ -128,17 +168,21 @@ impl Ctx {
     }
 
     /// A client of the workload's user (by token), retrying until some node answers.
-    async fn connect(&self) -> Client {
-        let tls = self.security.client_tls();
-        self.connect_as(Some(self.security.token_of(crate::cluster::WORKLOAD_USER)), tls).await
+    pub async fn connect(&self) -> Client {
+        match &self.security {
+            Some(s) => {
+                self.connect_as(Some(s.token_of(crate::cluster::WORKLOAD_USER)), Some(s.client_tls())).await
+            }
+            None => self.connect_as(None, None).await,
+        }
     }
 
     /// A client of the superuser (by client certificate).
-    async fn connect_admin(&self) -> Client {
-        self.connect_as(None, self.security.admin_tls()).await
+    async fn connect_admin(&self, security: &crate::cluster::SimSecurity) -> Client {
+        self.connect_as(None, Some(security.admin_tls())).await
     }
 
-    async fn connect_as(&self, token: Option<eddy_ops::Token>, tls: eddy_ops::TlsOptions) -> Client {
+    async fn connect_as(&self, token: Option<eddy_ops::Token>, tls: Option<eddy_ops::TlsOptions>) -> Client {
         loop {
             match self.try_connect(token.clone(), tls.clone()).await {
                 Ok(c) => return c,
@@ -151,7 +195,7 @@ impl Ctx {
     async fn try_connect(
         &self,
         token: Option<eddy_ops::Token>,
-        tls: eddy_ops::TlsOptions,
+        tls: Option<eddy_ops::TlsOptions>,
     ) -> eddy_ops::error::Result<Client> {
         let config = ClientConfig {
             request_timeout: Duration::from_secs(2),
@@ -159,9 +203,13 @@ impl Ctx {
             backoff_max: Duration::from_millis(250),
             delivery_timeout: Duration::from_secs(15),
             token,
-            tls: Some(tls.clone()),
+            tls: tls.clone(),
         };
-        Client::connect_with(&self.brokers, config, Arc::new(SimConnect { tls: Some(tls) })).await
+        if turmoil::sim_elapsed().is_none() {
+            // A real-process run: the operating system's TCP.
+            return Client::connect(&self.brokers, config).await;
+        }
+        Client::connect_with(&self.brokers, config, Arc::new(SimConnect { tls })).await
     }
 
     async fn wait_ready(&self) {
@@ -174,12 +222,12 @@ impl Ctx {
 /// The workload's user and what it may do: every topic and group, and the cluster (its admin
 /// actions move partitions and leaders). Made by the superuser, retried until the cluster
 /// answers; creating the user again with the same secret and salts changes nothing.
-async fn authorize_workload(ctx: &Ctx) {
+async fn authorize_workload(ctx: &Ctx, security: &crate::cluster::SimSecurity) {
     use crate::cluster::READER_USER;
     use crate::cluster::WORKLOAD_USER;
-    let admin = ctx.connect_admin().await;
+    let admin = ctx.connect_admin(security).await;
     for user in [WORKLOAD_USER, READER_USER] {
-        let (secret, salts) = ctx.security.secret_of(user);
+        let (secret, salts) = security.secret_of(user);
         while admin.create_user_from(user, true, &secret, &salts).await.is_err() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -243,13 +291,16 @@ pub async fn intruder(ctx: Ctx) -> turmoil::Result {
     use crate::cluster::READER_USER;
     use crate::cluster::WORKLOAD_USER;
     ctx.wait_ready().await;
+    let Some(security) = ctx.security.clone() else {
+        return Ok(());
+    };
     let mut rng = ctx.rng(4000);
     let chaos_end = ctx.config.chaos_end.as_millis() as u64;
     let wrong = eddy_ops::Token(eddy_proto::credentials::token(
         WORKLOAD_USER,
         &[0x5a; eddy_proto::credentials::SECRET_BYTES],
     ));
-    let reader = ctx.security.token_of(READER_USER);
+    let reader = security.token_of(READER_USER);
     let classify = |e: ClientError| match e {
         ClientError::Server { code, .. }
             if code == eddy_proto::error_codes::UNAUTHENTICATED
@@ -270,7 +321,7 @@ pub async fn intruder(ctx: Ctx) -> turmoil::Result {
             1 => ("wrong-token", Some(wrong.clone())),
             _ => ("reader", Some(reader.clone())),
         };
-        let outcome = match ctx.try_connect(token, ctx.security.client_tls()).await {
+        let outcome = match ctx.try_connect(token, Some(security.client_tls())).await {
             Err(e) => classify(e),
             Ok(client) if who == "reader" => {
                 let req = eddy_proto::v1::ProduceRequest {
@@ -298,7 +349,9 @@ pub async fn intruder(ctx: Ctx) -> turmoil::Result {
 }
 
 pub async fn setup(ctx: Ctx) -> turmoil::Result {
-    authorize_workload(&ctx).await;
+    if let Some(security) = &ctx.security {
+        authorize_workload(&ctx, security).await;
+    }
     let client = ctx.connect().await;
     for (i, t) in ctx.topics().into_iter().enumerate() {
         let mut config = BTreeMap::new();

@@ -25,6 +25,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use std::time::Instant;
 
+pub mod netns;
+
 use anyhow::Context;
 use anyhow::bail;
 use anyhow::ensure;

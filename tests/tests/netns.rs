@@ -10,10 +10,8 @@
 
 #![allow(clippy::disallowed_methods)] // Tests measure real time.
 
-use std::path::Path;
 use std::path::PathBuf;
 use std::process::Child;
-use std::process::Command;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -21,71 +19,12 @@ use anyhow::Context;
 use anyhow::bail;
 use anyhow::ensure;
 use eddy_tests::binary;
-use eddy_tests::program;
+use eddy_tests::netns::Net;
 use eddy_tests::wait_for;
 use serde_json::Value;
 
 const NODES: u64 = 5;
 const SUBNET: &str = "10.88.0";
-
-/// Runs `ip ARGS`, failing with its stderr.
-fn ip(ip: &Path, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(ip).args(args).output().with_context(|| format!("run ip {args:?}"))?;
-    ensure!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    Ok(())
-}
-
-/// The test's network: a hub namespace holding the bridge, and one namespace per host (the five
-/// nodes, then the client), each with `eth0` on the bridge at `SUBNET.<n>`. Dropping it deletes
-/// every namespace it made, which deletes their links too.
-struct Net {
-    ip: PathBuf,
-    hub: String,
-    hosts: Vec<String>,
-}
-
-impl Net {
-    fn new(hosts: u64) -> anyhow::Result<Self> {
-        let ip_path = program("ip", "iproute2")?;
-        let tag = std::process::id();
-        let mut net = Self { ip: ip_path, hub: format!("eddy{tag}hub"), hosts: Vec::new() };
-        let ipc = |args: &[&str]| ip(&net.ip, args);
-        ipc(&["netns", "add", &net.hub]).context("making network namespaces needs root")?;
-        ipc(&["-n", &net.hub, "link", "add", "br0", "type", "bridge"])?;
-        ipc(&["-n", &net.hub, "link", "set", "br0", "up"])?;
-        for n in 1..=hosts {
-            let ns = format!("eddy{tag}h{n}");
-            net.hosts.push(ns.clone());
-            let ipc = |args: &[&str]| ip(&net.ip, args);
-            ipc(&["netns", "add", &ns])?;
-            let port = format!("v{n}");
-            ipc(&[
-                "-n", &net.hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ])?;
-            ipc(&["-n", &net.hub, "link", "set", &port, "master", "br0"])?;
-            ipc(&["-n", &net.hub, "link", "set", &port, "up"])?;
-            ipc(&["-n", &ns, "addr", "add", &format!("{SUBNET}.{n}/24"), "dev", "eth0"])?;
-            ipc(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            ipc(&["-n", &ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(net)
-    }
-
-    /// A command run inside host `n`'s namespace.
-    fn command(&self, n: u64, program: &Path) -> Command {
-        let mut c = Command::new(&self.ip);
-        c.args(["netns", "exec", &self.hosts[n as usize - 1]]).arg(program);
-        c
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for ns in self.hosts.iter().chain(std::iter::once(&self.hub)) {
-            let _ = ip(&self.ip, &["netns", "del", ns]);
-        }
-    }
-}
 
 /// A node process, killed by its PID when dropped (`ip netns exec` execs the node, so the PID
 /// is the node's).
@@ -145,7 +84,7 @@ fn lines(stdout: &str) -> anyhow::Result<Vec<Value>> {
 
 #[test]
 fn five_nodes_on_five_hosts_bound_to_every_interface_and_advertising_their_own() -> anyhow::Result<()> {
-    let net = Net::new(NODES + 1)?;
+    let net = Net::new(NODES + 1, SUBNET)?;
     let dir = tempfile::Builder::new().prefix("eddy-netns-").tempdir()?;
     let mut members = String::new();
     for n in 1..=NODES {

@@ -102,6 +102,11 @@ impl BrokerState {
             0 => limits::PRODUCE_TIMEOUT_MS_DEFAULT,
             t => t.min(limits::PRODUCE_TIMEOUT_MS_MAX),
         };
+        // A full disk refuses the write where it would be appended: on the leader. (Elsewhere
+        // the request gets `not_leader` from the replica, which names the leader.)
+        if h.status().is_leader {
+            self.disk.check_writable()?;
+        }
         let batch = ProduceBatch { producer_id: req.producer_id, base_sequence: req.base_sequence, records };
         let produced = h.produce(batch, Duration::from_millis(u64::from(timeout_ms))).await?;
         self.metrics.produce_records.inc_by(u64::from(produced.count));

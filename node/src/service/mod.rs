@@ -46,6 +46,8 @@ pub struct BrokerState {
     pub tls: Option<crate::security::tls::TlsMaterial>,
     /// The node's configuration, as it started.
     pub config: Arc<crate::config::NodeConfig>,
+    /// The data disk's space: writes are refused while it is below the reserve.
+    pub disk: Arc<crate::disk::DiskSpace>,
     /// The last cluster status gathered, and when (see [`BrokerState::cluster_status`]).
     pub status_cache: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<crate::status::ClusterStatus>)>>,
     /// This node's own report, for `recent` asks (see `BrokerState::recent_local_status`).

@@ -252,8 +252,30 @@ impl Segments {
         (self.last_log_id.is_some_and(|l| l.index >= from)).then_some(from)
     }
 
-    /// Writes `entries` (which must follow the last entry) into the page cache.
+    /// Writes `entries` (which must follow the last entry) into the page cache, all or nothing:
+    /// when a write fails (a full disk), the log is as before the call, files included, so the
+    /// same append can be tried again.
     pub fn append(&mut self, entries: &[Entry]) -> io::Result<()> {
+        let segments = self.segments.len();
+        let active = self.segments.last().map(|s| (s.end, s.positions.len()));
+        let dirty = self.dirty.len();
+        let r = self.append_all(entries);
+        if r.is_err() {
+            for s in self.segments.drain(segments..) {
+                let _ = self.vfs.remove_file(&s.path);
+            }
+            if let (Some(s), Some((end, positions))) = (self.segments.last_mut(), active) {
+                s.end = end;
+                s.positions.truncate(positions);
+                // Shrinking needs no space; if it fails the next write overwrites the bytes.
+                let _ = s.file.set_len(end);
+            }
+            self.dirty.truncate(dirty);
+        }
+        r
+    }
+
+    fn append_all(&mut self, entries: &[Entry]) -> io::Result<()> {
         let Some(first) = entries.first() else {
             return Ok(());
         };

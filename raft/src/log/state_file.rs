@@ -76,7 +76,16 @@ impl StateFile {
         buf.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
         buf.extend_from_slice(&body);
         let slot = (seq % 2) as usize;
-        self.file.write_all_at(&buf, (slot * SLOT_BYTES) as u64)?;
+        // A full disk is waited out, as the log's appends do (see `LogStore::append`).
+        loop {
+            match self.file.write_all_at(&buf, (slot * SLOT_BYTES) as u64) {
+                Ok(()) => break,
+                Err(e) if crate::vfs::is_disk_full(&e) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await
+                }
+                Err(e) => return Err(e),
+            }
+        }
         self.file.sync_data().await?;
         self.seq = seq;
         self.state = state;

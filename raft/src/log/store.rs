@@ -17,6 +17,7 @@ use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::RwLock;
+use std::time::Duration;
 
 use openraft::OptionalSend;
 use openraft::RaftLogReader;
@@ -40,6 +41,8 @@ use crate::vfs::Vfs;
 
 /// Appends queued for the flusher before `append` waits.
 const FLUSH_QUEUE_MAX: usize = 4096;
+/// How often an append blocked by a full disk tries again.
+const DISK_FULL_RETRY: Duration = Duration::from_millis(250);
 /// Upper bound on the bytes one replication read returns.
 pub const REPLICATION_READ_BYTES_MAX: usize = 8 << 20;
 
@@ -263,7 +266,34 @@ impl RaftLogStorage<C> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        self.shared.segments.write().expect("log lock poisoned").append(&entries)?;
+        // A full disk is waited out, not returned: openraft takes a storage error as fatal and
+        // stops the group for good. The append wrote nothing (see `Segments::append`) and
+        // acknowledges nothing while it waits; to the group this replica is slow, as a paused
+        // one is, and it catches up once space is freed.
+        let mut waited = Duration::ZERO;
+        loop {
+            let r = {
+                let mut segs = self.shared.segments.write().expect("log lock poisoned");
+                if segs.vfs().space_low() {
+                    Err(io::Error::new(io::ErrorKind::StorageFull, "space is below the node's reserve"))
+                } else {
+                    segs.append(&entries)
+                }
+            };
+            match r {
+                Ok(()) => break,
+                Err(e) if crate::vfs::is_disk_full(&e) => {
+                    if waited.as_millis().is_multiple_of(30_000) {
+                        let dir = self.shared.segments.read().expect("log lock poisoned").dir().to_owned();
+                        warn!(dir = %dir.display(), error = %e, waited_s = waited.as_secs(),
+                            "disk full: the log cannot append; waiting for space (writes resume once it is freed)");
+                    }
+                    tokio::time::sleep(DISK_FULL_RETRY).await;
+                    waited += DISK_FULL_RETRY;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         self.flush_tx.send(callback).await.map_err(|_| io::Error::other("log flusher stopped"))?;
         Ok(())
     }

@@ -45,6 +45,8 @@ pub const UNSUPPORTED_SASL_MECHANISM: i16 = 33;
 pub const ILLEGAL_SASL_STATE: i16 = 34;
 pub const SASL_AUTHENTICATION_FAILED: i16 = 58;
 pub const THROTTLING_QUOTA_EXCEEDED: i16 = 89;
+/// Retriable in Kafka's clients: the broker cannot write to its log directory now.
+pub const KAFKA_STORAGE_ERROR: i16 = 56;
 
 /// The Kafka error code for an error of Eddy's services. Retriable conditions map to Kafka's
 /// retriable codes (a client refreshes its metadata on `NOT_LEADER_OR_FOLLOWER` and retries).
@@ -66,5 +68,6 @@ pub fn code(e: &BrokerError) -> i16 {
         BrokerError::PermissionDenied(_) => TOPIC_AUTHORIZATION_FAILED,
         BrokerError::Unauthenticated(_) => SASL_AUTHENTICATION_FAILED,
         BrokerError::Throttled { .. } => THROTTLING_QUOTA_EXCEEDED,
+        BrokerError::DiskFull(_) => KAFKA_STORAGE_ERROR,
     }
 }

@@ -61,6 +61,10 @@ pub struct Cli {
     /// Deadline of each request, e.g. 10s or 500ms.
     #[arg(long, default_value = "10s", value_parser = parse_duration, global = true)]
     pub request_timeout: Duration,
+    /// How long an event may be retried (on retriable errors: no leader, a full disk, a quota)
+    /// before it fails with the last error, as Kafka's `delivery.timeout.ms`.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, global = true)]
+    pub delivery_timeout: Duration,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -403,7 +407,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let mut config = ClientConfig { request_timeout: cli.request_timeout, ..ClientConfig::default() };
+    let mut config = ClientConfig {
+        request_timeout: cli.request_timeout,
+        delivery_timeout: cli.delivery_timeout,
+        ..ClientConfig::default()
+    };
     let profile = match &cli.profile {
         Some(p) => security::Profile::load(p)?,
         None => security::Profile::default(),
