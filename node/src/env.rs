@@ -64,6 +64,8 @@ pub struct PlantedBugs {
     /// A bearer token (or SASL/PLAIN password) is accepted on its user name alone: its secret
     /// is not checked.
     pub tokens_unchecked: bool,
+    /// A log append that meets a full disk is reported done although nothing was written.
+    pub disk_full_ignored: bool,
 }
 
 /// Any byte stream a server can accept connections on.

@@ -383,7 +383,12 @@ pub async fn start(
     let (log, report) = LogStore::open(
         env.vfs.clone(),
         &meta_dir,
-        LogConfig { segment_bytes_max: 16 << 20, on_sync: Some(metrics.sync_observer()) },
+        LogConfig {
+            segment_bytes_max: 16 << 20,
+            on_sync: Some(metrics.sync_observer()),
+            #[cfg(feature = "planted-bugs")]
+            ignore_disk_full: env.bugs.disk_full_ignored,
+        },
     )
     .await
     .context("open the metadata log")?;

@@ -22,7 +22,7 @@ async fn log_store() -> Result<LogStore, StorageError<C>> {
     let (log, _) = LogStore::open(
         Arc::new(disk),
         Path::new("/log"),
-        LogConfig { segment_bytes_max: 4096, on_sync: None },
+        LogConfig { segment_bytes_max: 4096, on_sync: None, ..LogConfig::default() },
     )
     .await
     .map_err(|e| StorageError::read(C::err_from_error(&e)))?;

@@ -66,7 +66,12 @@ fn frame_bytes(e: &Entry) -> usize {
 }
 
 async fn open(disk: &MemDisk, segment_bytes_max: u64) -> io::Result<(LogStore, RecoveryReport)> {
-    LogStore::open(Arc::new(disk.clone()), log_dir(), LogConfig { segment_bytes_max, on_sync: None }).await
+    LogStore::open(
+        Arc::new(disk.clone()),
+        log_dir(),
+        LogConfig { segment_bytes_max, on_sync: None, ..LogConfig::default() },
+    )
+    .await
 }
 
 /// Appends `batch` and returns the receiver that completes once the flusher made it durable.

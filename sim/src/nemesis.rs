@@ -29,6 +29,8 @@ enum Undo {
     LinkLatency(String, String),
     Release(Vec<(String, String)>),
     Restart(NodeId),
+    /// The node's disk has room again.
+    FreeDisk(NodeId),
     /// Silent death: crash at `crash_at`, then restart (and repair) at the end.
     CrashThenRestart {
         node: NodeId,
@@ -210,6 +212,14 @@ impl Nemesis {
                 desc = format!("n{n} frozen (its messages held, not lost)");
                 Undo::Release(pairs)
             }
+            FaultClass::DiskFull => {
+                let n = self.pick(&up)?;
+                let disk = &cluster.nodes[&n].disk;
+                let used = disk.bytes() as u64;
+                disk.set_capacity(Some(used));
+                desc = format!("n{n}'s disk full ({used} bytes used, none left)");
+                Undo::FreeDisk(n)
+            }
             FaultClass::Crash | FaultClass::Bounce | FaultClass::SilentDeath => {
                 if cluster.down().len() >= DOWN_MAX
                     || self
@@ -300,6 +310,7 @@ impl Nemesis {
                 cluster.restart(sim, n);
                 trace.push(now, "restart", format!("n{n}"));
             }
+            Undo::FreeDisk(n) => cluster.nodes[&n].disk.set_capacity(None),
             Undo::CrashThenRestart { node, crashed, pairs, .. } => {
                 if !crashed {
                     self.crash(now, sim, cluster, trace, node, true);

@@ -45,6 +45,8 @@ pub enum Bug {
     FollowerReadsUncommitted,
     /// A node accepts a bearer token on its user name alone, without checking its secret.
     TokensUnchecked,
+    /// A log append that meets a full disk is reported done although nothing was written.
+    DiskFullIgnored,
 }
 
 impl Bug {
@@ -53,6 +55,7 @@ impl Bug {
             Bug::AckBeforeFsync => "ack-before-fsync",
             Bug::FollowerReadsUncommitted => "follower-reads-uncommitted",
             Bug::TokensUnchecked => "tokens-unchecked",
+            Bug::DiskFullIgnored => "disk-full-ignored",
         }
     }
 }
@@ -263,6 +266,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
     let bugs = PlantedBugs {
         follower_reads_uncommitted: opts.bug == Some(Bug::FollowerReadsUncommitted),
         tokens_unchecked: opts.bug == Some(Bug::TokensUnchecked),
+        disk_full_ignored: opts.bug == Some(Bug::DiskFullIgnored),
     };
     let mut cluster = Cluster::new(opts.nodes, opts.seed, bugs, opts.bug == Some(Bug::AckBeforeFsync));
     cluster.register(&mut sim);

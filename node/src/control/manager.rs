@@ -250,7 +250,12 @@ impl PartitionManager {
         let (log, report) = LogStore::open(
             self.env.vfs.clone(),
             &dir,
-            LogConfig { segment_bytes_max, on_sync: Some(self.metrics.sync_observer()) },
+            LogConfig {
+                segment_bytes_max,
+                on_sync: Some(self.metrics.sync_observer()),
+                #[cfg(feature = "planted-bugs")]
+                ignore_disk_full: self.env.bugs.disk_full_ignored,
+            },
         )
         .await
         .with_context(|| format!("open the log of group {group}"))?;

@@ -55,11 +55,20 @@ pub struct LogConfig {
     /// A segment is closed and a new one started once it would grow past this.
     pub segment_bytes_max: u64,
     pub on_sync: Option<SyncObserver>,
+    /// Planted bug `disk-full-ignored` (simulator only): an append that meets a full disk is
+    /// reported done although nothing was written.
+    #[cfg(feature = "planted-bugs")]
+    pub ignore_disk_full: bool,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { segment_bytes_max: 64 << 20, on_sync: None }
+        Self {
+            segment_bytes_max: 64 << 20,
+            on_sync: None,
+            #[cfg(feature = "planted-bugs")]
+            ignore_disk_full: false,
+        }
     }
 }
 
@@ -81,6 +90,8 @@ pub struct LogStore {
     shared: Arc<Shared>,
     state: StateFile,
     flush_tx: mpsc::Sender<IOFlushed<C>>,
+    #[cfg(feature = "planted-bugs")]
+    ignore_disk_full: bool,
 }
 
 /// A cheap, cloneable reader of a [`LogStore`]; also what fetches read records through.
@@ -108,7 +119,16 @@ impl LogStore {
             Arc::new(Shared { segments: RwLock::new(segments), vote: RwLock::new(state.state().vote) });
         let (flush_tx, flush_rx) = mpsc::channel(FLUSH_QUEUE_MAX);
         tokio::spawn(flusher(flush_rx, shared.clone(), config.on_sync.clone()));
-        Ok((Self { shared, state, flush_tx }, report))
+        Ok((
+            Self {
+                shared,
+                state,
+                flush_tx,
+                #[cfg(feature = "planted-bugs")]
+                ignore_disk_full: config.ignore_disk_full,
+            },
+            report,
+        ))
     }
 
     pub fn reader(&self) -> LogReader {
@@ -282,6 +302,8 @@ impl RaftLogStorage<C> for LogStore {
             };
             match r {
                 Ok(()) => break,
+                #[cfg(feature = "planted-bugs")]
+                Err(e) if self.ignore_disk_full && crate::vfs::is_disk_full(&e) => break,
                 Err(e) if crate::vfs::is_disk_full(&e) => {
                     if waited.as_millis().is_multiple_of(30_000) {
                         let dir = self.shared.segments.read().expect("log lock poisoned").dir().to_owned();
