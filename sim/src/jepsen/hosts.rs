@@ -360,6 +360,11 @@ impl Hosts {
         self.hosts.clear();
     }
 
+    /// The round's directory (configs and node logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn disk_bytes(&self) -> u64 {
         self.disk_bytes
     }

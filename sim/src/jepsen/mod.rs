@@ -18,6 +18,8 @@ pub mod nemesis;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -133,6 +135,8 @@ pub fn run(opts: &JepsenOptions) -> anyhow::Result<JepsenReport> {
         }
         rounds.push(r);
     }
+    // Left only when a round failed and kept its directory.
+    let _ = std::fs::remove_dir(&opts.work_dir);
     let mut faults = BTreeMap::new();
     let mut violations = Vec::new();
     for r in &rounds {
@@ -257,8 +261,27 @@ fn run_round(opts: &JepsenOptions, round: u32) -> anyhow::Result<RoundReport> {
             hosts::enter_path(&ns)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async move {
+                // Ctrl-C or SIGTERM: remove the round's processes, namespaces and mounts, then exit.
+                let stop = Arc::new(AtomicBool::new(false));
+                {
+                    use tokio::signal::unix::SignalKind;
+                    use tokio::signal::unix::signal;
+                    let (mut int, mut term) =
+                        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?);
+                    let stop = stop.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = int.recv() => {}
+                            _ = term.recv() => {}
+                        }
+                        stop.store(true, Ordering::SeqCst);
+                    });
+                }
                 let client = ctx.connect().await;
                 while now_ms() < chaos_end {
+                    if stop.load(Ordering::SeqCst) {
+                        abandon(hosts);
+                    }
                     nemesis.tick(now_ms(), &mut hosts, &client, &topics).await;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     if progress && now_ms() % 5_000 < 100 {
@@ -281,6 +304,9 @@ fn run_round(opts: &JepsenOptions, round: u32) -> anyhow::Result<RoundReport> {
                 while ctx.quiet_restart.load(Ordering::SeqCst) != workload::QUIET_RESTART_ASKED
                     && tokio::time::Instant::now() < give_up
                 {
+                    if stop.load(Ordering::SeqCst) {
+                        abandon(hosts);
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 if let Some(n) = held {
@@ -359,6 +385,18 @@ fn run_round(opts: &JepsenOptions, round: u32) -> anyhow::Result<RoundReport> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(report)
+}
+
+/// Interrupted: stops the round's nodes and removes its filters, mounts and namespaces (by
+/// dropping `hosts`), then exits with 130, as a shell expects after Ctrl-C.
+fn abandon(hosts: Hosts) -> ! {
+    let dir = hosts.dir().to_owned();
+    drop(hosts);
+    eprintln!(
+        "interrupted: the round's nodes, namespaces and mounts are removed; configs and logs are in {}",
+        dir.display()
+    );
+    std::process::exit(130)
 }
 
 async fn drop_result(f: impl std::future::Future<Output = turmoil::Result>) {
