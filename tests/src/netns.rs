@@ -32,6 +32,22 @@ pub fn run(program: &Path, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes zeros to `path` until `leave` bytes are available on its filesystem (a disk that
+/// fills up, for `tests/disk_full.rs` and `eddy-sim jepsen`); returns the bytes written.
+pub fn fill_disk(path: &Path, leave: u64) -> anyhow::Result<u64> {
+    let dir = path.parent().context("the filler's directory")?;
+    let st = nix::sys::statvfs::statvfs(dir).with_context(|| format!("statvfs {}", dir.display()))?;
+    let mut left = (st.blocks_available() * st.fragment_size()).saturating_sub(leave);
+    let mut f = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    let chunk = vec![0u8; 1 << 20];
+    let mut written = 0;
+    while left > 0 {
+        let n = f.write(&chunk[..left.min(1 << 20) as usize]).context("fill the disk")?;
+        (written, left) = (written + n as u64, left - n as u64);
+    }
+    Ok(written)
+}
+
 /// The network: host `n` (from 1) is namespace `hosts[n - 1]` at `<subnet>.<n>`.
 pub struct Net {
     pub ip: PathBuf,

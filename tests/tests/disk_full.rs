@@ -9,7 +9,6 @@
 
 #![allow(clippy::disallowed_methods)] // Tests measure real time.
 
-use std::io::Write;
 use std::path::Path;
 use std::path::PathBuf;
 use std::process::Command;
@@ -46,20 +45,6 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
-}
-
-/// Writes zeros to `path` until `leave` bytes are available on its filesystem.
-fn fill(path: &Path, leave: u64) -> anyhow::Result<u64> {
-    let st = nix::sys::statvfs::statvfs(path.parent().context("parent")?)?;
-    let mut left = (st.blocks_available() * st.fragment_size()).saturating_sub(leave);
-    let mut f = std::fs::File::create(path)?;
-    let chunk = vec![0u8; 1 << 20];
-    let mut written = 0;
-    while left > 0 {
-        let n = f.write(&chunk[..left.min(1 << 20) as usize])?;
-        (written, left) = (written + n as u64, left - n as u64);
-    }
-    Ok(written)
 }
 
 fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
@@ -111,7 +96,7 @@ fn a_full_disk_refuses_writes_by_name_serves_reads_and_recovers() -> anyhow::Res
 
     // Fill node 1's disk to 16 MiB short of full: below its 64 MiB reserve.
     let filler = data.join("filler");
-    let filled = fill(&filler, 16 << 20).context("fill node 1's disk")?;
+    let filled = eddy_tests::netns::fill_disk(&filler, 16 << 20).context("fill node 1's disk")?;
     ensure!(filled > 0, "the filler wrote nothing");
 
     // Node 1 hands over every leadership it held...

@@ -104,7 +104,8 @@ impl BrokerState {
         };
         // A full disk refuses the write where it would be appended: on the leader. (Elsewhere
         // the request gets `not_leader` from the replica, which names the leader.)
-        if h.status().is_leader {
+        // The flag first: the produce path reads no metrics while the disk has room.
+        if self.disk.is_full() && h.status().is_leader {
             self.disk.check_writable()?;
         }
         let batch = ProduceBatch { producer_id: req.producer_id, base_sequence: req.base_sequence, records };

@@ -9,7 +9,6 @@
 //! round ends.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 use std::path::PathBuf;
 use std::process::Child;
@@ -320,23 +319,7 @@ impl Hosts {
 
     /// Fills host `n`'s disk until `leave` bytes are available; returns the bytes written.
     pub fn fill_disk(&mut self, n: u64, leave: u64) -> anyhow::Result<u64> {
-        let disk = self.hosts[n as usize - 1].disk.clone();
-        let st = nix::sys::statvfs::statvfs(&disk).context("statvfs the node's disk")?;
-        let available = st.blocks_available() * st.fragment_size();
-        let mut left = available.saturating_sub(leave);
-        let mut f = std::fs::File::create(self.filler(n))?;
-        let chunk = vec![0u8; 1 << 20];
-        let mut written = 0u64;
-        while left > 0 {
-            let k = left.min(chunk.len() as u64) as usize;
-            match f.write(&chunk[..k]) {
-                Ok(0) => break,
-                Ok(k) => (written, left) = (written + k as u64, left - k as u64),
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
-                Err(e) => return Err(e).context("fill the disk"),
-            }
-        }
-        Ok(written)
+        eddy_tests::netns::fill_disk(&self.filler(n), leave)
     }
 
     pub fn free_disk(&mut self, n: u64) {
