@@ -11,6 +11,13 @@
 //! fail a state-store write; sled then refuses every later write, and the groups whose state
 //! machine fails stop until the node restarts. The reserve is the defence; see the README.
 //!
+//! A write the disk could not make durable (a failed `fdatasync` of a log or a vote) stops the
+//! whole node ([`StorageFailure`]): after a failed sync the kernel may have dropped the pages
+//! it was to persist and a retry can report success for data that is gone (the "fsyncgate"
+//! lesson), so the node never retries. It hands its leaderships over, stops, and the process
+//! exits naming the failure; started again, it recovers from what the disk holds, as after a
+//! power loss, and its peers repair the rest.
+//!
 //! The reserve is checked once a second (`DiskSpace::refresh`), as Redpanda's
 //! `storage_min_free_bytes`: a request between two checks may still be written, which is what
 //! the reserve is for.
@@ -26,6 +33,38 @@ use tracing::info;
 use tracing::warn;
 
 use crate::error::BrokerError;
+
+/// The node's fail-stop latch: set by the first write the disk could not make durable; the
+/// node stops once it is set (see the module's documentation).
+#[derive(Clone, Default)]
+pub struct StorageFailure {
+    reason: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    set: tokio_util::sync::CancellationToken,
+}
+
+impl StorageFailure {
+    /// Records the first failure and wakes whoever waits in [`StorageFailure::wait`].
+    pub fn fail(&self, why: &str) {
+        let mut reason = self.reason.lock().expect("storage failure lock");
+        if reason.is_none() {
+            tracing::error!("{why}: the node stops, since what the disk was to persist may be lost");
+            *reason = Some(why.to_owned());
+        }
+        self.set.cancel();
+    }
+
+    /// The observer the logs report failures to.
+    pub fn observer(&self) -> eddy_raft::log::FailureObserver {
+        let me = self.clone();
+        std::sync::Arc::new(move |why: &str| me.fail(why))
+    }
+
+    /// Waits for the first failure and returns it.
+    pub async fn wait(&self) -> String {
+        self.set.cancelled().await;
+        self.reason.lock().expect("storage failure lock").clone().unwrap_or_default()
+    }
+}
 
 pub struct DiskSpace {
     me: NodeId,

@@ -66,6 +66,8 @@ pub struct PlantedBugs {
     pub tokens_unchecked: bool,
     /// A log append that meets a full disk is reported done although nothing was written.
     pub disk_full_ignored: bool,
+    /// A failed `fdatasync` of the log is taken for a good one.
+    pub fsync_failure_ignored: bool,
 }
 
 /// Any byte stream a server can accept connections on.

@@ -17,6 +17,7 @@ use eddy_raft::transport::TcpConnector;
 use eddy_raft::vfs::RealVfs;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::error;
 use tracing::info;
 use tracing::warn;
 
@@ -186,8 +187,17 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
         ))
     });
 
-    signals.recv().await;
-    info!("shutting down: handing leaderships to other replicas first");
+    // A write the disk could not make durable stops the node (see `eddy_node::disk`): it must
+    // not go on acknowledging, and a supervisor that restarts it gets a recovery from disk.
+    let storage = node.storage.clone();
+    let failed = tokio::select! {
+        () = signals.recv() => None,
+        why = storage.wait() => Some(why),
+    };
+    match &failed {
+        None => info!("shutting down: handing leaderships to other replicas first"),
+        Some(why) => error!("stopping after a storage failure ({why}): handing leaderships over first"),
+    }
     let left = tokio::select! {
         n = node.hand_over_leadership(HANDOVER_TIMEOUT) => n,
         () = signals.recv() => usize::MAX,
@@ -209,7 +219,13 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
         () = stop => info!("stopped"),
         () = signals.recv() => warn!("second signal: exiting without a clean shutdown"),
     }
-    Ok(())
+    match failed {
+        None => Ok(()),
+        Some(why) => anyhow::bail!(
+            "stopped after a storage failure: {why}; check the disk (dmesg), then start the node again: \
+             it recovers what the disk holds and its peers send it the rest"
+        ),
+    }
 }
 
 /// Raises the soft open-file limit to the hard limit (which an unprivileged process may do) and

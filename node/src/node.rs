@@ -17,7 +17,6 @@ use eddy_raft::NodeId;
 use eddy_raft::Runtime;
 use eddy_raft::kv::KvBatch;
 use eddy_raft::liveness::Liveness;
-use eddy_raft::log::LogConfig;
 use eddy_raft::log::LogStore;
 use eddy_raft::network::GroupNetwork;
 use eddy_raft::registry::Registry;
@@ -103,6 +102,8 @@ pub struct NodeHandle {
     pub replicas: Arc<Replicas>,
     pub broker: Arc<BrokerState>,
     pub liveness: Arc<Liveness>,
+    /// Set once the disk failed a write it was to make durable: the node must then stop.
+    pub storage: crate::disk::StorageFailure,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -377,18 +378,14 @@ pub async fn start(
     let liveness = Liveness::new(me, incarnation);
 
     let metrics = Arc::new(NodeMetrics::default());
+    let storage = crate::disk::StorageFailure::default();
 
     // The metadata group.
     let meta_dir = config.data_dir.join("groups").join(META_GROUP.to_string());
     let (log, report) = LogStore::open(
         env.vfs.clone(),
         &meta_dir,
-        LogConfig {
-            segment_bytes_max: 16 << 20,
-            on_sync: Some(metrics.sync_observer()),
-            #[cfg(feature = "planted-bugs")]
-            ignore_disk_full: env.bugs.disk_full_ignored,
-        },
+        crate::control::manager::log_config(16 << 20, &metrics, &storage, &env),
     )
     .await
     .context("open the metadata log")?;
@@ -637,6 +634,7 @@ pub async fn start(
         liveness: liveness.clone(),
         tasks: tasks.clone(),
         metrics: metrics.clone(),
+        storage: storage.clone(),
     };
     spawn_task(
         &tasks,
@@ -693,7 +691,7 @@ pub async fn start(
     }
 
     info!(node = me, "node started");
-    Ok(NodeHandle { me, meta, replicas, broker, liveness, cancel, tasks })
+    Ok(NodeHandle { me, meta, replicas, broker, liveness, storage, cancel, tasks })
 }
 
 #[cfg(test)]

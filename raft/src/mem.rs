@@ -82,6 +82,10 @@ struct DiskState {
     /// (the simulator's `disk-full` fault). `None`: unbounded.
     capacity: Option<u64>,
     space_low: bool,
+    /// When set, `sync_data` and `sync_dir` fail with `EIO` (the simulator's `fsync-fail`
+    /// fault), and, as Linux does, the writes they were to make durable are dropped from the
+    /// dirty set without being made durable: a later sync that succeeds does not persist them.
+    fsync_fails: bool,
 }
 
 /// A simulated disk. Cloning shares the disk.
@@ -104,6 +108,11 @@ impl MemDisk {
     /// stored fails every write that grows a file until space is freed or the bound raised.
     pub fn set_capacity(&self, capacity: Option<u64>) {
         self.lock().capacity = capacity;
+    }
+
+    /// Makes `sync_data` and `sync_dir` fail (see `DiskState::fsync_fails`) until cleared.
+    pub fn set_fsync_fails(&self, fails: bool) {
+        self.lock().fsync_fails = fails;
     }
 
     /// Makes `sync_data` lie: it succeeds without persisting anything.
@@ -268,6 +277,9 @@ impl Vfs for MemDisk {
                 tokio::time::sleep(latency).await;
             }
             let mut st = disk.lock();
+            if st.fsync_fails {
+                return Err(fsync_error());
+            }
             st.durable_names.retain(|p, _| p.parent() != Some(&path));
             st.durable_names.extend(entries);
             Ok(())
@@ -352,25 +364,30 @@ impl VFile for MemFile {
                 tokio::time::sleep(latency).await;
             }
             let mut st = disk.lock();
+            let fails = st.fsync_fails;
             match (st.inodes.get_mut(&ino), upto) {
                 (Some(f), Some(upto)) => {
                     while f.synced < upto {
                         let Some(change) = f.pending.pop_front() else {
                             break;
                         };
-                        if !lies {
+                        if !lies && !fails {
                             change.apply(&mut f.durable);
                         }
                         f.synced += 1;
                     }
-                    // A lying sync drops the changes without making them durable: a crash
-                    // then reverts the file to what an honest sync last persisted.
-                    Ok(())
+                    // A lying or failing sync drops the changes without making them durable:
+                    // a crash then reverts the file to what a good sync last persisted.
+                    if fails { Err(fsync_error()) } else { Ok(()) }
                 }
                 _ => Err(io::Error::new(io::ErrorKind::NotFound, "file lost in a crash")),
             }
         })
     }
+}
+
+fn fsync_error() -> io::Error {
+    io::Error::other("Input/output error (os error 5): the simulated disk failed a sync")
 }
 
 #[derive(Default)]

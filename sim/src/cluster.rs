@@ -40,7 +40,10 @@ const CERT_DIR: &str = "/certs";
 /// seed's runs send the same bytes, and so the same TLS records.
 pub struct SimSecurity {
     pub ca_pem: String,
-    nodes: BTreeMap<NodeId, eddy_ops::pki::Issued>,
+    ca: eddy_ops::pki::Ca,
+    /// Node certificates, issued when a node is first registered (joiners later, so the
+    /// initial nodes' keys do not depend on how many join).
+    nodes: Mutex<BTreeMap<NodeId, eddy_ops::pki::Issued>>,
     admin: eddy_ops::pki::Issued,
     seed: u64,
 }
@@ -54,7 +57,7 @@ impl SimSecurity {
         let ca = eddy_ops::pki::Ca::seeded("eddy-sim", seed).expect("a seeded CA");
         let nodes = ids.map(|id| (id, ca.node(id, &[host_name(id)]).expect("a node certificate"))).collect();
         let admin = ca.client(SIM_ADMIN).expect("a client certificate");
-        Self { ca_pem: ca.issued.cert_pem.clone(), nodes, admin, seed }
+        Self { ca_pem: ca.issued.cert_pem.clone(), ca, nodes: Mutex::new(nodes), admin, seed }
     }
 
     /// User `name`'s secret and salts, drawn from the seed.
@@ -92,7 +95,10 @@ impl SimSecurity {
     /// naming them.
     fn install(&self, id: NodeId, disk: &MemDisk) -> eddy_node::config::TlsConfig {
         let dir = std::path::Path::new(CERT_DIR);
-        let issued = &self.nodes[&id];
+        let mut nodes = self.nodes.lock().expect("certificates lock");
+        let issued = nodes
+            .entry(id)
+            .or_insert_with(|| self.ca.node(id, &[host_name(id)]).expect("a node certificate"));
         disk.install(&dir.join("ca.pem"), self.ca_pem.as_bytes());
         disk.install(&dir.join("node.pem"), issued.cert_pem.as_bytes());
         disk.install(&dir.join("node.key"), issued.key_pem.as_bytes());
@@ -146,6 +152,28 @@ pub struct NodeSlot {
     pub store: MemStateStore,
     pub refs: Arc<Mutex<Option<NodeRefs>>>,
     pub up: bool,
+    /// Decommissioned and switched off for good: never restarted.
+    pub retired: bool,
+}
+
+impl NodeSlot {
+    fn new(id: NodeId, fsync_lies: bool) -> Self {
+        let disk = MemDisk::new();
+        disk.set_sync_latency(Duration::from_micros(500));
+        disk.set_fsync_lies(fsync_lies);
+        Self {
+            id,
+            disk,
+            store: MemStateStore::default(),
+            refs: Arc::new(Mutex::new(None)),
+            up: true,
+            retired: false,
+        }
+    }
+}
+
+fn member(id: NodeId) -> MemberConfig {
+    MemberConfig { id, client_addr: client_addr(id), raft_addr: format!("{}:{RAFT_PORT}", host_name(id)) }
 }
 
 pub struct Cluster {
@@ -153,29 +181,14 @@ pub struct Cluster {
     pub seed: u64,
     pub bugs: PlantedBugs,
     pub security: Arc<SimSecurity>,
+    fsync_lies: bool,
 }
 
 impl Cluster {
     pub fn new(n: u64, seed: u64, bugs: PlantedBugs, fsync_lies: bool) -> Self {
-        let nodes = (1..=n)
-            .map(|id| {
-                let disk = MemDisk::new();
-                disk.set_sync_latency(Duration::from_micros(500));
-                disk.set_fsync_lies(fsync_lies);
-                (
-                    id,
-                    NodeSlot {
-                        id,
-                        disk,
-                        store: MemStateStore::default(),
-                        refs: Arc::new(Mutex::new(None)),
-                        up: true,
-                    },
-                )
-            })
-            .collect();
+        let nodes = (1..=n).map(|id| (id, NodeSlot::new(id, fsync_lies))).collect();
         let security = Arc::new(SimSecurity::new(seed, 1..=n));
-        Self { nodes, seed, bugs, security }
+        Self { nodes, seed, bugs, security, fsync_lies }
     }
 
     pub fn brokers(&self) -> Vec<String> {
@@ -184,60 +197,97 @@ impl Cluster {
 
     /// Registers every node as a turmoil host.
     pub fn register(&self, sim: &mut turmoil::Sim<'_>) {
-        let members: Vec<MemberConfig> = self
-            .nodes
-            .keys()
-            .map(|id| MemberConfig {
-                id: *id,
-                client_addr: client_addr(*id),
-                raft_addr: format!("{}:{RAFT_PORT}", host_name(*id)),
-            })
-            .collect();
-        for slot in self.nodes.values() {
-            let config = NodeConfig {
-                node_id: slot.id,
-                data_dir: format!("/data/n{}", slot.id).into(),
-                client_addr: client_addr(slot.id),
-                raft_addr: format!("{}:{RAFT_PORT}", host_name(slot.id)),
-                http_addr: format!("{}:9291", host_name(slot.id)),
-                initial_members: members.clone(),
-                // Often enough that retention (when a topic has it) acts during the chaos.
-                retention_check_interval_ms: 1000,
-                tls: Some(self.security.install(slot.id, &slot.disk)),
-                authentication: eddy_node::config::Authentication { client: true, kafka: true },
-                superusers: vec![format!("User:{SIM_ADMIN}")],
-                ..NodeConfig::default()
-            };
-            let (disk, store, refs) = (slot.disk.clone(), slot.store.clone(), slot.refs.clone());
-            let seed = self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ slot.id;
-            let bugs = self.bugs;
-            sim.host(host_name(slot.id), move || {
-                let env = NodeEnv {
-                    vfs: Arc::new(disk.clone()),
-                    state_store: Arc::new(store.clone()),
-                    clock: Arc::new(SimClock),
-                    connector: Arc::new(net::SimConnector),
-                    seed,
-                    // 0-39 ms per replica, fixed per node and seed.
-                    replica_open_delay: Duration::from_millis((seed >> 11) % 40),
-                    bugs,
-                };
-                let (config, refs) = (config.clone(), refs.clone());
-                async move {
-                    let client = net::listen(CLIENT_PORT).await?;
-                    let raft = net::listen(RAFT_PORT).await?;
-                    let probes = ProbeSocket::Task(Arc::new(net::SimDatagrams::bind(RAFT_PORT).await?));
-                    let node = eddy_node::node::start(config, env, client, raft, probes)
-                        .await
-                        .map_err(|e| format!("{e:#}"))?;
-                    *refs.lock().expect("refs lock poisoned") =
-                        Some(NodeRefs { meta: node.meta.clone(), replicas: node.replicas.clone() });
-                    // The node runs until its host crashes.
-                    std::future::pending::<()>().await;
-                    Ok(())
-                }
-            });
+        let members: Vec<MemberConfig> = self.nodes.keys().map(|id| member(*id)).collect();
+        for id in self.nodes.keys() {
+            self.register_node(sim, *id, members.clone(), Vec::new());
         }
+    }
+
+    /// Registers node `id` as a turmoil host that forms the cluster with `initial_members`, or
+    /// joins a running one through the client listeners in `join`.
+    fn register_node(
+        &self,
+        sim: &mut turmoil::Sim<'_>,
+        id: NodeId,
+        initial_members: Vec<MemberConfig>,
+        join: Vec<String>,
+    ) {
+        let slot = &self.nodes[&id];
+        let config = NodeConfig {
+            node_id: slot.id,
+            data_dir: format!("/data/n{}", slot.id).into(),
+            client_addr: client_addr(slot.id),
+            raft_addr: format!("{}:{RAFT_PORT}", host_name(slot.id)),
+            http_addr: format!("{}:9291", host_name(slot.id)),
+            initial_members,
+            join,
+            // Often enough that retention (when a topic has it) acts during the chaos.
+            retention_check_interval_ms: 1000,
+            tls: Some(self.security.install(slot.id, &slot.disk)),
+            authentication: eddy_node::config::Authentication { client: true, kafka: true },
+            superusers: vec![format!("User:{SIM_ADMIN}")],
+            ..NodeConfig::default()
+        };
+        let (disk, store, refs) = (slot.disk.clone(), slot.store.clone(), slot.refs.clone());
+        let seed = self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ slot.id;
+        let bugs = self.bugs;
+        sim.host(host_name(slot.id), move || {
+            let env = NodeEnv {
+                vfs: Arc::new(disk.clone()),
+                state_store: Arc::new(store.clone()),
+                clock: Arc::new(SimClock),
+                connector: Arc::new(net::SimConnector),
+                seed,
+                // 0-39 ms per replica, fixed per node and seed.
+                replica_open_delay: Duration::from_millis((seed >> 11) % 40),
+                bugs,
+            };
+            let (config, refs) = (config.clone(), refs.clone());
+            async move {
+                let client = net::listen(CLIENT_PORT).await?;
+                let raft = net::listen(RAFT_PORT).await?;
+                let probes = ProbeSocket::Task(Arc::new(net::SimDatagrams::bind(RAFT_PORT).await?));
+                let node = eddy_node::node::start(config, env, client, raft, probes)
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
+                *refs.lock().expect("refs lock poisoned") =
+                    Some(NodeRefs { meta: node.meta.clone(), replicas: node.replicas.clone() });
+                // The node runs until its host crashes, or stops itself after a write its disk
+                // could not make durable, as `eddy-node` does (its process then exits).
+                let storage = node.storage.clone();
+                storage.wait().await;
+                node.hand_over_leadership(Duration::from_secs(5)).await;
+                *refs.lock().expect("refs lock poisoned") = None;
+                node.shutdown().await;
+                Ok(())
+            }
+        });
+    }
+
+    /// A new node, with the next id, on a new host: it joins the cluster through the client
+    /// listeners of the nodes that are not retired.
+    pub fn join(&mut self, sim: &mut turmoil::Sim<'_>) -> NodeId {
+        let id = self.nodes.keys().max().copied().unwrap_or(0) + 1;
+        let join: Vec<String> =
+            self.nodes.values().filter(|s| !s.retired).map(|s| client_addr(s.id)).collect();
+        self.nodes.insert(id, NodeSlot::new(id, self.fsync_lies));
+        self.register_node(sim, id, Vec::new(), join);
+        id
+    }
+
+    /// Switches off for good the host of a node the cluster has removed.
+    pub fn retire(&mut self, sim: &mut turmoil::Sim<'_>, id: NodeId) {
+        if self.nodes.get(&id).is_some_and(|s| s.up) {
+            self.crash(sim, id, None, false);
+        }
+        if let Some(slot) = self.nodes.get_mut(&id) {
+            slot.retired = true;
+        }
+    }
+
+    /// Nodes whose hosts may run: every node not retired.
+    pub fn live_ids(&self) -> Vec<NodeId> {
+        self.nodes.values().filter(|s| !s.retired).map(|s| s.id).collect()
     }
 
     pub fn refs(&self, id: NodeId) -> Option<NodeRefs> {
@@ -270,7 +320,7 @@ impl Cluster {
     }
 
     pub fn restart(&mut self, sim: &mut turmoil::Sim<'_>, id: NodeId) {
-        let Some(slot) = self.nodes.get_mut(&id) else {
+        let Some(slot) = self.nodes.get_mut(&id).filter(|s| !s.retired) else {
             return;
         };
         sim.bounce(host_name(id));
@@ -286,6 +336,6 @@ impl Cluster {
     }
 
     pub fn down(&self) -> Vec<NodeId> {
-        self.nodes.values().filter(|s| !s.up).map(|s| s.id).collect()
+        self.nodes.values().filter(|s| !s.up && !s.retired).map(|s| s.id).collect()
     }
 }

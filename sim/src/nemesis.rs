@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use eddy_node::meta::state::NodeState;
 use eddy_raft::NodeId;
 use openraft::async_runtime::WatchReceiver;
 use rand::Rng;
@@ -16,11 +17,17 @@ use crate::cluster::host_name;
 use crate::profile::FaultClass;
 use crate::profile::Profile;
 use crate::trace::Trace;
+use crate::workload::AdminOp;
+use crate::workload::AdminQueue;
 
 /// Message latency of a healthy link.
 pub const BASE_MAX_LATENCY: Duration = Duration::from_millis(2);
 /// At most this many nodes are down at once (a minority of five).
 const DOWN_MAX: usize = 2;
+/// A decommission keeps at least this many members (active or joining).
+const MEMBERS_MIN: usize = 4;
+/// At most this many nodes join in a run.
+const JOINS_MAX: usize = 3;
 
 enum Undo {
     Repair(Vec<(String, String)>),
@@ -31,6 +38,10 @@ enum Undo {
     Restart(NodeId),
     /// The node's disk has room again.
     FreeDisk(NodeId),
+    /// A membership change: nothing to undo (the cluster carries it out).
+    Nothing,
+    /// The node's disk syncs again; its machine restarts, losing what was not durable.
+    SyncAgain(NodeId),
     /// Silent death: crash at `crash_at`, then restart (and repair) at the end.
     CrashThenRestart {
         node: NodeId,
@@ -58,10 +69,18 @@ pub struct Nemesis {
     pub injected: BTreeMap<FaultClass, u32>,
     /// Every fault that ended: (class, from, to), simulated ms; for the reports' shading.
     pub intervals: Vec<(FaultClass, u64, u64)>,
+    /// Moves and decommissions, carried out by the operator client.
+    pub admin: AdminQueue,
+    /// The node held down through the last writes: never decommissioned.
+    held_down: NodeId,
+    joined: usize,
+    /// Nodes the nemesis asked to decommission: they count as leaving before the cluster
+    /// says so.
+    leaving: std::collections::BTreeSet<NodeId>,
 }
 
 impl Nemesis {
-    pub fn new(profile: Profile, seed: u64, hosts: Vec<String>) -> Self {
+    pub fn new(profile: Profile, seed: u64, hosts: Vec<String>, held_down: NodeId) -> Self {
         let mut rng = SmallRng::seed_from_u64(seed ^ 0x4e4e_4e4e_0000_0002);
         let next_at =
             profile.classes.iter().map(|(c, s)| (*c, 3_000 + exp_gap(&mut rng, s.mean_gap_ms))).collect();
@@ -73,6 +92,10 @@ impl Nemesis {
             hosts,
             injected: BTreeMap::new(),
             intervals: Vec::new(),
+            admin: AdminQueue::default(),
+            held_down,
+            joined: 0,
+            leaving: Default::default(),
         }
     }
 
@@ -152,7 +175,7 @@ impl Nemesis {
         trace: &Trace,
     ) -> Option<Undo> {
         let up = Self::nodes_up(cluster);
-        let all: Vec<NodeId> = cluster.nodes.keys().copied().collect();
+        let all: Vec<NodeId> = cluster.live_ids();
         let desc;
         let undo = match class {
             FaultClass::Partition => {
@@ -219,6 +242,77 @@ impl Nemesis {
                 disk.set_capacity(Some(used));
                 desc = format!("n{n}'s disk full ({used} bytes used, none left)");
                 Undo::FreeDisk(n)
+            }
+            FaultClass::Move => {
+                let view = Self::latest_view(cluster)?;
+                let parts: Vec<(String, u32)> = view
+                    .state
+                    .topics
+                    .values()
+                    .flat_map(|t| (0..t.partitions.len() as u32).map(|p| (t.name.clone(), p)))
+                    .collect();
+                let (topic, partition) = parts.get(self.rng.random_range(0..parts.len().max(1)))?.clone();
+                let mut members: Vec<NodeId> = view
+                    .state
+                    .nodes
+                    .iter()
+                    .filter(|(_, n)| n.state == NodeState::Active)
+                    .map(|(id, _)| *id)
+                    .collect();
+                members.shuffle(&mut self.rng);
+                members.truncate(3);
+                members.sort_unstable();
+                desc = format!("{topic}/{partition} to {members:?}");
+                self.admin.lock().expect("admin queue lock").push_back(AdminOp::Move {
+                    topic,
+                    partition,
+                    replicas: members,
+                });
+                Undo::Nothing
+            }
+            FaultClass::Join => {
+                if self.joined >= JOINS_MAX {
+                    return None;
+                }
+                self.joined += 1;
+                let id = cluster.join(sim);
+                self.hosts.push(host_name(id));
+                desc = format!("n{id} joins");
+                Undo::Nothing
+            }
+            FaultClass::Decommission => {
+                let view = Self::latest_view(cluster)?;
+                let active: Vec<NodeId> = view
+                    .state
+                    .nodes
+                    .iter()
+                    .filter(|(id, n)| {
+                        matches!(n.state, NodeState::Active | NodeState::Draining)
+                            && !self.leaving.contains(id)
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                if active.len() <= MEMBERS_MIN {
+                    return None;
+                }
+                let candidates: Vec<NodeId> =
+                    active.iter().copied().filter(|n| *n != self.held_down && up.contains(n)).collect();
+                let n = self.pick(&candidates)?;
+                desc = format!("n{n}");
+                self.leaving.insert(n);
+                self.admin.lock().expect("admin queue lock").push_back(AdminOp::Decommission(n));
+                Undo::Nothing
+            }
+            FaultClass::FsyncFail => {
+                let failing = self.active.iter().filter(|a| matches!(a.undo, Undo::SyncAgain(_))).count();
+                if cluster.down().len() + failing >= DOWN_MAX {
+                    return None;
+                }
+                // A leader when there is one: its writes are the ones acknowledged.
+                let n = self.some_leader(cluster).or_else(|| self.pick(&up))?;
+                cluster.nodes[&n].disk.set_fsync_fails(true);
+                desc = format!("n{n}'s disk fails every sync");
+                Undo::SyncAgain(n)
             }
             FaultClass::Crash | FaultClass::Bounce | FaultClass::SilentDeath => {
                 if cluster.down().len() >= DOWN_MAX
@@ -311,6 +405,15 @@ impl Nemesis {
                 trace.push(now, "restart", format!("n{n}"));
             }
             Undo::FreeDisk(n) => cluster.nodes[&n].disk.set_capacity(None),
+            Undo::Nothing => {}
+            Undo::SyncAgain(n) => {
+                cluster.nodes[&n].disk.set_fsync_fails(false);
+                if cluster.nodes[&n].up {
+                    self.crash(now, sim, cluster, trace, n, true);
+                }
+                cluster.restart(sim, n);
+                trace.push(now, "restart", format!("n{n} (its disk replaced)"));
+            }
             Undo::CrashThenRestart { node, crashed, pairs, .. } => {
                 if !crashed {
                     self.crash(now, sim, cluster, trace, node, true);
@@ -324,6 +427,41 @@ impl Nemesis {
         }
         trace.push(now, "heal", format!("{} ended", a.class));
         self.intervals.push((a.class, a.started_at, now));
+    }
+
+    /// The metadata view of the running node that has applied the most.
+    fn latest_view(cluster: &Cluster) -> Option<std::sync::Arc<eddy_node::meta::sm::MetaView>> {
+        Self::nodes_up(cluster)
+            .into_iter()
+            .filter_map(|id| cluster.refs(id).map(|r| r.meta.view()))
+            .max_by_key(|v| v.last_applied.map(|l| l.index))
+    }
+
+    /// Switches off the hosts of nodes that the cluster has removed (as any running node's
+    /// metadata says: its view holds only committed changes). Runs through the whole run, the
+    /// heal included: a decommission may finish after it.
+    pub fn retire_removed(
+        &mut self,
+        now: u64,
+        sim: &mut turmoil::Sim<'_>,
+        cluster: &mut Cluster,
+        trace: &Trace,
+    ) {
+        let mut removed = std::collections::BTreeSet::new();
+        for id in Self::nodes_up(cluster) {
+            if let Some(r) = cluster.refs(id) {
+                let view = r.meta.view();
+                removed.extend(
+                    view.state.nodes.iter().filter(|(_, n)| n.state == NodeState::Removed).map(|(id, _)| *id),
+                );
+            }
+        }
+        for id in removed {
+            if cluster.nodes.get(&id).is_some_and(|s| !s.retired) {
+                cluster.retire(sim, id);
+                trace.push(now, "fault", format!("decommission of n{id} done: host switched off"));
+            }
+        }
     }
 
     /// Ends every fault: repairs every link, resets loss and latency, restarts every node.

@@ -35,10 +35,22 @@ pub enum FaultClass {
     /// writes with `disk_full`, hand its leaderships over, keep serving reads, and take writes
     /// again once space is freed, losing nothing.
     DiskFull,
+    /// A partition moves to three random members (a replica added, caught up, another removed)
+    /// while the other faults go on.
+    Move,
+    /// A new node joins the running cluster on a new host.
+    Join,
+    /// A member is decommissioned: its replicas move away, the cluster removes it, and its
+    /// host is switched off for good. At least four members stay.
+    Decommission,
+    /// A node's disk fails every sync (`EIO`), dropping what it was to persist, as Linux does.
+    /// The node must stop rather than retry; when the fault ends its machine restarts (losing
+    /// what was not durable) and it recovers from its disk and its peers.
+    FsyncFail,
 }
 
 impl FaultClass {
-    pub const ALL: [FaultClass; 10] = [
+    pub const ALL: [FaultClass; 14] = [
         FaultClass::Partition,
         FaultClass::OneWay,
         FaultClass::IsolateLeader,
@@ -49,12 +61,22 @@ impl FaultClass {
         FaultClass::Bounce,
         FaultClass::Freeze,
         FaultClass::DiskFull,
+        FaultClass::Move,
+        FaultClass::Join,
+        FaultClass::Decommission,
+        FaultClass::FsyncFail,
     ];
 
     /// Classes added after the first nine: a seed draws them from a stream of its own, so the
     /// first nine keep the profile they had for every seed (and `sim/REGRESSIONS.md` keeps
     /// meaning what it says).
-    const LATER: [FaultClass; 1] = [FaultClass::DiskFull];
+    const LATER: [FaultClass; 5] = [
+        FaultClass::DiskFull,
+        FaultClass::Move,
+        FaultClass::Join,
+        FaultClass::Decommission,
+        FaultClass::FsyncFail,
+    ];
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -68,6 +90,10 @@ impl FaultClass {
             FaultClass::Bounce => "bounce",
             FaultClass::Freeze => "freeze",
             FaultClass::DiskFull => "disk-full",
+            FaultClass::Move => "move",
+            FaultClass::Join => "join",
+            FaultClass::Decommission => "decommission",
+            FaultClass::FsyncFail => "fsync-fail",
         }
     }
 }

@@ -47,6 +47,9 @@ pub enum Bug {
     TokensUnchecked,
     /// A log append that meets a full disk is reported done although nothing was written.
     DiskFullIgnored,
+    /// A failed `fdatasync` of the log is taken for a good one (the node neither stops nor
+    /// fails the writes), so entries are acknowledged that the disk dropped.
+    FsyncFailureIgnored,
 }
 
 impl Bug {
@@ -56,6 +59,7 @@ impl Bug {
             Bug::FollowerReadsUncommitted => "follower-reads-uncommitted",
             Bug::TokensUnchecked => "tokens-unchecked",
             Bug::DiskFullIgnored => "disk-full-ignored",
+            Bug::FsyncFailureIgnored => "fsync-failure-ignored",
         }
     }
 }
@@ -267,6 +271,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         follower_reads_uncommitted: opts.bug == Some(Bug::FollowerReadsUncommitted),
         tokens_unchecked: opts.bug == Some(Bug::TokensUnchecked),
         disk_full_ignored: opts.bug == Some(Bug::DiskFullIgnored),
+        fsync_failure_ignored: opts.bug == Some(Bug::FsyncFailureIgnored),
     };
     let mut cluster = Cluster::new(opts.nodes, opts.seed, bugs, opts.bug == Some(Bug::AckBeforeFsync));
     cluster.register(&mut sim);
@@ -293,7 +298,15 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
     // Three client machines: one runs setup, admin actions and the final verification in turn;
     // one runs every producer; one every consumer. (Fewer hosts make the simulation faster;
     // each client still has its own connections.)
-    let clients: Vec<String> = vec!["admin".into(), "producers".into(), "consumers".into(), "group".into()];
+    let mut clients: Vec<String> =
+        vec!["admin".into(), "producers".into(), "consumers".into(), "group".into()];
+    // The operator's host exists only when the profile moves or decommissions, so that the
+    // runs of the profiles without them stay as they were.
+    let operates = profile.classes.contains_key(&FaultClass::Move)
+        || profile.classes.contains_key(&FaultClass::Decommission);
+    if operates {
+        clients.push("operator".into());
+    }
     let c = ctx.clone();
     sim.client("admin", async move {
         workload::setup(c.clone()).await?;
@@ -334,11 +347,15 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
 
     let mut hosts: Vec<String> = cluster.nodes.keys().map(|id| host_name(*id)).collect();
     hosts.extend(clients);
-    let mut nemesis = Nemesis::new(profile.clone(), opts.seed, hosts);
+    let held_down = ctx.nodes[(opts.seed % ctx.nodes.len() as u64) as usize];
+    let mut nemesis = Nemesis::new(profile.clone(), opts.seed, hosts, held_down);
+    if operates {
+        let (c, queue) = (ctx.clone(), nemesis.admin.clone());
+        sim.client("operator", workload::operator(c, queue));
+    }
     let mut observer = Observer::default();
     let chaos_end = opts.duration.as_millis() as u64;
     let mut healed = false;
-    let held_down = ctx.nodes[(opts.seed % ctx.nodes.len() as u64) as usize];
     let mut failure: Option<String> = None;
     loop {
         crate::clock::set(sim.elapsed());
@@ -373,6 +390,9 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         }
         if now.is_multiple_of(20) {
             observer.observe(now, &cluster, &trace);
+        }
+        if now.is_multiple_of(100) {
+            nemesis.retire_removed(now, &mut sim, &mut cluster, &trace);
         }
         if now.is_multiple_of(STATE_FLUSH_MS) {
             cluster.flush_state_stores();

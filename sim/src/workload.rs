@@ -546,6 +546,79 @@ pub async fn admin(ctx: Ctx) -> turmoil::Result {
     Ok(())
 }
 
+/// A membership change the nemesis asks for and the operator client carries out.
+#[derive(Debug, Clone)]
+pub enum AdminOp {
+    Move { topic: String, partition: u32, replicas: Vec<u64> },
+    Decommission(u64),
+}
+
+/// The operator's queue of membership changes, filled by the nemesis in the order it draws
+/// them.
+pub type AdminQueue = Arc<Mutex<std::collections::VecDeque<AdminOp>>>;
+
+/// The operator: carries out the moves and decommissions the nemesis draws, one at a time and
+/// in order, as an operator with `eddyctl` would, until the chaos ends and none is left.
+pub async fn operator(ctx: Ctx, queue: AdminQueue) -> turmoil::Result {
+    ctx.wait_ready().await;
+    let client = ctx.connect().await;
+    let chaos_end = ctx.config.chaos_end.as_millis() as u64;
+    loop {
+        let op = queue.lock().expect("admin queue lock").pop_front();
+        let Some(op) = op else {
+            if now_ms() >= chaos_end {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let (what, r) = match &op {
+            AdminOp::Move { topic, partition, replicas } => (
+                format!("move {topic}/{partition} to {replicas:?}"),
+                client.move_partition(topic, *partition, replicas.clone()).await,
+            ),
+            AdminOp::Decommission(n) => (
+                format!("decommission node {n}"),
+                client.set_node_state(*n, "decommissioning").await.map(|_| ()),
+            ),
+        };
+        let outcome = r.map_or_else(|e| format!("failed: {e}"), |()| "started".into());
+        ctx.trace.push(now_ms(), "admin", format!("{what}: {outcome}"));
+    }
+}
+
+/// How long after the heal moves and decommissions may still run.
+const SETTLE_BOUND: Duration = Duration::from_secs(120);
+
+/// Waits until no partition is moving and no node is being decommissioned, so that the audit
+/// reads a placement that holds still; a liveness violation if that takes over
+/// [`SETTLE_BOUND`].
+async fn settle(ctx: &Ctx, client: &Client) {
+    let deadline = now_ms() + SETTLE_BOUND.as_millis() as u64;
+    loop {
+        let moving = client.list_moves().await.map(|m| m.moves.len());
+        let leaving = client
+            .list_nodes()
+            .await
+            .map(|l| l.nodes.iter().filter(|n| n.state == "decommissioning").count());
+        if let (Ok(0), Ok(0)) = (&moving, &leaving) {
+            return;
+        }
+        if now_ms() >= deadline {
+            let list = client
+                .list_moves()
+                .await
+                .map(|m| m.moves.iter().map(|m| format!("{}/{}", m.topic, m.partition)).collect::<Vec<_>>());
+            ctx.audit.lock().expect("audit lock").liveness.push(format!(
+                "{SETTLE_BOUND:?} after healing, partitions still moving: {list:?}; nodes still \
+                 decommissioning: {leaving:?}"
+            ));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Reads a partition from node `node` up to and including `last`.
 async fn read_replica(
     client: &Client,
@@ -676,8 +749,9 @@ pub async fn verifier(ctx: Ctx) -> turmoil::Result {
     while ctx.quiet_restart.load(Ordering::SeqCst) != QUIET_RESTART_DONE {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let start = now_ms();
     let client = ctx.connect().await;
+    settle(&ctx, &client).await;
+    let start = now_ms();
     let deadline = start + LIVENESS_BOUND.as_millis() as u64;
     idle_catch_up(&ctx, &client).await;
     ctx.trace.push(now_ms(), "verifier", format!("idle catch-up checked after {} ms", now_ms() - start));

@@ -91,11 +91,33 @@ pub struct PartitionManager {
     pub liveness: Arc<Liveness>,
     pub tasks: TaskTracker,
     pub metrics: Arc<NodeMetrics>,
+    pub storage: crate::disk::StorageFailure,
 }
 
 /// The seed of a group's Raft randomness on a node: distinct per group, fixed per node seed.
 pub fn group_seed(node_seed: u64, group: GroupId) -> u64 {
     node_seed ^ group.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// The settings of a log on this node: its syncs timed into the metrics, its failures stopping
+/// the node.
+pub fn log_config(
+    segment_bytes_max: u64,
+    metrics: &Arc<NodeMetrics>,
+    storage: &crate::disk::StorageFailure,
+    env: &NodeEnv,
+) -> LogConfig {
+    #[cfg(not(feature = "planted-bugs"))]
+    let _ = env;
+    LogConfig {
+        segment_bytes_max,
+        on_sync: Some(metrics.sync_observer()),
+        on_failure: Some(storage.observer()),
+        #[cfg(feature = "planted-bugs")]
+        ignore_disk_full: env.bugs.disk_full_ignored,
+        #[cfg(feature = "planted-bugs")]
+        ignore_fsync_failure: env.bugs.fsync_failure_ignored,
+    }
 }
 
 impl PartitionManager {
@@ -250,12 +272,7 @@ impl PartitionManager {
         let (log, report) = LogStore::open(
             self.env.vfs.clone(),
             &dir,
-            LogConfig {
-                segment_bytes_max,
-                on_sync: Some(self.metrics.sync_observer()),
-                #[cfg(feature = "planted-bugs")]
-                ignore_disk_full: self.env.bugs.disk_full_ignored,
-            },
+            log_config(segment_bytes_max, &self.metrics, &self.storage, &self.env),
         )
         .await
         .with_context(|| format!("open the log of group {group}"))?;

@@ -8,6 +8,7 @@ pub mod store;
 
 pub use segments::RecoveryReport;
 pub use segments::SegmentInfo;
+pub use store::FailureObserver;
 pub use store::LogConfig;
 pub use store::LogReader;
 pub use store::LogStore;

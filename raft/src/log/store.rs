@@ -49,16 +49,25 @@ pub const REPLICATION_READ_BYTES_MAX: usize = 8 << 20;
 /// Told how long each group-commit sync took (for the fsync latency metric).
 pub type SyncObserver = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
 
+/// Told, once, when the log could not make its writes durable (a failed `fdatasync`): the
+/// node stops, since the kernel may already have dropped what it was to persist.
+pub type FailureObserver = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// Settings of one group's log.
 #[derive(Clone)]
 pub struct LogConfig {
     /// A segment is closed and a new one started once it would grow past this.
     pub segment_bytes_max: u64,
     pub on_sync: Option<SyncObserver>,
+    pub on_failure: Option<FailureObserver>,
     /// Planted bug `disk-full-ignored` (simulator only): an append that meets a full disk is
     /// reported done although nothing was written.
     #[cfg(feature = "planted-bugs")]
     pub ignore_disk_full: bool,
+    /// Planted bug `fsync-failure-ignored` (simulator only): a failed `fdatasync` is taken for
+    /// a good one, as databases did before "fsyncgate".
+    #[cfg(feature = "planted-bugs")]
+    pub ignore_fsync_failure: bool,
 }
 
 impl Default for LogConfig {
@@ -66,8 +75,11 @@ impl Default for LogConfig {
         Self {
             segment_bytes_max: 64 << 20,
             on_sync: None,
+            on_failure: None,
             #[cfg(feature = "planted-bugs")]
             ignore_disk_full: false,
+            #[cfg(feature = "planted-bugs")]
+            ignore_fsync_failure: false,
         }
     }
 }
@@ -90,6 +102,7 @@ pub struct LogStore {
     shared: Arc<Shared>,
     state: StateFile,
     flush_tx: mpsc::Sender<IOFlushed<C>>,
+    on_failure: Option<FailureObserver>,
     #[cfg(feature = "planted-bugs")]
     ignore_disk_full: bool,
 }
@@ -118,12 +131,18 @@ impl LogStore {
         let shared =
             Arc::new(Shared { segments: RwLock::new(segments), vote: RwLock::new(state.state().vote) });
         let (flush_tx, flush_rx) = mpsc::channel(FLUSH_QUEUE_MAX);
-        tokio::spawn(flusher(flush_rx, shared.clone(), config.on_sync.clone()));
+        #[cfg(feature = "planted-bugs")]
+        let ignore_fsync_failure = config.ignore_fsync_failure;
+        #[cfg(not(feature = "planted-bugs"))]
+        let ignore_fsync_failure = false;
+        let observers = (config.on_sync.clone(), config.on_failure.clone());
+        tokio::spawn(flusher(flush_rx, shared.clone(), observers, ignore_fsync_failure));
         Ok((
             Self {
                 shared,
                 state,
                 flush_tx,
+                on_failure: config.on_failure.clone(),
                 #[cfg(feature = "planted-bugs")]
                 ignore_disk_full: config.ignore_disk_full,
             },
@@ -142,7 +161,12 @@ impl LogStore {
     }
 }
 
-async fn flusher(mut rx: mpsc::Receiver<IOFlushed<C>>, shared: Arc<Shared>, on_sync: Option<SyncObserver>) {
+async fn flusher(
+    mut rx: mpsc::Receiver<IOFlushed<C>>,
+    shared: Arc<Shared>,
+    (on_sync, on_failure): (Option<SyncObserver>, Option<FailureObserver>),
+    ignore_failure: bool,
+) {
     let mut failed: Option<String> = None;
     let mut batch = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -169,9 +193,18 @@ async fn flusher(mut rx: mpsc::Receiver<IOFlushed<C>>, shared: Arc<Shared>, on_s
             if let Some(observe) = &on_sync {
                 observe(started.elapsed());
             }
-            if let Err(e) = result {
-                error!("log fsync failed; the group stops accepting writes: {e}");
-                failed = Some(e.to_string());
+            match result {
+                Ok(()) => {}
+                Err(e) if ignore_failure => warn!("log fsync failed (planted bug: taken as done): {e}"),
+                Err(e) => {
+                    let dir = shared.segments.read().expect("log lock poisoned").dir().to_owned();
+                    let msg = format!("log fsync failed in {}: {e}", dir.display());
+                    error!("{msg}; the group stops accepting writes");
+                    if let Some(fail) = &on_failure {
+                        fail(&msg);
+                    }
+                    failed = Some(e.to_string());
+                }
             }
         }
         for cb in batch.drain(..) {
@@ -275,7 +308,14 @@ impl RaftLogStorage<C> for LogStore {
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         let mut st = self.state.state().clone();
         st.vote = Some(*vote);
-        self.state.save(st).await?;
+        if let Err(e) = self.state.save(st).await {
+            // A full disk was waited out inside `save`: this is a failed write or sync.
+            if let Some(fail) = &self.on_failure {
+                let dir = self.shared.segments.read().expect("log lock poisoned").dir().to_owned();
+                fail(&format!("saving the vote in {} failed: {e}", dir.display()));
+            }
+            return Err(e);
+        }
         *self.shared.vote.write().expect("vote lock poisoned") = Some(*vote);
         Ok(())
     }
