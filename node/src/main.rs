@@ -222,8 +222,9 @@ async fn run_node(cli: Cli) -> anyhow::Result<()> {
     match failed {
         None => Ok(()),
         Some(why) => anyhow::bail!(
-            "stopped after a storage failure: {why}; check the disk (dmesg), then start the node again: \
-             it recovers what the disk holds and its peers send it the rest"
+            "stopped after a storage failure: {why}; check the disk (dmesg), reboot the machine (or drop the \
+             page cache: the cache may hold writes the disk never got), then start the node again: it \
+             recovers what the disk holds and its peers send it the rest"
         ),
     }
 }

@@ -394,6 +394,7 @@ pub async fn start(
     let (mut sm, view) =
         MetaStateMachine::open(env.state_store.clone()).context("open the metadata state")?;
     sm.set_apply_observer(metrics.meta_apply_observer());
+    sm.set_log(log.reader());
     let network = GroupNetwork::new(META_GROUP, me, peers.clone());
     let raft: MetaRaft = Runtime::scope(
         group_seed(env.seed, META_GROUP),

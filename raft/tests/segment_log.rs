@@ -1091,3 +1091,70 @@ async fn an_append_on_a_full_disk_waits_for_space_and_leaves_the_log_as_it_was()
     assert_log(&mut store, None, &all, "after recovery").await?;
     Ok(())
 }
+
+/// A failed sync is not retried and covers nothing: its callback fails, the failure is
+/// reported once (the node stops on it), later appends fail too even once the disk syncs again,
+/// and `wait_durable` never lets a state machine apply an entry the failed sync was to persist.
+/// After the power loss the log holds what the last good sync did. Before, a state store could
+/// persist an entry applied from the unsynced log; openraft then found the state ahead of the
+/// log on restart and took it for a purge, discarding the whole log (simulator seed 12).
+#[tokio::test(start_paused = true)]
+async fn a_failed_sync_is_final_and_never_counts_as_durable() -> io::Result<()> {
+    let disk = MemDisk::new();
+    let reported = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let on_failure: eddy_raft::log::FailureObserver = {
+        let reported = reported.clone();
+        Arc::new(move |why: &str| reported.lock().expect("lock").push(why.to_owned()))
+    };
+    let config = LogConfig {
+        segment_bytes_max: SEGMENT_BYTES_SMALL,
+        on_failure: Some(on_failure),
+        ..LogConfig::default()
+    };
+    let (mut store, _) = LogStore::open(Arc::new(disk.clone()), log_dir(), config).await?;
+    let reader = store.reader();
+    append_durable(&mut store, entries(1, 10)).await?;
+    let wait = std::time::Duration::from_secs(5);
+    assert!(tokio::time::timeout(wait, reader.wait_durable(10)).await.is_ok(), "synced entries are durable");
+
+    disk.set_fsync_fails(true);
+    let failed = append(&mut store, entries(11, 20)).await?;
+    assert!(flushed(failed).await.is_err(), "the append whose sync failed fails");
+    assert_eq!(reported.lock().expect("lock").len(), 1, "the failure is reported: {reported:?}");
+    assert!(
+        reported.lock().expect("lock")[0].contains("/group/log"),
+        "the report names the log: {reported:?}"
+    );
+    assert!(tokio::time::timeout(wait, reader.wait_durable(11)).await.is_err(), "not durable");
+
+    disk.set_fsync_fails(false);
+    let later = append(&mut store, entries(21, 21)).await?;
+    assert!(flushed(later).await.is_err(), "no retry: the log stays failed although syncs work again");
+    assert!(tokio::time::timeout(wait, reader.wait_durable(11)).await.is_err(), "still not durable");
+
+    drop(store);
+    disk.crash(None);
+    let (mut store, _) = open(&disk, SEGMENT_BYTES_SMALL).await?;
+    assert_log(&mut store, None, &entries(1, 10), "after the power loss").await?;
+    Ok(())
+}
+
+/// A truncation lowers what counts as durable: an entry rewritten at a truncated index is
+/// durable only once its own sync completed.
+#[tokio::test(start_paused = true)]
+async fn a_truncation_lowers_what_counts_as_durable() -> io::Result<()> {
+    let disk = MemDisk::new();
+    let (mut store, _) = open(&disk, SEGMENT_BYTES_SMALL).await?;
+    let reader = store.reader();
+    append_durable(&mut store, entries(1, 10)).await?;
+    store.truncate_after(Some(log_id(2, 5))).await?;
+    let wait = std::time::Duration::from_secs(5);
+    assert!(tokio::time::timeout(wait, reader.wait_durable(5)).await.is_ok(), "what was kept stays durable");
+    assert!(tokio::time::timeout(wait, reader.wait_durable(6)).await.is_err(), "6 was truncated");
+    disk.set_fsync_fails(true);
+    let rewritten = vec![entry(9, 6, 10)];
+    let rx = append(&mut store, rewritten.clone()).await?;
+    assert!(flushed(rx).await.is_err());
+    assert!(tokio::time::timeout(wait, reader.wait_durable(6)).await.is_err(), "its sync failed");
+    Ok(())
+}

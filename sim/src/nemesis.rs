@@ -408,9 +408,12 @@ impl Nemesis {
             Undo::Nothing => {}
             Undo::SyncAgain(n) => {
                 cluster.nodes[&n].disk.set_fsync_fails(false);
-                if cluster.nodes[&n].up {
-                    self.crash(now, sim, cluster, trace, n, true);
-                }
+                // The machine restarts whether or not the process still runs (another fault may
+                // have stopped it): after a failed sync the page cache may hold writes the disk
+                // never got, and only a reboot (or dropping the cache) shows the process the
+                // disk as it is. A process merely restarted would recover from those cached
+                // writes and sync after them, leaving a hole for the next power loss to expose.
+                self.crash(now, sim, cluster, trace, n, true);
                 cluster.restart(sim, n);
                 trace.push(now, "restart", format!("n{n} (its disk replaced)"));
             }

@@ -640,14 +640,16 @@ async fn read_replica(
             }
         }
     };
+    let mut last_error = None;
     while offset <= last {
         if tokio::time::Instant::now() >= deadline {
             return Err(format!(
-                "node {node} served {}/{} offsets of {}/{} before the deadline",
+                "node {node} served {}/{} offsets of {}/{} before the deadline (from offset {offset}: {})",
                 out.len(),
                 last + 1,
                 key.0,
-                key.1
+                key.1,
+                last_error.unwrap_or_else(|| "no records".to_owned())
             ));
         }
         match client
@@ -672,7 +674,10 @@ async fn read_replica(
                     offset = offset.max(r.offset);
                 }
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => {
+                last_error = Some(e.to_string());
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
         }
     }
     Ok(out)

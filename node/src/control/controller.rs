@@ -1,6 +1,7 @@
 //! Duties of the metadata leader that no single request triggers: removing a decommissioned
-//! node once it holds no replica, and keeping the metadata group at up to five voters by
-//! promoting learners when voters leave. Runs on every node; acts only on the leader.
+//! node once it holds no replica (from the metadata group first, then marking it removed, so
+//! that "removed" means its machine may be switched off), and keeping the metadata group at up
+//! to five voters by promoting learners before voters leave. Runs on every node; acts only on the leader.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -43,43 +44,19 @@ impl Controller {
     async fn round(&self) {
         let view = self.meta.view();
         let counts = view.state.replica_counts();
-        for (id, n) in &view.state.nodes {
-            if n.state == NodeState::Decommissioning && counts.get(id).copied().unwrap_or(0) == 0 {
-                info!(node = id, "decommissioned node holds no replica any more; removing it");
-                if let Err(e) = self
-                    .meta
-                    .write(MetaCommand::SetNodeState { node: *id, state: NodeState::Removed }, STEP_TIMEOUT)
-                    .await
-                {
-                    warn!(node = id, "marking the node removed failed: {e}");
-                    continue;
-                }
-            }
-        }
         let membership = self.meta.raft().metrics().borrow_watched().membership_config.membership().clone();
         let members: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
-        for (id, n) in &view.state.nodes {
-            if n.state != NodeState::Removed || !members.contains(id) {
-                continue;
-            }
-            if *id == self.me {
-                // A leader cannot remove itself cleanly: hand the leadership over first.
-                let m = self.meta.raft().metrics().borrow_watched().clone();
-                if let Some(to) = crate::control::reconciler::successor(&m, &self.liveness) {
-                    info!(to, "this node was removed; handing the metadata leadership over");
-                    let _ =
-                        eddy_raft::liveness::transfer_leadership(self.meta.raft(), to, &self.liveness).await;
-                }
-                return;
-            }
-            info!(node = id, "removing the node from the metadata group");
-            if let Err(e) = self.meta.leave(*id, STEP_TIMEOUT).await {
-                warn!(node = id, "removing the node from the metadata group failed: {e}");
-            }
-            return;
-        }
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        if voters.len() < META_VOTERS_MAX {
+        let leaving = |id: &NodeId| {
+            view.state
+                .nodes
+                .get(id)
+                .is_some_and(|n| matches!(n.state, NodeState::Decommissioning | NodeState::Removed))
+        };
+        // Voters first: an active learner takes the place of a voter that is leaving or gone,
+        // before that voter leaves, so the group keeps its size and its quorum.
+        let staying = voters.iter().filter(|v| !leaving(v)).count();
+        if staying < META_VOTERS_MAX {
             let candidate = membership
                 .learner_ids()
                 .find(|l| view.state.nodes.get(l).is_some_and(|n| n.state == NodeState::Active));
@@ -92,6 +69,49 @@ impl Controller {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => warn!(node = l, "promoting the learner failed: {e}"),
                     Err(_) => warn!(node = l, "promoting the learner timed out"),
+                }
+                return;
+            }
+        }
+        for (id, n) in &view.state.nodes {
+            let emptied = n.state == NodeState::Decommissioning && counts.get(id).copied().unwrap_or(0) == 0;
+            // A decommissioned node leaves the metadata group before it is marked removed:
+            // "removed" tells the operator the machine may be switched off, and switching off
+            // a node that still votes in the metadata group would cost the group its quorum
+            // once a majority of its voters were decommissioned.
+            let lingering = n.state == NodeState::Removed;
+            if !(emptied || lingering) {
+                continue;
+            }
+            if members.contains(id) {
+                if *id == self.me {
+                    // A leader cannot remove itself cleanly: hand the leadership over first.
+                    let m = self.meta.raft().metrics().borrow_watched().clone();
+                    if let Some(to) = crate::control::reconciler::successor(&m, &self.liveness) {
+                        info!(to, "this node is leaving; handing the metadata leadership over");
+                        let _ =
+                            eddy_raft::liveness::transfer_leadership(self.meta.raft(), to, &self.liveness)
+                                .await;
+                    }
+                    return;
+                }
+                info!(node = id, "decommissioned node holds no replica; removing it from the metadata group");
+                if let Err(e) = self.meta.leave(*id, STEP_TIMEOUT).await {
+                    warn!(node = id, "removing the node from the metadata group failed: {e}");
+                }
+                return;
+            }
+            if emptied {
+                info!(
+                    node = id,
+                    "decommissioned node holds no replica and left the metadata group; marking it removed"
+                );
+                if let Err(e) = self
+                    .meta
+                    .write(MetaCommand::SetNodeState { node: *id, state: NodeState::Removed }, STEP_TIMEOUT)
+                    .await
+                {
+                    warn!(node = id, "marking the node removed failed: {e}");
                 }
             }
         }

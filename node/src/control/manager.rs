@@ -280,6 +280,7 @@ impl PartitionManager {
         let reader = log.reader();
         let (sm, progress, index) = PartitionStateMachine::open(self.env.state_store.clone(), group)
             .with_context(|| format!("open the state of group {group}"))?;
+        let sm = sm.with_log(reader.clone());
         let network =
             GroupNetwork::new(group, self.me, self.peers.clone()).with_liveness(self.liveness.clone());
         let failed_sessions = network.failed_sessions();

@@ -338,9 +338,16 @@ pub struct MetaStateMachine {
     tree: Arc<dyn KvTree>,
     store: Arc<dyn StateStore>,
     tx: watch::Sender<Arc<MetaView>>,
+    /// The metadata log: an entry is applied only once it is on this node's disk (see
+    /// `LogReader::wait_durable`), so the stored state is never ahead of the log.
+    log: Option<eddy_raft::log::LogReader>,
 }
 
 impl MetaStateMachine {
+    pub fn set_log(&mut self, log: eddy_raft::log::LogReader) {
+        self.log = Some(log);
+    }
+
     /// Opens the state machine from the state store (tree `meta`).
     pub fn open(store: Arc<dyn StateStore>) -> io::Result<(Self, watch::Receiver<Arc<MetaView>>)> {
         let tree = store.tree("meta")?;
@@ -371,6 +378,7 @@ impl MetaStateMachine {
             tree,
             store,
             tx,
+            log: None,
         };
         Ok((sm, rx))
     }
@@ -415,6 +423,9 @@ impl RaftStateMachine<C> for MetaStateMachine {
         let mut structural = false;
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
+            if let Some(log) = &self.log {
+                log.wait_durable(entry.log_id.index).await;
+            }
             started.get_or_insert_with(tokio::time::Instant::now);
             self.view.last_applied = Some(entry.log_id);
             let reply = match entry.payload {

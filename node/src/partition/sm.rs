@@ -104,6 +104,8 @@ pub struct PartitionStateMachine {
     persisted_at: tokio::time::Instant,
     /// The persist started in the background, if it may still run.
     persisting: Option<tokio::task::JoinHandle<()>>,
+    /// The group's log: an entry is applied only once it is on this replica's disk.
+    log: Option<eddy_raft::log::LogReader>,
 }
 
 /// The state-store tree of a partition group.
@@ -142,8 +144,16 @@ impl PartitionStateMachine {
             progress,
             persisted_at: tokio::time::Instant::now(),
             persisting: None,
+            log: None,
         };
         Ok((sm, rx, tree))
+    }
+
+    /// Applies an entry only once `log` holds it on disk (see `LogReader::wait_durable`), so
+    /// the stored state is never ahead of the log.
+    pub fn with_log(mut self, log: eddy_raft::log::LogReader) -> Self {
+        self.log = Some(log);
+        self
     }
 }
 
@@ -202,6 +212,9 @@ impl RaftStateMachine<C> for PartitionStateMachine {
         let mut replies = Vec::new();
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
+            if let Some(log) = &self.log {
+                log.wait_durable(entry.log_id.index).await;
+            }
             let applied_before = self.state.meta.last_applied.replace(entry.log_id);
             let reply = match entry.payload {
                 EntryPayload::Blank => PartitionReply::Done,

@@ -95,6 +95,12 @@ impl std::fmt::Debug for LogConfig {
 struct Shared {
     segments: RwLock<Segments>,
     vote: RwLock<Option<Vote>>,
+    /// One past the last index known to be on disk: recovered entries, then what each
+    /// successful sync covered. Lowered by a truncation.
+    durable_end: tokio::sync::watch::Sender<u64>,
+    /// The lowest `durable_end` a truncation set since the flusher last took the dirty files:
+    /// a sync under way makes durable no more than what survived the truncation.
+    cut_since_take: std::sync::Mutex<u64>,
 }
 
 /// The log of one Raft group.
@@ -128,8 +134,13 @@ impl LogStore {
         if let Some(reason) = &report.reason {
             warn!(dir = %dir.display(), truncated_bytes = report.truncated_bytes, "cut the log's tail on recovery: {reason}");
         }
-        let shared =
-            Arc::new(Shared { segments: RwLock::new(segments), vote: RwLock::new(state.state().vote) });
+        let recovered_end = segments.last_log_id().map_or(0, |l| l.index + 1);
+        let shared = Arc::new(Shared {
+            segments: RwLock::new(segments),
+            vote: RwLock::new(state.state().vote),
+            durable_end: tokio::sync::watch::Sender::new(recovered_end),
+            cut_since_take: std::sync::Mutex::new(u64::MAX),
+        });
         let (flush_tx, flush_rx) = mpsc::channel(FLUSH_QUEUE_MAX);
         #[cfg(feature = "planted-bugs")]
         let ignore_fsync_failure = config.ignore_fsync_failure;
@@ -178,7 +189,13 @@ async fn flusher(
             }
         }
         if failed.is_none() {
-            let (files, dir) = shared.segments.write().expect("log lock poisoned").take_dirty();
+            let (files, dir, end) = {
+                let mut segs = shared.segments.write().expect("log lock poisoned");
+                *shared.cut_since_take.lock().expect("cut lock poisoned") = u64::MAX;
+                let end = segs.last_log_id().map_or(0, |l| l.index + 1);
+                let (files, dir) = segs.take_dirty();
+                (files, dir, end)
+            };
             let started = tokio::time::Instant::now();
             let result = async {
                 for f in files {
@@ -193,9 +210,12 @@ async fn flusher(
             if let Some(observe) = &on_sync {
                 observe(started.elapsed());
             }
-            match result {
-                Ok(()) => {}
-                Err(e) if ignore_failure => warn!("log fsync failed (planted bug: taken as done): {e}"),
+            let synced = match result {
+                Ok(()) => true,
+                Err(e) if ignore_failure => {
+                    warn!("log fsync failed (planted bug: taken as done): {e}");
+                    true
+                }
                 Err(e) => {
                     let dir = shared.segments.read().expect("log lock poisoned").dir().to_owned();
                     let msg = format!("log fsync failed in {}: {e}", dir.display());
@@ -204,7 +224,16 @@ async fn flusher(
                         fail(&msg);
                     }
                     failed = Some(e.to_string());
+                    false
                 }
+            };
+            if synced {
+                let end = end.min(*shared.cut_since_take.lock().expect("cut lock poisoned"));
+                shared.durable_end.send_if_modified(|d| {
+                    let raise = end > *d;
+                    *d = (*d).max(end);
+                    raise
+                });
             }
         }
         for cb in batch.drain(..) {
@@ -219,6 +248,17 @@ async fn flusher(
 }
 
 impl LogReader {
+    /// Waits until the entry at `index` is on this replica's disk. A state machine applies an
+    /// entry only then: openraft applies what the cluster committed once it is in the local
+    /// log, synced or not, and a state store that persisted an entry the log then lost (a
+    /// power loss, a failed sync) would be ahead of its log on restart, which openraft takes
+    /// for a purge, discarding the whole log below it.
+    pub async fn wait_durable(&self, index: u64) {
+        let mut rx = self.shared.durable_end.subscribe();
+        // Fails only if the sender is gone, which the shared state outlives.
+        let _ = rx.wait_for(|end| *end > index).await;
+    }
+
     pub fn last_log_id(&self) -> Option<LogId> {
         self.shared.segments.read().expect("log lock poisoned").last_log_id()
     }
@@ -364,6 +404,14 @@ impl RaftLogStorage<C> for LogStore {
         let (files, removed, vfs, dir) = {
             let mut segs = self.shared.segments.write().expect("log lock poisoned");
             let (files, removed) = segs.truncate_after(last_log_id)?;
+            let end = last_log_id.map_or(0, |l| l.index + 1);
+            let mut cut = self.shared.cut_since_take.lock().expect("cut lock poisoned");
+            *cut = (*cut).min(end);
+            self.shared.durable_end.send_if_modified(|d| {
+                let lower = end < *d;
+                *d = (*d).min(end);
+                lower
+            });
             (files, removed, segs.vfs().clone(), segs.dir().to_owned())
         };
         for f in files {
