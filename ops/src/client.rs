@@ -27,6 +27,8 @@ const RESPONSE_BYTES_MAX: usize = 64 << 20;
 /// A broker that did not answer in time (or refused the connection) is asked last for this long:
 /// a frozen or dead node must not cost every metadata request its whole deadline.
 const UNRESPONSIVE_FOR: Duration = Duration::from_secs(10);
+/// The least time one broker gets when a cluster-wide request shares its time among several.
+const ATTEMPT_MIN: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -450,7 +452,7 @@ impl Client {
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         let timeout = self.inner.config.request_timeout;
-        self.call_each(what, timeout, || self.candidates(), || async {}, |ch, _| f(ch)).await
+        self.call_each(what, timeout, true, || self.candidates(), || async {}, |ch, _| f(ch)).await
     }
 
     /// The retry loop under every call: tries `f` on each address `targets` names, in order,
@@ -462,6 +464,7 @@ impl Client {
         &self,
         what: &str,
         timeout: Duration,
+        spread: bool,
         targets: impl Fn() -> Vec<String>,
         mut after_round: R,
         mut f: F,
@@ -477,10 +480,22 @@ impl Client {
         let mut last = ClientError::Unavailable(format!("{what}: nothing answered"));
         loop {
             let mut out_of_range = None;
-            for addr in targets() {
-                let remaining = deadline.saturating_duration_since(Instant::now());
+            let mut round = targets();
+            let mut i = 0;
+            while i < round.len() {
+                let addr = round[i].clone();
+                i += 1;
+                let mut remaining = deadline.saturating_duration_since(Instant::now());
                 if remaining.is_zero() {
                     return Err(last);
+                }
+                let untried = (round.len() + 1 - i) as u32;
+                if spread && untried > 1 {
+                    // A cluster-wide request shares its time among the brokers still to ask,
+                    // so that switched-off ones (a connect that never completes) listed first
+                    // cannot use all of it: a new client whose bootstrap list starts with
+                    // decommissioned nodes still reaches a live one.
+                    remaining = (remaining / untried).max(ATTEMPT_MIN).min(remaining);
                 }
                 let channel = self.channel(&addr)?;
                 let answer = tokio::time::timeout(remaining, f(channel, remaining)).await;
@@ -495,6 +510,15 @@ impl Client {
                         }
                         if !e.is_retriable() {
                             return Err(e);
+                        }
+                        tracing::debug!(%addr, "{what}: {e}; trying the next broker");
+                        // The leader the answer names goes next, even if this client's metadata
+                        // does not know it yet (a node that joined since it was read).
+                        if let ClientError::Server { leader_addr: Some(l), .. } = &e
+                            && !round[..i].contains(l)
+                        {
+                            round.retain(|a| a != l);
+                            round.insert(i, l.clone());
                         }
                         last =
                             ClientError::Unavailable(format!("{what}: broker {addr}: {e}{}", tls_hint(&e)));
@@ -538,7 +562,7 @@ impl Client {
         let reload = || async {
             let _ = self.refresh_metadata().await;
         };
-        self.call_each(what, timeout, targets, reload, |ch, remaining| {
+        self.call_each(what, timeout, false, targets, reload, |ch, remaining| {
             f(
                 BrokerClient::new(ch)
                     .max_decoding_message_size(RESPONSE_BYTES_MAX)

@@ -73,6 +73,25 @@ impl Controller {
                 return;
             }
         }
+        // A decommission leaves partitions that were moving at the time alone; once such a move
+        // completes, the node's remaining replicas are planned away by deciding again.
+        for (id, n) in &view.state.nodes {
+            let unplanned = n.state == NodeState::Decommissioning
+                && view
+                    .state
+                    .topics
+                    .values()
+                    .flat_map(|t| &t.partitions)
+                    .any(|p| p.target.is_none() && p.replicas.contains(id));
+            if unplanned {
+                info!(node = id, "planning the moves of a decommissioned node's remaining replicas");
+                let cmd = MetaCommand::SetNodeState { node: *id, state: NodeState::Decommissioning };
+                if let Err(e) = self.meta.write(cmd, STEP_TIMEOUT).await {
+                    warn!(node = id, "planning the decommission's remaining moves failed: {e}");
+                }
+                return;
+            }
+        }
         for (id, n) in &view.state.nodes {
             let emptied = n.state == NodeState::Decommissioning && counts.get(id).copied().unwrap_or(0) == 0;
             // A decommissioned node leaves the metadata group before it is marked removed:

@@ -657,6 +657,13 @@ impl MetaState {
                     )));
                 };
                 *load.entry(to).or_default() += 1;
+                // A partition already moving keeps its target: replacing it would forget the
+                // nodes that move may already have made voters, and they would count as holding
+                // nothing (and could be removed) while the group still needs them. The
+                // controller plans it once that move completes (`Controller::round`).
+                if p.target.is_some() {
+                    continue;
+                }
                 let new: Vec<NodeId> = p.desired().iter().map(|r| if *r == node { to } else { *r }).collect();
                 plan.push((t.name.clone(), i, new));
             }
@@ -883,6 +890,33 @@ mod tests {
         }
         assert_eq!(s.replica_counts()[&1], 0);
         assert_eq!(s.apply(removed), MetaReply::Done);
+    }
+
+    /// A decommission during a move leaves that move's target alone: the nodes it added may
+    /// already be voters, and replacing the target made them count as holding nothing, so they
+    /// were removed (and switched off) while the group still needed them (simulator seed 43).
+    /// The partition is planned away once the move completes, by deciding again.
+    #[test]
+    fn a_decommission_never_replaces_the_target_of_a_move_under_way() {
+        let mut s = cluster(6);
+        create(&mut s, "t", 1, 3);
+        let before = s.topics["t"].partitions[0].replicas.clone();
+        let outsiders: Vec<u64> = (1..=6).filter(|n| !before.contains(n)).collect();
+        let target = vec![before[0], outsiders[0], outsiders[1]];
+        let mv = MetaCommand::MovePartition { topic: "t".into(), partition: 0, replicas: target.clone() };
+        assert_eq!(s.apply(mv), MetaReply::Done);
+        let leaving = outsiders[0];
+        let r = s.apply(MetaCommand::SetNodeState { node: leaving, state: NodeState::Decommissioning });
+        assert!(matches!(r, MetaReply::Moving(_)), "{r:?}");
+        assert_eq!(s.topics["t"].partitions[0].target.as_ref(), Some(&target), "the move keeps its target");
+        assert!(s.replica_counts()[&leaving] > 0, "the node the move adds still holds a replica");
+        let group = s.topics["t"].partitions[0].group_id;
+        s.apply(MetaCommand::CompleteMove { group, replicas: target.clone() });
+        // What the controller does next: decide again, which plans the remaining replica away.
+        let r = s.apply(MetaCommand::SetNodeState { node: leaving, state: NodeState::Decommissioning });
+        assert!(matches!(r, MetaReply::Moving(ref m) if m.len() == 1), "{r:?}");
+        let next = s.topics["t"].partitions[0].target.clone().expect("planned");
+        assert!(!next.contains(&leaving) && next.len() == 3, "{next:?}");
     }
 
     #[test]
