@@ -604,15 +604,25 @@ pub async fn start(
         async move {
             let mut rx = meta.subscribe();
             loop {
-                let members = rx
-                    .borrow_and_update()
-                    .state
-                    .nodes
-                    .iter()
-                    .filter(|(_, n)| n.state != NodeState::Removed)
-                    .map(|(id, n)| (*id, n.addr.raft_addr.clone()))
-                    .collect();
-                liveness.set_members(members);
+                let (members, gone) = {
+                    let view = rx.borrow_and_update();
+                    let members = view
+                        .state
+                        .nodes
+                        .iter()
+                        .filter(|(_, n)| n.state != NodeState::Removed)
+                        .map(|(id, n)| (*id, n.addr.raft_addr.clone()))
+                        .collect();
+                    let gone = view
+                        .state
+                        .nodes
+                        .iter()
+                        .filter(|(_, n)| n.state == NodeState::Removed)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    (members, gone)
+                };
+                liveness.set_members_and_gone(members, gone);
                 tokio::select! {
                     // Both arms only wait.
                     _ = cancel.cancelled() => break,
@@ -674,7 +684,18 @@ pub async fn start(
         .run(cancel.clone())
         .instrument(info_span!("registration", node = me)),
     );
-    if pristine && !config.join.is_empty() {
+    // A node not in the metadata group's membership (as its own log knows it) joins, pristine
+    // or not: a joiner restarted before its join completed may already hold a vote (another
+    // node's Raft traffic reached its address), and it would otherwise never join.
+    let member = meta
+        .raft()
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .membership()
+        .nodes()
+        .any(|(id, _)| *id == me);
+    if (pristine || !member) && !config.join.is_empty() {
         let (join, connector, addr) = (config.join.clone(), env.connector.clone(), config.addr());
         let cancel = cancel.clone();
         spawn_task(

@@ -1050,8 +1050,8 @@ impl Client {
             return self.candidates();
         };
         let addr = |n: u64| md.client_addr(n).map(str::to_owned);
-        match choice {
-            ReplicaChoice::Node(n) => addr(n).into_iter().collect(),
+        let mut v = match choice {
+            ReplicaChoice::Node(n) => return addr(n).into_iter().collect(),
             ReplicaChoice::Leader => {
                 let mut v: Vec<String> = p.leader.and_then(addr).into_iter().collect();
                 v.extend(
@@ -1065,7 +1065,12 @@ impl Client {
                 v.extend(p.leader.and_then(addr));
                 v
             }
-        }
+        };
+        // Replicas that recently did not answer go last, in the same order: a switched-off one
+        // the metadata still lists must not cost every read its whole deadline.
+        let unresponsive = self.unresponsive();
+        v.sort_by_key(|a| unresponsive.contains(a));
+        v
     }
 
     /// Reads from `offset`. Tries the chosen replicas in order; a replica that cannot answer is

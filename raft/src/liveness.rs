@@ -275,6 +275,13 @@ impl Liveness {
 
     /// Sets the peers to watch (node id → Raft address); this node is left out.
     pub fn set_members(&self, members: BTreeMap<NodeId, String>) {
+        self.set_members_and_gone(members, BTreeSet::new());
+    }
+
+    /// [`Liveness::set_members`], and the nodes removed from the cluster: those count as down
+    /// for good, so a group still led by one (its replica deleted, its machine switched off)
+    /// elects a new leader instead of waiting for it.
+    pub fn set_members_and_gone(&self, members: BTreeMap<NodeId, String>, gone: BTreeSet<NodeId>) {
         let now = Instant::now();
         let mut inner = self.lock();
         inner.peers.retain(|id, _| members.contains_key(id));
@@ -299,6 +306,7 @@ impl Liveness {
         inner.wake.retain(|id, _| peers.contains(id));
         let mut view = inner.view.clone();
         view.down.retain(|id| peers.contains(id));
+        view.down.extend(gone.into_iter().filter(|id| *id != self.me && !peers.contains(id)));
         view.ups.retain(|id, _| peers.contains(id));
         self.publish(&mut inner, view);
     }
@@ -1132,6 +1140,25 @@ mod tests {
         // Its runtime runs again: it answers again.
         tokio::spawn(two.clone().pulse(CancellationToken::new()));
         until(&one, "node 2 up again", |v| !v.is_down(2)).await;
+    }
+
+    /// A node removed from the cluster is down for good: a group it still led (its replica
+    /// deleted by a decommission, its machine switched off) elects another leader. Before, a
+    /// node that was no longer a peer counted as alive, and such a group never elected.
+    #[test]
+    fn a_removed_node_counts_as_down() {
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        runtime.block_on(async {
+            let l = Liveness::new(1, 11);
+            l.set_members([(2, ADDRS[1].to_owned()), (3, "127.0.0.1:9".to_owned())].into());
+            assert!(!l.view().leader_gone(7, 3, 2), "a member is alive until judged down");
+            l.set_members_and_gone([(2, ADDRS[1].to_owned())].into(), [3, 1].into());
+            assert!(l.view().leader_gone(7, 3, 2), "a removed leader is gone");
+            assert!(!l.is_alive(3));
+            assert!(l.is_alive(1), "this node never counts as down");
+            assert!(l.is_alive(9), "a node it knows nothing about counts as alive");
+        });
     }
 
     #[test]
