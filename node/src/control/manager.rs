@@ -180,8 +180,26 @@ impl PartitionManager {
                     continue;
                 }
                 let span = info_span!("partition", node = self.me, group = p.group_id, topic = %topic.name, partition = i);
+                // Only a group that never moved may be initialized: a node that an earlier move
+                // took the partition from, and a later one brings it back to, opens a pristine
+                // replica, and initializing that would found a second, empty group under the
+                // same id (simulator seed 88 lost every event of t1/1 that way).
+                let set = |v: &[NodeId]| {
+                    let mut v = v.to_vec();
+                    v.sort_unstable();
+                    v
+                };
+                let founding = p.target.is_none() && set(&p.replicas) == set(&p.initial_replicas);
                 match self
-                    .start_group(view, &topic.name, i as u32, p.group_id, &p.initial_replicas, cancel)
+                    .start_group(
+                        view,
+                        &topic.name,
+                        i as u32,
+                        p.group_id,
+                        &p.initial_replicas,
+                        founding,
+                        cancel,
+                    )
                     .instrument(span)
                     .await
                 {
@@ -261,6 +279,7 @@ impl PartitionManager {
         partition: u32,
         group: GroupId,
         initial_replicas: &[NodeId],
+        founding: bool,
         cancel: &CancellationToken,
     ) -> anyhow::Result<PartitionHandle> {
         if !self.env.replica_open_delay.is_zero() {
@@ -295,7 +314,7 @@ impl PartitionManager {
         // any entry could never initialize (openraft refuses once a vote is stored), and if the
         // candidate it voted for died with the only copy of the membership, the group could
         // never elect. All write the same entry (term 0, index 0, the initial replicas).
-        if pristine && initial_replicas.contains(&self.me) {
+        if pristine && founding && initial_replicas.contains(&self.me) {
             let members: BTreeMap<NodeId, NodeAddr> = initial_replicas
                 .iter()
                 .filter_map(|id| view.state.nodes.get(id).map(|n| (*id, n.addr.clone())))
