@@ -180,29 +180,7 @@ impl PartitionManager {
                     continue;
                 }
                 let span = info_span!("partition", node = self.me, group = p.group_id, topic = %topic.name, partition = i);
-                // Only a group that never moved may be initialized: a node that an earlier move
-                // took the partition from, and a later one brings it back to, opens a pristine
-                // replica, and initializing that would found a second, empty group under the
-                // same id (simulator seed 88 lost every event of t1/1 that way).
-                let set = |v: &[NodeId]| {
-                    let mut v = v.to_vec();
-                    v.sort_unstable();
-                    v
-                };
-                let founding = p.target.is_none() && set(&p.replicas) == set(&p.initial_replicas);
-                match self
-                    .start_group(
-                        view,
-                        &topic.name,
-                        i as u32,
-                        p.group_id,
-                        &p.initial_replicas,
-                        founding,
-                        cancel,
-                    )
-                    .instrument(span)
-                    .await
-                {
+                match self.start_group(view, &topic.name, i as u32, p, cancel).instrument(span).await {
                     Ok(h) => self.replicas.insert(h),
                     Err(e) => {
                         failed = true;
@@ -277,11 +255,20 @@ impl PartitionManager {
         view: &MetaView,
         topic: &str,
         partition: u32,
-        group: GroupId,
-        initial_replicas: &[NodeId],
-        founding: bool,
+        record: &crate::meta::state::PartitionRecord,
         cancel: &CancellationToken,
     ) -> anyhow::Result<PartitionHandle> {
+        let (group, initial_replicas) = (record.group_id, &record.initial_replicas[..]);
+        // Only a group that never moved may be initialized: a node that an earlier move took
+        // the partition from, and a later one brings it back to, opens a pristine replica, and
+        // initializing that would found a second, empty group under the same id (simulator
+        // seed 88 lost every event of t1/1 that way).
+        let set = |v: &[NodeId]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            v
+        };
+        let founding = record.target.is_none() && set(&record.replicas) == set(initial_replicas);
         if !self.env.replica_open_delay.is_zero() {
             tokio::time::sleep(self.env.replica_open_delay).await;
         }
