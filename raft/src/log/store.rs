@@ -254,6 +254,10 @@ impl LogReader {
     /// power loss, a failed sync) would be ahead of its log on restart, which openraft takes
     /// for a purge, discarding the whole log below it.
     pub async fn wait_durable(&self, index: u64) {
+        // Every applied entry asks: the common case (already synced) takes no subscription.
+        if *self.shared.durable_end.borrow() > index {
+            return;
+        }
         let mut rx = self.shared.durable_end.subscribe();
         // Fails only if the sender is gone, which the shared state outlives.
         let _ = rx.wait_for(|end| *end > index).await;
