@@ -599,6 +599,14 @@ pub async fn start(
             .run_wakes(Arc::new(Peers::new(env.connector.clone())), cancel.clone())
             .instrument(info_span!("wakes", node = me)),
     );
+    spawn_task(
+        &tasks,
+        "vouch",
+        security
+            .clone()
+            .vouch(Arc::new(Peers::new(env.connector.clone())), cancel.clone())
+            .instrument(info_span!("vouch", node = me)),
+    );
     spawn_task(&tasks, "liveness_members", {
         let (liveness, meta, cancel) = (liveness.clone(), meta.clone(), cancel.clone());
         async move {

@@ -267,6 +267,12 @@ impl Liveness {
                 .is_some_and(|p| Instant::now().duration_since(p.last_ok) > SUSPECT_AFTER)
     }
 
+    /// Whether `node` is this node or a member as this node's metadata shows it (see
+    /// [`Liveness::set_members_and_gone`]).
+    pub fn is_member(&self, node: NodeId) -> bool {
+        node == self.me || self.lock().peers.contains_key(&node)
+    }
+
     /// True unless `node` is judged down. This node is always alive; a node that is not a
     /// peer (yet) counts as alive, so nothing acts on a node it knows nothing about.
     pub fn is_alive(&self, node: NodeId) -> bool {
@@ -575,10 +581,11 @@ impl Liveness {
     /// The wake-ups to send now: per peer with some and no call under way.
     fn take_wakes(&self) -> Vec<(NodeId, String, Vec<Wake>)> {
         let mut inner = self.lock();
-        let Inner { peers, wake, .. } = &mut *inner;
+        let Inner { peers, wake, view, .. } = &mut *inner;
         let mut due = Vec::new();
         for (id, p) in peers.iter_mut() {
-            if p.waking {
+            // A peer judged down keeps its wake-ups until it is up.
+            if p.waking || view.is_down(*id) {
                 continue;
             }
             if let Some(groups) = wake.remove(id).filter(|g| !g.is_empty()) {
@@ -589,14 +596,15 @@ impl Liveness {
         due
     }
 
-    /// A wake-up call ended; the wake-ups of a failed one are sent again unless the peer is
-    /// down (then the leader's side of [`GroupWatch`] takes over when it comes back).
+    /// A wake-up call ended; the wake-ups of a failed one are sent again, once the peer is up
+    /// if it is down. (A leader's side of [`GroupWatch`] heartbeats a returning follower, but
+    /// a wake saying that its sender lost a leadership has no other way to the followers: a
+    /// follower that never hears it waits for that leader for good.)
     fn wakes_done(&self, id: NodeId, failed: Option<Vec<Wake>>) {
         let mut inner = self.lock();
-        let down = inner.view.is_down(id);
         let Some(p) = inner.peers.get_mut(&id) else { return };
         p.waking = false;
-        if let Some(failed) = failed.filter(|_| !down) {
+        if let Some(failed) = failed {
             let queued = inner.wake.entry(id).or_default();
             for w in failed {
                 queued.entry(w.group_id).or_insert(w);
@@ -1158,6 +1166,43 @@ mod tests {
             assert!(!l.is_alive(3));
             assert!(l.is_alive(1), "this node never counts as down");
             assert!(l.is_alive(9), "a node it knows nothing about counts as alive");
+        });
+    }
+
+    /// A wake saying that its sender lost a leadership is the only way its followers learn it
+    /// (simulator seed 182): one that cannot be sent while the peer is down is sent once it is
+    /// up, and one whose call failed is kept for it.
+    #[test]
+    fn a_wake_to_a_peer_that_is_down_is_sent_once_it_is_up() {
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        runtime.block_on(async {
+            let l = Liveness::new(1, 11);
+            l.set_members([(2, ADDRS[1].to_owned())].into());
+            let set_down = |down: bool| {
+                let mut inner = l.lock();
+                let mut view = inner.view.clone();
+                if down {
+                    view.down.insert(2);
+                } else {
+                    view.down.remove(&2);
+                }
+                l.publish(&mut inner, view);
+            };
+            let wake = Wake { group_id: 7, term: 3, leader_lost: true };
+            set_down(true);
+            l.request_wake(wake, [2]);
+            assert!(l.take_wakes().is_empty(), "nothing is sent to a peer judged down");
+            set_down(false);
+            let due = l.take_wakes();
+            assert_eq!(due.len(), 1);
+            assert_eq!(due[0].2, vec![wake]);
+            // The call fails, and the peer is judged down meanwhile: the wake waits for it.
+            set_down(true);
+            l.wakes_done(2, Some(due[0].2.clone()));
+            assert!(l.take_wakes().is_empty());
+            set_down(false);
+            assert_eq!(l.take_wakes().first().map(|d| d.2.clone()), Some(vec![wake]));
         });
     }
 

@@ -115,6 +115,11 @@ impl MemDisk {
         self.lock().fsync_fails = fails;
     }
 
+    /// Whether syncs fail (see [`MemDisk::set_fsync_fails`]).
+    pub fn fsync_fails(&self) -> bool {
+        self.lock().fsync_fails
+    }
+
     /// Makes `sync_data` lie: it succeeds without persisting anything.
     pub fn set_fsync_lies(&self, lies: bool) {
         self.lock().fsync_lies = lies;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use eddy_proto::RAFT_WIRE_VERSION;
 use eddy_proto::v1::NodeHeartbeat;
+use eddy_proto::v1::NodeIds;
 use eddy_proto::v1::RaftCallKind;
 use eddy_proto::v1::RaftCalls;
 use eddy_proto::v1::RaftReply;
@@ -106,6 +107,25 @@ impl RaftService {
         let f = g.follows();
         let candidate = Some(vote_req.vote.leader_id().voted_for);
         let term = f.vote.leader_id().term;
+        if req.group_id != META_GROUP
+            && let Some(leader) = f.leader
+            && leader != self.me
+            && Some(leader) == candidate
+            && vote_req.vote.leader_id().term > term
+        {
+            // The leader this replica follows asks for a later term: it no longer leads (it
+            // restarted, or gave up), and no live node will step in while this replica counts
+            // it as alive. (Its own campaign may fail for a shorter log, as after a restart
+            // that lost unsynced entries, so the replica must not wait for it.)
+            debug!(
+                node = self.me,
+                group = req.group_id,
+                leader,
+                term,
+                "the leader asks for a later term: disowned"
+            );
+            self.liveness.disown(req.group_id, leader, term);
+        }
         if req.group_id != META_GROUP
             && let Some(leader) = f.leader
             && Some(leader) != candidate
@@ -320,6 +340,11 @@ impl raft_server::Raft for RaftService {
             }
         }
         Ok(Response::new(self.liveness.answer()))
+    }
+
+    async fn members(&self, request: Request<NodeIds>) -> Result<Response<NodeIds>, Status> {
+        let ids = request.into_inner().ids.into_iter().filter(|id| self.liveness.is_member(*id)).collect();
+        Ok(Response::new(NodeIds { ids }))
     }
 
     async fn forward_meta(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {

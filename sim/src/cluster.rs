@@ -242,14 +242,22 @@ impl Cluster {
                 replica_open_delay: Duration::from_millis((seed >> 11) % 40),
                 bugs,
             };
-            let (config, refs) = (config.clone(), refs.clone());
+            let (config, refs, disk) = (config.clone(), refs.clone(), disk.clone());
             async move {
                 let client = net::listen(CLIENT_PORT).await?;
                 let raft = net::listen(RAFT_PORT).await?;
                 let probes = ProbeSocket::Task(Arc::new(net::SimDatagrams::bind(RAFT_PORT).await?));
-                let node = eddy_node::node::start(config, env, client, raft, probes)
-                    .await
-                    .map_err(|e| format!("{e:#}"))?;
+                let node = match eddy_node::node::start(config, env, client, raft, probes).await {
+                    Ok(node) => node,
+                    // A node restarted on a disk that fails its syncs cannot start, and
+                    // `eddy-node` exits naming the failure; the fault's end reboots it. Any other
+                    // failure to start stops the simulation.
+                    Err(e) if disk.fsync_fails() => {
+                        tracing::warn!("the node did not start: {e:#}");
+                        return Ok(());
+                    }
+                    Err(e) => return Err(format!("{e:#}").into()),
+                };
                 *refs.lock().expect("refs lock poisoned") =
                     Some(NodeRefs { meta: node.meta.clone(), replicas: node.replicas.clone() });
                 // The node runs until its host crashes, or stops itself after a write its disk

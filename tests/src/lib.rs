@@ -35,14 +35,18 @@ use serde_json::Value;
 /// Builds the workspace's binaries once per test process and returns the path of `name`.
 ///
 /// `cargo test` builds only the binaries of the package under test, and these tests drive the
-/// binaries of two other packages, so the harness asks cargo for them (a no-op when fresh).
+/// binaries of two other packages, so the harness asks cargo for them (a no-op when fresh). It
+/// asks for the workspace's tests too: with them cargo resolves features as `cargo test
+/// --workspace` does (dev-dependencies enable tokio's `test-util`, the simulator eddy-node's
+/// `planted-bugs`), so after the README's test command has built everything this builds
+/// nothing, where building the binaries alone rebuilt tokio and all that uses it (CI: 100 s).
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     let dir = built.get_or_insert_with(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "eddy-node", "-p", "eddy-ops", "--bins"]);
+        cmd.args(["build", "--quiet", "--workspace", "--bins", "--tests"]);
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }

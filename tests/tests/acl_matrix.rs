@@ -88,6 +88,7 @@ const METHODS: &[(&str, Need)] = &[
     ("Raft/TransferLeader", Need::Nodes),
     ("Raft/ForwardMeta", Need::Nodes),
     ("Raft/Heartbeat", Need::Nodes),
+    ("Raft/Members", Need::Nodes),
     ("Health/Check", Need::Public),
 ];
 
@@ -229,6 +230,7 @@ async fn call(ch: &Channel, token: Option<&str>, method: &str) -> Result<(), ton
         "Raft/TransferLeader" => go!(r, transfer_leader, pb::RaftRequest::default()),
         "Raft/ForwardMeta" => go!(r, forward_meta, pb::RaftRequest::default()),
         "Raft/Heartbeat" => go!(r, heartbeat, pb::NodeHeartbeat::default()),
+        "Raft/Members" => go!(r, members, pb::NodeIds::default()),
         "Health/Check" => {
             let h = tonic_health::pb::health_client::HealthClient::new(ch.clone());
             go!(h, check, tonic_health::pb::HealthCheckRequest { service: String::new() })

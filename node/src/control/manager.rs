@@ -10,6 +10,7 @@
 //! entry, term 0 index 0).
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::RwLock;
@@ -94,6 +95,10 @@ pub struct PartitionManager {
     pub storage: crate::disk::StorageFailure,
 }
 
+/// How long the manager waits for the metadata to confirm that a stopped replica may be
+/// deleted before it tries again.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The seed of a group's Raft randomness on a node: distinct per group, fixed per node seed.
 pub fn group_seed(node_seed: u64, group: GroupId) -> u64 {
     node_seed ^ group.wrapping_mul(0x9e37_79b9_7f4a_7c15)
@@ -125,13 +130,17 @@ impl PartitionManager {
         let mut rx = self.meta.subscribe();
         let mut done: Option<Arc<MetaView>> = None;
         let mut failed = false;
+        // Replicas stopped because this node's view no longer places them here, whose data is
+        // deleted only once a confirmed view agrees (see `reconcile`).
+        let mut stopped: BTreeSet<GroupId> = BTreeSet::new();
         loop {
             let view = rx.borrow_and_update().clone();
             // Nothing changes without a change of placement (nodes, topics, replicas), unless a
-            // replica failed to start: only then is there a retry, so an idle node does not walk
-            // its partitions every second, nor on every consumer-group commit.
+            // replica failed to start or a stopped one awaits deletion: only then is there a
+            // retry, so an idle node does not walk its partitions every second, nor on every
+            // consumer-group commit.
             if failed || !done.as_ref().is_some_and(|d| d.same_placement(&view)) {
-                failed = self.reconcile(&view, &cancel).await;
+                failed = self.reconcile(&view, &mut stopped, &cancel).await;
                 done = Some(view);
             }
             let retry = async {
@@ -157,14 +166,54 @@ impl PartitionManager {
         }
     }
 
-    /// Starts and stops replicas to match `view`. Returns whether a replica failed to start.
-    async fn reconcile(&self, view: &MetaView, cancel: &CancellationToken) -> bool {
+    /// Starts and stops replicas to match `view`, and deletes the data of those it stopped once
+    /// a confirmed view agrees. Returns whether something is left to retry.
+    ///
+    /// This node's view may lag: a move may have brought a partition back here, and its leader
+    /// may already count this replica's log (the learner it added had caught up, since its log
+    /// was still there) as a voter's. Deleting that log would lose entries a quorum was counted
+    /// on (simulator seed 37 with `--retention`). So a replica the view no longer places here is
+    /// first stopped, so that it answers no leader any more, and its data is deleted only if the
+    /// metadata as of a read index, taken after it stopped, does not place it here either. A
+    /// move that brings it back later adds it afresh, with nothing counted.
+    async fn reconcile(
+        &self,
+        view: &MetaView,
+        stopped: &mut BTreeSet<GroupId>,
+        cancel: &CancellationToken,
+    ) -> bool {
         let mut failed = false;
         // Replicas this node no longer holds: their topic is gone, or a move took them away.
         for g in self.replicas.all() {
             let keep = view.partition_of(g.group()).is_some_and(|(_, _, p)| p.holders().contains(&self.me));
             if !keep {
-                self.remove_group(g).await;
+                stopped.insert(g.group());
+                self.stop_group(g).await;
+            }
+        }
+        if !stopped.is_empty() {
+            match self.meta.confirmed_view(CONFIRM_TIMEOUT).await {
+                Ok(confirmed) => {
+                    for group in std::mem::take(stopped) {
+                        if confirmed
+                            .partition_of(group)
+                            .is_some_and(|(_, _, p)| p.holders().contains(&self.me))
+                        {
+                            info!(
+                                group,
+                                "a replica this node's view no longer placed here is placed here again: keeping its data"
+                            );
+                            // Started again from the confirmed view, on the next round.
+                            failed = true;
+                        } else {
+                            self.delete_group_data(group);
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(groups = ?stopped, "stopped replicas kept until the metadata confirms their removal: {e}");
+                    failed = true;
+                }
             }
         }
         for topic in view.state.topics.values() {
@@ -177,6 +226,12 @@ impl PartitionManager {
                 }
                 if let Some(g) = self.replicas.get(p.group_id) {
                     g.set_retention(TopicSettings::of(topic));
+                    continue;
+                }
+                if stopped.contains(&p.group_id) {
+                    // Stopped, and placed here again by a newer view than the one that stopped
+                    // it: the confirmation above still decides; it starts on the next round.
+                    failed = true;
                     continue;
                 }
                 let span = info_span!("partition", node = self.me, group = p.group_id, topic = %topic.name, partition = i);
@@ -223,14 +278,14 @@ impl PartitionManager {
         }
     }
 
-    /// Stops a replica and deletes its log and state.
-    async fn remove_group(&self, g: PartitionHandle) {
+    /// Stops a replica, keeping its log and state.
+    async fn stop_group(&self, g: PartitionHandle) {
         let group = g.group();
         info!(
             group,
             topic = g.topic(),
             partition = g.partition(),
-            "removing a replica this node no longer holds"
+            "stopping a replica this node no longer holds"
         );
         self.replicas.remove(group);
         g.stop_tasks();
@@ -240,7 +295,11 @@ impl PartitionManager {
         }
         // No persist of its state may reach the state store after the tree is dropped.
         g.close_state();
-        drop(g);
+    }
+
+    /// Deletes a stopped replica's log and state.
+    fn delete_group_data(&self, group: GroupId) {
+        info!(group, "removing the log and state of a replica this node no longer holds");
         let dir = self.data_dir.join("groups").join(group.to_string());
         if let Err(e) = self.env.vfs.remove_dir_all(&dir) {
             warn!(group, "deleting {}: {e}", dir.display());

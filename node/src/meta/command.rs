@@ -157,6 +157,8 @@ pub enum MetaReply {
     Error(MetaError),
     /// Whether a command changed anything (users and ACL bindings).
     Changed(bool),
+    /// The leader's read index (see `MetaRequest::ReadIndex`).
+    ReadIndex(u64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

@@ -68,6 +68,9 @@ pub enum MetaRequest {
         generation: u64,
         owned: Vec<TopicPartition>,
     },
+    /// The leader's read index: the log index up to which a node must have applied the
+    /// metadata for its view to hold every change committed before the request (Raft §6.4).
+    ReadIndex,
 }
 
 #[derive(Clone)]
@@ -174,6 +177,17 @@ impl MetaHandle {
             MetaRequest::Join { id, addr } => self.join_local(*id, addr.clone()).await,
             MetaRequest::Heartbeat { group, member, generation, owned } => {
                 self.heartbeat_local(group, member, *generation, owned).await
+            }
+            MetaRequest::ReadIndex => {
+                use openraft::ReadPolicy;
+                use openraft::errors::LinearizableReadError;
+                match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+                    Ok(read) => Attempt::Done(MetaReply::ReadIndex(read.log_id().index)),
+                    Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
+                        forward_or_retry(self.me, f)
+                    }
+                    Err(e) => Attempt::Retry(format!("metadata read failed: {e}")),
+                }
             }
             MetaRequest::Leave { id } => {
                 let m = self.raft.metrics().borrow_watched().membership_config.membership().clone();
@@ -339,6 +353,26 @@ impl MetaHandle {
         timeout: Duration,
     ) -> Result<MetaReply, BrokerError> {
         self.request(MetaRequest::Heartbeat { group, member, generation, owned }, timeout).await
+    }
+
+    /// This node's metadata view once it holds every change committed before the call, on any
+    /// node (a follower asks the leader for its read index and waits to have applied up to it):
+    /// what a decision that must not act on a stale view, such as deleting a replica, reads.
+    pub async fn confirmed_view(&self, timeout: Duration) -> Result<Arc<MetaView>, BrokerError> {
+        let deadline = Instant::now() + timeout;
+        let index = match self.request(MetaRequest::ReadIndex, timeout).await? {
+            MetaReply::ReadIndex(i) => i,
+            other => {
+                return Err(BrokerError::Internal(format!("unexpected reply to a read index: {other:?}")));
+            }
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match self.raft.wait(Some(remaining)).applied_index_at_least(Some(index), "the read index").await {
+            Ok(_) => Ok(self.view()),
+            Err(e) => Err(BrokerError::Unavailable(format!(
+                "metadata not applied up to the leader's read index {index} within {timeout:?}: {e}"
+            ))),
+        }
     }
 
     /// Removes `id` from the metadata group.

@@ -13,11 +13,21 @@ pub mod rules;
 pub mod tls;
 pub mod users;
 
+use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::time::Duration;
 
+use eddy_proto::v1::NodeIds;
+use eddy_proto::v1::raft_client::RaftClient;
 use eddy_raft::NodeId;
+use eddy_raft::transport::Peers;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+use tracing::info;
 
 use crate::error::BrokerError;
 use crate::meta::MetaHandle;
@@ -28,6 +38,11 @@ use acl::AclIndex;
 use acl::Operation;
 use acl::Principal;
 use acl::ResourceType;
+
+/// How often this node asks the members it knows about one node its metadata does not list.
+pub const VOUCH_RETRY: Duration = Duration::from_secs(1);
+/// Deadline of one such question.
+pub const VOUCH_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How a caller proved who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +101,12 @@ pub struct Security {
     acls: Mutex<(Arc<BTreeSet<AclBinding>>, Arc<AclIndex>)>,
     /// This node's byte-rate meters.
     pub quotas: quota::Quotas,
+    /// Nodes this node's metadata does not list yet that a member it knows counts as members
+    /// (see [`Security::vouch`]).
+    vouched: Mutex<BTreeSet<NodeId>>,
+    /// Unlisted nodes that called, to ask the members about, with when each was last asked.
+    unlisted: Mutex<BTreeMap<NodeId, Option<Instant>>>,
+    unlisted_added: Notify,
     /// Bugs the simulator planted.
     #[cfg(feature = "planted-bugs")]
     pub bugs: crate::env::PlantedBugs,
@@ -106,6 +127,9 @@ impl Security {
             initial_members,
             metrics,
             acls: Mutex::default(),
+            vouched: Mutex::default(),
+            unlisted: Mutex::default(),
+            unlisted_added: Notify::new(),
             quotas: Default::default(),
             #[cfg(feature = "planted-bugs")]
             bugs: Default::default(),
@@ -174,16 +198,109 @@ impl Security {
     /// Whether node `id` may speak Raft to this one: a member that has not been removed. Before
     /// this node's metadata records any node: one of `initial_members` when it forms the cluster,
     /// and any node the CA vouched for when it joins one (it holds nothing yet, and learns the
-    /// members from the metadata the leader sends it).
+    /// members from the metadata the leader sends it). A node the metadata does not list yet
+    /// may have joined while this node's metadata lagged (it was away, or its disk was full),
+    /// and may even lead the metadata group, which alone can bring this node up to date: it is
+    /// let in once a member this node knows counts it as a member (see [`Security::vouch`]).
     pub fn node_is_member(&self, id: NodeId) -> bool {
         let view = self.meta.view();
         match view.state.nodes.get(&id) {
             Some(n) => n.state != NodeState::Removed,
+            None if view.state.nodes.is_empty() => {
+                self.initial_members.is_empty() || self.initial_members.contains(&id)
+            }
             None => {
-                view.state.nodes.is_empty()
-                    && (self.initial_members.is_empty() || self.initial_members.contains(&id))
+                if self.vouched.lock().expect("vouched lock poisoned").contains(&id) {
+                    return true;
+                }
+                if self.unlisted.lock().expect("unlisted lock poisoned").insert(id, None).is_none() {
+                    self.unlisted_added.notify_one();
+                }
+                false
             }
         }
+    }
+
+    /// Asks the members this node knows about the nodes that called it without being listed
+    /// in its metadata (see [`Security::node_is_member`]), each at most once per
+    /// [`VOUCH_RETRY`], until `cancel` fires. A node one of them counts as a member is let in.
+    pub async fn vouch(self: Arc<Self>, peers: Arc<Peers>, cancel: CancellationToken) {
+        loop {
+            let due: Vec<NodeId> = {
+                let now = Instant::now();
+                let mut unlisted = self.unlisted.lock().expect("unlisted lock poisoned");
+                let view = self.meta.view();
+                unlisted.retain(|id, _| !view.state.nodes.contains_key(id));
+                let due: Vec<NodeId> = unlisted
+                    .iter()
+                    .filter(|(_, asked)| asked.is_none_or(|at| now >= at + VOUCH_RETRY))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in &due {
+                    unlisted.insert(*id, Some(now));
+                }
+                due
+            };
+            if !due.is_empty() {
+                let vouched = self.ask_members(&peers, due).await;
+                if !vouched.is_empty() {
+                    let mut unlisted = self.unlisted.lock().expect("unlisted lock poisoned");
+                    for id in &vouched {
+                        unlisted.remove(id);
+                    }
+                    self.vouched.lock().expect("vouched lock poisoned").extend(vouched);
+                }
+            }
+            // Nodes still unlisted are asked about again after a while; with none, only a new
+            // one wakes this task.
+            let waiting = !self.unlisted.lock().expect("unlisted lock poisoned").is_empty();
+            tokio::select! {
+                // Each arm only waits.
+                _ = cancel.cancelled() => break,
+                _ = self.unlisted_added.notified() => {}
+                _ = tokio::time::sleep(VOUCH_RETRY), if waiting => {}
+            }
+        }
+    }
+
+    /// The nodes of `ids` that a member this node knows counts as members; asks one member at a
+    /// time, each with a deadline, until every id is vouched for or every member was asked.
+    async fn ask_members(&self, peers: &Peers, mut ids: Vec<NodeId>) -> Vec<NodeId> {
+        let members: Vec<(NodeId, String)> = {
+            let view = self.meta.view();
+            view.state
+                .nodes
+                .iter()
+                .filter(|(id, n)| **id != self.me && n.state != NodeState::Removed)
+                .map(|(id, n)| (*id, n.addr.raft_addr.clone()))
+                .collect()
+        };
+        let mut vouched = Vec::new();
+        for (member, addr) in members {
+            if ids.is_empty() {
+                break;
+            }
+            let mut client = RaftClient::new(peers.channel(member, &addr));
+            let mut request = tonic::Request::new(NodeIds { ids: ids.clone() });
+            request.set_timeout(VOUCH_TIMEOUT);
+            match tokio::time::timeout(VOUCH_TIMEOUT, client.members(request)).await {
+                Ok(Ok(reply)) => {
+                    let yes: BTreeSet<NodeId> = reply.into_inner().ids.into_iter().collect();
+                    for id in ids.iter().filter(|id| yes.contains(id)) {
+                        info!(
+                            node = id,
+                            by = member,
+                            "a node this node's metadata does not list yet is a member: letting it in"
+                        );
+                        vouched.push(*id);
+                    }
+                    ids.retain(|id| !yes.contains(id));
+                }
+                Ok(Err(status)) => debug!(member, "asking about unlisted nodes failed: {}", status.message()),
+                Err(_) => debug!(member, "asking about unlisted nodes timed out"),
+            }
+        }
+        vouched
     }
 
     /// A caller for `principal` on `listener`, whose requests are authorized when `enforce`.

@@ -88,6 +88,7 @@ pub const GRPC: &[(&str, Rule)] = &[
     ("/eddy.v1.Raft/ForwardMeta", Rule::Node),
     ("/eddy.v1.Raft/Heartbeat", Rule::Node),
     ("/eddy.v1.Raft/Calls", Rule::Node),
+    ("/eddy.v1.Raft/Members", Rule::Node),
     // Health and reflection say nothing about the data.
     ("/grpc.health.v1.Health/Check", Rule::Public),
     ("/grpc.health.v1.Health/Watch", Rule::Public),
