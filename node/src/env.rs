@@ -68,6 +68,9 @@ pub struct PlantedBugs {
     pub disk_full_ignored: bool,
     /// A failed `fdatasync` of the log is taken for a good one.
     pub fsync_failure_ignored: bool,
+    /// A pristine replica among a partition's initial replicas founds its group, even after a
+    /// move took the partition away and a later one brought it back (simulator seed 88).
+    pub returning_replica_refounds: bool,
 }
 
 /// Any byte stream a server can accept connections on.

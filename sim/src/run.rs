@@ -50,6 +50,10 @@ pub enum Bug {
     /// A failed `fdatasync` of the log is taken for a good one (the node neither stops nor
     /// fails the writes), so entries are acknowledged that the disk dropped.
     FsyncFailureIgnored,
+    /// A node that a move brings a partition back to, among the partition's initial replicas,
+    /// founds the group again on its pristine replica: a second, empty group under the same id
+    /// (the fix of simulator seed 88 undone; found by the `move` class).
+    ReturningReplicaRefounds,
 }
 
 impl Bug {
@@ -60,6 +64,7 @@ impl Bug {
             Bug::TokensUnchecked => "tokens-unchecked",
             Bug::DiskFullIgnored => "disk-full-ignored",
             Bug::FsyncFailureIgnored => "fsync-failure-ignored",
+            Bug::ReturningReplicaRefounds => "returning-replica-refounds",
         }
     }
 }
@@ -272,6 +277,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         tokens_unchecked: opts.bug == Some(Bug::TokensUnchecked),
         disk_full_ignored: opts.bug == Some(Bug::DiskFullIgnored),
         fsync_failure_ignored: opts.bug == Some(Bug::FsyncFailureIgnored),
+        returning_replica_refounds: opts.bug == Some(Bug::ReturningReplicaRefounds),
     };
     let mut cluster = Cluster::new(opts.nodes, opts.seed, bugs, opts.bug == Some(Bug::AckBeforeFsync));
     cluster.register(&mut sim);

@@ -328,6 +328,9 @@ impl PartitionManager {
             v
         };
         let founding = record.target.is_none() && set(&record.replicas) == set(initial_replicas);
+        // The planted bug: the rule before seed 88, any pristine initial replica founds it.
+        #[cfg(feature = "planted-bugs")]
+        let founding = founding || self.env.bugs.returning_replica_refounds;
         if !self.env.replica_open_delay.is_zero() {
             tokio::time::sleep(self.env.replica_open_delay).await;
         }
