@@ -43,6 +43,8 @@ use acl::ResourceType;
 pub const VOUCH_RETRY: Duration = Duration::from_secs(1);
 /// Deadline of one such question.
 pub const VOUCH_TIMEOUT: Duration = Duration::from_millis(500);
+/// An unlisted node that has not called for this long is no longer asked about.
+pub const UNLISTED_FORGET: Duration = Duration::from_secs(10);
 
 /// How a caller proved who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,8 +106,9 @@ pub struct Security {
     /// Nodes this node's metadata does not list yet that a member it knows counts as members
     /// (see [`Security::vouch`]).
     vouched: Mutex<BTreeSet<NodeId>>,
-    /// Unlisted nodes that called, to ask the members about, with when each was last asked.
-    unlisted: Mutex<BTreeMap<NodeId, Option<Instant>>>,
+    /// Unlisted nodes that called, to ask the members about: when each last called, and when
+    /// the members were last asked about it.
+    unlisted: Mutex<BTreeMap<NodeId, (Instant, Option<Instant>)>>,
     unlisted_added: Notify,
     /// Bugs the simulator planted.
     #[cfg(feature = "planted-bugs")]
@@ -213,7 +216,9 @@ impl Security {
                 if self.vouched.lock().expect("vouched lock poisoned").contains(&id) {
                     return true;
                 }
-                if self.unlisted.lock().expect("unlisted lock poisoned").insert(id, None).is_none() {
+                let mut unlisted = self.unlisted.lock().expect("unlisted lock poisoned");
+                let asked = unlisted.get(&id).and_then(|(_, asked)| *asked);
+                if unlisted.insert(id, (Instant::now(), asked)).is_none() {
                     self.unlisted_added.notify_one();
                 }
                 false
@@ -230,14 +235,20 @@ impl Security {
                 let now = Instant::now();
                 let mut unlisted = self.unlisted.lock().expect("unlisted lock poisoned");
                 let view = self.meta.view();
-                unlisted.retain(|id, _| !view.state.nodes.contains_key(id));
+                // A node that stopped calling is forgotten (a stray or refused one does not keep
+                // this task asking), and so is one the metadata now lists.
+                unlisted.retain(|id, (called, _)| {
+                    !view.state.nodes.contains_key(id) && now < *called + UNLISTED_FORGET
+                });
                 let due: Vec<NodeId> = unlisted
                     .iter()
-                    .filter(|(_, asked)| asked.is_none_or(|at| now >= at + VOUCH_RETRY))
+                    .filter(|(_, (_, asked))| asked.is_none_or(|at| now >= at + VOUCH_RETRY))
                     .map(|(id, _)| *id)
                     .collect();
                 for id in &due {
-                    unlisted.insert(*id, Some(now));
+                    if let Some((_, asked)) = unlisted.get_mut(id) {
+                        *asked = Some(now);
+                    }
                 }
                 due
             };
