@@ -18,6 +18,13 @@
 //! exits naming the failure; started again, it recovers from what the disk holds, as after a
 //! power loss, and its peers repair the rest.
 //!
+//! An entry found damaged when it is read (its checksum does not match: a corrupted byte on
+//! disk) stops the node the same way, before the entry is served or replicated. Started again,
+//! the node's recovery refuses that replica's log (a bad entry with intact entries after it is
+//! damage, not a torn write), reports it (`eddy_replicas_damaged`, the log), and serves its
+//! other replicas; the operator moves the damaged replica to another node, whose new replica
+//! the leader fills from the healthy ones. See `ARCHITECTURE.md`, "Disk faults".
+//!
 //! The reserve is checked once a second (`DiskSpace::refresh`), as Redpanda's
 //! `storage_min_free_bytes`: a request between two checks may still be written, which is what
 //! the reserve is for.
@@ -47,7 +54,7 @@ impl StorageFailure {
     pub fn fail(&self, why: &str) {
         let mut reason = self.reason.lock().expect("storage failure lock");
         if reason.is_none() {
-            tracing::error!("{why}: the node stops, since what the disk was to persist may be lost");
+            tracing::error!("{why}: the node stops (see `node/src/disk.rs`)");
             *reason = Some(why.to_owned());
         }
         self.set.cancel();

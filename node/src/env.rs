@@ -71,6 +71,8 @@ pub struct PlantedBugs {
     /// A pristine replica among a partition's initial replicas founds its group, even after a
     /// move took the partition away and a later one brought it back (simulator seed 88).
     pub returning_replica_refounds: bool,
+    /// Log frames' checksums are not checked: a byte the disk corrupted is served as data.
+    pub corrupt_record_served: bool,
 }
 
 /// Any byte stream a server can accept connections on.

@@ -171,6 +171,13 @@ pub fn render(s: &BrokerState) -> String {
     let r = Gauge::<i64>::default();
     r.set(replicas);
     reg.register("eddy_node_replicas", "Partition replicas on this node", r);
+    let d = Gauge::<i64>::default();
+    d.set(i64::try_from(s.replicas.damaged().len()).unwrap_or(i64::MAX));
+    reg.register(
+        "eddy_replicas_damaged",
+        "Partition replicas placed on this node that do not run because their log is damaged (move them away)",
+        d,
+    );
     let u = Gauge::<i64>::default();
     u.set(under_replicated);
     reg.register(

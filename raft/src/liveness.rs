@@ -208,6 +208,8 @@ pub struct Liveness {
     pre_votes: Mutex<BTreeMap<GroupId, Instant>>,
     /// When this node last granted a pre-vote to each other node, for any group.
     candidates: Mutex<BTreeMap<NodeId, Instant>>,
+    /// Replicas their nodes said are damaged (a wake with `damaged`): (group, node).
+    damaged: Mutex<BTreeSet<(GroupId, NodeId)>>,
 }
 
 impl Liveness {
@@ -231,7 +233,25 @@ impl Liveness {
             leaders_changed: Notify::new(),
             pre_votes: Mutex::new(BTreeMap::new()),
             candidates: Mutex::new(BTreeMap::new()),
+            damaged: Mutex::new(BTreeSet::new()),
         })
+    }
+
+    /// Notes what a wake from `node` says of its replica of the wake's group: damaged (not
+    /// running), or running (any other wake).
+    pub fn note_replica(&self, node: NodeId, wake: &Wake) {
+        let mut d = self.damaged.lock().unwrap_or_else(|e| e.into_inner());
+        if wake.damaged {
+            d.insert((wake.group_id, node));
+        } else {
+            d.remove(&(wake.group_id, node));
+        }
+    }
+
+    /// Whether `node` said its replica of `group` is damaged and has not said since that it
+    /// runs: a leader does not count it in sync.
+    pub fn replica_damaged(&self, group: GroupId, node: NodeId) -> bool {
+        self.damaged.lock().unwrap_or_else(|e| e.into_inner()).contains(&(group, node))
     }
 
     pub fn me(&self) -> NodeId {
@@ -898,7 +918,7 @@ where
                 if orphan.is_none() && dead_leader.is_none() {
                     let term = m.vote.leader_id().term;
                     let leader_lost = m.vote.is_committed() && m.vote.leader_id().voted_for == me;
-                    let wake = Wake { group_id: self.group, term, leader_lost };
+                    let wake = Wake { group_id: self.group, term, leader_lost, damaged: false };
                     self.liveness.request_wake(wake, voters.iter().copied());
                 }
                 let voted_other = !m.vote.is_committed()
@@ -994,8 +1014,10 @@ where
                 if opened {
                     let term = m.vote.leader_id().term;
                     let members = m.membership_config.membership().nodes().map(|(id, _)| *id);
-                    self.liveness
-                        .request_wake(Wake { group_id: self.group, term, leader_lost: false }, members);
+                    self.liveness.request_wake(
+                        Wake { group_id: self.group, term, leader_lost: false, damaged: false },
+                        members,
+                    );
                 }
             }
             opened = false;
@@ -1189,7 +1211,7 @@ mod tests {
                 }
                 l.publish(&mut inner, view);
             };
-            let wake = Wake { group_id: 7, term: 3, leader_lost: true };
+            let wake = Wake { group_id: 7, term: 3, leader_lost: true, damaged: false };
             set_down(true);
             l.request_wake(wake, [2]);
             assert!(l.take_wakes().is_empty(), "nothing is sent to a peer judged down");

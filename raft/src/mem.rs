@@ -165,6 +165,30 @@ impl MemDisk {
         st.durable_names.insert(path.to_owned(), ino);
     }
 
+    /// What of file `path` would survive a power loss (`None`: no such file).
+    pub fn durable_contents(&self, path: &Path) -> Option<Vec<u8>> {
+        let st = self.lock();
+        let ino = st.names.get(path)?;
+        Some(st.inodes.get(ino)?.durable.clone())
+    }
+
+    /// Damages the disk under byte `offset` of file `path`: the byte is XORed with `xor` in what
+    /// the process reads and in what survives a power loss (the simulator's `disk-corrupt`
+    /// fault). Returns whether the file holds that byte.
+    pub fn corrupt(&self, path: &Path, offset: usize, xor: u8) -> bool {
+        let mut st = self.lock();
+        let Some(ino) = st.names.get(path).copied() else { return false };
+        let Some(f) = st.inodes.get_mut(&ino) else { return false };
+        let mut hit = false;
+        for data in [&mut f.current, &mut f.durable] {
+            if let Some(b) = data.get_mut(offset) {
+                *b ^= xor;
+                hit = true;
+            }
+        }
+        hit
+    }
+
     /// Total bytes a running process sees, for reports.
     pub fn bytes(&self) -> usize {
         self.lock().inodes.values().map(|f| f.current.len()).sum()

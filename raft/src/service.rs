@@ -329,6 +329,7 @@ impl raft_server::Raft for RaftService {
     async fn heartbeat(&self, request: Request<NodeHeartbeat>) -> Result<Response<NodeHeartbeat>, Status> {
         let req = request.into_inner();
         for w in req.wake {
+            self.liveness.note_replica(req.from, &w);
             let Some(g) = self.registry.get(w.group_id) else { continue };
             let f = g.follows();
             if f.is_leader {

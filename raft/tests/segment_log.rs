@@ -239,33 +239,44 @@ async fn recovery_cuts_a_torn_tail_at_every_byte() -> io::Result<()> {
     Ok(())
 }
 
-/// A flipped byte anywhere in the last frames makes recovery cut the log at the start of the
-/// damaged frame: no damaged entry is ever returned, and the cut is reported with a reason.
+/// A flipped byte anywhere in the last segment: in its last frame, recovery cannot tell the
+/// damage from a torn write and cuts the log at the start of that frame, reporting why; in any
+/// earlier frame, an intact frame follows, so it is damage to entries written whole, which this
+/// replica may have acknowledged: recovery refuses the log (`InvalidData`, naming the entry)
+/// and leaves the disk as it was. No damaged entry is ever returned.
 #[tokio::test]
-async fn recovery_cuts_at_a_corrupt_frame_at_every_byte() -> io::Result<()> {
+async fn recovery_cuts_a_damaged_last_frame_and_refuses_damage_before_it_at_every_byte() -> io::Result<()> {
     let (base, all, seg_path, n_before) = tail_fixture().await?;
     let full = read_file(&base, &seg_path)?;
     let offsets = frame_offsets(&full)?;
+    let last_start = offsets[offsets.len() - 2];
     for pos in 0..full.len() {
         let ctx = format!("byte {pos} of {} flipped", full.len());
         let disk = copy_disk(&base).await?;
         let mut bad = full.clone();
         bad[pos] ^= 0xff;
         write_file(&disk, &seg_path, &bad).await?;
-
-        let (mut store, report) = open(&disk, SEGMENT_BYTES_SMALL).await?;
         // The damaged frame is the one whose bytes include `pos`.
         let damaged = offsets[1..].iter().filter(|&&end| end <= pos).count();
-        let kept_end = offsets[damaged];
+
+        if pos < last_start {
+            let err = match open(&disk, SEGMENT_BYTES_SMALL).await {
+                Ok(_) => panic!("{ctx}: recovery opened a log damaged before its last entry"),
+                Err(e) => e,
+            };
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{ctx}: {err}");
+            let named = format!("entry {} ", n_before + damaged + 1);
+            assert!(err.to_string().contains(&named), "{ctx}: the error names the {named}: {err}");
+            assert_eq!(read_file(&disk, &seg_path)?, bad, "{ctx}: the refused log is left as it was");
+            continue;
+        }
+
+        let (mut store, report) = open(&disk, SEGMENT_BYTES_SMALL).await?;
         let expected = all[..n_before + damaged].to_vec();
         assert_log(&mut store, None, &expected, &ctx).await?;
         assert!(report.reason.is_some(), "{ctx}: the cut has a reason");
-        assert_eq!(report.truncated_bytes, (full.len() - kept_end) as u64, "{ctx}: report.truncated_bytes");
-        if kept_end == 0 {
-            assert!(!disk.exists(&seg_path), "{ctx}: a segment left without entries is removed");
-        } else {
-            assert_eq!(read_file(&disk, &seg_path)?.len(), kept_end, "{ctx}: segment length after recovery");
-        }
+        assert_eq!(report.truncated_bytes, (full.len() - last_start) as u64, "{ctx}: report.truncated_bytes");
+        assert_eq!(read_file(&disk, &seg_path)?.len(), last_start, "{ctx}: segment length after recovery");
 
         // The cut is durable: a crash right after recovery finds a clean log.
         drop(store);
@@ -277,38 +288,50 @@ async fn recovery_cuts_at_a_corrupt_frame_at_every_byte() -> io::Result<()> {
     Ok(())
 }
 
-/// Damage in the middle of the log loses everything after it, including whole later segments:
-/// the log must stay contiguous.
+/// A damaged last frame of an earlier segment (a torn write there, later segments made durable
+/// by the same sync) loses everything after it, including whole later segments: the log must
+/// stay contiguous. A damaged frame before it in the same segment refuses the log instead.
 #[tokio::test]
-async fn corruption_in_an_earlier_segment_removes_every_later_segment() -> io::Result<()> {
+async fn a_torn_earlier_segment_removes_every_later_segment() -> io::Result<()> {
     let (base, all, _, _) = tail_fixture().await?;
     let files = segment_files(&base)?;
     let (first, path) = files[1].clone();
     let data = read_file(&base, &path)?;
     let offsets = frame_offsets(&data)?;
     assert!(offsets.len() >= 3, "the second segment holds at least two entries");
+    let last = offsets.len() - 2;
+
     let disk = copy_disk(&base).await?;
     let mut bad = data.clone();
-    // The checksum of the segment's second entry.
-    bad[offsets[1] + 5] ^= 0x01;
+    bad[offsets[0] + 5] ^= 0x01;
     write_file(&disk, &path, &bad).await?;
+    let err = open(&disk, SEGMENT_BYTES_SMALL).await.err().expect("damage before intact entries is refused");
+    assert!(err.to_string().contains(&format!("entry {first} ")), "names the damaged entry: {err}");
+    assert_eq!(segment_firsts(&disk)?, segment_firsts(&base)?, "a refused log keeps every segment");
 
+    let disk = copy_disk(&base).await?;
+    let mut bad = data.clone();
+    // The checksum of the segment's last entry.
+    bad[offsets[last] + 5] ^= 0x01;
+    write_file(&disk, &path, &bad).await?;
     let (mut store, report) = open(&disk, SEGMENT_BYTES_SMALL).await?;
-    let expected = all[..first as usize].to_vec();
-    assert_log(&mut store, None, &expected, "corrupt second entry of the second segment").await?;
+    let kept = first as usize - 1 + last;
+    let expected = all[..kept].to_vec();
+    assert_log(&mut store, None, &expected, "corrupt last entry of the second segment").await?;
     let reason = report.reason.expect("the cut has a reason");
     assert!(reason.contains("crc32c"), "the reason names the failed check: {reason}");
     assert_eq!(segment_firsts(&disk)?, vec![files[0].0, first], "later segments are removed");
-    assert_eq!(read_file(&disk, &path)?.len(), offsets[1]);
+    assert_eq!(read_file(&disk, &path)?.len(), offsets[last]);
 
     // The log continues from the cut.
-    let more = entries(first + 1, first + 12);
+    let more = entries(kept as u64 + 1, kept as u64 + 12);
     append_durable(&mut store, more.clone()).await?;
     drop(store);
     disk.crash(None);
     let (mut store, _) = open(&disk, SEGMENT_BYTES_SMALL).await?;
     let expected: Vec<Entry> = expected.into_iter().chain(more).collect();
-    assert_log(&mut store, None, &expected, "appended after the cut, then crashed").await
+    assert_log(&mut store, None, &expected, "after recovery").await?;
+    Ok(())
 }
 
 /// A segment that does not follow its predecessor (a hole in the log) ends the log, unless
@@ -346,30 +369,26 @@ async fn recovery_handles_gaps_between_segments() -> io::Result<()> {
     assert_log(&mut store, Some(purged), &stray, "segment after a purged hole").await?;
     drop(store);
 
-    // Valid frames whose indexes skip one are a hole inside a segment: the log ends before it.
+    // Valid frames whose indexes skip one are a hole inside a segment, and a segment whose first
+    // entry is not the one its name says is misplaced: no torn write does either, and intact
+    // frames follow, so recovery refuses the log, naming the entry, and leaves it as it was.
     let next: Vec<Entry> = [17, 18, 20, 21].into_iter().map(|i| entry(9, i, 10)).collect();
     let mut next_bytes = Vec::new();
     for e in &next {
         frame::encode(e, &mut next_bytes);
     }
     let next_path = log_dir().join(format!("{:020}.seg", 17));
-    let disk = copy_disk(&base).await?;
-    write_file(&disk, &next_path, &next_bytes).await?;
-    let (mut store, report) = open(&disk, SEGMENT_BYTES_SMALL).await?;
-    let reason = report.reason.expect("the hole is reported");
-    assert!(reason.contains("index 20, expected 19"), "{reason}");
-    assert_eq!(report.truncated_bytes, 2 * frame_bytes(&next[2]) as u64);
-    let expected: Vec<Entry> = all.iter().chain(&next[..2]).cloned().collect();
-    assert_log(&mut store, None, &expected, "a segment with a hole inside").await?;
-    drop(store);
-
-    // A segment whose first entry is not the one its name says holds nothing of the log.
-    let disk = copy_disk(&base).await?;
-    write_file(&disk, &next_path, &next_bytes[frame_bytes(&next[0])..]).await?;
-    let (mut store, report) = open(&disk, SEGMENT_BYTES_SMALL).await?;
-    assert!(report.reason.is_some(), "the misnamed segment is reported");
-    assert!(!disk.exists(&next_path), "the misnamed segment is removed");
-    assert_log(&mut store, None, &all, "a misnamed segment").await
+    for (bytes, named) in
+        [(&next_bytes[..], "entry 19 "), (&next_bytes[frame_bytes(&next[0])..], "entry 17 ")]
+    {
+        let disk = copy_disk(&base).await?;
+        write_file(&disk, &next_path, bytes).await?;
+        let err = open(&disk, SEGMENT_BYTES_SMALL).await.err().expect("a hole inside a segment is refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains(named), "names {named}: {err}");
+        assert_eq!(read_file(&disk, &next_path)?, bytes, "the refused segment is left as it was");
+    }
+    Ok(())
 }
 
 /// Entries whose flush completed survive a crash; the unflushed tail, torn at every length,
@@ -786,8 +805,8 @@ async fn a_large_batch_is_split_across_segments() -> io::Result<()> {
     Ok(())
 }
 
-/// Recovery reads a segment in chunks (1 MiB): a 3 MiB segment comes back whole, and a corrupt
-/// byte past the first chunks cuts it at the frame that holds it, keeping every frame before.
+/// Recovery reads a segment in chunks (1 MiB): a 3 MiB segment comes back whole; a corrupt byte
+/// past the first chunks, with intact frames after it, is refused; a corrupt last frame is cut.
 #[tokio::test]
 async fn recovery_of_a_segment_larger_than_its_read_chunk() -> io::Result<()> {
     let disk = MemDisk::new();
@@ -806,13 +825,59 @@ async fn recovery_of_a_segment_larger_than_its_read_chunk() -> io::Result<()> {
     drop(store);
 
     let offsets = frame_offsets(&data)?;
-    let bad_frame = offsets.iter().position(|o| *o > (2 << 20) + 12_345).expect("a frame past 2 MiB");
+    // Damage past 2 MiB, found by recovery's later chunks, and damage to the file's last frame.
+    let bad_frame = offsets.iter().position(|o| *o > 2 << 20).expect("a frame past 2 MiB") - 1;
     let mut corrupt = data.clone();
     corrupt[offsets[bad_frame] + 40] ^= 0xff;
     write_file(&disk, &path, &corrupt).await?;
+    let err = open(&disk, 64 << 20).await.err().expect("damage before intact entries is refused");
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    assert!(err.to_string().contains(&format!("entry {} ", bad_frame + 1)), "{err}");
+
+    let last = offsets.len() - 2;
+    let mut torn = data.clone();
+    torn[offsets[last] + 40] ^= 0xff;
+    write_file(&disk, &path, &torn).await?;
     let (mut store, report) = open(&disk, 64 << 20).await?;
-    assert_eq!(report.truncated_bytes, (data.len() - offsets[bad_frame]) as u64, "{report:?}");
-    assert_log(&mut store, None, &all[..bad_frame], "cut at the corrupt frame").await
+    assert_eq!(report.truncated_bytes, (data.len() - offsets[last]) as u64, "{report:?}");
+    assert_log(&mut store, None, &all[..last], "cut at the damaged last frame").await
+}
+
+/// An entry damaged on disk while the log runs is never returned: the read fails with
+/// `InvalidData`, naming it, and the log's failure observer hears of it (the node stops).
+#[tokio::test]
+async fn a_damaged_entry_read_while_running_fails_the_read_and_is_reported() -> io::Result<()> {
+    let disk = MemDisk::new();
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = failures.clone();
+    let config = LogConfig {
+        segment_bytes_max: 64 << 20,
+        on_failure: Some(Arc::new(move |why: &str| seen.lock().expect("lock").push(why.to_owned()))),
+        ..LogConfig::default()
+    };
+    let (mut store, _) = LogStore::open(Arc::new(disk.clone()), log_dir(), config).await?;
+    let all: Vec<Entry> = (1..=10).map(|i| entry(1, i, 100)).collect();
+    append_durable(&mut store, all.clone()).await?;
+    let (_, path) = segment_files(&disk)?.pop().expect("one segment");
+    let offsets = frame_offsets(&read_file(&disk, &path)?)?;
+    assert!(disk.corrupt(&path, offsets[4] + 60, 0x20), "the byte exists");
+
+    let reader = store.reader();
+    assert_eq!(reader.read(1, 5, usize::MAX)?, all[..4], "entries before the damage still read");
+    let err = reader.read(1, 11, usize::MAX).expect_err("a read across the damaged entry fails");
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    assert!(err.to_string().contains("log entry 5"), "names the entry: {err}");
+    let mut raft_reader = store.get_log_reader().await;
+    assert!(raft_reader.try_get_log_entries(5..6).await.is_err(), "replication reads fail too");
+    let failures = failures.lock().expect("lock").clone();
+    assert_eq!(failures.len(), 2, "each failed read is reported: {failures:?}");
+    assert!(failures[0].contains("damaged"), "{failures:?}");
+    drop(store);
+
+    // Restarted, the node's recovery refuses the log.
+    let err = open(&disk, 64 << 20).await.err().expect("recovery refuses the damaged log");
+    assert!(err.to_string().contains("entry 5 "), "{err}");
+    Ok(())
 }
 
 /// A purge interrupted after recording the purge point but before deleting the segments is

@@ -26,6 +26,8 @@ pub const BASE_MAX_LATENCY: Duration = Duration::from_millis(2);
 const DOWN_MAX: usize = 2;
 /// A decommission keeps at least this many members (active or joining).
 const MEMBERS_MIN: usize = 4;
+/// The operator asks for a repair of a damaged replica at most this often (simulated ms).
+const REPAIR_ASK_GAP_MS: u64 = 5_000;
 /// At most this many nodes join in a run.
 const JOINS_MAX: usize = 3;
 
@@ -42,6 +44,14 @@ enum Undo {
     Nothing,
     /// The node's disk syncs again; its machine restarts, losing what was not durable.
     SyncAgain(NodeId),
+    /// Disk corruption: the operator moves the damaged replica of `group` off `node` once the
+    /// node reports it damaged, until it is gone (see [`Nemesis::repair_damage`]).
+    MoveDamaged {
+        node: NodeId,
+        group: eddy_raft::GroupId,
+        tries: u32,
+        asked_at: Option<u64>,
+    },
     /// Silent death: crash at `crash_at`, then restart (and repair) at the end.
     CrashThenRestart {
         node: NodeId,
@@ -61,6 +71,8 @@ struct Active {
 pub struct Nemesis {
     profile: Profile,
     rng: SmallRng,
+    /// The random streams of the classes in `FaultClass::OWN_STREAM`.
+    own: BTreeMap<FaultClass, SmallRng>,
     next_at: BTreeMap<FaultClass, u64>,
     active: Vec<Active>,
     /// Every host: nodes and clients.
@@ -82,11 +94,19 @@ pub struct Nemesis {
 impl Nemesis {
     pub fn new(profile: Profile, seed: u64, hosts: Vec<String>, held_down: NodeId) -> Self {
         let mut rng = SmallRng::seed_from_u64(seed ^ 0x4e4e_4e4e_0000_0002);
-        let next_at =
-            profile.classes.iter().map(|(c, s)| (*c, 3_000 + exp_gap(&mut rng, s.mean_gap_ms))).collect();
+        let mut own: BTreeMap<FaultClass, SmallRng> = FaultClass::OWN_STREAM
+            .iter()
+            .map(|c| (*c, SmallRng::seed_from_u64(seed ^ 0x4e4e_4e4e_0000_0100 ^ *c as u64)))
+            .collect();
+        let next_at = profile
+            .classes
+            .iter()
+            .map(|(c, s)| (*c, 3_000 + exp_gap(own.get_mut(c).unwrap_or(&mut rng), s.mean_gap_ms)))
+            .collect();
         Self {
             profile,
             rng,
+            own,
             next_at,
             active: Vec::new(),
             hosts,
@@ -122,9 +142,10 @@ impl Nemesis {
         let due: Vec<FaultClass> = self.next_at.iter().filter(|(_, t)| **t <= now).map(|(c, _)| *c).collect();
         for class in due {
             let s = self.profile.classes[&class];
-            self.next_at.insert(class, now + exp_gap(&mut self.rng, s.mean_gap_ms));
-            let duration =
-                self.rng.random_range(s.min_duration_ms..=s.max_duration_ms.max(s.min_duration_ms));
+            let rng = self.own.get_mut(&class).unwrap_or(&mut self.rng);
+            let next = now + exp_gap(rng, s.mean_gap_ms);
+            let duration = rng.random_range(s.min_duration_ms..=s.max_duration_ms.max(s.min_duration_ms));
+            self.next_at.insert(class, next);
             if let Some(undo) = self.inject(now, class, duration, sim, cluster, trace) {
                 *self.injected.entry(class).or_default() += 1;
                 self.active.push(Active { class, started_at: now, ends_at: now + duration, undo });
@@ -314,6 +335,17 @@ impl Nemesis {
                 desc = format!("n{n}'s disk fails every sync");
                 Undo::SyncAgain(n)
             }
+            FaultClass::DiskCorrupt => {
+                let (n, group, path, at) = self.corrupt_some_log(cluster)?;
+                // The node's process restarts, so that its recovery meets the damage.
+                cluster.crash(sim, n, None, false);
+                cluster.restart(sim, n);
+                desc = format!(
+                    "n{n}: byte {at} of {} flipped (group {group}), and its process restarts",
+                    path.display()
+                );
+                Undo::MoveDamaged { node: n, group, tries: 0, asked_at: None }
+            }
             FaultClass::Crash | FaultClass::Bounce | FaultClass::SilentDeath => {
                 if cluster.down().len() >= DOWN_MAX
                     || self
@@ -349,6 +381,143 @@ impl Nemesis {
         };
         trace.push(now, "fault", format!("{class}: {desc} for {duration} ms"));
         Some(undo)
+    }
+
+    /// Flips a byte of a frame inside a partition log on a running node: a frame with an intact
+    /// frame after it in the durable contents of its segment, so that no recovery can take the
+    /// damage for a torn write. At most one such damage at a time, and only while no other node
+    /// is down, so that every group keeps a quorum of healthy replicas to repair from. Returns
+    /// the node, the group, the file and the byte.
+    fn corrupt_some_log(
+        &mut self,
+        cluster: &Cluster,
+    ) -> Option<(NodeId, eddy_raft::GroupId, std::path::PathBuf, usize)> {
+        use eddy_raft::log::frame;
+        use eddy_raft::vfs::Vfs;
+        if !cluster.down().is_empty()
+            || self.active.iter().any(|a| matches!(a.undo, Undo::MoveDamaged { .. }))
+            || cluster
+                .live_ids()
+                .iter()
+                .any(|id| cluster.refs(*id).is_some_and(|r| !r.replicas.damaged().is_empty()))
+        {
+            return None;
+        }
+        let mut rng = self.own.remove(&FaultClass::DiskCorrupt).expect("disk-corrupt has its own stream");
+        let picked = (|| {
+            let up: Vec<NodeId> =
+                Self::nodes_up(cluster).into_iter().filter(|n| cluster.refs(*n).is_some()).collect();
+            let n = *up.get(rng.random_range(0..up.len().max(1)))?;
+            // A replica of a partition that is not moving: damage to a learner that a move is
+            // filling would leave the move waiting for it (an operator cancels that move first;
+            // the nemesis's operator does not).
+            let refs = cluster.refs(n)?;
+            let view = Self::latest_view(cluster)?;
+            let groups: Vec<eddy_raft::GroupId> = refs
+                .replicas
+                .all()
+                .iter()
+                .map(|g| g.group())
+                .filter(|g| view.partition_of(*g).is_some_and(|(_, _, p)| p.target.is_none()))
+                .collect();
+            let group = *groups.get(rng.random_range(0..groups.len().max(1)))?;
+            let disk = &cluster.nodes[&n].disk;
+            let dir = std::path::PathBuf::from(format!("/data/n{n}/groups/{group}"));
+            let mut names = disk.list_dir(&dir).ok()?;
+            names.sort();
+            // Every frame followed by a whole, intact frame, in the durable contents.
+            let mut candidates: Vec<(std::path::PathBuf, usize, usize)> = Vec::new();
+            for name in names.iter().filter(|n| n.ends_with(".seg")) {
+                let path = dir.join(name);
+                let Some(data) = disk.durable_contents(&path) else { continue };
+                let data = bytes::Bytes::from(data);
+                let mut pos = 0;
+                let mut prev: Option<(usize, usize)> = None;
+                while let Ok((_, len)) = frame::decode(&data.slice(pos..)) {
+                    if let Some((p, l)) = prev {
+                        candidates.push((path.clone(), p, l));
+                    }
+                    prev = Some((pos, len));
+                    pos += len;
+                }
+            }
+            let (path, start, len) = candidates.get(rng.random_range(0..candidates.len().max(1)))?.clone();
+            let at = start + rng.random_range(0..len);
+            let xor = rng.random_range(1..=255u8);
+            disk.corrupt(&path, at, xor).then_some((n, group, path, at))
+        })();
+        self.own.insert(FaultClass::DiskCorrupt, rng);
+        picked
+    }
+
+    /// The operator's answer to a damaged replica, looked at every second until the replica is
+    /// gone: once `node` reports `group` damaged and no move of the partition is under way,
+    /// the operator moves it to its other active replicas and one more active member. Returns
+    /// whether there is nothing more to do: the replica was moved away, or it runs (the damage
+    /// went unnoticed: a planted bug).
+    fn repair_damage(
+        &mut self,
+        cluster: &Cluster,
+        node: NodeId,
+        group: eddy_raft::GroupId,
+        trace: &Trace,
+        now: u64,
+        asked_at: &mut Option<u64>,
+    ) -> bool {
+        let Some(refs) = cluster.refs(node) else { return false };
+        if !refs.replicas.damaged().contains_key(&group) {
+            // Not reported: the node is still starting, or a move took the replica away, or the
+            // damage went unnoticed.
+            return refs.replicas.all().iter().any(|g| g.group() == group)
+                || refs.meta.view().partition_of(group).is_none_or(|(_, _, p)| !p.holders().contains(&node));
+        }
+        let queued = self
+            .admin
+            .lock()
+            .expect("admin queue lock")
+            .iter()
+            .any(|op| matches!(op, AdminOp::Repair { .. }));
+        let Some(view) = Self::latest_view(cluster) else { return false };
+        let Some((topic, partition, record)) = view.partition_of(group) else { return true };
+        if !record.holders().contains(&node) {
+            // Moved away; the node deletes the data once its own view says so.
+            return true;
+        }
+        // One request at a time: the operator may still be carrying out the last one (a move
+        // request can take its full deadline when the metadata group is slow).
+        if queued || record.target.is_some() || asked_at.is_some_and(|at| now < at + REPAIR_ASK_GAP_MS) {
+            return false;
+        }
+        *asked_at = Some(now);
+        let active = |id: &NodeId| view.state.nodes.get(id).is_some_and(|n| n.state == NodeState::Active);
+        let mut replicas: Vec<NodeId> =
+            record.replicas.iter().copied().filter(|r| *r != node && active(r)).collect();
+        let mut spare: Vec<NodeId> = view
+            .state
+            .nodes
+            .keys()
+            .copied()
+            .filter(|id| *id != node && active(id) && !replicas.contains(id))
+            .collect();
+        let own = self.own.get_mut(&FaultClass::DiskCorrupt).expect("disk-corrupt has its own stream");
+        spare.shuffle(own);
+        while replicas.len() < record.replicas.len() {
+            let Some(s) = spare.pop() else { break };
+            replicas.push(s);
+        }
+        replicas.sort_unstable();
+        let topic = topic.name.clone();
+        trace.push(
+            now,
+            "fault",
+            format!("n{node} reports group {group} damaged: moving {topic}/{partition} to {replicas:?}"),
+        );
+        self.admin.lock().expect("admin queue lock").push_back(AdminOp::Repair {
+            topic,
+            partition,
+            replicas,
+        });
+        false
     }
 
     fn crash(
@@ -417,6 +586,19 @@ impl Nemesis {
                 cluster.restart(sim, n);
                 trace.push(now, "restart", format!("n{n} (its disk replaced)"));
             }
+            Undo::MoveDamaged { node, group, tries, mut asked_at } => {
+                // Looked at again every second until the damaged replica is gone (for at most two
+                // minutes: the verifier then reports the partition).
+                if !self.repair_damage(cluster, node, group, trace, now, &mut asked_at) && tries < 120 {
+                    self.active.push(Active {
+                        class: a.class,
+                        started_at: a.started_at,
+                        ends_at: now + 1_000,
+                        undo: Undo::MoveDamaged { node, group, tries: tries + 1, asked_at },
+                    });
+                    return;
+                }
+            }
             Undo::CrashThenRestart { node, crashed, pairs, .. } => {
                 if !crashed {
                     self.crash(now, sim, cluster, trace, node, true);
@@ -430,6 +612,18 @@ impl Nemesis {
         }
         trace.push(now, "heal", format!("{} ended", a.class));
         self.intervals.push((a.class, a.started_at, now));
+    }
+
+    /// Whether a repair of a damaged replica is still to be decided on, or queued for the
+    /// operator.
+    pub fn repairs_pending(&self) -> bool {
+        self.active.iter().any(|a| matches!(a.undo, Undo::MoveDamaged { .. }))
+            || self
+                .admin
+                .lock()
+                .expect("admin queue lock")
+                .iter()
+                .any(|op| matches!(op, AdminOp::Repair { .. }))
     }
 
     /// The metadata view of the running node that has applied the most.

@@ -47,10 +47,16 @@ pub enum FaultClass {
     /// The node must stop rather than retry; when the fault ends its machine restarts (losing
     /// what was not durable) and it recovers from its disk and its peers.
     FsyncFail,
+    /// A byte of a frame inside a partition replica's log (one with intact frames after it, on
+    /// the durable disk) is flipped, and the node's process restarts. Recovery must refuse the
+    /// log (a corrupt record is never served, and never cut like a torn tail), the node must
+    /// report the replica damaged and serve its others, and when the operator moves the damaged
+    /// replica away the group must fill its new one from the healthy replicas, losing nothing.
+    DiskCorrupt,
 }
 
 impl FaultClass {
-    pub const ALL: [FaultClass; 14] = [
+    pub const ALL: [FaultClass; 15] = [
         FaultClass::Partition,
         FaultClass::OneWay,
         FaultClass::IsolateLeader,
@@ -65,18 +71,24 @@ impl FaultClass {
         FaultClass::Join,
         FaultClass::Decommission,
         FaultClass::FsyncFail,
+        FaultClass::DiskCorrupt,
     ];
 
     /// Classes added after the first nine: a seed draws them from a stream of its own, so the
     /// first nine keep the profile they had for every seed (and `sim/REGRESSIONS.md` keeps
     /// meaning what it says).
-    const LATER: [FaultClass; 5] = [
+    const LATER: [FaultClass; 6] = [
         FaultClass::DiskFull,
         FaultClass::Move,
         FaultClass::Join,
         FaultClass::Decommission,
         FaultClass::FsyncFail,
+        FaultClass::DiskCorrupt,
     ];
+
+    /// Classes whose injections draw from a random stream of their own in the nemesis, so that
+    /// turning one on leaves the times and choices of every other class's faults as they were.
+    pub const OWN_STREAM: [FaultClass; 1] = [FaultClass::DiskCorrupt];
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -94,6 +106,7 @@ impl FaultClass {
             FaultClass::Join => "join",
             FaultClass::Decommission => "decommission",
             FaultClass::FsyncFail => "fsync-fail",
+            FaultClass::DiskCorrupt => "disk-corrupt",
         }
     }
 }

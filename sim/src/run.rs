@@ -54,6 +54,9 @@ pub enum Bug {
     /// founds the group again on its pristine replica: a second, empty group under the same id
     /// (the fix of simulator seed 88 undone; found by the `move` class).
     ReturningReplicaRefounds,
+    /// Log frames' checksums are not checked, so a byte the disk corrupted is read, and served,
+    /// as data (found by the `disk-corrupt` class).
+    CorruptRecordServed,
 }
 
 impl Bug {
@@ -65,6 +68,7 @@ impl Bug {
             Bug::DiskFullIgnored => "disk-full-ignored",
             Bug::FsyncFailureIgnored => "fsync-failure-ignored",
             Bug::ReturningReplicaRefounds => "returning-replica-refounds",
+            Bug::CorruptRecordServed => "corrupt-record-served",
         }
     }
 }
@@ -278,6 +282,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         disk_full_ignored: opts.bug == Some(Bug::DiskFullIgnored),
         fsync_failure_ignored: opts.bug == Some(Bug::FsyncFailureIgnored),
         returning_replica_refounds: opts.bug == Some(Bug::ReturningReplicaRefounds),
+        corrupt_record_served: opts.bug == Some(Bug::CorruptRecordServed),
     };
     let mut cluster = Cluster::new(opts.nodes, opts.seed, bugs, opts.bug == Some(Bug::AckBeforeFsync));
     cluster.register(&mut sim);
@@ -306,10 +311,12 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
     // each client still has its own connections.)
     let mut clients: Vec<String> =
         vec!["admin".into(), "producers".into(), "consumers".into(), "group".into()];
-    // The operator's host exists only when the profile moves or decommissions, so that the
-    // runs of the profiles without them stay as they were.
+    // The operator's host exists only when the profile moves, decommissions or damages disks
+    // (whose damaged replicas the operator moves away), so that the runs of the profiles
+    // without them stay as they were.
     let operates = profile.classes.contains_key(&FaultClass::Move)
-        || profile.classes.contains_key(&FaultClass::Decommission);
+        || profile.classes.contains_key(&FaultClass::Decommission)
+        || profile.classes.contains_key(&FaultClass::DiskCorrupt);
     if operates {
         clients.push("operator".into());
     }
@@ -388,7 +395,11 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
             } else {
                 nemesis.tick(now, &mut sim, &mut cluster, &trace);
             }
+        } else {
+            // Only repairs the operator still waits to decide on (nothing is injected).
+            nemesis.tick(now, &mut sim, &mut cluster, &trace);
         }
+        ctx.repairs_pending.store(nemesis.repairs_pending(), Ordering::SeqCst);
         if ctx.quiet_restart.load(Ordering::SeqCst) == workload::QUIET_RESTART_ASKED {
             cluster.restart(&mut sim, held_down);
             trace.push(now, "restart", format!("n{held_down} (the workload has stopped writing)"));

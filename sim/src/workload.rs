@@ -97,6 +97,11 @@ pub struct Ctx {
     /// [`QUIET_RESTART_DONE`] by the run loop, which owns the nodes.
     pub quiet_restart: Arc<AtomicU8>,
     pub audit: Arc<Mutex<Audit>>,
+    /// Set while a repair of a damaged replica is to be decided on or queued (kept by the run
+    /// loop, for the nemesis), and while the operator tries to start one: the audit waits for
+    /// either as for a move (see `settle`).
+    pub repairs_pending: Arc<AtomicBool>,
+    pub repair_running: Arc<AtomicBool>,
     /// Node ids, for the audit.
     pub nodes: Vec<u64>,
     /// The cluster's CA and the workload's credentials; `None` for a plaintext cluster without
@@ -147,6 +152,8 @@ impl Ctx {
             producers_done: Arc::new(AtomicUsize::new(0)),
             quiet_restart: Arc::new(AtomicU8::new(0)),
             audit: Arc::new(Mutex::new(Audit::default())),
+            repairs_pending: Arc::new(AtomicBool::new(false)),
+            repair_running: Arc::new(AtomicBool::new(false)),
             nodes,
             security,
         }
@@ -549,8 +556,19 @@ pub async fn admin(ctx: Ctx) -> turmoil::Result {
 /// A membership change the nemesis asks for and the operator client carries out.
 #[derive(Debug, Clone)]
 pub enum AdminOp {
-    Move { topic: String, partition: u32, replicas: Vec<u64> },
+    Move {
+        topic: String,
+        partition: u32,
+        replicas: Vec<u64>,
+    },
     Decommission(u64),
+    /// A move that takes a damaged replica away (the nemesis asks again, with a new target,
+    /// while the replica is still there).
+    Repair {
+        topic: String,
+        partition: u32,
+        replicas: Vec<u64>,
+    },
 }
 
 /// The operator's queue of membership changes, filled by the nemesis in the order it draws
@@ -566,12 +584,17 @@ pub async fn operator(ctx: Ctx, queue: AdminQueue) -> turmoil::Result {
     loop {
         let op = queue.lock().expect("admin queue lock").pop_front();
         let Some(op) = op else {
-            if now_ms() >= chaos_end {
+            // The nemesis may still ask for a repair of a damaged replica after the heal (its
+            // node may have been down then).
+            if now_ms() >= chaos_end + 1_000 && !ctx.repairs_pending.load(Ordering::SeqCst) {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        if matches!(op, AdminOp::Repair { .. }) {
+            ctx.repair_running.store(true, Ordering::SeqCst);
+        }
         let (what, r) = match &op {
             AdminOp::Move { topic, partition, replicas } => (
                 format!("move {topic}/{partition} to {replicas:?}"),
@@ -581,6 +604,11 @@ pub async fn operator(ctx: Ctx, queue: AdminQueue) -> turmoil::Result {
                 format!("decommission node {n}"),
                 client.set_node_state(*n, "decommissioning").await.map(|_| ()),
             ),
+            AdminOp::Repair { topic, partition, replicas } => {
+                let r = client.move_partition(topic, *partition, replicas.clone()).await;
+                ctx.repair_running.store(false, Ordering::SeqCst);
+                (format!("repair: move {topic}/{partition} to {replicas:?}"), r)
+            }
         };
         let outcome = r.map_or_else(|e| format!("failed: {e}"), |()| "started".into());
         ctx.trace.push(now_ms(), "admin", format!("{what}: {outcome}"));
@@ -596,7 +624,13 @@ const SETTLE_BOUND: Duration = Duration::from_secs(120);
 async fn settle(ctx: &Ctx, client: &Client) {
     let deadline = now_ms() + SETTLE_BOUND.as_millis() as u64;
     loop {
-        let moving = client.list_moves().await.map(|m| m.moves.len());
+        let moving =
+            if ctx.repairs_pending.load(Ordering::SeqCst) || ctx.repair_running.load(Ordering::SeqCst) {
+                // A repair not started yet counts as a move under way.
+                Ok(1)
+            } else {
+                client.list_moves().await.map(|m| m.moves.len())
+            };
         let leaving = client
             .list_nodes()
             .await
@@ -720,12 +754,21 @@ async fn idle_catch_up(ctx: &Ctx, client: &Client) {
             for node in replicas {
                 let mut seen = None;
                 loop {
-                    if let Ok(r) =
-                        client.list_offsets_on(&t, p, OffsetSpec::Latest, ReplicaChoice::Node(node)).await
-                    {
-                        seen = Some(r.offset);
-                        if r.offset >= hw {
-                            break;
+                    match client.list_offsets_on(&t, p, OffsetSpec::Latest, ReplicaChoice::Node(node)).await {
+                        Ok(r) => {
+                            seen = Some(r.offset);
+                            if r.offset >= hw {
+                                break;
+                            }
+                        }
+                        // The metadata read may have come from a node behind a move that took
+                        // this replica away (a damaged one, say): ask again before judging it.
+                        Err(_) => {
+                            if let Ok(md) = client.refresh_metadata().await
+                                && md.partition(&t, p).is_some_and(|p| !p.replicas.contains(&node))
+                            {
+                                break;
+                            }
                         }
                     }
                     if tokio::time::Instant::now() >= deadline {

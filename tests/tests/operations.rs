@@ -638,6 +638,7 @@ fn topic_changes_metrics_and_cli_conventions() -> anyhow::Result<()> {
             "eddy_node_leaders",
             "eddy_node_replicas",
             "eddy_under_replicated_partitions",
+            "eddy_replicas_damaged",
             "eddy_node_ready",
         ];
         let somewhere = ["eddy_partition_replication_lag", "eddy_partition_segment_bytes"];

@@ -51,13 +51,26 @@ use crate::raft_config;
 /// the next metadata change).
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The partition replicas running on this node.
+/// The partition replicas running on this node, and those it refuses to run because their log
+/// is damaged.
 #[derive(Default)]
 pub struct Replicas {
     map: RwLock<BTreeMap<GroupId, PartitionHandle>>,
+    damaged: RwLock<BTreeMap<GroupId, String>>,
 }
 
 impl Replicas {
+    /// Replicas placed here whose log recovery found damaged (a bad entry with intact ones
+    /// after it): not started, so they answer no leader and serve nothing, until a move takes
+    /// them away (their data is then deleted). With why, for operators.
+    pub fn damaged(&self) -> BTreeMap<GroupId, String> {
+        self.damaged.read().expect("replicas lock poisoned").clone()
+    }
+
+    fn is_damaged(&self, group: GroupId) -> bool {
+        self.damaged.read().expect("replicas lock poisoned").contains_key(&group)
+    }
+
     pub fn get(&self, group: GroupId) -> Option<PartitionHandle> {
         self.map.read().expect("replicas lock poisoned").get(&group).cloned()
     }
@@ -122,7 +135,17 @@ pub fn log_config(
         ignore_disk_full: env.bugs.disk_full_ignored,
         #[cfg(feature = "planted-bugs")]
         ignore_fsync_failure: env.bugs.fsync_failure_ignored,
+        #[cfg(feature = "planted-bugs")]
+        ignore_corruption: env.bugs.corrupt_record_served,
     }
+}
+
+/// Whether a replica failed to start because its log is damaged (see
+/// `eddy_raft::log::segments::Segments::recover`), not for a passing reason.
+fn is_damage(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::InvalidData)
 }
 
 impl PartitionManager {
@@ -183,14 +206,24 @@ impl PartitionManager {
         cancel: &CancellationToken,
     ) -> bool {
         let mut failed = false;
+        let placed_here =
+            |group: GroupId| view.partition_of(group).is_some_and(|(_, _, p)| p.holders().contains(&self.me));
         // Replicas this node no longer holds: their topic is gone, or a move took them away.
         for g in self.replicas.all() {
-            let keep = view.partition_of(g.group()).is_some_and(|(_, _, p)| p.holders().contains(&self.me));
-            if !keep {
+            if !placed_here(g.group()) {
                 stopped.insert(g.group());
                 self.stop_group(g).await;
             }
         }
+        // Damaged replicas moved away: their data goes the same way, once confirmed.
+        self.replicas.damaged.write().expect("replicas lock poisoned").retain(|group, _| {
+            let keep = placed_here(*group);
+            if !keep {
+                info!(group, "a damaged replica was moved away");
+                stopped.insert(*group);
+            }
+            keep
+        });
         if !stopped.is_empty() {
             match self.meta.confirmed_view(CONFIRM_TIMEOUT).await {
                 Ok(confirmed) => {
@@ -228,6 +261,10 @@ impl PartitionManager {
                     g.set_retention(TopicSettings::of(topic));
                     continue;
                 }
+                if self.replicas.is_damaged(p.group_id) {
+                    self.report_damaged(p).await;
+                    continue;
+                }
                 if stopped.contains(&p.group_id) {
                     // Stopped, and placed here again by a newer view than the one that stopped
                     // it: the confirmation above still decides; it starts on the next round.
@@ -237,6 +274,21 @@ impl PartitionManager {
                 let span = info_span!("partition", node = self.me, group = p.group_id, topic = %topic.name, partition = i);
                 match self.start_group(view, &topic.name, i as u32, p, cancel).instrument(span).await {
                     Ok(h) => self.replicas.insert(h),
+                    // Damage is not retried: recovery would find it again. The replica stays
+                    // down, reported, until a move takes it away.
+                    Err(e) if is_damage(&e) => {
+                        tracing::error!(
+                            group = p.group_id,
+                            "partition {}/{i} is damaged on this node and will not start until it is moved to another node: {e:#}",
+                            topic.name
+                        );
+                        self.replicas
+                            .damaged
+                            .write()
+                            .expect("replicas lock poisoned")
+                            .insert(p.group_id, format!("{e:#}"));
+                        self.report_damaged(p).await;
+                    }
                     Err(e) => {
                         failed = true;
                         warn!(group = p.group_id, "failed to start partition {}/{i}: {e:#}", topic.name)
@@ -276,6 +328,31 @@ impl PartitionManager {
                 warn!(group, "deleting the group's state: {e}");
             }
         }
+    }
+
+    /// Tells the other replicas of a damaged replica's group that it does not run: leaders then
+    /// do not count it in sync (no leadership is handed to it), and if it led the group before
+    /// the node restarted, the followers, which still follow it (its node answers liveness
+    /// probes), stop waiting for it and campaign. Its vote is in the log's state file, apart
+    /// from the damaged segments. Sent again on every reconciliation (a placement change),
+    /// since a peer that restarted has forgotten it.
+    async fn report_damaged(&self, p: &crate::meta::state::PartitionRecord) {
+        let dir = self.data_dir.join("groups").join(p.group_id.to_string());
+        let vote = match eddy_raft::log::state_file::StateFile::open(self.env.vfs.as_ref(), &dir).await {
+            Ok(f) => f.state().vote,
+            Err(e) => {
+                warn!(group = p.group_id, "reading the damaged replica's vote: {e}");
+                None
+            }
+        };
+        let led = vote.filter(|v| v.is_committed() && v.leader_id().voted_for == self.me);
+        let wake = eddy_proto::v1::Wake {
+            group_id: p.group_id,
+            term: vote.map_or(0, |v| v.leader_id().term),
+            leader_lost: led.is_some(),
+            damaged: true,
+        };
+        self.liveness.request_wake(wake, p.holders());
     }
 
     /// Stops a replica, keeping its log and state.

@@ -298,6 +298,10 @@ impl Reconciler {
                 }
                 (in_sync(&m), MembershipView::of(&m))
             };
+            // A replica whose node said it is damaged keeps the index it had matched, but it
+            // does not run: neither a hand-over nor a balance may pick it.
+            let mut sync = sync;
+            sync.retain(|n| *n == self.me || !self.liveness.replica_damaged(g.group(), *n));
             let Some((_, _, p)) = view.partition_of(g.group()) else {
                 continue;
             };

@@ -82,6 +82,9 @@ pub struct Segments {
     dirty: Vec<Arc<dyn VFile>>,
     /// Whether files were created since the last `take_dirty` (the directory needs a sync).
     dir_dirty: bool,
+    /// Whether reads check each frame's CRC: always, but for the simulator's planted bug
+    /// `corrupt-record-served`.
+    verify: bool,
 }
 
 /// How much of a segment recovery reads at a time.
@@ -95,14 +98,55 @@ fn parse_segment_name(name: &str) -> Option<u64> {
     name.strip_suffix(SUFFIX)?.parse().ok()
 }
 
+/// The first intact frame in bytes `[from, len)` of `file` whose index is above `after`: its
+/// byte position and index (see [`frame::plausible_after`]). Read a chunk at a time; a frame
+/// that runs past its chunk is read whole on its own.
+fn intact_after(file: &dyn VFile, from: u64, len: u64, after: u64) -> io::Result<Option<(u64, u64)>> {
+    let fixed = frame::FIXED_BYTES as u64;
+    let mut start = from;
+    while start + fixed <= len {
+        let want = (RECOVERY_CHUNK_BYTES as u64).min(len - start);
+        let mut chunk = vec![0u8; want as usize];
+        file.read_exact_at(&mut chunk, start)?;
+        let chunk = Bytes::from(chunk);
+        for p in 0..=(chunk.len() - frame::FIXED_BYTES) {
+            let Some(flen) = frame::plausible_after(&chunk[p..], after) else { continue };
+            let at = start + p as u64;
+            if at + flen as u64 > len {
+                continue;
+            }
+            let bytes = if p + flen <= chunk.len() {
+                chunk.slice(p..p + flen)
+            } else {
+                let mut whole = vec![0u8; flen];
+                file.read_exact_at(&mut whole, at)?;
+                Bytes::from(whole)
+            };
+            if let Ok((entry, _)) = frame::decode(&bytes) {
+                return Ok(Some((at, entry.log_id.index)));
+            }
+        }
+        start += want - fixed + 1;
+    }
+    Ok(None)
+}
+
 impl Segments {
-    /// Opens the log in `dir`, cutting a torn or corrupt tail. Cuts are made durable before this
-    /// returns, so a later crash cannot resurrect them.
+    /// Opens the log in `dir`, cutting a torn tail. Cuts are made durable before this returns,
+    /// so a later crash cannot resurrect them.
+    ///
+    /// A bad frame followed by an intact one in the same file is not a torn tail: a torn write
+    /// leaves nothing intact after the frame it tore. It is damage to entries that were
+    /// written whole, and this replica may have acknowledged them to its leader, so cutting
+    /// there could lose entries a quorum was counted on. Recovery then refuses to open the log
+    /// (`InvalidData`, naming the entry and the byte); the replica stays down until an operator
+    /// moves it elsewhere (see `ARCHITECTURE.md`, "Disk faults").
     pub async fn recover(
         vfs: Arc<dyn Vfs>,
         dir: &Path,
         segment_bytes_max: u64,
         last_purged: Option<LogId>,
+        verify: bool,
     ) -> io::Result<(Self, RecoveryReport)> {
         vfs.create_dir_all(dir)?;
         let mut report = RecoveryReport::default();
@@ -158,7 +202,7 @@ impl Segments {
             let mut pos = 0u64;
             let mut bad: Option<String> = None;
             while !(pending.is_empty() && read_to >= len) {
-                match frame::decode(&pending) {
+                match frame::decode_verified(&pending, verify) {
                     Ok((entry, flen)) => {
                         let expected = first_index + positions.len() as u64;
                         if entry.log_id.index != expected {
@@ -189,6 +233,16 @@ impl Segments {
                 }
             }
             if let Some(reason) = bad {
+                let expected = first_index + positions.len() as u64;
+                if let Some((at, index)) = intact_after(file.as_ref(), pos + 1, len, expected)? {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "the log in {} is damaged: entry {expected} ({reason}) is followed by intact entry {index} at byte {at}, so it is not a torn write; this replica will not start (move it to another node)",
+                            dir.display()
+                        ),
+                    ));
+                }
                 report.truncated_bytes += len - pos;
                 report.reason = Some(reason);
                 file.set_len(pos)?;
@@ -232,6 +286,7 @@ impl Segments {
                 last_log_id,
                 dirty: Vec::new(),
                 dir_dirty: false,
+                verify,
             },
             report,
         ))
@@ -443,7 +498,7 @@ impl Segments {
             seg.file.read_exact_at(&mut buf, range.start)?;
             let mut buf = Bytes::from(buf);
             for i in a..b {
-                let (entry, len) = frame::decode(&buf).map_err(|e| {
+                let (entry, len) = frame::decode_verified(&buf, self.verify).map_err(|e| {
                     io::Error::new(
                         io::ErrorKind::InvalidData,
                         format!("log entry {}: {e}", seg.first_index + i as u64),

@@ -49,8 +49,9 @@ pub const REPLICATION_READ_BYTES_MAX: usize = 8 << 20;
 /// Told how long each group-commit sync took (for the fsync latency metric).
 pub type SyncObserver = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
 
-/// Told, once, when the log could not make its writes durable (a failed `fdatasync`): the
-/// node stops, since the kernel may already have dropped what it was to persist.
+/// Told when the log could not make its writes durable (a failed `fdatasync`: the kernel may
+/// already have dropped what it was to persist), or found an entry damaged on disk when it
+/// read it (a checksum that does not match): the node stops either way.
 pub type FailureObserver = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Settings of one group's log.
@@ -68,6 +69,10 @@ pub struct LogConfig {
     /// a good one, as databases did before "fsyncgate".
     #[cfg(feature = "planted-bugs")]
     pub ignore_fsync_failure: bool,
+    /// Planted bug `corrupt-record-served` (simulator only): frames' checksums are not checked,
+    /// so a corrupted byte is read (and served) as data.
+    #[cfg(feature = "planted-bugs")]
+    pub ignore_corruption: bool,
 }
 
 impl Default for LogConfig {
@@ -80,6 +85,8 @@ impl Default for LogConfig {
             ignore_disk_full: false,
             #[cfg(feature = "planted-bugs")]
             ignore_fsync_failure: false,
+            #[cfg(feature = "planted-bugs")]
+            ignore_corruption: false,
         }
     }
 }
@@ -98,6 +105,8 @@ struct Shared {
     /// One past the last index known to be on disk: recovered entries, then what each
     /// successful sync covered. Lowered by a truncation.
     durable_end: tokio::sync::watch::Sender<u64>,
+    /// Told when a read finds a damaged entry.
+    on_failure: Option<FailureObserver>,
     /// The lowest `durable_end` a truncation set since the flusher last took the dirty files:
     /// a sync under way makes durable no more than what survived the truncation.
     cut_since_take: std::sync::Mutex<u64>,
@@ -129,8 +138,13 @@ impl LogStore {
     ) -> io::Result<(Self, RecoveryReport)> {
         vfs.create_dir_all(dir)?;
         let state = StateFile::open(vfs.as_ref(), dir).await?;
+        #[cfg(feature = "planted-bugs")]
+        let verify = !config.ignore_corruption;
+        #[cfg(not(feature = "planted-bugs"))]
+        let verify = true;
         let (segments, report) =
-            Segments::recover(vfs.clone(), dir, config.segment_bytes_max, state.state().last_purged).await?;
+            Segments::recover(vfs.clone(), dir, config.segment_bytes_max, state.state().last_purged, verify)
+                .await?;
         if let Some(reason) = &report.reason {
             warn!(dir = %dir.display(), truncated_bytes = report.truncated_bytes, "cut the log's tail on recovery: {reason}");
         }
@@ -139,6 +153,7 @@ impl LogStore {
             segments: RwLock::new(segments),
             vote: RwLock::new(state.state().vote),
             durable_end: tokio::sync::watch::Sender::new(recovered_end),
+            on_failure: config.on_failure.clone(),
             cut_since_take: std::sync::Mutex::new(u64::MAX),
         });
         let (flush_tx, flush_rx) = mpsc::channel(FLUSH_QUEUE_MAX);
@@ -247,6 +262,25 @@ async fn flusher(
     }
 }
 
+impl Shared {
+    /// Passes a read's result on, reporting a damaged entry (`InvalidData`: a checksum that
+    /// does not match, an entry at the wrong place) to `on_failure`: the entry is never served,
+    /// and the node stops, as for a failed sync. Restarted, its recovery refuses this log
+    /// (see [`Segments::recover`]) and the node serves its other replicas.
+    fn checked(&self, segs: &Segments, read: io::Result<Vec<Entry>>) -> io::Result<Vec<Entry>> {
+        if let Err(e) = &read
+            && e.kind() == io::ErrorKind::InvalidData
+        {
+            let msg = format!("the log in {} is damaged: {e}", segs.dir().display());
+            error!("{msg}");
+            if let Some(fail) = &self.on_failure {
+                fail(&msg);
+            }
+        }
+        read
+    }
+}
+
 impl LogReader {
     /// Waits until the entry at `index` is on this replica's disk. A state machine applies an
     /// entry only then: openraft applies what the cluster committed once it is in the local
@@ -273,7 +307,8 @@ impl LogReader {
 
     /// Reads entries in `[start, end)`, at least one and about `bytes_max` bytes at most.
     pub fn read(&self, start: u64, end: u64, bytes_max: usize) -> io::Result<Vec<Entry>> {
-        self.shared.segments.read().expect("log lock poisoned").read(start, end, bytes_max)
+        let segs = self.shared.segments.read().expect("log lock poisoned");
+        self.shared.checked(&segs, segs.read(start, end, bytes_max))
     }
 
     /// Bytes in the log's segment files.
@@ -317,7 +352,7 @@ impl RaftLogReader<C> for LogReader {
         let first = segs.first_index().unwrap_or(u64::MAX);
         let last_next = segs.last_log_id().map_or(0, |l| l.index + 1);
         let (start, end) = (start.max(first), end.min(last_next));
-        segs.read(start, end, usize::MAX)
+        self.shared.checked(&segs, segs.read(start, end, usize::MAX))
     }
 
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
@@ -329,7 +364,7 @@ impl RaftLogReader<C> for LogReader {
         // way and its node served its partition stale from then on). Entries missing at the
         // start (purged) stay an error: openraft sends a snapshot instead of reading those.
         let last_next = segs.last_log_id().map_or(0, |l| l.index + 1);
-        segs.read(start, end.min(last_next), REPLICATION_READ_BYTES_MAX)
+        self.shared.checked(&segs, segs.read(start, end.min(last_next), REPLICATION_READ_BYTES_MAX))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
