@@ -73,6 +73,9 @@ pub struct PlantedBugs {
     pub returning_replica_refounds: bool,
     /// Log frames' checksums are not checked: a byte the disk corrupted is served as data.
     pub corrupt_record_served: bool,
+    /// A node refuses for good the Raft messages of a node its metadata does not list yet (no
+    /// vouching by the members it knows): a node behind a join never catches up.
+    pub unlisted_node_refused: bool,
 }
 
 /// Any byte stream a server can accept connections on.

@@ -65,6 +65,9 @@ pub struct Follows {
     pub leader: Option<crate::types::NodeId>,
     pub is_leader: bool,
     pub vote: Vote,
+    /// Whether its log holds any entry (or a snapshot): a replica that has none grants no vote
+    /// (see `RaftService::vote`).
+    pub has_log: bool,
 }
 
 impl<SM> RaftRpc for Raft<C, SM>
@@ -115,6 +118,7 @@ where
             leader: m.current_leader,
             is_leader: m.state == openraft::ServerState::Leader,
             vote: m.vote,
+            has_log: m.last_log_index.is_some(),
         }
     }
 

@@ -93,13 +93,39 @@ impl RaftService {
 
     async fn do_vote(&self, req: RaftRequest) -> Result<RaftReply, Status> {
         let g = self.open(&req)?;
-        let resp = g.vote(codec::decode(&req.payload, "VoteRequest")?).await.map_err(fatal)?;
+        let vote_req: VoteRequest<C> = codec::decode(&req.payload, "VoteRequest")?;
+        if let Some(refusal) = self.refuse_without_log(&*g, req.group_id, &vote_req) {
+            return Ok(refusal);
+        }
+        let resp = g.vote(vote_req).await.map_err(fatal)?;
         Ok(reply_body(&resp))
+    }
+
+    /// A partition replica whose log holds nothing grants no vote. Founding replicas write the group's
+    /// first membership before they can be reached, and a replica added by a move is a
+    /// learner that catches up before it may vote, so the only replica without a log that can
+    /// be asked is one a move took away (deleting its log and vote) and a later move brought
+    /// back: a candidate still holding a configuration from before it left counts it as a
+    /// voter, and its fresh, empty vote would let that stale candidate win a term another
+    /// leader already holds (simulator seed 9, with `move-back`: two leaders in term 5). It
+    /// votes once its group's leader has sent it entries, and so its configuration.
+    fn refuse_without_log(&self, g: &dyn RaftRpc, group: u64, req: &VoteRequest<C>) -> Option<RaftReply> {
+        let f = g.follows();
+        // The metadata group is initialized by one node; its other first members vote with
+        // empty logs, and a node leaves it for good (a removed node never returns).
+        if f.has_log || group == META_GROUP {
+            return None;
+        }
+        debug!(node = self.me, group, candidate = %req.vote, "refusing a vote: this replica has no log yet");
+        Some(reply_body(&VoteResponse::<C>::new(f.vote, None, false)))
     }
 
     async fn do_pre_vote(&self, req: RaftRequest) -> Result<RaftReply, Status> {
         let g = self.open(&req)?;
         let vote_req: VoteRequest<C> = codec::decode(&req.payload, "VoteRequest")?;
+        if let Some(refusal) = self.refuse_without_log(&*g, req.group_id, &vote_req) {
+            return Ok(refusal);
+        }
         // Leader stickiness from node liveness (partition groups; the metadata group keeps
         // openraft's own timers and lease): quiescent groups exchange no messages, so
         // openraft's own leader lease has long expired on an idle group; the leader this
@@ -334,6 +360,9 @@ impl raft_server::Raft for RaftService {
             let f = g.follows();
             if f.is_leader {
                 g.wake().await;
+            } else if w.damaged && f.leader == Some(req.from) {
+                // Its replica is damaged and does not run: it leads nothing, in any term.
+                self.liveness.disown(w.group_id, req.from, f.vote.leader_id().term);
             } else if w.leader_lost && f.leader == Some(req.from) && f.vote.leader_id().term == w.term {
                 // The node this replica follows led the group in this term and restarted since:
                 // this replica must not wait for it.

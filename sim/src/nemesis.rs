@@ -26,6 +26,10 @@ pub const BASE_MAX_LATENCY: Duration = Duration::from_millis(2);
 const DOWN_MAX: usize = 2;
 /// A decommission keeps at least this many members (active or joining).
 const MEMBERS_MIN: usize = 4;
+/// A move-back's first half: the topic and partition, the nodes it leaves, the replicas it
+/// moves to, and the replicas it comes back to.
+type MoveAway = (String, u32, Vec<NodeId>, Vec<NodeId>, Vec<NodeId>);
+
 /// The operator asks for a repair of a damaged replica at most this often (simulated ms).
 const REPAIR_ASK_GAP_MS: u64 = 5_000;
 /// At most this many nodes join in a run.
@@ -51,6 +55,14 @@ enum Undo {
         group: eddy_raft::GroupId,
         tries: u32,
         asked_at: Option<u64>,
+    },
+    /// A partition moved off a node goes back to `replicas` (retried every second while a move
+    /// of it is still under way, for at most a minute).
+    MoveBack {
+        topic: String,
+        partition: u32,
+        replicas: Vec<NodeId>,
+        tries: u32,
     },
     /// Silent death: crash at `crash_at`, then restart (and repair) at the end.
     CrashThenRestart {
@@ -273,13 +285,7 @@ impl Nemesis {
                     .flat_map(|t| (0..t.partitions.len() as u32).map(|p| (t.name.clone(), p)))
                     .collect();
                 let (topic, partition) = parts.get(self.rng.random_range(0..parts.len().max(1)))?.clone();
-                let mut members: Vec<NodeId> = view
-                    .state
-                    .nodes
-                    .iter()
-                    .filter(|(_, n)| n.state == NodeState::Active)
-                    .map(|(id, _)| *id)
-                    .collect();
+                let mut members = active_members(&view);
                 members.shuffle(&mut self.rng);
                 members.truncate(3);
                 members.sort_unstable();
@@ -345,6 +351,16 @@ impl Nemesis {
                     path.display()
                 );
                 Undo::MoveDamaged { node: n, group, tries: 0, asked_at: None }
+            }
+            FaultClass::MoveBack => {
+                let (topic, partition, from, away, back) = self.move_away(cluster)?;
+                desc = format!("{topic}/{partition} off {from:?} to {away:?}, back to {back:?} at the end");
+                self.admin.lock().expect("admin queue lock").push_back(AdminOp::Move {
+                    topic: topic.clone(),
+                    partition,
+                    replicas: away,
+                });
+                Undo::MoveBack { topic, partition, replicas: back, tries: 0 }
             }
             FaultClass::Crash | FaultClass::Bounce | FaultClass::SilentDeath => {
                 if cluster.down().len() >= DOWN_MAX
@@ -447,6 +463,46 @@ impl Nemesis {
             disk.corrupt(&path, at, xor).then_some((n, group, path, at))
         })();
         self.own.insert(FaultClass::DiskCorrupt, rng);
+        picked
+    }
+
+    /// A partition that is not moving, the replicas' nodes it leaves (a majority, as spare
+    /// active members allow), its replicas with those replaced by spares (the move away), and
+    /// as they are (the move back). Drawn from the `move-back` stream.
+    fn move_away(&mut self, cluster: &Cluster) -> Option<MoveAway> {
+        let view = Self::latest_view(cluster)?;
+        let mut rng = self.own.remove(&FaultClass::MoveBack).expect("move-back has its own stream");
+        let picked = (|| {
+            let active = active_members(&view);
+            let parts: Vec<(String, u32, Vec<NodeId>)> = view
+                .state
+                .topics
+                .values()
+                .flat_map(|t| {
+                    t.partitions
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| p.target.is_none())
+                        .map(|(i, p)| (t.name.clone(), i as u32, p.replicas.clone()))
+                })
+                .filter(|(_, _, r)| r.iter().all(|n| active.contains(n)))
+                .collect();
+            let (topic, partition, back) = parts.get(rng.random_range(0..parts.len().max(1)))?.clone();
+            // A majority of the replicas leaves when spares allow: those then return pristine
+            // together, able to form a quorum of their own if anything let them.
+            let mut leaving = back.clone();
+            leaving.shuffle(&mut rng);
+            let mut spare: Vec<NodeId> = active.iter().copied().filter(|n| !back.contains(n)).collect();
+            spare.shuffle(&mut rng);
+            leaving.truncate((back.len() / 2 + 1).min(spare.len()));
+            if leaving.is_empty() {
+                return None;
+            }
+            let away: Vec<NodeId> =
+                back.iter().map(|n| leaving.iter().position(|l| l == n).map_or(*n, |i| spare[i])).collect();
+            Some((topic, partition, leaving, away, back))
+        })();
+        self.own.insert(FaultClass::MoveBack, rng);
         picked
     }
 
@@ -599,6 +655,43 @@ impl Nemesis {
                     return;
                 }
             }
+            Undo::MoveBack { topic, partition, replicas, tries } => {
+                // The move back waits for the move away (or any other move) to finish; it is
+                // dropped if a node it needs is no longer active.
+                let view = Self::latest_view(cluster);
+                let record = view.as_ref().and_then(|v| {
+                    let t = v.state.topics.get(&topic)?;
+                    let active = replicas
+                        .iter()
+                        .all(|n| v.state.nodes.get(n).is_some_and(|r| r.state == NodeState::Active));
+                    Some((t.partitions.get(partition as usize)?.target.is_some(), active))
+                });
+                match record {
+                    Some((false, true)) => {
+                        trace.push(
+                            now,
+                            "fault",
+                            format!("move-back: {topic}/{partition} back to {replicas:?}"),
+                        );
+                        self.admin.lock().expect("admin queue lock").push_back(AdminOp::Move {
+                            topic,
+                            partition,
+                            replicas,
+                        });
+                    }
+                    Some((_, false)) | None => {}
+                    Some((true, true)) if tries >= 60 => {}
+                    Some((true, true)) => {
+                        self.active.push(Active {
+                            class: a.class,
+                            started_at: a.started_at,
+                            ends_at: now + 1_000,
+                            undo: Undo::MoveBack { topic, partition, replicas, tries: tries + 1 },
+                        });
+                        return;
+                    }
+                }
+            }
             Undo::CrashThenRestart { node, crashed, pairs, .. } => {
                 if !crashed {
                     self.crash(now, sim, cluster, trace, node, true);
@@ -681,6 +774,11 @@ impl Nemesis {
         self.next_at.clear();
         trace.push(now, "heal", "all faults healed");
     }
+}
+
+/// The members a view shows active, by id.
+fn active_members(view: &eddy_node::meta::sm::MetaView) -> Vec<NodeId> {
+    view.state.nodes.iter().filter(|(_, n)| n.state == NodeState::Active).map(|(id, _)| *id).collect()
 }
 
 /// An exponentially distributed gap with the given mean.

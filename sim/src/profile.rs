@@ -53,10 +53,15 @@ pub enum FaultClass {
     /// report the replica damaged and serve its others, and when the operator moves the damaged
     /// replica away the group must fill its new one from the healthy replicas, losing nothing.
     DiskCorrupt,
+    /// An operator moves a partition off a majority of its replicas' nodes and, when the fault
+    /// ends, moves it back to the replicas it had: the returning nodes must take fresh replicas
+    /// that join the running group, and the group must not count what their old logs held
+    /// (simulator seeds 37 and 88).
+    MoveBack,
 }
 
 impl FaultClass {
-    pub const ALL: [FaultClass; 15] = [
+    pub const ALL: [FaultClass; 16] = [
         FaultClass::Partition,
         FaultClass::OneWay,
         FaultClass::IsolateLeader,
@@ -72,23 +77,25 @@ impl FaultClass {
         FaultClass::Decommission,
         FaultClass::FsyncFail,
         FaultClass::DiskCorrupt,
+        FaultClass::MoveBack,
     ];
 
     /// Classes added after the first nine: a seed draws them from a stream of its own, so the
     /// first nine keep the profile they had for every seed (and `sim/REGRESSIONS.md` keeps
     /// meaning what it says).
-    const LATER: [FaultClass; 6] = [
+    const LATER: [FaultClass; 7] = [
         FaultClass::DiskFull,
         FaultClass::Move,
         FaultClass::Join,
         FaultClass::Decommission,
         FaultClass::FsyncFail,
         FaultClass::DiskCorrupt,
+        FaultClass::MoveBack,
     ];
 
     /// Classes whose injections draw from a random stream of their own in the nemesis, so that
     /// turning one on leaves the times and choices of every other class's faults as they were.
-    pub const OWN_STREAM: [FaultClass; 1] = [FaultClass::DiskCorrupt];
+    pub const OWN_STREAM: [FaultClass; 2] = [FaultClass::DiskCorrupt, FaultClass::MoveBack];
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -107,6 +114,7 @@ impl FaultClass {
             FaultClass::Decommission => "decommission",
             FaultClass::FsyncFail => "fsync-fail",
             FaultClass::DiskCorrupt => "disk-corrupt",
+            FaultClass::MoveBack => "move-back",
         }
     }
 }

@@ -57,6 +57,9 @@ pub enum Bug {
     /// Log frames' checksums are not checked, so a byte the disk corrupted is read, and served,
     /// as data (found by the `disk-corrupt` class).
     CorruptRecordServed,
+    /// A node refuses for good the Raft messages of a node its metadata does not list yet: the
+    /// vouching of simulator seed 40 (with `--retention`) undone (found by the `join` class).
+    UnlistedNodeRefused,
 }
 
 impl Bug {
@@ -69,6 +72,7 @@ impl Bug {
             Bug::FsyncFailureIgnored => "fsync-failure-ignored",
             Bug::ReturningReplicaRefounds => "returning-replica-refounds",
             Bug::CorruptRecordServed => "corrupt-record-served",
+            Bug::UnlistedNodeRefused => "unlisted-node-refused",
         }
     }
 }
@@ -283,6 +287,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         fsync_failure_ignored: opts.bug == Some(Bug::FsyncFailureIgnored),
         returning_replica_refounds: opts.bug == Some(Bug::ReturningReplicaRefounds),
         corrupt_record_served: opts.bug == Some(Bug::CorruptRecordServed),
+        unlisted_node_refused: opts.bug == Some(Bug::UnlistedNodeRefused),
     };
     let mut cluster = Cluster::new(opts.nodes, opts.seed, bugs, opts.bug == Some(Bug::AckBeforeFsync));
     cluster.register(&mut sim);
@@ -316,7 +321,8 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
     // without them stay as they were.
     let operates = profile.classes.contains_key(&FaultClass::Move)
         || profile.classes.contains_key(&FaultClass::Decommission)
-        || profile.classes.contains_key(&FaultClass::DiskCorrupt);
+        || profile.classes.contains_key(&FaultClass::DiskCorrupt)
+        || profile.classes.contains_key(&FaultClass::MoveBack);
     if operates {
         clients.push("operator".into());
     }

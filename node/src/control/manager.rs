@@ -108,6 +108,9 @@ pub struct PartitionManager {
     pub storage: crate::disk::StorageFailure,
 }
 
+/// The file whose presence in a group's directory says its deletion is under way.
+const TOMBSTONE: &str = "deleting";
+
 /// How long the manager waits for the metadata to confirm that a stopped replica may be
 /// deleted before it tries again.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -239,7 +242,7 @@ impl PartitionManager {
                             // Started again from the confirmed view, on the next round.
                             failed = true;
                         } else {
-                            self.delete_group_data(group);
+                            self.delete_group_data(group).await;
                         }
                     }
                 }
@@ -296,7 +299,7 @@ impl PartitionManager {
                 }
             }
         }
-        self.remove_deleted_groups(view);
+        self.remove_deleted_groups(view).await;
         failed
     }
 
@@ -306,7 +309,7 @@ impl PartitionManager {
     /// reused, so such a group is gone for good, however far behind this view is. (A replica
     /// moved away while the node was down is not touched: a view behind the move back would
     /// delete a live replica.)
-    fn remove_deleted_groups(&self, view: &MetaView) {
+    async fn remove_deleted_groups(&self, view: &MetaView) {
         let root = self.data_dir.join("groups");
         let Ok(names) = self.env.vfs.list_dir(&root) else { return };
         for name in names {
@@ -320,13 +323,7 @@ impl PartitionManager {
                 continue;
             }
             info!(group, "removing the log and state of a partition whose topic was deleted");
-            let dir = root.join(&name);
-            if let Err(e) = self.env.vfs.remove_dir_all(&dir) {
-                warn!(group, "deleting {}: {e}", dir.display());
-            }
-            if let Err(e) = self.env.state_store.drop_tree(&crate::partition::sm::tree_name(group)) {
-                warn!(group, "deleting the group's state: {e}");
-            }
+            self.erase_group(group).await;
         }
     }
 
@@ -375,14 +372,42 @@ impl PartitionManager {
     }
 
     /// Deletes a stopped replica's log and state.
-    fn delete_group_data(&self, group: GroupId) {
+    async fn delete_group_data(&self, group: GroupId) {
         info!(group, "removing the log and state of a replica this node no longer holds");
-        let dir = self.data_dir.join("groups").join(group.to_string());
-        if let Err(e) = self.env.vfs.remove_dir_all(&dir) {
-            warn!(group, "deleting {}: {e}", dir.display());
+        self.erase_group(group).await;
+    }
+
+    /// Deletes a group's log and state so that no power loss can leave one without the other: a
+    /// state tree that came back beside a new, empty log would index entries the log does not
+    /// hold (simulator seed 115 with `move-back`). A durable tombstone (`deleting`) goes into
+    /// the log's directory first; the state tree is dropped and the state store flushed; then
+    /// the directory goes, durably. A replica that finds the tombstone when it opens finishes
+    /// the deletion first (`start_group`). A failure is logged, and the tombstone stays.
+    async fn erase_group(&self, group: GroupId) {
+        let root = self.data_dir.join("groups");
+        let dir = root.join(group.to_string());
+        let vfs = &self.env.vfs;
+        let result = async {
+            vfs.create_dir_all(&dir)?;
+            vfs.open(&dir.join(TOMBSTONE), true)?.sync_data().await?;
+            vfs.sync_dir(&dir).await?;
+            self.env.state_store.drop_tree(&crate::partition::sm::tree_name(group))?;
+            self.env.state_store.flush().await?;
+            // The files first, made durable by a sync of their directory (the tombstone last),
+            // then the directory itself.
+            let mut names = vfs.list_dir(&dir)?;
+            names.sort_by_key(|n| n == TOMBSTONE);
+            for name in names {
+                vfs.remove_file(&dir.join(name))?;
+            }
+            vfs.sync_dir(&dir).await?;
+            vfs.remove_dir_all(&dir)?;
+            vfs.sync_dir(&root).await?;
+            Ok::<(), std::io::Error>(())
         }
-        if let Err(e) = self.env.state_store.drop_tree(&crate::partition::sm::tree_name(group)) {
-            warn!(group, "deleting the group's state: {e}");
+        .await;
+        if let Err(e) = result {
+            warn!(group, "deleting the log and state of group {group} in {}: {e}", dir.display());
         }
     }
 
@@ -398,20 +423,37 @@ impl PartitionManager {
         // Only a group that never moved may be initialized: a node that an earlier move took
         // the partition from, and a later one brings it back to, opens a pristine replica, and
         // initializing that would found a second, empty group under the same id (simulator
-        // seed 88 lost every event of t1/1 that way).
+        // seed 88 lost every event of t1/1 that way). A partition moved back to exactly its
+        // initial replicas looks unmoved, so a move's end empties `initial_replicas` (seed 9,
+        // with `move-back`).
         let set = |v: &[NodeId]| {
             let mut v = v.to_vec();
             v.sort_unstable();
             v
         };
         let founding = record.target.is_none() && set(&record.replicas) == set(initial_replicas);
-        // The planted bug: the rule before seed 88, any pristine initial replica founds it.
+        // The planted bug: the rule before seed 88, any pristine initial replica founds it (and,
+        // since a move empties the initial replicas, the rule before seed 9 too: the replicas
+        // a partition moved back to count as its initial ones).
         #[cfg(feature = "planted-bugs")]
-        let founding = founding || self.env.bugs.returning_replica_refounds;
+        let (founding, initial_replicas) = if self.env.bugs.returning_replica_refounds {
+            (true, if initial_replicas.is_empty() { &record.replicas[..] } else { initial_replicas })
+        } else {
+            (founding, initial_replicas)
+        };
         if !self.env.replica_open_delay.is_zero() {
             tokio::time::sleep(self.env.replica_open_delay).await;
         }
         let dir = self.data_dir.join("groups").join(group.to_string());
+        if self.env.vfs.exists(&dir.join(TOMBSTONE)) {
+            // A deletion a crash interrupted: finish it, and open a pristine replica.
+            info!(group, "finishing the deletion of this replica's old log and state");
+            self.erase_group(group).await;
+            anyhow::ensure!(
+                !self.env.vfs.exists(&dir.join(TOMBSTONE)),
+                "the deletion of group {group}'s old log and state did not finish"
+            );
+        }
         let segment_bytes_max =
             view.state.topics.get(topic).and_then(|t| t.segment_bytes()).unwrap_or(self.segment_bytes);
         let (log, report) = LogStore::open(

@@ -78,7 +78,11 @@ pub struct PartitionRecord {
     /// Current replicas; the first is the preferred leader.
     pub replicas: Vec<NodeId>,
     /// The replicas the group was created with. Only these may initialize the group's Raft
-    /// membership; a replica added later joins as a learner of the running group.
+    /// membership; a replica added later joins as a learner of the running group. Emptied once
+    /// a move ends (completed or cancelled): a move may have deleted an initial replica's log,
+    /// and a move back to exactly the initial replicas would otherwise look like a group that
+    /// never moved, whose pristine replicas found it afresh: two groups under one id
+    /// (simulator seed 9, with `move-back`).
     pub initial_replicas: Vec<NodeId>,
     /// While a move is in progress, the replica set the group is moving to. The group's leader
     /// changes its membership one step at a time until it matches, then reports the move done.
@@ -89,6 +93,13 @@ impl PartitionRecord {
     /// The replica set the group should converge to.
     pub fn desired(&self) -> &[NodeId] {
         self.target.as_deref().unwrap_or(&self.replicas)
+    }
+
+    /// Ends a move (completed or cancelled): no target, and no replica may found the group any
+    /// more (see `initial_replicas`).
+    pub fn end_move(&mut self) {
+        self.target = None;
+        self.initial_replicas.clear();
     }
 
     /// Every node that holds, or is about to hold, a replica.
@@ -247,7 +258,7 @@ impl MetaState {
                     for p in Arc::make_mut(t).partitions.iter_mut() {
                         if completes(p) {
                             p.replicas = replicas.clone();
-                            p.target = None;
+                            p.end_move();
                         }
                     }
                 }
@@ -563,9 +574,10 @@ impl MetaState {
 
     fn cancel_move(&mut self, topic: &str, partition: u32) -> Result<(), MetaError> {
         let p = self.partition_mut(topic, partition)?;
-        if p.target.take().is_none() {
+        if p.target.is_none() {
             return Err(MetaError::Conflict(format!("{topic}/{partition} has no move in progress")));
         }
+        p.end_move();
         Ok(())
     }
 
@@ -600,7 +612,7 @@ impl MetaState {
                         }
                         for p in Arc::make_mut(t).partitions.iter_mut() {
                             if leaving(p) {
-                                p.target = None;
+                                p.end_move();
                             }
                         }
                     }
@@ -944,6 +956,34 @@ mod tests {
         s.apply(MetaCommand::CompleteMove { group: g, replicas: vec![2, 3, 4] });
         let p = &s.topics["t"].partitions[0];
         assert_eq!((p.replicas.clone(), p.target.clone()), (vec![2, 3, 4], None));
+        assert!(p.initial_replicas.is_empty(), "after a move, no replica may found the group");
+    }
+
+    #[test]
+    fn a_partition_moved_back_to_its_initial_replicas_is_not_founded_again() {
+        let mut s = cluster(5);
+        create(&mut s, "t", 1, 3);
+        let initial = s.topics["t"].partitions[0].replicas.clone();
+        assert_eq!(s.topics["t"].partitions[0].initial_replicas, initial);
+        let g = s.topics["t"].partitions[0].group_id;
+        let away: Vec<u64> = (1..=5).filter(|n| !initial.contains(n)).chain([initial[0]]).collect();
+        let mv =
+            |replicas: Vec<u64>| MetaCommand::MovePartition { topic: "t".into(), partition: 0, replicas };
+        assert_eq!(s.apply(mv(away.clone())), MetaReply::Done);
+        s.apply(MetaCommand::CompleteMove { group: g, replicas: away });
+        assert_eq!(s.apply(mv(initial.clone())), MetaReply::Done);
+        s.apply(MetaCommand::CompleteMove { group: g, replicas: initial.clone() });
+        let p = &s.topics["t"].partitions[0];
+        assert_eq!((p.replicas.clone(), p.target.clone()), (initial, None), "back where it was created");
+        assert!(p.initial_replicas.is_empty(), "but none of its replicas may found it again");
+        // A cancelled move ends the same way.
+        create(&mut s, "u", 1, 3);
+        let first = s.topics["u"].partitions[0].replicas.clone();
+        let other: Vec<u64> = (1..=5).filter(|n| !first.contains(n)).chain([first[0]]).collect();
+        let mv_u = MetaCommand::MovePartition { topic: "u".into(), partition: 0, replicas: other };
+        assert_eq!(s.apply(mv_u), MetaReply::Done);
+        assert_eq!(s.apply(MetaCommand::CancelMove { topic: "u".into(), partition: 0 }), MetaReply::Done);
+        assert!(s.topics["u"].partitions[0].initial_replicas.is_empty());
     }
 
     #[test]
