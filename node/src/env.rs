@@ -36,6 +36,32 @@ impl Clock for SystemClock {
     }
 }
 
+/// A wall clock that never runs ahead of the time that actually passed since it was made: it
+/// reads the smaller of the wall clock and the wall clock's reading at creation plus the
+/// monotonic time elapsed since. Time-based retention reads it, so that a wall clock that
+/// jumps forward (a bad NTP step, an operator's typo) cannot purge events younger than
+/// `retention.ms`; a clock that jumps backward only keeps events longer. Kafka reads the wall
+/// clock and deletes on a forward jump. A node started with its clock already wrong is not
+/// protected: nothing local can tell.
+pub struct SteadyClock {
+    wall: Arc<dyn Clock>,
+    wall_at_start: i64,
+    started: tokio::time::Instant,
+}
+
+impl SteadyClock {
+    pub fn new(wall: Arc<dyn Clock>) -> Self {
+        Self { wall_at_start: wall.now_ms(), wall, started: tokio::time::Instant::now() }
+    }
+}
+
+impl Clock for SteadyClock {
+    fn now_ms(&self) -> i64 {
+        let elapsed = i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX);
+        self.wall.now_ms().min(self.wall_at_start.saturating_add(elapsed))
+    }
+}
+
 /// The seams of one node.
 #[derive(Clone)]
 pub struct NodeEnv {
@@ -76,6 +102,9 @@ pub struct PlantedBugs {
     /// A node refuses for good the Raft messages of a node its metadata does not list yet (no
     /// vouching by the members it knows): a node behind a join never catches up.
     pub unlisted_node_refused: bool,
+    /// Time-based retention reads the wall clock as it is, so a clock that jumps forward purges
+    /// events younger than `retention.ms` (see [`SteadyClock`]).
+    pub retention_trusts_wall_clock: bool,
 }
 
 /// Any byte stream a server can accept connections on.

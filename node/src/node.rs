@@ -154,10 +154,10 @@ async fn hand_over_all(
 ) -> (usize, usize) {
     let (mut leading, mut movable) = (0, 0);
     for g in replicas.all() {
-        let (l, m) = hand_over(me, g.raft(), liveness).await;
+        let (l, m) = hand_over(me, g.group(), g.raft(), liveness).await;
         (leading, movable) = (leading + l, movable + m);
     }
-    let (l, m) = hand_over(me, meta.raft(), liveness).await;
+    let (l, m) = hand_over(me, META_GROUP, meta.raft(), liveness).await;
     (leading + l, movable + m)
 }
 
@@ -188,6 +188,7 @@ async fn watch_disk(
 /// there was a voter to ask).
 async fn hand_over<SM: openraft::storage::RaftStateMachine<eddy_raft::TypeConfig>>(
     me: NodeId,
+    group: eddy_raft::GroupId,
     raft: &openraft::Raft<eddy_raft::TypeConfig, SM>,
     liveness: &Arc<Liveness>,
 ) -> (usize, usize) {
@@ -195,8 +196,8 @@ async fn hand_over<SM: openraft::storage::RaftStateMachine<eddy_raft::TypeConfig
     if m.current_leader != Some(me) {
         return (0, 0);
     }
-    let Some(to) = successor(&m, liveness) else { return (1, 0) };
-    let _ = eddy_raft::liveness::transfer_leadership(raft, to, liveness).await;
+    let Some(to) = successor(group, &m, liveness) else { return (1, 0) };
+    let _ = eddy_raft::liveness::transfer_leadership(raft, group, to, liveness).await;
     (1, 1)
 }
 
@@ -648,8 +649,15 @@ pub async fn start(
         }
     });
 
+    #[cfg(feature = "planted-bugs")]
+    let steady = !env.bugs.retention_trusts_wall_clock;
+    #[cfg(not(feature = "planted-bugs"))]
+    let steady = true;
+    let retention_clock: Arc<dyn crate::env::Clock> =
+        if steady { Arc::new(crate::env::SteadyClock::new(env.clock.clone())) } else { env.clock.clone() };
     let manager = PartitionManager {
         me,
+        retention_clock,
         env: env.clone(),
         data_dir: config.data_dir.clone(),
         segment_bytes: config.segment_bytes,

@@ -141,6 +141,9 @@ pub struct LivenessView {
     /// Groups whose leader, as this node knows it, said it does not know the group's leader
     /// (it restarted and lost its leadership): group → (that node, the term it led).
     pub disowned: BTreeMap<GroupId, (NodeId, u64)>,
+    /// Replicas their nodes said are damaged (a wake with `damaged`) and have not said since
+    /// that they run: (group, node). Such a replica leads nothing, in any term.
+    pub damaged: BTreeSet<(GroupId, NodeId)>,
 }
 
 impl LivenessView {
@@ -149,9 +152,13 @@ impl LivenessView {
     }
 
     /// Whether `leader`, leading `group` in `term` as this node knows it, is gone: judged down,
-    /// or it said it no longer knows the group's leader.
+    /// it said it no longer knows the group's leader, or its replica is damaged. (A state, not
+    /// an event: a follower that hears of the damage before its own replica starts still
+    /// campaigns once it does; seed 162.)
     pub fn leader_gone(&self, group: GroupId, leader: NodeId, term: u64) -> bool {
-        self.is_down(leader) || self.disowned.get(&group) == Some(&(leader, term))
+        self.is_down(leader)
+            || self.disowned.get(&group) == Some(&(leader, term))
+            || self.damaged.contains(&(group, leader))
     }
 }
 
@@ -179,6 +186,9 @@ struct Inner {
     pulse_seen: (u64, Instant),
     /// The runtime made no progress for [`WEDGED_AFTER`]: probes go unanswered.
     wedged: bool,
+    /// This node's damaged replicas: the wake that says so, and the nodes to tell (see
+    /// [`Liveness::report_damaged`]).
+    own_damaged: BTreeMap<GroupId, (Wake, BTreeSet<NodeId>)>,
 }
 
 /// Counters for `/metrics`.
@@ -208,8 +218,6 @@ pub struct Liveness {
     pre_votes: Mutex<BTreeMap<GroupId, Instant>>,
     /// When this node last granted a pre-vote to each other node, for any group.
     candidates: Mutex<BTreeMap<NodeId, Instant>>,
-    /// Replicas their nodes said are damaged (a wake with `damaged`): (group, node).
-    damaged: Mutex<BTreeSet<(GroupId, NodeId)>>,
 }
 
 impl Liveness {
@@ -225,6 +233,7 @@ impl Liveness {
                 rounds: VecDeque::new(),
                 pulse_seen: (0, Instant::now()),
                 wedged: false,
+                own_damaged: BTreeMap::new(),
             }),
             view: watch::Sender::new(LivenessView::default()),
             elections: AtomicU64::new(0),
@@ -233,25 +242,26 @@ impl Liveness {
             leaders_changed: Notify::new(),
             pre_votes: Mutex::new(BTreeMap::new()),
             candidates: Mutex::new(BTreeMap::new()),
-            damaged: Mutex::new(BTreeSet::new()),
         })
     }
 
     /// Notes what a wake from `node` says of its replica of the wake's group: damaged (not
     /// running), or running (any other wake).
     pub fn note_replica(&self, node: NodeId, wake: &Wake) {
-        let mut d = self.damaged.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.lock();
+        let mut view = inner.view.clone();
         if wake.damaged {
-            d.insert((wake.group_id, node));
+            view.damaged.insert((wake.group_id, node));
         } else {
-            d.remove(&(wake.group_id, node));
+            view.damaged.remove(&(wake.group_id, node));
         }
+        self.publish(&mut inner, view);
     }
 
     /// Whether `node` said its replica of `group` is damaged and has not said since that it
     /// runs: a leader does not count it in sync.
     pub fn replica_damaged(&self, group: GroupId, node: NodeId) -> bool {
-        self.damaged.lock().unwrap_or_else(|e| e.into_inner()).contains(&(group, node))
+        self.lock().view.damaged.contains(&(group, node))
     }
 
     pub fn me(&self) -> NodeId {
@@ -346,6 +356,25 @@ impl Liveness {
                 inner.wake.entry(p).or_default().insert(wake.group_id, wake);
             }
         }
+    }
+
+    /// Tells `peers` that this node's replica of the wake's group is damaged, now and again
+    /// whenever one of them restarts or comes back (a restarted peer has forgotten it), until
+    /// [`Liveness::forget_damaged`]. Seed 162: a follower that restarted after the damage never
+    /// heard of it, kept following the damaged leader, and refused every pre-vote for good.
+    pub fn report_damaged(&self, wake: Wake, peers: BTreeSet<NodeId>) {
+        let mut inner = self.lock();
+        for p in &peers {
+            if *p != self.me && inner.peers.contains_key(p) {
+                inner.wake.entry(*p).or_default().insert(wake.group_id, wake);
+            }
+        }
+        inner.own_damaged.insert(wake.group_id, (wake, peers));
+    }
+
+    /// This node's replica of `group` is no longer damaged (it was moved away).
+    pub fn forget_damaged(&self, group: GroupId) {
+        self.lock().own_damaged.remove(&group);
     }
 
     /// Notes that `node`, which this node's replica of `group` follows in `term`, asked to be
@@ -570,6 +599,12 @@ impl Liveness {
             if was_down || restarted {
                 info!(node = self.me, peer = id, restarted, "peer is up");
             }
+            let Inner { own_damaged, wake, .. } = &mut *inner;
+            for (w, to) in own_damaged.values() {
+                if to.contains(&id) {
+                    wake.entry(id).or_default().insert(w.group_id, *w);
+                }
+            }
         }
         self.publish(&mut inner, view);
         was_down || restarted
@@ -665,8 +700,11 @@ async fn send_wakes(
 /// only one whose log is as long as the leader's can win, and the leader has entries no
 /// follower has whenever a write was under way. So a repeated request goes to the live voter
 /// furthest along instead (see [`transfer_target`]), which the leader itself brings up to date.
+/// Neither ever picks a replica its node reported damaged (simulator seed 51: a disk-full
+/// hand-over waited for good on a replica that would never start).
 pub async fn transfer_leadership<SM>(
     raft: &Raft<C, SM>,
+    group: GroupId,
     to: NodeId,
     liveness: &Arc<Liveness>,
 ) -> Result<(), openraft::errors::Fatal<C>>
@@ -687,7 +725,7 @@ where
             if m.state != ServerState::Leader || m.vote != vote {
                 return;
             }
-            let next = transfer_target(&m, to, &liveness.view());
+            let next = transfer_target(&m, group, to, &liveness.view());
             if next != to {
                 info!(id = m.id, from = to, to = next, vote = %vote, "leadership transfer not done yet: handing over to another voter");
                 to = next;
@@ -703,21 +741,22 @@ where
 }
 
 /// The voter a leader whose transfer to `to` has not completed asks next: `to` while its node
-/// is not judged down (a live target catches up: the leader goes on replicating to it), else
-/// the live voter other than the leader whose replicated log is furthest along (lowest id first
-/// among equals).
-pub fn transfer_target(m: &crate::RaftMetrics, to: NodeId, view: &LivenessView) -> NodeId {
+/// is not judged down and its replica of `group` not damaged (a live target catches up: the leader goes
+/// on replicating to it), else the live, undamaged voter other than the leader whose replicated
+/// log is furthest along (lowest id first among equals).
+pub fn transfer_target(m: &crate::RaftMetrics, group: GroupId, to: NodeId, view: &LivenessView) -> NodeId {
     let matched = |n: NodeId| {
         m.replication.as_ref().and_then(|r| r.get(&n).copied().flatten()).map_or(0, |l| l.index + 1)
     };
+    let usable = |n: NodeId| !view.is_down(n) && !view.damaged.contains(&(group, n));
     let best = m
         .membership_config
         .membership()
         .voter_ids()
-        .filter(|n| *n != m.id && !view.is_down(*n))
+        .filter(|n| *n != m.id && usable(*n))
         .max_by_key(|n| (matched(*n), std::cmp::Reverse(*n)));
     match best {
-        Some(b) if view.is_down(to) => b,
+        Some(b) if !usable(to) => b,
         _ => to,
     }
 }
@@ -1263,12 +1302,12 @@ mod tests {
         let alive = LivenessView::default();
         let three_down = LivenessView { down: BTreeSet::from([3]), ..Default::default() };
         // The target is alive: ask it again.
-        assert_eq!(transfer_target(&leader_metrics(&[(2, Some(9)), (3, Some(9))]), 3, &alive), 3);
+        assert_eq!(transfer_target(&leader_metrics(&[(2, Some(9)), (3, Some(9))]), 7, 3, &alive), 3);
         // The target died: the other live voter, even behind (the leader brings it up to date).
-        assert_eq!(transfer_target(&leader_metrics(&[(2, Some(4)), (3, Some(9))]), 3, &three_down), 2);
-        assert_eq!(transfer_target(&leader_metrics(&[(2, None), (3, Some(9))]), 3, &three_down), 2);
+        assert_eq!(transfer_target(&leader_metrics(&[(2, Some(4)), (3, Some(9))]), 7, 3, &three_down), 2);
+        assert_eq!(transfer_target(&leader_metrics(&[(2, None), (3, Some(9))]), 7, 3, &three_down), 2);
         // The target is alive but behind another voter: it stays (it catches up).
-        assert_eq!(transfer_target(&leader_metrics(&[(2, Some(9)), (3, Some(4))]), 3, &alive), 3);
+        assert_eq!(transfer_target(&leader_metrics(&[(2, Some(9)), (3, Some(4))]), 7, 3, &alive), 3);
         // Among the others, the lowest id first when equally far along.
         let one_leads = LivenessView { down: BTreeSet::from([4]), ..Default::default() };
         let mut m = leader_metrics(&[(2, Some(9)), (3, Some(9)), (4, Some(9))]);
@@ -1276,10 +1315,15 @@ mod tests {
             None,
             openraft::Membership::new_with_defaults(vec![BTreeSet::from([1, 2, 3, 4])], []),
         ));
-        assert_eq!(transfer_target(&m, 4, &one_leads), 2);
+        assert_eq!(transfer_target(&m, 7, 4, &one_leads), 2);
         // Nobody else alive: the target stays (the group has no quorum anyway).
         let both_down = LivenessView { down: BTreeSet::from([2, 3]), ..Default::default() };
-        assert_eq!(transfer_target(&leader_metrics(&[(2, Some(9)), (3, Some(9))]), 3, &both_down), 3);
+        assert_eq!(transfer_target(&leader_metrics(&[(2, Some(9)), (3, Some(9))]), 7, 3, &both_down), 3);
+        // The target's replica is damaged (it will never start): the other voter, even behind.
+        let three_damaged = LivenessView { damaged: BTreeSet::from([(7, 3)]), ..Default::default() };
+        assert_eq!(transfer_target(&leader_metrics(&[(2, Some(4)), (3, Some(9))]), 7, 3, &three_damaged), 2);
+        // Damage is per group: node 3's replica of another group is no reason to skip it.
+        assert_eq!(transfer_target(&leader_metrics(&[(2, Some(4)), (3, Some(9))]), 8, 3, &three_damaged), 3);
     }
 
     #[test]

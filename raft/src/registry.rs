@@ -55,6 +55,8 @@ pub trait RaftRpc: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<TransferLeaderResponse<C>, Fatal<C>>>;
     /// Whom this replica follows, with what it would answer a vote request it refuses.
     fn follows(&self) -> Follows;
+    /// Starts an election (without a pre-vote) unless this replica leads.
+    fn campaign(&self) -> BoxFuture<'_, ()>;
     /// If this replica leads, sends its followers a heartbeat now.
     fn wake(&self) -> BoxFuture<'_, ()>;
 }
@@ -68,6 +70,8 @@ pub struct Follows {
     /// Whether its log holds any entry (or a snapshot): a replica that has none grants no vote
     /// (see `RaftService::vote`).
     pub has_log: bool,
+    /// The index of the last entry in its log.
+    pub last_log_index: Option<u64>,
 }
 
 impl<SM> RaftRpc for Raft<C, SM>
@@ -119,7 +123,14 @@ where
             is_leader: m.state == openraft::ServerState::Leader,
             vote: m.vote,
             has_log: m.last_log_index.is_some(),
+            last_log_index: m.last_log_index,
         }
+    }
+
+    fn campaign(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.trigger().elect(false).await;
+        })
     }
 
     fn wake(&self) -> BoxFuture<'_, ()> {

@@ -20,6 +20,7 @@ use eddy_proto::v1::raft_server;
 use futures::Stream;
 use futures::StreamExt;
 use openraft::raft::AppendEntriesRequest;
+use openraft::raft::TransferLeaderError;
 use openraft::raft::TransferLeaderRequest;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
@@ -183,7 +184,29 @@ impl RaftService {
         let transfer: TransferLeaderRequest<C> = codec::decode(&req.payload, "TransferLeaderRequest")?;
         let (leader, term) =
             (transfer.from_leader().leader_id().voted_for, transfer.from_leader().leader_id().term);
+        let (to, expected) = (*transfer.to_node_id(), transfer.last_log_id().map(|l| l.index));
+        let from = *transfer.from_leader();
         let resp = g.transfer_leader(transfer).await.map_err(fatal)?;
+        if to == self.me
+            && let Err(TransferLeaderError::LogNotFlushed { actual: None, .. }) = &resp
+        {
+            // openraft's target waits until its flushed log reaches the leader's last entry,
+            // but it counts only what it flushed since it started: a replica restarted with
+            // every entry already on disk reports nothing flushed until the leader sends more,
+            // and a leader under transfer sends nothing more. That transfer could never
+            // complete (simulator seed 51: a restarted follower, fully caught up, refused every
+            // transfer while the leader refused writes). The log it loaded at start counts:
+            // with the leader's vote and its last index, it campaigns. An election is safe
+            // whatever the log holds (voters compare logs); this only makes it happen.
+            let f = g.follows();
+            if f.vote == from && f.last_log_index >= expected {
+                debug!(
+                    group = req.group_id,
+                    leader, term, "taking over a transfer with the log loaded at start"
+                );
+                g.campaign().await;
+            }
+        }
         if req.group_id != META_GROUP {
             // A leader that started a transfer accepts no writes until it is no longer leader,
             // and openraft never abandons a transfer; with no election timers, a transfer the
@@ -360,9 +383,6 @@ impl raft_server::Raft for RaftService {
             let f = g.follows();
             if f.is_leader {
                 g.wake().await;
-            } else if w.damaged && f.leader == Some(req.from) {
-                // Its replica is damaged and does not run: it leads nothing, in any term.
-                self.liveness.disown(w.group_id, req.from, f.vote.leader_id().term);
             } else if w.leader_lost && f.leader == Some(req.from) && f.vote.leader_id().term == w.term {
                 // The node this replica follows led the group in this term and restarted since:
                 // this replica must not wait for it.

@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicI64;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::UNIX_EPOCH;
 
@@ -117,12 +119,14 @@ pub const RAFT_PORT: u16 = 9191;
 /// The simulated wall clock starts here (2026-01-01T00:00:00Z), the same in every run.
 pub const EPOCH_SECS: u64 = 1_767_225_600;
 
-/// The wall clock of a simulated host.
-struct SimClock;
+/// The wall clock of a simulated host: the simulation's, plus the host's offset (non-zero while
+/// a `clock-jump` fault has set its clock wrong).
+struct SimClock(Arc<AtomicI64>);
 
 impl Clock for SimClock {
     fn now_ms(&self) -> i64 {
-        turmoil::since_epoch().map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        let now = turmoil::since_epoch().map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        now.saturating_add(self.0.load(Ordering::Relaxed))
     }
 }
 
@@ -154,6 +158,9 @@ pub struct NodeSlot {
     pub up: bool,
     /// Decommissioned and switched off for good: never restarted.
     pub retired: bool,
+    /// How far the host's wall clock is off, in ms (see `FaultClass::ClockJump`). A machine that
+    /// loses power sets its clock right when it boots, as NTP does.
+    pub clock_offset: Arc<AtomicI64>,
 }
 
 impl NodeSlot {
@@ -168,6 +175,7 @@ impl NodeSlot {
             refs: Arc::new(Mutex::new(None)),
             up: true,
             retired: false,
+            clock_offset: Arc::new(AtomicI64::new(0)),
         }
     }
 }
@@ -229,13 +237,14 @@ impl Cluster {
             ..NodeConfig::default()
         };
         let (disk, store, refs) = (slot.disk.clone(), slot.store.clone(), slot.refs.clone());
+        let clock_offset = slot.clock_offset.clone();
         let seed = self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ slot.id;
         let bugs = self.bugs;
         sim.host(host_name(slot.id), move || {
             let env = NodeEnv {
                 vfs: Arc::new(disk.clone()),
                 state_store: Arc::new(store.clone()),
-                clock: Arc::new(SimClock),
+                clock: Arc::new(SimClock(clock_offset.clone())),
                 connector: Arc::new(net::SimConnector),
                 seed,
                 // 0-39 ms per replica, fixed per node and seed.
@@ -323,6 +332,7 @@ impl Cluster {
         if let Some(pick) = lose_unsynced {
             slot.disk.crash(if tear { Some(pick) } else { None });
             slot.store.crash();
+            slot.clock_offset.store(0, Ordering::Relaxed);
         }
         slot.up = false;
     }

@@ -64,6 +64,8 @@ enum Undo {
         replicas: Vec<NodeId>,
         tries: u32,
     },
+    /// The node's wall clock is set right again.
+    SetClock(NodeId),
     /// Silent death: crash at `crash_at`, then restart (and repair) at the end.
     CrashThenRestart {
         node: NodeId,
@@ -362,6 +364,24 @@ impl Nemesis {
                 });
                 Undo::MoveBack { topic, partition, replicas: back, tries: 0 }
             }
+            FaultClass::ClockJump => {
+                // Drawn from the class's own stream. One wrong clock at a time.
+                if self.active.iter().any(|a| matches!(a.undo, Undo::SetClock(_))) {
+                    return None;
+                }
+                let mut rng = self.own.remove(&FaultClass::ClockJump).expect("clock-jump has its own stream");
+                let picked = (!up.is_empty()).then(|| {
+                    let n = up[rng.random_range(0..up.len())];
+                    // One to 72 hours, forward or backward.
+                    let ms = rng.random_range(3_600_000_i64..=259_200_000);
+                    (n, if rng.random_bool(0.5) { ms } else { -ms })
+                });
+                self.own.insert(FaultClass::ClockJump, rng);
+                let (n, jump) = picked?;
+                cluster.nodes[&n].clock_offset.store(jump, std::sync::atomic::Ordering::Relaxed);
+                desc = format!("n{n}'s clock jumps {:+.1} h", jump as f64 / 3_600_000.0);
+                Undo::SetClock(n)
+            }
             FaultClass::Crash | FaultClass::Bounce | FaultClass::SilentDeath => {
                 if cluster.down().len() >= DOWN_MAX
                     || self
@@ -630,6 +650,9 @@ impl Nemesis {
                 trace.push(now, "restart", format!("n{n}"));
             }
             Undo::FreeDisk(n) => cluster.nodes[&n].disk.set_capacity(None),
+            Undo::SetClock(n) => {
+                cluster.nodes[&n].clock_offset.store(0, std::sync::atomic::Ordering::Relaxed)
+            }
             Undo::Nothing => {}
             Undo::SyncAgain(n) => {
                 cluster.nodes[&n].disk.set_fsync_fails(false);

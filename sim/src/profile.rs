@@ -58,10 +58,15 @@ pub enum FaultClass {
     /// that join the running group, and the group must not count what their old logs held
     /// (simulator seeds 37 and 88).
     MoveBack,
+    /// A running node's wall clock jumps forward or backward by hours or days, and is set right
+    /// when the fault ends (or when the machine reboots). Topics get time-based retention
+    /// (`retention.ms` of an hour, which no run lasts): a leader whose clock jumped forward
+    /// must not purge what is younger than that, and nothing may be lost or reordered.
+    ClockJump,
 }
 
 impl FaultClass {
-    pub const ALL: [FaultClass; 16] = [
+    pub const ALL: [FaultClass; 17] = [
         FaultClass::Partition,
         FaultClass::OneWay,
         FaultClass::IsolateLeader,
@@ -78,12 +83,13 @@ impl FaultClass {
         FaultClass::FsyncFail,
         FaultClass::DiskCorrupt,
         FaultClass::MoveBack,
+        FaultClass::ClockJump,
     ];
 
     /// Classes added after the first nine: a seed draws them from a stream of its own, so the
     /// first nine keep the profile they had for every seed (and `sim/REGRESSIONS.md` keeps
     /// meaning what it says).
-    const LATER: [FaultClass; 7] = [
+    const LATER: [FaultClass; 8] = [
         FaultClass::DiskFull,
         FaultClass::Move,
         FaultClass::Join,
@@ -91,11 +97,13 @@ impl FaultClass {
         FaultClass::FsyncFail,
         FaultClass::DiskCorrupt,
         FaultClass::MoveBack,
+        FaultClass::ClockJump,
     ];
 
     /// Classes whose injections draw from a random stream of their own in the nemesis, so that
     /// turning one on leaves the times and choices of every other class's faults as they were.
-    pub const OWN_STREAM: [FaultClass; 2] = [FaultClass::DiskCorrupt, FaultClass::MoveBack];
+    pub const OWN_STREAM: [FaultClass; 3] =
+        [FaultClass::DiskCorrupt, FaultClass::MoveBack, FaultClass::ClockJump];
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -115,6 +123,7 @@ impl FaultClass {
             FaultClass::FsyncFail => "fsync-fail",
             FaultClass::DiskCorrupt => "disk-corrupt",
             FaultClass::MoveBack => "move-back",
+            FaultClass::ClockJump => "clock-jump",
         }
     }
 }

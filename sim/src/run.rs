@@ -60,6 +60,9 @@ pub enum Bug {
     /// A node refuses for good the Raft messages of a node its metadata does not list yet: the
     /// vouching of simulator seed 40 (with `--retention`) undone (found by the `join` class).
     UnlistedNodeRefused,
+    /// Time-based retention reads the wall clock as it is, so a node whose clock jumps forward
+    /// purges events younger than `retention.ms` (found by the `clock-jump` class).
+    RetentionTrustsWallClock,
 }
 
 impl Bug {
@@ -73,6 +76,7 @@ impl Bug {
             Bug::ReturningReplicaRefounds => "returning-replica-refounds",
             Bug::CorruptRecordServed => "corrupt-record-served",
             Bug::UnlistedNodeRefused => "unlisted-node-refused",
+            Bug::RetentionTrustsWallClock => "retention-trusts-wall-clock",
         }
     }
 }
@@ -288,6 +292,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         returning_replica_refounds: opts.bug == Some(Bug::ReturningReplicaRefounds),
         corrupt_record_served: opts.bug == Some(Bug::CorruptRecordServed),
         unlisted_node_refused: opts.bug == Some(Bug::UnlistedNodeRefused),
+        retention_trusts_wall_clock: opts.bug == Some(Bug::RetentionTrustsWallClock),
     };
     let mut cluster = Cluster::new(opts.nodes, opts.seed, bugs, opts.bug == Some(Bug::AckBeforeFsync));
     cluster.register(&mut sim);
@@ -299,6 +304,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         consumers: opts.consumers,
         group_members: opts.group_members,
         retention: opts.retention,
+        time_retention: profile.classes.contains_key(&FaultClass::ClockJump),
         events_per_sec: opts.events_per_sec,
         chaos_end: opts.duration,
     };

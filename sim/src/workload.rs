@@ -53,6 +53,9 @@ pub const QUIET_RESTART_DONE: u8 = 2;
 /// With `--retention`: topic t0 keeps about this much per partition, in segments of this size.
 const RETENTION_BYTES: u64 = 32 << 10;
 const SEGMENT_BYTES: u64 = 16 << 10;
+/// With `clock-jump`: topics other than `--retention`'s keep an hour of events (of true time;
+/// no run lasts that long, so they must keep everything).
+const RETENTION_MS: u64 = 3_600_000;
 
 #[derive(Debug, Clone)]
 pub struct WorkloadConfig {
@@ -63,6 +66,9 @@ pub struct WorkloadConfig {
     pub group_members: u32,
     /// Topic t0 gets size-based retention with small segments.
     pub retention: bool,
+    /// Every other topic gets time-based retention ([`RETENTION_MS`], longer than any run) with
+    /// small segments: on with `clock-jump`, whose forward jumps must not purge what is younger.
+    pub time_retention: bool,
     /// Events per simulated second, over all producers.
     pub events_per_sec: u32,
     /// When the faults stop (simulated time).
@@ -364,6 +370,9 @@ pub async fn setup(ctx: Ctx) -> turmoil::Result {
         let mut config = BTreeMap::new();
         if ctx.config.retention && i == 0 {
             config.insert("retention.bytes".to_owned(), RETENTION_BYTES.to_string());
+            config.insert("segment.bytes".to_owned(), SEGMENT_BYTES.to_string());
+        } else if ctx.config.time_retention {
+            config.insert("retention.ms".to_owned(), RETENTION_MS.to_string());
             config.insert("segment.bytes".to_owned(), SEGMENT_BYTES.to_string());
         }
         loop {

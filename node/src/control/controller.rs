@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use eddy_raft::META_GROUP;
 use eddy_raft::NodeId;
 use openraft::ChangeMembers;
 use openraft::async_runtime::WatchReceiver;
@@ -106,11 +107,15 @@ impl Controller {
                 if *id == self.me {
                     // A leader cannot remove itself cleanly: hand the leadership over first.
                     let m = self.meta.raft().metrics().borrow_watched().clone();
-                    if let Some(to) = crate::control::reconciler::successor(&m, &self.liveness) {
+                    if let Some(to) = crate::control::reconciler::successor(META_GROUP, &m, &self.liveness) {
                         info!(to, "this node is leaving; handing the metadata leadership over");
-                        let _ =
-                            eddy_raft::liveness::transfer_leadership(self.meta.raft(), to, &self.liveness)
-                                .await;
+                        let _ = eddy_raft::liveness::transfer_leadership(
+                            self.meta.raft(),
+                            META_GROUP,
+                            to,
+                            &self.liveness,
+                        )
+                        .await;
                     }
                     return;
                 }

@@ -28,6 +28,7 @@ use eddy_raft::log::LogStore;
 use eddy_raft::network::GroupNetwork;
 use eddy_raft::registry::Registry;
 use eddy_raft::transport::Peers;
+use openraft::async_runtime::WatchReceiver;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -106,6 +107,8 @@ pub struct PartitionManager {
     pub tasks: TaskTracker,
     pub metrics: Arc<NodeMetrics>,
     pub storage: crate::disk::StorageFailure,
+    /// The clock time-based retention reads: a [`crate::env::SteadyClock`] made at start.
+    pub retention_clock: Arc<dyn crate::env::Clock>,
 }
 
 /// The file whose presence in a group's directory says its deletion is under way.
@@ -223,6 +226,7 @@ impl PartitionManager {
             let keep = placed_here(*group);
             if !keep {
                 info!(group, "a damaged replica was moved away");
+                self.liveness.forget_damaged(*group);
                 stopped.insert(*group);
             }
             keep
@@ -276,7 +280,15 @@ impl PartitionManager {
                 }
                 let span = info_span!("partition", node = self.me, group = p.group_id, topic = %topic.name, partition = i);
                 match self.start_group(view, &topic.name, i as u32, p, cancel).instrument(span).await {
-                    Ok(h) => self.replicas.insert(h),
+                    Ok(h) => {
+                        // Only a replica started afresh can follow a damaged one: a damaged
+                        // replica never starts, and its data is deleted before it is placed here again.
+                        let pristine = h.raft().metrics().borrow_watched().last_log_index.is_none();
+                        self.replicas.insert(h);
+                        if pristine {
+                            self.report_running(p);
+                        }
+                    }
                     // Damage is not retried: recovery would find it again. The replica stays
                     // down, reported, until a move takes it away.
                     Err(e) if is_damage(&e) => {
@@ -331,8 +343,8 @@ impl PartitionManager {
     /// do not count it in sync (no leadership is handed to it), and if it led the group before
     /// the node restarted, the followers, which still follow it (its node answers liveness
     /// probes), stop waiting for it and campaign. Its vote is in the log's state file, apart
-    /// from the damaged segments. Sent again on every reconciliation (a placement change),
-    /// since a peer that restarted has forgotten it.
+    /// from the damaged segments. Sent again on every reconciliation (a placement change, which
+    /// may add holders), and by liveness to every holder that restarts, since it has forgotten it.
     async fn report_damaged(&self, p: &crate::meta::state::PartitionRecord) {
         let dir = self.data_dir.join("groups").join(p.group_id.to_string());
         let vote = match eddy_raft::log::state_file::StateFile::open(self.env.vfs.as_ref(), &dir).await {
@@ -349,6 +361,16 @@ impl PartitionManager {
             leader_lost: led.is_some(),
             damaged: true,
         };
+        self.liveness.report_damaged(wake, p.holders());
+    }
+
+    /// Tells the other replicas of a group that this node's replica of it runs: a peer that was
+    /// told it is damaged (a replica moved away for its damage and placed here again, started
+    /// afresh) counts it in sync again. Without it, a leader that had heard of the damage kept
+    /// the new replica a learner for good, and the move that brought it back never finished
+    /// (simulator seed 92).
+    fn report_running(&self, p: &crate::meta::state::PartitionRecord) {
+        let wake = eddy_proto::v1::Wake { group_id: p.group_id, term: 0, leader_lost: false, damaged: false };
         self.liveness.request_wake(wake, p.holders());
     }
 
@@ -529,7 +551,7 @@ impl PartitionManager {
         });
         let retention = RetentionTask {
             handle: handle.clone(),
-            clock: self.env.clock.clone(),
+            clock: self.retention_clock.clone(),
             interval: self.retention_check_interval,
             segment_bytes_default: self.segment_bytes,
         };

@@ -88,24 +88,31 @@ impl MembershipView {
     }
 }
 
-/// Followers whose log is within [`IN_SYNC_LAG_MAX`] entries of the leader's (the leader included).
+/// Followers whose log is within [`IN_SYNC_LAG_MAX`] entries of the leader's (the leader
+/// included). A follower that has matched nothing is not, however short the log: a learner
+/// whose node had not even opened its replica was promoted in a short group, and with another
+/// voter damaged the group then needed its vote, which an empty log does not give (seed 123).
 pub fn in_sync(m: &RaftMetrics) -> BTreeSet<NodeId> {
     let last = m.last_log_index.unwrap_or(0);
     let mut out: BTreeSet<NodeId> = m
         .replication
         .iter()
         .flatten()
-        .filter(|(_, matched)| matched.map_or(0, |l| l.index) + IN_SYNC_LAG_MAX >= last)
+        .filter(|(_, matched)| matched.is_some_and(|l| l.index + IN_SYNC_LAG_MAX >= last))
         .map(|(id, _)| *id)
         .collect();
     out.insert(m.id);
     out
 }
 
-/// The replicas in sync (see [`in_sync`]) whose nodes answer liveness probes (node liveness: idle
-/// partition groups exchange no messages of their own, so their own acks say nothing).
-pub fn responsive(m: &RaftMetrics, liveness: &Liveness) -> BTreeSet<NodeId> {
-    alive_among(in_sync(m), m.id, liveness)
+/// The replicas of `group` in sync (see [`in_sync`]) whose nodes answer liveness probes (node
+/// liveness: idle partition groups exchange no messages of their own, so their own acks say
+/// nothing), without those their nodes reported damaged: a damaged replica keeps the index it
+/// had matched, but it does not run, so no hand-over, balance or promotion may pick it.
+pub fn responsive(group: GroupId, m: &RaftMetrics, liveness: &Liveness) -> BTreeSet<NodeId> {
+    let mut out = alive_among(in_sync(m), m.id, liveness);
+    out.retain(|n| *n == m.id || !liveness.replica_damaged(group, *n));
+    out
 }
 
 /// `nodes` without those node liveness does not judge alive (`me` always is).
@@ -122,10 +129,11 @@ pub fn has_all_entries(m: &RaftMetrics, node: NodeId) -> bool {
     matched.is_some_and(|l| Some(l.index) == m.last_log_index && l.leader_id.term == m.current_term)
 }
 
-/// A voter other than `m.id` to hand this leader's leadership to: responsive, lowest id first.
-pub fn successor(m: &RaftMetrics, liveness: &Liveness) -> Option<NodeId> {
+/// A voter other than `m.id` to hand this leader's leadership of `group` to: responsive, lowest
+/// id first.
+pub fn successor(group: GroupId, m: &RaftMetrics, liveness: &Liveness) -> Option<NodeId> {
     let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
-    responsive(m, liveness).into_iter().find(|n| *n != m.id && voters.contains(n))
+    responsive(group, m, liveness).into_iter().find(|n| *n != m.id && voters.contains(n))
 }
 
 /// How a reconciler round treats leaderships that are not on their preferred replica.
@@ -299,7 +307,7 @@ impl Reconciler {
                 (in_sync(&m), MembershipView::of(&m))
             };
             // A replica whose node said it is damaged keeps the index it had matched, but it
-            // does not run: neither a hand-over nor a balance may pick it.
+            // does not run: neither a hand-over nor a balance may pick it (as in `responsive`).
             let mut sync = sync;
             sync.retain(|n| *n == self.me || !self.liveness.replica_damaged(g.group(), *n));
             let Some((_, _, p)) = view.partition_of(g.group()) else {
@@ -368,7 +376,8 @@ impl Reconciler {
                 }
             }
             info!(group = g.group(), to, must_leave, "moving leadership");
-            if eddy_raft::liveness::transfer_leadership(g.raft(), to, &self.liveness).await.is_ok() {
+            if eddy_raft::liveness::transfer_leadership(g.raft(), g.group(), to, &self.liveness).await.is_ok()
+            {
                 transfers += 1;
                 still_moving.insert(g.group(), now);
             }
@@ -418,7 +427,7 @@ impl Reconciler {
             .map(|r| r.map(|_| ()).map_err(|e| e.to_string())),
             Step::HandOver(n) => tokio::time::timeout(
                 STEP_TIMEOUT,
-                eddy_raft::liveness::transfer_leadership(raft, n, &self.liveness),
+                eddy_raft::liveness::transfer_leadership(raft, group, n, &self.liveness),
             )
             .await
             .map(|r| r.map_err(|e| e.to_string())),
@@ -471,6 +480,24 @@ mod tests {
 
     fn set(v: &[u64]) -> BTreeSet<u64> {
         v.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_follower_that_matched_nothing_is_not_in_sync_however_short_the_log() {
+        let mut m = RaftMetrics::new_initial(1);
+        m.current_term = 2;
+        // Node 2 matched an entry 12 behind (within IN_SYNC_LAG_MAX); node 3 matched nothing
+        // yet (seed 123: its node had not opened the replica); node 4 is far behind.
+        m.replication = Some(
+            [(2, Some(eddy_raft::log_id(2, 0))), (3, None), (4, Some(eddy_raft::log_id(1, 0)))]
+                .into_iter()
+                .collect(),
+        );
+        m.last_log_index = Some(IN_SYNC_LAG_MAX + 5);
+        m.replication.as_mut().unwrap().insert(2, Some(eddy_raft::log_id(2, 10)));
+        assert_eq!(in_sync(&m), set(&[1, 2]));
+        m.last_log_index = Some(12);
+        assert_eq!(in_sync(&m), set(&[1, 2, 4]), "a short log: every follower that matched anything");
     }
 
     #[test]

@@ -173,7 +173,7 @@ impl BrokerState {
         if m.current_leader != Some(self.me) {
             return None;
         }
-        let ready = crate::control::reconciler::responsive(&m, &self.liveness);
+        let ready = crate::control::reconciler::responsive(p.group_id, &m, &self.liveness);
         p.replicas.iter().copied().find(|r| *r != self.me && in_rack(*r) && ready.contains(r))
     }
 

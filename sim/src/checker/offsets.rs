@@ -25,7 +25,7 @@ fn check(e: &Evidence) -> Vec<String> {
             let first = records.first().map_or(0, |(o, _)| *o);
             if first > 0 && !e.retention_topics.contains(topic) {
                 problems.push(format!(
-                    "{topic}/{partition} on node {node} starts at offset {first}, not 0, without retention"
+                    "{topic}/{partition} on node {node} starts at offset {first}, not 0, though nothing in it is old or big enough for its retention (if any) to remove"
                 ));
             }
             for (i, (offset, value)) in records.iter().enumerate() {

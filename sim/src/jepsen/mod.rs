@@ -206,6 +206,7 @@ fn run_round(opts: &JepsenOptions, round: u32) -> anyhow::Result<RoundReport> {
         consumers: opts.consumers,
         group_members: opts.group_members,
         retention: false,
+        time_retention: false,
         events_per_sec: opts.events_per_sec,
         chaos_end: opts.duration,
     };

@@ -115,6 +115,13 @@ impl Admin for AdminService {
             ))
             .into());
         }
+        if self.reconciler.liveness.replica_damaged(p.group_id, req.to_node) {
+            return Err(BrokerError::InvalidArgument(format!(
+                "to_node: node {}'s replica of {what} is damaged and will not start; move it to another node first",
+                req.to_node
+            ))
+            .into());
+        }
         let Some(h) = self.state.replicas.get(p.group_id) else {
             return Err(
                 BrokerError::NotLeader { what, me: self.state.me, leader: None, leader_addr: None }.into()
@@ -136,9 +143,14 @@ impl Admin for AdminService {
         if !status.is_leader {
             return Err(h.not_leader(status.leader).into());
         }
-        eddy_raft::liveness::transfer_leadership(h.raft(), req.to_node, &self.reconciler.liveness)
-            .await
-            .map_err(|e| BrokerError::Unavailable(format!("{what}: {e}")))?;
+        eddy_raft::liveness::transfer_leadership(
+            h.raft(),
+            p.group_id,
+            req.to_node,
+            &self.reconciler.liveness,
+        )
+        .await
+        .map_err(|e| BrokerError::Unavailable(format!("{what}: {e}")))?;
         let mut metrics = h.raft().metrics();
         let wait = metrics.wait_until(|m| m.current_leader == Some(req.to_node));
         match tokio::time::timeout(TRANSFER_TIMEOUT, wait).await {
