@@ -59,6 +59,87 @@ pub fn binary(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// The `eddy-node` of an earlier revision of this repository, built from its git history, for
+/// upgrade tests. Built once per revision into `target/upgrade-REV/` (its source exported there
+/// with `git archive`), starting from a hard-linked copy of this build's `target/<profile>` so
+/// that only the workspace's own crates compile (about two minutes instead of ten). Fails,
+/// saying why, when the checkout has no git history back to `rev` (a shallow clone).
+pub fn earlier_build(rev: &str) -> anyhow::Result<PathBuf> {
+    static BUILDING: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    let profile_dir = binary("eddy-node").parent().context("target/<profile>")?.to_path_buf();
+    let profile = profile_dir.file_name().context("profile name")?.to_owned();
+    let root = profile_dir.parent().context("target")?.join(format!("upgrade-{rev}"));
+    let built = root.join(&profile).join("eddy-node");
+    if built.is_file() {
+        return Ok(built);
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("repository root")?;
+    let src = root.join("src");
+    if !src.join("Cargo.toml").is_file() {
+        std::fs::create_dir_all(&src)?;
+        let archive = Command::new("git")
+            .arg("-C")
+            .arg(repo)
+            .args(["archive", "--format=tar", rev])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("run git archive (is git installed?)")?;
+        let untar = Command::new("tar")
+            .arg("-x")
+            .arg("-C")
+            .arg(&src)
+            .stdin(archive.stdout.context("git archive's output")?)
+            .status()
+            .context("run tar")?;
+        ensure!(
+            untar.success() && src.join("Cargo.toml").is_file(),
+            "could not export revision {rev} of {} with git archive: a shallow clone lacks it \
+             (git fetch --unshallow)",
+            repo.display()
+        );
+    }
+    let seeded = root.join(&profile);
+    if !seeded.exists() {
+        let status =
+            Command::new("cp").arg("-al").arg(&profile_dir).arg(&seeded).status().context("run cp -al")?;
+        ensure!(status.success(), "cp -al {} {} failed", profile_dir.display(), seeded.display());
+        // Only the crates.io dependencies may be shared. The workspace's own crates (and the
+        // vendored one) hash the same in both trees (cargo hashes path packages by their path
+        // in the workspace) and the exported sources are older than this build's outputs, so
+        // cargo would take this build's for the earlier revision's; and a hard-linked output
+        // rewritten in place would change this build's too. So they go, and compile afresh.
+        for sub in ["deps", ".fingerprint", "build", "incremental", ""] {
+            let Ok(entries) = std::fs::read_dir(seeded.join(sub)) else { continue };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().replace('-', "_");
+                let name = name.strip_prefix("lib").unwrap_or(&name);
+                if name.starts_with("eddy") || name.starts_with("kafka_protocol") {
+                    let path = e.path();
+                    let removed = if path.is_dir() {
+                        std::fs::remove_dir_all(&path)
+                    } else {
+                        std::fs::remove_file(&path)
+                    };
+                    removed.with_context(|| format!("remove {}", path.display()))?;
+                }
+            }
+        }
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "--bin", "eddy-node", "--manifest-path"])
+        .arg(src.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&root);
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("run cargo build for the earlier revision")?;
+    ensure!(status.success() && built.is_file(), "cargo build of eddy-node at revision {rev} failed");
+    Ok(built)
+}
+
 /// An outside program a test needs, by its path: found on `PATH`, or installed from Debian's
 /// `package` when running as root (as CI does). A test never skips for want of one: this fails,
 /// saying what to install.
@@ -188,6 +269,8 @@ pub struct NodeProc {
     pub kafka_addr: String,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
+    /// The `eddy-node` it runs: this build's when `None` (see [`Cluster::set_binary`]).
+    pub binary: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -257,11 +340,36 @@ impl Cluster {
 
     /// [`Cluster::start_with`], with node `i` in rack `{rack_prefix}{i}` when a prefix is given.
     pub fn start_racked(n: u64, extra: &str, rack_prefix: Option<&'static str>) -> anyhow::Result<Self> {
+        Self::start_inner(n, extra, rack_prefix, None)
+    }
+
+    /// [`Cluster::start`] with every node running `binary` (another build's `eddy-node`, as
+    /// for an upgrade) until [`Cluster::set_binary`] says otherwise.
+    pub fn start_on(n: u64, binary: &Path) -> anyhow::Result<Self> {
+        Self::start_inner(n, "", None, Some(binary))
+    }
+
+    fn start_inner(
+        n: u64,
+        extra: &str,
+        rack_prefix: Option<&'static str>,
+        binary: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let serial = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::Builder::new().prefix("eddy-cluster-").tempdir()?;
         let mut c = Self { dir, nodes: BTreeMap::new(), secure: None, rack_prefix, _serial: serial };
+        for id in 1..=n {
+            c.add_node_proc(id);
+            c.set_binary(id, binary.map(Path::to_path_buf))?;
+        }
         Self::form(&mut c, n, extra)?;
         Ok(c)
+    }
+
+    /// The `eddy-node` binary node `id` runs from its next start (`None`: this build's).
+    pub fn set_binary(&mut self, id: u64, binary: Option<PathBuf>) -> anyhow::Result<()> {
+        self.nodes.get_mut(&id).context("no such node")?.binary = binary;
+        Ok(())
     }
 
     /// A cluster with TLS everywhere (mutual between nodes, certificates made with
@@ -307,7 +415,9 @@ impl Cluster {
 
     fn form(c: &mut Self, n: u64, extra: &str) -> anyhow::Result<()> {
         for id in 1..=n {
-            c.add_node_proc(id);
+            if !c.nodes.contains_key(&id) {
+                c.add_node_proc(id);
+            }
         }
         let mut members = extra.to_owned();
         for node in c.nodes.values() {
@@ -348,6 +458,7 @@ impl Cluster {
             kafka_addr: addr(),
             config_path: self.dir.path().join(format!("node-{id}.toml")),
             log_path: self.dir.path().join(format!("node-{id}.log")),
+            binary: None,
             child: None,
         };
         self.nodes.insert(id, node);
@@ -440,7 +551,8 @@ impl Cluster {
         let node = self.nodes.get_mut(&id).context("no such node")?;
         anyhow::ensure!(node.child.is_none(), "node {id} is already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log_path)?;
-        let child = Command::new(binary("eddy-node"))
+        let program = node.binary.clone().unwrap_or_else(|| binary("eddy-node"));
+        let child = Command::new(program)
             .arg("--config")
             .arg(&node.config_path)
             .env("RUST_LOG", "info,openraft=error,h2=warn,hyper=warn,sled=warn")

@@ -509,11 +509,41 @@ fn leaders_rebalance_after_a_node_returns() -> anyhow::Result<()> {
 
 #[test]
 fn rolling_restart_under_load_loses_nothing() -> anyhow::Result<()> {
-    with_cluster(3, |c| {
+    with_cluster(3, |c| roll_under_load(c, "rolling", false))
+}
+
+/// The revision a rolling upgrade starts from: the last one before this build's stored formats
+/// or wire protocol changed (move it forward at each release). `EDDY_UPGRADE_FROM` names another.
+const UPGRADE_FROM: &str = "e2b3f3ae45d8c1dae487f5373aaa691e36af1033";
+
+/// The README's upgrade procedure (issue 12, acceptance 6, second half): a cluster of the
+/// earlier revision's `eddy-node`, built from git, is upgraded one node at a time (SIGTERM,
+/// this build's binary, start, healthy) under load: old and new nodes replicate together, the
+/// new ones read the old ones' data directories, and every acknowledged event is on every
+/// replica afterwards.
+#[test]
+fn rolling_upgrade_from_the_previous_revision_under_load_loses_nothing() -> anyhow::Result<()> {
+    let rev = std::env::var("EDDY_UPGRADE_FROM").unwrap_or_else(|_| UPGRADE_FROM.to_owned());
+    let earlier = eddy_tests::earlier_build(&rev)?;
+    let mut c = Cluster::start_on(3, &earlier)?;
+    let result = wait_until_up(&c, 3).and_then(|()| roll_under_load(&mut c, "upgrade", true));
+    if result.is_err() {
+        for id in c.nodes.keys() {
+            eprintln!("--- node {id} log tail ---\n{}", c.log_tail(*id, 40));
+        }
+    }
+    result
+}
+
+/// Stops each node in turn with SIGTERM (it must hand its leaderships over) and starts it again,
+/// on this build's binary when `upgrade`, while one producer per partition writes; every
+/// acknowledged event must then be on every replica.
+fn roll_under_load(c: &mut Cluster, prefix: &str, upgrade: bool) -> anyhow::Result<()> {
+    {
         create_topic(c, TOPIC, 3, 3)?;
         ensure_healthy(c)?;
         let mut acked = Acked::new();
-        let producers = load(c, 3, "rolling")?;
+        let producers = load(c, 3, prefix)?;
         wait_for_progress(&producers, 20)?;
         let mut steps = Vec::new();
         for id in 1..=3 {
@@ -526,6 +556,9 @@ fn rolling_restart_under_load_loses_nothing() -> anyhow::Result<()> {
                 log.contains("leaderships handed over"),
                 "node {id} stopped without handing over:\n{log}"
             );
+            if upgrade {
+                c.set_binary(id, None)?;
+            }
             c.start_node(id)?;
             ensure_healthy(c)?;
             // Healthy means leaders are back on their preferred replicas: a second hand-over.
@@ -537,13 +570,17 @@ fn rolling_restart_under_load_loses_nothing() -> anyhow::Result<()> {
             let gaps: Vec<String> =
                 reports.iter().map(|r| format!("p{} {:?}", r.partition, r.longest_gap(*from, *to))).collect();
             eprintln!(
-                "restart of node {id}: SIGTERM to exit {stop_took:?}; longest wait for an ack per partition: {}",
+                "{prefix} of node {id}: SIGTERM to exit {stop_took:?}; longest wait for an ack per partition: {}",
                 gaps.join(", ")
             );
         }
-        c.check_all_replicas(TOPIC, &acked)?;
+        let checked = c.check_all_replicas(TOPIC, &acked)?;
+        let events: usize = acked.values().map(BTreeMap::len).sum();
+        eprintln!(
+            "{prefix}: {events} acknowledged events, all on every replica (partition -> replicas: {checked:?})"
+        );
         Ok(())
-    })
+    }
 }
 
 // ------------------------------------------- topics, metrics, the CLI ---
