@@ -221,13 +221,20 @@ impl PartitionManager {
                 self.stop_group(g).await;
             }
         }
-        // Damaged replicas moved away: their data goes the same way, once confirmed.
+        // Damaged replicas moved away: their data goes the same way, once confirmed. A damaged
+        // replica never ran, so no leader counts its log: it is gone once the placement's
+        // replicas no longer list this node, even if a move under way adds the node back (that
+        // move then gets a fresh replica; keeping the damaged one refused it for good, seed 100).
+        let in_replicas =
+            |group: GroupId| view.partition_of(group).is_some_and(|(_, _, p)| p.replicas.contains(&self.me));
+        let mut damaged_gone = BTreeSet::new();
         self.replicas.damaged.write().expect("replicas lock poisoned").retain(|group, _| {
-            let keep = placed_here(*group);
+            let keep = in_replicas(*group);
             if !keep {
                 info!(group, "a damaged replica was moved away");
                 self.liveness.forget_damaged(*group);
                 stopped.insert(*group);
+                damaged_gone.insert(*group);
             }
             keep
         });
@@ -235,10 +242,14 @@ impl PartitionManager {
             match self.meta.confirmed_view(CONFIRM_TIMEOUT).await {
                 Ok(confirmed) => {
                     for group in std::mem::take(stopped) {
-                        if confirmed
-                            .partition_of(group)
-                            .is_some_and(|(_, _, p)| p.holders().contains(&self.me))
-                        {
+                        let still = |p: &crate::meta::state::PartitionRecord| {
+                            if damaged_gone.contains(&group) {
+                                p.replicas.contains(&self.me)
+                            } else {
+                                p.holders().contains(&self.me)
+                            }
+                        };
+                        if confirmed.partition_of(group).is_some_and(|(_, _, p)| still(p)) {
                             info!(
                                 group,
                                 "a replica this node's view no longer placed here is placed here again: keeping its data"
