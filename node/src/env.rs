@@ -239,3 +239,38 @@ pub fn tcp_incoming(listener: tokio::net::TcpListener) -> Incoming {
         Some((r, l))
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicI64;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A wall clock the test sets.
+    struct Manual(AtomicI64);
+
+    impl Clock for Arc<Manual> {
+        fn now_ms(&self) -> i64 {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_clock_follows_the_wall_clock_but_never_runs_ahead_of_elapsed_time() {
+        let wall = Arc::new(Manual(AtomicI64::new(1_000_000)));
+        let steady = SteadyClock::new(Arc::new(wall.clone()));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        wall.0.store(1_010_000, Ordering::Relaxed);
+        assert_eq!(steady.now_ms(), 1_010_000, "a true clock reads as it is");
+        // Stepped forward by a day: retention must not see it.
+        wall.0.store(1_010_000 + 86_400_000, Ordering::Relaxed);
+        assert_eq!(steady.now_ms(), 1_010_000);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(steady.now_ms(), 1_015_000, "time goes on at the monotonic pace");
+        // Stepped back by an hour: read as it is (events are kept longer).
+        wall.0.store(1_015_000 - 3_600_000, Ordering::Relaxed);
+        assert_eq!(steady.now_ms(), 1_015_000 - 3_600_000);
+    }
+}

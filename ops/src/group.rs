@@ -366,14 +366,35 @@ impl GroupConsumer {
                 }
                 Err(e) if e.code() == Some(error_codes::OFFSET_OUT_OF_RANGE) => {
                     // Retention removed what the group had not read yet: go on from the log
-                    // start, as Kafka's auto.offset.reset=earliest does.
-                    match self.client.list_offsets(&tp.0, tp.1, OffsetSpec::Earliest).await {
-                        Ok(r) if r.offset > pos.next => {
-                            warn!(partition = ?tp, from = pos.next, to = r.offset, "offsets removed by retention; skipping to the log start");
-                            pos.next = r.offset;
+                    // start, as Kafka's auto.offset.reset=earliest does. The earliest offset any
+                    // replica still has: a replica that installed a snapshot starts later than
+                    // the partition, and skipping to its start lost events the others still
+                    // served (simulator seed 40 with --retention).
+                    let replicas = self
+                        .client
+                        .metadata()
+                        .partition(&tp.0, tp.1)
+                        .map(|p| p.replicas.clone())
+                        .unwrap_or_default();
+                    let asks = replicas.iter().map(|n| {
+                        self.client.list_offsets_on(
+                            &tp.0,
+                            tp.1,
+                            OffsetSpec::Earliest,
+                            ReplicaChoice::Node(*n),
+                        )
+                    });
+                    let starts: Vec<u64> =
+                        join_all(asks).await.into_iter().flatten().map(|r| r.offset).collect();
+                    match starts.iter().min() {
+                        Some(start) if *start > pos.next => {
+                            warn!(partition = ?tp, from = pos.next, to = start, "offsets removed by retention; skipping to the log start");
+                            pos.next = *start;
                         }
-                        Ok(_) => {}
-                        Err(e) => debug!(partition = ?tp, "looking up the log start failed: {e}"),
+                        Some(_) => {}
+                        None => {
+                            debug!(partition = ?tp, "looking up the log start failed: no replica answered")
+                        }
                     }
                 }
                 Err(e) => debug!(partition = ?tp, "fetch failed: {e}"),

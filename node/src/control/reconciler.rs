@@ -486,8 +486,8 @@ mod tests {
     fn a_follower_that_matched_nothing_is_not_in_sync_however_short_the_log() {
         let mut m = RaftMetrics::new_initial(1);
         m.current_term = 2;
-        // Node 2 matched an entry 12 behind (within IN_SYNC_LAG_MAX); node 3 matched nothing
-        // yet (seed 123: its node had not opened the replica); node 4 is far behind.
+        // Node 2 is within IN_SYNC_LAG_MAX of the leader; node 3 matched nothing yet (seed
+        // 123: its node had not opened the replica); node 4 matched only the first entry.
         m.replication = Some(
             [(2, Some(eddy_raft::log_id(2, 0))), (3, None), (4, Some(eddy_raft::log_id(1, 0)))]
                 .into_iter()

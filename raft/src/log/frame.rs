@@ -8,9 +8,12 @@
 //!              \___ crc32c of everything after it (the body) ___/
 //! ```
 //!
-//! `kind` is 0 for a blank entry, 1 for application data (the payload is the opaque command),
-//! 2 for a membership change (postcard-encoded `Membership`). The CRC is computed when the frame
-//! is written and checked on every read.
+//! The `kind` byte's low four bits are 0 for a blank entry, 1 for application data (the payload
+//! is the opaque command), 2 for a membership change (postcard-encoded `Membership`); its high
+//! four bits are the frame format's version, [`FRAME_VERSION`] (0: every frame written so far).
+//! A build reads every version up to its own and refuses a newer one by name (never as damage,
+//! never cut as a torn tail), so a format change bumps the version and keeps reading the older
+//! ones. The CRC is computed when the frame is written and checked on every read.
 
 use bytes::Bytes;
 
@@ -31,6 +34,10 @@ pub const BODY_BYTES_MAX: usize = 128 << 20;
 const KIND_BLANK: u8 = 0;
 const KIND_NORMAL: u8 = 1;
 const KIND_MEMBERSHIP: u8 = 2;
+/// The frame format this build writes, in the high four bits of the `kind` byte.
+pub const FRAME_VERSION: u8 = 0;
+const VERSION_SHIFT: u8 = 4;
+const KIND_MASK: u8 = 0x0f;
 
 /// Why bytes could not be decoded as a frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,6 +48,11 @@ pub enum FrameError {
     /// The bytes are there but wrong: bad length, checksum or contents.
     #[error("corrupt frame: {0}")]
     Corrupt(String),
+    /// An intact frame of a format newer than this build reads: a newer Eddy wrote it.
+    #[error(
+        "entry written by a newer Eddy: frame format version {version}, this build reads up to version {FRAME_VERSION}; run the newer build (a downgrade is not supported)"
+    )]
+    Newer { version: u8 },
 }
 
 /// Appends the frame of `entry` to `out`.
@@ -50,13 +62,13 @@ pub fn encode(entry: &Entry, out: &mut Vec<u8>) {
     out.extend_from_slice(&log_term(&entry.log_id).to_le_bytes());
     out.extend_from_slice(&entry.log_id.index.to_le_bytes());
     match &entry.payload {
-        EntryPayload::Blank => out.push(KIND_BLANK),
+        EntryPayload::Blank => out.push(KIND_BLANK | FRAME_VERSION << VERSION_SHIFT),
         EntryPayload::Normal(p) => {
-            out.push(KIND_NORMAL);
+            out.push(KIND_NORMAL | FRAME_VERSION << VERSION_SHIFT);
             out.extend_from_slice(&p.0);
         }
         EntryPayload::Membership(m) => {
-            out.push(KIND_MEMBERSHIP);
+            out.push(KIND_MEMBERSHIP | FRAME_VERSION << VERSION_SHIFT);
             let encoded = postcard::to_stdvec(m).expect("a membership always encodes");
             out.extend_from_slice(&encoded);
         }
@@ -101,7 +113,11 @@ pub fn decode_verified(buf: &Bytes, verify: bool) -> Result<(Entry, usize), Fram
     }
     let term = u64::from_le_bytes(body[0..8].try_into().expect("8 bytes"));
     let index = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
-    let payload = match body[16] {
+    let version = body[16] >> VERSION_SHIFT;
+    if version > FRAME_VERSION {
+        return Err(FrameError::Newer { version });
+    }
+    let payload = match body[16] & KIND_MASK {
         KIND_BLANK if body.len() == BODY_FIXED_BYTES => EntryPayload::Blank,
         KIND_NORMAL => EntryPayload::Normal(Payload(buf.slice(HEADER_BYTES + BODY_FIXED_BYTES..len))),
         KIND_MEMBERSHIP => {
@@ -127,7 +143,7 @@ pub const FIXED_BYTES: usize = HEADER_BYTES + BODY_FIXED_BYTES;
 /// never cost one; a frame then counts as intact only if its CRC matches too.
 pub fn plausible_after(at: &[u8], after: u64) -> Option<usize> {
     let index = u64::from_le_bytes(at.get(16..24)?.try_into().expect("8 bytes"));
-    (index > after && index - after <= INTACT_SEARCH_ENTRIES && *at.get(24)? <= KIND_MEMBERSHIP)
+    (index > after && index - after <= INTACT_SEARCH_ENTRIES && *at.get(24)? & KIND_MASK <= KIND_MEMBERSHIP)
         .then(|| frame_len(at).ok())
         .flatten()
 }
@@ -170,6 +186,21 @@ mod tests {
             buf = buf.slice(len..);
         }
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_frame_of_a_newer_format_is_refused_by_name_and_this_format_is_version_0() {
+        let mut buf = Vec::new();
+        encode(&sample_entries()[2], &mut buf);
+        // Every frame written so far, this build's included, is version 0: kind byte = kind.
+        assert_eq!(buf[HEADER_BYTES + 16], KIND_NORMAL);
+        // The same frame as a newer format would write it (its CRC made right).
+        buf[HEADER_BYTES + 16] |= 1 << VERSION_SHIFT;
+        let crc = crc32c::crc32c(&buf[HEADER_BYTES..]);
+        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        let err = decode(&Bytes::from(buf)).expect_err("a newer format");
+        assert_eq!(err, FrameError::Newer { version: 1 });
+        assert!(err.to_string().contains("newer Eddy"), "{err}");
     }
 
     #[test]

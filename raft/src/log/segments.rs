@@ -230,6 +230,13 @@ impl Segments {
                         bad = Some(format!("{name} at byte {pos}: {e}"));
                         break;
                     }
+                    // Neither damage nor a torn tail: refused as it is, nothing cut.
+                    Err(e @ FrameError::Newer { .. }) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::Unsupported,
+                            format!("the log in {}: {name} at byte {pos}: {e}", dir.display()),
+                        ));
+                    }
                 }
             }
             if let Some(reason) = bad {

@@ -19,6 +19,12 @@ use crate::vfs::Vfs;
 
 const SLOT_BYTES: usize = 4096;
 const SLOT_HEADER_BYTES: usize = 8;
+/// The slot format this build writes, in the top byte of a slot's length field (0: every slot
+/// written so far). A build reads every version up to its own and refuses a newer one by name:
+/// taking it for an empty slot would forget the vote.
+pub const STATE_VERSION: u32 = 0;
+const VERSION_SHIFT: u32 = 24;
+const LEN_MASK: u32 = (1 << VERSION_SHIFT) - 1;
 
 /// What the state file records.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,7 +78,7 @@ impl StateFile {
         let body = postcard::to_stdvec(&Slot { seq, state: state.clone() }).map_err(io::Error::other)?;
         assert!(body.len() + SLOT_HEADER_BYTES <= SLOT_BYTES, "log state must fit a slot");
         let mut buf = Vec::with_capacity(SLOT_HEADER_BYTES + body.len());
-        buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&(body.len() as u32 | STATE_VERSION << VERSION_SHIFT).to_le_bytes());
         buf.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
         buf.extend_from_slice(&body);
         let slot = (seq % 2) as usize;
@@ -100,7 +106,8 @@ fn read_slot(file: &dyn VFile, i: usize) -> io::Result<Option<Slot>> {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    let len = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
+    let word = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes"));
+    let (version, len) = (word >> VERSION_SHIFT, (word & LEN_MASK) as usize);
     let crc = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
     if len == 0 || len > SLOT_BYTES - SLOT_HEADER_BYTES {
         return Ok(None);
@@ -108,6 +115,14 @@ fn read_slot(file: &dyn VFile, i: usize) -> io::Result<Option<Slot>> {
     let body = &buf[SLOT_HEADER_BYTES..SLOT_HEADER_BYTES + len];
     if crc32c::crc32c(body) != crc {
         return Ok(None);
+    }
+    if version > STATE_VERSION {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "log state slot {i} was written by a newer Eddy: format version {version}, this build reads up to version {STATE_VERSION}; run the newer build (a downgrade is not supported)"
+            ),
+        ));
     }
     Ok(postcard::from_bytes::<Slot>(body).ok())
 }
@@ -117,6 +132,27 @@ mod tests {
     use super::*;
     use crate::mem::MemDisk;
     use crate::types::log_id;
+
+    #[tokio::test]
+    async fn a_slot_of_a_newer_format_is_refused_by_name_not_taken_for_empty() -> io::Result<()> {
+        let disk = MemDisk::new();
+        let dir = Path::new("/g");
+        disk.create_dir_all(dir)?;
+        let mut f = StateFile::open(&disk, dir).await?;
+        f.save(LogState { vote: Some(vote(3)), last_purged: None }).await?;
+        drop(f);
+        let file = disk.open(&dir.join("state"), false)?;
+        // Slot 1 holds it (sequence 1); this build wrote it as version 0.
+        let mut word = [0u8; 4];
+        file.read_exact_at(&mut word, SLOT_BYTES as u64)?;
+        assert_eq!(u32::from_le_bytes(word) >> VERSION_SHIFT, 0);
+        let newer = u32::from_le_bytes(word) | 1 << VERSION_SHIFT;
+        file.write_all_at(&newer.to_le_bytes(), SLOT_BYTES as u64)?;
+        let err = StateFile::open(&disk, dir).await.err().expect("a newer format");
+        assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+        assert!(err.to_string().contains("newer Eddy"), "{err}");
+        Ok(())
+    }
 
     fn vote(term: u64) -> Vote {
         openraft::Vote::new(term, 1)
@@ -148,7 +184,7 @@ mod tests {
             let seq = f.seq + 1;
             let body = postcard::to_stdvec(&Slot { seq, state: new.clone() }).map_err(io::Error::other)?;
             let mut buf = Vec::new();
-            buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&(body.len() as u32 | STATE_VERSION << VERSION_SHIFT).to_le_bytes());
             buf.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
             buf.extend_from_slice(&body);
             let slot = (seq % 2) as usize;
