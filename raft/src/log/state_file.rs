@@ -135,10 +135,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slot_of_a_newer_format_is_refused_by_name_not_taken_for_empty() -> io::Result<()> {
-        let disk = MemDisk::new();
-        let dir = Path::new("/g");
-        disk.create_dir_all(dir)?;
-        let mut f = StateFile::open(&disk, dir).await?;
+        let (disk, dir, mut f) = fresh().await?;
         f.save(LogState { vote: Some(vote(3)), last_purged: None }).await?;
         drop(f);
         let file = disk.open(&dir.join("state"), false)?;
@@ -154,16 +151,22 @@ mod tests {
         Ok(())
     }
 
+    /// A state file just created in directory `/g` of an empty disk.
+    async fn fresh() -> io::Result<(MemDisk, &'static Path, StateFile)> {
+        let disk = MemDisk::new();
+        let dir = Path::new("/g");
+        disk.create_dir_all(dir)?;
+        let f = StateFile::open(&disk, dir).await?;
+        Ok((disk, dir, f))
+    }
+
     fn vote(term: u64) -> Vote {
         openraft::Vote::new(term, 1)
     }
 
     #[tokio::test]
     async fn survives_crashes_and_torn_slot_writes() -> io::Result<()> {
-        let disk = MemDisk::new();
-        let dir = Path::new("/g");
-        disk.create_dir_all(dir)?;
-        let mut f = StateFile::open(&disk, dir).await?;
+        let (disk, dir, mut f) = fresh().await?;
         assert_eq!(f.state(), &LogState::default());
         for term in 1..=5 {
             f.save(LogState { vote: Some(vote(term)), last_purged: Some(log_id(term, term * 10)) }).await?;
