@@ -5,7 +5,7 @@ same run, rep-major so that a disturbance hits one rep of each row.
     target/kafka-venv/bin/python bench/kafka_compare.py [--target-dir target] [--reps 3]
                                                          [--events 200000] [--window 4096] [--out FILE]
 
-Needs confluent-kafka in the running Python (`cargo test -p eddy-tests --test kafka_clients`
+Needs confluent-kafka in the running Python (`cargo test -p eddy-tests --test all kafka_clients::`
 makes `target/kafka-venv` with it). Rows, for 256-byte events on a one-partition topic:
 
 - produce: gRPC `eddyctl bench produce --inflight WINDOW --linger-ms 5` against a

@@ -102,6 +102,12 @@ pub struct PlantedBugs {
     /// A node refuses for good the Raft messages of a node its metadata does not list yet (no
     /// vouching by the members it knows): a node behind a join never catches up.
     pub unlisted_node_refused: bool,
+    /// A joining node takes an error that is not the cluster's refusal (an unreachable node, a
+    /// leader change) for a refusal, and stops trying to join.
+    pub join_gives_up: bool,
+    /// A partition that was moving when a decommission of one of its nodes began is never
+    /// planned away once that move completes: the decommission never finishes.
+    pub decommission_forgets_moving: bool,
     /// Time-based retention reads the wall clock as it is, so a clock that jumps forward purges
     /// events younger than `retention.ms` (see [`SteadyClock`]).
     pub retention_trusts_wall_clock: bool,

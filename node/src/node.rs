@@ -263,6 +263,7 @@ async fn join_cluster(
     addr: NodeAddr,
     join: Vec<String>,
     connector: Arc<dyn eddy_raft::transport::Connector>,
+    #[cfg(feature = "planted-bugs")] gives_up: bool,
 ) {
     let mut attempt = 0u32;
     loop {
@@ -289,6 +290,13 @@ async fn join_cluster(
                             == Some(eddy_proto::error_codes::CONFLICT) =>
                 {
                     warn!(via = %target, "the cluster refused to let this node join: {}", status.message());
+                    return;
+                }
+                // The planted bug `join-gives-up`: an error that says nothing of the cluster's
+                // answer (an unreachable node, a leader change) is taken for a refusal.
+                #[cfg(feature = "planted-bugs")]
+                Ok(Err(status)) if gives_up => {
+                    warn!(via = %target, "giving up on joining: {}", status.message());
                     return;
                 }
                 Ok(Err(status)) => info!(via = %target, attempt, "join not done yet: {}", status.message()),
@@ -600,6 +608,10 @@ pub async fn start(
             .run_wakes(Arc::new(Peers::new(env.connector.clone())), cancel.clone())
             .instrument(info_span!("wakes", node = me)),
     );
+    #[cfg(feature = "planted-bugs")]
+    let decommission_forgets_moving = env.bugs.decommission_forgets_moving;
+    #[cfg(not(feature = "planted-bugs"))]
+    let decommission_forgets_moving = false;
     // The planted bug `unlisted-node-refused`: no vouching, so a node this node's metadata does
     // not list yet is refused for good (simulator seed 40 with `--retention`).
     #[cfg(feature = "planted-bugs")]
@@ -685,9 +697,14 @@ pub async fn start(
     spawn_task(
         &tasks,
         "controller",
-        Controller { me, meta: meta.clone(), liveness: liveness.clone() }
-            .run(cancel.clone())
-            .instrument(info_span!("controller", node = me)),
+        Controller {
+            me,
+            meta: meta.clone(),
+            liveness: liveness.clone(),
+            forget_moving: decommission_forgets_moving,
+        }
+        .run(cancel.clone())
+        .instrument(info_span!("controller", node = me)),
     );
     spawn_task(
         &tasks,
@@ -721,6 +738,8 @@ pub async fn start(
         .any(|(id, _)| *id == me);
     if (pristine || !member) && !config.join.is_empty() {
         let (join, connector, addr) = (config.join.clone(), env.connector.clone(), config.addr());
+        #[cfg(feature = "planted-bugs")]
+        let gives_up = env.bugs.join_gives_up;
         let cancel = cancel.clone();
         spawn_task(
             &tasks,
@@ -729,7 +748,14 @@ pub async fn start(
                 tokio::select! {
                     // Cancel-safe: an interrupted join is retried by the next start.
                     _ = cancel.cancelled() => {}
-                    () = join_cluster(me, addr, join, connector) => {}
+                    () = join_cluster(
+                        me,
+                        addr,
+                        join,
+                        connector,
+                        #[cfg(feature = "planted-bugs")]
+                        gives_up,
+                    ) => {}
                 }
             }
             .instrument(info_span!("join", node = me)),

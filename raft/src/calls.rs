@@ -249,7 +249,13 @@ mod tests {
     }
 
     fn request(group: u64) -> RaftRequest {
-        RaftRequest { group_id: group, version: RAFT_WIRE_VERSION, payload: Default::default(), from: 1 }
+        RaftRequest {
+            group_id: group,
+            version: RAFT_WIRE_VERSION,
+            payload: Default::default(),
+            from: 1,
+            to: 0,
+        }
     }
 
     #[tokio::test]

@@ -205,6 +205,7 @@ impl PeerLink {
             version: RAFT_WIRE_VERSION,
             payload: payload.into(),
             from: self.me,
+            to: self.target,
         }
     }
 
@@ -399,6 +400,7 @@ impl RaftNetworkV2<C> for PeerLink {
                 version: RAFT_WIRE_VERSION,
                 payload: codec::encode(&r).into(),
                 from: me,
+                to: target,
             }
         }));
         let mut client = self.client();

@@ -88,7 +88,7 @@ impl RaftService {
     }
 
     fn open(&self, req: &RaftRequest) -> Result<Arc<dyn RaftRpc>, Status> {
-        check_version(req)?;
+        check_envelope(req, self.me)?;
         self.group(req.group_id)
     }
 
@@ -255,11 +255,19 @@ impl RaftService {
     }
 }
 
-fn check_version(req: &RaftRequest) -> Result<(), Status> {
+/// Refuses a message in a wire version this node does not speak, or one for another node (its
+/// sender reached this node at an address it holds for that one).
+fn check_envelope(req: &RaftRequest, me: NodeId) -> Result<(), Status> {
     if req.version != RAFT_WIRE_VERSION {
         return Err(Status::invalid_argument(format!(
             "version: Raft wire version {} is not supported (this node speaks {RAFT_WIRE_VERSION})",
             req.version
+        )));
+    }
+    if req.to != 0 && req.to != me {
+        return Err(Status::failed_precondition(format!(
+            "to: node {} sent a message for node {} to node {me}: its address for node {} is this node's",
+            req.from, req.to, req.to
         )));
     }
     Ok(())
@@ -312,7 +320,7 @@ impl raft_server::Raft for RaftService {
         let g = self.group(group)?;
         // Requests that fail to decode end the input; the leader sees the stream end and retries.
         let input: futures::stream::BoxStream<'static, AppendEntriesRequest<C>> =
-            Box::pin(decode_requests(request.into_inner(), group));
+            Box::pin(decode_requests(request.into_inner(), group, self.me));
         // openraft spawns a task per stream; its randomness must come from a seeded scope.
         let output = Runtime::scope(self.seed ^ group, async move { g.stream_append(input) }).await;
         let output = output.map(|r| match r {
@@ -399,7 +407,7 @@ impl raft_server::Raft for RaftService {
 
     async fn forward_meta(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
-        check_version(&req)?;
+        check_envelope(&req, self.me)?;
         let f =
             self.registry.forwarder().ok_or_else(|| Status::unavailable("metadata service is starting"))?;
         let payload = f.forward(req.payload).await?;
@@ -411,11 +419,12 @@ impl raft_server::Raft for RaftService {
 fn decode_requests(
     input: Streaming<RaftRequest>,
     group: GroupId,
+    me: NodeId,
 ) -> impl Stream<Item = AppendEntriesRequest<C>> + Send + 'static {
     futures::stream::unfold(Some(input), move |state| async move {
         let mut input = state?;
         match input.message().await {
-            Ok(Some(req)) if req.group_id == group && req.version == RAFT_WIRE_VERSION => {
+            Ok(Some(req)) if req.group_id == group && check_envelope(&req, me).is_ok() => {
                 match codec::decode::<AppendEntriesRequest<C>>(&req.payload, "AppendEntriesRequest") {
                     Ok(r) => Some((r, Some(input))),
                     Err(e) => {
@@ -428,7 +437,8 @@ fn decode_requests(
                 debug!(
                     group,
                     got = req.group_id,
-                    "dropping replication stream: message for another group or version"
+                    to = req.to,
+                    "dropping replication stream: message for another group, node or version"
                 );
                 None
             }
@@ -439,4 +449,23 @@ fn decode_requests(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_for_another_node_or_wire_version_is_refused_by_name() {
+        let req =
+            |to, version| RaftRequest { group_id: 3, version, payload: Default::default(), from: 1, to };
+        assert!(check_envelope(&req(2, RAFT_WIRE_VERSION), 2).is_ok());
+        // Builds before the field name no node.
+        assert!(check_envelope(&req(0, RAFT_WIRE_VERSION), 2).is_ok());
+        let e = check_envelope(&req(4, RAFT_WIRE_VERSION), 2).expect_err("for node 4");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("node 1 sent a message for node 4 to node 2"), "{}", e.message());
+        let e = check_envelope(&req(2, RAFT_WIRE_VERSION + 1), 2).expect_err("a newer wire version");
+        assert!(e.message().contains("is not supported"), "{}", e.message());
+    }
 }

@@ -60,6 +60,16 @@ pub enum Bug {
     /// A node refuses for good the Raft messages of a node its metadata does not list yet: the
     /// vouching of simulator seed 40 (with `--retention`) undone (found by the `join` class).
     UnlistedNodeRefused,
+    /// A joining node takes an error that is not the cluster's refusal (its first `join` node
+    /// unreachable, a leader change) for a refusal, and stops trying: it never joins (found by
+    /// the `join` class, through the check that every node started with `join` is a member
+    /// after the heal).
+    JoinGivesUp,
+    /// A partition that was moving when a decommission of one of its nodes began is never
+    /// planned away once that move completes, so the decommission never finishes (the
+    /// controller's half of the fix of simulator seed 43 undone; found by the `decommission`
+    /// class).
+    DecommissionForgetsMoving,
     /// Time-based retention reads the wall clock as it is, so a node whose clock jumps forward
     /// purges events younger than `retention.ms` (found by the `clock-jump` class).
     RetentionTrustsWallClock,
@@ -77,6 +87,8 @@ impl Bug {
             Bug::CorruptRecordServed => "corrupt-record-served",
             Bug::UnlistedNodeRefused => "unlisted-node-refused",
             Bug::RetentionTrustsWallClock => "retention-trusts-wall-clock",
+            Bug::DecommissionForgetsMoving => "decommission-forgets-moving",
+            Bug::JoinGivesUp => "join-gives-up",
         }
     }
 }
@@ -214,6 +226,36 @@ fn replica_view(g: &eddy_node::partition::PartitionHandle) -> Vec<(u64, String)>
     out
 }
 
+/// Nodes the `join` class started that, after the heal and the audit, neither the metadata group
+/// (as the running node that applied the most sees it) counts as a member nor the node table
+/// lists: a join that never completed. A decommissioned node that was switched off is left out.
+fn unjoined(cluster: &Cluster, initial: u64) -> Vec<String> {
+    let Some(refs) = cluster
+        .nodes
+        .keys()
+        .filter_map(|id| cluster.refs(*id))
+        .max_by_key(|r| r.meta.view().last_applied.map(|l| l.index))
+    else {
+        return Vec::new();
+    };
+    let view = refs.meta.view();
+    let membership = refs.meta.raft().metrics().borrow_watched().membership_config.membership().clone();
+    cluster
+        .nodes
+        .values()
+        .filter(|s| s.id > initial && !s.retired)
+        .filter(|s| !(membership.nodes().any(|(id, _)| *id == s.id) && view.state.nodes.contains_key(&s.id)))
+        .map(|s| {
+            format!(
+                "n{} joined the cluster during the run but is not a member after healing (the \
+                 metadata group's members: {:?})",
+                s.id,
+                membership.nodes().map(|(id, _)| *id).collect::<Vec<_>>()
+            )
+        })
+        .collect()
+}
+
 fn collect_internals(cluster: &Cluster, e: &mut Evidence) {
     for id in cluster.nodes.keys() {
         let Some(NodeRefs { meta, replicas }) = cluster.refs(*id) else {
@@ -293,6 +335,8 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         corrupt_record_served: opts.bug == Some(Bug::CorruptRecordServed),
         unlisted_node_refused: opts.bug == Some(Bug::UnlistedNodeRefused),
         retention_trusts_wall_clock: opts.bug == Some(Bug::RetentionTrustsWallClock),
+        decommission_forgets_moving: opts.bug == Some(Bug::DecommissionForgetsMoving),
+        join_gives_up: opts.bug == Some(Bug::JoinGivesUp),
     };
     let mut cluster = Cluster::new(opts.nodes, opts.seed, bugs, opts.bug == Some(Bug::AckBeforeFsync));
     cluster.register(&mut sim);
@@ -457,6 +501,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
     if let Some(f) = failure {
         evidence.audit.liveness.push(f);
     }
+    evidence.audit.liveness.extend(unjoined(&cluster, opts.nodes));
     collect_internals(&cluster, &mut evidence);
     let (held, violations) = checker::check_all(&evidence);
     for v in &violations {

@@ -18,8 +18,7 @@ use eddy_tests::Cluster;
 use kafka_conn::Conn;
 use tonic::transport::Channel;
 
-#[path = "support/kafka_conn.rs"]
-mod kafka_conn;
+use crate::kafka_conn;
 
 /// A topic and a group that do not exist, and the prefixes that cover them.
 const TOPIC: &str = "orders.none";

@@ -7,8 +7,7 @@
 
 #![allow(clippy::disallowed_methods)] // Tests measure real time.
 
-#[path = "support/kafka_conn.rs"]
-mod kafka_conn;
+use crate::kafka_conn;
 
 use std::io::Write;
 use std::time::Duration;

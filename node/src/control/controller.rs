@@ -26,6 +26,9 @@ pub struct Controller {
     pub me: NodeId,
     pub meta: MetaHandle,
     pub liveness: std::sync::Arc<eddy_raft::liveness::Liveness>,
+    /// The planted bug `decommission-forgets-moving`: a partition that was moving when its
+    /// node's decommission began is never planned away (the second half of seed 43's fix undone).
+    pub forget_moving: bool,
 }
 
 impl Controller {
@@ -77,7 +80,8 @@ impl Controller {
         // A decommission leaves partitions that were moving at the time alone; once such a move
         // completes, the node's remaining replicas are planned away by deciding again.
         for (id, n) in &view.state.nodes {
-            let unplanned = n.state == NodeState::Decommissioning
+            let unplanned = !self.forget_moving
+                && n.state == NodeState::Decommissioning
                 && view
                     .state
                     .topics

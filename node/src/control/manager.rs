@@ -465,12 +465,14 @@ impl PartitionManager {
             v
         };
         let founding = record.target.is_none() && set(&record.replicas) == set(initial_replicas);
-        // The planted bug: the rule before seed 88, any pristine initial replica founds it (and,
-        // since a move empties the initial replicas, the rule before seed 9 too: the replicas
-        // a partition moved back to count as its initial ones).
+        // The planted bug: the rule before seed 88, any pristine initial replica founds it, and
+        // the rule before seed 9, a move's end keeps the initial replicas. Since a move's end
+        // empties them now, a partition that moved takes the replicas it is moving to (when
+        // moving, else its replicas) for them: in seeds 88 and 9 those were the initial
+        // replicas, the move bringing the partition back to exactly them.
         #[cfg(feature = "planted-bugs")]
         let (founding, initial_replicas) = if self.env.bugs.returning_replica_refounds {
-            (true, if initial_replicas.is_empty() { &record.replicas[..] } else { initial_replicas })
+            (true, if initial_replicas.is_empty() { record.desired() } else { initial_replicas })
         } else {
             (founding, initial_replicas)
         };

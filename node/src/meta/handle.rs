@@ -393,6 +393,7 @@ impl MetaHandle {
             version: RAFT_WIRE_VERSION,
             payload,
             from: self.me,
+            to: leader,
         });
         req.set_timeout(ttl);
         let reply = tokio::time::timeout(ttl, client.forward_meta(req))

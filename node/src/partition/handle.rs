@@ -802,8 +802,9 @@ impl PartitionHandle {
                 .scan(&from, &offset_key(end), scan_max)
                 .map_err(internal)?
                 .into_iter()
-                .filter_map(|(k, v)| IndexEntry::decode(&k, &v))
-                .collect();
+                .map(|(k, v)| IndexEntry::decode_stored(&k, &v))
+                .collect::<std::io::Result<_>>()
+                .map_err(internal)?;
             let Some(last) = entries.last().copied() else {
                 break;
             };

@@ -90,6 +90,11 @@ pub struct Progress {
     pub purge_index: Option<u64>,
 }
 
+/// A partition snapshot's format (it crosses the network: a rolling upgrade's older nodes
+/// install the newer ones' snapshots, so a new version is written only once no node runs a
+/// build that reads only the older one).
+const PARTITION_SNAPSHOT: sm_common::Format = sm_common::Format { tag: b"EDQ", newest: 0 };
+
 #[derive(Serialize, Deserialize)]
 struct PartitionSnapshot {
     meta: PartitionMeta,
@@ -291,7 +296,8 @@ impl RaftStateMachine<C> for PartitionStateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: SnapshotData) -> Result<(), io::Error> {
-        let snap: PartitionSnapshot = sm_common::decode(&data, "partition snapshot")?;
+        let (_version, body) = sm_common::versioned(&data, PARTITION_SNAPSHOT, "the partition snapshot")?;
+        let snap: PartitionSnapshot = sm_common::decode(body, "partition snapshot")?;
         // This replica's log restarts after the snapshot, so the records before it are gone
         // here: the log starts at the snapshot's high watermark, and the time index is empty.
         let mut m = snap.meta;

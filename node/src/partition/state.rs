@@ -130,6 +130,17 @@ impl IndexEntry {
         })
     }
 
+    /// [`Self::decode`] for an entry read from the store: one that does not decode is an error
+    /// naming it, never skipped (a reader that stepped over an entry would serve a gap).
+    pub fn decode_stored(key: &[u8], value: &[u8]) -> io::Result<Self> {
+        Self::decode(key, value).ok_or_else(|| {
+            corrupt(&format!(
+                "offset index entry {key:02x?} has a value of {} bytes (12, 20 or 24 expected)",
+                value.len()
+            ))
+        })
+    }
+
     pub fn end_offset(&self) -> u64 {
         self.base_offset + u64::from(self.count)
     }
@@ -142,11 +153,13 @@ pub struct IndexScan<'a> {
     to: u64,
     buf: std::collections::VecDeque<IndexEntry>,
     done: bool,
+    /// An entry that did not decode: returned once the entries before it are.
+    error: Option<io::Error>,
 }
 
 impl<'a> IndexScan<'a> {
     pub fn new(tree: &'a dyn KvTree, from: u64, to: u64) -> Self {
-        Self { tree, next: from, to, buf: Default::default(), done: false }
+        Self { tree, next: from, to, buf: Default::default(), done: false, error: None }
     }
 }
 
@@ -167,13 +180,22 @@ impl Iterator for IndexScan<'_> {
                 }
             };
             self.done = chunk.len() < SCAN_CHUNK;
-            self.buf.extend(chunk.iter().filter_map(|(k, v)| IndexEntry::decode(k, v)));
+            for (k, v) in &chunk {
+                match IndexEntry::decode_stored(k, v) {
+                    Ok(e) => self.buf.push_back(e),
+                    Err(e) => {
+                        self.done = true;
+                        self.error = Some(e);
+                        break;
+                    }
+                }
+            }
             match self.buf.back() {
                 Some(last) => self.next = last.base_offset + 1,
                 None => self.done = true,
             }
         }
-        self.buf.pop_front().map(Ok)
+        self.buf.pop_front().map(Ok).or_else(|| self.error.take().map(Err))
     }
 }
 
@@ -196,7 +218,7 @@ pub fn first_batch_at_or_after(
         return Err(io::Error::new(io::ErrorKind::NotFound, "the time index is behind the log start"));
     }
     let e = tree.get(&offset_key(base))?.ok_or_else(|| corrupt("time index names a missing batch"))?;
-    IndexEntry::decode(&offset_key(base), &e).map(Some).ok_or_else(|| corrupt("offset index entry"))
+    IndexEntry::decode_stored(&offset_key(base), &e).map(Some)
 }
 
 fn corrupt(what: &str) -> io::Error {
@@ -231,9 +253,16 @@ struct PartitionMetaV1 {
     log_start_offset: u64,
 }
 
+/// The partition state tree's format: its version is that of the [`META_KEY`] record, and it
+/// covers every record in the tree (membership, producers, the offset and time indexes), which
+/// are read only after it. Version 0 evolved compatibly so far: [`PartitionMetaV1`], and index
+/// values of 12, 20 or 24 bytes.
+pub const PARTITION_STATE: sm_common::Format = sm_common::Format { tag: b"EDP", newest: 0 };
+
 impl PartitionMeta {
     /// Decodes the stored state, in the current or the first format.
     pub fn decode(b: &[u8]) -> io::Result<Self> {
+        let (_version, b) = sm_common::versioned(b, PARTITION_STATE, "the partition state")?;
         match sm_common::decode::<Self>(b, "partition state") {
             Ok(m) => Ok(m),
             Err(e) => match postcard::from_bytes::<PartitionMetaV1>(b) {
@@ -366,7 +395,7 @@ impl PartitionState {
             let (k, v) = tree
                 .floor(&offset_key(new))?
                 .ok_or_else(|| corrupt("no index entry below the high watermark"))?;
-            let e = IndexEntry::decode(&k, &v).ok_or_else(|| corrupt("offset index entry"))?;
+            let e = IndexEntry::decode_stored(&k, &v)?;
             new = e.base_offset;
             first_kept = Some(e);
         }
@@ -712,6 +741,26 @@ mod tests {
         assert_eq!((m.next_offset, m.purge_index, m.max_timestamp_ms), (42, None, None));
         let new = PartitionMeta { next_offset: 7, purge_index: Some(3), max_timestamp_ms: Some(-1), ..m };
         assert_eq!(PartitionMeta::decode(&sm_common::encode(&new)).expect("decode"), new);
+        // A newer build's state (tagged, version 1) is refused by its version, never misread.
+        let mut newer = PARTITION_STATE.tag.to_vec();
+        newer.push(1);
+        newer.extend_from_slice(&sm_common::encode(&new));
+        let e = PartitionMeta::decode(&newer).expect_err("a newer version");
+        assert!(e.to_string().contains("the partition state is in format version 1"), "{e}");
+    }
+
+    #[test]
+    fn an_index_entry_that_does_not_decode_fails_the_scan_instead_of_leaving_a_gap() {
+        let (_, t) = applied(&[vec![1], vec![2, 3], vec![4]]);
+        assert_eq!(index_offsets(t.as_ref()), vec![0, 1, 3]);
+        let mut kv = KvBatch::default();
+        kv.put(offset_key(1).to_vec(), vec![0u8; 15]);
+        t.apply(kv).expect("apply");
+        let scanned: Vec<io::Result<IndexEntry>> = IndexScan::new(t.as_ref(), 0, u64::MAX).collect();
+        assert_eq!(scanned.len(), 2, "the entry before, then the error: {scanned:?}");
+        assert_eq!(scanned[0].as_ref().expect("entry 0").base_offset, 0);
+        let e = scanned[1].as_ref().expect_err("entry 1 does not decode");
+        assert!(e.to_string().contains("has a value of 15 bytes"), "{e}");
     }
 
     #[test]

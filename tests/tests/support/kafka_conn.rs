@@ -1,9 +1,6 @@
 //! A blocking Kafka connection for tests, speaking the protocol with `kafka-protocol`'s codecs:
 //! plaintext, or TLS (rustls, optionally with a client certificate), and SASL PLAIN.
-//! Shared by `kafka.rs` and `acl_matrix.rs` (`#[path]`-included, not a test of its own).
-
-// Each test includes the module and uses part of it.
-#![allow(dead_code)]
+//! Shared by `kafka.rs` and `acl_matrix.rs`.
 
 use std::io::Read;
 use std::io::Write;
