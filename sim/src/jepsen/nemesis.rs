@@ -443,7 +443,9 @@ impl RealNemesis {
         if self.decommissioning.is_empty() {
             return;
         }
-        let Ok(Ok(list)) = tokio::time::timeout(Duration::from_secs(2), client.list_nodes()).await else {
+        // Several nodes' worth: a node removed but still running answers UNAVAILABLE after
+        // about a second (its metadata stopped before its removal), and the client asks the next.
+        let Ok(Ok(list)) = tokio::time::timeout(Duration::from_secs(5), client.list_nodes()).await else {
             return;
         };
         let listed: BTreeMap<u64, String> = list.nodes.into_iter().map(|n| (n.id, n.state)).collect();

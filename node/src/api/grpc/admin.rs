@@ -22,6 +22,7 @@ use crate::error::BrokerError;
 use crate::limits;
 use crate::meta::MetaCommand;
 use crate::meta::MetaReply;
+use crate::meta::sm::MetaView;
 use crate::meta::state::NodeState;
 use crate::security::Caller;
 use crate::security::acl::AclBinding;
@@ -41,6 +42,11 @@ pub struct AdminService {
     reconciler: Arc<Reconciler>,
 }
 
+/// How long a node listing waits to confirm this node's metadata is current: a member applies
+/// the leader's read index within milliseconds; a node that does not within this answers
+/// UNAVAILABLE, so that the client asks the next node well within its own deadline.
+const LIST_CONFIRM_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl AdminService {
     pub fn new(state: Arc<BrokerState>, reconciler: Arc<Reconciler>) -> Self {
         Self { state, reconciler }
@@ -51,7 +57,10 @@ impl AdminService {
     }
 
     async fn node_summaries(&self) -> (Vec<pb::NodeSummary>, Option<NodeId>) {
-        let view = self.state.meta.view();
+        self.summaries_of(&self.state.meta.view()).await
+    }
+
+    async fn summaries_of(&self, view: &MetaView) -> (Vec<pb::NodeSummary>, Option<NodeId>) {
         let status = self.state.cluster_status().await;
         let leaders = status.leader_counts();
         let replicas = view.state.replica_counts();
@@ -168,7 +177,17 @@ impl Admin for AdminService {
         &self,
         _: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let (nodes, metadata_leader) = self.node_summaries().await;
+        // As of a read index: operators switch a node off once this says `removed`, and a
+        // node that was removed (or cut off) holds a view that stopped before that, and would
+        // answer `decommissioning` for good (the jepsen runner waited on one for 120 s). Such
+        // a node answers UNAVAILABLE, and the client asks the next node.
+        let view = self.state.meta.confirmed_view(LIST_CONFIRM_TIMEOUT).await.map_err(|e| {
+            Status::from(BrokerError::Unavailable(format!(
+                "node {}'s metadata is not confirmed current ({e}); ask another node",
+                self.state.me
+            )))
+        })?;
+        let (nodes, metadata_leader) = self.summaries_of(&view).await;
         Ok(Response::new(pb::ListNodesResponse { nodes, metadata_leader }))
     }
 
