@@ -418,6 +418,23 @@ fn decommission_under_load_then_a_refused_one() -> anyhow::Result<()> {
             let n = c.node_list().ok()?;
             n.get(&1).is_none_or(|n| n["state"] == "removed").then_some(())
         })?;
+        // Node 1 still runs, and its own metadata stopped before its removal: asked alone, it
+        // must not list itself as still decommissioning (an operator waiting for `removed`
+        // would wait for good); it answers that its metadata is not current.
+        let alone = eddy_tests::run_ctl(&c.nodes[&1].client_addr, &["node", "list"], None, CTL_TIMEOUT)?;
+        if alone.ok() {
+            let me =
+                alone.json()?["nodes"].as_array().and_then(|ns| ns.iter().find(|n| n["id"] == 1).cloned());
+            ensure!(me.as_ref().is_none_or(|n| n["state"] == "removed"), "node 1 lists itself as {me:?}");
+        } else {
+            // Its last answer, or the client's deadline cutting the last one-second wait.
+            ensure!(
+                alone.stderr.contains("not confirmed current")
+                    || alone.stderr.contains("did not answer in time"),
+                "node 1's refusal: {}",
+                alone.stderr
+            );
+        }
         ensure_healthy(c)?;
 
         // Three nodes left, an RF3 topic: nowhere for node 2's replicas to go.
