@@ -65,8 +65,8 @@ pub fn binary(name: &str) -> PathBuf {
 /// that only the workspace's own crates compile (about two minutes instead of ten). Fails,
 /// saying why, when the checkout has no git history back to `rev` (a shallow clone).
 pub fn earlier_build(rev: &str) -> anyhow::Result<PathBuf> {
-    static BUILDING: Mutex<()> = Mutex::new(());
-    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    // A build takes both cores for a minute and more: never beside a cluster (see `alone`).
+    let _alone = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let profile_dir = binary("eddy-node").parent().context("target/<profile>")?.to_path_buf();
     let profile = profile_dir.file_name().context("profile name")?.to_owned();
     let root = profile_dir.parent().context("target")?.join(format!("upgrade-{rev}"));
@@ -314,7 +314,17 @@ pub type Acked = BTreeMap<u32, BTreeMap<u64, String>>;
 
 /// Clusters of one test binary run one at a time: tests in a binary run on parallel threads, and
 /// several multi-node clusters on a 2-core machine would make each other's timings meaningless.
+/// Builds that take the whole machine (an earlier revision's node, librdkafka's test runner)
+/// hold it too ([`alone`]): beside one, a cluster's group commit stopped coalescing and
+/// `replicated_log`'s pipelined test failed.
 static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Runs `f` while no cluster runs and no other such work does: for preparation that takes the
+/// whole machine.
+pub fn alone<T>(f: impl FnOnce() -> T) -> T {
+    let _alone = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    f()
+}
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
