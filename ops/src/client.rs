@@ -478,6 +478,7 @@ impl Client {
         let deadline = Instant::now() + timeout;
         let mut backoff = Backoff::new(&self.inner.config);
         let mut last = ClientError::Unavailable(format!("{what}: nothing answered"));
+        let mut refused = false;
         loop {
             let mut out_of_range = None;
             let mut round = targets();
@@ -522,7 +523,10 @@ impl Client {
                         }
                         last =
                             ClientError::Unavailable(format!("{what}: broker {addr}: {e}{}", tls_hint(&e)));
+                        refused = true;
                     }
+                    // A broker's own refusal says more than the deadline that cut its next answer.
+                    Err(_) if refused => {}
                     Err(_) => {
                         last =
                             ClientError::Unavailable(format!("{what}: broker {addr} did not answer in time"))

@@ -103,6 +103,8 @@ pub struct Nemesis {
     /// Nodes the nemesis asked to decommission: they count as leaving before the cluster
     /// says so.
     leaving: std::collections::BTreeSet<NodeId>,
+    /// Removed nodes whose hosts run on (the `linger` class).
+    pub lingering: std::collections::BTreeSet<NodeId>,
 }
 
 impl Nemesis {
@@ -115,6 +117,7 @@ impl Nemesis {
         let next_at = profile
             .classes
             .iter()
+            .filter(|(c, _)| !FaultClass::MODIFIERS.contains(c))
             .map(|(c, s)| (*c, 3_000 + exp_gap(own.get_mut(c).unwrap_or(&mut rng), s.mean_gap_ms)))
             .collect();
         Self {
@@ -130,6 +133,7 @@ impl Nemesis {
             held_down,
             joined: 0,
             leaving: Default::default(),
+            lingering: Default::default(),
         }
     }
 
@@ -382,6 +386,8 @@ impl Nemesis {
                 desc = format!("n{n}'s clock jumps {:+.1} h", jump as f64 / 3_600_000.0);
                 Undo::SetClock(n)
             }
+            // Never scheduled (see `retire_removed`).
+            FaultClass::Linger => return None,
             FaultClass::Crash | FaultClass::Bounce | FaultClass::SilentDeath => {
                 if cluster.down().len() >= DOWN_MAX
                     || self
@@ -751,8 +757,9 @@ impl Nemesis {
     }
 
     /// Switches off the hosts of nodes that the cluster has removed (as any running node's
-    /// metadata says: its view holds only committed changes). Runs through the whole run, the
-    /// heal included: a decommission may finish after it.
+    /// metadata says: its view holds only committed changes), or, with the `linger` class,
+    /// leaves them running for the rest of the run. Runs through the whole run, the heal
+    /// included: a decommission may finish after it.
     pub fn retire_removed(
         &mut self,
         now: u64,
@@ -769,8 +776,16 @@ impl Nemesis {
                 );
             }
         }
+        let linger = self.profile.classes.contains_key(&FaultClass::Linger);
         for id in removed {
-            if cluster.nodes.get(&id).is_some_and(|s| !s.retired) {
+            if cluster.nodes.get(&id).is_none_or(|s| s.retired) || self.lingering.contains(&id) {
+                continue;
+            }
+            if linger {
+                self.lingering.insert(id);
+                *self.injected.entry(FaultClass::Linger).or_default() += 1;
+                trace.push(now, "fault", format!("decommission of n{id} done: host left running (linger)"));
+            } else {
                 cluster.retire(sim, id);
                 trace.push(now, "fault", format!("decommission of n{id} done: host switched off"));
             }

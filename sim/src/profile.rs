@@ -63,10 +63,16 @@ pub enum FaultClass {
     /// (`retention.ms` of an hour, which no run lasts): a leader whose clock jumped forward
     /// must not purge what is younger than that, and nothing may be lost or reordered.
     ClockJump,
+    /// A decommissioned node's host is not switched off when the cluster removes it: it runs on
+    /// with the last view it applied, and clients whose bootstrap list names it still reach it,
+    /// as when an operator switches a machine off late (the jepsen runner's rounds 16, 23, 54
+    /// and 92). It must not serve that stale view as current, nor disturb the cluster it left.
+    /// Only with `decommission`; it injects nothing on its own.
+    Linger,
 }
 
 impl FaultClass {
-    pub const ALL: [FaultClass; 17] = [
+    pub const ALL: [FaultClass; 18] = [
         FaultClass::Partition,
         FaultClass::OneWay,
         FaultClass::IsolateLeader,
@@ -84,12 +90,13 @@ impl FaultClass {
         FaultClass::DiskCorrupt,
         FaultClass::MoveBack,
         FaultClass::ClockJump,
+        FaultClass::Linger,
     ];
 
     /// Classes added after the first nine: a seed draws them from a stream of its own, so the
     /// first nine keep the profile they had for every seed (and `sim/REGRESSIONS.md` keeps
     /// meaning what it says).
-    const LATER: [FaultClass; 8] = [
+    const LATER: [FaultClass; 9] = [
         FaultClass::DiskFull,
         FaultClass::Move,
         FaultClass::Join,
@@ -98,12 +105,17 @@ impl FaultClass {
         FaultClass::DiskCorrupt,
         FaultClass::MoveBack,
         FaultClass::ClockJump,
+        FaultClass::Linger,
     ];
 
     /// Classes whose injections draw from a random stream of their own in the nemesis, so that
     /// turning one on leaves the times and choices of every other class's faults as they were.
-    pub const OWN_STREAM: [FaultClass; 3] =
-        [FaultClass::DiskCorrupt, FaultClass::MoveBack, FaultClass::ClockJump];
+    pub const OWN_STREAM: [FaultClass; 4] =
+        [FaultClass::DiskCorrupt, FaultClass::MoveBack, FaultClass::ClockJump, FaultClass::Linger];
+
+    /// Classes that change how another class's faults end rather than inject faults of their
+    /// own on a schedule.
+    pub const MODIFIERS: [FaultClass; 1] = [FaultClass::Linger];
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -124,6 +136,7 @@ impl FaultClass {
             FaultClass::DiskCorrupt => "disk-corrupt",
             FaultClass::MoveBack => "move-back",
             FaultClass::ClockJump => "clock-jump",
+            FaultClass::Linger => "linger",
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use eddy_node::env::PlantedBugs;
+use eddy_node::meta::state::NodeState;
 use openraft::EntryPayload;
 use openraft::async_runtime::WatchReceiver;
 use serde::Serialize;
@@ -73,6 +74,10 @@ pub enum Bug {
     /// Time-based retention reads the wall clock as it is, so a node whose clock jumps forward
     /// purges events younger than `retention.ms` (found by the `clock-jump` class).
     RetentionTrustsWallClock,
+    /// A node answers clients' questions about the cluster from its own view however stale:
+    /// a removed node that still runs (the `linger` class) sends the audit to replicas that
+    /// moved away (the jepsen runner's rounds 16, 23, 54 and 92).
+    StaleMetadataServed,
 }
 
 impl Bug {
@@ -89,6 +94,7 @@ impl Bug {
             Bug::RetentionTrustsWallClock => "retention-trusts-wall-clock",
             Bug::DecommissionForgetsMoving => "decommission-forgets-moving",
             Bug::JoinGivesUp => "join-gives-up",
+            Bug::StaleMetadataServed => "stale-metadata-served",
         }
     }
 }
@@ -244,6 +250,8 @@ fn unjoined(cluster: &Cluster, initial: u64) -> Vec<String> {
         .nodes
         .values()
         .filter(|s| s.id > initial && !s.retired)
+        // A decommissioned node the `linger` class left running is out of the group by design.
+        .filter(|s| view.state.nodes.get(&s.id).is_none_or(|n| n.state != NodeState::Removed))
         .filter(|s| !(membership.nodes().any(|(id, _)| *id == s.id) && view.state.nodes.contains_key(&s.id)))
         .map(|s| {
             format!(
@@ -335,6 +343,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         corrupt_record_served: opts.bug == Some(Bug::CorruptRecordServed),
         unlisted_node_refused: opts.bug == Some(Bug::UnlistedNodeRefused),
         retention_trusts_wall_clock: opts.bug == Some(Bug::RetentionTrustsWallClock),
+        stale_metadata_served: opts.bug == Some(Bug::StaleMetadataServed),
         decommission_forgets_moving: opts.bug == Some(Bug::DecommissionForgetsMoving),
         join_gives_up: opts.bug == Some(Bug::JoinGivesUp),
     };

@@ -435,6 +435,21 @@ fn decommission_under_load_then_a_refused_one() -> anyhow::Result<()> {
                 alone.stderr
             );
         }
+        // Nor may it answer questions about placement from the view it last applied once the
+        // cluster's metadata has moved on (they are answered from a view confirmed current
+        // within 5 s): a topic created now, node 1 never hears of it; asked alone, it soon
+        // refuses, naming why.
+        create_topic(c, "after-removal", 1, 3)?;
+        wait_for("node 1, removed, to refuse to describe the topic", Duration::from_secs(60), || {
+            let out = eddy_tests::run_ctl(
+                &c.nodes[&1].client_addr,
+                &["topic", "describe", TOPIC],
+                None,
+                CTL_TIMEOUT,
+            )
+            .ok()?;
+            (!out.ok() && out.stderr.contains("has not been confirmed current")).then_some(())
+        })?;
         ensure_healthy(c)?;
 
         // Three nodes left, an RF3 topic: nowhere for node 2's replicas to go.

@@ -80,6 +80,33 @@ pub struct MetaHandle {
     peers: Arc<Peers>,
     me: NodeId,
     liveness: Arc<Liveness>,
+    freshness: Arc<std::sync::Mutex<Freshness>>,
+    /// Held by the one confirmation under way.
+    confirming: Arc<tokio::sync::Mutex<()>>,
+    /// The planted bug `stale-metadata-served`: [`Self::serving_view`] never confirms.
+    pub trust_own_view: bool,
+}
+
+/// How stale a view this node serves to clients' questions about the cluster (topics,
+/// placement, moves): it answers from its own view while that was confirmed current (a read
+/// index, see [`MetaHandle::confirmed_view`]) at most this long ago. A node the cluster removed
+/// (it hears no more of the metadata log, and its view stops where it left), or one cut off
+/// from the metadata group's majority, then answers `UNAVAILABLE` and the client asks another
+/// node. A few election timeouts: a metadata election alone does not stop clients finding
+/// their partitions (the data path never needs the metadata group).
+pub const SERVE_STALE_MAX: Duration = Duration::from_secs(5);
+/// A view confirmed longer ago than this is confirmed again when a client asks (in the
+/// background while it is still within [`SERVE_STALE_MAX`]); an idle node confirms nothing.
+const RECONFIRM_AFTER: Duration = Duration::from_secs(1);
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct Freshness {
+    /// When the last successful confirmation asked for its read index: the view has held
+    /// every change committed before then ever since.
+    confirmed_at: Option<Instant>,
+    /// When the last confirmation failed, and why.
+    failed: Option<(Instant, String)>,
 }
 
 enum Attempt {
@@ -107,7 +134,16 @@ fn forward_or_retry(me: NodeId, f: ForwardToLeader<C>) -> Attempt {
 
 impl MetaHandle {
     pub fn new(raft: MetaRaft, view: watch::Receiver<Arc<MetaView>>, peers: Arc<Peers>, me: NodeId) -> Self {
-        Self { raft, view, peers, me, liveness: Arc::default() }
+        Self {
+            raft,
+            view,
+            peers,
+            me,
+            liveness: Arc::default(),
+            freshness: Arc::default(),
+            confirming: Arc::default(),
+            trust_own_view: false,
+        }
     }
 
     /// The coordinator's record of consumer heartbeats.
@@ -373,6 +409,73 @@ impl MetaHandle {
                 "metadata not applied up to the leader's read index {index} within {timeout:?}: {e}"
             ))),
         }
+    }
+
+    /// The view to answer a client's question about the cluster with: this node's own, if it
+    /// was confirmed current within [`SERVE_STALE_MAX`] (confirmed again in the background, once
+    /// a second at most, while clients ask); else confirmed now (one confirmation at a time:
+    /// callers that waited on a failed one share its failure), or `UNAVAILABLE`, naming how
+    /// stale it is.
+    pub async fn serving_view(&self) -> Result<Arc<MetaView>, BrokerError> {
+        if self.trust_own_view {
+            return Ok(self.view());
+        }
+        let arrived = Instant::now();
+        let age = self.confirmed_age(arrived);
+        if age.is_some_and(|a| a < SERVE_STALE_MAX) {
+            if age.is_some_and(|a| a >= RECONFIRM_AFTER)
+                && let Ok(one) = self.confirming.clone().try_lock_owned()
+            {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let _one = one;
+                    let _ = me.confirm().await;
+                });
+            }
+            return Ok(self.view());
+        }
+        let _one = self.confirming.lock().await;
+        let now = Instant::now();
+        if self.confirmed_age(now).is_some_and(|a| a < SERVE_STALE_MAX) {
+            return Ok(self.view());
+        }
+        let failed = self.freshness.lock().expect("freshness lock").failed.clone();
+        if let Some((at, why)) = failed
+            && at >= arrived
+        {
+            return Err(self.stale(age, &why));
+        }
+        self.confirm().await.map(|()| self.view()).map_err(|why| self.stale(age, &why))
+    }
+
+    fn confirmed_age(&self, now: Instant) -> Option<Duration> {
+        let f = self.freshness.lock().expect("freshness lock");
+        f.confirmed_at.map(|t| now.saturating_duration_since(t))
+    }
+
+    /// One read-index confirmation, recorded in `freshness`.
+    async fn confirm(&self) -> Result<(), String> {
+        let asked = Instant::now();
+        let r = self.confirmed_view(CONFIRM_TIMEOUT).await;
+        let mut f = self.freshness.lock().expect("freshness lock");
+        match r {
+            Ok(_) => {
+                f.confirmed_at = Some(f.confirmed_at.map_or(asked, |t| t.max(asked)));
+                Ok(())
+            }
+            Err(e) => {
+                f.failed = Some((Instant::now(), e.to_string()));
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn stale(&self, age: Option<Duration>, why: &str) -> BrokerError {
+        let age = age.map_or_else(
+            || "has never been confirmed current".to_owned(),
+            |a| format!("has not been confirmed current for {:.1} s", a.as_secs_f64()),
+        );
+        BrokerError::Unavailable(format!("node {}'s metadata {age} ({why}); ask another node", self.me))
     }
 
     /// Removes `id` from the metadata group.

@@ -114,7 +114,7 @@ impl BrokerState {
     /// The cluster's members and the named topics (every topic when `topics` is empty); an
     /// unknown topic is an error.
     pub async fn cluster_metadata(&self, topics: &[String]) -> Result<ClusterMetadata, BrokerError> {
-        let view = self.meta.view();
+        let view = self.meta.serving_view().await?;
         for name in topics {
             if !view.state.topics.contains_key(name) {
                 return Err(BrokerError::UnknownTopic(name.clone()));

@@ -361,7 +361,7 @@ impl Admin for AdminService {
         &self,
         _: Request<pb::ListMovesRequest>,
     ) -> Result<Response<pb::ListMovesResponse>, Status> {
-        let view = self.state.meta.view();
+        let view = self.state.meta.serving_view().await?;
         let status = self.state.cluster_status().await;
         let mut moves = Vec::new();
         for t in view.state.topics.values() {

@@ -189,7 +189,7 @@ impl Broker for BrokerService {
         request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
         let caller = Caller::of(&request)?;
-        let view = self.state.meta.view();
+        let view = self.state.meta.serving_view().await?;
         let topics = view
             .state
             .topics
@@ -212,7 +212,10 @@ impl Broker for BrokerService {
         let req = request.into_inner();
         limits::validate_topic_name("name", &req.name)?;
         caller.check(Operation::Describe, ResourceType::Topic, &req.name)?;
-        let t = self.state.topic(&req.name)?;
+        // Placement as of a view confirmed current (a removed node's would send clients to
+        // replicas that moved away long ago).
+        let view = self.state.meta.serving_view().await?;
+        let t = view.state.topics.get(&req.name).cloned().ok_or(BrokerError::UnknownTopic(req.name))?;
         let status = self.state.cluster_status().await;
         Ok(Response::new(pb::DescribeTopicResponse { topic: Some(topic_metadata(&t, &status.partitions)) }))
     }
