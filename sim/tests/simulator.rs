@@ -1,6 +1,6 @@
-//! The simulator on short runs (debug builds are slow; `.ci/run` runs the long swarms with a
-//! release build): a seed passes and replays to the identical trace, and a planted bug is caught
-//! by the invariant that should catch it.
+//! The simulator on short runs (debug builds are slow; `.ci/run` runs the swarms, the
+//! regression seeds and the planted bugs with a release build): a seed passes and replays to the
+//! identical trace.
 
 use std::time::Duration;
 
@@ -44,33 +44,4 @@ fn a_seed_passes_and_replays_to_the_same_trace() {
     assert_eq!(first.trace.len(), second.trace.len());
     let other = eddy_sim::run::run(&options(4, 8, None)).expect("run");
     assert_ne!(first.trace_hash, other.trace_hash, "different seeds should explore different runs");
-}
-
-#[test]
-fn a_follower_serving_uncommitted_records_is_caught() {
-    // A consumer must read from a follower a record that never commits, which about two seeds in
-    // three do in 20 simulated seconds. The first seed that does ends the search, so a change of
-    // schedule moves the test to another seed instead of breaking it; five misses in a row would
-    // mean the checker lost its grip on the bug.
-    let mut tried = Vec::new();
-    for seed in 1..=5 {
-        let r = eddy_sim::run::run(&options(seed, 20, Some(Bug::FollowerReadsUncommitted))).expect("run");
-        let names: Vec<&str> = r.violations.iter().map(|v| v.invariant).collect();
-        if r.verdict == "fail" {
-            // A plain consumer sees the uncommitted record directly; a group member that read
-            // one commits an offset past events it never delivered.
-            assert!(
-                names.iter().all(|n| [
-                    "consumers-read-committed-in-order",
-                    "group-consumes-every-acked-event"
-                ]
-                .contains(n)),
-                "seed {seed} caught by: {names:?}"
-            );
-            assert!(r.command.contains("--inject-bug follower-reads-uncommitted"), "{}", r.command);
-            return;
-        }
-        tried.push(seed);
-    }
-    panic!("the planted bug follower-reads-uncommitted was caught by none of seeds {tried:?}");
 }
