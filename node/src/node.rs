@@ -412,8 +412,12 @@ pub async fn start(
     .await
     .context("start the metadata group")?;
     registry.insert(META_GROUP, Arc::new(raft.clone()));
+    #[cfg_attr(not(feature = "planted-bugs"), allow(unused_mut))]
     let mut meta = MetaHandle::new(raft.clone(), view, peers.clone(), me);
-    meta.trust_own_view = env.bugs.stale_metadata_served;
+    #[cfg(feature = "planted-bugs")]
+    {
+        meta.trust_own_view = env.bugs.stale_metadata_served;
+    }
     registry.set_forwarder(Arc::new(MetaForwardService { handle: meta.clone() }));
 
     let lowest = config.initial_members.iter().map(|m| m.id).min();

@@ -84,6 +84,7 @@ pub struct MetaHandle {
     /// Held by the one confirmation under way.
     confirming: Arc<tokio::sync::Mutex<()>>,
     /// The planted bug `stale-metadata-served`: [`Self::serving_view`] never confirms.
+    #[cfg(feature = "planted-bugs")]
     pub trust_own_view: bool,
 }
 
@@ -142,6 +143,7 @@ impl MetaHandle {
             liveness: Arc::default(),
             freshness: Arc::default(),
             confirming: Arc::default(),
+            #[cfg(feature = "planted-bugs")]
             trust_own_view: false,
         }
     }
@@ -417,6 +419,7 @@ impl MetaHandle {
     /// callers that waited on a failed one share its failure), or `UNAVAILABLE`, naming how
     /// stale it is.
     pub async fn serving_view(&self) -> Result<Arc<MetaView>, BrokerError> {
+        #[cfg(feature = "planted-bugs")]
         if self.trust_own_view {
             return Ok(self.view());
         }

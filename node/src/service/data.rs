@@ -119,6 +119,15 @@ impl BrokerState {
     pub async fn fetch(&self, req: Fetch) -> Result<Fetched, BrokerError> {
         let topic = self.topic(&req.topic)?;
         let h = self.replica(&topic, req.partition)?;
+        // A follower serves reads only while this node's metadata is confirmed current (within
+        // `SERVE_STALE_MAX`): a replica on a node the cluster removed, or one moved away while
+        // its node was down, holds a committed prefix that never grows again, and a consumer
+        // reading it would wait for good (simulator seed 107, the `linger` class). The client
+        // moves on to another replica. A leader serves regardless: reads must not need the
+        // metadata group.
+        if h.status().leader != Some(self.me) {
+            self.meta.serving_view().await?;
+        }
         let max_bytes = match req.max_bytes {
             0 => 1 << 20,
             b => b.min(self.limits.max_fetch_bytes),
