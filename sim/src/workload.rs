@@ -204,9 +204,31 @@ impl Ctx {
         }
     }
 
+    /// One attempt at a client of the workload's user whose only bootstrap broker is `addr`:
+    /// connecting asks that node alone for the cluster's metadata.
+    async fn try_connect_alone(&self, addr: &str) -> eddy_ops::error::Result<Client> {
+        let brokers = [addr.to_owned()];
+        match &self.security {
+            Some(s) => {
+                let token = Some(s.token_of(crate::cluster::WORKLOAD_USER));
+                self.try_connect_to(&brokers, token, Some(s.client_tls())).await
+            }
+            None => self.try_connect_to(&brokers, None, None).await,
+        }
+    }
+
     /// One attempt at a client with these credentials (connecting reads the cluster's metadata).
     async fn try_connect(
         &self,
+        token: Option<eddy_ops::Token>,
+        tls: Option<eddy_ops::TlsOptions>,
+    ) -> eddy_ops::error::Result<Client> {
+        self.try_connect_to(&self.brokers, token, tls).await
+    }
+
+    async fn try_connect_to(
+        &self,
+        brokers: &[String],
         token: Option<eddy_ops::Token>,
         tls: Option<eddy_ops::TlsOptions>,
     ) -> eddy_ops::error::Result<Client> {
@@ -220,9 +242,9 @@ impl Ctx {
         };
         if turmoil::sim_elapsed().is_none() {
             // A real-process run: the operating system's TCP.
-            return Client::connect(&self.brokers, config).await;
+            return Client::connect(brokers, config).await;
         }
-        Client::connect_with(&self.brokers, config, Arc::new(SimConnect { tls })).await
+        Client::connect_with(brokers, config, Arc::new(SimConnect { tls })).await
     }
 
     async fn wait_ready(&self) {
@@ -891,6 +913,8 @@ pub async fn verifier(ctx: Ctx) -> turmoil::Result {
         }
     }
     ctx.trace.push(now_ms(), "verifier", format!("audit done after {} ms", now_ms() - start));
+    metadata_current(&ctx, &md).await;
+    ctx.trace.push(now_ms(), "verifier", format!("metadata checked after {} ms", now_ms() - start));
     let mut audit = ctx.audit.lock().expect("audit lock");
     for ((t, p), replicas) in &audit.replicas {
         let starts: BTreeMap<u64, u64> =
@@ -902,6 +926,32 @@ pub async fn verifier(ctx: Ctx) -> turmoil::Result {
     audit.markers = markers;
     audit.done = true;
     Ok(())
+}
+
+/// How long after the audit every member has to serve metadata it confirmed current.
+const METADATA_CURRENT_BOUND: Duration = Duration::from_secs(30);
+
+/// Liveness of the metadata on every node: each member the cluster lists, asked alone, serves
+/// the cluster's metadata, which it does only once it confirmed its view current (a read index
+/// from the metadata group, applied). A node whose metadata lags for good fails here even when
+/// no write or read of the run needed it: one that refuses the Raft messages of a metadata
+/// leader it does not know yet (the planted bug `unlisted-node-refused`), or one cut off from
+/// the group.
+async fn metadata_current(ctx: &Ctx, md: &eddy_ops::client::ClusterMetadata) {
+    let deadline = now_ms() + METADATA_CURRENT_BOUND.as_millis() as u64;
+    for (id, n) in md.nodes.iter().filter(|(_, n)| n.state != "removed") {
+        loop {
+            let Err(last) = ctx.try_connect_alone(&n.client_addr).await else { break };
+            if now_ms() >= deadline {
+                ctx.audit.lock().expect("audit lock").liveness.push(format!(
+                    "n{id} did not serve metadata confirmed current within {METADATA_CURRENT_BOUND:?} \
+                     of the audit: {last}"
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 /// The consumer group's name in the simulation.

@@ -124,9 +124,20 @@ impl BrokerState {
         // its node was down, holds a committed prefix that never grows again, and a consumer
         // reading it would wait for good (simulator seed 107, the `linger` class). The client
         // moves on to another replica. A leader serves regardless: reads must not need the
-        // metadata group.
+        // metadata group. A follower the confirmed placement no longer lists (moved away, or
+        // on a node being removed) is about to stop, and its prefix never grows again: it
+        // refuses too, naming the replicas that do serve.
         if h.status().leader != Some(self.me) {
-            self.meta.serving_view().await?;
+            let view = self.meta.serving_view().await?;
+            let placed =
+                view.state.topics.get(&req.topic).and_then(|t| t.partitions.get(req.partition as usize));
+            if !placed.is_some_and(|p| p.holders().contains(&self.me)) {
+                return Err(BrokerError::NotReplica {
+                    what: format!("{}/{}", req.topic, req.partition),
+                    me: self.me,
+                    replicas: placed.map(|p| p.replicas.clone()).unwrap_or_default(),
+                });
+            }
         }
         let max_bytes = match req.max_bytes {
             0 => 1 << 20,
