@@ -131,7 +131,8 @@ impl BrokerState {
             let view = self.meta.serving_view().await?;
             let placed =
                 view.state.topics.get(&req.topic).and_then(|t| t.partitions.get(req.partition as usize));
-            if !placed.is_some_and(|p| p.holders().contains(&self.me)) {
+            // The same group: a topic deleted and created again under its name has new groups.
+            if !placed.is_some_and(|p| p.group_id == h.group() && p.holders().contains(&self.me)) {
                 return Err(BrokerError::NotReplica {
                     what: format!("{}/{}", req.topic, req.partition),
                     me: self.me,
