@@ -736,16 +736,12 @@ impl Nemesis {
         self.intervals.push((a.class, a.started_at, now));
     }
 
-    /// Whether a repair of a damaged replica is still to be decided on, or queued for the
-    /// operator.
-    pub fn repairs_pending(&self) -> bool {
-        self.active.iter().any(|a| matches!(a.undo, Undo::MoveDamaged { .. }))
-            || self
-                .admin
-                .lock()
-                .expect("admin queue lock")
-                .iter()
-                .any(|op| matches!(op, AdminOp::Repair { .. }))
+    /// Whether the operator still has work coming from the nemesis: a repair of a damaged
+    /// replica still to be decided on, a move back waiting for the move away to end, or an
+    /// operation queued.
+    pub fn admin_pending(&self) -> bool {
+        self.active.iter().any(|a| matches!(a.undo, Undo::MoveDamaged { .. } | Undo::MoveBack { .. }))
+            || !self.admin.lock().expect("admin queue lock").is_empty()
     }
 
     /// The metadata view of the running node that has applied the most.

@@ -464,7 +464,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
             // Only repairs the operator still waits to decide on (nothing is injected).
             nemesis.tick(now, &mut sim, &mut cluster, &trace);
         }
-        ctx.repairs_pending.store(nemesis.repairs_pending(), Ordering::SeqCst);
+        ctx.admin_pending.store(nemesis.admin_pending(), Ordering::SeqCst);
         if ctx.quiet_restart.load(Ordering::SeqCst) == workload::QUIET_RESTART_ASKED {
             cluster.restart(&mut sim, held_down);
             trace.push(now, "restart", format!("n{held_down} (the workload has stopped writing)"));

@@ -103,11 +103,12 @@ pub struct Ctx {
     /// [`QUIET_RESTART_DONE`] by the run loop, which owns the nodes.
     pub quiet_restart: Arc<AtomicU8>,
     pub audit: Arc<Mutex<Audit>>,
-    /// Set while a repair of a damaged replica is to be decided on or queued (kept by the run
-    /// loop, for the nemesis), and while the operator tries to start one: the audit waits for
-    /// either as for a move (see `settle`).
-    pub repairs_pending: Arc<AtomicBool>,
-    pub repair_running: Arc<AtomicBool>,
+    /// Set while the nemesis still owes the operator work (a repair of a damaged replica to
+    /// decide on, a move back waiting for the move away, an operation queued; kept by the run
+    /// loop), and while the operator carries one out: the audit waits for either as for a move
+    /// (see `settle`).
+    pub admin_pending: Arc<AtomicBool>,
+    pub admin_running: Arc<AtomicBool>,
     /// Node ids, for the audit.
     pub nodes: Vec<u64>,
     /// The cluster's CA and the workload's credentials; `None` for a plaintext cluster without
@@ -158,8 +159,8 @@ impl Ctx {
             producers_done: Arc::new(AtomicUsize::new(0)),
             quiet_restart: Arc::new(AtomicU8::new(0)),
             audit: Arc::new(Mutex::new(Audit::default())),
-            repairs_pending: Arc::new(AtomicBool::new(false)),
-            repair_running: Arc::new(AtomicBool::new(false)),
+            admin_pending: Arc::new(AtomicBool::new(false)),
+            admin_running: Arc::new(AtomicBool::new(false)),
             nodes,
             security,
         }
@@ -617,15 +618,13 @@ pub async fn operator(ctx: Ctx, queue: AdminQueue) -> turmoil::Result {
         let Some(op) = op else {
             // The nemesis may still ask for a repair of a damaged replica after the heal (its
             // node may have been down then).
-            if now_ms() >= chaos_end + 1_000 && !ctx.repairs_pending.load(Ordering::SeqCst) {
+            if now_ms() >= chaos_end + 1_000 && !ctx.admin_pending.load(Ordering::SeqCst) {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        if matches!(op, AdminOp::Repair { .. }) {
-            ctx.repair_running.store(true, Ordering::SeqCst);
-        }
+        ctx.admin_running.store(true, Ordering::SeqCst);
         let (what, r) = match &op {
             AdminOp::Move { topic, partition, replicas } => (
                 format!("move {topic}/{partition} to {replicas:?}"),
@@ -635,12 +634,12 @@ pub async fn operator(ctx: Ctx, queue: AdminQueue) -> turmoil::Result {
                 format!("decommission node {n}"),
                 client.set_node_state(*n, "decommissioning").await.map(|_| ()),
             ),
-            AdminOp::Repair { topic, partition, replicas } => {
-                let r = client.move_partition(topic, *partition, replicas.clone()).await;
-                ctx.repair_running.store(false, Ordering::SeqCst);
-                (format!("repair: move {topic}/{partition} to {replicas:?}"), r)
-            }
+            AdminOp::Repair { topic, partition, replicas } => (
+                format!("repair: move {topic}/{partition} to {replicas:?}"),
+                client.move_partition(topic, *partition, replicas.clone()).await,
+            ),
         };
+        ctx.admin_running.store(false, Ordering::SeqCst);
         let outcome = r.map_or_else(|e| format!("failed: {e}"), |()| "started".into());
         ctx.trace.push(now_ms(), "admin", format!("{what}: {outcome}"));
     }
@@ -648,26 +647,38 @@ pub async fn operator(ctx: Ctx, queue: AdminQueue) -> turmoil::Result {
 
 /// How long after the heal moves and decommissions may still run.
 const SETTLE_BOUND: Duration = Duration::from_secs(120);
+/// How long the placement must be seen holding still before the audit: longer than a node may
+/// answer from a view it confirmed earlier (`SERVE_STALE_MAX`), so a move started just before
+/// shows in some answer within it.
+const SETTLE_QUIET: Duration =
+    eddy_node::meta::handle::SERVE_STALE_MAX.saturating_add(Duration::from_secs(1));
 
-/// Waits until no partition is moving and no node is being decommissioned, so that the audit
-/// reads a placement that holds still; a liveness violation if that takes over
-/// [`SETTLE_BOUND`].
+/// Waits until no partition is moving, no node is being decommissioned and the nemesis owes
+/// the operator nothing, seen so for [`SETTLE_QUIET`] on end, so that the audit reads a
+/// placement that holds still; a liveness violation if that takes over [`SETTLE_BOUND`]. (A
+/// move back queued after a `ListMoves` answered from a view without it let the audit read a
+/// replica the move then took away: simulator seed 212.)
 async fn settle(ctx: &Ctx, client: &Client) {
     let deadline = now_ms() + SETTLE_BOUND.as_millis() as u64;
+    let mut quiet_since = None;
     loop {
-        let moving =
-            if ctx.repairs_pending.load(Ordering::SeqCst) || ctx.repair_running.load(Ordering::SeqCst) {
-                // A repair not started yet counts as a move under way.
-                Ok(1)
-            } else {
-                client.list_moves().await.map(|m| m.moves.len())
-            };
+        let moving = if ctx.admin_pending.load(Ordering::SeqCst) || ctx.admin_running.load(Ordering::SeqCst) {
+            // An operation not started yet counts as a move under way.
+            Ok(1)
+        } else {
+            client.list_moves().await.map(|m| m.moves.len())
+        };
         let leaving = client
             .list_nodes()
             .await
             .map(|l| l.nodes.iter().filter(|n| n.state == "decommissioning").count());
         if let (Ok(0), Ok(0)) = (&moving, &leaving) {
-            return;
+            let since = *quiet_since.get_or_insert(now_ms());
+            if now_ms() >= since + SETTLE_QUIET.as_millis() as u64 {
+                return;
+            }
+        } else {
+            quiet_since = None;
         }
         if now_ms() >= deadline {
             let list = client
