@@ -551,7 +551,7 @@ impl Nemesis {
             // Not reported: the node is still starting, or a move took the replica away, or the
             // damage went unnoticed.
             return refs.replicas.all().iter().any(|g| g.group() == group)
-                || refs.meta.view().partition_of(group).is_none_or(|(_, _, p)| !p.holders().contains(&node));
+                || refs.meta.view().partition_of(group).is_none_or(|(_, _, p)| !p.is_holder(node));
         }
         let queued = self
             .admin
@@ -561,7 +561,7 @@ impl Nemesis {
             .any(|op| matches!(op, AdminOp::Repair { .. }));
         let Some(view) = Self::latest_view(cluster) else { return false };
         let Some((topic, partition, record)) = view.partition_of(group) else { return true };
-        if !record.holders().contains(&node) {
+        if !record.is_holder(node) {
             // Moved away; the node deletes the data once its own view says so.
             return true;
         }

@@ -41,6 +41,7 @@ fn a_seed_passes_and_replays_to_the_same_trace() {
     let second = eddy_sim::run::run(&opts).expect("run");
     assert_eq!(first.trace_hash, second.trace_hash, "the same seed must give the same trace");
     assert_eq!(first.trace.len(), second.trace.len());
-    let other = eddy_sim::run::run(&options(4, 8)).expect("run");
+    // Shorter: it only has to differ.
+    let other = eddy_sim::run::run(&options(4, 4)).expect("run");
     assert_ne!(first.trace_hash, other.trace_hash, "different seeds should explore different runs");
 }

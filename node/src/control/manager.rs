@@ -213,7 +213,7 @@ impl PartitionManager {
     ) -> bool {
         let mut failed = false;
         let placed_here =
-            |group: GroupId| view.partition_of(group).is_some_and(|(_, _, p)| p.holders().contains(&self.me));
+            |group: GroupId| view.partition_of(group).is_some_and(|(_, _, p)| p.is_holder(self.me));
         // Replicas this node no longer holds: their topic is gone, or a move took them away.
         for g in self.replicas.all() {
             if !placed_here(g.group()) {
@@ -246,7 +246,7 @@ impl PartitionManager {
                             if damaged_gone.contains(&group) {
                                 p.replicas.contains(&self.me)
                             } else {
-                                p.holders().contains(&self.me)
+                                p.is_holder(self.me)
                             }
                         };
                         if confirmed.partition_of(group).is_some_and(|(_, _, p)| still(p)) {
@@ -272,7 +272,7 @@ impl PartitionManager {
                 if cancel.is_cancelled() {
                     return failed;
                 }
-                if !p.holders().contains(&self.me) {
+                if !p.is_holder(self.me) {
                     continue;
                 }
                 if let Some(g) = self.replicas.get(p.group_id) {

@@ -106,6 +106,12 @@ impl PartitionRecord {
     pub fn holders(&self) -> BTreeSet<NodeId> {
         self.replicas.iter().chain(self.target.iter().flatten()).copied().collect()
     }
+
+    /// Whether `node` is among [`Self::holders`] (without building the set: this runs on every
+    /// follower fetch).
+    pub fn is_holder(&self, node: NodeId) -> bool {
+        self.replicas.contains(&node) || self.target.as_ref().is_some_and(|t| t.contains(&node))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -811,6 +817,27 @@ mod tests {
             }
         }
         c
+    }
+
+    #[test]
+    fn is_holder_agrees_with_holders() {
+        let record = |replicas: Vec<NodeId>, target: Option<Vec<NodeId>>| PartitionRecord {
+            group_id: 1,
+            replicas,
+            initial_replicas: Vec::new(),
+            target,
+        };
+        for p in [
+            record(vec![1, 2, 3], None),
+            record(vec![1, 2, 3], Some(vec![2, 3, 4])),
+            record(vec![1, 2, 3, 4], Some(vec![4, 5, 6])),
+        ] {
+            for n in 0..=7 {
+                assert_eq!(p.is_holder(n), p.holders().contains(&n), "node {n} of {p:?}");
+            }
+        }
+        assert!(record(vec![1, 2, 3], Some(vec![2, 3, 4])).is_holder(4), "a move's new replica holds");
+        assert!(!record(vec![1, 2, 3], None).is_holder(4));
     }
 
     #[test]

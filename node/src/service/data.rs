@@ -132,7 +132,7 @@ impl BrokerState {
             let placed =
                 view.state.topics.get(&req.topic).and_then(|t| t.partitions.get(req.partition as usize));
             // The same group: a topic deleted and created again under its name has new groups.
-            if !placed.is_some_and(|p| p.group_id == h.group() && p.holders().contains(&self.me)) {
+            if !placed.is_some_and(|p| p.group_id == h.group() && p.is_holder(self.me)) {
                 return Err(BrokerError::NotReplica {
                     what: format!("{}/{}", req.topic, req.partition),
                     me: self.me,
