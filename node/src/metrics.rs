@@ -44,6 +44,10 @@ pub struct NodeMetrics {
     /// Raft entries proposed for produce requests; fewer than the requests when queued requests
     /// are coalesced.
     pub produce_entries: Counter,
+    /// Produce batches those entries carried (a batch proposed again after it overtook an
+    /// earlier one counts again, as its entry does): more than the entries when batches were
+    /// coalesced.
+    pub produce_entry_batches: Counter,
     pub produce_latency: Histogram,
     pub fetch_requests: Family<ResultLabel, Counter>,
     pub fetch_records: Counter,
@@ -73,6 +77,7 @@ impl Default for NodeMetrics {
             produce_requests: Family::default(),
             produce_records: Counter::default(),
             produce_entries: Counter::default(),
+            produce_entry_batches: Counter::default(),
             produce_latency: latency_histogram(),
             fetch_requests: Family::default(),
             fetch_records: Counter::default(),
@@ -155,6 +160,11 @@ impl NodeMetrics {
             "eddy_produce_entries",
             "Raft entries proposed for produce requests (requests queued behind a busy partition share one)",
             self.produce_entries.clone(),
+        );
+        reg.register(
+            "eddy_produce_entry_batches",
+            "Produce batches carried by those entries (more than the entries when batches were coalesced)",
+            self.produce_entry_batches.clone(),
         );
         reg.register_with_unit(
             "eddy_produce_latency",

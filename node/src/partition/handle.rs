@@ -478,6 +478,12 @@ impl PartitionHandle {
     /// Proposes a produce command and waits (up to `timeout`) for its reply.
     async fn propose(&self, command: &PartitionCommand, timeout: Duration) -> Result<PartitionReply> {
         self.inner.metrics.produce_entries.inc();
+        let batches = match command {
+            PartitionCommand::Produce(_) => 1,
+            PartitionCommand::ProduceBatches(bs) => bs.len() as u64,
+            PartitionCommand::AdvanceLogStart { .. } => 0,
+        };
+        self.inner.metrics.produce_entry_batches.inc_by(batches);
         let write = self.write(Payload(command.encode()));
         let resp = match tokio::time::timeout(timeout, write).await {
             Err(_) => return Err(self.timed_out(timeout)),
