@@ -115,6 +115,9 @@ pub struct PlantedBugs {
     /// own view however long ago it was confirmed current: a removed node that still runs sends
     /// clients to replicas that moved away.
     pub stale_metadata_served: bool,
+    /// The state store's checksums are not checked: a byte the disk corrupted in a partition's
+    /// stored state (an offset-index entry, the partition's scalar state) is read back as state.
+    pub state_corrupt_served: bool,
 }
 
 /// Any byte stream a server can accept connections on.

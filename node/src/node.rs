@@ -16,6 +16,8 @@ use eddy_raft::NodeAddr;
 use eddy_raft::NodeId;
 use eddy_raft::Runtime;
 use eddy_raft::kv::KvBatch;
+use eddy_raft::kv::StateStore;
+use eddy_raft::kv::checked::CheckedStore;
 use eddy_raft::liveness::Liveness;
 use eddy_raft::log::LogStore;
 use eddy_raft::network::GroupNetwork;
@@ -308,6 +310,17 @@ async fn join_cluster(
     }
 }
 
+/// The node's state store, every value checksummed and checked when read
+/// ([`CheckedStore`]): a corrupt partition state makes its replica damaged (see
+/// `control/manager.rs`), a corrupt metadata or identity tree stops the start, naming it.
+fn checked_store(env: &NodeEnv) -> Arc<dyn StateStore> {
+    #[cfg(feature = "planted-bugs")]
+    if env.bugs.state_corrupt_served {
+        return Arc::new(CheckedStore::unchecked(env.state_store.clone()));
+    }
+    Arc::new(CheckedStore::new(env.state_store.clone()))
+}
+
 /// Checks that `data_dir` belongs to this node id, recording the id on first start.
 async fn check_identity(env: &NodeEnv, me: NodeId) -> anyhow::Result<()> {
     let tree = env.state_store.tree("node").context("open the node identity")?;
@@ -375,6 +388,7 @@ pub async fn start(
         }
         None => None,
     };
+    env.state_store = checked_store(&env);
     check_identity(&env, me).await?;
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();

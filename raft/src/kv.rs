@@ -6,6 +6,11 @@
 //! and batches become visible in order, but a batch is durable only once a later
 //! [`StateStore::flush`] has completed. State machines therefore write their last-applied log id
 //! in the same batch as the state it describes, and recover by replaying the Raft log after it.
+//!
+//! The node opens its store through [`checked::CheckedStore`]: every value carries a checksum,
+//! checked on every read and when a tree is opened.
+
+pub mod checked;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -367,6 +372,12 @@ mod tests {
     fn sled_store_behaves() -> io::Result<()> {
         let dir = tempfile::tempdir()?;
         check(&SledStateStore::open(dir.path())?)
+    }
+
+    #[test]
+    fn checked_sled_store_behaves() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        check(&checked::CheckedStore::new(Arc::new(SledStateStore::open(dir.path())?)))
     }
 
     #[test]

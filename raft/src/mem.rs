@@ -440,6 +440,42 @@ impl MemStateStore {
         st.pending.clear();
     }
 
+    /// Flips a byte of the value stored under `key` in tree `name` (`value[offset] ^= xor`),
+    /// as read now and as made durable: damage on the disk below the store. False when there is
+    /// no such byte.
+    pub fn corrupt(&self, name: &str, key: &[u8], offset: usize, xor: u8) -> bool {
+        let mut st = self.lock();
+        let mut hit = false;
+        let StoreState { current, durable, .. } = &mut *st;
+        for trees in [current, durable] {
+            if let Some(b) = trees.get_mut(name).and_then(|t| t.get_mut(key)).and_then(|v| v.get_mut(offset))
+            {
+                *b ^= xor;
+                hit = true;
+            }
+        }
+        hit
+    }
+
+    /// The durable entries of tree `name` whose values read the same now (no write since the
+    /// last flush changed them), in key order.
+    pub fn durable_entries(&self, name: &str) -> Vec<KvPair> {
+        let st = self.lock();
+        let Some(durable) = st.durable.get(name) else { return Vec::new() };
+        let current = st.current.get(name);
+        durable
+            .iter()
+            .filter(|(k, v)| current.and_then(|c| c.get(*k)) == Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Keeps only the first `n` batches applied since the last flush, as a crash that lost
+    /// the rest would (call [`Self::crash`] after a flush to see the store that crash leaves).
+    pub fn keep_pending(&self, n: usize) {
+        self.lock().pending.truncate(n);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, StoreState> {
         self.state.lock().expect("MemStateStore lock poisoned")
     }

@@ -347,15 +347,13 @@ impl Nemesis {
                 desc = format!("n{n}'s disk fails every sync");
                 Undo::SyncAgain(n)
             }
-            FaultClass::DiskCorrupt => {
-                let (n, group, path, at) = self.corrupt_some_log(cluster)?;
-                // The node's process restarts, so that its recovery meets the damage.
+            FaultClass::DiskCorrupt | FaultClass::StateCorrupt => {
+                let (n, group, what) = self.corrupt_some_replica(cluster, class)?;
+                // The node's process restarts, so that its recovery (or its state's check when
+                // the replica opens) meets the damage.
                 cluster.crash(sim, n, None, false);
                 cluster.restart(sim, n);
-                desc = format!(
-                    "n{n}: byte {at} of {} flipped (group {group}), and its process restarts",
-                    path.display()
-                );
+                desc = format!("n{n}: {what} (group {group}), and its process restarts");
                 Undo::MoveDamaged { node: n, group, tries: 0, asked_at: None }
             }
             FaultClass::MoveBack => {
@@ -425,15 +423,17 @@ impl Nemesis {
         Some(undo)
     }
 
-    /// Flips a byte of a frame inside a partition log on a running node: a frame with an intact
-    /// frame after it in the durable contents of its segment, so that no recovery can take the
-    /// damage for a torn write. At most one such damage at a time, and only while no other node
-    /// is down, so that every group keeps a quorum of healthy replicas to repair from. Returns
-    /// the node, the group, the file and the byte.
-    fn corrupt_some_log(
+    /// Flips a byte of a partition replica's durable data on a running node: for `disk-corrupt`,
+    /// a byte of a frame in its log with an intact frame after it, so that no recovery can take
+    /// the damage for a torn write; for `state-corrupt`, a byte of a value in its state-store
+    /// tree. At most one such damage at a time (of either class), and only while no other node
+    /// is down, so that every group keeps a quorum of healthy replicas to repair from. Drawn
+    /// from the class's own stream. Returns the node, the group and what was flipped.
+    fn corrupt_some_replica(
         &mut self,
         cluster: &Cluster,
-    ) -> Option<(NodeId, eddy_raft::GroupId, std::path::PathBuf, usize)> {
+        class: FaultClass,
+    ) -> Option<(NodeId, eddy_raft::GroupId, String)> {
         use eddy_raft::log::frame;
         use eddy_raft::vfs::Vfs;
         if !cluster.down().is_empty()
@@ -445,7 +445,7 @@ impl Nemesis {
         {
             return None;
         }
-        let mut rng = self.own.remove(&FaultClass::DiskCorrupt).expect("disk-corrupt has its own stream");
+        let mut rng = self.own.remove(&class).expect("the corrupting classes have their own streams");
         let picked = (|| {
             let up: Vec<NodeId> =
                 Self::nodes_up(cluster).into_iter().filter(|n| cluster.refs(*n).is_some()).collect();
@@ -463,7 +463,24 @@ impl Nemesis {
                 .filter(|g| view.partition_of(*g).is_some_and(|(_, _, p)| p.target.is_none()))
                 .collect();
             let group = *groups.get(rng.random_range(0..groups.len().max(1)))?;
-            let disk = &cluster.nodes[&n].disk;
+            let slot = &cluster.nodes[&n];
+            if class == FaultClass::StateCorrupt {
+                // Any byte of any value the tree holds durably (and reads the same now), the
+                // tree's format record included.
+                let tree = format!("g{group}");
+                let entries = slot.store.durable_entries(&tree);
+                let (key, value) = entries.get(rng.random_range(0..entries.len().max(1)))?;
+                let at = rng.random_range(0..value.len().max(1));
+                let xor = rng.random_range(1..=255u8);
+                return slot.store.corrupt(&tree, key, at, xor).then(|| {
+                    (
+                        n,
+                        group,
+                        format!("byte {at} of the value of key {key:02x?} in state tree {tree} flipped"),
+                    )
+                });
+            }
+            let disk = &slot.disk;
             let dir = std::path::PathBuf::from(format!("/data/n{n}/groups/{group}"));
             let mut names = disk.list_dir(&dir).ok()?;
             names.sort();
@@ -486,9 +503,10 @@ impl Nemesis {
             let (path, start, len) = candidates.get(rng.random_range(0..candidates.len().max(1)))?.clone();
             let at = start + rng.random_range(0..len);
             let xor = rng.random_range(1..=255u8);
-            disk.corrupt(&path, at, xor).then_some((n, group, path, at))
+            disk.corrupt(&path, at, xor)
+                .then(|| (n, group, format!("byte {at} of {} flipped", path.display())))
         })();
-        self.own.insert(FaultClass::DiskCorrupt, rng);
+        self.own.insert(class, rng);
         picked
     }
 

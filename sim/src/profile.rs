@@ -69,10 +69,17 @@ pub enum FaultClass {
     /// and 92). It must not serve that stale view as current, nor disturb the cluster it left.
     /// Only with `decommission`; it injects nothing on its own.
     Linger,
+    /// A byte of a value in a partition replica's state store (its offset or time index, its
+    /// scalar state, its producers, its snapshot, or the tree's format record) is flipped on
+    /// the durable store, and the node's process restarts. The replica's open must refuse the
+    /// state (a checksum names the tree and key; nothing corrupt is ever read back as state),
+    /// the node must report the replica damaged and serve its others, and the operator's move
+    /// must refill it from the healthy replicas, losing nothing, as for `disk-corrupt`.
+    StateCorrupt,
 }
 
 impl FaultClass {
-    pub const ALL: [FaultClass; 18] = [
+    pub const ALL: [FaultClass; 19] = [
         FaultClass::Partition,
         FaultClass::OneWay,
         FaultClass::IsolateLeader,
@@ -91,12 +98,13 @@ impl FaultClass {
         FaultClass::MoveBack,
         FaultClass::ClockJump,
         FaultClass::Linger,
+        FaultClass::StateCorrupt,
     ];
 
     /// Classes added after the first nine: a seed draws them from a stream of its own, so the
     /// first nine keep the profile they had for every seed (and `sim/REGRESSIONS.md` keeps
     /// meaning what it says).
-    const LATER: [FaultClass; 9] = [
+    const LATER: [FaultClass; 10] = [
         FaultClass::DiskFull,
         FaultClass::Move,
         FaultClass::Join,
@@ -106,12 +114,18 @@ impl FaultClass {
         FaultClass::MoveBack,
         FaultClass::ClockJump,
         FaultClass::Linger,
+        FaultClass::StateCorrupt,
     ];
 
     /// Classes whose injections draw from a random stream of their own in the nemesis, so that
     /// turning one on leaves the times and choices of every other class's faults as they were.
-    pub const OWN_STREAM: [FaultClass; 4] =
-        [FaultClass::DiskCorrupt, FaultClass::MoveBack, FaultClass::ClockJump, FaultClass::Linger];
+    pub const OWN_STREAM: [FaultClass; 5] = [
+        FaultClass::DiskCorrupt,
+        FaultClass::MoveBack,
+        FaultClass::ClockJump,
+        FaultClass::Linger,
+        FaultClass::StateCorrupt,
+    ];
 
     /// Classes that change how another class's faults end rather than inject faults of their
     /// own on a schedule.
@@ -137,6 +151,7 @@ impl FaultClass {
             FaultClass::MoveBack => "move-back",
             FaultClass::ClockJump => "clock-jump",
             FaultClass::Linger => "linger",
+            FaultClass::StateCorrupt => "state-corrupt",
         }
     }
 }

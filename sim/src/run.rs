@@ -78,6 +78,9 @@ pub enum Bug {
     /// a removed node that still runs (the `linger` class) sends the audit to replicas that
     /// moved away (the jepsen runner's rounds 16, 23, 54 and 92).
     StaleMetadataServed,
+    /// The state store's checksums are not checked, so a byte the disk corrupted in a
+    /// partition's stored state is read back as state (found by the `state-corrupt` class).
+    StateCorruptServed,
 }
 
 impl Bug {
@@ -95,6 +98,7 @@ impl Bug {
             Bug::DecommissionForgetsMoving => "decommission-forgets-moving",
             Bug::JoinGivesUp => "join-gives-up",
             Bug::StaleMetadataServed => "stale-metadata-served",
+            Bug::StateCorruptServed => "state-corrupt-served",
         }
     }
 }
@@ -346,6 +350,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         stale_metadata_served: opts.bug == Some(Bug::StaleMetadataServed),
         decommission_forgets_moving: opts.bug == Some(Bug::DecommissionForgetsMoving),
         join_gives_up: opts.bug == Some(Bug::JoinGivesUp),
+        state_corrupt_served: opts.bug == Some(Bug::StateCorruptServed),
     };
     let mut cluster = Cluster::new(opts.nodes, opts.seed, bugs, opts.bug == Some(Bug::AckBeforeFsync));
     cluster.register(&mut sim);
@@ -381,6 +386,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
     let operates = profile.classes.contains_key(&FaultClass::Move)
         || profile.classes.contains_key(&FaultClass::Decommission)
         || profile.classes.contains_key(&FaultClass::DiskCorrupt)
+        || profile.classes.contains_key(&FaultClass::StateCorrupt)
         || profile.classes.contains_key(&FaultClass::MoveBack);
     if operates {
         clients.push("operator".into());
