@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A long simulator swarm for nightly use, not CI: seeds FROM..TO in chunks, each chunk a
 # `eddy-sim swarm --output json`, with a summary file that grows as chunks finish (so a run
-# stopped early still says what it found) and the replay command of every failing seed.
+# stopped early still says what it found) and the replay command of every failing seed; it
+# first replays every regression seed of sim/REGRESSIONS.md (the nightly ones too).
 #
 # Usage: bench/long_swarm.sh [--from 1] [--to 10000] [--chunk 200] [--duration 30s]
 #                            [--hours H] [--out DIR] [-- EXTRA eddy-sim ARGS...]
@@ -12,7 +13,7 @@
 # seed passed. Seeds per hour and the fault classes exercised are in the summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-from=1 to=10000 chunk=200 duration=30s hours=0 out=target/long-swarm
+from=1 to=10000 chunk=200 duration=30s hours=0 out=target/long-swarm regressions_failed=0
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -37,6 +38,13 @@ start=$(date +%s)
   echo "long swarm: seeds $from..$to, chunks of $chunk, $duration each, extra args: ${extra[*]:-none}"
   echo "started $(date -u +%FT%TZ) on $(nproc) CPUs at commit $(git rev-parse --short HEAD)"
 } > "$summary"
+# Every regression seed first, the nightly ones included (sim/REGRESSIONS.md).
+if sim/regressions.sh "$sim" --all > "$out/regressions.txt" 2>&1; then
+  echo "regression seeds (all, sim/REGRESSIONS.md): pass" >> "$summary"
+else
+  echo "regression seeds (all, sim/REGRESSIONS.md): FAILED, see $out/regressions.txt" >> "$summary"
+  regressions_failed=1
+fi
 done_seeds=0 failed=0 acked=0
 a=$from
 while [ "$a" -le "$to" ]; do
@@ -57,4 +65,4 @@ while [ "$a" -le "$to" ]; do
   fi
 done
 echo "finished $(date -u +%FT%TZ): $done_seeds seeds, $failed failed; replay commands in $failures" >> "$summary"
-[ "$failed" -eq 0 ]
+[ "$failed" -eq 0 ] && [ "$regressions_failed" -eq 0 ]
