@@ -105,7 +105,7 @@ async fn damaged_state_is_refused_and_named() -> anyhow::Result<()> {
     until("a write", async || c.produce(produce.clone()).await.ok()).await?;
     let group = handle.meta.view().state.topics["t"].partitions[0].group_id;
     // The partition persists its state at an apply a second or more after its last persist.
-    let tree = format!("g{group}");
+    let tree = eddy_node::partition::sm::tree_name(group);
     until("the partition's state persisted", async || {
         c.produce(produce.clone()).await.ok()?;
         node.store.flush().await.ok()?;

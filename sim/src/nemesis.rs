@@ -467,7 +467,7 @@ impl Nemesis {
             if class == FaultClass::StateCorrupt {
                 // Any byte of any value the tree holds durably (and reads the same now), the
                 // tree's format record included.
-                let tree = format!("g{group}");
+                let tree = eddy_node::partition::sm::tree_name(group);
                 let entries = slot.store.durable_entries(&tree);
                 let (key, value) = entries.get(rng.random_range(0..entries.len().max(1)))?;
                 let at = rng.random_range(0..value.len().max(1));
