@@ -111,6 +111,9 @@ pub struct PlantedBugs {
     /// Time-based retention reads the wall clock as it is, so a clock that jumps forward purges
     /// events younger than `retention.ms` (see [`SteadyClock`]).
     pub retention_trusts_wall_clock: bool,
+    /// Time-based retention reads this node's [`SteadyClock`] alone, without checking it
+    /// against its peers' clocks: a process started on a clock already ahead purges.
+    pub retention_ignores_peers: bool,
     /// A node answers clients' questions about the cluster (placement, topics, moves) from its
     /// own view however long ago it was confirmed current: a removed node that still runs sends
     /// clients to replicas that moved away.

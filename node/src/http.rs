@@ -207,6 +207,15 @@ pub fn render(s: &BrokerState) -> String {
         sent,
     );
     reg.register("eddy_liveness_peer_up", "1 while the peer answers liveness probes", up);
+    let offsets = Family::<Labels, Gauge>::default();
+    for (peer, ms) in &live.clock_offsets {
+        offsets.get_or_create(&vec![("peer".to_string(), peer.to_string())]).set(*ms);
+    }
+    reg.register(
+        "eddy_clock_offset_ms",
+        "How far each peer's clock is ahead of this node's (negative: behind), as its last probe answer measured it",
+        offsets,
+    );
     let elections = Counter::<u64>::default();
     elections.inc_by(live.elections);
     reg.register(

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::partition::retention::RetentionClock;
 use anyhow::Context;
 use anyhow::bail;
 use eddy_proto::v1::admin_client::AdminClient;
@@ -398,7 +399,13 @@ pub async fn start(
     // A new incarnation on every start: the seed differs per process, and the clock per start
     // in the simulator (where a restarted node keeps its seed).
     let incarnation = env.seed ^ (env.clock.now_ms() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let liveness = Liveness::new(me, incarnation);
+    // The clock time-based retention reads, and the one the liveness probes carry to compare
+    // this node's clock with its peers'.
+    let steady = Arc::new(crate::env::SteadyClock::new(env.clock.clone()));
+    let liveness = Liveness::new(me, incarnation, {
+        let steady = steady.clone();
+        Arc::new(move || crate::env::Clock::now_ms(&*steady))
+    });
 
     let metrics = Arc::new(NodeMetrics::default());
     let storage = crate::disk::StorageFailure::default();
@@ -680,12 +687,15 @@ pub async fn start(
         }
     });
 
+    let retention_clock = Arc::new(RetentionClock::Cluster { steady, liveness: liveness.clone() });
     #[cfg(feature = "planted-bugs")]
-    let steady = !env.bugs.retention_trusts_wall_clock;
-    #[cfg(not(feature = "planted-bugs"))]
-    let steady = true;
-    let retention_clock: Arc<dyn crate::env::Clock> =
-        if steady { Arc::new(crate::env::SteadyClock::new(env.clock.clone())) } else { env.clock.clone() };
+    let retention_clock = if env.bugs.retention_trusts_wall_clock {
+        Arc::new(RetentionClock::Wall(env.clock.clone()))
+    } else if env.bugs.retention_ignores_peers {
+        Arc::new(RetentionClock::Wall(Arc::new(crate::env::SteadyClock::new(env.clock.clone()))))
+    } else {
+        retention_clock
+    };
     let manager = PartitionManager {
         me,
         retention_clock,

@@ -234,7 +234,12 @@ mod tests {
     async fn server(stop: CancellationToken) -> (String, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
-        let service = RaftService::new(Arc::new(Registry::default()), Liveness::new(2, 1), 7, stop.clone());
+        let service = RaftService::new(
+            Arc::new(Registry::default()),
+            Liveness::new(2, 1, Arc::new(|| 0)),
+            7,
+            stop.clone(),
+        );
         let task = tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(service.into_server())

@@ -129,6 +129,13 @@ const PROBE_BYTES_MAX: usize = 256;
 /// Probe rounds remembered, to know when an answered probe was sent. An answer to an older
 /// probe says nothing about the last [`DOWN_AFTER`] and is ignored.
 const ROUNDS_KEPT: usize = (DOWN_AFTER.as_millis() / HEARTBEAT_INTERVAL.as_millis()) as usize;
+/// A node whose clock is further than this from the cluster's (see
+/// [`Liveness::cluster_clock_offset`]) says so in its log: CockroachDB's default maximum offset.
+pub const CLOCK_OFFSET_WARN_MS: i64 = 500;
+
+/// The wall clock a node's probes carry, in milliseconds since the Unix epoch: the one its
+/// time-based retention reads.
+pub type WallClock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
 /// What this node currently believes about its peers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -170,6 +177,9 @@ struct PeerState {
     /// own stall).
     last_ok: Instant,
     incarnation: Option<u64>,
+    /// How far the peer's clock is ahead of this node's, in milliseconds, as measured by its
+    /// last answer; forgotten when it is judged down.
+    clock_offset: Option<i64>,
     /// A wake-up call to this peer is under way.
     waking: bool,
     sent: u64,
@@ -189,6 +199,8 @@ struct Inner {
     /// This node's damaged replicas: the wake that says so, and the nodes to tell (see
     /// [`Liveness::report_damaged`]).
     own_damaged: BTreeMap<GroupId, (Wake, BTreeSet<NodeId>)>,
+    /// This node's clock was last seen further than [`CLOCK_OFFSET_WARN_MS`] from the cluster's.
+    clock_off: bool,
 }
 
 /// Counters for `/metrics`.
@@ -199,12 +211,15 @@ pub struct LivenessStats {
     /// Campaigns started by [`GroupWatch`] since start.
     pub elections: u64,
     pub down: BTreeSet<NodeId>,
+    /// How far each peer's clock is ahead of this node's, in milliseconds (last measured).
+    pub clock_offsets: BTreeMap<NodeId, i64>,
 }
 
 /// The node's liveness tracker. See the module documentation.
 pub struct Liveness {
     me: NodeId,
     incarnation: u64,
+    wall: WallClock,
     inner: Mutex<Inner>,
     view: watch::Sender<LivenessView>,
     elections: AtomicU64,
@@ -221,11 +236,13 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    /// `incarnation` must differ on every start of this node.
-    pub fn new(me: NodeId, incarnation: u64) -> Arc<Self> {
+    /// `incarnation` must differ on every start of this node; `wall` is the clock its probes
+    /// carry.
+    pub fn new(me: NodeId, incarnation: u64, wall: WallClock) -> Arc<Self> {
         Arc::new(Self {
             me,
             incarnation,
+            wall,
             inner: Mutex::new(Inner {
                 peers: BTreeMap::new(),
                 wake: BTreeMap::new(),
@@ -234,6 +251,7 @@ impl Liveness {
                 pulse_seen: (0, Instant::now()),
                 wedged: false,
                 own_damaged: BTreeMap::new(),
+                clock_off: false,
             }),
             view: watch::Sender::new(LivenessView::default()),
             elections: AtomicU64::new(0),
@@ -330,6 +348,7 @@ impl Liveness {
                 resolved: None,
                 last_ok: now,
                 incarnation: None,
+                clock_offset: None,
                 waking: false,
                 sent: 0,
             });
@@ -427,7 +446,44 @@ impl Liveness {
             heartbeats_sent: inner.peers.iter().map(|(id, p)| (*id, p.sent)).collect(),
             elections: self.elections.load(Ordering::Relaxed),
             down: inner.view.down.clone(),
+            clock_offsets: inner.peers.iter().filter_map(|(id, p)| Some((*id, p.clock_offset?))).collect(),
         }
+    }
+
+    /// How far this node's clock is behind the cluster's, in milliseconds (negative: ahead), or
+    /// `None` when fewer than a majority of `members` (this node among them, if it is one) have
+    /// a reading: this node's own (offset zero) and those of the peers judged up.
+    ///
+    /// The cluster's clock is the lower median of those readings. While fewer than half the
+    /// readings come from clocks that run ahead, it is no later than some clock that does not:
+    /// a node whose clock was already wrong when it started (a machine booted before NTP synced)
+    /// cannot take its reading for the cluster's. Time-based retention reads it (in the node),
+    /// as CockroachDB's nodes check their clocks against their peers' over its heartbeats.
+    pub fn cluster_clock_offset(&self, members: &BTreeSet<NodeId>) -> Option<i64> {
+        self.clock_offset_among(&self.lock(), members.iter().copied()).map(|(offset, _)| offset)
+    }
+
+    /// The lower median of the clock readings of `members` (see
+    /// [`Liveness::cluster_clock_offset`]) and how many there are, if they are a majority.
+    fn clock_offset_among(
+        &self,
+        inner: &Inner,
+        members: impl Iterator<Item = NodeId>,
+    ) -> Option<(i64, usize)> {
+        let mut n = 0;
+        let mut readings: Vec<i64> = members
+            .inspect(|_| n += 1)
+            .filter_map(|id| match inner.peers.get(&id) {
+                _ if id == self.me => Some(0),
+                Some(p) if !inner.view.is_down(id) => p.clock_offset,
+                _ => None,
+            })
+            .collect();
+        if readings.len() <= n / 2 {
+            return None;
+        }
+        readings.sort_unstable();
+        Some((readings[(readings.len() - 1) / 2], readings.len()))
     }
 
     fn publish(&self, inner: &mut Inner, view: LivenessView) {
@@ -499,6 +555,7 @@ impl Liveness {
                         };
                         let probe = LivenessProbe {
                             from: self.me, to: id, incarnation: self.incarnation, round, answer: false,
+                            wall_ms: (self.wall)(),
                         };
                         if let Err(e) = socket.send_to(&probe.encode_to_vec(), to).await {
                             debug!(peer = id, "probe not sent: {e}");
@@ -509,7 +566,7 @@ impl Liveness {
                     Ok((n, from)) => match LivenessProbe::decode(&buf[..n]) {
                         Ok(p) if p.to != self.me => debug!(?from, to = p.to, "a probe for another node"),
                         Ok(p) if p.answer => {
-                            if self.record(p.from, p.incarnation, p.round) {
+                            if self.record(p.from, p.incarnation, p.round, p.wall_ms) {
                                 raft_peers.reconnect(p.from);
                             }
                         }
@@ -517,6 +574,7 @@ impl Liveness {
                             if !self.lock().wedged {
                                 let answer = LivenessProbe {
                                     from: self.me, to: p.from, incarnation: self.incarnation, round: p.round, answer: true,
+                                    wall_ms: (self.wall)(),
                                 };
                                 if let Err(e) = socket.send_to(&answer.encode_to_vec(), from).await {
                                     debug!(peer = p.from, "probe answer not sent: {e}");
@@ -565,6 +623,7 @@ impl Liveness {
             }
             if now.duration_since(p.last_ok) > DOWN_AFTER && view.down.insert(*id) {
                 p.resolved = None;
+                p.clock_offset = None;
                 info!(node = self.me, peer = id, "peer judged down: no probe answered for {DOWN_AFTER:?}");
             }
             p.sent += 1;
@@ -580,9 +639,11 @@ impl Liveness {
         }
     }
 
-    /// Records an answer from `id` to the probe of `round`. Returns whether the peer came back:
-    /// it answered after being judged down, or from a new incarnation.
-    fn record(&self, id: NodeId, incarnation: u64, round: u64) -> bool {
+    /// Records an answer from `id` to the probe of `round`, sent when the peer's clock read
+    /// `wall_ms`. Returns whether the peer came back: it answered after being judged down, or
+    /// from a new incarnation.
+    fn record(&self, id: NodeId, incarnation: u64, round: u64, wall_ms: i64) -> bool {
+        let (received, my_wall) = (Instant::now(), (self.wall)());
         let mut inner = self.lock();
         let Some(sent) = inner.rounds.iter().find(|(r, _)| *r == round).map(|(_, at)| *at) else {
             return false;
@@ -590,6 +651,10 @@ impl Liveness {
         let mut view = inner.view.clone();
         let Some(p) = inner.peers.get_mut(&id) else { return false };
         p.last_ok = p.last_ok.max(sent);
+        // The peer read its clock between the probe's sending and the answer's arrival: take
+        // the middle (the error is at most half the round trip).
+        let half_trip = i64::try_from(received.duration_since(sent).as_millis() / 2).unwrap_or(i64::MAX);
+        p.clock_offset = (wall_ms != 0).then(|| wall_ms.saturating_sub(my_wall.saturating_sub(half_trip)));
         let restarted = p.incarnation.is_some_and(|i| i != incarnation);
         let first = p.incarnation.is_none();
         p.incarnation = Some(incarnation);
@@ -607,7 +672,31 @@ impl Liveness {
             }
         }
         self.publish(&mut inner, view);
+        self.judge_clock(&mut inner);
         was_down || restarted
+    }
+
+    /// Says in the log when this node's clock moves further than [`CLOCK_OFFSET_WARN_MS`] from
+    /// the cluster's (as measured against the peers judged up), and when it comes back.
+    fn judge_clock(&self, inner: &mut Inner) {
+        let members = inner.peers.keys().copied().chain([self.me]);
+        let Some((offset, readings)) = self.clock_offset_among(inner, members) else { return };
+        let off = offset.abs() > CLOCK_OFFSET_WARN_MS;
+        if off != inner.clock_off {
+            inner.clock_off = off;
+            if off {
+                warn!(
+                    node = self.me,
+                    "this node's clock is {} ms {} the cluster's (the median of {} nodes' clocks): \
+                     time-based retention reads the cluster's clock",
+                    offset.abs(),
+                    if offset < 0 { "ahead of" } else { "behind" },
+                    readings
+                );
+            } else {
+                info!(node = self.me, "this node's clock agrees with the cluster's again");
+            }
+        }
     }
 
     /// Sends each peer the wake-ups requested for it (see [`Liveness::request_wake`]), one call
@@ -1142,6 +1231,12 @@ mod tests {
 
     const ADDRS: [&str; 2] = ["127.0.0.1:1", "127.0.0.1:2"];
 
+    /// A wall clock that reads `ahead_ms` past the true time (of the paused test runtime).
+    fn wall(ahead_ms: i64) -> WallClock {
+        let start = Instant::now();
+        Arc::new(move || 1_800_000_000_000 + ahead_ms + start.elapsed().as_millis() as i64)
+    }
+
     /// One node's probe loop (and, if `pulse`, its runtime's pulse) on the hub.
     fn start(
         hub: &Arc<Hub>,
@@ -1149,7 +1244,17 @@ mod tests {
         incarnation: u64,
         pulse: bool,
     ) -> (Arc<Liveness>, CancellationToken) {
-        let liveness = Liveness::new(me, incarnation);
+        start_with_clock(hub, me, incarnation, pulse, wall(0))
+    }
+
+    fn start_with_clock(
+        hub: &Arc<Hub>,
+        me: NodeId,
+        incarnation: u64,
+        pulse: bool,
+        wall: WallClock,
+    ) -> (Arc<Liveness>, CancellationToken) {
+        let liveness = Liveness::new(me, incarnation, wall);
         liveness.set_members((1..=2).map(|id| (id, ADDRS[id as usize - 1].to_owned())).collect());
         let cancel = CancellationToken::new();
         let socket = hub.bind(ADDRS[me as usize - 1]);
@@ -1194,6 +1299,28 @@ mod tests {
         assert!(took <= HEARTBEAT_INTERVAL * 2, "{took:?}");
     }
 
+    /// A node whose clock is ten hours ahead learns it from its peer's answers; neither takes
+    /// a clock for the cluster's without readings from a majority of the members.
+    #[tokio::test(start_paused = true)]
+    async fn probes_measure_how_far_a_peer_clock_is() {
+        const AHEAD: i64 = 10 * 3_600_000;
+        let hub = Arc::new(Hub::default());
+        let both: BTreeSet<NodeId> = [1, 2].into();
+        let (one, _c1) = start_with_clock(&hub, 1, 11, true, wall(AHEAD));
+        assert_eq!(one.cluster_clock_offset(&both), None, "no reading from node 2 yet");
+        assert_eq!(one.cluster_clock_offset(&[1].into()), Some(0), "a cluster of one reads its own clock");
+        let (two, _c2) = start(&hub, 2, 21, true);
+        until(&one, "node 2's first answer", |v| v.ups.get(&2) == Some(&1)).await;
+        until(&two, "node 1's first answer", |v| v.ups.get(&1) == Some(&1)).await;
+        tokio::time::sleep(HEARTBEAT_INTERVAL * 2).await;
+        let ahead = one.cluster_clock_offset(&both).expect("a reading from both members");
+        assert!((ahead + AHEAD).abs() <= 50, "node 1 is {AHEAD} ms ahead, measured {ahead}");
+        assert_eq!(two.cluster_clock_offset(&both), Some(0), "node 2 keeps its own, the earlier, clock");
+        assert!((one.stats().clock_offsets[&2] + AHEAD).abs() <= 50);
+        // Three members, one reading: no majority.
+        assert_eq!(one.cluster_clock_offset(&[1, 3, 4].into()), None);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_node_whose_runtime_makes_no_progress_stops_answering() {
         let hub = Arc::new(Hub::default());
@@ -1219,7 +1346,7 @@ mod tests {
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
         runtime.block_on(async {
-            let l = Liveness::new(1, 11);
+            let l = Liveness::new(1, 11, wall(0));
             l.set_members([(2, ADDRS[1].to_owned()), (3, "127.0.0.1:9".to_owned())].into());
             assert!(!l.view().leader_gone(7, 3, 2), "a member is alive until judged down");
             l.set_members_and_gone([(2, ADDRS[1].to_owned())].into(), [3, 1].into());
@@ -1238,7 +1365,7 @@ mod tests {
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
         runtime.block_on(async {
-            let l = Liveness::new(1, 11);
+            let l = Liveness::new(1, 11, wall(0));
             l.set_members([(2, ADDRS[1].to_owned())].into());
             let set_down = |down: bool| {
                 let mut inner = l.lock();
@@ -1272,7 +1399,7 @@ mod tests {
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
         runtime.block_on(async {
-            let l = Liveness::new(1, 11);
+            let l = Liveness::new(1, 11, wall(0));
             l.set_members([(2, ADDRS[1].to_owned())].into());
             let (first, _) = l.round(Instant::now(), false);
             for _ in 0..=ROUNDS_KEPT {
@@ -1280,10 +1407,10 @@ mod tests {
                 l.round(Instant::now(), false);
             }
             assert!(l.view().is_down(2));
-            assert!(!l.record(2, 21, first), "an answer to a probe sent more than DOWN_AFTER ago");
+            assert!(!l.record(2, 21, first, 0), "an answer to a probe sent more than DOWN_AFTER ago");
             assert!(l.view().is_down(2));
             let (last, _) = l.round(Instant::now(), false);
-            assert!(l.record(2, 21, last));
+            assert!(l.record(2, 21, last, 0));
             assert!(!l.view().is_down(2));
         });
     }

@@ -215,7 +215,7 @@ impl Nemesis {
     ) -> Option<Undo> {
         let up = Self::nodes_up(cluster);
         let all: Vec<NodeId> = cluster.live_ids();
-        let desc;
+        let mut desc;
         let undo = match class {
             FaultClass::Partition => {
                 let mut nodes = all.clone();
@@ -376,12 +376,20 @@ impl Nemesis {
                     let n = up[rng.random_range(0..up.len())];
                     // One to 72 hours, forward or backward.
                     let ms = rng.random_range(3_600_000_i64..=259_200_000);
-                    (n, if rng.random_bool(0.5) { ms } else { -ms })
+                    let jump = if rng.random_bool(0.5) { ms } else { -ms };
+                    // Half the time the process restarts on the wrong clock, as on a machine
+                    // that boots before NTP has set its clock: nothing local can tell then
+                    // (simulator seed 485).
+                    (n, jump, rng.random_bool(0.5))
                 });
                 self.own.insert(FaultClass::ClockJump, rng);
-                let (n, jump) = picked?;
+                let (n, jump, restart) = picked?;
                 cluster.nodes[&n].clock_offset.store(jump, std::sync::atomic::Ordering::Relaxed);
                 desc = format!("n{n}'s clock jumps {:+.1} h", jump as f64 / 3_600_000.0);
+                if restart {
+                    cluster.restart(sim, n);
+                    desc.push_str(", and its process restarts on it");
+                }
                 Undo::SetClock(n)
             }
             // Never scheduled (see `retire_removed`).

@@ -59,9 +59,11 @@ pub enum FaultClass {
     /// (simulator seeds 37 and 88).
     MoveBack,
     /// A running node's wall clock jumps forward or backward by hours or days, and is set right
-    /// when the fault ends (or when the machine reboots). Topics get time-based retention
-    /// (`retention.ms` of an hour, which no run lasts): a leader whose clock jumped forward
-    /// must not purge what is younger than that, and nothing may be lost or reordered.
+    /// when the fault ends (or when the machine reboots); half the time its process restarts
+    /// on the wrong clock, as on a machine that boots before NTP has set it. Topics get
+    /// time-based retention (`retention.ms` of an hour, which no run lasts): a leader whose
+    /// clock is ahead must not purge what is younger than that, and nothing may be lost or
+    /// reordered.
     ClockJump,
     /// A decommissioned node's host is not switched off when the cluster removes it: it runs on
     /// with the last view it applied, and clients whose bootstrap list names it still reach it,

@@ -74,6 +74,10 @@ pub enum Bug {
     /// Time-based retention reads the wall clock as it is, so a node whose clock jumps forward
     /// purges events younger than `retention.ms` (found by the `clock-jump` class).
     RetentionTrustsWallClock,
+    /// Time-based retention reads the node's own steady clock without checking it against its
+    /// peers', so a process that started on a clock already ahead purges events younger than
+    /// `retention.ms` (simulator seed 485; found by the `clock-jump` class).
+    RetentionIgnoresPeers,
     /// A node answers clients' questions about the cluster from its own view however stale:
     /// a removed node that still runs (the `linger` class) sends the audit to replicas that
     /// moved away (the jepsen runner's rounds 16, 23, 54 and 92).
@@ -95,6 +99,7 @@ impl Bug {
             Bug::CorruptRecordServed => "corrupt-record-served",
             Bug::UnlistedNodeRefused => "unlisted-node-refused",
             Bug::RetentionTrustsWallClock => "retention-trusts-wall-clock",
+            Bug::RetentionIgnoresPeers => "retention-ignores-peers",
             Bug::DecommissionForgetsMoving => "decommission-forgets-moving",
             Bug::JoinGivesUp => "join-gives-up",
             Bug::StaleMetadataServed => "stale-metadata-served",
@@ -347,6 +352,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunReport> {
         corrupt_record_served: opts.bug == Some(Bug::CorruptRecordServed),
         unlisted_node_refused: opts.bug == Some(Bug::UnlistedNodeRefused),
         retention_trusts_wall_clock: opts.bug == Some(Bug::RetentionTrustsWallClock),
+        retention_ignores_peers: opts.bug == Some(Bug::RetentionIgnoresPeers),
         stale_metadata_served: opts.bug == Some(Bug::StaleMetadataServed),
         decommission_forgets_moving: opts.bug == Some(Bug::DecommissionForgetsMoving),
         join_gives_up: opts.bug == Some(Bug::JoinGivesUp),

@@ -681,10 +681,17 @@ async fn settle(ctx: &Ctx, client: &Client) {
             quiet_since = None;
         }
         if now_ms() >= deadline {
-            let list = client
-                .list_moves()
-                .await
-                .map(|m| m.moves.iter().map(|m| format!("{}/{}", m.topic, m.partition)).collect::<Vec<_>>());
+            let list = client.list_moves().await.map(|m| {
+                m.moves
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{}/{} {:?} -> {:?} (voters {:?}, learners {:?})",
+                            m.topic, m.partition, m.from, m.to, m.voters, m.learners
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            });
             ctx.audit.lock().expect("audit lock").liveness.push(format!(
                 "{SETTLE_BOUND:?} after healing, partitions still moving: {list:?}; nodes still \
                  decommissioning: {leaving:?}"

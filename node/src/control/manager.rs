@@ -107,8 +107,8 @@ pub struct PartitionManager {
     pub tasks: TaskTracker,
     pub metrics: Arc<NodeMetrics>,
     pub storage: crate::disk::StorageFailure,
-    /// The clock time-based retention reads: a [`crate::env::SteadyClock`] made at start.
-    pub retention_clock: Arc<dyn crate::env::Clock>,
+    /// The clock time-based retention reads.
+    pub retention_clock: Arc<crate::partition::retention::RetentionClock>,
 }
 
 /// The file whose presence in a group's directory says its deletion is under way.
@@ -459,12 +459,20 @@ impl PartitionManager {
         // seed 88 lost every event of t1/1 that way). A partition moved back to exactly its
         // initial replicas looks unmoved, so a move's end empties `initial_replicas` (seed 9,
         // with `move-back`).
+        //
+        // A first move that has not ended does not stop the founding: a move planned before the
+        // group's replicas first started (a decommission that began as the topic was created)
+        // left every initial replica waiting for a membership none had written, and the move
+        // never finished (seed 444). Founding during it is safe: until the group has had a
+        // leader, it has changed no membership, and it can have had one only once a majority of
+        // its initial replicas wrote the initial membership (a replica without a log refuses to
+        // vote), so pristine initial replicas are never a majority of a group that moved on.
         let set = |v: &[NodeId]| {
             let mut v = v.to_vec();
             v.sort_unstable();
             v
         };
-        let founding = record.target.is_none() && set(&record.replicas) == set(initial_replicas);
+        let founding = !initial_replicas.is_empty() && set(&record.replicas) == set(initial_replicas);
         // The planted bug: the rule before seed 88, any pristine initial replica founds it, and
         // the rule before seed 9, a move's end keeps the initial replicas. Since a move's end
         // empties them now, a partition that moved takes the replicas it is moving to (when

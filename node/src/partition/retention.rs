@@ -23,6 +23,7 @@ use super::handle::PartitionHandle;
 use super::state::IndexEntry;
 use super::state::IndexScan;
 use crate::env::Clock;
+use crate::env::SteadyClock;
 use crate::meta::state::TopicRecord;
 
 /// How long the leader waits for an `AdvanceLogStart` to commit.
@@ -116,10 +117,40 @@ where
     Ok(Some(high_watermark))
 }
 
+/// The time that time-based retention reads.
+pub enum RetentionClock {
+    /// The cluster's: this node's [`SteadyClock`], set back to the clock of the cluster's
+    /// majority when that is earlier ([`Liveness::cluster_clock_offset`]), and none while this
+    /// node has readings from fewer than a majority of the members (then nothing is purged by
+    /// time). The steady clock protects against a clock that jumps while the node runs; the
+    /// cluster's against one that was already wrong when it started (simulator seed 485: a
+    /// process restarted while its clock was ten hours ahead, led a partition and purged it).
+    Cluster { steady: Arc<SteadyClock>, liveness: Arc<eddy_raft::liveness::Liveness> },
+    /// One clock as it reads: the wall clock (the planted bug `retention-trusts-wall-clock`) or
+    /// this node's steady clock alone (`retention-ignores-peers`).
+    #[cfg(feature = "planted-bugs")]
+    Wall(Arc<dyn Clock>),
+}
+
+impl RetentionClock {
+    /// Milliseconds since the Unix epoch, or `None` if the cluster's time is not known here.
+    /// `members` are the cluster's, from this node's metadata view.
+    pub fn now_ms(&self, members: &std::collections::BTreeSet<eddy_raft::types::NodeId>) -> Option<i64> {
+        match self {
+            RetentionClock::Cluster { steady, liveness } => {
+                let offset = liveness.cluster_clock_offset(members)?;
+                Some(steady.now_ms().saturating_add(offset.min(0)))
+            }
+            #[cfg(feature = "planted-bugs")]
+            RetentionClock::Wall(wall) => Some(wall.now_ms()),
+        }
+    }
+}
+
 /// Runs retention for one partition replica until `cancel` fires or the group stops.
 pub struct RetentionTask {
     pub handle: PartitionHandle,
-    pub clock: Arc<dyn Clock>,
+    pub clock: Arc<RetentionClock>,
     pub interval: Duration,
     /// The segment size when the topic sets no `segment.bytes`.
     pub segment_bytes_default: u64,
@@ -146,11 +177,24 @@ impl RetentionTask {
 
     async fn tick(&self) -> anyhow::Result<()> {
         let parts = self.handle.parts();
-        let Some(topic) = parts.meta.view().state.topics.get(&parts.topic).cloned() else {
+        let view = parts.meta.view();
+        let Some(topic) = view.state.topics.get(&parts.topic).cloned() else {
             return Ok(());
         };
         parts.log.set_segment_bytes_max(topic.segment_bytes().unwrap_or(self.segment_bytes_default));
-        let policy = RetentionPolicy::of(&topic);
+        let mut policy = RetentionPolicy::of(&topic);
+        let mut now_ms = 0;
+        if policy.retention_ms.is_some() {
+            let members = view.state.nodes.keys().copied().collect();
+            match self.clock.now_ms(&members) {
+                Some(now) => now_ms = now,
+                None => {
+                    debug!("no clock readings from a majority of the cluster: nothing purged by time");
+                    policy.retention_ms = None;
+                }
+            }
+        }
+        drop(view);
         if !policy.is_unlimited() && self.handle.status().is_leader {
             let p = *parts.progress.borrow();
             let segments = parts.log.segments();
@@ -159,7 +203,7 @@ impl RetentionTask {
                 &segments,
                 || IndexScan::new(index, p.log_start_offset, p.next_offset),
                 p.next_offset,
-                self.clock.now_ms(),
+                now_ms,
                 policy,
             )?;
             if let Some(offset) = decided.filter(|o| *o > p.log_start_offset) {
