@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::partition::retention::RetentionClock;
 use anyhow::Context;
 use anyhow::bail;
 use eddy_proto::v1::admin_client::AdminClient;
@@ -55,6 +54,7 @@ use crate::meta::handle::MetaForwardService;
 use crate::meta::handle::MetaRaft;
 use crate::meta::state::NodeState;
 use crate::metrics::NodeMetrics;
+use crate::partition::retention::RetentionClock;
 use crate::raft_config;
 use crate::security::Security;
 use crate::security::layer::AuthLayer;

@@ -120,7 +120,8 @@ where
 /// The time that time-based retention reads.
 pub enum RetentionClock {
     /// The cluster's: this node's [`SteadyClock`], set back to the clock of the cluster's
-    /// majority when that is earlier ([`Liveness::cluster_clock_offset`]), and none while this
+    /// majority when that is earlier
+    /// ([`eddy_raft::liveness::Liveness::cluster_clock_offset`]), and none while this
     /// node has readings from fewer than a majority of the members (then nothing is purged by
     /// time). The steady clock protects against a clock that jumps while the node runs; the
     /// cluster's against one that was already wrong when it started (simulator seed 485: a
