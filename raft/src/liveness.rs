@@ -688,7 +688,7 @@ impl Liveness {
                 warn!(
                     node = self.me,
                     "this node's clock is {} ms {} the cluster's (the median of {} nodes' clocks): \
-                     time-based retention reads the cluster's clock",
+                     time-based retention reads the earlier of the two",
                     offset.abs(),
                     if offset < 0 { "ahead of" } else { "behind" },
                     readings
