@@ -183,11 +183,16 @@ impl Ctx {
 
     /// A client of the workload's user (by token), retrying until some node answers.
     pub async fn connect(&self) -> Client {
+        let (token, tls) = self.workload_credentials();
+        self.connect_as(token, tls).await
+    }
+
+    /// The workload user's credentials: its token and the client TLS settings when the
+    /// cluster is secured, none otherwise.
+    fn workload_credentials(&self) -> (Option<eddy_ops::Token>, Option<eddy_ops::TlsOptions>) {
         match &self.security {
-            Some(s) => {
-                self.connect_as(Some(s.token_of(crate::cluster::WORKLOAD_USER)), Some(s.client_tls())).await
-            }
-            None => self.connect_as(None, None).await,
+            Some(s) => (Some(s.token_of(crate::cluster::WORKLOAD_USER)), Some(s.client_tls())),
+            None => (None, None),
         }
     }
 
@@ -208,14 +213,8 @@ impl Ctx {
     /// One attempt at a client of the workload's user whose only bootstrap broker is `addr`:
     /// connecting asks that node alone for the cluster's metadata.
     async fn try_connect_alone(&self, addr: &str) -> eddy_ops::error::Result<Client> {
-        let brokers = [addr.to_owned()];
-        match &self.security {
-            Some(s) => {
-                let token = Some(s.token_of(crate::cluster::WORKLOAD_USER));
-                self.try_connect_to(&brokers, token, Some(s.client_tls())).await
-            }
-            None => self.try_connect_to(&brokers, None, None).await,
-        }
+        let (token, tls) = self.workload_credentials();
+        self.try_connect_to(&[addr.to_owned()], token, tls).await
     }
 
     /// One attempt at a client with these credentials (connecting reads the cluster's metadata).
